@@ -1,0 +1,56 @@
+"""Text normalization: Unicode NFC, no-break and odd spaces to plain spaces, control characters removed."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator
+
+import pyarrow as pa
+from pydantic import Field
+
+from orchestration.stage import Stage, StageConfig, StageContext
+
+# Unicode space separators (no-break space, thin space, ...) and the zero-width characters.
+_SPACES = re.compile(r"[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
+_ZERO_WIDTH = re.compile(r"[\u200b-\u200d\u2060\ufeff]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_RUNS_OF_SPACES = re.compile(r"[ \t]+")
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
+class TextNormalizerConfig(StageConfig):
+    """What the normalizer rewrites."""
+
+    form: str = Field("NFC", pattern="^(NFC|NFKC)$", description="Unicode normalization form.")
+    collapse_spaces: bool = Field(
+        True, description="Runs of spaces/tabs become one space; lines are stripped."
+    )
+
+
+def normalize_text(text: str, form: str = "NFC", collapse_spaces: bool = True) -> str:
+    """Normalize one text (the stage applies this to every document)."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _ZERO_WIDTH.sub("", _CONTROL.sub("", _SPACES.sub(" ", text)))
+    text = unicodedata.normalize(form, text)
+    if collapse_spaces:
+        text = "\n".join(_RUNS_OF_SPACES.sub(" ", line).strip() for line in text.split("\n"))
+        text = _BLANK_LINES.sub("\n\n", text).strip()
+    return text
+
+
+class TextNormalizer(Stage):
+    """Rewrites ``text`` in place; never removes a document."""
+
+    name = "normalize"
+    config: TextNormalizerConfig
+
+    def run(self, batches: Iterable[pa.RecordBatch], ctx: StageContext) -> Iterator[pa.RecordBatch]:
+        cfg = self.config
+        for batch in batches:
+            texts = [
+                normalize_text(t or "", cfg.form, cfg.collapse_spaces)
+                for t in batch.column("text").to_pylist()
+            ]
+            i = batch.schema.get_field_index("text")
+            yield batch.set_column(i, "text", pa.array(texts, pa.string()))

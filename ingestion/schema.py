@@ -1,0 +1,56 @@
+"""The document data contract shared by every stage (DESIGN.md, "Data contracts").
+
+A document batch is an Arrow record batch. Before extraction it carries ``html``; after, ``text``.
+Rejected documents carry the document columns plus the reason they were removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+
+#: Numeric quality signals attached to a document (word counts, ratios, scores).
+META_TYPE = pa.map_(pa.string(), pa.float64())
+
+_COMMON = [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("url", pa.string()),
+    pa.field("source", pa.string()),
+    pa.field("lang", pa.string()),
+    pa.field("fetched_at", pa.timestamp("ms", tz="UTC")),
+    pa.field("meta", META_TYPE),
+]
+
+#: Documents as they come out of ingestion: raw HTML bodies.
+HTML_SCHEMA = pa.schema(_COMMON[:2] + [pa.field("html", pa.string())] + _COMMON[2:])
+
+#: Documents after extraction: plain text.
+DOCUMENT_SCHEMA = pa.schema(_COMMON[:2] + [pa.field("text", pa.string())] + _COMMON[2:])
+
+#: Why a document was removed, appended to the document columns in every ``rejected/`` dataset.
+REJECTION_FIELDS = [
+    pa.field("stage", pa.string(), nullable=False),
+    pa.field("filter", pa.string(), nullable=False),
+    pa.field("signal", pa.string()),
+    pa.field("value", pa.float64()),
+    pa.field("threshold", pa.float64()),
+    pa.field("duplicate_of", pa.string()),
+]
+
+REJECTED_SCHEMA = pa.schema(list(DOCUMENT_SCHEMA) + REJECTION_FIELDS)
+
+
+def document_id(url: str, content: str | bytes) -> str:
+    """Stable, content-derived id: the same page with the same bytes always gets the same id."""
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    h = hashlib.sha256()
+    h.update(url.encode("utf-8"))
+    h.update(b"\0")
+    h.update(data)
+    return h.hexdigest()[:32]
+
+
+def empty_meta() -> list[tuple[str, float]]:
+    """A meta value with no signals (map columns are lists of key/value pairs in pyarrow)."""
+    return []

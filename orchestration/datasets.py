@@ -1,0 +1,131 @@
+"""Stage output directories: data files plus an ``index.json`` manifest that is the commit point.
+
+A directory without ``index.json`` is incomplete and gets rebuilt. Each data file is written under a
+temporary name and renamed, so a killed task never leaves a half-written file behind a final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMAT_VERSION = 1
+INDEX = "index.json"
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write then rename, so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_parquet(path: str | Path, batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> dict[str, Any]:
+    """Write batches to one Parquet file atomically; return its manifest entry."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    rows = 0
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for batch in batches:
+            if batch.num_rows:
+                writer.write_batch(batch)
+                rows += batch.num_rows
+    os.replace(tmp, path)
+    return file_entry(path, rows)
+
+
+def file_entry(path: str | Path, rows: int) -> dict[str, Any]:
+    """Manifest entry for one data file."""
+    path = Path(path)
+    return {"path": path.name, "rows": rows, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def write_index(
+    out_dir: str | Path,
+    *,
+    stage: str,
+    cache_key: str,
+    files: list[dict[str, Any]],
+    schema: pa.Schema | None = None,
+    inputs: dict[str, str] | None = None,
+    counters: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Commit a stage output by writing its manifest last."""
+    index = {
+        "format_version": FORMAT_VERSION,
+        "stage": stage,
+        "cache_key": cache_key,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "schema": schema.to_string(show_schema_metadata=False) if schema is not None else None,
+        "inputs": inputs or {},
+        "files": sorted(files, key=lambda f: f["path"]),
+        "rows": sum(f.get("rows", 0) for f in files),
+        "counters": dict(sorted((counters or {}).items())),
+        **(extra or {}),
+    }
+    atomic_write_bytes(Path(out_dir) / INDEX, json.dumps(index, indent=2).encode())
+    return index
+
+
+def read_index(out_dir: str | Path) -> dict[str, Any] | None:
+    """The committed manifest of a stage output, or None if the output is incomplete."""
+    path = Path(out_dir) / INDEX
+    if not path.exists():
+        return None
+    index = json.loads(path.read_text())
+    if index.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {index.get('format_version')!r} is not {FORMAT_VERSION}; "
+            "delete the directory to rebuild it with this lmforge version"
+        )
+    return index
+
+
+def index_digest(index: dict[str, Any]) -> str:
+    """Digest of a stage output: the hash over its files' hashes (stable across re-runs of equal data)."""
+    h = hashlib.sha256()
+    for f in index["files"]:
+        h.update(f"{f['path']}:{f['sha256']}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def iter_parquet(out_dir: str | Path, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+    """Stream record batches of every Parquet file named in a committed index, in index order."""
+    index = read_index(out_dir)
+    if index is None:
+        raise FileNotFoundError(f"{out_dir}: no {INDEX}; the stage that writes it has not completed")
+    for f in index["files"]:
+        if f["path"].endswith(".parquet"):
+            yield from pq.ParquetFile(Path(out_dir) / f["path"]).iter_batches(batch_size=batch_size)
+
+
+def read_table(out_dir: str | Path) -> pa.Table:
+    """A whole committed Parquet dataset as one table (small outputs and tests)."""
+    index = read_index(out_dir)
+    if index is None:
+        raise FileNotFoundError(f"{out_dir}: no {INDEX}")
+    tables = [
+        pq.read_table(Path(out_dir) / f["path"]) for f in index["files"] if f["path"].endswith(".parquet")
+    ]
+    return pa.concat_tables(tables) if tables else pa.table({})
