@@ -114,7 +114,8 @@ class HostCrawler:
         self._last_request = 0.0
         self._robots: urllib.robotparser.RobotFileParser | None = None
         self._warc_index = 0
-        self._warc_files: list[str] = []
+        self._warc_files: dict[str, int] = {}  # file name -> response records
+        self._warc_name = ""
         self._warc = None
         self._log = open(self.out_dir / f"crawl-log-{self.slug}.jsonl", "a", encoding="utf-8")
 
@@ -187,9 +188,9 @@ class HostCrawler:
             self._warc.close()
             self._warc = None
         if self._warc is None:
-            name = f"{self.slug}-{self._warc_index:05d}.warc.gz"
+            name = self._warc_name = f"{self.slug}-{self._warc_index:05d}.warc.gz"
             self._warc_index += 1
-            self._warc_files.append(name)
+            self._warc_files[name] = 0
             self._warc = open(self.out_dir / name, "wb")
         return WARCWriter(self._warc, gzip=True)
 
@@ -221,6 +222,7 @@ class HostCrawler:
             )
         )
         self._warc.flush()
+        self._warc_files[self._warc_name] += 1
 
     def _record(self, url: str, status: int | None, size: int, seconds: float, error: str | None) -> None:
         entry = {"url": url, "status": status, "bytes": size, "seconds": round(seconds, 4), "error": error}
@@ -281,17 +283,17 @@ class HostCrawler:
             "failures": failures,
             "pending": list(queue),
             "external": external,
-            "warc_files": list(self._warc_files),
+            "warc_files": sorted(self._warc_files),
         }
 
-    def close(self) -> list[str]:
-        """Flush and close output; returns the WARC file names written."""
+    def close(self) -> dict[str, int]:
+        """Flush and close output; returns the WARC files written with their response-record counts."""
         if self._warc is not None:
             self._warc.close()
             self._warc = None
         self._log.close()
         self.session.close()
-        return list(self._warc_files)
+        return dict(self._warc_files)
 
 
 def extract_links(base_url: str, body: bytes) -> list[str]:

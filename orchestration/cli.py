@@ -1,0 +1,141 @@
+"""The ``lmforge`` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from orchestration.config import ConfigError, PipelineConfig, dotted_overrides, load_config
+
+app = typer.Typer(
+    help="lmforge: crawl, clean, deduplicate and tokenize web text, train with DeepSpeed on Ray, track with MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+ConfigArg = Annotated[Path, typer.Argument(help="Pipeline config (YAML), e.g. configs/demo.yaml.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config value, e.g. --set train.steps=10 (repeatable)."),
+]
+
+
+def _load(config: Path, overrides: list[str] | None) -> PipelineConfig:
+    try:
+        return load_config(config, dotted_overrides(overrides or []))
+    except ConfigError as e:
+        console.print(f"[bold red]invalid config[/bold red] {e}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    workdir: Annotated[Path | None, typer.Option(help="Override the config's workdir.")] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Run on an existing Ray cluster ('auto' or ray://host:10001).")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run the whole pipeline: embedded Ray and a sqlite MLflow store in the work dir unless configured."""
+    overrides = list(set_ or [])
+    if workdir is not None:
+        overrides.append(f"workdir={workdir}")
+    if address is not None:
+        overrides.append(f"ray.address={address}")
+    cfg = _load(config, overrides)
+    from orchestration.pipeline import run_pipeline  # heavy imports only once the config is valid
+
+    start = time.perf_counter()
+    result = run_pipeline(cfg, console)
+    _print_summary(cfg, result, time.perf_counter() - start)
+
+
+def _print_summary(cfg: PipelineConfig, result, seconds: float) -> None:
+    table = Table(title=f"lmforge run '{cfg.name}' finished in {seconds:.0f}s")
+    table.add_column("stage")
+    table.add_column("output")
+    table.add_column("cached")
+    table.add_column("seconds", justify="right")
+    for name, stage in result.stages.items():
+        table.add_row(name, str(stage.out_dir), "yes" if stage.cached else "", f"{stage.seconds:.1f}")
+    console.print(table)
+    for key, value in result.metrics.items():
+        console.print(f"  {key}: {value:.4f}")
+    console.print(f"  model: {result.model_id}" + (f" (registered version {result.model_version})" if result.model_version else ""))
+    console.print(f"  report: {result.report_path.with_suffix('.md')}")
+    uri = cfg.tracking_uri
+    console.print(f"  browse runs and models: [bold]mlflow ui --backend-store-uri {uri}[/bold] (then http://127.0.0.1:5000)")
+
+
+@app.command()
+def validate(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Check a config without running anything; prints the full config with defaults filled in."""
+    cfg = _load(config, set_)
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    console.print(f"[green]{config}: valid[/green]")
+
+
+@app.command()
+def submit(
+    config: ConfigArg,
+    address: Annotated[str, typer.Option(help="Ray dashboard address of the cluster, e.g. http://head:8265.")],
+    set_: SetOpt = None,
+    wait: Annotated[bool, typer.Option(help="Follow the job's logs until it ends.")] = True,
+) -> None:
+    """Submit the pipeline as a Ray job: the repository ships as the job's working dir."""
+    cfg = _load(config, set_)
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    repo = Path(__file__).resolve().parent.parent
+    config_text = yaml.safe_dump(cfg.model_dump(mode="json"))
+    staged = repo / ".lmforge-submit.yaml"
+    staged.write_text(config_text)
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(
+        entrypoint=f"python -m orchestration.cli run {staged.name} --address auto",
+        runtime_env={"working_dir": str(repo), "excludes": [".venv/", "work/", ".git/", "*.warc.gz"]},
+        metadata={"lmforge.config": cfg.name},
+    )
+    console.print(f"submitted job [bold]{job_id}[/bold] to {address}")
+    if not wait:
+        return
+    printed = 0
+    while True:
+        status = client.get_job_status(job_id)
+        logs = client.get_job_logs(job_id)
+        sys.stdout.write(logs[printed:])
+        printed = len(logs)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(2)
+    console.print(f"job {job_id}: {status}")
+    if status != JobStatus.SUCCEEDED:
+        raise typer.Exit(1)
+
+
+@app.command()
+def schema() -> None:
+    """Print the config JSON schema (every field, its type, default and description)."""
+    typer.echo(json.dumps(PipelineConfig.model_json_schema(), indent=1))
+
+
+def main() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    app()
+
+
+if __name__ == "__main__":
+    main()

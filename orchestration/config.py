@@ -1,0 +1,168 @@
+"""The one config file that drives a pipeline run, validated before any work starts."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cleaning.dedup import ExactDedupConfig, MinHashDedupConfig
+from cleaning.extract import HtmlExtractorConfig
+from cleaning.filters import GopherQualityConfig
+from cleaning.normalize import TextNormalizerConfig
+from evaluation.perplexity import EvalConfig
+from ingestion.crawler import CrawlConfig
+from orchestration.mappings import deep_merge
+from training.config import TrainConfig
+from training.data.tokenize import TokenizeConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RayConfig(_Section):
+    """Where stages run: an embedded local Ray (address null) or an existing cluster."""
+
+    address: str | None = Field(None, description="Ray cluster address ('auto', 'ray://host:10001'); null: embedded.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray (default: all).")
+    object_store_memory_mb: int = Field(1024, ge=100, description="Object store cap of the embedded Ray.")
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking."""
+
+    uri: str | None = Field(None, description="Any MLflow tracking URI; null: sqlite file in the work dir.")
+    experiment: str = Field("lmforge", min_length=1, description="MLflow experiment name.")
+    registered_model: str | None = Field(None, description="Register the trained model under this name.")
+
+
+class DemoSiteConfig(_Section):
+    """A local pydoc site served on 127.0.0.1 and crawled (the demo's data source)."""
+
+    modules: int = Field(40, ge=2, le=46, description="Standard-library modules rendered as pages.")
+    exact_duplicates: int = Field(3, ge=0, description="Pages copied verbatim under /mirror/.")
+    near_duplicates: int = Field(3, ge=0, description="Pages copied with a few words edited under /v2/.")
+    private_pages: int = Field(3, ge=0, description="Pages under /private/, disallowed by robots.txt.")
+
+
+class CleanConfig(_Section):
+    """Extraction, normalization and quality filtering."""
+
+    extract: HtmlExtractorConfig = Field(default_factory=HtmlExtractorConfig)
+    normalize: TextNormalizerConfig = Field(default_factory=TextNormalizerConfig)
+    gopher: GopherQualityConfig | None = Field(default_factory=GopherQualityConfig)
+
+
+class DedupConfig(_Section):
+    """Exact then near-duplicate removal; null switches a step off."""
+
+    exact: ExactDedupConfig | None = Field(default_factory=ExactDedupConfig)
+    minhash: MinHashDedupConfig | None = Field(default_factory=MinHashDedupConfig)
+
+
+class PipelineConfig(_Section):
+    """A whole pipeline run: crawl -> clean -> dedup -> tokenize -> train -> evaluate."""
+
+    name: str = Field("lmforge", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$", description="Run name.")
+    workdir: Path = Field(Path("work"), description="Where every stage writes its output.")
+    seed: int = Field(0, description="Global seed.")
+    ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    demo_site: DemoSiteConfig | None = Field(None, description="Serve and crawl a generated local site.")
+    crawl: CrawlConfig = Field(default_factory=CrawlConfig)
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _has_a_source(self) -> PipelineConfig:
+        if self.demo_site is None and not self.crawl.seeds:
+            raise ValueError("no data source: set crawl.seeds to the URLs to crawl, or demo_site: {} for the demo")
+        if self.demo_site is not None and not self.crawl.allow_private_addresses:
+            raise ValueError(
+                "demo_site is served on 127.0.0.1, which the crawler refuses by default: "
+                "set crawl.allow_private_addresses: true"
+            )
+        if not self.crawl.allow_private_addresses:
+            for seed in self.crawl.seeds:
+                host = urlsplit(seed).hostname or ""
+                if host == "localhost" or _is_private_ip(host):
+                    raise ValueError(
+                        f"crawl.seeds: {seed!r} is a local/private address, refused by default; "
+                        "set crawl.allow_private_addresses: true to crawl it"
+                    )
+        return self
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{self.workdir.resolve() / 'mlflow.db'}"
+
+
+def _is_private_ip(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used, with every problem named."""
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} invalid value(s):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        value = e.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        message = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  - {where}: {message} (got {shown})" if e["type"] != "missing" else f"  - {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "config", overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Validate a config mapping; raises ConfigError naming each bad field, value and what is allowed."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    data = deep_merge(data, overrides or {})
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_config(data, str(path), overrides)
+
+
+def dotted_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``train.steps=10`` style overrides (values parsed as YAML) into a nested mapping."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} is not KEY=VALUE (e.g. train.steps=10)")
+        key, value = pair.split("=", 1)
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return out

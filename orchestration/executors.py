@@ -1,0 +1,132 @@
+"""Run stages on Ray: one task per input partition, outputs written atomically with completion markers."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from ingestion.readers import read_warc
+from ingestion.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA
+from orchestration.datasets import atomic_write_bytes, iter_parquet, write_index, write_parquet
+from orchestration.stage import Stage, StageContext, run_chain
+
+#: A partition's document source: called in the task with the stage context (for reader counters).
+Source = Callable[[StageContext], Iterable[pa.RecordBatch]]
+
+DONE_DIR = "_done"
+REJECTED_DIR = "rejected"
+
+
+def ensure_ray(address: str | None, num_cpus: int | None, object_store_memory_mb: int) -> None:
+    """Connect to a cluster, or start an embedded Ray with a capped object store and no dashboard."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        runtime_env = None
+        if not os.environ.get("RAY_JOB_ID") and not os.environ.get("RAY_JOB_SUBMISSION_ID"):
+            # A driver outside a submitted job ships the repository so workers import the same code.
+            repo = Path(__file__).resolve().parent.parent
+            runtime_env = {"working_dir": str(repo), "excludes": [".venv/", "work/", ".git/", "*.warc.gz"]}
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=num_cpus,
+            object_store_memory=object_store_memory_mb * 2**20,
+            include_dashboard=False,
+            log_to_driver=True,
+        )
+
+
+def warc_source(path: str) -> Source:
+    def read(ctx: StageContext) -> Iterable[pa.RecordBatch]:
+        return read_warc(path, counters=ctx.counters)
+
+    return read
+
+
+def parquet_source(dataset_dir: str) -> Source:
+    def read(ctx: StageContext) -> Iterable[pa.RecordBatch]:
+        return iter_parquet(dataset_dir)
+
+    return read
+
+
+@ray.remote(num_cpus=1)
+def _document_task(stages: list[Stage], source: Source, out_dir: str, part: str, stage_name: str) -> dict[str, Any]:
+    ctx = StageContext(stage_name)
+    out = Path(out_dir)
+    kept = write_parquet(out / f"{part}.parquet", run_chain(stages, source(ctx), ctx), DOCUMENT_SCHEMA)
+    rejected = write_parquet(out / REJECTED_DIR / f"{part}.parquet", ctx.rejected, REJECTED_SCHEMA)
+    result = {"kept": kept, "rejected": rejected, "counters": dict(ctx.counters)}
+    atomic_write_bytes(out / DONE_DIR / f"{part}.json", json.dumps(result).encode())
+    return result
+
+
+def run_document_stage(
+    stage_name: str,
+    stages: list[Stage],
+    partitions: list[tuple[str, Source]],
+    out_dir: str | Path,
+    *,
+    cache_key: str,
+    inputs: dict[str, str],
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Map a chain of stages over partitions as Ray tasks; skip partitions already completed.
+
+    Writes the kept dataset's index (with the rejected dataset's index beside it under ``rejected/``)
+    after checking that every input document is either kept or rejected.
+    """
+    out = Path(out_dir)
+    results: dict[str, dict[str, Any]] = {}
+    pending = {}
+    for part, source in partitions:
+        marker = out / DONE_DIR / f"{part}.json"
+        if marker.exists():
+            results[part] = json.loads(marker.read_text())
+        else:
+            pending[_document_task.remote(stages, source, str(out), part, stage_name)] = part
+    if on_progress:
+        on_progress(len(results), len(partitions))
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        results[pending.pop(done[0])] = ray.get(done[0])
+        if on_progress:
+            on_progress(len(results), len(partitions))
+
+    counters: Counter = Counter()
+    for r in results.values():
+        counters.update(r["counters"])
+    kept = sum(r["kept"]["rows"] for r in results.values())
+    rejected = sum(r["rejected"]["rows"] for r in results.values())
+    docs_in = counters.get(f"{stages[0].name}.in", 0)
+    if docs_in != kept + rejected:
+        raise RuntimeError(
+            f"stage {stage_name}: {docs_in} documents in but {kept} kept + {rejected} rejected; documents were lost"
+        )
+    counters.update({"documents_in": docs_in, "kept": kept, "rejected": rejected})
+    write_index(
+        out / REJECTED_DIR,
+        stage=stage_name,
+        cache_key=cache_key,
+        files=[r["rejected"] for r in results.values()],
+        schema=REJECTED_SCHEMA,
+        inputs=inputs,
+    )
+    return write_index(
+        out,
+        stage=stage_name,
+        cache_key=cache_key,
+        files=[r["kept"] for r in results.values()],
+        schema=DOCUMENT_SCHEMA,
+        inputs=inputs,
+        counters=dict(counters),
+    )

@@ -1,0 +1,293 @@
+"""The pipeline DAG: crawl -> clean -> dedup -> tokenize -> train -> evaluate, with a stage cache.
+
+Each stage writes a directory with an ``index.json`` whose ``cache_key`` hashes the stage's config, its
+inputs' digests and the lmforge version. A re-run skips stages whose key matches; a stage that died
+midway keeps its completed tasks (and training its checkpoints) when its key is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from pydantic import BaseModel
+from rich.console import Console
+
+from cleaning.dedup import ExactDeduplicator, MinHashDeduplicator
+from cleaning.extract import HtmlExtractor
+from cleaning.filters import GopherQualityFilter
+from cleaning.normalize import TextNormalizer
+from evaluation.perplexity import evaluate_model_dir
+from ingestion.demo_site import DemoSiteServer, build_demo_site
+from orchestration import report
+from orchestration.config import PipelineConfig
+from orchestration.crawl import run_crawl
+from orchestration.datasets import file_sha256, index_digest, iter_parquet, read_index, write_index
+from orchestration.executors import ensure_ray, parquet_source, run_document_stage, warc_source
+from orchestration.tracking import RunMetricsLogger, Tracker
+from orchestration.training_launch import launch_training
+from training.data.tokenize import tokenize_documents
+
+try:
+    LMFORGE_VERSION = importlib.metadata.version("lmforge")
+except importlib.metadata.PackageNotFoundError:  # running from a shipped working dir, not installed
+    LMFORGE_VERSION = "0.1.0"
+
+STAGES = ("crawl", "clean", "dedup", "tokenize", "train", "evaluate")
+_KEY_FILE = ".cache_key"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def cache_key(stage: str, config: Any, inputs: dict[str, str]) -> str:
+    """Hash of what determines a stage's output."""
+    payload = {"stage": stage, "config": _jsonable(config), "inputs": inputs, "version": LMFORGE_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class StageOutcome:
+    """What one stage produced in this run."""
+
+    name: str
+    out_dir: Path
+    index: dict[str, Any]
+    cached: bool
+    seconds: float
+
+
+@dataclass
+class PipelineResult:
+    """Outputs of a whole run, for the CLI summary and for tests."""
+
+    workdir: Path
+    tracking_uri: str
+    parent_run_id: str
+    stages: dict[str, StageOutcome] = field(default_factory=dict)
+    model_id: str | None = None
+    model_version: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    report_path: Path | None = None
+
+
+class Pipeline:
+    """Runs a validated ``PipelineConfig`` end to end on Ray, tracked in MLflow."""
+
+    def __init__(self, config: PipelineConfig, console: Console | None = None):
+        self.cfg = config
+        self.console = console or Console(stderr=True)
+        self.workdir = config.workdir.resolve()
+
+    # -- stage bookkeeping --------------------------------------------------------------------------
+    def _stage(
+        self,
+        name: str,
+        config: Any,
+        inputs: dict[str, StageOutcome],
+        build: Callable[[Path, str], dict[str, Any]],
+        tracker: Tracker,
+        after: Callable[[dict[str, Any]], None] | None = None,
+    ) -> StageOutcome:
+        """Run (or reuse) one stage inside its nested MLflow run; ``after`` logs extra lineage there."""
+        out = self.workdir / name
+        input_digests = {k: index_digest(v.index) for k, v in inputs.items()}
+        key = cache_key(name, config, input_digests)
+        start = time.perf_counter()
+        with tracker.stage_run(name, _jsonable(config)):
+            index = read_index(out) if out.exists() else None
+            cached = index is not None and index.get("cache_key") == key
+            if cached:
+                self.console.print(f"[dim]• {name}: cached ({out})[/dim]")
+            else:
+                self._prepare(out, key)
+                self.console.print(f"[bold cyan]▶ {name}[/bold cyan]")
+                index = build(out, key)
+            seconds = time.perf_counter() - start
+            tracker.log_counters(index.get("counters", {}))
+            tracker.log_datasets(
+                [tracker.dataset(k, v.out_dir, index_digest(v.index)) for k, v in inputs.items()],
+                [tracker.dataset(name, out, index_digest(index))],
+            )
+            tracker.set_tag("lmforge.cached", str(cached).lower())
+            if after is not None:
+                after(index)
+        outcome = StageOutcome(name, out, index, cached, seconds)
+        if not cached:
+            self.console.print(f"  [green]✓ {name}[/green] in {seconds:.1f}s {report.stage_line(index)}")
+        return outcome
+
+    @staticmethod
+    def _prepare(out: Path, key: str) -> None:
+        """Keep a partial output made with the same key (completed tasks, checkpoints); wipe any other."""
+        key_file = out / _KEY_FILE
+        if out.exists() and not (key_file.exists() and key_file.read_text() == key):
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "index.json").unlink(missing_ok=True)
+        key_file.write_text(key)
+
+    # -- stages -------------------------------------------------------------------------------------
+    def _crawl(self, out: Path, key: str) -> dict[str, Any]:
+        cfg = self.cfg
+        with contextlib.ExitStack() as stack:
+            crawl_cfg = cfg.crawl
+            server = None
+            if cfg.demo_site is not None:
+                site = build_demo_site(self.workdir / "site", seed=cfg.seed, **cfg.demo_site.model_dump())
+                server = stack.enter_context(DemoSiteServer(site.root))
+                crawl_cfg = crawl_cfg.model_copy(update={"seeds": [server.url, *crawl_cfg.seeds]})
+                self.console.print(f"  serving {len(site.pages)} demo pages at {server.url}")
+            files, counters = run_crawl(
+                crawl_cfg, out, on_progress=lambda n: self.console.print(f"  fetched {n} pages", highlight=False)
+            )
+            if server is not None:
+                counters["server_responses_200"] = sum(1 for _, status in server.served if status == 200)
+        return write_index(out, stage="crawl", cache_key=key, files=files, counters=counters)
+
+    def _clean(self, crawl: StageOutcome, out: Path, key: str) -> dict[str, Any]:
+        c = self.cfg.clean
+        stages = [HtmlExtractor(c.extract), TextNormalizer(c.normalize)]
+        if c.gopher is not None:
+            stages.append(GopherQualityFilter(c.gopher))
+        parts = [(Path(f["path"]).name.split(".")[0], warc_source(str(crawl.out_dir / f["path"]))) for f in crawl.index["files"]]
+        return run_document_stage(
+            "clean", stages, parts, out, cache_key=key, inputs={"crawl": index_digest(crawl.index)},
+            on_progress=lambda done, total: self.console.print(f"  {done}/{total} WARC files", highlight=False),
+        )
+
+    def _dedup(self, clean: StageOutcome, out: Path, key: str) -> dict[str, Any]:
+        d = self.cfg.dedup
+        stages = [s for s in (d.exact and ExactDeduplicator(d.exact), d.minhash and MinHashDeduplicator(d.minhash)) if s]
+        return run_document_stage(
+            "dedup", stages, [("part-00000", parquet_source(str(clean.out_dir)))], out,
+            cache_key=key, inputs={"clean": index_digest(clean.index)},
+        )
+
+    def _tokenize(self, docs: StageOutcome, out: Path, key: str) -> dict[str, Any]:
+        task = ray.remote(num_cpus=1)(_tokenize_task)
+        extra = {"stage": "tokenize", "cache_key": key, "inputs": {docs.name: index_digest(docs.index)}}
+        index = ray.get(task.remote(str(docs.out_dir), str(out), self.cfg.tokenize, index_digest(docs.index), extra))
+        index["counters"] = {
+            "documents": sum(s["documents"] for s in index["splits"].values()),
+            "tokens": index["total_tokens"],
+            **{f"{k}_tokens": v["tokens"] for k, v in index["splits"].items()},
+            **{f"{k}_documents": v["documents"] for k, v in index["splits"].items()},
+            "vocab_size": index["tokenizer"]["vocab_size"],
+        }
+        (out / "index.json").write_text(json.dumps(index, indent=2))
+        return index
+
+    def _train(self, tokens: StageOutcome, out: Path, key: str, tracker: Tracker) -> dict[str, Any]:
+        cfg = self.cfg.train
+        logger = RunMetricsLogger(tracker.tracking_uri, tracker.active_run_id())
+        self.console.print(
+            f"  {cfg.num_workers} worker(s), ZeRO-{cfg.zero_stage}, {cfg.precision}, {cfg.steps} steps, "
+            f"{cfg.tokens_per_step} tokens/step", highlight=False
+        )
+        summary = launch_training(cfg, tokens.out_dir, out, run_name=f"{self.cfg.name}-{key}", metrics_logger=logger)
+        model_dir = Path(summary["model_dir"])
+        files = [{"path": f"model/{p.name}", "sha256": file_sha256(p), "bytes": p.stat().st_size, "rows": 0}
+                 for p in sorted(model_dir.iterdir()) if p.is_file()]
+        losses = summary["losses"]
+        counters = {"steps": summary["steps"], "tokens_seen": summary["tokens_seen"],
+                    "first_loss": losses[0], "final_loss": losses[-1]}
+        return write_index(out, stage="train", cache_key=key, files=files, counters=counters,
+                           extra={"summary": summary})
+
+    def _evaluate(self, tokens: StageOutcome, train: StageOutcome, out: Path, key: str) -> dict[str, Any]:
+        task = ray.remote(num_cpus=1)(evaluate_model_dir)
+        model_dir = train.out_dir / "model"
+        metrics = ray.get(task.remote(str(model_dir), str(tokens.out_dir), self.cfg.evaluate, self.cfg.train.seq_len))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        files = [{"path": "metrics.json", "sha256": file_sha256(out / "metrics.json"), "rows": 0}]
+        return write_index(out, stage="evaluate", cache_key=key, files=files, counters=metrics)
+
+    # -- run ----------------------------------------------------------------------------------------
+    def run(self) -> PipelineResult:
+        cfg = self.cfg
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_mb)
+        tracker = Tracker(cfg.tracking_uri, cfg.tracking.experiment)
+        config_hash = cache_key("pipeline", cfg, {})
+        tags = {"lmforge.version": LMFORGE_VERSION, "lmforge.config_hash": config_hash}
+        with tracker.pipeline_run(cfg.name, cfg.model_dump(mode="json"), tags) as parent_id:
+            result = PipelineResult(self.workdir, cfg.tracking_uri, parent_id)
+            s = result.stages
+            crawl_config = {"crawl": cfg.crawl, "demo_site": cfg.demo_site, "seed": cfg.seed}
+            s["crawl"] = self._stage("crawl", crawl_config, {}, self._crawl, tracker)
+            s["clean"] = self._stage(
+                "clean", cfg.clean, {"crawl": s["crawl"]}, lambda o, k: self._clean(s["crawl"], o, k), tracker
+            )
+            docs = s["clean"]
+            if cfg.dedup.exact or cfg.dedup.minhash:
+                s["dedup"] = docs = self._stage(
+                    "dedup", cfg.dedup, {"clean": docs}, lambda o, k: self._dedup(s["clean"], o, k), tracker
+                )
+            tokens = s["tokenize"] = self._stage(
+                "tokenize", cfg.tokenize, {docs.name: docs}, lambda o, k: self._tokenize(docs, o, k), tracker
+            )
+            tokens_dataset = tracker.dataset("tokens", tokens.out_dir, index_digest(tokens.index))
+
+            def log_model(index: dict[str, Any]) -> None:
+                model_tags = {
+                    "lmforge.shards_digest": index_digest(tokens.index),
+                    "lmforge.tokenizer_id": tokens.index["tokenizer"]["id"],
+                    "lmforge.config_hash": config_hash,
+                    "lmforge.code_version": LMFORGE_VERSION,
+                    "lmforge.train_cache_key": index["cache_key"],
+                }
+                result.model_id, result.model_version = tracker.log_model(
+                    Path(index["summary"]["model_dir"]),
+                    f"{cfg.name}-model",
+                    {"train": cfg.train.model_dump(mode="json")},
+                    model_tags,
+                    step=cfg.train.steps,
+                    register_as=cfg.tracking.registered_model,
+                )
+
+            s["train"] = self._stage(
+                "train", cfg.train, {"tokenize": tokens}, lambda o, k: self._train(tokens, o, k, tracker), tracker,
+                after=log_model,
+            )
+
+            def log_eval(index: dict[str, Any]) -> None:
+                result.metrics = {f"val_{k}": v for k, v in index["counters"].items() if k != "tokens"}
+                tracker.log_model_metrics(result.metrics, result.model_id, tokens_dataset)
+
+            s["evaluate"] = self._stage(
+                "evaluate",
+                {"evaluate": cfg.evaluate, "seq_len": cfg.train.seq_len},
+                {"train": s["train"], "tokenize": tokens},
+                lambda o, k: self._evaluate(tokens, s["train"], o, k),
+                tracker,
+                after=log_eval,
+            )
+            result.report_path = report.write_report(result)
+            tracker.log_artifact(result.report_path)
+            tracker.log_artifact(result.report_path.with_suffix(".md"))
+        return result
+
+
+def _tokenize_task(docs_dir: str, out_dir: str, config, source_digest: str, extra: dict) -> dict[str, Any]:
+    return tokenize_documents(lambda: iter_parquet(docs_dir), out_dir, config, source_digest, extra)
+
+
+def run_pipeline(config: PipelineConfig, console: Console | None = None) -> PipelineResult:
+    """Run a pipeline config end to end."""
+    return Pipeline(config, console).run()
+

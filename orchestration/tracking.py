@@ -1,0 +1,145 @@
+"""MLflow tracking and lineage: one parent run per pipeline, a nested run per stage, datasets, models.
+
+Only orchestration/ imports MLflow. Workers log through ``RunMetricsLogger``, a small picklable object
+that writes to a run by id, so training code stays free of MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+from mlflow.data.dataset_source_registry import resolve_dataset_source  # noqa: E402
+from mlflow.data.meta_dataset import MetaDataset  # noqa: E402
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from orchestration.mappings import flatten  # noqa: E402
+
+_MAX_PARAM = 6000
+
+
+def _params(mapping: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v)[:_MAX_PARAM] for k, v in flatten(mapping).items()}
+
+
+class Tracker:
+    """Pipeline-level MLflow bookkeeping."""
+
+    def __init__(self, tracking_uri: str, experiment: str):
+        self.tracking_uri = tracking_uri
+        mlflow.set_tracking_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri)
+        self.experiment_id = mlflow.set_experiment(experiment).experiment_id
+        self.parent_run_id: str | None = None
+
+    @contextmanager
+    def pipeline_run(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[str]:
+        with mlflow.start_run(run_name=name, experiment_id=self.experiment_id, tags=tags) as run:
+            self.parent_run_id = run.info.run_id
+            mlflow.log_params(_params(params))
+            yield run.info.run_id
+
+    @contextmanager
+    def stage_run(self, stage: str, params: dict[str, Any]) -> Iterator[str]:
+        """A nested run for one stage; its wall time is logged when it ends."""
+        start = time.perf_counter()
+        with mlflow.start_run(run_name=stage, nested=True, tags={"lmforge.stage": stage}) as run:
+            if params:
+                mlflow.log_params(_params(params))
+            yield run.info.run_id
+            mlflow.log_metric("stage_seconds", time.perf_counter() - start)
+
+    @staticmethod
+    def active_run_id() -> str:
+        return mlflow.active_run().info.run_id
+
+    @staticmethod
+    def set_tag(key: str, value: str) -> None:
+        mlflow.set_tag(key, value)
+
+    @staticmethod
+    def log_artifact(path: str | Path) -> None:
+        mlflow.log_artifact(str(path))
+
+    @staticmethod
+    def dataset(name: str, path: str | Path, digest: str) -> MetaDataset:
+        """An MLflow dataset naming a stage output directory by its index digest."""
+        with warnings.catch_warnings():  # local paths match two equivalent source types; either is right
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(path) if "://" in str(path) else str(Path(path).resolve()))
+        return MetaDataset(source=source, name=name, digest=digest)
+
+    @staticmethod
+    def log_datasets(inputs: list[MetaDataset], outputs: list[MetaDataset]) -> None:
+        """Stage inputs and outputs, distinguished by the dataset context tag."""
+        for ds in inputs:
+            mlflow.log_input(ds, context="input")
+        for ds in outputs:
+            mlflow.log_input(ds, context="output")
+
+    @staticmethod
+    def log_counters(counters: dict[str, float]) -> None:
+        safe = {k.replace(":", "_"): float(v) for k, v in counters.items()}
+        if safe:
+            mlflow.log_metrics(safe)
+
+    def log_model(
+        self,
+        model_dir: str | Path,
+        name: str,
+        params: dict[str, Any],
+        tags: dict[str, str],
+        step: int,
+        register_as: str | None,
+    ) -> tuple[str, str | None]:
+        """Log an exported model directory as an MLflow LoggedModel of the active run; register it.
+
+        Returns (model_id, registered version or None).
+        """
+        run_id = mlflow.active_run().info.run_id
+        model = mlflow.initialize_logged_model(
+            name=name, source_run_id=run_id, tags=tags, params=_params(params), model_type="causal-lm"
+        )
+        try:
+            self.client.log_model_artifacts(model.model_id, str(model_dir))
+        except Exception:
+            mlflow.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            raise
+        mlflow.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        mlflow.log_outputs(models=[LoggedModelOutput(model.model_id, step)])
+        version = None
+        if register_as:
+            version = mlflow.register_model(f"models:/{model.model_id}", register_as, tags=tags).version
+        return model.model_id, version
+
+    @staticmethod
+    def log_model_metrics(metrics: dict[str, float], model_id: str, dataset: MetaDataset) -> None:
+        for key, value in metrics.items():
+            mlflow.log_metric(key, float(value), model_id=model_id, dataset=dataset)
+
+
+class RunMetricsLogger:
+    """Picklable sink that logs step metrics to one run (used by training rank 0 inside a Ray worker)."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self._client: MlflowClient | None = None
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        now = int(time.time() * 1000)
+        self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "_client": None}

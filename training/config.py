@@ -1,0 +1,60 @@
+"""Validated training configuration; DeepSpeed's config is generated from it (training/engine.py)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from orchestration.stage import StageConfig
+from training.model import ModelConfig
+
+
+class TrainConfig(StageConfig):
+    """Optimization, parallelism and checkpointing of one training run."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    seq_len: int = Field(256, ge=8, description="Tokens per training sequence.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per forward pass.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    global_batch_size: int | None = Field(
+        None, description="If set, must equal micro_batch_size * grad_accum_steps * num_workers."
+    )
+    steps: int = Field(100, ge=1, description="Optimizer steps.")
+    lr: float = Field(6e-4, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip (0 = off).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32 on CPU; bf16 on modern GPUs.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO >= 1).")
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3 only).")
+    num_workers: int = Field(1, ge=1, description="Data-parallel workers (one per GPU, or CPU processes).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    seed: int = Field(0, description="Seed of init and data order.")
+    checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    peak_tflops: float | None = Field(None, gt=0, description="Per-worker peak TFLOP/s for MFU (e.g. 989 on H100 bf16).")
+    ds_config: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config merged on top.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        per_step = self.micro_batch_size * self.grad_accum_steps * self.num_workers
+        if self.global_batch_size is not None and self.global_batch_size != per_step:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} but micro_batch_size({self.micro_batch_size}) x "
+                f"grad_accum_steps({self.grad_accum_steps}) x num_workers({self.num_workers}) = {per_step}"
+            )
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3, got zero_stage={self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1, got zero_stage=0")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be smaller than steps={self.steps}")
+        return self
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.num_workers * self.seq_len

@@ -1,0 +1,70 @@
+"""Byte-level BPE tokenizers: train on a text stream, load, and identify by the sha256 of tokenizer.json."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+from pydantic import Field
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from orchestration.stage import StageConfig
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+class TokenizerConfig(StageConfig):
+    """Train a byte-level BPE (GPT-2 style) or load an existing tokenizer.json."""
+
+    vocab_size: int = Field(8192, ge=300, description="Target vocabulary, 256 byte tokens included.")
+    min_frequency: int = Field(2, ge=1, description="Pairs seen fewer times are not merged.")
+    special_tokens: list[str] = Field(default_factory=lambda: [EOS_TOKEN], description="First is the EOS token.")
+    path: str | None = Field(None, description="Existing tokenizer.json to use instead of training one.")
+
+
+def train_bpe(texts: Iterable[str], config: TokenizerConfig) -> Tokenizer:
+    """Train a byte-level BPE by streaming ``texts`` (nothing is held beyond the trainer's counts)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=config.vocab_size,
+        min_frequency=config.min_frequency,
+        special_tokens=config.special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path) -> tuple[Path, str]:
+    """Write tokenizer.json; return its path and id (sha256 of the file)."""
+    path = Path(out_dir) / "tokenizer.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+    return path, tokenizer_id(path)
+
+
+def tokenizer_id(path: str | Path) -> str:
+    """The identity of a tokenizer: sha256 of its tokenizer.json bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json file or a Hugging Face tokenizer directory containing one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer file {path} does not exist; set tokenize.tokenizer.path to a tokenizer.json")
+    return Tokenizer.from_file(str(path))
+
+
+def eos_id(tokenizer: Tokenizer, eos_token: str = EOS_TOKEN) -> int:
+    """Id of the end-of-document token, with a clear error when the tokenizer lacks it."""
+    token_id = tokenizer.token_to_id(eos_token)
+    if token_id is None:
+        raise ValueError(f"tokenizer has no {eos_token!r} token; add it to tokenize.tokenizer.special_tokens")
+    return token_id

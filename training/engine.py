@@ -1,0 +1,99 @@
+"""The DeepSpeed boundary: the only module in lmforge that imports DeepSpeed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orchestration.mappings import deep_merge
+from training.config import TrainConfig
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set first)
+
+
+def build_ds_config(cfg: TrainConfig) -> dict[str, Any]:
+    """DeepSpeed config generated from lmforge's validated config, with ``cfg.ds_config`` merged on top."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum_steps * cfg.num_workers,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.lr,
+                "betas": list(cfg.betas),
+                "eps": 1e-8,
+                "weight_decay": cfg.weight_decay,
+                # torch's AdamW: no JIT-built C++ op on CPU; DeepSpeed's fused Adam is used on GPU.
+                "torch_adam": not cfg.use_gpu,
+            },
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": cfg.steps,
+                "warmup_num_steps": cfg.warmup_steps,
+                "warmup_type": "linear",
+                "cos_min_ratio": cfg.min_lr_ratio,
+                "warmup_min_ratio": 0.0,
+            },
+        },
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(ds, cfg.ds_config)
+
+
+def initialize(model: torch.nn.Module, cfg: TrainConfig):
+    """Build the DeepSpeed engine (torch.distributed must already be initialized, or single-process env set)."""
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=build_ds_config(cfg)
+    )
+    return engine
+
+
+def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], keep: int) -> None:
+    """DeepSpeed checkpoint tagged ``step{N}`` plus client state; older ones beyond ``keep`` are removed."""
+    ckpt_dir = Path(ckpt_dir)
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:08d}", client_state=client_state)
+    if engine.global_rank == 0:
+        tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def load_latest_checkpoint(engine, ckpt_dir: str | Path) -> dict[str, Any] | None:
+    """Load the newest checkpoint (DeepSpeed's ``latest`` file) and return its client state, or None."""
+    if not (Path(ckpt_dir) / "latest").exists():
+        return None
+    path, client_state = engine.load_checkpoint(str(ckpt_dir))
+    if path is None:
+        raise RuntimeError(f"{ckpt_dir}: 'latest' names a checkpoint DeepSpeed could not load")
+    return client_state
+
+
+def consolidated_state_dict(engine, cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
+    """Full model weights on rank 0 (gathered from ZeRO-3 partitions when needed); None on other ranks."""
+    if cfg.zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict()
+    return state if engine.global_rank == 0 else None

@@ -1,0 +1,88 @@
+"""Decoder-only language models built from a config, with random init (GPT-2 or Llama architecture).
+
+The model is a plain Hugging Face ``PreTrainedModel`` so that export is ``save_pretrained`` and any
+``AutoModelForCausalLM`` user can load it. It knows nothing about how it is parallelized.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from orchestration.stage import StageConfig
+
+#: (layers, heads, width) per preset; GPT-2 sizes from Radford et al. 2019, 1.3B/7B from GPT-3/Llama.
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "debug": (2, 2, 64),
+    "124m": (12, 12, 768),
+    "350m": (24, 16, 1024),
+    "1.3b": (24, 32, 2048),
+    "7b": (32, 32, 4096),
+}
+
+
+class ModelConfig(StageConfig):
+    """Architecture and size of the model."""
+
+    arch: Literal["gpt2", "llama"] = Field("gpt2", description="GPT-2 (learned positions) or Llama (RoPE, SwiGLU).")
+    preset: Literal["debug", "124m", "350m", "1.3b", "7b"] = Field("debug", description="Size preset.")
+    n_layer: int | None = Field(None, ge=1, description="Override the preset's layer count.")
+    n_head: int | None = Field(None, ge=1, description="Override the preset's attention heads.")
+    n_embd: int | None = Field(None, ge=8, description="Override the preset's hidden width.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout (0 for pretraining, as in nanoGPT).")
+    activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        n_layer, n_head, n_embd = self.dims()
+        if n_embd % n_head:
+            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
+        return self
+
+    def dims(self) -> tuple[int, int, int]:
+        layers, heads, width = PRESETS[self.preset]
+        return self.n_layer or layers, self.n_head or heads, self.n_embd or width
+
+
+def build_model(config: ModelConfig, vocab_size: int, seq_len: int, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialized causal LM; the same seed gives the same weights."""
+    n_layer, n_head, n_embd = config.dims()
+    torch.manual_seed(seed)
+    if config.arch == "gpt2":
+        hf_config = GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=seq_len,
+            n_layer=n_layer,
+            n_head=n_head,
+            n_embd=n_embd,
+            resid_pdrop=config.dropout,
+            embd_pdrop=config.dropout,
+            attn_pdrop=config.dropout,
+        )
+        model = GPT2LMHeadModel(hf_config)
+    else:
+        hidden = 256 * ((8 * n_embd // 3 + 255) // 256)  # SwiGLU width, rounded as in Llama
+        hf_config = LlamaConfig(
+            vocab_size=vocab_size,
+            max_position_embeddings=seq_len,
+            num_hidden_layers=n_layer,
+            num_attention_heads=n_head,
+            hidden_size=n_embd,
+            intermediate_size=hidden,
+            attention_dropout=config.dropout,
+        )
+        model = LlamaForCausalLM(hf_config)
+    if config.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = True) -> int:
+    """Parameters for the 6N FLOPs rule (token/position embeddings excluded by convention)."""
+    total = sum(p.numel() for p in model.parameters())
+    if exclude_embeddings:
+        total -= sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    return total

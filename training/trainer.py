@@ -1,0 +1,138 @@
+"""The per-worker training loop: data-parallel rank's loader, DeepSpeed engine, checkpoints, export.
+
+It runs inside a Ray Train worker (orchestration/training_launch.py) or any process where
+torch.distributed is set up; it takes rank and world size from torch.distributed and reports metrics
+through a callback, so it imports neither Ray nor MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training import engine as ds_engine
+from training.config import TrainConfig
+from training.data.shards import DistributedBatchSampler, TokenSequences
+from training.model import build_model, count_parameters
+
+MetricsCallback = Callable[[dict[str, float], int], None]
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _mean_across_ranks(value: float) -> float:
+    if not torch.distributed.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t.item()) / torch.distributed.get_world_size()
+
+
+def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weights plus 12*L*d*T for attention (PaLM appendix B)."""
+    return 6 * n_params + 12 * n_layer * n_embd * seq_len
+
+
+def train(
+    cfg: TrainConfig,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    on_metrics: MetricsCallback | None = None,
+) -> dict[str, Any]:
+    """Train (resuming from ``out_dir/checkpoints`` if present) and export the model to ``out_dir/model``.
+
+    Returns a summary on rank 0 (losses per step, tokens/s, paths); other ranks return {}.
+    """
+    rank, world = _dist()
+    if world != cfg.num_workers:
+        raise RuntimeError(f"train.num_workers={cfg.num_workers} but torch.distributed has {world} ranks")
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
+
+    data = TokenSequences(data_dir, "train", cfg.seq_len)
+    vocab_size = data.index["tokenizer"]["vocab_size"]
+    sampler = DistributedBatchSampler(len(data), cfg.micro_batch_size, rank, world, seed=cfg.seed)
+    model = build_model(cfg.model, vocab_size, cfg.seq_len, seed=cfg.seed)
+    n_layer, _, n_embd = cfg.model.dims()
+    fpt = flops_per_token(count_parameters(model), n_layer, n_embd, cfg.seq_len)
+    engine = ds_engine.initialize(model, cfg)
+
+    start_step, losses = 0, []
+    client_state = ds_engine.load_latest_checkpoint(engine, ckpt_dir)
+    if client_state is not None:
+        sampler.load_state_dict(client_state["sampler"])
+        start_step, losses = client_state["step"], list(client_state["losses"])
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        seqs = torch.from_numpy(np.stack([data[i] for i in sampler.next_indices()]).astype(np.int64))
+        return seqs[:, :-1].to(device), seqs[:, 1:].to(device)
+
+    engine.train()
+    for step in range(start_step, cfg.steps):
+        t0 = time.perf_counter()
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum_steps):
+            inputs, targets = next_batch()
+            logits = engine(input_ids=inputs).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.item() / cfg.grad_accum_steps
+        loss_value = _mean_across_ranks(step_loss)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        losses.append(loss_value)
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {step + 1}; lower train.lr")
+        tokens_per_s = cfg.tokens_per_step / seconds
+        metrics = {
+            "loss": loss_value,
+            "lr": float(engine.get_lr()[0]),
+            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "step_seconds": seconds,
+            "tokens_per_s": tokens_per_s,
+        }
+        if cfg.peak_tflops:
+            metrics["mfu"] = fpt * tokens_per_s / (cfg.peak_tflops * 1e12 * world)
+        if device.type == "cuda":
+            metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if rank == 0 and on_metrics is not None:
+            on_metrics(metrics, step + 1)
+        done = step + 1
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
+            state = {"sampler": sampler.state_dict(), "step": done, "losses": losses}
+            ds_engine.save_checkpoint(engine, ckpt_dir, done, state, cfg.keep_checkpoints)
+
+    state_dict = ds_engine.consolidated_state_dict(engine, cfg)
+    if rank != 0:
+        return {}
+    model_dir = out_dir / "model"
+    engine.module.save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
+    shutil.copy(Path(data_dir) / data.index["tokenizer"]["path"], model_dir / "tokenizer.json")
+    summary = {
+        "losses": losses,
+        "steps": cfg.steps,
+        "resumed_from": start_step,
+        "tokens_seen": cfg.steps * cfg.tokens_per_step,
+        "flops_per_token": fpt,
+        "model_dir": str(model_dir),
+        "tokenizer_id": data.index["tokenizer"]["id"],
+        "world_size": world,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
