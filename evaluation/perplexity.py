@@ -22,7 +22,9 @@ class EvalConfig(StageConfig):
 
     split: str = Field("val", description="Token split to evaluate.")
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
-    max_batches: int | None = Field(None, ge=1, description="Stop after this many batches (None: whole split).")
+    max_batches: int | None = Field(
+        None, ge=1, description="Stop after this many batches (None: whole split)."
+    )
 
 
 @torch.no_grad()
@@ -45,10 +47,17 @@ def evaluate_perplexity(
         total_loss += loss.item()
         total_tokens += seqs[:, 1:].numel()
     mean = total_loss / total_tokens
-    return {"loss": mean, "perplexity": math.exp(mean), "bits_per_token": mean / math.log(2), "tokens": total_tokens}
+    return {
+        "loss": mean,
+        "perplexity": math.exp(mean),
+        "bits_per_token": mean / math.log(2),
+        "tokens": total_tokens,
+    }
 
 
-def evaluate_model_dir(model_dir: str | Path, data_dir: str | Path, config: EvalConfig, seq_len: int) -> dict[str, Any]:
+def evaluate_model_dir(
+    model_dir: str | Path, data_dir: str | Path, config: EvalConfig, seq_len: int
+) -> dict[str, Any]:
     """Load an exported Hugging Face model directory and evaluate it on the token dataset."""
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer_file = Path(model_dir) / "tokenizer.json"

@@ -113,6 +113,7 @@ class HostCrawler:
         self.fetched = 0
         self._last_request = 0.0
         self._robots: urllib.robotparser.RobotFileParser | None = None
+        self._robots_delay = 0.0
         self._warc_index = 0
         self._warc_files: dict[str, int] = {}  # file name -> response records
         self._warc_name = ""
@@ -121,8 +122,7 @@ class HostCrawler:
 
     # -- politeness ---------------------------------------------------------------------------------
     def _delay(self) -> float:
-        robots_delay = self._robots.crawl_delay(self.config.user_agent) if self._robots else None
-        return max(self.config.min_delay_s, float(robots_delay or 0))
+        return max(self.config.min_delay_s, self._robots_delay)
 
     def _wait_turn(self) -> None:
         gap = time.monotonic() - self._last_request
@@ -140,7 +140,9 @@ class HostCrawler:
         if status in (401, 403):
             parser.disallow_all = True
         elif 200 <= status < 300:
-            parser.parse(body.decode("utf-8", errors="replace").splitlines())
+            lines = body.decode("utf-8", errors="replace").splitlines()
+            parser.parse(lines)
+            self._robots_delay = robots_crawl_delay(lines, self.config.user_agent)
         else:
             parser.allow_all = True
         self._robots = parser
@@ -294,6 +296,40 @@ class HostCrawler:
         self._log.close()
         self.session.close()
         return dict(self._warc_files)
+
+
+def robots_crawl_delay(lines: list[str], user_agent: str) -> float:
+    """Crawl-delay for ``user_agent`` (its own group first, else '*'), fractional seconds allowed.
+
+    The standard library's parser only accepts whole seconds, so '0.5' would be lost.
+    """
+    token = user_agent.split("/")[0].lower()
+    delays: dict[str, float] = {}
+    agents: list[str] = []
+    in_rules = False
+    for raw in lines:
+        line = raw.split("#", 1)[0].strip()
+        if ":" not in line:
+            continue
+        key, value = (part.strip() for part in line.split(":", 1))
+        key = key.lower()
+        if key == "user-agent":
+            if in_rules:
+                agents, in_rules = [], False
+            agents.append(value.lower())
+        else:
+            in_rules = True
+            if key == "crawl-delay":
+                try:
+                    delay = float(value)
+                except ValueError:
+                    continue
+                for agent in agents:
+                    delays.setdefault(agent, delay)
+    for agent, delay in delays.items():
+        if agent != "*" and agent in token:
+            return delay
+    return delays.get("*", 0.0)
 
 
 def extract_links(base_url: str, body: bytes) -> list[str]:

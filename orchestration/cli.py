@@ -73,10 +73,15 @@ def _print_summary(cfg: PipelineConfig, result, seconds: float) -> None:
     console.print(table)
     for key, value in result.metrics.items():
         console.print(f"  {key}: {value:.4f}")
-    console.print(f"  model: {result.model_id}" + (f" (registered version {result.model_version})" if result.model_version else ""))
+    console.print(
+        f"  model: {result.model_id}"
+        + (f" (registered version {result.model_version})" if result.model_version else "")
+    )
     console.print(f"  report: {result.report_path.with_suffix('.md')}")
     uri = cfg.tracking_uri
-    console.print(f"  browse runs and models: [bold]mlflow ui --backend-store-uri {uri}[/bold] (then http://127.0.0.1:5000)")
+    console.print(
+        f"  browse runs and models: [bold]mlflow ui --backend-store-uri {uri}[/bold] (then http://127.0.0.1:5000)"
+    )
 
 
 @app.command()
@@ -90,7 +95,9 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 @app.command()
 def submit(
     config: ConfigArg,
-    address: Annotated[str, typer.Option(help="Ray dashboard address of the cluster, e.g. http://head:8265.")],
+    address: Annotated[
+        str, typer.Option(help="Ray dashboard address of the cluster, e.g. http://head:8265.")
+    ],
     set_: SetOpt = None,
     wait: Annotated[bool, typer.Option(help="Follow the job's logs until it ends.")] = True,
 ) -> None:

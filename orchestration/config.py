@@ -28,7 +28,9 @@ class _Section(BaseModel):
 class RayConfig(_Section):
     """Where stages run: an embedded local Ray (address null) or an existing cluster."""
 
-    address: str | None = Field(None, description="Ray cluster address ('auto', 'ray://host:10001'); null: embedded.")
+    address: str | None = Field(
+        None, description="Ray cluster address ('auto', 'ray://host:10001'); null: embedded."
+    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray (default: all).")
     object_store_memory_mb: int = Field(1024, ge=100, description="Object store cap of the embedded Ray.")
 
@@ -84,7 +86,9 @@ class PipelineConfig(_Section):
     @model_validator(mode="after")
     def _has_a_source(self) -> PipelineConfig:
         if self.demo_site is None and not self.crawl.seeds:
-            raise ValueError("no data source: set crawl.seeds to the URLs to crawl, or demo_site: {} for the demo")
+            raise ValueError(
+                "no data source: set crawl.seeds to the URLs to crawl, or demo_site: {} for the demo"
+            )
         if self.demo_site is not None and not self.crawl.allow_private_addresses:
             raise ValueError(
                 "demo_site is served on 127.0.0.1, which the crawler refuses by default: "
@@ -126,11 +130,15 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         if len(shown) > 80:
             shown = shown[:77] + "..."
         message = e["msg"].removeprefix("Value error, ")
-        lines.append(f"  - {where}: {message} (got {shown})" if e["type"] != "missing" else f"  - {where}: {message}")
+        lines.append(
+            f"  - {where}: {message} (got {shown})" if e["type"] != "missing" else f"  - {where}: {message}"
+        )
     return "\n".join(lines)
 
 
-def parse_config(data: dict[str, Any], source: str = "config", overrides: dict[str, Any] | None = None) -> PipelineConfig:
+def parse_config(
+    data: dict[str, Any], source: str = "config", overrides: dict[str, Any] | None = None
+) -> PipelineConfig:
     """Validate a config mapping; raises ConfigError naming each bad field, value and what is allowed."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")

@@ -55,7 +55,9 @@ def run_crawl(
             on_progress(counters["pages_fetched"])
     counters["urls_not_fetched_max_pages"] = sum(len(v) for v in frontier.values())
     counters["hosts"] = len(actors)
-    warc_files = {name: n for files in ray.get([a.close.remote() for a in actors.values()]) for name, n in files.items()}
+    warc_files = {
+        name: n for files in ray.get([a.close.remote() for a in actors.values()]) for name, n in files.items()
+    }
     for actor in actors.values():
         ray.kill(actor)
     return [file_entry(out_dir / name, rows=n) for name, n in sorted(warc_files.items())], dict(counters)

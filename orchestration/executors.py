@@ -60,7 +60,9 @@ def parquet_source(dataset_dir: str) -> Source:
 
 
 @ray.remote(num_cpus=1)
-def _document_task(stages: list[Stage], source: Source, out_dir: str, part: str, stage_name: str) -> dict[str, Any]:
+def _document_task(
+    stages: list[Stage], source: Source, out_dir: str, part: str, stage_name: str
+) -> dict[str, Any]:
     ctx = StageContext(stage_name)
     out = Path(out_dir)
     kept = write_parquet(out / f"{part}.parquet", run_chain(stages, source(ctx), ctx), DOCUMENT_SCHEMA)

@@ -153,7 +153,9 @@ class Pipeline:
                 crawl_cfg = crawl_cfg.model_copy(update={"seeds": [server.url, *crawl_cfg.seeds]})
                 self.console.print(f"  serving {len(site.pages)} demo pages at {server.url}")
             files, counters = run_crawl(
-                crawl_cfg, out, on_progress=lambda n: self.console.print(f"  fetched {n} pages", highlight=False)
+                crawl_cfg,
+                out,
+                on_progress=lambda n: self.console.print(f"  fetched {n} pages", highlight=False),
             )
             if server is not None:
                 counters["server_responses_200"] = sum(1 for _, status in server.served if status == 200)
@@ -164,24 +166,44 @@ class Pipeline:
         stages = [HtmlExtractor(c.extract), TextNormalizer(c.normalize)]
         if c.gopher is not None:
             stages.append(GopherQualityFilter(c.gopher))
-        parts = [(Path(f["path"]).name.split(".")[0], warc_source(str(crawl.out_dir / f["path"]))) for f in crawl.index["files"]]
+        parts = [
+            (Path(f["path"]).name.split(".")[0], warc_source(str(crawl.out_dir / f["path"])))
+            for f in crawl.index["files"]
+        ]
         return run_document_stage(
-            "clean", stages, parts, out, cache_key=key, inputs={"crawl": index_digest(crawl.index)},
-            on_progress=lambda done, total: self.console.print(f"  {done}/{total} WARC files", highlight=False),
+            "clean",
+            stages,
+            parts,
+            out,
+            cache_key=key,
+            inputs={"crawl": index_digest(crawl.index)},
+            on_progress=lambda done, total: self.console.print(
+                f"  {done}/{total} WARC files", highlight=False
+            ),
         )
 
     def _dedup(self, clean: StageOutcome, out: Path, key: str) -> dict[str, Any]:
         d = self.cfg.dedup
-        stages = [s for s in (d.exact and ExactDeduplicator(d.exact), d.minhash and MinHashDeduplicator(d.minhash)) if s]
+        stages = [
+            s
+            for s in (d.exact and ExactDeduplicator(d.exact), d.minhash and MinHashDeduplicator(d.minhash))
+            if s
+        ]
         return run_document_stage(
-            "dedup", stages, [("part-00000", parquet_source(str(clean.out_dir)))], out,
-            cache_key=key, inputs={"clean": index_digest(clean.index)},
+            "dedup",
+            stages,
+            [("part-00000", parquet_source(str(clean.out_dir)))],
+            out,
+            cache_key=key,
+            inputs={"clean": index_digest(clean.index)},
         )
 
     def _tokenize(self, docs: StageOutcome, out: Path, key: str) -> dict[str, Any]:
         task = ray.remote(num_cpus=1)(_tokenize_task)
         extra = {"stage": "tokenize", "cache_key": key, "inputs": {docs.name: index_digest(docs.index)}}
-        index = ray.get(task.remote(str(docs.out_dir), str(out), self.cfg.tokenize, index_digest(docs.index), extra))
+        index = ray.get(
+            task.remote(str(docs.out_dir), str(out), self.cfg.tokenize, index_digest(docs.index), extra)
+        )
         index["counters"] = {
             "documents": sum(s["documents"] for s in index["splits"].values()),
             "tokens": index["total_tokens"],
@@ -197,22 +219,35 @@ class Pipeline:
         logger = RunMetricsLogger(tracker.tracking_uri, tracker.active_run_id())
         self.console.print(
             f"  {cfg.num_workers} worker(s), ZeRO-{cfg.zero_stage}, {cfg.precision}, {cfg.steps} steps, "
-            f"{cfg.tokens_per_step} tokens/step", highlight=False
+            f"{cfg.tokens_per_step} tokens/step",
+            highlight=False,
         )
-        summary = launch_training(cfg, tokens.out_dir, out, run_name=f"{self.cfg.name}-{key}", metrics_logger=logger)
+        summary = launch_training(
+            cfg, tokens.out_dir, out, run_name=f"{self.cfg.name}-{key}", metrics_logger=logger
+        )
         model_dir = Path(summary["model_dir"])
-        files = [{"path": f"model/{p.name}", "sha256": file_sha256(p), "bytes": p.stat().st_size, "rows": 0}
-                 for p in sorted(model_dir.iterdir()) if p.is_file()]
+        files = [
+            {"path": f"model/{p.name}", "sha256": file_sha256(p), "bytes": p.stat().st_size, "rows": 0}
+            for p in sorted(model_dir.iterdir())
+            if p.is_file()
+        ]
         losses = summary["losses"]
-        counters = {"steps": summary["steps"], "tokens_seen": summary["tokens_seen"],
-                    "first_loss": losses[0], "final_loss": losses[-1]}
-        return write_index(out, stage="train", cache_key=key, files=files, counters=counters,
-                           extra={"summary": summary})
+        counters = {
+            "steps": summary["steps"],
+            "tokens_seen": summary["tokens_seen"],
+            "first_loss": losses[0],
+            "final_loss": losses[-1],
+        }
+        return write_index(
+            out, stage="train", cache_key=key, files=files, counters=counters, extra={"summary": summary}
+        )
 
     def _evaluate(self, tokens: StageOutcome, train: StageOutcome, out: Path, key: str) -> dict[str, Any]:
         task = ray.remote(num_cpus=1)(evaluate_model_dir)
         model_dir = train.out_dir / "model"
-        metrics = ray.get(task.remote(str(model_dir), str(tokens.out_dir), self.cfg.evaluate, self.cfg.train.seq_len))
+        metrics = ray.get(
+            task.remote(str(model_dir), str(tokens.out_dir), self.cfg.evaluate, self.cfg.train.seq_len)
+        )
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         files = [{"path": "metrics.json", "sha256": file_sha256(out / "metrics.json"), "rows": 0}]
         return write_index(out, stage="evaluate", cache_key=key, files=files, counters=metrics)
@@ -261,7 +296,11 @@ class Pipeline:
                 )
 
             s["train"] = self._stage(
-                "train", cfg.train, {"tokenize": tokens}, lambda o, k: self._train(tokens, o, k, tracker), tracker,
+                "train",
+                cfg.train,
+                {"tokenize": tokens},
+                lambda o, k: self._train(tokens, o, k, tracker),
+                tracker,
                 after=log_model,
             )
 
@@ -290,4 +329,3 @@ def _tokenize_task(docs_dir: str, out_dir: str, config, source_digest: str, extr
 def run_pipeline(config: PipelineConfig, console: Console | None = None) -> PipelineResult:
     """Run a pipeline config end to end."""
     return Pipeline(config, console).run()
-

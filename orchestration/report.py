@@ -56,7 +56,11 @@ def _document_stage(out_dir: Path, index: dict[str, Any]) -> dict[str, Any]:
 def build_report(result: PipelineResult) -> dict[str, Any]:
     """Collect per-stage figures and consistency checks from the committed stage indexes."""
     stages = result.stages
-    rep: dict[str, Any] = {"workdir": str(result.workdir), "mlflow_run_id": result.parent_run_id, "stages": {}}
+    rep: dict[str, Any] = {
+        "workdir": str(result.workdir),
+        "mlflow_run_id": result.parent_run_id,
+        "stages": {},
+    }
     checks: dict[str, bool] = {}
     crawl = stages["crawl"].index["counters"]
     rep["stages"]["crawl"] = crawl
@@ -83,7 +87,13 @@ def build_report(result: PipelineResult) -> dict[str, Any]:
 
 
 def render_markdown(rep: dict[str, Any]) -> str:
-    lines = ["# lmforge data-quality report", "", f"Work dir: `{rep['workdir']}`  ", f"MLflow run: `{rep['mlflow_run_id']}`", ""]
+    lines = [
+        "# lmforge data-quality report",
+        "",
+        f"Work dir: `{rep['workdir']}`  ",
+        f"MLflow run: `{rep['mlflow_run_id']}`",
+        "",
+    ]
     for name, figures in rep["stages"].items():
         lines.append(f"## {name}")
         for key, value in figures.items():

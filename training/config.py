@@ -28,15 +28,21 @@ class TrainConfig(StageConfig):
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip (0 = off).")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32 on CPU; bf16 on modern GPUs.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32 on CPU; bf16 on modern GPUs."
+    )
     offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO >= 1).")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3 only).")
     num_workers: int = Field(1, ge=1, description="Data-parallel workers (one per GPU, or CPU processes).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     seed: int = Field(0, description="Seed of init and data order.")
-    checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0: only at the end).")
+    checkpoint_every: int = Field(
+        0, ge=0, description="Save a checkpoint every N steps (0: only at the end)."
+    )
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
-    peak_tflops: float | None = Field(None, gt=0, description="Per-worker peak TFLOP/s for MFU (e.g. 989 on H100 bf16).")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Per-worker peak TFLOP/s for MFU (e.g. 989 on H100 bf16)."
+    )
     ds_config: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config merged on top.")
 
     @model_validator(mode="after")

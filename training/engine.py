@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 
 from orchestration.mappings import deep_merge
 from training.config import TrainConfig
+from training.schedule import warmup_cosine_scheduler
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -42,28 +44,31 @@ def build_ds_config(cfg: TrainConfig) -> dict[str, Any]:
                 "torch_adam": not cfg.use_gpu,
             },
         },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": cfg.steps,
-                "warmup_num_steps": cfg.warmup_steps,
-                "warmup_type": "linear",
-                "cos_min_ratio": cfg.min_lr_ratio,
-                "warmup_min_ratio": 0.0,
-            },
-        },
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return deep_merge(ds, cfg.ds_config)
+    override = dict(cfg.ds_config)
+    # A different optimizer type brings its own params: replace ours instead of merging into them.
+    if "optimizer" in override and override["optimizer"].get("type", "AdamW") != "AdamW":
+        ds["optimizer"] = override.pop("optimizer")
+    return deep_merge(ds, override)
 
 
 def initialize(model: torch.nn.Module, cfg: TrainConfig):
-    """Build the DeepSpeed engine (torch.distributed must already be initialized, or single-process env set)."""
+    """Build the DeepSpeed engine (torch.distributed must already be initialized, or single-process env set).
+
+    The learning-rate schedule is lmforge's warmup + cosine (training/schedule.py) unless the raw
+    ds_config names a DeepSpeed scheduler.
+    """
+    ds = build_ds_config(cfg)
+    schedule = None if "scheduler" in ds else partial(warmup_cosine_scheduler, cfg=cfg)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=build_ds_config(cfg)
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds,
+        lr_scheduler=schedule,
     )
     return engine
 

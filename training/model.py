@@ -27,13 +27,17 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 class ModelConfig(StageConfig):
     """Architecture and size of the model."""
 
-    arch: Literal["gpt2", "llama"] = Field("gpt2", description="GPT-2 (learned positions) or Llama (RoPE, SwiGLU).")
+    arch: Literal["gpt2", "llama"] = Field(
+        "gpt2", description="GPT-2 (learned positions) or Llama (RoPE, SwiGLU)."
+    )
     preset: Literal["debug", "124m", "350m", "1.3b", "7b"] = Field("debug", description="Size preset.")
     n_layer: int | None = Field(None, ge=1, description="Override the preset's layer count.")
     n_head: int | None = Field(None, ge=1, description="Override the preset's attention heads.")
     n_embd: int | None = Field(None, ge=8, description="Override the preset's hidden width.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout (0 for pretraining, as in nanoGPT).")
-    activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
@@ -47,8 +51,15 @@ class ModelConfig(StageConfig):
         return self.n_layer or layers, self.n_head or heads, self.n_embd or width
 
 
-def build_model(config: ModelConfig, vocab_size: int, seq_len: int, seed: int = 0) -> PreTrainedModel:
-    """A randomly initialized causal LM; the same seed gives the same weights."""
+def build_model(
+    config: ModelConfig, vocab_size: int, seq_len: int, seed: int = 0, eos_token_id: int | None = None
+) -> PreTrainedModel:
+    """A randomly initialized causal LM; the same seed gives the same weights.
+
+    ``eos_token_id`` (the tokenizer's end-of-document id) becomes the model's bos/eos/pad id so that
+    generation from the exported model stops where training documents ended.
+    """
+    special = {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id, "pad_token_id": eos_token_id}
     n_layer, n_head, n_embd = config.dims()
     torch.manual_seed(seed)
     if config.arch == "gpt2":
@@ -61,6 +72,7 @@ def build_model(config: ModelConfig, vocab_size: int, seq_len: int, seed: int = 
             resid_pdrop=config.dropout,
             embd_pdrop=config.dropout,
             attn_pdrop=config.dropout,
+            **special,
         )
         model = GPT2LMHeadModel(hf_config)
     else:
@@ -73,6 +85,7 @@ def build_model(config: ModelConfig, vocab_size: int, seq_len: int, seed: int = 
             hidden_size=n_embd,
             intermediate_size=hidden,
             attention_dropout=config.dropout,
+            **special,
         )
         model = LlamaForCausalLM(hf_config)
     if config.activation_checkpointing:

@@ -66,7 +66,9 @@ def train(
     data = TokenSequences(data_dir, "train", cfg.seq_len)
     vocab_size = data.index["tokenizer"]["vocab_size"]
     sampler = DistributedBatchSampler(len(data), cfg.micro_batch_size, rank, world, seed=cfg.seed)
-    model = build_model(cfg.model, vocab_size, cfg.seq_len, seed=cfg.seed)
+    model = build_model(
+        cfg.model, vocab_size, cfg.seq_len, seed=cfg.seed, eos_token_id=data.index["tokenizer"]["eos_id"]
+    )
     n_layer, _, n_embd = cfg.model.dims()
     fpt = flops_per_token(count_parameters(model), n_layer, n_embd, cfg.seq_len)
     engine = ds_engine.initialize(model, cfg)

@@ -204,8 +204,15 @@ class DistributedBatchSampler:
     slice of it, so the samples a run sees are independent of when it was interrupted.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True):
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
         if num_samples < batch_size * world_size:
             raise ValueError(
                 f"{num_samples} sequences cannot fill one global batch of {batch_size} x {world_size} ranks; "
@@ -235,8 +242,13 @@ class DistributedBatchSampler:
         return indices
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.state.epoch, "step": self.state.step, "seed": self.seed,
-                "world_size": self.world_size, "num_samples": self.num_samples}
+        return {
+            "epoch": self.state.epoch,
+            "step": self.state.step,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "num_samples": self.num_samples,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key in ("seed", "world_size", "num_samples"):

@@ -60,7 +60,9 @@ def tokenize_documents(
         ids = batch.column("id").to_pylist()
         texts = batch.column("text").to_pylist()
         for start in range(0, len(texts), config.batch_size):
-            encodings = tokenizer.encode_batch(texts[start : start + config.batch_size], add_special_tokens=False)
+            encodings = tokenizer.encode_batch(
+                texts[start : start + config.batch_size], add_special_tokens=False
+            )
             for doc_id, enc in zip(ids[start : start + config.batch_size], encodings):
                 tokens = np.concatenate([np.asarray(enc.ids, dtype=eos_array.dtype), eos_array])
                 writers[split_of(doc_id, config.val_fraction)].add(doc_id, tokens)
@@ -82,20 +84,28 @@ def tokenize_documents(
     index = {
         "format_version": FORMAT_VERSION,
         "kind": "tokens",
-        "tokenizer": {"id": tok_id, "path": tok_path.name, "vocab_size": vocab_size, "eos_id": eos,
-                      "eos_token": tcfg.special_tokens[0]},
+        "tokenizer": {
+            "id": tok_id,
+            "path": tok_path.name,
+            "vocab_size": vocab_size,
+            "eos_id": eos,
+            "eos_token": tcfg.special_tokens[0],
+        },
         "dtype": np.dtype(token_dtype(vocab_size)).name,
         "total_tokens": sum(s["tokens"] for s in splits.values()),
         "splits": splits,
-        "split_rule": {"method": "sha256(doc_id)[:8] as uint64 / 2**64 < val_fraction -> val",
-                       "val_fraction": config.val_fraction},
+        "split_rule": {
+            "method": "sha256(doc_id)[:8] as uint64 / 2**64 < val_fraction -> val",
+            "val_fraction": config.val_fraction,
+        },
         "source_digest": source_digest,
         "files": [
             {"path": s[key], "sha256": s[sha]}
             for split in splits.values()
             for s in split["shards"]
             for key, sha in (("path", "sha256"), ("docs_path", "docs_sha256"))
-        ] + [{"path": tok_path.name, "sha256": tok_id}],
+        ]
+        + [{"path": tok_path.name, "sha256": tok_id}],
         **(extra or {}),
     }
     atomic_write_bytes(out_dir / "index.json", json.dumps(index, indent=2).encode())

@@ -19,7 +19,9 @@ class TokenizerConfig(StageConfig):
 
     vocab_size: int = Field(8192, ge=300, description="Target vocabulary, 256 byte tokens included.")
     min_frequency: int = Field(2, ge=1, description="Pairs seen fewer times are not merged.")
-    special_tokens: list[str] = Field(default_factory=lambda: [EOS_TOKEN], description="First is the EOS token.")
+    special_tokens: list[str] = Field(
+        default_factory=lambda: [EOS_TOKEN], description="First is the EOS token."
+    )
     path: str | None = Field(None, description="Existing tokenizer.json to use instead of training one.")
 
 
@@ -58,7 +60,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.exists():
-        raise FileNotFoundError(f"tokenizer file {path} does not exist; set tokenize.tokenizer.path to a tokenizer.json")
+        raise FileNotFoundError(
+            f"tokenizer file {path} does not exist; set tokenize.tokenizer.path to a tokenizer.json"
+        )
     return Tokenizer.from_file(str(path))
 
 

@@ -1,0 +1,43 @@
+import pyarrow as pa
+
+from cleaning.extract import HtmlExtractor, HtmlExtractorConfig
+from cleaning.normalize import TextNormalizer, TextNormalizerConfig, normalize_text
+from ingestion.schema import HTML_SCHEMA
+from orchestration.stage import StageContext, run_chain
+
+
+def test_normalize_text():
+    raw = "Caf\u0065\u0301\u00a0au\u2009lait\x07\r\n\r\n\r\n\r\nnext\u200b  line  "
+    assert normalize_text(raw) == "Caf\u00e9 au lait\n\nnext line"
+
+
+def html_docs(*pages: str) -> pa.RecordBatch:
+    n = len(pages)
+    return pa.RecordBatch.from_pydict(
+        {
+            "id": [f"h{i}" for i in range(n)],
+            "url": [f"http://x/{i}" for i in range(n)],
+            "html": list(pages),
+            "source": ["t"] * n,
+            "lang": [None] * n,
+            "fetched_at": [None] * n,
+            "meta": [[] for _ in range(n)],
+        },
+        schema=HTML_SCHEMA,
+    )
+
+
+def test_extract_then_normalize_keeps_main_text_and_rejects_empty_pages():
+    article = " ".join(["The river\u00a0flows past the old mill and into the valley."] * 8)
+    page = (
+        f"<html><body><nav>Home | About</nav><article><h1>Mill</h1><p>{article}</p></article></body></html>"
+    )
+    ctx = StageContext("clean")
+    stages = [HtmlExtractor(HtmlExtractorConfig()), TextNormalizer(TextNormalizerConfig())]
+    out = list(run_chain(stages, [html_docs(page, "<html><body></body></html>", "")], ctx))
+    texts = [t for b in out for t in b.column("text").to_pylist()]
+    assert len(texts) == 1 and "The river flows past the old mill" in texts[0] and "\u00a0" not in texts[0]
+    rejected = [r for b in ctx.rejected for r in b.to_pylist()]
+    assert sorted(r["id"] for r in rejected) == ["h1", "h2"]
+    assert {r["filter"] for r in rejected} == {"extract_empty"}
+    assert ctx.counters["extract.in"] == 3 == ctx.counters["extract.out"] + len(rejected)

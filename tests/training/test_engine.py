@@ -1,0 +1,146 @@
+"""A real DeepSpeed engine in this process (gloo, world size 1) against a plain PyTorch loop."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+
+from tests.conftest import free_port
+from training.config import TrainConfig
+from training.model import ModelConfig, build_model
+from training.schedule import lr_multiplier
+
+VOCAB, SEQ, BATCH, STEPS, LR = 96, 16, 4, 6, 3e-3
+
+
+@pytest.fixture(scope="module")
+def single_process_dist():
+    """World size 1 on gloo. The group stays up: DeepSpeed caches it, so re-creating it would break."""
+    env = {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    yield
+
+
+def batches():
+    """Counting sequences (next token = token + 1): learnable within a few steps."""
+    g = torch.Generator().manual_seed(11)
+    return [
+        (torch.randint(0, VOCAB, (BATCH, 1), generator=g) + torch.arange(SEQ + 1)) % VOCAB
+        for _ in range(STEPS)
+    ]
+
+
+def step_loss(model, seqs):
+    logits = model(input_ids=seqs[:, :-1]).logits
+    return F.cross_entropy(logits.reshape(-1, VOCAB), seqs[:, 1:].reshape(-1))
+
+
+def plain_pytorch_losses(cfg: TrainConfig) -> list[float]:
+    model = build_model(cfg.model, VOCAB, SEQ, seed=cfg.seed)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=LR, betas=cfg.betas, eps=1e-8, weight_decay=cfg.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_multiplier(s, cfg.warmup_steps, cfg.steps, 0.1)
+    )
+    losses = []
+    for seqs in batches():
+        loss = step_loss(model, seqs)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_deepspeed_matches_plain_pytorch_loop(single_process_dist, zero_stage):
+    from training.engine import initialize
+
+    cfg = TrainConfig(
+        model=ModelConfig(preset="debug"),
+        seq_len=SEQ,
+        micro_batch_size=BATCH,
+        steps=STEPS,
+        warmup_steps=2,
+        zero_stage=zero_stage,
+        lr=LR,
+        grad_clip=1.0,
+        min_lr_ratio=0.1,
+    )
+    expected = plain_pytorch_losses(cfg)
+    engine = initialize(build_model(cfg.model, VOCAB, SEQ, seed=cfg.seed), cfg)
+    losses, lrs = [], []
+    for seqs in batches():
+        loss = step_loss(engine, seqs)
+        engine.backward(loss)
+        lrs.append(engine.get_lr()[0])
+        engine.step()
+        losses.append(loss.item())
+    assert lrs == pytest.approx([LR * lr_multiplier(s, 2, STEPS, 0.1) for s in range(STEPS)])
+    assert losses[-1] < losses[0]
+    assert losses == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_ds_config_is_generated_and_merged():
+    from training.engine import build_ds_config
+
+    cfg = TrainConfig(
+        micro_batch_size=4,
+        grad_accum_steps=2,
+        num_workers=2,
+        zero_stage=3,
+        offload_params=True,
+        ds_config={"zero_optimization": {"overlap_comm": True}},
+    )
+    ds = build_ds_config(cfg)
+    assert ds["train_batch_size"] == 16
+    assert ds["zero_optimization"] == {
+        "stage": 3,
+        "offload_param": {"device": "cpu", "pin_memory": False},
+        "overlap_comm": True,
+    }
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert "scheduler" not in ds  # lmforge's own warmup + cosine unless a raw ds_config names one
+    sgd = {"optimizer": {"type": "SGD", "params": {"lr": 0.1}}}
+    assert build_ds_config(TrainConfig(ds_config=sgd))["optimizer"] == sgd["optimizer"]
+
+
+def test_warmup_cosine_schedule_hand_computed():
+    # warmup 2 of 6 steps, floor 0.1: (1/2, 2/2), then 0.1 + 0.9 * (1 + cos(pi * k/4)) / 2 for k = 0..3
+    expected = [0.5, 1.0, 1.0, 0.1 + 0.9 * (1 + 2**-0.5) / 2, 0.55, 0.1 + 0.9 * (1 - 2**-0.5) / 2, 0.1]
+    assert [lr_multiplier(s, 2, 6, 0.1) for s in range(7)] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"offload_params": True, "zero_stage": 2}, "offload_params needs zero_stage 3"),
+        ({"offload_optimizer": True, "zero_stage": 0}, "offload_optimizer needs zero_stage >= 1"),
+        ({"global_batch_size": 30, "micro_batch_size": 8, "num_workers": 2}, "global_batch_size=30"),
+        ({"warmup_steps": 10, "steps": 10}, "warmup_steps=10"),
+        ({"precision": "fp8"}, "precision"),
+        ({"model": {"n_embd": 100, "n_head": 3}}, "not divisible"),
+    ],
+)
+def test_invalid_training_configs_fail_before_launch(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        TrainConfig(**fields)
+
+
+def test_same_seed_same_init():
+    a = build_model(ModelConfig(preset="debug"), VOCAB, SEQ, seed=5)
+    b = build_model(ModelConfig(preset="debug"), VOCAB, SEQ, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert os.environ.get("DS_ACCELERATOR") == "cpu"
