@@ -14,7 +14,7 @@ import json
 import socket
 import time
 import urllib.robotparser
-from collections import deque
+from collections import Counter, deque
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urldefrag, urljoin, urlsplit, urlunsplit
@@ -244,27 +244,27 @@ class HostCrawler:
         queue = deque((u, d) for u, d in urls if u not in self.seen)
         self.seen.update(u for u, _ in queue)
         external: list[tuple[str, int]] = []
-        failures = 0
+        failures: Counter = Counter()
         fetched_before = self.fetched
         while queue and self.fetched - fetched_before < budget:
             url, depth = queue.popleft()
             if not self._robots.can_fetch(self.config.user_agent, url):
                 self._record(url, None, 0, 0.0, "disallowed by robots.txt")
-                failures += 1
+                failures["robots_disallowed"] += 1
                 continue
             start = time.monotonic()
             try:
                 final_url, status, ctype, body, resp = self._fetch(url)
             except (requests.RequestException, FetchRefused) as e:
                 self._record(url, None, 0, time.monotonic() - start, f"{type(e).__name__}: {e}")
-                failures += 1
+                failures[type(e).__name__] += 1
                 continue
             elapsed = time.monotonic() - start
             mime = ctype.split(";")[0].strip().lower()
             if status != 200 or mime not in self.config.content_types:
                 error = f"http {status}" if status != 200 else f"content-type {mime!r} not allowed"
                 self._record(final_url, status, len(body), elapsed, error)
-                failures += 1
+                failures[f"http_{status}" if status != 200 else "content_type"] += 1
                 continue
             self._write_records(final_url, resp, body, depth)
             self._record(final_url, status, len(body), elapsed, None)
@@ -282,7 +282,8 @@ class HostCrawler:
         return {
             "host": self.host,
             "fetched": self.fetched - fetched_before,
-            "failures": failures,
+            "failures": sum(failures.values()),
+            "failure_reasons": dict(failures),
             "pending": list(queue),
             "external": external,
             "warc_files": sorted(self._warc_files),

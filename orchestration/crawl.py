@@ -45,6 +45,7 @@ def run_crawl(
             budget -= result["fetched"]
             counters["pages_fetched"] += result["fetched"]
             counters["fetch_failures"] += result["failures"]
+            counters.update({f"failed.{k}": v for k, v in result["failure_reasons"].items()})
             if result["pending"]:
                 frontier[result["host"]].extend(result["pending"])
             for url, depth in result["external"]:

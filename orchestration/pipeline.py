@@ -158,7 +158,9 @@ class Pipeline:
                 on_progress=lambda n: self.console.print(f"  fetched {n} pages", highlight=False),
             )
             if server is not None:
-                counters["server_responses_200"] = sum(1 for _, status in server.served if status == 200)
+                counters["demo_pages_served"] = sum(
+                    1 for path, status in server.served if status == 200 and path != "/robots.txt"
+                )
         return write_index(out, stage="crawl", cache_key=key, files=files, counters=counters)
 
     def _clean(self, crawl: StageOutcome, out: Path, key: str) -> dict[str, Any]:

@@ -68,6 +68,10 @@ def build_report(result: PipelineResult) -> dict[str, Any]:
         if name in stages:
             rep["stages"][name] = _document_stage(stages[name].out_dir, stages[name].index)
             checks[f"{name}: documents in = kept + rejected"] = rep["stages"][name]["conserved"]
+    if "demo_pages_served" in crawl:
+        checks["crawl pages fetched = pages the demo site served"] = (
+            crawl["pages_fetched"] == crawl["demo_pages_served"]
+        )
     checks["crawl pages fetched = documents read by clean"] = (
         crawl.get("pages_fetched") == rep["stages"]["clean"]["documents_in"]
     )

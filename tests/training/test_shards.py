@@ -163,3 +163,15 @@ def test_mismatched_tokenizer_and_corrupt_shards_fail_clearly(tokenized, tmp_pat
     shard.write_bytes(bytes(data[: len(data) // 3]))
     with pytest.raises(ShardError, match=shard.name):
         TokenSequences(copy, "train", 16)
+
+
+def test_tiny_corpus_still_gets_a_validation_document(tmp_path):
+    from training.data.shards import split_hash
+
+    texts = corpus(3, seed=1)
+    fraction = min(split_hash(k) for k in texts) / 2  # no document falls under it
+    cfg = TokenizeConfig(tokenizer=TokenizerConfig(vocab_size=300, min_frequency=1), val_fraction=fraction)
+    index = tokenize_documents(lambda: batches(texts), tmp_path, cfg)
+    lowest = min(texts, key=split_hash)
+    assert index["split_rule"]["forced_val_document"] == lowest
+    assert (index["splits"]["val"]["documents"], index["splits"]["train"]["documents"]) == (1, 2)

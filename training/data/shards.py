@@ -31,10 +31,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
+def split_hash(doc_id: str) -> float:
+    """A document's position in [0, 1) for the split rule."""
+    return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2**64
+
+
 def split_of(doc_id: str, val_fraction: float) -> str:
     """Deterministic split by document id hash: adding documents never moves existing ones."""
-    h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
-    return "val" if h / 2**64 < val_fraction else "train"
+    return "val" if split_hash(doc_id) < val_fraction else "train"
 
 
 def _write_ipc(path: Path, table: pa.Table) -> None:

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from orchestration.datasets import FORMAT_VERSION, atomic_write_bytes
 from orchestration.stage import StageConfig
-from training.data.shards import SPLITS, TokenShardWriter, split_of, token_dtype
+from training.data.shards import SPLITS, TokenShardWriter, split_hash, split_of, token_dtype
 from training.data.tokenizer import (
     TokenizerConfig,
     eos_id,
@@ -47,10 +47,27 @@ def tokenize_documents(
     """
     out_dir = Path(out_dir)
     tcfg = config.tokenizer
+    # One pass trains the tokenizer and finds the document with the lowest split hash: a corpus too
+    # small for any document to fall under val_fraction still gets that one document as validation.
+    lowest: tuple[float, str] | None = None
+
+    def texts() -> Iterable[str]:
+        nonlocal lowest
+        for batch in batches():
+            for doc_id in batch.column("id").to_pylist():
+                candidate = (split_hash(doc_id), doc_id)
+                lowest = candidate if lowest is None or candidate < lowest else lowest
+            yield from batch.column("text").to_pylist()
+
     if tcfg.path:
         tokenizer = load_tokenizer(tcfg.path)
+        for _ in texts():
+            pass
     else:
-        tokenizer = train_bpe((t for b in batches() for t in b.column("text").to_pylist()), tcfg)
+        tokenizer = train_bpe(texts(), tcfg)
+    if lowest is None:
+        raise ValueError("no documents to tokenize: every document was filtered or deduplicated away")
+    forced_val = lowest[1] if lowest[0] >= config.val_fraction else None
     tok_path, tok_id = save_tokenizer(tokenizer, out_dir)
     vocab_size = tokenizer.get_vocab_size()
     eos = eos_id(tokenizer, tcfg.special_tokens[0])
@@ -65,7 +82,8 @@ def tokenize_documents(
             )
             for doc_id, enc in zip(ids[start : start + config.batch_size], encodings):
                 tokens = np.concatenate([np.asarray(enc.ids, dtype=eos_array.dtype), eos_array])
-                writers[split_of(doc_id, config.val_fraction)].add(doc_id, tokens)
+                split = "val" if doc_id == forced_val else split_of(doc_id, config.val_fraction)
+                writers[split].add(doc_id, tokens)
     splits = {}
     for split, writer in writers.items():
         shards = writer.close()
@@ -74,12 +92,10 @@ def tokenize_documents(
             "tokens": sum(s["tokens"] for s in shards),
             "documents": sum(s["documents"] for s in shards),
         }
-    if not splits["val"]["documents"] or not splits["train"]["documents"]:
+    if not splits["train"]["documents"]:
         raise ValueError(
-            f"tokenize.val_fraction={config.val_fraction} left the "
-            f"{'validation' if not splits['val']['documents'] else 'training'} split empty "
-            f"({splits['train']['documents']} train / {splits['val']['documents']} val documents); "
-            "adjust val_fraction or add documents"
+            f"tokenize.val_fraction={config.val_fraction} left the training split empty "
+            f"({splits['val']['documents']} validation documents); lower val_fraction or add documents"
         )
     index = {
         "format_version": FORMAT_VERSION,
@@ -95,8 +111,9 @@ def tokenize_documents(
         "total_tokens": sum(s["tokens"] for s in splits.values()),
         "splits": splits,
         "split_rule": {
-            "method": "sha256(doc_id)[:8] as uint64 / 2**64 < val_fraction -> val",
+            "method": "sha256(doc_id)[:8] as uint64 / 2**64 < val_fraction -> val; if none, the lowest -> val",
             "val_fraction": config.val_fraction,
+            "forced_val_document": forced_val,
         },
         "source_digest": source_digest,
         "files": [

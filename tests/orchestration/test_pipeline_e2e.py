@@ -1,0 +1,148 @@
+"""The demo pipeline end to end on a smaller site: real HTTP server, Ray, DeepSpeed via Ray Train, MLflow."""
+
+import json
+import math
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestration.config import load_config
+from orchestration.datasets import index_digest, read_table
+from orchestration.pipeline import run_pipeline
+from training.data.tokenizer import load_tokenizer
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+STAGES = ["crawl", "clean", "dedup", "tokenize", "train", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(ray_session, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    overrides = {
+        "workdir": str(workdir),
+        "demo_site": {"modules": 12, "exact_duplicates": 2, "near_duplicates": 2, "private_pages": 2},
+        "tokenize": {"tokenizer": {"vocab_size": 1024}, "val_fraction": 0.2},
+        "train": {
+            "model": {"n_embd": 64, "n_head": 2},
+            "seq_len": 64,
+            "micro_batch_size": 4,
+            "steps": 16,
+            "warmup_steps": 2,
+            "checkpoint_every": 8,
+        },
+        "tracking": {"registered_model": "lmforge-e2e"},
+    }
+    cfg = load_config(DEMO, overrides)
+    return cfg, run_pipeline(cfg)
+
+
+@pytest.mark.slow
+def test_crawl_fetched_every_page_the_site_served(demo_run):
+    cfg, result = demo_run
+    manifest = json.loads((cfg.workdir / "site" / "manifest.json").read_text())
+    crawl = result.stages["crawl"].index["counters"]
+    assert crawl["pages_fetched"] == crawl["demo_pages_served"] == len(manifest["pages"])
+    assert crawl["failed.robots_disallowed"] == len(manifest["disallowed"])
+    assert result.stages["clean"].index["counters"]["documents_in"] == crawl["pages_fetched"]
+
+
+@pytest.mark.slow
+def test_every_extracted_document_is_kept_or_rejected_with_a_reason(demo_run):
+    _, result = demo_run
+    for stage in ("clean", "dedup"):
+        out = result.stages[stage].out_dir
+        kept, rejected = read_table(out), read_table(out / "rejected")
+        assert result.stages[stage].index["counters"]["documents_in"] == kept.num_rows + rejected.num_rows
+        assert not set(kept.column("id").to_pylist()) & set(rejected.column("id").to_pylist())
+        assert all(rejected.column("filter").to_pylist()) and all(rejected.column("signal").to_pylist())
+
+
+@pytest.mark.slow
+def test_planted_duplicates_are_removed_pointing_at_the_kept_copy(demo_run):
+    cfg, result = demo_run
+    manifest = json.loads((cfg.workdir / "site" / "manifest.json").read_text())
+    clean = read_table(result.stages["clean"].out_dir).to_pylist()
+    base = "{0.scheme}://{0.netloc}".format(urlsplit(clean[0]["url"]))
+    dedup_kept = {r["url"]: r["id"] for r in read_table(result.stages["dedup"].out_dir).to_pylist()}
+    removed = {r["url"]: r for r in read_table(result.stages["dedup"].out_dir / "rejected").to_pylist()}
+    clean_urls = {r["url"] for r in clean}
+    for kind, filter_name in (("exact_duplicates", "exact_dedup"), ("near_duplicates", "minhash_dedup")):
+        for copy, original in manifest[kind].items():
+            pair = [base + copy, base + original]
+            assert all(u in clean_urls for u in pair), f"{pair} should pass the quality filter"
+            (survivor,) = [u for u in pair if u in dedup_kept]
+            (dropped,) = [u for u in pair if u in removed]
+            assert removed[dropped]["filter"] == filter_name
+            assert removed[dropped]["duplicate_of"] == dedup_kept[survivor]
+
+
+@pytest.mark.slow
+def test_shard_token_counts_match_the_tokenizer(demo_run):
+    _, result = demo_run
+    tok_dir = result.stages["tokenize"].out_dir
+    index = result.stages["tokenize"].index
+    tokenizer = load_tokenizer(tok_dir / "tokenizer.json")
+    docs = read_table(result.stages["dedup"].out_dir)
+    expected = sum(
+        len(e.ids) + 1
+        for e in tokenizer.encode_batch(docs.column("text").to_pylist(), add_special_tokens=False)
+    )
+    stored = sum(
+        pa.ipc.open_file(pa.memory_map(str(tok_dir / s["path"]))).read_all().num_rows
+        for split in index["splits"].values()
+        for s in split["shards"]
+    )
+    assert index["total_tokens"] == stored == expected
+    assert sum(s["documents"] for s in index["splits"].values()) == docs.num_rows
+    assert index["splits"]["val"]["documents"] >= 1
+
+
+@pytest.mark.slow
+def test_training_loss_falls_and_the_model_evaluates(demo_run):
+    cfg, result = demo_run
+    losses = result.stages["train"].index["summary"]["losses"]
+    assert len(losses) == cfg.train.steps
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
+    vocab = result.stages["tokenize"].index["tokenizer"]["vocab_size"]
+    assert result.metrics["val_loss"] < math.log(vocab)  # better than uniform over the vocabulary
+    assert result.metrics["val_perplexity"] == pytest.approx(math.exp(result.metrics["val_loss"]))
+    report = json.loads(result.report_path.read_text())
+    assert report["ok"], report["checks"]
+
+
+@pytest.mark.slow
+def test_mlflow_run_tree_dataset_links_and_model_lineage(demo_run):
+    cfg, result = demo_run
+    client = MlflowClient(cfg.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
+    )
+    by_name = {r.info.run_name: r for r in children}
+    assert set(STAGES) <= set(by_name)
+    assert by_name["clean"].data.metrics["kept"] == result.stages["clean"].index["counters"]["kept"]
+    tokens_digest = index_digest(result.stages["tokenize"].index)
+    train_inputs = {(d.dataset.name, d.dataset.digest) for d in by_name["train"].inputs.dataset_inputs}
+    assert ("tokenize", tokens_digest) in train_inputs
+    tok_outputs = {(d.dataset.name, d.dataset.digest) for d in by_name["tokenize"].inputs.dataset_inputs}
+    assert ("tokenize", tokens_digest) in tok_outputs
+    assert "loss" in by_name["train"].data.metrics  # logged by Ray Train rank 0
+    model = client.get_logged_model(result.model_id)
+    assert model.source_run_id == by_name["train"].info.run_id
+    assert model.tags["lmforge.shards_digest"] == tokens_digest
+    val = {m.key: m for m in model.metrics}
+    assert val["val_loss"].value == pytest.approx(result.metrics["val_loss"])
+    assert val["val_loss"].dataset_digest == tokens_digest
+    version = client.get_model_version("lmforge-e2e", result.model_version)
+    assert version.tags["lmforge.shards_digest"] == tokens_digest
+
+
+@pytest.mark.slow
+def test_rerun_is_served_from_the_stage_cache(demo_run):
+    cfg, first = demo_run
+    second = run_pipeline(cfg)
+    assert all(second.stages[s].cached for s in STAGES)
+    assert second.metrics == first.metrics
