@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 from pydantic import Field
 from transformers import AutoModelForCausalLM
 
@@ -59,6 +60,7 @@ def evaluate_model_dir(
     model_dir: str | Path, data_dir: str | Path, config: EvalConfig, seq_len: int
 ) -> dict[str, Any]:
     """Load an exported Hugging Face model directory and evaluate it on the token dataset."""
+    transformers.logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer_file = Path(model_dir) / "tokenizer.json"
     expected = tokenizer_id(tokenizer_file) if tokenizer_file.exists() else None

@@ -79,9 +79,8 @@ def _print_summary(cfg: PipelineConfig, result, seconds: float) -> None:
     )
     console.print(f"  report: {result.report_path.with_suffix('.md')}")
     uri = cfg.tracking_uri
-    console.print(
-        f"  browse runs and models: [bold]mlflow ui --backend-store-uri {uri}[/bold] (then http://127.0.0.1:5000)"
-    )
+    console.print("  browse runs and models (then open http://127.0.0.1:5000):")
+    sys.stderr.write(f"    mlflow ui --backend-store-uri {uri}\n")
 
 
 @app.command()

@@ -33,6 +33,10 @@ class RayConfig(_Section):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray (default: all).")
     object_store_memory_mb: int = Field(1024, ge=100, description="Object store cap of the embedded Ray.")
+    dashboard: bool = Field(
+        True,
+        description="Start the embedded Ray's dashboard on 127.0.0.1 (Ray Train's state checks need it).",
+    )
 
 
 class TrackingConfig(_Section):

@@ -24,7 +24,9 @@ DONE_DIR = "_done"
 REJECTED_DIR = "rejected"
 
 
-def ensure_ray(address: str | None, num_cpus: int | None, object_store_memory_mb: int) -> None:
+def ensure_ray(
+    address: str | None, num_cpus: int | None, object_store_memory_mb: int, dashboard: bool = True
+) -> None:
     """Connect to a cluster, or start an embedded Ray with a capped object store and no dashboard."""
     if ray.is_initialized():
         return
@@ -40,7 +42,8 @@ def ensure_ray(address: str | None, num_cpus: int | None, object_store_memory_mb
         ray.init(
             num_cpus=num_cpus,
             object_store_memory=object_store_memory_mb * 2**20,
-            include_dashboard=False,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
             log_to_driver=True,
         )
 

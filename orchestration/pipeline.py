@@ -44,6 +44,7 @@ except importlib.metadata.PackageNotFoundError:  # running from a shipped workin
 
 STAGES = ("crawl", "clean", "dedup", "tokenize", "train", "evaluate")
 _KEY_FILE = ".cache_key"
+_MODEL_RECORD = "mlflow_model.json"
 
 
 def _jsonable(value: Any) -> Any:
@@ -125,7 +126,7 @@ class Pipeline:
             )
             tracker.set_tag("lmforge.cached", str(cached).lower())
             if after is not None:
-                after(index)
+                after({**index, "out_dir": out})
         outcome = StageOutcome(name, out, index, cached, seconds)
         if not cached:
             self.console.print(f"  [green]✓ {name}[/green] in {seconds:.1f}s {report.stage_line(index)}")
@@ -258,7 +259,7 @@ class Pipeline:
     def run(self) -> PipelineResult:
         cfg = self.cfg
         self.workdir.mkdir(parents=True, exist_ok=True)
-        ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_mb)
+        ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_mb, cfg.ray.dashboard)
         tracker = Tracker(cfg.tracking_uri, cfg.tracking.experiment)
         config_hash = cache_key("pipeline", cfg, {})
         tags = {"lmforge.version": LMFORGE_VERSION, "lmforge.config_hash": config_hash}
@@ -281,6 +282,14 @@ class Pipeline:
             tokens_dataset = tracker.dataset("tokens", tokens.out_dir, index_digest(tokens.index))
 
             def log_model(index: dict[str, Any]) -> None:
+                logged = index["out_dir"] / _MODEL_RECORD
+                if logged.exists():  # cached training: reuse the model logged when it was trained
+                    record = json.loads(logged.read_text())
+                    if record["tracking_uri"] == tracker.tracking_uri and tracker.find_model(
+                        record["model_id"]
+                    ):
+                        result.model_id, result.model_version = record["model_id"], record["version"]
+                        return
                 model_tags = {
                     "lmforge.shards_digest": index_digest(tokens.index),
                     "lmforge.tokenizer_id": tokens.index["tokenizer"]["id"],
@@ -296,6 +305,12 @@ class Pipeline:
                     step=cfg.train.steps,
                     register_as=cfg.tracking.registered_model,
                 )
+                record = {
+                    "tracking_uri": tracker.tracking_uri,
+                    "model_id": result.model_id,
+                    "version": result.model_version,
+                }
+                logged.write_text(json.dumps(record))
 
             s["train"] = self._stage(
                 "train",

@@ -121,6 +121,13 @@ class Tracker:
             version = mlflow.register_model(f"models:/{model.model_id}", register_as, tags=tags).version
         return model.model_id, version
 
+    def find_model(self, model_id: str) -> bool:
+        """Whether this tracking store holds a READY logged model with this id."""
+        try:
+            return self.client.get_logged_model(model_id).status == LoggedModelStatus.READY
+        except mlflow.exceptions.MlflowException:
+            return False
+
     @staticmethod
     def log_model_metrics(metrics: dict[str, float], model_id: str, dataset: MetaDataset) -> None:
         for key, value in metrics.items():

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 
 from training import engine as ds_engine
 from training.config import TrainConfig
@@ -83,6 +84,7 @@ def train(
         seqs = torch.from_numpy(np.stack([data[i] for i in sampler.next_indices()]).astype(np.int64))
         return seqs[:, :-1].to(device), seqs[:, 1:].to(device)
 
+    log_every = max(1, cfg.steps // 10)
     engine.train()
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
@@ -115,6 +117,12 @@ def train(
             metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if rank == 0 and on_metrics is not None:
             on_metrics(metrics, step + 1)
+        if rank == 0 and ((step + 1) % log_every == 0 or step + 1 == cfg.steps):
+            print(
+                f"step {step + 1}/{cfg.steps} loss {loss_value:.4f} lr {metrics['lr']:.2e} "
+                f"{tokens_per_s:,.0f} tokens/s",
+                flush=True,
+            )
         done = step + 1
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
             state = {"sampler": sampler.state_dict(), "step": done, "losses": losses}
@@ -124,6 +132,7 @@ def train(
     if rank != 0:
         return {}
     model_dir = out_dir / "model"
+    transformers.logging.disable_progress_bar()
     engine.module.save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
     shutil.copy(Path(data_dir) / data.index["tokenizer"]["path"], model_dir / "tokenizer.json")
     summary = {

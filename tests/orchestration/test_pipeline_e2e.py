@@ -146,3 +146,4 @@ def test_rerun_is_served_from_the_stage_cache(demo_run):
     second = run_pipeline(cfg)
     assert all(second.stages[s].cached for s in STAGES)
     assert second.metrics == first.metrics
+    assert (second.model_id, second.model_version) == (first.model_id, first.model_version)
