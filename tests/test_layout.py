@@ -1,0 +1,54 @@
+"""The architecture rules of DESIGN.md, checked on the real source and import graph."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ["ingestion", "cleaning", "training", "evaluation", "orchestration"]
+STAGE_PACKAGES = ["ingestion", "cleaning", "training", "evaluation"]
+
+
+def direct_importers(top_level: str) -> list[str]:
+    """Project files with an import statement of ``top_level`` (or a submodule of it)."""
+    found = []
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module]
+                else:
+                    continue
+                if any(n.split(".")[0] == top_level for n in names):
+                    found.append(str(path.relative_to(ROOT)))
+                    break
+    return found
+
+
+def test_only_the_engine_imports_deepspeed():
+    assert direct_importers("deepspeed") == ["training/engine.py"]
+
+
+def test_only_orchestration_imports_ray_and_mlflow():
+    for lib in ("ray", "mlflow"):
+        assert all(p.startswith("orchestration/") for p in direct_importers(lib)), lib
+
+
+def test_stage_packages_load_without_ray():
+    modules = [
+        str(p.relative_to(ROOT).with_suffix("")).replace("/", ".")
+        for pkg in STAGE_PACKAGES
+        for p in (ROOT / pkg).rglob("*.py")
+        if p.stem != "__init__"
+    ]
+    code = (
+        "import importlib, json, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "print(json.dumps('ray' in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) is False
