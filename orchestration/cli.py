@@ -14,7 +14,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from orchestration.config import ConfigError, PipelineConfig, dotted_overrides, load_config
+from orchestration.config import ConfigError, PipelineConfig, dotted_overrides, load_config, parse_config
 
 app = typer.Typer(
     help="lmforge: crawl, clean, deduplicate and tokenize web text, train with DeepSpeed on Ray, track with MLflow.",
@@ -25,6 +25,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 ConfigArg = Annotated[Path, typer.Argument(help="Pipeline config (YAML), e.g. configs/demo.yaml.")]
+_CONFIG_ENV = "LMFORGE_CONFIG_YAML"
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config value, e.g. --set train.steps=10 (repeatable)."),
@@ -39,9 +40,22 @@ def _load(config: Path, overrides: list[str] | None) -> PipelineConfig:
         raise typer.Exit(2) from None
 
 
+def _load_env(name: str, overrides: list[str]) -> PipelineConfig:
+    try:
+        return parse_config(yaml.safe_load(os.environ[name]), f"${name}", dotted_overrides(overrides))
+    except (ConfigError, KeyError) as e:
+        console.print(f"[bold red]invalid config[/bold red] {e}")
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def run(
-    config: ConfigArg,
+    config: Annotated[
+        Path | None, typer.Argument(help="Pipeline config (YAML), e.g. configs/demo.yaml.")
+    ] = None,
+    config_env: Annotated[
+        str | None, typer.Option(hidden=True, help="Read the config YAML from this environment variable.")
+    ] = None,
     workdir: Annotated[Path | None, typer.Option(help="Override the config's workdir.")] = None,
     address: Annotated[
         str | None, typer.Option(help="Run on an existing Ray cluster ('auto' or ray://host:10001).")
@@ -54,7 +68,10 @@ def run(
         overrides.append(f"workdir={workdir}")
     if address is not None:
         overrides.append(f"ray.address={address}")
-    cfg = _load(config, overrides)
+    if (config is None) == (config_env is None):
+        console.print("[bold red]give a config file[/bold red] (e.g. lmforge run configs/demo.yaml)")
+        raise typer.Exit(2)
+    cfg = _load(config, overrides) if config is not None else _load_env(config_env, overrides)
     from orchestration.pipeline import run_pipeline  # heavy imports only once the config is valid
 
     start = time.perf_counter()
@@ -104,14 +121,24 @@ def submit(
     cfg = _load(config, set_)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    if not cfg.workdir.is_absolute() and "://" not in str(cfg.workdir):
+        console.print(
+            f"[yellow]workdir {cfg.workdir} is relative: outputs stay in the job's working directory on the "
+            "cluster; set workdir to a shared path for results you want to keep[/yellow]"
+        )
     repo = Path(__file__).resolve().parent.parent
-    config_text = yaml.safe_dump(cfg.model_dump(mode="json"))
-    staged = repo / ".lmforge-submit.yaml"
-    staged.write_text(config_text)
     client = JobSubmissionClient(address)
+    # The validated config travels in the job's environment: nothing is written into the repository.
     job_id = client.submit_job(
-        entrypoint=f"python -m orchestration.cli run {staged.name} --address auto",
-        runtime_env={"working_dir": str(repo), "excludes": [".venv/", "work/", ".git/", "*.warc.gz"]},
+        entrypoint=f"python -m orchestration.cli run --config-env {_CONFIG_ENV} --address auto",
+        runtime_env={
+            "working_dir": str(repo),
+            "excludes": [".venv/", "work/", ".git/", "*.warc.gz"],
+            "env_vars": {
+                _CONFIG_ENV: yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
+                "LMFORGE_IN_RAY_JOB": "1",
+            },
+        },
         metadata={"lmforge.config": cfg.name},
     )
     console.print(f"submitted job [bold]{job_id}[/bold] to {address}")

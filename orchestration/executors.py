@@ -24,6 +24,11 @@ DONE_DIR = "_done"
 REJECTED_DIR = "rejected"
 
 
+# Set by `lmforge submit` in the job's environment: the job already ships the repository as its working dir,
+# and a driver inside a job may not pass a runtime_env of its own.
+IN_JOB_ENV = "LMFORGE_IN_RAY_JOB"
+
+
 def ensure_ray(
     address: str | None, num_cpus: int | None, object_store_memory_mb: int, dashboard: bool = True
 ) -> None:
@@ -33,7 +38,7 @@ def ensure_ray(
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
         runtime_env = None
-        if not os.environ.get("RAY_JOB_ID") and not os.environ.get("RAY_JOB_SUBMISSION_ID"):
+        if not os.environ.get(IN_JOB_ENV):
             # A driver outside a submitted job ships the repository so workers import the same code.
             repo = Path(__file__).resolve().parent.parent
             runtime_env = {"working_dir": str(repo), "excludes": [".venv/", "work/", ".git/", "*.warc.gz"]}
