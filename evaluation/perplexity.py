@@ -41,7 +41,7 @@ def evaluate_perplexity(
         if max_batches is not None and b >= max_batches:
             break
         seqs = torch.from_numpy(
-            np.stack([sequences[i] for i in range(start, min(start + batch_size, n))]).astype(np.int64)
+            sequences.batch(np.arange(start, min(start + batch_size, n))).astype(np.int64)
         ).to(device)
         logits = model(input_ids=seqs[:, :-1]).logits.float()
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), seqs[:, 1:].reshape(-1), reduction="sum")

@@ -129,7 +129,8 @@ def submit(
     repo = Path(__file__).resolve().parent.parent
     client = JobSubmissionClient(address)
     # The validated config travels in the job's environment: nothing is written into the repository.
-    job_id = client.submit_job(
+    job_id = _submit_with_retry(
+        client,
         entrypoint=f"python -m orchestration.cli run --config-env {_CONFIG_ENV} --address auto",
         runtime_env={
             "working_dir": str(repo),
@@ -156,6 +157,21 @@ def submit(
     console.print(f"job {job_id}: {status}")
     if status != JobStatus.SUCCEEDED:
         raise typer.Exit(1)
+
+
+def _submit_with_retry(client, timeout_s: float = 120, **job) -> str:
+    """Submit, retrying while a freshly started head has no job agent yet (Ray answers 500 until it has)."""
+    deadline = time.monotonic() + timeout_s
+    delay = 1.0
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() + delay > deadline:
+                raise
+            console.print(f"[dim]cluster not ready to take jobs yet, retrying in {delay:.0f}s[/dim]")
+            time.sleep(delay)
+            delay = min(delay * 2, 10)
 
 
 @app.command()

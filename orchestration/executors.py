@@ -4,18 +4,38 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from ingestion.readers import read_warc
 from ingestion.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA
-from orchestration.datasets import atomic_write_bytes, iter_parquet, write_index, write_parquet
+from orchestration.datasets import (
+    atomic_write_bytes,
+    index_digest,
+    iter_parquet,
+    read_index,
+    write_index,
+    write_parquet,
+)
 from orchestration.stage import Stage, StageContext, run_chain
+from training.data.tokenize import (
+    Partition,
+    Prepared,
+    TokenizeConfig,
+    load_prepared,
+    plan_partitions,
+    prepare_tokenizer,
+    sequential_encoding,
+    tokenize_partition,
+    write_token_index,
+)
 
 #: A partition's document source: called in the task with the stage context (for reader counters).
 Source = Callable[[StageContext], Iterable[pa.RecordBatch]]
@@ -139,4 +159,76 @@ def run_document_stage(
         schema=DOCUMENT_SCHEMA,
         inputs=inputs,
         counters=dict(counters),
+    )
+
+
+# -- tokenization ---------------------------------------------------------------------------------------
+
+
+def _column_reader(files: list[str], column: str) -> Callable[[], Iterable[str]]:
+    def read() -> Iterable[str]:
+        for path in files:
+            for batch in pq.ParquetFile(path).iter_batches(columns=[column]):
+                yield from batch.column(0).to_pylist()
+
+    return read
+
+
+@ray.remote(num_cpus=1)
+def _prepare_tokenizer_task(files: list[str], out_dir: str, config: TokenizeConfig) -> Prepared:
+    return prepare_tokenizer(_column_reader(files, "text"), _column_reader(files, "id"), out_dir, config)
+
+
+@ray.remote(num_cpus=1)
+def _tokenize_task(
+    part: Partition, out_dir: str, prepared: Prepared, config: TokenizeConfig
+) -> dict[str, Any]:
+    sequential_encoding()  # one task, one CPU: parallelism comes from running partitions side by side
+    return tokenize_partition(part.batches(["id", "text"]), out_dir, prepared, config, part.name)
+
+
+def run_tokenize_stage(
+    docs_dir: str | Path,
+    out_dir: str | Path,
+    config: TokenizeConfig,
+    *,
+    extra: dict[str, Any],
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Tokenizer pass in one task, then one task per partition; resumes from completed partitions.
+
+    The partitions are planned from the input's row groups and the config alone, so the shards are the
+    same whatever the number of workers.
+    """
+    docs = read_index(docs_dir)
+    if docs is None:
+        raise FileNotFoundError(f"{docs_dir}: no index.json; the stage that writes it has not completed")
+    files = [str(Path(docs_dir) / f["path"]) for f in docs["files"] if f["path"].endswith(".parquet")]
+    out = Path(out_dir)
+    prepared = load_prepared(out)
+    if prepared is None:
+        shutil.rmtree(out / DONE_DIR, ignore_errors=True)  # partitions of another tokenizer are void
+        prepared = ray.get(_prepare_tokenizer_task.remote(files, str(out), config))
+    parts = plan_partitions(files, config.partition_mb)
+    results: dict[str, dict[str, Any]] = {}
+    pending = {}
+    for part in parts:
+        marker = out / DONE_DIR / f"{part.name}.json"
+        if marker.exists():
+            results[part.name] = json.loads(marker.read_text())
+        else:
+            pending[_tokenize_task.remote(part, str(out), prepared, config)] = part.name
+    if on_progress:
+        on_progress(len(results), len(parts))
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        results[pending.pop(done[0])] = ray.get(done[0])
+        if on_progress:
+            on_progress(len(results), len(parts))
+    documents_in = sum(f["rows"] for f in docs["files"] if f["path"].endswith(".parquet"))
+    documents_out = sum(r["documents"] for r in results.values())
+    if documents_in != documents_out:
+        raise RuntimeError(f"tokenize: {documents_in} documents in but {documents_out} tokenized")
+    return write_token_index(
+        out, prepared, config, [results[p.name] for p in parts], index_digest(docs), extra
     )

@@ -31,11 +31,16 @@ from ingestion.demo_site import DemoSiteServer, build_demo_site
 from orchestration import report
 from orchestration.config import PipelineConfig
 from orchestration.crawl import run_crawl
-from orchestration.datasets import file_sha256, index_digest, iter_parquet, read_index, write_index
-from orchestration.executors import ensure_ray, parquet_source, run_document_stage, warc_source
+from orchestration.datasets import file_sha256, index_digest, read_index, write_index
+from orchestration.executors import (
+    ensure_ray,
+    parquet_source,
+    run_document_stage,
+    run_tokenize_stage,
+    warc_source,
+)
 from orchestration.tracking import RunMetricsLogger, Tracker
 from orchestration.training_launch import launch_training
-from training.data.tokenize import tokenize_documents
 
 try:
     LMFORGE_VERSION = importlib.metadata.version("lmforge")
@@ -202,10 +207,15 @@ class Pipeline:
         )
 
     def _tokenize(self, docs: StageOutcome, out: Path, key: str) -> dict[str, Any]:
-        task = ray.remote(num_cpus=1)(_tokenize_task)
         extra = {"stage": "tokenize", "cache_key": key, "inputs": {docs.name: index_digest(docs.index)}}
-        index = ray.get(
-            task.remote(str(docs.out_dir), str(out), self.cfg.tokenize, index_digest(docs.index), extra)
+        index = run_tokenize_stage(
+            docs.out_dir,
+            out,
+            self.cfg.tokenize,
+            extra=extra,
+            on_progress=lambda done, total: self.console.print(
+                f"  tokenized {done}/{total} partitions", highlight=False
+            ),
         )
         index["counters"] = {
             "documents": sum(s["documents"] for s in index["splits"].values()),
@@ -337,10 +347,6 @@ class Pipeline:
             tracker.log_artifact(result.report_path)
             tracker.log_artifact(result.report_path.with_suffix(".md"))
         return result
-
-
-def _tokenize_task(docs_dir: str, out_dir: str, config, source_digest: str, extra: dict) -> dict[str, Any]:
-    return tokenize_documents(lambda: iter_parquet(docs_dir), out_dir, config, source_digest, extra)
 
 
 def run_pipeline(config: PipelineConfig, console: Console | None = None) -> PipelineResult:

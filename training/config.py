@@ -43,6 +43,13 @@ class TrainConfig(StageConfig):
     peak_tflops: float | None = Field(
         None, gt=0, description="Per-worker peak TFLOP/s for MFU (e.g. 989 on H100 bf16)."
     )
+    span_documents: bool = Field(
+        True, description="Pack documents across sequence boundaries (else windows inside one document)."
+    )
+    verify_shards: Literal["never", "first_open", "always"] = Field(
+        "first_open",
+        description="Hash token shards against index.json: never, once per change, or every open.",
+    )
     ds_config: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config merged on top.")
 
     @model_validator(mode="after")

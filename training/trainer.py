@@ -64,7 +64,9 @@ def train(
     ckpt_dir = out_dir / "checkpoints"
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
 
-    data = TokenSequences(data_dir, "train", cfg.seq_len)
+    data = TokenSequences(
+        data_dir, "train", cfg.seq_len, span_documents=cfg.span_documents, verify=cfg.verify_shards
+    )
     vocab_size = data.index["tokenizer"]["vocab_size"]
     sampler = DistributedBatchSampler(len(data), cfg.micro_batch_size, rank, world, seed=cfg.seed)
     model = build_model(
@@ -81,7 +83,7 @@ def train(
         start_step, losses = client_state["step"], list(client_state["losses"])
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        seqs = torch.from_numpy(np.stack([data[i] for i in sampler.next_indices()]).astype(np.int64))
+        seqs = torch.from_numpy(data.batch(sampler.next_indices()).astype(np.int64))
         return seqs[:, :-1].to(device), seqs[:, 1:].to(device)
 
     log_every = max(1, cfg.steps // 10)

@@ -22,13 +22,24 @@ BIN = Path(sys.executable).parent
 def ray_head():
     """A separate Ray cluster (its own GCS, raylet and dashboard) in its own process group."""
     port, dash = free_port(), free_port()
+    # Every port of its own: the session's Ray already holds the defaults (dashboard agent 52365, ...).
+    own_ports = [
+        f"--{flag}={free_port()}"
+        for flag in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "ray-client-server-port",
+            "runtime-env-agent-port",
+        )
+    ]
     temp_dir = tempfile.mkdtemp(prefix="lmf-head-", dir="/tmp")  # short: Ray's unix sockets live here
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [BIN / "ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
          "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-         "--object-store-memory=300000000", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         "--object-store-memory=300000000", f"--temp-dir={temp_dir}", "--disable-usage-stats", *own_ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dash}"

@@ -1,4 +1,6 @@
 import json
+import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -151,15 +153,13 @@ def test_mismatched_tokenizer_and_corrupt_shards_fail_clearly(tokenized, tmp_pat
     with pytest.raises(ShardError, match="tokenizer"):
         TokenSequences(out, "train", 16, tokenizer_id="0" * 64)
     copy = tmp_path / "copy"
-    copy.mkdir()
-    for f in out.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(out, copy)
     shard = copy / index["splits"]["train"]["shards"][0]["path"]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=shard.name + ".*sha256"):
-        TokenSequences(copy, "train", 16, verify_checksums=True)
+        TokenSequences(copy, "train", 16, verify="always")
     shard.write_bytes(bytes(data[: len(data) // 3]))
     with pytest.raises(ShardError, match=shard.name):
         TokenSequences(copy, "train", 16)
@@ -175,3 +175,127 @@ def test_tiny_corpus_still_gets_a_validation_document(tmp_path):
     lowest = min(texts, key=split_hash)
     assert index["split_rule"]["forced_val_document"] == lowest
     assert (index["splits"]["val"]["documents"], index["splits"]["train"]["documents"]) == (1, 2)
+
+
+def test_shards_rotate_at_the_token_limit_on_document_boundaries(tmp_path):
+    writer = TokenShardWriter(tmp_path, "train", vocab_size=1000, max_tokens_per_shard=10)
+    lengths = np.array([4, 4, 4, 25, 3, 7, 1])
+    flat = np.arange(lengths.sum()) % 1000
+    writer.add_many([f"d{i}" for i in range(len(lengths))], flat, lengths)
+    shards = writer.close()
+    # Hand-packed: [4,4] | [4] (25 would overflow) | [25] alone | [3,7] | [1]
+    assert [s["documents"] for s in shards] == [2, 1, 1, 2, 1]
+    assert [s["tokens"] for s in shards] == [8, 4, 25, 10, 1]
+    stream = np.concatenate(
+        [pa.ipc.open_file(str(tmp_path / s["path"])).read_all().column("tokens").to_numpy() for s in shards]
+    )
+    np.testing.assert_array_equal(stream, flat)
+
+
+def test_out_of_vocabulary_ids_are_refused(tmp_path):
+    writer = TokenShardWriter(tmp_path, "train", vocab_size=300)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        writer.add_many(["a"], np.array([5, 300], dtype=np.int64), np.array([2]))
+
+
+def _stream(out, index, split="train"):
+    return np.concatenate(
+        [
+            pa.ipc.open_file(pa.memory_map(str(out / s["path"]))).read_all().column("tokens").to_numpy()
+            for s in index["splits"][split]["shards"]
+        ]
+    )
+
+
+def test_batch_equals_the_stream_slices(tokenized):
+    _, out, index = tokenized
+    seqs = TokenSequences(out, "train", seq_len=48)
+    stream = _stream(out, index)
+    picks = np.random.default_rng(0).integers(0, len(seqs), size=40)
+    expected = np.stack([stream[i * 48 : i * 48 + 49] for i in picks])
+    batch = seqs.batch(picks)
+    assert batch.dtype == np.uint16 and batch.shape == (40, 49)
+    np.testing.assert_array_equal(batch, expected)
+    with pytest.raises(IndexError):
+        seqs.batch([len(seqs)])
+
+
+def test_document_windows_never_cross_a_document(tokenized):
+    _, out, index = tokenized
+    seq_len = 24
+    seqs = TokenSequences(out, "train", seq_len=seq_len, span_documents=False)
+    # Reference: walk every document of every shard by hand.
+    expected, dropped = [], 0
+    for shard in index["splits"]["train"]["shards"]:
+        tokens = pa.ipc.open_file(str(out / shard["path"])).read_all().column("tokens").to_pylist()
+        for doc in pa.ipc.open_file(str(out / shard["docs_path"])).read_all().to_pylist():
+            doc_tokens = tokens[doc["offset"] : doc["offset"] + doc["length"]]
+            k = 0
+            while (k + 1) * seq_len + 1 <= len(doc_tokens):
+                expected.append(doc_tokens[k * seq_len : (k + 1) * seq_len + 1])
+                k += 1
+            dropped += len(doc_tokens) - k * seq_len
+    assert len(seqs) == len(expected) > 0
+    np.testing.assert_array_equal(seqs.batch(np.arange(len(seqs))), np.array(expected))
+    assert seqs.dropped_tokens == dropped
+    eos = index["tokenizer"]["eos_id"]
+    assert not (seqs.batch(np.arange(len(seqs)))[:, :-1] == eos).any()  # EOS only ever ends a window
+
+
+def test_loader_resume_reproduces_the_uninterrupted_batches(tokenized):
+    _, out, _ = tokenized
+
+    def loader(rank):
+        seqs = TokenSequences(out, "train", seq_len=32)
+        return seqs, DistributedBatchSampler(len(seqs), 4, rank=rank, world_size=2, seed=7)
+
+    for rank in (0, 1):
+        seqs, sampler = loader(rank)
+        straight = [seqs.batch(sampler.next_indices()) for _ in range(3 * sampler.steps_per_epoch)]
+        seqs, sampler = loader(rank)
+        first = [seqs.batch(sampler.next_indices()) for _ in range(sampler.steps_per_epoch + 5)]
+        state = json.loads(json.dumps(sampler.state_dict()))  # as it travels in a checkpoint
+        seqs, sampler = loader(rank)
+        sampler.load_state_dict(state)
+        rest = [seqs.batch(sampler.next_indices()) for _ in range(len(straight) - len(first))]
+        for a, b in zip(straight, first + rest, strict=True):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="world_size"):
+        DistributedBatchSampler(100, 4, rank=0, world_size=4, seed=7).load_state_dict(state)
+
+
+def test_first_open_verification_hashes_once_then_only_changed_shards(tokenized, tmp_path):
+    _, out, index = tokenized
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    TokenSequences(copy, "train", 16, verify="first_open")
+    record = json.loads((copy / ".verified.json").read_text())
+    train_files = {s[k] for s in index["splits"]["train"]["shards"] for k in ("path", "docs_path")}
+    assert set(record) == train_files
+    shard = copy / index["splits"]["train"]["shards"][0]["path"]
+    data = bytearray(shard.read_bytes())
+    data[-200] ^= 0xFF  # same size; a rewrite changes the mtime
+    stat = shard.stat()
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=shard.name + ".*sha256"):
+        TokenSequences(copy, "train", 16, verify="first_open")
+    # A change that hides its mtime is only caught by verify="always": first_open trusts its record.
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    TokenSequences(copy, "train", 16, verify="first_open")
+    with pytest.raises(ShardError, match=shard.name):
+        TokenSequences(copy, "train", 16, verify="always")
+
+
+def test_missing_shard_and_foreign_format_version_fail_clearly(tokenized, tmp_path):
+    _, out, index = tokenized
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    victim = index["splits"]["val"]["shards"][0]["path"]
+    (copy / victim).unlink()
+    with pytest.raises(ShardError, match=f"{victim}: listed in index.json but missing"):
+        TokenSequences(copy, "val", 8)
+    meta = json.loads((copy / "index.json").read_text())
+    meta["format_version"] = 99
+    (copy / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(ShardError, match="format_version=99"):
+        TokenSequences(copy, "train", 8)

@@ -11,12 +11,13 @@ Layout of a token dataset directory:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -49,13 +50,21 @@ def _write_ipc(path: Path, table: pa.Table) -> None:
 
 
 class TokenShardWriter:
-    """Appends tokenized documents to one split's shards, rotating by token count."""
+    """Appends tokenized documents to one split's shards ``{prefix}-{n:04d}.arrow``, rotating by token count."""
 
-    def __init__(self, out_dir: str | Path, split: str, vocab_size: int, max_tokens_per_shard: int = 2**26):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        split: str,
+        vocab_size: int,
+        max_tokens_per_shard: int = 2**27,
+        prefix: str | None = None,
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.split = split
+        self.prefix = prefix or split
         self.dtype = token_dtype(vocab_size)
+        self.vocab_size = vocab_size
         self.max_tokens = max_tokens_per_shard
         self.shards: list[dict[str, Any]] = []
         self._reset()
@@ -63,24 +72,49 @@ class TokenShardWriter:
     def _reset(self) -> None:
         self._tokens: list[np.ndarray] = []
         self._ids: list[str] = []
-        self._lengths: list[int] = []
+        self._lengths: list[np.ndarray] = []
         self._count = 0
 
     def add(self, doc_id: str, tokens: np.ndarray) -> None:
         """Add one document's tokens (EOS already appended)."""
-        self._tokens.append(np.asarray(tokens, dtype=self.dtype))
-        self._ids.append(doc_id)
-        self._lengths.append(len(tokens))
-        self._count += len(tokens)
-        if self._count >= self.max_tokens:
-            self.flush()
+        self.add_many([doc_id], np.asarray(tokens), np.array([len(tokens)], dtype=np.int64))
+
+    def add_many(self, doc_ids: list[str], tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Add documents given as one flat token array and their lengths (EOS already appended)."""
+        if len(doc_ids) != len(lengths) or int(lengths.sum()) != tokens.size:
+            raise ValueError(
+                f"{len(doc_ids)} ids, {len(lengths)} lengths summing to {lengths.sum()}, {tokens.size} tokens"
+            )
+        if tokens.dtype != self.dtype:
+            if tokens.size and int(tokens.max()) >= self.vocab_size:
+                raise ValueError(
+                    f"token id {int(tokens.max())} is outside the vocabulary of {self.vocab_size}"
+                )
+            tokens = tokens.astype(self.dtype)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        ends = np.cumsum(lengths)
+        first = 0  # documents [first, n) still to place
+        while first < len(doc_ids):
+            base = ends[first - 1] if first else 0
+            # Documents that fit in the current shard; at least one, so an oversized document gets its own.
+            fit = int(np.searchsorted(ends, base + self.max_tokens - self._count, side="right")) - first
+            take = max(fit, 1 if self._count == 0 else 0)
+            if take:
+                stop = first + take
+                self._tokens.append(tokens[base : ends[stop - 1]])
+                self._ids.extend(doc_ids[first:stop])
+                self._lengths.append(lengths[first:stop])
+                self._count += int(ends[stop - 1] - base)
+                first = stop
+            if self._count >= self.max_tokens or first < len(doc_ids):
+                self.flush()
 
     def flush(self) -> None:
         if not self._ids:
             return
-        name = f"{self.split}-{len(self.shards):05d}"
+        name = f"{self.prefix}-{len(self.shards):04d}"
         tokens = np.concatenate(self._tokens)
-        lengths = np.array(self._lengths, dtype=np.int64)
+        lengths = np.concatenate(self._lengths)
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         _write_ipc(self.out_dir / f"{name}.arrow", pa.table({"tokens": tokens}))
         docs = pa.table({"doc_id": pa.array(self._ids, pa.string()), "offset": offsets, "length": lengths})
@@ -119,11 +153,22 @@ def read_token_index(data_dir: str | Path) -> dict[str, Any]:
     return index
 
 
+Verify = Literal["never", "first_open", "always"]
+_VERIFIED = ".verified.json"
+
+
 class TokenSequences:
     """Fixed-length training sequences over the memory-mapped token stream of one split.
 
-    Sample ``i`` is tokens ``[i*L, i*L + L + 1)`` of the packed stream (inputs and shifted targets),
-    so documents span sequence boundaries, separated by EOS.
+    With ``span_documents`` (the default, as GPT-2/Megatron pack), sample ``i`` is tokens
+    ``[i*L, i*L + L + 1)`` of the packed stream (inputs and shifted targets): documents, separated by EOS,
+    run across sequence boundaries and no token is wasted. Without it, samples are windows inside one
+    document (``[d + k*L, d + k*L + L + 1)`` for each document starting at ``d``); a document's tail
+    shorter than a window is not trained on (``dropped_tokens`` counts it).
+
+    ``verify``: ``always`` hashes every shard against index.json at open; ``first_open`` does so once and
+    records each verified shard's size and mtime in ``.verified.json`` beside the index, re-hashing only
+    shards that changed since; ``never`` checks sizes, types and counts only (always done).
     """
 
     def __init__(
@@ -133,7 +178,8 @@ class TokenSequences:
         seq_len: int,
         *,
         tokenizer_id: str | None = None,
-        verify_checksums: bool = False,
+        span_documents: bool = True,
+        verify: Verify = "never",
     ):
         self.data_dir = Path(data_dir)
         self.index = read_token_index(data_dir)
@@ -144,37 +190,97 @@ class TokenSequences:
                 f"{data_dir}: shards were tokenized with tokenizer {self.index['tokenizer']['id'][:12]}, "
                 f"the model expects {tokenizer_id[:12]}; re-tokenize or point the model at this tokenizer"
             )
-        self.seq_len = seq_len
+        self.split, self.seq_len, self.span_documents = split, seq_len, span_documents
         self.dtype = np.dtype(self.index["dtype"])
-        self._arrays: list[np.ndarray] = []
-        for shard in self.index["splits"][split]["shards"]:
-            path = self.data_dir / shard["path"]
-            if verify_checksums and file_sha256(path) != shard["sha256"]:
-                raise ShardError(f"{path}: sha256 differs from index.json; the shard changed or is corrupt")
-            array = self._map(path)
-            if array.size != shard["tokens"]:
-                raise ShardError(f"{path}: holds {array.size} tokens, index.json says {shard['tokens']}")
-            self._arrays.append(array)
+        shards = self.index["splits"][split]["shards"]
+        if verify != "never":
+            self._verify(shards, only_changed=verify == "first_open")
+        self._arrays = [self._map(self.data_dir / shard["path"], shard["tokens"]) for shard in shards]
         self._starts = np.cumsum([0] + [a.size for a in self._arrays])
         self.total_tokens = int(self._starts[-1])
         if self.total_tokens < seq_len + 1:
             raise ShardError(
                 f"{data_dir} split {split!r} has {self.total_tokens} tokens, fewer than seq_len+1={seq_len + 1}"
             )
+        self._sample_starts: np.ndarray | None = None
+        self.dropped_tokens = 0
+        if not span_documents:
+            self._sample_starts = self._document_windows(shards)
+            if not self._sample_starts.size:
+                raise ShardError(
+                    f"{data_dir} split {split!r}: no document has seq_len+1={seq_len + 1} tokens; "
+                    "use a shorter seq_len or span_documents"
+                )
 
-    def _map(self, path: Path) -> np.ndarray:
+    def _verify(self, shards: list[dict[str, Any]], only_changed: bool) -> None:
+        record_path = self.data_dir / _VERIFIED
+        record: dict[str, Any] = {}
+        if only_changed and record_path.exists():
+            with contextlib.suppress(ValueError):
+                record = json.loads(record_path.read_text())
+        changed = False
+        for shard in shards:
+            for key, sha in (("path", "sha256"), ("docs_path", "docs_sha256")):
+                path = self.data_dir / shard[key]
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    raise ShardError(f"{path}: listed in index.json but missing") from None
+                stamp = [st.st_size, st.st_mtime_ns, shard[sha]]
+                if record.get(shard[key]) == stamp:
+                    continue
+                actual = file_sha256(path)
+                if actual != shard[sha]:
+                    raise ShardError(
+                        f"{path}: sha256 {actual[:12]} differs from index.json's {shard[sha][:12]}; "
+                        "the shard changed or is corrupt: re-run the tokenize stage"
+                    )
+                record[shard[key]] = stamp
+                changed = True
+        if only_changed and changed:
+            with contextlib.suppress(OSError):  # a read-only dataset is verified again next time
+                tmp = record_path.with_name(f"{_VERIFIED}.tmp-{os.getpid()}")
+                tmp.write_text(json.dumps(record))
+                os.replace(tmp, record_path)
+
+    def _map(self, path: Path, expected_tokens: int) -> np.ndarray:
         try:
             table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        except FileNotFoundError:
+            raise ShardError(f"{path}: listed in index.json but missing") from None
         except (pa.ArrowInvalid, OSError) as e:
-            raise ShardError(f"{path}: not a readable Arrow IPC shard ({e})") from e
+            raise ShardError(f"{path}: not a readable Arrow IPC shard, truncated or corrupt ({e})") from e
         column = table.column("tokens")
         if column.type != pa.from_numpy_dtype(self.dtype):
             raise ShardError(f"{path}: token type {column.type}, index.json says {self.dtype}")
         if column.num_chunks != 1:
             raise ShardError(f"{path}: expected one record batch, found {column.num_chunks}")
-        return column.chunk(0).to_numpy(zero_copy_only=True)
+        array = column.chunk(0).to_numpy(zero_copy_only=True)
+        if array.size != expected_tokens:
+            raise ShardError(f"{path}: holds {array.size} tokens, index.json says {expected_tokens}")
+        return array
+
+    def _document_windows(self, shards: list[dict[str, Any]]) -> np.ndarray:
+        window = self.seq_len + 1
+        starts = []
+        for base, shard in zip(self._starts, shards):
+            path = self.data_dir / shard["docs_path"]
+            try:
+                docs = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+            except (pa.ArrowInvalid, OSError) as e:
+                raise ShardError(f"{path}: not a readable Arrow IPC document table ({e})") from e
+            offsets = docs.column("offset").to_numpy() + base
+            lengths = docs.column("length").to_numpy()
+            counts = np.where(lengths >= window, (lengths - 1) // self.seq_len, 0)
+            self.dropped_tokens += int((lengths - counts * self.seq_len).sum())
+            doc_of_window = np.repeat(np.arange(len(offsets)), counts)
+            k = np.arange(doc_of_window.size) - np.repeat(np.cumsum(counts) - counts, counts)
+            starts.append(offsets[doc_of_window] + k * self.seq_len)
+        return np.concatenate(starts).astype(np.int64)
 
     def __len__(self) -> int:
+        if self._sample_starts is not None:
+            return int(self._sample_starts.size)
         return (self.total_tokens - 1) // self.seq_len
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
@@ -189,10 +295,34 @@ class TokenSequences:
             first += 1
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def _start_of(self, indices: np.ndarray) -> np.ndarray:
+        if self._sample_starts is not None:
+            return self._sample_starts[indices]
+        return indices.astype(np.int64) * self.seq_len
+
     def __getitem__(self, i: int) -> np.ndarray:
         if not 0 <= i < len(self):
             raise IndexError(i)
-        return self.tokens(i * self.seq_len, (i + 1) * self.seq_len + 1)
+        start = int(self._start_of(np.array([i]))[0])
+        return self.tokens(start, start + self.seq_len + 1)
+
+    def batch(self, indices: np.ndarray | list[int]) -> np.ndarray:
+        """Samples ``indices`` as one ``(len(indices), seq_len + 1)`` array (one copy, no per-sample arrays)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"sample indices must lie in [0, {len(self)})")
+        window = self.seq_len + 1
+        starts = self._start_of(indices)
+        shard = np.searchsorted(self._starts, starts, side="right") - 1
+        local = starts - self._starts[shard]
+        out = np.empty((indices.size, window), dtype=self.dtype)
+        for row, (s, lo) in enumerate(zip(shard.tolist(), local.tolist())):
+            array = self._arrays[s]
+            if lo + window <= array.size:
+                out[row] = array[lo : lo + window]
+            else:  # the window runs into the next shard
+                out[row] = self.tokens(int(starts[row]), int(starts[row]) + window)
+        return out
 
 
 @dataclass
@@ -225,15 +355,21 @@ class DistributedBatchSampler:
         self.num_samples, self.batch_size = num_samples, batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.state = SamplerState()
+        self._cached_order: tuple[int, np.ndarray] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
         return self.num_samples // (self.batch_size * self.world_size)
 
     def _order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.num_samples)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        if self._cached_order is None or self._cached_order[0] != epoch:
+            order = (
+                np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+                if self.shuffle
+                else np.arange(self.num_samples)
+            )
+            self._cached_order = (epoch, order)
+        return self._cached_order[1]
 
     def next_indices(self) -> np.ndarray:
         """Indices of this rank's next micro-batch; advances the state (wrapping into a new epoch)."""

@@ -1,15 +1,33 @@
-"""Tokenize cleaned documents into train/validation token shards with an index.json manifest."""
+"""Tokenize cleaned documents into train/validation token shards with an index.json manifest.
+
+The work is split in three so that the middle part runs in parallel (orchestration/pipeline.py maps it
+over Ray tasks; :func:`tokenize_documents` runs all three in one process):
+
+1. :func:`prepare_tokenizer`: one streaming pass trains the byte-level BPE (or loads the configured
+   tokenizer) and finds the document with the lowest split hash (the forced validation document of a
+   corpus too small for the split fraction to pick any).
+2. :func:`tokenize_partition`: encode one partition of the documents (``encode_batch`` in batches), append
+   EOS to every document, and write that partition's shards of each split.
+3. :func:`write_token_index`: gather the partitions' shards, in partition order, into ``index.json``.
+
+The output depends only on the documents and the config, never on how many workers ran step 2.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import Field
+from tokenizers import Tokenizer
 
 from orchestration.datasets import FORMAT_VERSION, atomic_write_bytes
 from orchestration.stage import StageConfig
@@ -19,74 +37,186 @@ from training.data.tokenizer import (
     eos_id,
     load_tokenizer,
     save_tokenizer,
+    tokenizer_id,
     train_bpe,
 )
 
+Batches = Callable[[], Iterable[pa.RecordBatch]]
+PREPARED = "_done/tokenizer.json"
+
 
 class TokenizeConfig(StageConfig):
-    """Tokenizer choice, split rule and shard size."""
+    """Tokenizer choice, split rule, shard size and parallelism."""
 
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     val_fraction: float = Field(0.05, gt=0, lt=1, description="Share of documents (by id hash) held out.")
-    max_tokens_per_shard: int = Field(2**26, gt=0, description="Rotate shards past this many tokens.")
-    batch_size: int = Field(256, gt=0, description="Documents per encode_batch call.")
+    max_tokens_per_shard: int = Field(
+        2**27, gt=0, description="Rotate shards past this many tokens (2**27 uint16 tokens = 256 MiB)."
+    )
+    batch_size: int = Field(1024, gt=0, description="Documents per encode_batch call.")
+    partition_mb: float = Field(
+        16, gt=0, description="Text (MiB, uncompressed Parquet) per parallel tokenize task."
+    )
 
 
-def tokenize_documents(
-    batches: Callable[[], Iterable[pa.RecordBatch]],
+@dataclass(frozen=True)
+class Prepared:
+    """Outcome of the tokenizer pass: where the tokenizer is, its identity, and the split override."""
+
+    path: str
+    id: str
+    vocab_size: int
+    eos_id: int
+    eos_token: str
+    forced_val: str | None
+
+    @property
+    def dtype(self) -> np.dtype:
+        return token_dtype(self.vocab_size)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Row groups of one Parquet file: the unit of parallel tokenization."""
+
+    name: str
+    path: str
+    row_groups: tuple[int, ...]
+
+    def batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        return pq.ParquetFile(self.path).iter_batches(row_groups=list(self.row_groups), columns=columns)
+
+
+def plan_partitions(files: Iterable[str | Path], partition_mb: float) -> list[Partition]:
+    """Cut Parquet files into partitions of whole row groups, about ``partition_mb`` of text each."""
+    limit = partition_mb * 2**20
+    parts: list[Partition] = []
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        group: list[int] = []
+        size = 0
+        for i in range(meta.num_row_groups):
+            if group and size + meta.row_group(i).total_byte_size > limit:
+                parts.append(Partition(f"p{len(parts):05d}", str(path), tuple(group)))
+                group, size = [], 0
+            group.append(i)
+            size += meta.row_group(i).total_byte_size
+        if group:
+            parts.append(Partition(f"p{len(parts):05d}", str(path), tuple(group)))
+    return parts
+
+
+def prepare_tokenizer(
+    texts: Callable[[], Iterable[str]],
+    ids: Callable[[], Iterable[str]],
     out_dir: str | Path,
     config: TokenizeConfig,
-    source_digest: str = "",
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Train (or load) the tokenizer, then encode every document + EOS into split shards.
+) -> Prepared:
+    """Train (or load) the tokenizer, save it as ``out_dir/tokenizer.json``, find the forced val document.
 
-    ``batches`` is called once per pass over the documents (training the tokenizer is one pass).
-    ``extra`` (the producer stage and its cache key) is merged into the index.
-    Returns the index written to ``out_dir/index.json``.
+    ``texts`` streams every document's text, ``ids`` every document id (each called at most once).
+    The result is also written to ``out_dir/_done/tokenizer.json`` so a resumed run skips this pass.
     """
     out_dir = Path(out_dir)
     tcfg = config.tokenizer
-    # One pass trains the tokenizer and finds the document with the lowest split hash: a corpus too
-    # small for any document to fall under val_fraction still gets that one document as validation.
-    lowest: tuple[float, str] | None = None
-
-    def texts() -> Iterable[str]:
-        nonlocal lowest
-        for batch in batches():
-            for doc_id in batch.column("id").to_pylist():
-                candidate = (split_hash(doc_id), doc_id)
-                lowest = candidate if lowest is None or candidate < lowest else lowest
-            yield from batch.column("text").to_pylist()
-
-    if tcfg.path:
-        tokenizer = load_tokenizer(tcfg.path)
-        for _ in texts():
-            pass
-    else:
-        tokenizer = train_bpe(texts(), tcfg)
+    tokenizer = load_tokenizer(tcfg.path) if tcfg.path else train_bpe(texts(), tcfg)
+    lowest: tuple[float, str] | None = min(((split_hash(i), i) for i in ids()), default=None)
     if lowest is None:
         raise ValueError("no documents to tokenize: every document was filtered or deduplicated away")
-    forced_val = lowest[1] if lowest[0] >= config.val_fraction else None
-    tok_path, tok_id = save_tokenizer(tokenizer, out_dir)
-    vocab_size = tokenizer.get_vocab_size()
-    eos = eos_id(tokenizer, tcfg.special_tokens[0])
-    writers = {s: TokenShardWriter(out_dir, s, vocab_size, config.max_tokens_per_shard) for s in SPLITS}
-    eos_array = np.array([eos], dtype=token_dtype(vocab_size))
-    for batch in batches():
+    path, tok_id = save_tokenizer(tokenizer, out_dir)
+    prepared = Prepared(
+        path=path.name,
+        id=tok_id,
+        vocab_size=tokenizer.get_vocab_size(),
+        eos_id=eos_id(tokenizer, tcfg.special_tokens[0]),
+        eos_token=tcfg.special_tokens[0],
+        forced_val=lowest[1] if lowest[0] >= config.val_fraction else None,
+    )
+    atomic_write_bytes(out_dir / PREPARED, json.dumps(prepared.__dict__).encode())
+    return prepared
+
+
+def load_prepared(out_dir: str | Path) -> Prepared | None:
+    """The tokenizer pass of an interrupted run, if it completed and its tokenizer is intact."""
+    marker = Path(out_dir) / PREPARED
+    if not marker.exists():
+        return None
+    prepared = Prepared(**json.loads(marker.read_text()))
+    tok = Path(out_dir) / prepared.path
+    return prepared if tok.exists() and tokenizer_id(tok) == prepared.id else None
+
+
+def encode_documents(
+    tokenizer: Tokenizer, texts: list[str], eos: int, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """Encode a batch: the flat token array (each document followed by EOS) and per-document lengths."""
+    ids = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    for doc in ids:
+        doc.append(eos)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def tokenize_partition(
+    batches: Iterable[pa.RecordBatch],
+    out_dir: str | Path,
+    prepared: Prepared,
+    config: TokenizeConfig,
+    part: str = "p00000",
+    tokenizer: Tokenizer | None = None,
+) -> dict[str, Any]:
+    """Encode one partition into shards ``{split}-{part}-{n}.arrow``; return its shards per split.
+
+    The result is also written to ``out_dir/_done/{part}.json`` (the partition's completion marker).
+    """
+    out_dir = Path(out_dir)
+    tokenizer = tokenizer or load_tokenizer(out_dir / prepared.path)
+    writers = {
+        s: TokenShardWriter(
+            out_dir, s, prepared.vocab_size, config.max_tokens_per_shard, prefix=f"{s}-{part}"
+        )
+        for s in SPLITS
+    }
+    documents = 0
+    for batch in batches:
         ids = batch.column("id").to_pylist()
         texts = batch.column("text").to_pylist()
-        for start in range(0, len(texts), config.batch_size):
-            encodings = tokenizer.encode_batch(
-                texts[start : start + config.batch_size], add_special_tokens=False
+        for start in range(0, len(ids), config.batch_size):
+            chunk_ids = ids[start : start + config.batch_size]
+            flat, lengths = encode_documents(
+                tokenizer, texts[start : start + config.batch_size], prepared.eos_id, prepared.dtype
             )
-            for doc_id, enc in zip(ids[start : start + config.batch_size], encodings):
-                tokens = np.concatenate([np.asarray(enc.ids, dtype=eos_array.dtype), eos_array])
-                split = "val" if doc_id == forced_val else split_of(doc_id, config.val_fraction)
-                writers[split].add(doc_id, tokens)
+            is_val = np.array(
+                [d == prepared.forced_val or split_of(d, config.val_fraction) == "val" for d in chunk_ids]
+            )
+            if not is_val.any():
+                writers["train"].add_many(chunk_ids, flat, lengths)
+            else:
+                doc_of_token = np.repeat(is_val, lengths)
+                for split, mask in (("train", ~is_val), ("val", is_val)):
+                    if mask.any():
+                        selected = [d for d, m in zip(chunk_ids, mask) if m]
+                        token_mask = doc_of_token if split == "val" else ~doc_of_token
+                        writers[split].add_many(selected, flat[token_mask], lengths[mask])
+            documents += len(chunk_ids)
+    result = {"part": part, "documents": documents, "shards": {s: w.close() for s, w in writers.items()}}
+    atomic_write_bytes(out_dir / "_done" / f"{part}.json", json.dumps(result).encode())
+    return result
+
+
+def write_token_index(
+    out_dir: str | Path,
+    prepared: Prepared,
+    config: TokenizeConfig,
+    parts: list[dict[str, Any]],
+    source_digest: str = "",
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Gather the partitions' shards (in the order given) into ``out_dir/index.json``."""
     splits = {}
-    for split, writer in writers.items():
-        shards = writer.close()
+    for split in SPLITS:
+        shards = [s for p in parts for s in p["shards"][split]]
         splits[split] = {
             "shards": shards,
             "tokens": sum(s["tokens"] for s in shards),
@@ -101,19 +231,20 @@ def tokenize_documents(
         "format_version": FORMAT_VERSION,
         "kind": "tokens",
         "tokenizer": {
-            "id": tok_id,
-            "path": tok_path.name,
-            "vocab_size": vocab_size,
-            "eos_id": eos,
-            "eos_token": tcfg.special_tokens[0],
+            "id": prepared.id,
+            "path": prepared.path,
+            "vocab_size": prepared.vocab_size,
+            "eos_id": prepared.eos_id,
+            "eos_token": prepared.eos_token,
         },
-        "dtype": np.dtype(token_dtype(vocab_size)).name,
+        "dtype": prepared.dtype.name,
         "total_tokens": sum(s["tokens"] for s in splits.values()),
+        "documents": sum(s["documents"] for s in splits.values()),
         "splits": splits,
         "split_rule": {
             "method": "sha256(doc_id)[:8] as uint64 / 2**64 < val_fraction -> val; if none, the lowest -> val",
             "val_fraction": config.val_fraction,
-            "forced_val_document": forced_val,
+            "forced_val_document": prepared.forced_val,
         },
         "source_digest": source_digest,
         "files": [
@@ -122,8 +253,30 @@ def tokenize_documents(
             for s in split["shards"]
             for key, sha in (("path", "sha256"), ("docs_path", "docs_sha256"))
         ]
-        + [{"path": tok_path.name, "sha256": tok_id}],
+        + [{"path": prepared.path, "sha256": prepared.id}],
         **(extra or {}),
     }
-    atomic_write_bytes(out_dir / "index.json", json.dumps(index, indent=2).encode())
+    atomic_write_bytes(Path(out_dir) / "index.json", json.dumps(index, indent=2).encode())
     return index
+
+
+def tokenize_documents(
+    batches: Batches,
+    out_dir: str | Path,
+    config: TokenizeConfig,
+    source_digest: str = "",
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """All three steps in this process, over ``batches()`` (called once per pass) as one partition."""
+
+    def column(name: str) -> Callable[[], Iterator[str]]:
+        return lambda: (v for b in batches() for v in b.column(name).to_pylist())
+
+    prepared = prepare_tokenizer(column("text"), column("id"), out_dir, config)
+    part = tokenize_partition(batches(), out_dir, prepared, config)
+    return write_token_index(out_dir, prepared, config, [part], source_digest, extra)
+
+
+def sequential_encoding() -> None:
+    """Make ``encode_batch`` single-threaded in this process (one Ray task = one CPU)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"

@@ -1,0 +1,106 @@
+"""Random batch reads from lmforge's token shards vs a numpy.memmap of the same tokens.
+
+Both sides read the same random sample indices; a batch is 32 sequences of 1024 tokens (+1 for the
+shifted targets), returned as one (32, 1025) array. Ours: ``TokenSequences.batch`` over the Arrow IPC
+shards (memory-mapped, zero-copy, split across several shards). Peer: ``np.stack`` of slices of one
+``np.memmap`` over a flat ``.bin`` file holding the same token stream (the nanoGPT loader).
+Goal (issue 7): >= 0.9x of the peer's batches/s.
+
+    .venv/bin/python benchmarks/loader.py [--quick] [--tokens 200000000]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from benchmarks.common import median_time, result, summary  # noqa: E402
+from training.data.shards import TokenSequences, TokenShardWriter  # noqa: E402
+from training.data.tokenize import Prepared, TokenizeConfig, write_token_index  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--quick", action="store_true", help="20M tokens and 500 batches")
+parser.add_argument("--tokens", type=int, default=200_000_000)
+parser.add_argument("--batches", type=int, default=3000)
+parser.add_argument("--batch-size", type=int, default=32)
+parser.add_argument("--seq-len", type=int, default=1024)
+args = parser.parse_args()
+if args.quick:
+    args.tokens, args.batches = 20_000_000, 500
+
+VOCAB = 50_257  # GPT-2's: uint16 tokens
+
+
+def build(work: Path) -> tuple[np.ndarray, Path]:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, VOCAB, size=args.tokens, dtype=np.uint16)
+    lengths = rng.integers(200, 4000, size=args.tokens // 1000)
+    lengths = lengths[: np.searchsorted(np.cumsum(lengths), args.tokens)]
+    lengths = np.append(lengths, args.tokens - lengths.sum())
+    writer = TokenShardWriter(work / "shards", "train", VOCAB, max_tokens_per_shard=2**25)
+    chunk = 100_000  # documents per add_many call
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    for i in range(0, len(lengths), chunk):
+        ids = [f"d{j}" for j in range(i, min(i + chunk, len(lengths)))]
+        writer.add_many(ids, tokens[offsets[i] : offsets[i + len(ids)]], lengths[i : i + len(ids)])
+    shards = writer.close()
+    prepared = Prepared("tokenizer.json", "bench", VOCAB, 50_256, "<|endoftext|>", None)
+    part = {"shards": {"train": shards, "val": shards[:1]}, "documents": len(lengths)}
+    write_token_index(work / "shards", prepared, TokenizeConfig(), [part])
+    tokens.tofile(work / "tokens.bin")
+    return tokens, work / "tokens.bin"
+
+
+def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="lmf-bench-loader-"))
+    try:
+        tokens, bin_path = build(work)
+        seqs = TokenSequences(work / "shards", "train", args.seq_len)
+        mm = np.memmap(bin_path, dtype=np.uint16, mode="r")
+        n_shards = len(seqs.index["splits"]["train"]["shards"])
+        print(f"{args.tokens:,} tokens in {n_shards} shards, {len(seqs):,} sequences", flush=True)
+        rng = np.random.default_rng(1)
+        picks = rng.integers(0, len(seqs), size=(args.batches, args.batch_size))
+        window = args.seq_len + 1
+        L = args.seq_len
+        for row in picks[:3]:  # both sides read the same samples
+            np.testing.assert_array_equal(
+                seqs.batch(row), np.stack([mm[i * L : i * L + window] for i in row])
+            )
+
+        def peer() -> None:
+            for row in picks:
+                np.stack([mm[i * L : i * L + window] for i in row])
+
+        def ours() -> None:
+            for row in picks:
+                seqs.batch(row)
+
+        t_peer = median_time(peer)
+        t_ours = median_time(ours)
+        line = result(
+            "loader.random_batches",
+            "batches/s",
+            args.batches / t_ours,
+            "numpy.memmap + np.stack of slices",
+            args.batches / t_peer,
+            0.9,
+            batch=f"{args.batch_size}x{args.seq_len}",
+            tokens=args.tokens,
+            shards=n_shards,
+        )
+        summary("loader", [line])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The tokenize stage on Ray: partitions in parallel, same shards as one process, resumable."""
+
+import shutil
+
+import numpy as np
+import pyarrow as pa
+
+from ingestion.schema import DOCUMENT_SCHEMA
+from orchestration.datasets import file_entry, write_index, write_parquet
+from orchestration.executors import run_tokenize_stage
+from tests.training.test_shards import batches, corpus
+from training.data.tokenize import TokenizeConfig, plan_partitions, tokenize_documents
+from training.data.tokenizer import TokenizerConfig
+
+
+def _docs_dataset(path, texts, rows_per_group=40):
+    table = pa.Table.from_batches(batches(texts))
+    write_parquet(
+        path / "part-00000.parquet", table.to_batches(max_chunksize=rows_per_group), DOCUMENT_SCHEMA
+    )
+    entry = file_entry(path / "part-00000.parquet", table.num_rows)
+    write_index(path, stage="dedup", cache_key="k", files=[entry], schema=DOCUMENT_SCHEMA)
+    return table
+
+
+def _token_streams(out, index):
+    streams = {}
+    for split, info in index["splits"].items():
+        streams[split] = np.concatenate(
+            [
+                pa.ipc.open_file(str(out / s["path"])).read_all().column("tokens").to_numpy()
+                for s in info["shards"]
+            ]
+        )
+    return streams
+
+
+def test_parallel_stage_matches_one_process_and_resumes(ray_session, tmp_path):
+    texts = corpus(400, seed=3)
+    docs = tmp_path / "docs"
+    table = _docs_dataset(docs, texts)
+    cfg = TokenizeConfig(
+        tokenizer=TokenizerConfig(vocab_size=320, min_frequency=1), val_fraction=0.1, partition_mb=0.01
+    )
+    parts = plan_partitions([docs / "part-00000.parquet"], cfg.partition_mb)
+    assert len(parts) >= 3  # the stage really fans out
+
+    out = tmp_path / "tokens"
+    index = run_tokenize_stage(docs, out, cfg, extra={"stage": "tokenize"})
+    reference_out = tmp_path / "reference"
+    reference = tokenize_documents(lambda: table.to_batches(max_chunksize=100), reference_out, cfg)
+
+    assert index["tokenizer"]["id"] == reference["tokenizer"]["id"]
+    assert index["documents"] == table.num_rows
+    assert {s: v["documents"] for s, v in index["splits"].items()} == {
+        s: v["documents"] for s, v in reference["splits"].items()
+    }
+    for split, stream in _token_streams(out, index).items():
+        np.testing.assert_array_equal(stream, _token_streams(reference_out, reference)[split])
+    assert {s["path"].split("-")[1] for s in index["splits"]["train"]["shards"]} == {p.name for p in parts}
+
+    # Kill-and-resume: a partition that never finished is redone, the finished ones are reused.
+    victim = parts[1].name
+    (out / "_done" / f"{victim}.json").unlink()
+    for f in out.glob(f"*-{victim}-*"):
+        f.unlink()
+    (out / "index.json").unlink()
+    reused = {
+        p.name: (out / "_done" / f"{p.name}.json").stat().st_mtime_ns for p in parts if p.name != victim
+    }
+    resumed = run_tokenize_stage(docs, out, cfg, extra={"stage": "tokenize"})
+    assert resumed["files"] == index["files"]  # same bytes: same sha256 for every shard
+    assert all((out / "_done" / f"{n}.json").stat().st_mtime_ns == t for n, t in reused.items())
+    shutil.rmtree(reference_out)
