@@ -84,7 +84,8 @@ def main() -> None:
         cfg = TokenizeConfig(
             tokenizer=TokenizerConfig(vocab_size=args.vocab, path=str(tok_path)),
             batch_size=BATCH,
-            partition_mb=max(args.mb / (4 * args.workers), 1),
+            # The default partition size (16 MiB); --quick cuts its few MB into 2 partitions per worker.
+            partition_mb=args.mb / (2 * args.workers) if args.quick else TokenizeConfig().partition_mb,
         )
 
         def peer() -> None:

@@ -43,7 +43,11 @@ def launch_training(
             "metrics_logger": metrics_logger,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+        ),
         run_config=RunConfig(name=run_name, storage_path=str(out_dir / "ray_train")),
     )
     trainer.fit()

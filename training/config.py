@@ -35,6 +35,11 @@ class TrainConfig(StageConfig):
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3 only).")
     num_workers: int = Field(1, ge=1, description="Data-parallel workers (one per GPU, or CPU processes).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: int = Field(
+        1,
+        ge=1,
+        description="CPUs reserved per worker (torch's intra-op threads follow, via OMP_NUM_THREADS).",
+    )
     seed: int = Field(0, description="Seed of init and data order.")
     checkpoint_every: int = Field(
         0, ge=0, description="Save a checkpoint every N steps (0: only at the end)."
@@ -43,6 +48,16 @@ class TrainConfig(StageConfig):
     peak_tflops: float | None = Field(
         None, gt=0, description="Per-worker peak TFLOP/s for MFU (e.g. 989 on H100 bf16)."
     )
+    init_from: str | None = Field(
+        None, description="Fine-tune: a Hugging Face model directory to start from instead of random init."
+    )
+    freeze_layers: int = Field(
+        0, ge=0, description="Fine-tune: freeze the embeddings and the first K transformer blocks."
+    )
+    offload_device: Literal["cpu", "nvme"] = Field(
+        "cpu", description="Where offload_optimizer / offload_params put their tensors."
+    )
+    nvme_path: str | None = Field(None, description="Local NVMe directory for offload_device='nvme'.")
     span_documents: bool = Field(
         True, description="Pack documents across sequence boundaries (else windows inside one document)."
     )
@@ -64,9 +79,31 @@ class TrainConfig(StageConfig):
             raise ValueError(f"offload_params needs zero_stage 3, got zero_stage={self.zero_stage}")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage >= 1, got zero_stage=0")
+        if self.offload_device == "nvme" and not self.nvme_path:
+            raise ValueError("offload_device='nvme' needs nvme_path (a directory on a local NVMe drive)")
+        if self.offload_device == "nvme" and not (self.offload_optimizer or self.offload_params):
+            raise ValueError(
+                "offload_device='nvme' has nothing to offload: set offload_optimizer or offload_params"
+            )
+        if self.freeze_layers and not self.init_from:
+            raise ValueError(
+                f"freeze_layers={self.freeze_layers} only applies when fine-tuning (set init_from)"
+            )
+        if self.fp16_and_bf16:
+            raise ValueError(
+                "precision is one of fp32, bf16, fp16; a raw ds_config must not enable both fp16 and bf16"
+            )
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be smaller than steps={self.steps}")
         return self
+
+    @property
+    def fp16_and_bf16(self) -> bool:
+        raw = self.ds_config
+        enabled = {k for k in ("fp16", "bf16") if isinstance(raw.get(k), dict) and raw[k].get("enabled")}
+        if self.precision != "fp32":
+            enabled.add(self.precision)
+        return len(enabled) > 1
 
     @property
     def tokens_per_step(self) -> int:

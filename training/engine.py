@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from functools import partial
@@ -23,10 +24,13 @@ import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set first)
 def build_ds_config(cfg: TrainConfig) -> dict[str, Any]:
     """DeepSpeed config generated from lmforge's validated config, with ``cfg.ds_config`` merged on top."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    offload: dict[str, Any] = {"device": cfg.offload_device, "pin_memory": cfg.use_gpu}
+    if cfg.offload_device == "nvme":
+        offload["nvme_path"] = cfg.nvme_path
     if cfg.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
+        zero["offload_optimizer"] = dict(offload)
     if cfg.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
+        zero["offload_param"] = dict(offload)
     ds = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
@@ -73,11 +77,17 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig):
     return engine
 
 
+_META = "lmforge.json"
+
+
 def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], keep: int) -> None:
     """DeepSpeed checkpoint tagged ``step{N}`` plus client state; older ones beyond ``keep`` are removed."""
     ckpt_dir = Path(ckpt_dir)
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:08d}", client_state=client_state)
+    tag = f"step{step:08d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
     if engine.global_rank == 0:
+        meta = {"world_size": engine.world_size, "zero_stage": engine.zero_optimization_stage(), "step": step}
+        (ckpt_dir / tag / _META).write_text(json.dumps(meta))
         tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -85,10 +95,25 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict[
         torch.distributed.barrier()
 
 
-def load_latest_checkpoint(engine, ckpt_dir: str | Path) -> dict[str, Any] | None:
-    """Load the newest checkpoint (DeepSpeed's ``latest`` file) and return its client state, or None."""
-    if not (Path(ckpt_dir) / "latest").exists():
+def load_latest_checkpoint(engine, ckpt_dir: str | Path, cfg: TrainConfig) -> dict[str, Any] | None:
+    """Load the newest checkpoint (DeepSpeed's ``latest`` file) and return its client state, or None.
+
+    A checkpoint written with another world size or ZeRO stage fails here with what differs, before
+    DeepSpeed tries to read partitions that do not exist.
+    """
+    latest = Path(ckpt_dir) / "latest"
+    if not latest.exists():
         return None
+    tag = latest.read_text().strip()
+    meta_path = Path(ckpt_dir) / tag / _META
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if (meta["world_size"], meta["zero_stage"]) != (engine.world_size, cfg.zero_stage):
+            raise RuntimeError(
+                f"{ckpt_dir}/{tag} was written by {meta['world_size']} workers with ZeRO-{meta['zero_stage']}; "
+                f"this run has {engine.world_size} workers with ZeRO-{cfg.zero_stage}. Resume with the same "
+                "num_workers and zero_stage, or start a fresh run (a new workdir, or delete the checkpoints)"
+            )
     path, client_state = engine.load_checkpoint(str(ckpt_dir))
     if path is None:
         raise RuntimeError(f"{ckpt_dir}: 'latest' names a checkpoint DeepSpeed could not load")

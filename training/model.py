@@ -99,3 +99,35 @@ def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = True) ->
     if exclude_embeddings:
         total -= sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
     return total
+
+
+def load_pretrained(path: str, vocab_size: int) -> PreTrainedModel:
+    """A Hugging Face causal LM directory to fine-tune (fp32 weights; the shards' vocab must fit)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if model.config.vocab_size < vocab_size:
+        raise ValueError(
+            f"{path}: the model's vocabulary has {model.config.vocab_size} ids, the token shards use "
+            f"{vocab_size}; tokenize with the model's tokenizer (tokenize.tokenizer.path={path})"
+        )
+    return model
+
+
+def freeze_first_layers(model: PreTrainedModel, k: int) -> int:
+    """Freeze the input embeddings and the first ``k`` transformer blocks; returns parameters frozen."""
+    if k == 0:
+        return 0
+    blocks = model.transformer.h if hasattr(model, "transformer") else model.model.layers
+    if k > len(blocks):
+        raise ValueError(f"freeze_layers={k} but the model has {len(blocks)} layers")
+    frozen = [*model.get_input_embeddings().parameters(), *(p for b in blocks[:k] for p in b.parameters())]
+    if hasattr(model, "transformer"):
+        frozen.extend(model.transformer.wpe.parameters())
+    tied = {id(p) for p in model.get_output_embeddings().parameters()}
+    count = 0
+    for p in frozen:
+        if id(p) not in tied:  # a tied LM head keeps training the shared matrix
+            p.requires_grad_(False)
+            count += p.numel()
+    return count

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -22,8 +23,9 @@ import transformers
 
 from training import engine as ds_engine
 from training.config import TrainConfig
-from training.data.shards import DistributedBatchSampler, TokenSequences
-from training.model import build_model, count_parameters
+from training.data.shards import DistributedBatchSampler, ShardError, TokenSequences
+from training.data.tokenizer import EOS_TOKEN, tokenizer_id
+from training.model import build_model, count_parameters, freeze_first_layers, load_pretrained
 
 MetricsCallback = Callable[[dict[str, float], int], None]
 
@@ -45,6 +47,19 @@ def _mean_across_ranks(value: float) -> float:
 def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the weights plus 12*L*d*T for attention (PaLM appendix B)."""
     return 6 * n_params + 12 * n_layer * n_embd * seq_len
+
+
+def export_tokenizer(tokenizer_json: Path, info: dict[str, Any], model_dir: Path) -> None:
+    """Save the tokenizer as a Hugging Face tokenizer directory (AutoTokenizer loads it).
+
+    tokenizer.json keeps its exact bytes, so its sha256 (the tokenizer id) is unchanged.
+    """
+    eos = info.get("eos_token", EOS_TOKEN)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_json), bos_token=eos, eos_token=eos, pad_token=eos
+    )
+    fast.save_pretrained(model_dir)
+    shutil.copy(tokenizer_json, model_dir / "tokenizer.json")
 
 
 def train(
@@ -69,15 +84,28 @@ def train(
     )
     vocab_size = data.index["tokenizer"]["vocab_size"]
     sampler = DistributedBatchSampler(len(data), cfg.micro_batch_size, rank, world, seed=cfg.seed)
-    model = build_model(
-        cfg.model, vocab_size, cfg.seq_len, seed=cfg.seed, eos_token_id=data.index["tokenizer"]["eos_id"]
-    )
-    n_layer, _, n_embd = cfg.model.dims()
+    if cfg.init_from:
+        expected = tokenizer_id(Path(cfg.init_from) / "tokenizer.json")
+        if expected != data.index["tokenizer"]["id"]:
+            raise ShardError(
+                f"{data_dir} was tokenized with tokenizer {data.index['tokenizer']['id'][:12]}, but "
+                f"{cfg.init_from} uses {expected[:12]}; set tokenize.tokenizer.path={cfg.init_from}"
+            )
+        torch.manual_seed(cfg.seed)
+        model = load_pretrained(cfg.init_from, vocab_size)
+        frozen = freeze_first_layers(model, cfg.freeze_layers)
+        if rank == 0 and frozen:
+            print(f"fine-tuning {cfg.init_from}: {frozen:,} parameters frozen", flush=True)
+    else:
+        model = build_model(
+            cfg.model, vocab_size, cfg.seq_len, seed=cfg.seed, eos_token_id=data.index["tokenizer"]["eos_id"]
+        )
+    n_layer, n_embd = model.config.num_hidden_layers, model.config.hidden_size
     fpt = flops_per_token(count_parameters(model), n_layer, n_embd, cfg.seq_len)
     engine = ds_engine.initialize(model, cfg)
 
-    start_step, losses = 0, []
-    client_state = ds_engine.load_latest_checkpoint(engine, ckpt_dir)
+    start_step, losses, step_times = 0, [], []
+    client_state = ds_engine.load_latest_checkpoint(engine, ckpt_dir, cfg)
     if client_state is not None:
         sampler.load_state_dict(client_state["sampler"])
         start_step, losses = client_state["step"], list(client_state["losses"])
@@ -103,6 +131,7 @@ def train(
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         losses.append(loss_value)
+        step_times.append(seconds)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss became {loss_value} at step {step + 1}; lower train.lr")
         tokens_per_s = cfg.tokens_per_step / seconds
@@ -136,7 +165,7 @@ def train(
     model_dir = out_dir / "model"
     transformers.logging.disable_progress_bar()
     engine.module.save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
-    shutil.copy(Path(data_dir) / data.index["tokenizer"]["path"], model_dir / "tokenizer.json")
+    export_tokenizer(Path(data_dir) / data.index["tokenizer"]["path"], data.index["tokenizer"], model_dir)
     summary = {
         "losses": losses,
         "steps": cfg.steps,
@@ -146,6 +175,36 @@ def train(
         "model_dir": str(model_dir),
         "tokenizer_id": data.index["tokenizer"]["id"],
         "world_size": world,
+        "step_seconds": step_times,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train without Ray: ``torchrun --nproc-per-node N -m training.trainer TRAIN.yaml DATA_DIR OUT_DIR``.
+
+    TRAIN.yaml holds the ``train`` section of a pipeline config (num_workers must equal N).
+    """
+    import argparse
+
+    import yaml
+
+    parser = argparse.ArgumentParser(prog="python -m training.trainer", description=main.__doc__)
+    parser.add_argument("config", type=Path)
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    args = parser.parse_args(argv)
+    cfg = TrainConfig.model_validate(yaml.safe_load(args.config.read_text()) or {})
+    if "WORLD_SIZE" in os.environ and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cfg.use_gpu else "gloo")
+    try:
+        train(cfg, args.data_dir, args.out_dir)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -72,3 +72,16 @@ def test_parallel_stage_matches_one_process_and_resumes(ray_session, tmp_path):
     assert resumed["files"] == index["files"]  # same bytes: same sha256 for every shard
     assert all((out / "_done" / f"{n}.json").stat().st_mtime_ns == t for n, t in reused.items())
     shutil.rmtree(reference_out)
+
+
+def test_partitions_cover_every_row_once_in_order(tmp_path):
+    texts = corpus(230, seed=5)
+    table = _docs_dataset(tmp_path, texts, rows_per_group=37)
+    path = tmp_path / "part-00000.parquet"
+    ids = table.column("id").to_pylist()
+    for mb in (1.0, 0.01, 0.003, 0.0005):
+        parts = plan_partitions([path], mb)
+        got = [[i for b in p.batches(["id"]) for i in b.column(0).to_pylist()] for p in parts]
+        assert [i for g in got for i in g] == ids
+        assert all(got) and [len(g) for g in got] == [p.stop - p.start for p in parts]
+    assert len(plan_partitions([path], 0.0005)) > 7  # finer than the 7 row groups

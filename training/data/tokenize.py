@@ -77,32 +77,48 @@ class Prepared:
 
 @dataclass(frozen=True)
 class Partition:
-    """Row groups of one Parquet file: the unit of parallel tokenization."""
+    """Rows ``[start, stop)`` of one Parquet file: the unit of parallel tokenization."""
 
     name: str
     path: str
-    row_groups: tuple[int, ...]
+    start: int
+    stop: int
 
     def batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-        return pq.ParquetFile(self.path).iter_batches(row_groups=list(self.row_groups), columns=columns)
+        """The partition's rows, reading only the row groups that hold them."""
+        file = pq.ParquetFile(self.path)
+        row = 0  # file row of the next batch's first row
+        for group in range(file.metadata.num_row_groups):
+            rows = file.metadata.row_group(group).num_rows
+            if row >= self.stop:
+                break
+            if row + rows <= self.start:
+                row += rows
+                continue
+            for batch in file.iter_batches(row_groups=[group], columns=columns):
+                lo, hi = max(self.start - row, 0), min(self.stop - row, batch.num_rows)
+                if lo < hi:
+                    yield batch.slice(lo, hi - lo)
+                row += batch.num_rows
 
 
 def plan_partitions(files: Iterable[str | Path], partition_mb: float) -> list[Partition]:
-    """Cut Parquet files into partitions of whole row groups, about ``partition_mb`` of text each."""
+    """Cut Parquet files into row ranges of about ``partition_mb`` of (uncompressed) data each.
+
+    The plan depends on the files and ``partition_mb`` only, so the output does too.
+    """
     limit = partition_mb * 2**20
     parts: list[Partition] = []
     for path in files:
         meta = pq.ParquetFile(path).metadata
-        group: list[int] = []
-        size = 0
-        for i in range(meta.num_row_groups):
-            if group and size + meta.row_group(i).total_byte_size > limit:
-                parts.append(Partition(f"p{len(parts):05d}", str(path), tuple(group)))
-                group, size = [], 0
-            group.append(i)
-            size += meta.row_group(i).total_byte_size
-        if group:
-            parts.append(Partition(f"p{len(parts):05d}", str(path), tuple(group)))
+        if not meta.num_rows:
+            continue
+        total = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        count = max(1, round(total / limit))
+        bounds = [meta.num_rows * i // count for i in range(count + 1)]
+        for lo, hi in zip(bounds, bounds[1:]):
+            if hi > lo:
+                parts.append(Partition(f"p{len(parts):05d}", str(path), lo, hi))
     return parts
 
 
@@ -149,8 +165,13 @@ def load_prepared(out_dir: str | Path) -> Prepared | None:
 def encode_documents(
     tokenizer: Tokenizer, texts: list[str], eos: int, dtype: np.dtype
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Encode a batch: the flat token array (each document followed by EOS) and per-document lengths."""
-    ids = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    """Encode a batch: the flat token array (each document followed by EOS) and per-document lengths.
+
+    ``encode_batch_fast`` (tokenizers >= 0.20) gives the same ids as ``encode_batch`` without tracking
+    character offsets, which packing never needs.
+    """
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    ids = [e.ids for e in encode(texts, add_special_tokens=False)]
     for doc in ids:
         doc.append(eos)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
