@@ -236,7 +236,12 @@ class Pipeline:
             highlight=False,
         )
         summary = launch_training(
-            cfg, tokens.out_dir, out, run_name=f"{self.cfg.name}-{key}", metrics_logger=logger
+            cfg,
+            tokens.out_dir,
+            out,
+            run_name=f"{self.cfg.name}-{key}",
+            metrics_logger=logger,
+            console=self.console,
         )
         model_dir = Path(summary["model_dir"])
         files = [

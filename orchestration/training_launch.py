@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from orchestration.tracking import RunMetricsLogger
-from training.config import TrainConfig
+from training.config import PROGRESS_FILE, TrainConfig
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -24,14 +28,50 @@ def _worker_loop(config: dict[str, Any]) -> None:
     )
 
 
+def _fit_with_progress(trainer: TorchTrainer, progress_file: Path, steps: int, console: Console) -> None:
+    """Run ``trainer.fit()`` in a thread; draw rank 0's progress file as a rich progress bar meanwhile."""
+    progress_file.unlink(missing_ok=True)
+    outcome: dict[str, BaseException] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # re-raised in the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    columns = (
+        TextColumn("  [cyan]train[/cyan]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("train", total=steps, info="starting workers")
+        thread.start()
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                p = json.loads(progress_file.read_text())
+                info = f"loss {p['loss']:.4f}  {p['tokens_per_s']:,.0f} tok/s"
+                progress.update(task, completed=p["step"], info=info)
+    if "error" in outcome:
+        raise outcome["error"]
+
+
 def launch_training(
     cfg: TrainConfig,
     data_dir: str | Path,
     out_dir: str | Path,
     run_name: str,
     metrics_logger: RunMetricsLogger | None = None,
+    console: Console | None = None,
 ) -> dict[str, Any]:
-    """Train on ``cfg.num_workers`` Ray Train workers; returns rank 0's summary (losses, model dir)."""
+    """Train on ``cfg.num_workers`` Ray Train workers; returns rank 0's summary (losses, model dir).
+
+    With a ``console``, a progress bar follows rank 0's steps (loss, tokens/s, time left).
+    """
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
@@ -50,7 +90,10 @@ def launch_training(
         ),
         run_config=RunConfig(name=run_name, storage_path=str(out_dir / "ray_train")),
     )
-    trainer.fit()
+    if console is None:
+        trainer.fit()
+    else:
+        _fit_with_progress(trainer, out_dir / PROGRESS_FILE, cfg.steps, console)
     summary_path = out_dir / "summary.json"
     if not summary_path.exists():
         raise RuntimeError(f"training finished without writing {summary_path}; see the Ray worker logs above")

@@ -9,6 +9,9 @@ from pydantic import Field, model_validator
 from orchestration.stage import StageConfig
 from training.model import ModelConfig
 
+#: Rank 0's latest step, in the training output dir, for the driver's progress bar.
+PROGRESS_FILE = "progress.json"
+
 
 class TrainConfig(StageConfig):
     """Optimization, parallelism and checkpointing of one training run."""

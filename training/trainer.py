@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import transformers
 
 from training import engine as ds_engine
-from training.config import TrainConfig
+from training.config import PROGRESS_FILE, TrainConfig
 from training.data.shards import DistributedBatchSampler, ShardError, TokenSequences
 from training.data.tokenizer import EOS_TOKEN, tokenizer_id
 from training.model import build_model, count_parameters, freeze_first_layers, load_pretrained
@@ -47,6 +47,13 @@ def _mean_across_ranks(value: float) -> float:
 def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the weights plus 12*L*d*T for attention (PaLM appendix B)."""
     return 6 * n_params + 12 * n_layer * n_embd * seq_len
+
+
+def _write_progress(out_dir: Path, step: int, steps: int, metrics: dict[str, float]) -> None:
+    """Rank 0's latest step for a driver-side progress bar (written atomically, read by polling)."""
+    tmp = out_dir / f".{PROGRESS_FILE}.tmp"
+    tmp.write_text(json.dumps({"step": step, "steps": steps, **metrics}))
+    os.replace(tmp, out_dir / PROGRESS_FILE)
 
 
 def export_tokenizer(tokenizer_json: Path, info: dict[str, Any], model_dir: Path) -> None:
@@ -76,6 +83,7 @@ def train(
     if world != cfg.num_workers:
         raise RuntimeError(f"train.num_workers={cfg.num_workers} but torch.distributed has {world} ranks")
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
 
@@ -146,8 +154,10 @@ def train(
             metrics["mfu"] = fpt * tokens_per_s / (cfg.peak_tflops * 1e12 * world)
         if device.type == "cuda":
             metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        if rank == 0 and on_metrics is not None:
-            on_metrics(metrics, step + 1)
+        if rank == 0:
+            _write_progress(out_dir, step + 1, cfg.steps, metrics)
+            if on_metrics is not None:
+                on_metrics(metrics, step + 1)
         if rank == 0 and ((step + 1) % log_every == 0 or step + 1 == cfg.steps):
             print(
                 f"step {step + 1}/{cfg.steps} loss {loss_value:.4f} lr {metrics['lr']:.2e} "
