@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
 
-from ray.train import RunConfig, ScalingConfig
+import ray.train
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -18,13 +21,44 @@ from training.config import PROGRESS_FILE, TrainConfig
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
-    from training.trainer import train  # imported in the worker: DeepSpeed loads there, not in the driver
+    # Imported in the worker: DeepSpeed loads there, not in the driver.
+    import torch.distributed as dist
+
+    from training.engine import install_checkpoint, rank_files
+    from training.trainer import train
+
+    cfg = TrainConfig.model_validate(config["train"])
+    ckpt_dir = Path(config["out_dir"]) / "checkpoints"
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+
+    # After a restart (max_failures) or on a node that never saw the run, fetch the last checkpoint
+    # reported to Ray Train's storage unless this node already holds one.
+    reported = ray.train.get_checkpoint()
+    if reported is not None and context.get_local_rank() == 0 and not (ckpt_dir / "latest").exists():
+        with reported.as_directory() as local:
+            install_checkpoint(Path(local), ckpt_dir, Path(reported.path).name)
+    if dist.is_initialized():
+        dist.barrier()
+
+    def report(tag_dir: Path, step: int, metrics: dict[str, float]) -> None:
+        """Every rank uploads the files it wrote; Ray Train merges them into one checkpoint in storage."""
+        staging = ckpt_dir / ".upload" / f"{tag_dir.name}-rank{rank}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for f in rank_files(tag_dir, rank):
+            os.link(f, staging / f.name)
+        try:
+            ray.train.report(
+                {"step": step, **metrics},
+                checkpoint=Checkpoint.from_directory(str(staging)),
+                checkpoint_dir_name=tag_dir.name,
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     train(
-        TrainConfig.model_validate(config["train"]),
-        config["data_dir"],
-        config["out_dir"],
-        on_metrics=config["metrics_logger"],
+        cfg, config["data_dir"], config["out_dir"], on_metrics=config["metrics_logger"], on_checkpoint=report
     )
 
 
@@ -88,7 +122,12 @@ def launch_training(
             use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
         ),
-        run_config=RunConfig(name=run_name, storage_path=str(out_dir / "ray_train")),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=cfg.storage_path or str(out_dir / "ray_train"),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
     )
     if console is None:
         trainer.fit()

@@ -47,7 +47,15 @@ class TrainConfig(StageConfig):
     checkpoint_every: int = Field(
         0, ge=0, description="Save a checkpoint every N steps (0: only at the end)."
     )
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (and in storage_path).")
+    storage_path: str | None = Field(
+        None,
+        description="Where Ray Train persists reported checkpoints: a local path or a pyarrow filesystem URI "
+        "(s3://, gs://, hdfs://...); default <workdir>/train/ray_train.",
+    )
+    max_failures: int = Field(
+        0, ge=0, description="Restart the workers from the last checkpoint this many times after a failure."
+    )
     peak_tflops: float | None = Field(
         None, gt=0, description="Per-worker peak TFLOP/s for MFU (e.g. 989 on H100 bf16)."
     )

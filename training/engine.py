@@ -80,8 +80,11 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig):
 _META = "lmforge.json"
 
 
-def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], keep: int) -> None:
-    """DeepSpeed checkpoint tagged ``step{N}`` plus client state; older ones beyond ``keep`` are removed."""
+def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], keep: int) -> Path:
+    """DeepSpeed checkpoint tagged ``step{N}`` plus client state; older ones beyond ``keep`` are removed.
+
+    Returns the checkpoint's directory (once every rank has written its part).
+    """
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step:08d}"
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
@@ -93,6 +96,28 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict[
             shutil.rmtree(old, ignore_errors=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+    return ckpt_dir / tag
+
+
+def rank_files(tag_dir: Path, rank: int) -> list[Path]:
+    """The files of a checkpoint that ``rank`` wrote: its ZeRO partitions; rank 0 also the rest."""
+    mine = f"zero_pp_rank_{rank}_"
+    return sorted(
+        f
+        for f in tag_dir.iterdir()
+        if f.is_file() and (mine in f.name or (rank == 0 and "zero_pp_rank_" not in f.name))
+    )
+
+
+def install_checkpoint(source: Path, ckpt_dir: Path, tag: str) -> None:
+    """Copy a complete checkpoint (every rank's files) into ``ckpt_dir/tag`` and make it the latest."""
+    target = ckpt_dir / tag
+    tmp = ckpt_dir / f".{tag}.restoring"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    (ckpt_dir / "latest").write_text(tag)
 
 
 def load_latest_checkpoint(engine, ckpt_dir: str | Path, cfg: TrainConfig) -> dict[str, Any] | None:

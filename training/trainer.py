@@ -28,6 +28,8 @@ from training.data.tokenizer import EOS_TOKEN, tokenizer_id
 from training.model import build_model, count_parameters, freeze_first_layers, load_pretrained
 
 MetricsCallback = Callable[[dict[str, float], int], None]
+#: Called on every rank after each checkpoint with its directory, the step and the last step's metrics.
+CheckpointCallback = Callable[[Path, int, dict[str, float]], None]
 
 
 def _dist() -> tuple[int, int]:
@@ -74,6 +76,7 @@ def train(
     data_dir: str | Path,
     out_dir: str | Path,
     on_metrics: MetricsCallback | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
 ) -> dict[str, Any]:
     """Train (resuming from ``out_dir/checkpoints`` if present) and export the model to ``out_dir/model``.
 
@@ -167,7 +170,9 @@ def train(
         done = step + 1
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
             state = {"sampler": sampler.state_dict(), "step": done, "losses": losses}
-            ds_engine.save_checkpoint(engine, ckpt_dir, done, state, cfg.keep_checkpoints)
+            tag_dir = ds_engine.save_checkpoint(engine, ckpt_dir, done, state, cfg.keep_checkpoints)
+            if on_checkpoint is not None:
+                on_checkpoint(tag_dir, done, metrics)
 
     state_dict = ds_engine.consolidated_state_dict(engine, cfg)
     if rank != 0:

@@ -4,9 +4,11 @@ after a real kill (torchrun, 2 ranks, SIGKILL) reproducing the uninterrupted los
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -174,3 +176,47 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_losses(tokens, tmp_pat
     log = mismatch.communicate(timeout=600)[0]
     assert mismatch.returncode != 0
     assert "written by 2 workers with ZeRO-2; this run has 1 workers" in log
+
+
+def _ray_train_workers() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error, IndexError, TypeError):
+            if "RayTrainWorker" in proc.info["cmdline"][0]:
+                found.append(proc)
+    return found
+
+
+@pytest.mark.slow
+def test_ray_train_restarts_a_killed_worker_and_resumes_from_storage(ray_session, tokens, tmp_path):
+    model = {"preset": "debug", "n_embd": 128, "n_head": 4}
+    cfg = small(model=model, seq_len=64, steps=40, zero_stage=2, checkpoint_every=5, max_failures=1)
+    expected = launch(cfg, tokens, tmp_path / "straight")["losses"]
+
+    out = tmp_path / "killed"
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(summary=launch(cfg, tokens, out)))
+    thread.start()
+    deadline = time.monotonic() + 600
+    while not (out / "checkpoints" / "step00000010" / "lmforge.json").exists():
+        assert thread.is_alive() and time.monotonic() < deadline
+        time.sleep(0.01)
+    victim = _ray_train_workers()[-1]
+    victim.send_signal(signal.SIGKILL)
+    thread.join(timeout=600)
+    summary = outcome["summary"]
+    assert 10 <= summary["resumed_from"] < 40
+    assert summary["losses"] == expected
+
+    # Every rank's partition reached Ray Train's storage, merged into one checkpoint per step.
+    (run_dir,) = (out / "ray_train").iterdir()
+    final = run_dir / "step00000040"
+    names = {f.name for f in final.iterdir()}
+    assert {n for n in names if "zero_pp_rank_0_" in n} and {n for n in names if "zero_pp_rank_1_" in n}
+    assert "lmforge.json" in names
+
+    # A node that lost its local disk resumes from storage: the run is found complete at step 40.
+    shutil.rmtree(out / "checkpoints")
+    (out / "summary.json").unlink()
+    again = launch(cfg, tokens, out)
+    assert again["resumed_from"] == 40 and again["losses"] == expected
