@@ -89,7 +89,8 @@ def build_model(
         )
         model = LlamaForCausalLM(hf_config)
     if config.activation_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers >= 5 renamed gradient_checkpointing_enable (kept as a deprecated alias).
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     return model
 
 

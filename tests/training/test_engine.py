@@ -132,6 +132,10 @@ def test_warmup_cosine_schedule_hand_computed():
         ({"warmup_steps": 10, "steps": 10}, "warmup_steps=10"),
         ({"precision": "fp8"}, "precision"),
         ({"model": {"n_embd": 100, "n_head": 3}}, "not divisible"),
+        ({"precision": "bf16", "ds_config": {"fp16": {"enabled": True}}}, "both fp16 and bf16"),
+        ({"offload_device": "nvme", "offload_optimizer": True}, "needs nvme_path"),
+        ({"offload_device": "nvme", "nvme_path": "/nvme"}, "nothing to offload"),
+        ({"freeze_layers": 2}, "set init_from"),
     ],
 )
 def test_invalid_training_configs_fail_before_launch(fields, message):
@@ -144,3 +148,50 @@ def test_same_seed_same_init():
     b = build_model(ModelConfig(preset="debug"), VOCAB, SEQ, seed=5)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert os.environ.get("DS_ACCELERATOR") == "cpu"
+
+
+def test_nvme_offload_config():
+    from training.engine import build_ds_config
+
+    cfg = TrainConfig(
+        zero_stage=3, offload_params=True, offload_optimizer=True, offload_device="nvme", nvme_path="/nvme"
+    )
+    zero = build_ds_config(cfg)["zero_optimization"]
+    for key in ("offload_param", "offload_optimizer"):
+        assert zero[key] == {"device": "nvme", "pin_memory": False, "nvme_path": "/nvme"}
+
+
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_grad_accumulation_matches_the_full_batch_plain_loop(single_process_dist, activation_checkpointing):
+    """2 micro-batches of 2 accumulated == one batch of 4 (equal sizes: the mean of means is the mean)."""
+    from training.engine import initialize
+
+    model_cfg = ModelConfig(preset="debug", activation_checkpointing=activation_checkpointing)
+    cfg = TrainConfig(
+        model=model_cfg,
+        seq_len=SEQ,
+        micro_batch_size=BATCH // 2,
+        grad_accum_steps=2,
+        steps=STEPS,
+        warmup_steps=2,
+        zero_stage=0,
+        lr=LR,
+    )
+    expected = plain_pytorch_losses(cfg)  # full batches of BATCH, one optimizer step each
+    model = build_model(cfg.model, VOCAB, SEQ, seed=cfg.seed)
+    enabled = getattr(model, "is_activation_checkpointing", None)
+    if enabled is None:
+        enabled = model.is_gradient_checkpointing
+    assert enabled == activation_checkpointing
+    engine = initialize(model, cfg)
+    engine.train()
+    losses = []
+    for seqs in batches():
+        step = 0.0
+        for half in (seqs[: BATCH // 2], seqs[BATCH // 2 :]):
+            loss = step_loss(engine, half)
+            engine.backward(loss)
+            engine.step()
+            step += loss.item() / 2
+        losses.append(step)
+    assert losses == pytest.approx(expected, rel=1e-5, abs=1e-6)
