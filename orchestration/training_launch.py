@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +59,16 @@ def _worker_loop(config: dict[str, Any]) -> None:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint upload otherwise
+    # DeepSpeed 0.19 still calls the renamed collective; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     train(
-        cfg, config["data_dir"], config["out_dir"], on_metrics=config["metrics_logger"], on_checkpoint=report
+        cfg,
+        config["data_dir"],
+        config["out_dir"],
+        on_metrics=config["metrics_logger"],
+        on_checkpoint=report,
+        print_progress=not config["progress_bar"],  # the driver draws rank 0's progress instead
     )
 
 
@@ -115,6 +125,7 @@ def launch_training(
             "data_dir": str(Path(data_dir).resolve()),
             "out_dir": str(out_dir),
             "metrics_logger": metrics_logger,
+            "progress_bar": console is not None,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(

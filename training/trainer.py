@@ -77,6 +77,7 @@ def train(
     out_dir: str | Path,
     on_metrics: MetricsCallback | None = None,
     on_checkpoint: CheckpointCallback | None = None,
+    print_progress: bool = True,
 ) -> dict[str, Any]:
     """Train (resuming from ``out_dir/checkpoints`` if present) and export the model to ``out_dir/model``.
 
@@ -161,7 +162,7 @@ def train(
             _write_progress(out_dir, step + 1, cfg.steps, metrics)
             if on_metrics is not None:
                 on_metrics(metrics, step + 1)
-        if rank == 0 and ((step + 1) % log_every == 0 or step + 1 == cfg.steps):
+        if print_progress and rank == 0 and ((step + 1) % log_every == 0 or step + 1 == cfg.steps):
             print(
                 f"step {step + 1}/{cfg.steps} loss {loss_value:.4f} lr {metrics['lr']:.2e} "
                 f"{tokens_per_s:,.0f} tokens/s",
