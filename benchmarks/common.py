@@ -79,3 +79,24 @@ def pydoc_texts(min_chars: int, doc_chars: int = 4000) -> list[str]:
         out.extend(f"{d}\n(copy {copy})" for d in docs)
         copy += 1
     return out
+
+
+def documents_table(texts: list[str], source: str = "pydoc"):
+    """Texts as a table in lmforge's document schema (ids ``doc-00000000``...)."""
+    import pyarrow as pa
+
+    from ingestion.schema import DOCUMENT_SCHEMA
+
+    n = len(texts)
+    return pa.table(
+        {
+            "id": [f"doc-{i:08d}" for i in range(n)],
+            "url": [None] * n,
+            "text": texts,
+            "source": [source] * n,
+            "lang": ["en"] * n,
+            "fetched_at": [None] * n,
+            "meta": [[] for _ in range(n)],
+        },
+        schema=DOCUMENT_SCHEMA,
+    )

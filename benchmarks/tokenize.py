@@ -35,10 +35,9 @@ if args.quick:
 os.environ["RAYON_NUM_THREADS"] = str(args.workers)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import pyarrow as pa  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-from benchmarks.common import median_time, pydoc_texts, result, summary  # noqa: E402
+from benchmarks.common import documents_table, median_time, pydoc_texts, result, summary  # noqa: E402
 from ingestion.schema import DOCUMENT_SCHEMA  # noqa: E402
 from orchestration.datasets import file_entry, write_index, write_parquet  # noqa: E402
 from training.data.tokenize import (  # noqa: E402
@@ -49,22 +48,6 @@ from training.data.tokenize import (  # noqa: E402
 from training.data.tokenizer import TokenizerConfig, train_bpe  # noqa: E402
 
 BATCH = 1024
-
-
-def documents_table(texts: list[str]) -> pa.Table:
-    n = len(texts)
-    return pa.table(
-        {
-            "id": [f"doc-{i:08d}" for i in range(n)],
-            "url": [None] * n,
-            "text": texts,
-            "source": ["pydoc"] * n,
-            "lang": ["en"] * n,
-            "fetched_at": [None] * n,
-            "meta": [[] for _ in range(n)],
-        },
-        schema=DOCUMENT_SCHEMA,
-    )
 
 
 def main() -> None:

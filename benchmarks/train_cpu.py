@@ -36,12 +36,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import pydoc_texts, result, summary  # noqa: E402
-from ingestion.schema import DOCUMENT_SCHEMA  # noqa: E402
+from benchmarks.common import documents_table, pydoc_texts, result, summary  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.data.shards import DistributedBatchSampler, TokenSequences  # noqa: E402
 from training.data.tokenize import TokenizeConfig, tokenize_documents  # noqa: E402
@@ -60,19 +58,7 @@ STEPS = 15 if args.quick else args.steps
 
 def token_data(work: Path) -> Path:
     texts = pydoc_texts(3_000_000)
-    n = len(texts)
-    table = pa.table(
-        {
-            "id": [f"doc-{i:06d}" for i in range(n)],
-            "url": [None] * n,
-            "text": texts,
-            "source": ["pydoc"] * n,
-            "lang": ["en"] * n,
-            "fetched_at": [None] * n,
-            "meta": [[] for _ in range(n)],
-        },
-        schema=DOCUMENT_SCHEMA,
-    )
+    table = documents_table(texts)
     out = work / "tokens"
     cfg = TokenizeConfig(tokenizer=TokenizerConfig(vocab_size=8192), val_fraction=0.01)
     tokenize_documents(lambda: table.to_batches(max_chunksize=1024), out, cfg)

@@ -100,6 +100,32 @@ def _document_task(
     return result
 
 
+def run_partitions(
+    out: Path,
+    parts: list[str],
+    submit: Callable[[str], ray.ObjectRef],
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Results of every partition: read from its completion marker if a previous run finished it, else
+    from a Ray task ``submit(part)`` (the task writes the marker); progress is reported as tasks end."""
+    results: dict[str, dict[str, Any]] = {}
+    pending = {}
+    for part in parts:
+        marker = out / DONE_DIR / f"{part}.json"
+        if marker.exists():
+            results[part] = json.loads(marker.read_text())
+        else:
+            pending[submit(part)] = part
+    if on_progress:
+        on_progress(len(results), len(parts))
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        results[pending.pop(done[0])] = ray.get(done[0])
+        if on_progress:
+            on_progress(len(results), len(parts))
+    return results
+
+
 def run_document_stage(
     stage_name: str,
     stages: list[Stage],
@@ -116,21 +142,13 @@ def run_document_stage(
     after checking that every input document is either kept or rejected.
     """
     out = Path(out_dir)
-    results: dict[str, dict[str, Any]] = {}
-    pending = {}
-    for part, source in partitions:
-        marker = out / DONE_DIR / f"{part}.json"
-        if marker.exists():
-            results[part] = json.loads(marker.read_text())
-        else:
-            pending[_document_task.remote(stages, source, str(out), part, stage_name)] = part
-    if on_progress:
-        on_progress(len(results), len(partitions))
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        results[pending.pop(done[0])] = ray.get(done[0])
-        if on_progress:
-            on_progress(len(results), len(partitions))
+    sources = dict(partitions)
+    results = run_partitions(
+        out,
+        list(sources),
+        lambda part: _document_task.remote(stages, sources[part], str(out), part, stage_name),
+        on_progress,
+    )
 
     counters: Counter = Counter()
     for r in results.values():
@@ -210,21 +228,13 @@ def run_tokenize_stage(
         shutil.rmtree(out / DONE_DIR, ignore_errors=True)  # partitions of another tokenizer are void
         prepared = ray.get(_prepare_tokenizer_task.remote(files, str(out), config))
     parts = plan_partitions(files, config.partition_mb)
-    results: dict[str, dict[str, Any]] = {}
-    pending = {}
-    for part in parts:
-        marker = out / DONE_DIR / f"{part.name}.json"
-        if marker.exists():
-            results[part.name] = json.loads(marker.read_text())
-        else:
-            pending[_tokenize_task.remote(part, str(out), prepared, config)] = part.name
-    if on_progress:
-        on_progress(len(results), len(parts))
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        results[pending.pop(done[0])] = ray.get(done[0])
-        if on_progress:
-            on_progress(len(results), len(parts))
+    by_name = {p.name: p for p in parts}
+    results = run_partitions(
+        out,
+        list(by_name),
+        lambda name: _tokenize_task.remote(by_name[name], str(out), prepared, config),
+        on_progress,
+    )
     documents_in = sum(f["rows"] for f in docs["files"] if f["path"].endswith(".parquet"))
     documents_out = sum(r["documents"] for r in results.values())
     if documents_in != documents_out:
