@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -158,6 +159,7 @@ def train(
             metrics["mfu"] = fpt * tokens_per_s / (cfg.peak_tflops * 1e12 * world)
         if device.type == "cuda":
             metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        metrics["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
         if rank == 0:
             _write_progress(out_dir, step + 1, cfg.steps, metrics)
             if on_metrics is not None:
