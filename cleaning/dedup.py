@@ -8,30 +8,14 @@ they must see the whole dataset (one process here; issue #6 distributes the clus
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-from datasketch import MinHash, MinHashLSH
 from pydantic import Field
 
+from cleaning.minhash import MinHasher, ShingleHashName, dedup_normal_form
 from orchestration.stage import Stage, StageConfig, StageContext
-
-_NON_WORD = re.compile(r"[^\w]+")
-
-
-def dedup_normal_form(text: str) -> str:
-    """Lower-case, punctuation-free, single-spaced text: what 'the same text' means for dedup."""
-    return _NON_WORD.sub(" ", text.lower()).strip()
-
-
-def word_shingles(text: str, n: int) -> set[bytes]:
-    """Word n-grams of the dedup normal form (the whole text when it has fewer than n words)."""
-    words = dedup_normal_form(text).split()
-    if len(words) < n:
-        return {" ".join(words).encode()}
-    return {" ".join(words[i : i + n]).encode() for i in range(len(words) - n + 1)}
 
 
 def _sorted_by_id(batches: Iterable[pa.RecordBatch]) -> pa.Table | None:
@@ -83,11 +67,18 @@ class MinHashDedupConfig(StageConfig):
     threshold: float = Field(
         0.8, gt=0, lt=1, description="Estimated Jaccard at which documents are duplicates."
     )
-    seed: int = Field(1, description="Seed of the MinHash permutations.")
+    seed: int = Field(1, description="Seed of the MinHash permutations (drawn as datasketch draws them).")
+    shingle_hash: ShingleHashName = Field(
+        "words", description="'words' (fast, compiled) or 'sha1' (datasketch's default hash, slow)."
+    )
 
 
 class MinHashDeduplicator(Stage):
-    """Removes documents whose estimated Jaccard similarity to a kept document reaches the threshold."""
+    """Removes documents whose estimated Jaccard similarity to a kept document reaches the threshold.
+
+    Signatures come from :class:`cleaning.minhash.MinHasher`; candidates from LSH bands with datasketch's
+    choice of (bands, rows) for the threshold; a candidate is confirmed by the estimated Jaccard.
+    """
 
     name = "minhash_dedup"
     config: MinHashDedupConfig
@@ -97,23 +88,26 @@ class MinHashDeduplicator(Stage):
         if table is None:
             return
         cfg = self.config
-        lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
-        kept_sigs: dict[str, MinHash] = {}
+        hasher = MinHasher(cfg.num_perm, cfg.seed, cfg.ngram, cfg.shingle_hash)
+        sigs = hasher.signatures(table.column("text").to_pylist())
+        ids = table.column("id").to_pylist()
+        bands, rows = lsh_bands(cfg.threshold, cfg.num_perm)
+        buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
         duplicate_of: list[str | None] = []
         similarity: list[float] = []
-        for doc_id, text in zip(table.column("id").to_pylist(), table.column("text").to_pylist()):
-            sig = MinHash(num_perm=cfg.num_perm, seed=cfg.seed)
-            sig.update_batch(list(word_shingles(text, cfg.ngram)))
+        for i, sig in enumerate(sigs):
+            keys = [sig[b * rows : (b + 1) * rows].tobytes() for b in range(bands)]
+            candidates = {j for b, key in enumerate(keys) for j in buckets[b].get(key, ())}
             best, best_j = None, 0.0
-            for other in lsh.query(sig):
-                j = sig.jaccard(kept_sigs[other])
-                if j >= cfg.threshold and (j > best_j or (j == best_j and other < best)):
-                    best, best_j = other, j
-            duplicate_of.append(best)
+            for j in sorted(candidates):  # ids are sorted: the earliest kept document wins a tie
+                jaccard = float(np.mean(sig == sigs[j]))
+                if jaccard >= cfg.threshold and jaccard > best_j:
+                    best, best_j = j, jaccard
+            duplicate_of.append(None if best is None else ids[best])
             similarity.append(best_j)
             if best is None:
-                lsh.insert(doc_id, sig)
-                kept_sigs[doc_id] = sig
+                for b, key in enumerate(keys):
+                    buckets[b].setdefault(key, []).append(i)
         dup = np.array([d is not None for d in duplicate_of], dtype=bool)
         ctx.reject(
             table.filter(pa.array(dup)),
@@ -124,3 +118,11 @@ class MinHashDeduplicator(Stage):
             duplicate_of=[d for d in duplicate_of if d is not None],
         )
         yield from table.filter(pa.array(~dup)).combine_chunks().to_batches()
+
+
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) minimizing false positives + false negatives at ``threshold``, as datasketch's
+    ``MinHashLSH`` chooses them (equal weights)."""
+    from datasketch.lsh import _optimal_param
+
+    return _optimal_param(threshold, num_perm, 0.5, 0.5)
