@@ -223,7 +223,10 @@ class MinHasher:
         return out[:n], counts
 
     def signatures(self, texts: Sequence[str] | Iterable[str]) -> np.ndarray:
-        flat, counts = self.shingle_hashes(texts)
+        return self.minimums(*self.shingle_hashes(texts))
+
+    def minimums(self, flat: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Signatures from :meth:`shingle_hashes`' output: ``(len(counts), num_perm)`` uint32."""
         out = np.empty((counts.size, self.num_perm), dtype=np.uint32)
         if counts.size:
             _min_permuted(flat, counts, self.a, self.b, out)
