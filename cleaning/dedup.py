@@ -83,6 +83,13 @@ class MinHashDedupConfig(StageConfig):
         "words", description="'words' (fast, compiled) or 'sha1' (datasketch's default hash, slow)."
     )
 
+    def banding(self) -> tuple[int, int]:
+        """(bands, rows): the configured ones, or chosen for the threshold (for recall when verifying
+        exactly, since verification removes the false positives)."""
+        if self.bands:
+            return self.bands, self.rows
+        return lsh_bands(self.threshold, self.num_perm, 0.95 if self.verify == "exact" else 0.5)
+
     @model_validator(mode="after")
     def _banding(self) -> MinHashDedupConfig:
         if (self.bands is None) != (self.rows is None):
@@ -101,6 +108,7 @@ class MinHashDeduplicator(Stage):
     sets (``verify='exact'``, the default) or the signatures' estimate. Connected components of the edges
     are the clusters; each keeps one document (the first id, or the longest text) and the others are
     removed with ``duplicate_of`` naming it and ``value`` their highest similarity to a cluster member.
+    This is the one-process form; orchestration/dedup.py runs the same steps as Ray tasks.
     """
 
     name = "minhash_dedup"
@@ -115,104 +123,124 @@ class MinHashDeduplicator(Stage):
         texts = table.column("text").to_pylist()
         flat, counts = hasher.shingle_hashes(texts)
         sigs = hasher.minimums(flat, counts)
-        if cfg.bands:
-            bands, rows = cfg.bands, cfg.rows
-        else:  # exact verification removes false positives: band for recall (miss weight 0.95)
-            bands, rows = lsh_bands(cfg.threshold, cfg.num_perm, 0.95 if cfg.verify == "exact" else 0.5)
-        pairs = candidate_pairs(sigs, bands, rows)
+        bands, rows = cfg.banding()
+        keys = band_keys(sigs, bands, rows)
+        n = len(texts)
+        pairs = bucket_pairs(np.repeat(np.arange(bands), n), keys.T.ravel(), np.tile(np.arange(n), bands))
         ctx.counters[f"{self.name}.candidate_pairs"] += len(pairs)
-        if cfg.verify == "exact":
-            ends = np.cumsum(counts)
-            sets = np.split(flat, ends[:-1])
-            unique: dict[int, np.ndarray] = {}
-
-            def similarity(i: int, j: int) -> float:
-                a = unique[i] if i in unique else unique.setdefault(i, np.unique(sets[i]))
-                b = unique[j] if j in unique else unique.setdefault(j, np.unique(sets[j]))
-                inter = np.intersect1d(a, b, assume_unique=True).size
-                return inter / (a.size + b.size - inter)
-        else:
-
-            def similarity(i: int, j: int) -> float:
-                return float(np.mean(sigs[i] == sigs[j]))
-
-        parent = list(range(len(texts)))
-
-        def find(i: int) -> int:
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
-
-        best = np.zeros(len(texts))
-        edges = 0
-        for i, j in pairs:
-            sim = similarity(i, j)
-            if sim >= cfg.threshold:
-                edges += 1
-                best[i], best[j] = max(best[i], sim), max(best[j], sim)
-                ri, rj = find(i), find(j)
-                if ri != rj:
-                    parent[max(ri, rj)] = min(ri, rj)
-        ctx.counters[f"{self.name}.verified_pairs"] += edges
-        members: dict[int, list[int]] = {}
-        for i in range(len(texts)):
-            members.setdefault(find(i), []).append(i)
-        keep = np.ones(len(texts), dtype=bool)
-        duplicate_of: list[str | None] = [None] * len(texts)
+        sets = np.split(flat, np.cumsum(counts)[:-1])
+        similarity = Similarity(cfg.verify, lambda i: sets[i], lambda i: sigs[i])
+        edges = [(i, j, sim) for i, j in pairs if (sim := similarity(i, j)) >= cfg.threshold]
+        ctx.counters[f"{self.name}.verified_pairs"] += len(edges)
         ids = table.column("id").to_pylist()
-        clusters = 0
-        for group in members.values():
-            if len(group) == 1:
-                continue
-            clusters += 1
-            ctx.counters[f"{self.name}.largest_cluster"] = max(
-                ctx.counters[f"{self.name}.largest_cluster"], len(group)
-            )
-            # Ties (and 'first') go to the smallest id: rows are sorted by id.
-            kept = group[0] if cfg.keep == "first" else max(group, key=lambda k: (len(texts[k]), -k))
-            for k in group:
-                if k != kept:
-                    keep[k] = False
-                    duplicate_of[k] = ids[kept]
-        ctx.counters[f"{self.name}.clusters"] += clusters
-        dup = ~keep
+        lengths = [len(t) for t in texts]
+        decisions = cluster_decisions(edges, lambda i: ids[i], lambda i: lengths[i], cfg.keep)
+        ctx.counters[f"{self.name}.clusters"] += len({d[0] for d in decisions.values()})
+        dup = np.zeros(n, dtype=bool)
+        dup[list(decisions)] = True
+        order = np.flatnonzero(dup)
         ctx.reject(
             table.filter(pa.array(dup)),
             filter=self.name,
             signal=f"jaccard_{cfg.verify}",
-            values=best[dup].tolist(),
+            values=[decisions[i][1] for i in order],
             threshold=cfg.threshold,
-            duplicate_of=[d for d in duplicate_of if d is not None],
+            duplicate_of=[decisions[i][0] for i in order],
         )
-        yield from table.filter(pa.array(keep)).combine_chunks().to_batches()
+        yield from table.filter(pa.array(~dup)).combine_chunks().to_batches()
 
 
-def candidate_pairs(sigs: np.ndarray, bands: int, rows: int, max_bucket: int = 64) -> list[tuple[int, int]]:
-    """Distinct pairs (i < j) of documents sharing a bucket in at least one band.
+_FOLD = np.uint64(0x9E3779B97F4A7C15)
+
+
+def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """``(len(sigs), bands)`` uint64: each band's rows folded into one 64-bit bucket key."""
+    keys = np.zeros((sigs.shape[0], bands), dtype=np.uint64)
+    for band in range(bands):
+        for col in sigs[:, band * rows : (band + 1) * rows].T:
+            keys[:, band] = keys[:, band] * _FOLD + col.astype(np.uint64)
+    return keys
+
+
+def bucket_pairs(
+    band: np.ndarray, key: np.ndarray, node: np.ndarray, max_bucket: int = 64
+) -> set[tuple[int, int]]:
+    """Distinct candidate pairs (a < b) of nodes sharing a (band, key) bucket.
 
     Within a bucket every pair is a candidate; a bucket larger than ``max_bucket`` (a template shared by
-    many documents) contributes its first document paired with each other one instead, which still
-    connects the bucket after verification when they are duplicates of the first.
+    many documents) pairs its smallest node with each other one instead.
     """
+    order = np.lexsort((node, key, band))
+    band, key, node = band[order], key[order], node[order]
+    starts = np.flatnonzero(np.r_[True, (band[1:] != band[:-1]) | (key[1:] != key[:-1])])
+    sizes = np.diff(np.r_[starts, band.size])
     found: set[tuple[int, int]] = set()
-    mult = np.uint64(0x9E3779B97F4A7C15)
-    for band in range(bands):
-        key = np.zeros(sigs.shape[0], dtype=np.uint64)
-        for col in sigs[:, band * rows : (band + 1) * rows].T:
-            key = key * mult + col.astype(np.uint64)
-        order = np.argsort(key, kind="stable")
-        sorted_keys = key[order]
-        bounds = np.flatnonzero(np.diff(sorted_keys)) + 1
-        for bucket in np.split(order, bounds):
-            if bucket.size < 2:
-                continue
-            bucket = np.sort(bucket).tolist()
-            if len(bucket) <= max_bucket:
-                found.update((a, b) for x, a in enumerate(bucket) for b in bucket[x + 1 :])
-            else:
-                found.update((bucket[0], b) for b in bucket[1:])
-    return sorted(found)
+    for start, size in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist()):
+        members = node[start : start + size].tolist()
+        if size <= max_bucket:
+            found.update((a, b) for x, a in enumerate(members) for b in members[x + 1 :] if a != b)
+        else:
+            found.update((members[0], b) for b in members[1:] if b != members[0])
+    return found
+
+
+class Similarity:
+    """Jaccard of two documents: exact over their shingle-hash sets, or the signatures' estimate."""
+
+    def __init__(self, verify: str, shingles_of, signature_of):
+        self.verify, self.shingles_of, self.signature_of = verify, shingles_of, signature_of
+        self._unique: dict[int, np.ndarray] = {}
+
+    def _set(self, i: int) -> np.ndarray:
+        if i not in self._unique:
+            self._unique[i] = np.unique(self.shingles_of(i))
+        return self._unique[i]
+
+    def __call__(self, i: int, j: int) -> float:
+        if self.verify == "estimate":
+            return float(np.mean(self.signature_of(i) == self.signature_of(j)))
+        a, b = self._set(i), self._set(j)
+        inter = np.intersect1d(a, b, assume_unique=True).size
+        return inter / (a.size + b.size - inter)
+
+
+def cluster_decisions(
+    edges: Iterable[tuple[int, int, float]], id_of, length_of, keep: str
+) -> dict[int, tuple[str, float]]:
+    """Connected components of the verified edges -> ``{removed node: (kept id, best similarity)}``.
+
+    The kept node of a component is the smallest id (``keep='first'``) or the longest text, ties to the
+    smallest id (``keep='longest'``).
+    """
+    parent: dict[int, int] = {}
+
+    def find(i: int) -> int:
+        parent.setdefault(i, i)
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    best: dict[int, float] = {}
+    for i, j, sim in edges:
+        best[i], best[j] = max(best.get(i, 0.0), sim), max(best.get(j, 0.0), sim)
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    components: dict[int, list[int]] = {}
+    for node in parent:
+        components.setdefault(find(node), []).append(node)
+    decisions: dict[int, tuple[str, float]] = {}
+    for members in components.values():
+        if keep == "first":
+            kept = min(members, key=id_of)
+        else:
+            kept = min(members, key=lambda k: (-length_of(k), id_of(k)))
+        kept_id = id_of(kept)
+        for node in members:
+            if node != kept:
+                decisions[node] = (kept_id, best[node])
+    return decisions
 
 
 def lsh_bands(threshold: float, num_perm: int, miss_weight: float = 0.5) -> tuple[int, int]:
