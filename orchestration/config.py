@@ -65,10 +65,12 @@ class CleanConfig(_Section):
 
 
 class DedupConfig(_Section):
-    """Exact then near-duplicate removal; null switches a step off."""
+    """Exact and near-duplicate removal (orchestration/dedup.py); null switches a step off."""
 
     exact: ExactDedupConfig | None = Field(default_factory=ExactDedupConfig)
     minhash: MinHashDedupConfig | None = Field(default_factory=MinHashDedupConfig)
+    partition_mb: float = Field(64, gt=0, description="Text (MiB) per signature task (the map phase).")
+    shards: int = Field(4, ge=1, description="Reduce tasks: LSH buckets are split among them by key.")
 
 
 class PipelineConfig(_Section):

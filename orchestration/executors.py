@@ -17,20 +17,19 @@ import ray
 from ingestion.readers import read_warc
 from ingestion.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA
 from orchestration.datasets import (
+    Partition,
     atomic_write_bytes,
     index_digest,
-    iter_parquet,
+    plan_partitions,
     read_index,
     write_index,
     write_parquet,
 )
 from orchestration.stage import Stage, StageContext, run_chain
 from training.data.tokenize import (
-    Partition,
     Prepared,
     TokenizeConfig,
     load_prepared,
-    plan_partitions,
     prepare_tokenizer,
     sequential_encoding,
     tokenize_partition,
@@ -76,13 +75,6 @@ def ensure_ray(
 def warc_source(path: str) -> Source:
     def read(ctx: StageContext) -> Iterable[pa.RecordBatch]:
         return read_warc(path, counters=ctx.counters)
-
-    return read
-
-
-def parquet_source(dataset_dir: str) -> Source:
-    def read(ctx: StageContext) -> Iterable[pa.RecordBatch]:
-        return iter_parquet(dataset_dir)
 
     return read
 

@@ -22,7 +22,6 @@ import ray
 from pydantic import BaseModel
 from rich.console import Console
 
-from cleaning.dedup import ExactDeduplicator, MinHashDeduplicator
 from cleaning.extract import HtmlExtractor
 from cleaning.filters import GopherQualityFilter
 from cleaning.normalize import TextNormalizer
@@ -32,9 +31,9 @@ from orchestration import report
 from orchestration.config import PipelineConfig
 from orchestration.crawl import run_crawl
 from orchestration.datasets import file_sha256, index_digest, read_index, write_index
+from orchestration.dedup import run_dedup_stage
 from orchestration.executors import (
     ensure_ray,
-    parquet_source,
     run_document_stage,
     run_tokenize_stage,
     warc_source,
@@ -191,19 +190,15 @@ class Pipeline:
         )
 
     def _dedup(self, clean: StageOutcome, out: Path, key: str) -> dict[str, Any]:
-        d = self.cfg.dedup
-        stages = [
-            s
-            for s in (d.exact and ExactDeduplicator(d.exact), d.minhash and MinHashDeduplicator(d.minhash))
-            if s
-        ]
-        return run_document_stage(
-            "dedup",
-            stages,
-            [("part-00000", parquet_source(str(clean.out_dir)))],
+        return run_dedup_stage(
+            clean.out_dir,
             out,
+            self.cfg.dedup,
             cache_key=key,
             inputs={"clean": index_digest(clean.index)},
+            on_progress=lambda phase, done, total: self.console.print(
+                f"  {phase}: {done}/{total} tasks", highlight=False
+            ),
         )
 
     def _tokenize(self, docs: StageOutcome, out: Path, key: str) -> dict[str, Any]:

@@ -6,10 +6,10 @@ import numpy as np
 import pyarrow as pa
 
 from ingestion.schema import DOCUMENT_SCHEMA
-from orchestration.datasets import file_entry, write_index, write_parquet
+from orchestration.datasets import file_entry, plan_partitions, write_index, write_parquet
 from orchestration.executors import run_tokenize_stage
 from tests.training.test_shards import batches, corpus
-from training.data.tokenize import TokenizeConfig, plan_partitions, tokenize_documents
+from training.data.tokenize import TokenizeConfig, tokenize_documents
 from training.data.tokenizer import TokenizerConfig
 
 

@@ -1,0 +1,339 @@
+"""Exact and MinHash-LSH deduplication as Ray tasks: no process ever holds every signature.
+
+1. map, one task per input partition (row ranges, as for tokenization): shingle hashes, signatures, the
+   LSH band keys and the exact-text hash of each document. It writes its documents' ids and lengths, its
+   shingle hashes (and signatures) as memory-mappable arrays, and its (band, key, node) rows split into
+   ``shards`` files by key, so each reduce task reads only its share. A node is
+   ``partition << 32 | row``.
+2. reduce, one task per key shard: sort its rows by (band, key); documents sharing a bucket are candidate
+   pairs; exact-text buckets (band -1) are duplicates outright; candidates are verified by exact Jaccard
+   of their shingle sets (or the signatures' estimate), read from the map outputs for just those nodes.
+   It writes the verified edges.
+3. the driver joins the edges (one per duplicate pair, far fewer than documents) into connected
+   components and picks each cluster's survivor by the keep rule.
+4. apply, one task per partition: writes kept documents and the removed ones with ``duplicate_of``
+   (the survivor), ``value`` (best similarity in the cluster) and the filter that removed them
+   (``exact_dedup`` when another member of the cluster has the same normalized text, else
+   ``minhash_dedup``).
+
+Every phase leaves completion markers: a killed stage resumes from the finished tasks. The output depends
+on the documents and the config only (the partition plan comes from the files and ``partition_mb``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from cleaning.dedup import Similarity, band_keys, bucket_pairs, cluster_decisions
+from cleaning.minhash import MinHasher, dedup_normal_form
+from ingestion.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA
+from orchestration.config import DedupConfig
+from orchestration.datasets import (
+    Partition,
+    atomic_write_bytes,
+    plan_partitions,
+    read_index,
+    write_index,
+    write_parquet,
+)
+from orchestration.executors import DONE_DIR, REJECTED_DIR, run_partitions
+from orchestration.stage import StageContext
+
+WORK = "_work"
+EXACT_BAND = -1
+
+
+def _write_arrow(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    tmp.replace(path)
+
+
+def _read_arrow(path: Path) -> pa.Table:
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.npy")
+    np.save(tmp, array)
+    tmp.replace(path)
+
+
+@ray.remote(num_cpus=1)
+def _map_task(index: int, part: Partition, work: str, cfg: DedupConfig, shards: int) -> dict[str, Any]:
+    work_dir = Path(work)
+    ids, texts = [], []
+    for batch in part.batches(["id", "text"]):
+        ids.extend(batch.column("id").to_pylist())
+        texts.extend(batch.column("text").to_pylist())
+    n = len(ids)
+    node = (np.int64(index) << np.int64(32)) | np.arange(n, dtype=np.int64)
+    normal = cfg.exact is None or cfg.exact.normalize
+    exact = np.array(
+        [
+            int.from_bytes(
+                hashlib.blake2b((dedup_normal_form(t) if normal else t).encode(), digest_size=8).digest(),
+                "little",
+            )
+            for t in texts
+        ],
+        dtype=np.uint64,
+    )
+    _write_arrow(
+        work_dir / "docs" / f"{part.name}.arrow",
+        pa.table({"id": ids, "length": [len(t) for t in texts], "exact": exact}),
+    )
+    band_col, key_col, node_col = [], [], []
+    if cfg.exact:
+        band_col.append(np.full(n, EXACT_BAND, dtype=np.int16))
+        key_col.append(exact)
+        node_col.append(node)
+    if cfg.minhash:
+        m = cfg.minhash
+        hasher = MinHasher(m.num_perm, m.seed, m.ngram, m.shingle_hash)
+        flat, counts = hasher.shingle_hashes(texts)
+        sigs = hasher.minimums(flat, counts)
+        _save_npy(work_dir / "shingles" / f"{part.name}.npy", flat)
+        _save_npy(work_dir / "offsets" / f"{part.name}.npy", np.r_[0, np.cumsum(counts)])
+        _save_npy(work_dir / "sigs" / f"{part.name}.npy", sigs)
+        bands, rows = m.banding()
+        keys = band_keys(sigs, bands, rows)
+        band_col.append(np.repeat(np.arange(bands, dtype=np.int16), n))
+        key_col.append(keys.T.ravel())
+        node_col.append(np.tile(node, bands))
+    band, key, nodes = (np.concatenate(c) if c else np.empty(0) for c in (band_col, key_col, node_col))
+    shard_of = (key % np.uint64(shards)).astype(np.int64) if key.size else np.empty(0, np.int64)
+    for shard in range(shards):
+        mask = shard_of == shard
+        table = pa.table(
+            {
+                "band": band[mask].astype(np.int16),
+                "key": key[mask].astype(np.uint64),
+                "node": nodes[mask].astype(np.int64),
+            }
+        )
+        _write_arrow(work_dir / "bands" / f"{part.name}-{shard:04d}.arrow", table)
+    result = {"part": part.name, "index": index, "documents": n}
+    atomic_write_bytes(work_dir / DONE_DIR / f"map-{part.name}.json", json.dumps(result).encode())
+    return result
+
+
+class _PartArrays:
+    """Lazily memory-mapped per-partition arrays of the map phase, addressed by node."""
+
+    def __init__(self, work: Path, names: list[str]):
+        self.work, self.names = work, names
+        self._cache: dict[tuple[str, int], np.ndarray] = {}
+
+    def _array(self, kind: str, part: int) -> np.ndarray:
+        if (kind, part) not in self._cache:
+            self._cache[(kind, part)] = np.load(self.work / kind / f"{self.names[part]}.npy", mmap_mode="r")
+        return self._cache[(kind, part)]
+
+    def shingles(self, node: int) -> np.ndarray:
+        part, row = node >> 32, node & 0xFFFFFFFF
+        offsets = self._array("offsets", part)
+        return np.asarray(self._array("shingles", part)[offsets[row] : offsets[row + 1]])
+
+    def signature(self, node: int) -> np.ndarray:
+        return np.asarray(self._array("sigs", node >> 32)[node & 0xFFFFFFFF])
+
+
+@ray.remote(num_cpus=1)
+def _reduce_task(shard: int, names: list[str], work: str, cfg: DedupConfig) -> dict[str, Any]:
+    work_dir = Path(work)
+    tables = [_read_arrow(work_dir / "bands" / f"{name}-{shard:04d}.arrow") for name in names]
+    rows = pa.concat_tables(tables)
+    band = rows.column("band").to_numpy()
+    key, node = rows.column("key").to_numpy(), rows.column("node").to_numpy()
+    exact = band == EXACT_BAND
+    edges: dict[tuple[int, int], tuple[float, bool]] = {}
+    for a, b in bucket_pairs(band[exact], key[exact], node[exact], max_bucket=0):
+        edges[(a, b)] = (1.0, True)
+    candidates = 0
+    if cfg.minhash:
+        m = cfg.minhash
+        arrays = _PartArrays(work_dir, names)
+        similarity = Similarity(m.verify, arrays.shingles, arrays.signature)
+        near = ~exact
+        for a, b in sorted(bucket_pairs(band[near], key[near], node[near])):
+            candidates += 1
+            if (a, b) not in edges and (sim := similarity(a, b)) >= m.threshold:
+                edges[(a, b)] = (sim, False)
+    pairs = sorted(edges)
+    table = pa.table(
+        {
+            "a": np.array([p[0] for p in pairs], dtype=np.int64),
+            "b": np.array([p[1] for p in pairs], dtype=np.int64),
+            "similarity": np.array([edges[p][0] for p in pairs], dtype=np.float64),
+            "exact_bucket": np.array([edges[p][1] for p in pairs], dtype=bool),
+        }
+    )
+    _write_arrow(work_dir / "edges" / f"{shard:04d}.arrow", table)
+    result = {"part": f"reduce-{shard:04d}", "candidate_pairs": candidates, "edges": len(pairs)}
+    atomic_write_bytes(work_dir / DONE_DIR / f"reduce-{shard:04d}.json", json.dumps(result).encode())
+    return result
+
+
+@ray.remote(num_cpus=1)
+def _apply_task(part: Partition, out: str, work: str) -> dict[str, Any]:
+    out_dir, work_dir = Path(out), Path(work)
+    decisions = _read_arrow(work_dir / "decisions" / f"{part.name}.arrow").to_pydict()
+    removed = dict(
+        zip(decisions["row"], zip(decisions["duplicate_of"], decisions["value"], decisions["filter"]))
+    )
+    ctx = StageContext("dedup")
+
+    def kept_batches():
+        row = 0
+        for batch in part.batches():
+            drop = np.array([row + i in removed for i in range(batch.num_rows)], dtype=bool)
+            for name in ("exact_dedup", "minhash_dedup"):
+                rows = [row + i for i in np.flatnonzero(drop) if removed[row + i][2] == name]
+                if rows:
+                    local = pa.array(np.array(rows) - row)
+                    ctx.reject(
+                        batch.take(local),
+                        filter=name,
+                        signal="text_hash" if name == "exact_dedup" else "jaccard",
+                        values=[removed[r][1] for r in rows],
+                        duplicate_of=[removed[r][0] for r in rows],
+                    )
+            yield batch.filter(pa.array(~drop))
+            row += batch.num_rows
+
+    kept = write_parquet(out_dir / f"{part.name}.parquet", kept_batches(), DOCUMENT_SCHEMA)
+    rejected = write_parquet(out_dir / REJECTED_DIR / f"{part.name}.parquet", ctx.rejected, REJECTED_SCHEMA)
+    result = {"part": part.name, "kept": kept, "rejected": rejected, "counters": dict(ctx.counters)}
+    atomic_write_bytes(work_dir / DONE_DIR / f"apply-{part.name}.json", json.dumps(result).encode())
+    return result
+
+
+def run_dedup_stage(
+    docs_dir: str | Path,
+    out_dir: str | Path,
+    cfg: DedupConfig,
+    *,
+    cache_key: str,
+    inputs: dict[str, str],
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Deduplicate the documents of ``docs_dir`` into ``out_dir`` (kept, ``rejected/``, index)."""
+    docs = read_index(docs_dir)
+    if docs is None:
+        raise FileNotFoundError(f"{docs_dir}: no index.json; the stage that writes it has not completed")
+    files = [str(Path(docs_dir) / f["path"]) for f in docs["files"] if f["path"].endswith(".parquet")]
+    out = Path(out_dir)
+    work = out / WORK
+    parts = plan_partitions(files, cfg.partition_mb)
+    names = [p.name for p in parts]
+    by_name = {p.name: (i, p) for i, p in enumerate(parts)}
+
+    def progress(phase: str) -> Callable[[int, int], None] | None:
+        return None if on_progress is None else (lambda done, total: on_progress(phase, done, total))
+
+    maps = run_partitions(
+        work,
+        [f"map-{n}" for n in names],
+        lambda t: _map_task.remote(*by_name[t[4:]], str(work), cfg, cfg.shards),
+        progress("signatures"),
+    )
+    reduces = run_partitions(
+        work,
+        [f"reduce-{s:04d}" for s in range(cfg.shards)],
+        lambda t: _reduce_task.remote(int(t[7:]), names, str(work), cfg),
+        progress("candidate pairs"),
+    )
+    counters: Counter = Counter()
+    counters["candidate_pairs"] = sum(r["candidate_pairs"] for r in reduces.values())
+    if not (work / DONE_DIR / "decisions.json").exists():
+        _decide(work, names, cfg, counters)
+    counters.update(json.loads((work / DONE_DIR / "decisions.json").read_text()))
+    applied = run_partitions(
+        work,
+        [f"apply-{n}" for n in names],
+        lambda t: _apply_task.remote(by_name[t[6:]][1], str(out), str(work)),
+        progress("write"),
+    )
+    results = [applied[f"apply-{n}"] for n in names]
+    for r in results:
+        counters.update(r["counters"])
+    docs_in = sum(m["documents"] for m in maps.values())
+    kept = sum(r["kept"]["rows"] for r in results)
+    rejected = sum(r["rejected"]["rows"] for r in results)
+    if docs_in != kept + rejected:
+        raise RuntimeError(f"dedup: {docs_in} documents in but {kept} kept + {rejected} removed")
+    counters.update({"documents_in": docs_in, "kept": kept, "rejected": rejected})
+    write_index(
+        out / REJECTED_DIR,
+        stage="dedup",
+        cache_key=cache_key,
+        files=[r["rejected"] for r in results],
+        schema=REJECTED_SCHEMA,
+        inputs=inputs,
+    )
+    return write_index(
+        out,
+        stage="dedup",
+        cache_key=cache_key,
+        files=[r["kept"] for r in results],
+        schema=DOCUMENT_SCHEMA,
+        inputs=inputs,
+        counters=dict(counters),
+    )
+
+
+def _decide(work: Path, names: list[str], cfg: DedupConfig, counters: Counter) -> None:
+    """Connected components of every shard's edges; one decisions file per partition."""
+    edges = pa.concat_tables([_read_arrow(p) for p in sorted((work / "edges").glob("*.arrow"))])
+    a, b = edges.column("a").to_numpy(), edges.column("b").to_numpy()
+    sim = edges.column("similarity").to_numpy()
+    nodes = np.unique(np.r_[a, b])
+    # The ids, lengths and exact hashes of just the nodes in some edge.
+    info: dict[int, tuple[str, int, int]] = {}
+    for index, name in enumerate(names):
+        mine = nodes[(nodes >> 32) == index]
+        if mine.size:
+            table = _read_arrow(work / "docs" / f"{name}.arrow").take(pa.array(mine & 0xFFFFFFFF))
+            for node, doc_id, length, exact in zip(
+                mine.tolist(), *(table.column(c).to_pylist() for c in ("id", "length", "exact"))
+            ):
+                info[int(node)] = (doc_id, length, exact)
+    keep = cfg.minhash.keep if cfg.minhash else "first"
+    decisions = cluster_decisions(
+        zip(a.tolist(), b.tolist(), sim.tolist()), lambda n: info[n][0], lambda n: info[n][1], keep
+    )
+    # A removed document with an exact-text twin in its cluster is an exact duplicate; else a near one.
+    exact_in_cluster = Counter((kept_id, info[n][2]) for n, (kept_id, _) in decisions.items())
+    survivors = {info[n][0]: n for n in info}
+    for kept_id in {k for k, _ in decisions.values()}:
+        exact_in_cluster[(kept_id, info[survivors[kept_id]][2])] += 1
+    per_part: dict[int, list[tuple[int, str, float, str]]] = {}
+    for node, (kept_id, value) in decisions.items():
+        name = "exact_dedup" if exact_in_cluster[(kept_id, info[node][2])] > 1 else "minhash_dedup"
+        per_part.setdefault(node >> 32, []).append((node & 0xFFFFFFFF, kept_id, value, name))
+    for index, name in enumerate(names):
+        rows = sorted(per_part.get(index, []))
+        table = pa.table(
+            {
+                "row": pa.array([r[0] for r in rows], pa.int64()),
+                "duplicate_of": pa.array([r[1] for r in rows], pa.string()),
+                "value": pa.array([r[2] for r in rows], pa.float64()),
+                "filter": pa.array([r[3] for r in rows], pa.string()),
+            }
+        )
+        _write_arrow(work / "decisions" / f"{name}.arrow", table)
+    summary = {"edges": int(a.size), "clusters": len({k for k, _ in decisions.values()})}
+    atomic_write_bytes(work / DONE_DIR / "decisions.json", json.dumps(summary).encode())

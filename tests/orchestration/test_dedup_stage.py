@@ -1,0 +1,108 @@
+"""The dedup stage on Ray: map / shuffle by bucket key / reduce / components / apply, against one process."""
+
+import json
+import shutil
+
+import pyarrow as pa
+
+from cleaning.dedup import MinHashDedupConfig, MinHashDeduplicator
+from evaluation.dedup_quality import pair_metrics, planted_corpus
+from ingestion.schema import DOCUMENT_SCHEMA
+from orchestration.config import DedupConfig
+from orchestration.datasets import file_entry, plan_partitions, read_table, write_index, write_parquet
+from orchestration.dedup import run_dedup_stage
+from orchestration.stage import StageContext
+
+
+def _dataset(path, ids, texts, rows_per_group=50):
+    n = len(ids)
+    table = pa.table(
+        {
+            "id": ids,
+            "url": [None] * n,
+            "text": texts,
+            "source": ["planted"] * n,
+            "lang": [None] * n,
+            "fetched_at": [None] * n,
+            "meta": [[] for _ in range(n)],
+        },
+        schema=DOCUMENT_SCHEMA,
+    )
+    write_parquet(
+        path / "part-00000.parquet", table.to_batches(max_chunksize=rows_per_group), DOCUMENT_SCHEMA
+    )
+    write_index(path, stage="clean", cache_key="k", files=[file_entry(path / "part-00000.parquet", n)])
+    return table
+
+
+def _outcome(out):
+    kept = set(read_table(out).column("id").to_pylist())
+    removed = {r["id"]: (r["duplicate_of"], r["filter"]) for r in read_table(out / "rejected").to_pylist()}
+    return kept, removed
+
+
+def _corpus():
+    corpus = planted_corpus(families=60, template_groups=15, singletons=120, seed=4)
+    # Exact copies (a changed case and punctuation are the same normal form) of a few documents.
+    copies = [(f"zz-copy{i}", corpus.texts[i].upper() + " !") for i in range(0, 40, 8)]
+    return corpus, corpus.ids + [c[0] for c in copies], corpus.texts + [c[1] for c in copies]
+
+
+def test_ray_stage_matches_one_process_and_any_partitioning(ray_session, tmp_path):
+    corpus, ids, texts = _corpus()
+    docs = tmp_path / "docs"
+    _dataset(docs, ids, texts)
+    many = DedupConfig(partition_mb=0.05, shards=3)
+    assert len(plan_partitions([docs / "part-00000.parquet"], many.partition_mb)) >= 4
+    runs = {}
+    for name, cfg in (("many", many), ("one", DedupConfig(partition_mb=1024, shards=1))):
+        index = run_dedup_stage(docs, tmp_path / name, cfg, cache_key=name, inputs={})
+        assert (
+            index["counters"]["documents_in"]
+            == len(ids)
+            == index["counters"]["kept"] + index["counters"]["rejected"]
+        )
+        runs[name] = _outcome(tmp_path / name)
+    assert runs["many"] == runs["one"]  # the same decisions whatever the partitioning and shard count
+
+    kept, removed = runs["many"]
+    assert all(dup in kept for dup, _ in removed.values())
+    for copy_id, (_, reason) in ((k, v) for k, v in removed.items() if k.startswith("zz-copy")):
+        assert reason == "exact_dedup", copy_id
+    pos = {d: i for i, d in enumerate(corpus.ids)}
+    near = {pos[k]: pos[d] for k, (d, _) in removed.items() if k in pos and d in pos}
+    metrics = pair_metrics(corpus, near, 0.8)
+    assert metrics.precision >= 0.95 and metrics.recall >= 0.9, metrics
+
+    # Without exact dedup, the same clusters as the one-process stage.
+    only_near = DedupConfig(exact=None, partition_mb=0.05, shards=2)
+    run_dedup_stage(docs, tmp_path / "near", only_near, cache_key="near", inputs={})
+    ctx = StageContext("dedup")
+    one = MinHashDeduplicator(MinHashDedupConfig())
+    batch = _dataset(tmp_path / "again", ids, texts).to_batches()
+    kept_one = {i for b in one.run(batch, ctx) for i in b.column("id").to_pylist()}
+    removed_one = {r["id"]: r["duplicate_of"] for b in ctx.rejected for r in b.to_pylist()}
+    kept_ray, removed_ray = _outcome(tmp_path / "near")
+    assert kept_ray == kept_one and {k: d for k, (d, _) in removed_ray.items()} == removed_one
+
+
+def test_killed_stage_resumes_from_finished_tasks(ray_session, tmp_path):
+    _, ids, texts = _corpus()
+    docs = tmp_path / "docs"
+    _dataset(docs, ids, texts)
+    cfg = DedupConfig(partition_mb=0.05, shards=2)
+    out = tmp_path / "out"
+    first = run_dedup_stage(docs, out, cfg, cache_key="k", inputs={})
+    # Undo the last apply task and the commit, as if killed before them; the rest is reused.
+    work = out / "_work" / "_done"
+    victim = sorted(work.glob("apply-*.json"))[-1]
+    part = victim.stem.removeprefix("apply-")
+    victim.unlink()
+    (out / f"{part}.parquet").unlink()
+    (out / "index.json").unlink()
+    reused = {p.name: p.stat().st_mtime_ns for p in work.glob("*.json")}
+    again = run_dedup_stage(docs, out, cfg, cache_key="k", inputs={})
+    assert [f["sha256"] for f in again["files"]] == [f["sha256"] for f in first["files"]]
+    assert all((work / n).stat().st_mtime_ns == t for n, t in reused.items())
+    assert json.loads((work / "decisions.json").read_text())["clusters"] > 0
+    shutil.rmtree(out)
