@@ -196,8 +196,8 @@ class Pipeline:
             self.cfg.dedup,
             cache_key=key,
             inputs={"clean": index_digest(clean.index)},
-            on_progress=lambda phase, done, total: self.console.print(
-                f"  {phase}: {done}/{total} tasks", highlight=False
+            on_progress=lambda phase, done, total: (
+                done == total and self.console.print(f"  {phase}: {total} task(s) done", highlight=False)
             ),
         )
 

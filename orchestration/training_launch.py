@@ -60,6 +60,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint upload otherwise
+    with contextlib.suppress(ImportError):  # Ray Train v2 names this logger by its file path
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     # DeepSpeed 0.19 still calls the renamed collective; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     train(
