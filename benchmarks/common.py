@@ -81,8 +81,8 @@ def pydoc_texts(min_chars: int, doc_chars: int = 4000) -> list[str]:
     return out
 
 
-def documents_table(texts: list[str], source: str = "pydoc"):
-    """Texts as a table in lmforge's document schema (ids ``doc-00000000``...)."""
+def documents_table(texts: list[str], source: str = "pydoc", ids: list[str] | None = None):
+    """Texts as a table in lmforge's document schema (ids ``doc-00000000``... unless given)."""
     import pyarrow as pa
 
     from ingestion.schema import DOCUMENT_SCHEMA
@@ -90,7 +90,7 @@ def documents_table(texts: list[str], source: str = "pydoc"):
     n = len(texts)
     return pa.table(
         {
-            "id": [f"doc-{i:08d}" for i in range(n)],
+            "id": ids if ids is not None else [f"doc-{i:08d}" for i in range(n)],
             "url": [None] * n,
             "text": texts,
             "source": [source] * n,

@@ -70,9 +70,10 @@ class MinHashDedupConfig(StageConfig):
         0.8, gt=0, lt=1, description="Estimated Jaccard at which documents are duplicates."
     )
     seed: int = Field(1, description="Seed of the MinHash permutations (drawn as datasketch draws them).")
-    verify: Literal["exact", "estimate"] = Field(
+    verify: Literal["exact", "estimate", "none"] = Field(
         "exact",
-        description="Confirm candidate pairs by exact Jaccard of shingle sets, or the MinHash estimate.",
+        description="Confirm candidate pairs by exact Jaccard of shingle sets, by the MinHash estimate, or "
+        "not at all (every bucket match is a duplicate, as in DataTrove).",
     )
     keep: Literal["first", "longest"] = Field(
         "first", description="Which document of a cluster survives: the first by id, or the longest text."
@@ -130,7 +131,7 @@ class MinHashDeduplicator(Stage):
         ctx.counters[f"{self.name}.candidate_pairs"] += len(pairs)
         sets = np.split(flat, np.cumsum(counts)[:-1])
         similarity = Similarity(cfg.verify, lambda i: sets[i], lambda i: sigs[i])
-        edges = [(i, j, sim) for i, j in pairs if (sim := similarity(i, j)) >= cfg.threshold]
+        edges = [(i, j, sim) for i, j in pairs if (sim := similarity(i, j)) >= similarity.threshold(cfg)]
         ctx.counters[f"{self.name}.verified_pairs"] += len(edges)
         ids = table.column("id").to_pylist()
         lengths = [len(t) for t in texts]
@@ -196,8 +197,12 @@ class Similarity:
             self._unique[i] = np.unique(self.shingles_of(i))
         return self._unique[i]
 
+    def threshold(self, cfg: MinHashDedupConfig) -> float:
+        """The similarity an edge needs: the config's, or none at all without verification."""
+        return -1.0 if self.verify == "none" else cfg.threshold
+
     def __call__(self, i: int, j: int) -> float:
-        if self.verify == "estimate":
+        if self.verify in ("estimate", "none"):  # without verification, the estimate is only reported
             return float(np.mean(self.signature_of(i) == self.signature_of(j)))
         a, b = self._set(i), self._set(j)
         inter = np.intersect1d(a, b, assume_unique=True).size

@@ -6,11 +6,13 @@
    ``shards`` files by key, so each reduce task reads only its share. A node is
    ``partition << 32 | row``.
 2. reduce, one task per key shard: sort its rows by (band, key); documents sharing a bucket are candidate
-   pairs; exact-text buckets (band -1) are duplicates outright; candidates are verified by exact Jaccard
+   pairs; exact-text buckets (band -1) are duplicates when all 128 bits of the text hash agree; others are
+   verified by exact Jaccard
    of their shingle sets (or the signatures' estimate), read from the map outputs for just those nodes.
    It writes the verified edges.
 3. the driver joins the edges (one per duplicate pair, far fewer than documents) into connected
-   components and picks each cluster's survivor by the keep rule.
+   components, picks each cluster's survivor by the keep rule, and writes the cluster table
+   (``clusters.parquet``: representative, size, members).
 4. apply, one task per partition: writes kept documents and the removed ones with ``duplicate_of``
    (the survivor), ``value`` (best similarity in the cluster) and the filter that removed them
    (``exact_dedup`` when another member of the cluster has the same normalized text, else
@@ -31,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from cleaning.dedup import Similarity, band_keys, bucket_pairs, cluster_decisions
@@ -49,6 +52,7 @@ from orchestration.executors import DONE_DIR, REJECTED_DIR, run_partitions
 from orchestration.stage import StageContext
 
 WORK = "_work"
+CLUSTERS = "clusters.parquet"
 EXACT_BAND = -1
 
 
@@ -81,19 +85,16 @@ def _map_task(index: int, part: Partition, work: str, cfg: DedupConfig, shards: 
     n = len(ids)
     node = (np.int64(index) << np.int64(32)) | np.arange(n, dtype=np.int64)
     normal = cfg.exact is None or cfg.exact.normalize
-    exact = np.array(
-        [
-            int.from_bytes(
-                hashlib.blake2b((dedup_normal_form(t) if normal else t).encode(), digest_size=8).digest(),
-                "little",
-            )
-            for t in texts
-        ],
-        dtype=np.uint64,
-    )
+    # A 128-bit hash of the (normalized) text: the low half buckets, the high half confirms.
+    digests = [
+        hashlib.blake2b((dedup_normal_form(t) if normal else t).encode(), digest_size=16).digest()
+        for t in texts
+    ]
+    exact = np.array([int.from_bytes(d[:8], "little") for d in digests], dtype=np.uint64)
+    exact_hi = np.array([int.from_bytes(d[8:], "little") for d in digests], dtype=np.uint64)
     _write_arrow(
         work_dir / "docs" / f"{part.name}.arrow",
-        pa.table({"id": ids, "length": [len(t) for t in texts], "exact": exact}),
+        pa.table({"id": ids, "length": [len(t) for t in texts], "exact": exact, "exact_hi": exact_hi}),
     )
     band_col, key_col, node_col = [], [], []
     if cfg.exact:
@@ -142,6 +143,14 @@ class _PartArrays:
             self._cache[(kind, part)] = np.load(self.work / kind / f"{self.names[part]}.npy", mmap_mode="r")
         return self._cache[(kind, part)]
 
+    def exact_hi(self, node: int) -> int:
+        """The high half of a document's 128-bit text hash."""
+        key = ("exact_hi", node >> 32)
+        if key not in self._cache:
+            docs = _read_arrow(self.work / "docs" / f"{self.names[node >> 32]}.arrow")
+            self._cache[key] = docs.column("exact_hi").to_numpy()
+        return int(self._cache[key][node & 0xFFFFFFFF])
+
     def shingles(self, node: int) -> np.ndarray:
         part, row = node >> 32, node & 0xFFFFFFFF
         offsets = self._array("offsets", part)
@@ -160,17 +169,18 @@ def _reduce_task(shard: int, names: list[str], work: str, cfg: DedupConfig) -> d
     key, node = rows.column("key").to_numpy(), rows.column("node").to_numpy()
     exact = band == EXACT_BAND
     edges: dict[tuple[int, int], tuple[float, bool]] = {}
+    arrays = _PartArrays(work_dir, names)
     for a, b in bucket_pairs(band[exact], key[exact], node[exact], max_bucket=0):
-        edges[(a, b)] = (1.0, True)
+        if arrays.exact_hi(a) == arrays.exact_hi(b):  # all 128 bits agree
+            edges[(a, b)] = (1.0, True)
     candidates = 0
     if cfg.minhash:
         m = cfg.minhash
-        arrays = _PartArrays(work_dir, names)
         similarity = Similarity(m.verify, arrays.shingles, arrays.signature)
         near = ~exact
         for a, b in sorted(bucket_pairs(band[near], key[near], node[near])):
             candidates += 1
-            if (a, b) not in edges and (sim := similarity(a, b)) >= m.threshold:
+            if (a, b) not in edges and (sim := similarity(a, b)) >= similarity.threshold(m):
                 edges[(a, b)] = (sim, False)
     pairs = sorted(edges)
     table = pa.table(
@@ -284,6 +294,8 @@ def run_dedup_stage(
         schema=REJECTED_SCHEMA,
         inputs=inputs,
     )
+    clusters = _read_arrow(work / "clusters.arrow")
+    pq.write_table(clusters, out / CLUSTERS)  # representative, size, members: for the quality report
     return write_index(
         out,
         stage="dedup",
@@ -292,6 +304,7 @@ def run_dedup_stage(
         schema=DOCUMENT_SCHEMA,
         inputs=inputs,
         counters=dict(counters),
+        extra={"clusters": {"path": CLUSTERS, "rows": clusters.num_rows}},
     )
 
 
@@ -307,10 +320,9 @@ def _decide(work: Path, names: list[str], cfg: DedupConfig, counters: Counter) -
         mine = nodes[(nodes >> 32) == index]
         if mine.size:
             table = _read_arrow(work / "docs" / f"{name}.arrow").take(pa.array(mine & 0xFFFFFFFF))
-            for node, doc_id, length, exact in zip(
-                mine.tolist(), *(table.column(c).to_pylist() for c in ("id", "length", "exact"))
-            ):
-                info[int(node)] = (doc_id, length, exact)
+            columns = (table.column(c).to_pylist() for c in ("id", "length", "exact", "exact_hi"))
+            for node, doc_id, length, lo, hi in zip(mine.tolist(), *columns):
+                info[int(node)] = (doc_id, length, (lo, hi))
     keep = cfg.minhash.keep if cfg.minhash else "first"
     decisions = cluster_decisions(
         zip(a.tolist(), b.tolist(), sim.tolist()), lambda n: info[n][0], lambda n: info[n][1], keep
@@ -335,5 +347,18 @@ def _decide(work: Path, names: list[str], cfg: DedupConfig, counters: Counter) -
             }
         )
         _write_arrow(work / "decisions" / f"{name}.arrow", table)
-    summary = {"edges": int(a.size), "clusters": len({k for k, _ in decisions.values()})}
+    members: dict[str, list[str]] = {}
+    for node, (kept_id, _) in decisions.items():
+        members.setdefault(kept_id, []).append(info[node][0])
+    table = pa.table(
+        {
+            "representative": pa.array(list(members), pa.string()),
+            "size": pa.array([len(m) + 1 for m in members.values()], pa.int64()),
+            "members": pa.array([sorted(m) for m in members.values()], pa.list_(pa.string())),
+        }
+    )
+    _write_arrow(
+        work / "clusters.arrow", table.sort_by([("size", "descending"), ("representative", "ascending")])
+    )
+    summary = {"edges": int(a.size), "clusters": len(members)}
     atomic_write_bytes(work / DONE_DIR / "decisions.json", json.dumps(summary).encode())

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from cleaning.dedup import MinHashDedupConfig, MinHashDeduplicator
 from evaluation.dedup_quality import pair_metrics, planted_corpus
@@ -67,6 +68,15 @@ def test_ray_stage_matches_one_process_and_any_partitioning(ray_session, tmp_pat
 
     kept, removed = runs["many"]
     assert all(dup in kept for dup, _ in removed.values())
+    # The cluster table: every survivor with its removed members, largest first.
+    clusters = pq.read_table(tmp_path / "many" / "clusters.parquet").to_pylist()
+    assert {c["representative"] for c in clusters} == {dup for dup, _ in removed.values()}
+    assert sum(c["size"] - 1 for c in clusters) == len(removed)
+    assert all(
+        set(c["members"]) == {k for k, (d, _) in removed.items() if d == c["representative"]}
+        for c in clusters
+    )
+    assert [c["size"] for c in clusters] == sorted((c["size"] for c in clusters), reverse=True)
     for copy_id, (_, reason) in ((k, v) for k, v in removed.items() if k.startswith("zz-copy")):
         assert reason == "exact_dedup", copy_id
     pos = {d: i for i, d in enumerate(corpus.ids)}
