@@ -7,6 +7,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow.parquet as pq
+
 from orchestration.datasets import read_index, read_table
 
 if TYPE_CHECKING:
@@ -68,6 +70,15 @@ def build_report(result: PipelineResult) -> dict[str, Any]:
         if name in stages:
             rep["stages"][name] = _document_stage(stages[name].out_dir, stages[name].index)
             checks[f"{name}: documents in = kept + rejected"] = rep["stages"][name]["conserved"]
+    clusters_file = stages["dedup"].index.get("clusters") if "dedup" in stages else None
+    if clusters_file:
+        clusters = pq.read_table(stages["dedup"].out_dir / clusters_file["path"]).to_pylist()
+        rep["stages"]["dedup"]["duplicate_clusters"] = len(clusters)
+        # Largest first (the table is sorted so): representative id -> cluster size.
+        rep["stages"]["dedup"]["largest_clusters"] = {c["representative"]: c["size"] for c in clusters[:5]}
+        checks["dedup: cluster members = documents removed"] = (
+            sum(c["size"] - 1 for c in clusters) == rep["stages"]["dedup"]["rejected"]
+        )
     if "demo_pages_served" in crawl:
         checks["crawl pages fetched = pages the demo site served"] = (
             crawl["pages_fetched"] == crawl["demo_pages_served"]

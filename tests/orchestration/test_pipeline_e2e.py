@@ -111,6 +111,10 @@ def test_training_loss_falls_and_the_model_evaluates(demo_run):
     assert result.metrics["val_perplexity"] == pytest.approx(math.exp(result.metrics["val_loss"]))
     report = json.loads(result.report_path.read_text())
     assert report["ok"], report["checks"]
+    # The planted exact and near duplicates are clusters of two in the report.
+    dedup = report["stages"]["dedup"]
+    assert dedup["duplicate_clusters"] == cfg.demo_site.exact_duplicates + cfg.demo_site.near_duplicates
+    assert set(dedup["largest_clusters"].values()) == {2}
 
 
 @pytest.mark.slow
