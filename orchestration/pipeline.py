@@ -270,7 +270,9 @@ class Pipeline:
         cfg = self.cfg
         self.workdir.mkdir(parents=True, exist_ok=True)
         ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_mb, cfg.ray.dashboard)
-        tracker = Tracker(cfg.tracking_uri, cfg.tracking.experiment)
+        # With the default sqlite store, artifacts (models, reports) live in the work dir too.
+        artifacts = None if cfg.tracking.uri else (self.workdir.resolve() / "mlartifacts").as_uri()
+        tracker = Tracker(cfg.tracking_uri, cfg.tracking.experiment, artifacts)
         config_hash = cache_key("pipeline", cfg, {})
         tags = {"lmforge.version": LMFORGE_VERSION, "lmforge.config_hash": config_hash}
         with tracker.pipeline_run(cfg.name, cfg.model_dump(mode="json"), tags) as parent_id:

@@ -34,11 +34,20 @@ def _params(mapping: dict[str, Any]) -> dict[str, str]:
 class Tracker:
     """Pipeline-level MLflow bookkeeping."""
 
-    def __init__(self, tracking_uri: str, experiment: str):
+    def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None = None):
+        """``artifact_location``: where a newly created experiment stores artifacts (MLflow's default for a
+        database store is ./mlruns of the current directory; the pipeline keeps them in its work dir)."""
         self.tracking_uri = tracking_uri
         mlflow.set_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri)
-        self.experiment_id = mlflow.set_experiment(experiment).experiment_id
+        existing = self.client.get_experiment_by_name(experiment)
+        if existing is None:
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=artifact_location
+            )
+        else:
+            self.experiment_id = existing.experiment_id
+        mlflow.set_experiment(experiment_id=self.experiment_id)
         self.parent_run_id: str | None = None
 
     @contextmanager

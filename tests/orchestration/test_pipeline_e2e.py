@@ -126,6 +126,8 @@ def test_mlflow_run_tree_dataset_links_and_model_lineage(demo_run):
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
     )
     by_name = {r.info.run_name: r for r in children}
+    # Artifacts (models, reports) stay in the work dir, not in ./mlruns of whatever directory ran it.
+    assert parent.info.artifact_uri.startswith((cfg.workdir.resolve() / "mlartifacts").as_uri())
     assert set(STAGES) <= set(by_name)
     assert by_name["clean"].data.metrics["kept"] == result.stages["clean"].index["counters"]["kept"]
     tokens_digest = index_digest(result.stages["tokenize"].index)
