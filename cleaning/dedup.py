@@ -28,6 +28,11 @@ def _sorted_by_id(batches: Iterable[pa.RecordBatch]) -> pa.Table | None:
     return table.take(np.argsort(np.array(table.column("id").to_pylist(), dtype=object), kind="stable"))
 
 
+def text_hash(text: str, normalize: bool = True) -> bytes:
+    """128-bit blake2b of the text's dedup normal form (or of the raw text): 'the same text'."""
+    return hashlib.blake2b((dedup_normal_form(text) if normalize else text).encode(), digest_size=16).digest()
+
+
 class ExactDedupConfig(StageConfig):
     """Exact duplicate removal."""
 
@@ -47,8 +52,7 @@ class ExactDeduplicator(Stage):
         first: dict[bytes, str] = {}
         duplicate_of: list[str | None] = []
         for doc_id, text in zip(table.column("id").to_pylist(), table.column("text").to_pylist()):
-            key = dedup_normal_form(text) if self.config.normalize else text
-            digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
+            digest = text_hash(text, self.config.normalize)
             duplicate_of.append(first.get(digest))
             first.setdefault(digest, doc_id)
         dup = np.array([d is not None for d in duplicate_of], dtype=bool)

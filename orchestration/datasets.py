@@ -40,6 +40,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def write_ipc(path: str | Path, table: pa.Table) -> None:
+    """An uncompressed Arrow IPC file holding the table as one record batch, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=max(table.num_rows, 1))
+    os.replace(tmp, path)
+
+
+def read_ipc(path: str | Path) -> pa.Table:
+    """An Arrow IPC file, memory-mapped."""
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
 def write_parquet(path: str | Path, batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> dict[str, Any]:
     """Write batches to one Parquet file atomically; return its manifest entry."""
     path = Path(path)
@@ -111,24 +126,23 @@ def index_digest(index: dict[str, Any]) -> str:
     return h.hexdigest()[:16]
 
 
-def iter_parquet(out_dir: str | Path, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
-    """Stream record batches of every Parquet file named in a committed index, in index order."""
+def dataset_files(out_dir: str | Path) -> tuple[dict[str, Any], list[Path]]:
+    """A committed dataset's index and its Parquet files, in index order."""
     index = read_index(out_dir)
     if index is None:
         raise FileNotFoundError(f"{out_dir}: no {INDEX}; the stage that writes it has not completed")
-    for f in index["files"]:
-        if f["path"].endswith(".parquet"):
-            yield from pq.ParquetFile(Path(out_dir) / f["path"]).iter_batches(batch_size=batch_size)
+    return index, [Path(out_dir) / f["path"] for f in index["files"] if f["path"].endswith(".parquet")]
+
+
+def iter_parquet(out_dir: str | Path, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+    """Stream record batches of every Parquet file named in a committed index, in index order."""
+    for path in dataset_files(out_dir)[1]:
+        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size)
 
 
 def read_table(out_dir: str | Path) -> pa.Table:
     """A whole committed Parquet dataset as one table (small outputs and tests)."""
-    index = read_index(out_dir)
-    if index is None:
-        raise FileNotFoundError(f"{out_dir}: no {INDEX}")
-    tables = [
-        pq.read_table(Path(out_dir) / f["path"]) for f in index["files"] if f["path"].endswith(".parquet")
-    ]
+    tables = [pq.read_table(path) for path in dataset_files(out_dir)[1]]
     return pa.concat_tables(tables) if tables else pa.table({})
 
 

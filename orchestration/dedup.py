@@ -24,7 +24,6 @@ on the documents and the config only (the partition plan comes from the files an
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -36,16 +35,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from cleaning.dedup import Similarity, band_keys, bucket_pairs, cluster_decisions
-from cleaning.minhash import MinHasher, dedup_normal_form
+from cleaning.dedup import Similarity, band_keys, bucket_pairs, cluster_decisions, text_hash
+from cleaning.minhash import MinHasher
 from ingestion.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA
 from orchestration.config import DedupConfig
 from orchestration.datasets import (
     Partition,
     atomic_write_bytes,
+    dataset_files,
     plan_partitions,
-    read_index,
+    read_ipc,
     write_index,
+    write_ipc,
     write_parquet,
 )
 from orchestration.executors import DONE_DIR, REJECTED_DIR, run_partitions
@@ -56,18 +57,6 @@ CLUSTERS = "clusters.parquet"
 EXACT_BAND = -1
 
 
-def _write_arrow(path: Path, table: pa.Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    tmp.replace(path)
-
-
-def _read_arrow(path: Path) -> pa.Table:
-    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.npy")
@@ -76,7 +65,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 @ray.remote(num_cpus=1)
-def _map_task(index: int, part: Partition, work: str, cfg: DedupConfig, shards: int) -> dict[str, Any]:
+def _map_task(index: int, part: Partition, work: str, cfg: DedupConfig) -> dict[str, Any]:
     work_dir = Path(work)
     ids, texts = [], []
     for batch in part.batches(["id", "text"]):
@@ -86,13 +75,10 @@ def _map_task(index: int, part: Partition, work: str, cfg: DedupConfig, shards: 
     node = (np.int64(index) << np.int64(32)) | np.arange(n, dtype=np.int64)
     normal = cfg.exact is None or cfg.exact.normalize
     # A 128-bit hash of the (normalized) text: the low half buckets, the high half confirms.
-    digests = [
-        hashlib.blake2b((dedup_normal_form(t) if normal else t).encode(), digest_size=16).digest()
-        for t in texts
-    ]
+    digests = [text_hash(t, normal) for t in texts]
     exact = np.array([int.from_bytes(d[:8], "little") for d in digests], dtype=np.uint64)
     exact_hi = np.array([int.from_bytes(d[8:], "little") for d in digests], dtype=np.uint64)
-    _write_arrow(
+    write_ipc(
         work_dir / "docs" / f"{part.name}.arrow",
         pa.table({"id": ids, "length": [len(t) for t in texts], "exact": exact, "exact_hi": exact_hi}),
     )
@@ -115,8 +101,8 @@ def _map_task(index: int, part: Partition, work: str, cfg: DedupConfig, shards: 
         key_col.append(keys.T.ravel())
         node_col.append(np.tile(node, bands))
     band, key, nodes = (np.concatenate(c) if c else np.empty(0) for c in (band_col, key_col, node_col))
-    shard_of = (key % np.uint64(shards)).astype(np.int64) if key.size else np.empty(0, np.int64)
-    for shard in range(shards):
+    shard_of = (key % np.uint64(cfg.shards)).astype(np.int64) if key.size else np.empty(0, np.int64)
+    for shard in range(cfg.shards):
         mask = shard_of == shard
         table = pa.table(
             {
@@ -125,7 +111,7 @@ def _map_task(index: int, part: Partition, work: str, cfg: DedupConfig, shards: 
                 "node": nodes[mask].astype(np.int64),
             }
         )
-        _write_arrow(work_dir / "bands" / f"{part.name}-{shard:04d}.arrow", table)
+        write_ipc(work_dir / "bands" / f"{part.name}-{shard:04d}.arrow", table)
     result = {"part": part.name, "index": index, "documents": n}
     atomic_write_bytes(work_dir / DONE_DIR / f"map-{part.name}.json", json.dumps(result).encode())
     return result
@@ -147,7 +133,7 @@ class _PartArrays:
         """The high half of a document's 128-bit text hash."""
         key = ("exact_hi", node >> 32)
         if key not in self._cache:
-            docs = _read_arrow(self.work / "docs" / f"{self.names[node >> 32]}.arrow")
+            docs = read_ipc(self.work / "docs" / f"{self.names[node >> 32]}.arrow")
             self._cache[key] = docs.column("exact_hi").to_numpy()
         return int(self._cache[key][node & 0xFFFFFFFF])
 
@@ -163,16 +149,16 @@ class _PartArrays:
 @ray.remote(num_cpus=1)
 def _reduce_task(shard: int, names: list[str], work: str, cfg: DedupConfig) -> dict[str, Any]:
     work_dir = Path(work)
-    tables = [_read_arrow(work_dir / "bands" / f"{name}-{shard:04d}.arrow") for name in names]
+    tables = [read_ipc(work_dir / "bands" / f"{name}-{shard:04d}.arrow") for name in names]
     rows = pa.concat_tables(tables)
     band = rows.column("band").to_numpy()
     key, node = rows.column("key").to_numpy(), rows.column("node").to_numpy()
     exact = band == EXACT_BAND
-    edges: dict[tuple[int, int], tuple[float, bool]] = {}
+    edges: dict[tuple[int, int], float] = {}
     arrays = _PartArrays(work_dir, names)
     for a, b in bucket_pairs(band[exact], key[exact], node[exact], max_bucket=0):
         if arrays.exact_hi(a) == arrays.exact_hi(b):  # all 128 bits agree
-            edges[(a, b)] = (1.0, True)
+            edges[(a, b)] = 1.0
     candidates = 0
     if cfg.minhash:
         m = cfg.minhash
@@ -181,17 +167,16 @@ def _reduce_task(shard: int, names: list[str], work: str, cfg: DedupConfig) -> d
         for a, b in sorted(bucket_pairs(band[near], key[near], node[near])):
             candidates += 1
             if (a, b) not in edges and (sim := similarity(a, b)) >= similarity.threshold(m):
-                edges[(a, b)] = (sim, False)
+                edges[(a, b)] = sim
     pairs = sorted(edges)
     table = pa.table(
         {
             "a": np.array([p[0] for p in pairs], dtype=np.int64),
             "b": np.array([p[1] for p in pairs], dtype=np.int64),
-            "similarity": np.array([edges[p][0] for p in pairs], dtype=np.float64),
-            "exact_bucket": np.array([edges[p][1] for p in pairs], dtype=bool),
+            "similarity": np.array([edges[p] for p in pairs], dtype=np.float64),
         }
     )
-    _write_arrow(work_dir / "edges" / f"{shard:04d}.arrow", table)
+    write_ipc(work_dir / "edges" / f"{shard:04d}.arrow", table)
     result = {"part": f"reduce-{shard:04d}", "candidate_pairs": candidates, "edges": len(pairs)}
     atomic_write_bytes(work_dir / DONE_DIR / f"reduce-{shard:04d}.json", json.dumps(result).encode())
     return result
@@ -200,7 +185,7 @@ def _reduce_task(shard: int, names: list[str], work: str, cfg: DedupConfig) -> d
 @ray.remote(num_cpus=1)
 def _apply_task(part: Partition, out: str, work: str) -> dict[str, Any]:
     out_dir, work_dir = Path(out), Path(work)
-    decisions = _read_arrow(work_dir / "decisions" / f"{part.name}.arrow").to_pydict()
+    decisions = read_ipc(work_dir / "decisions" / f"{part.name}.arrow").to_pydict()
     removed = dict(
         zip(decisions["row"], zip(decisions["duplicate_of"], decisions["value"], decisions["filter"]))
     )
@@ -241,10 +226,7 @@ def run_dedup_stage(
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Deduplicate the documents of ``docs_dir`` into ``out_dir`` (kept, ``rejected/``, index)."""
-    docs = read_index(docs_dir)
-    if docs is None:
-        raise FileNotFoundError(f"{docs_dir}: no index.json; the stage that writes it has not completed")
-    files = [str(Path(docs_dir) / f["path"]) for f in docs["files"] if f["path"].endswith(".parquet")]
+    _, files = dataset_files(docs_dir)
     out = Path(out_dir)
     work = out / WORK
     parts = plan_partitions(files, cfg.partition_mb)
@@ -257,7 +239,7 @@ def run_dedup_stage(
     maps = run_partitions(
         work,
         [f"map-{n}" for n in names],
-        lambda t: _map_task.remote(*by_name[t[4:]], str(work), cfg, cfg.shards),
+        lambda t: _map_task.remote(*by_name[t[4:]], str(work), cfg),
         progress("signatures"),
     )
     reduces = run_partitions(
@@ -269,7 +251,7 @@ def run_dedup_stage(
     counters: Counter = Counter()
     counters["candidate_pairs"] = sum(r["candidate_pairs"] for r in reduces.values())
     if not (work / DONE_DIR / "decisions.json").exists():
-        _decide(work, names, cfg, counters)
+        _decide(work, names, cfg)
     counters.update(json.loads((work / DONE_DIR / "decisions.json").read_text()))
     applied = run_partitions(
         work,
@@ -294,7 +276,7 @@ def run_dedup_stage(
         schema=REJECTED_SCHEMA,
         inputs=inputs,
     )
-    clusters = _read_arrow(work / "clusters.arrow")
+    clusters = read_ipc(work / "clusters.arrow")
     pq.write_table(clusters, out / CLUSTERS)  # representative, size, members: for the quality report
     return write_index(
         out,
@@ -308,18 +290,18 @@ def run_dedup_stage(
     )
 
 
-def _decide(work: Path, names: list[str], cfg: DedupConfig, counters: Counter) -> None:
+def _decide(work: Path, names: list[str], cfg: DedupConfig) -> None:
     """Connected components of every shard's edges; one decisions file per partition."""
-    edges = pa.concat_tables([_read_arrow(p) for p in sorted((work / "edges").glob("*.arrow"))])
+    edges = pa.concat_tables([read_ipc(p) for p in sorted((work / "edges").glob("*.arrow"))])
     a, b = edges.column("a").to_numpy(), edges.column("b").to_numpy()
     sim = edges.column("similarity").to_numpy()
     nodes = np.unique(np.r_[a, b])
     # The ids, lengths and exact hashes of just the nodes in some edge.
-    info: dict[int, tuple[str, int, int]] = {}
+    info: dict[int, tuple[str, int, tuple[int, int]]] = {}
     for index, name in enumerate(names):
         mine = nodes[(nodes >> 32) == index]
         if mine.size:
-            table = _read_arrow(work / "docs" / f"{name}.arrow").take(pa.array(mine & 0xFFFFFFFF))
+            table = read_ipc(work / "docs" / f"{name}.arrow").take(pa.array(mine & 0xFFFFFFFF))
             columns = (table.column(c).to_pylist() for c in ("id", "length", "exact", "exact_hi"))
             for node, doc_id, length, lo, hi in zip(mine.tolist(), *columns):
                 info[int(node)] = (doc_id, length, (lo, hi))
@@ -346,7 +328,7 @@ def _decide(work: Path, names: list[str], cfg: DedupConfig, counters: Counter) -
                 "filter": pa.array([r[3] for r in rows], pa.string()),
             }
         )
-        _write_arrow(work / "decisions" / f"{name}.arrow", table)
+        write_ipc(work / "decisions" / f"{name}.arrow", table)
     members: dict[str, list[str]] = {}
     for node, (kept_id, _) in decisions.items():
         members.setdefault(kept_id, []).append(info[node][0])
@@ -357,7 +339,7 @@ def _decide(work: Path, names: list[str], cfg: DedupConfig, counters: Counter) -
             "members": pa.array([sorted(m) for m in members.values()], pa.list_(pa.string())),
         }
     )
-    _write_arrow(
+    write_ipc(
         work / "clusters.arrow", table.sort_by([("size", "descending"), ("representative", "ascending")])
     )
     summary = {"edges": int(a.size), "clusters": len(members)}

@@ -19,9 +19,9 @@ from ingestion.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA
 from orchestration.datasets import (
     Partition,
     atomic_write_bytes,
+    dataset_files,
     index_digest,
     plan_partitions,
-    read_index,
     write_index,
     write_parquet,
 )
@@ -210,10 +210,8 @@ def run_tokenize_stage(
     The partitions are planned from the input's row groups and the config alone, so the shards are the
     same whatever the number of workers.
     """
-    docs = read_index(docs_dir)
-    if docs is None:
-        raise FileNotFoundError(f"{docs_dir}: no index.json; the stage that writes it has not completed")
-    files = [str(Path(docs_dir) / f["path"]) for f in docs["files"] if f["path"].endswith(".parquet")]
+    docs, paths = dataset_files(docs_dir)
+    files = [str(p) for p in paths]
     out = Path(out_dir)
     prepared = load_prepared(out)
     if prepared is None:
@@ -227,7 +225,7 @@ def run_tokenize_stage(
         lambda name: _tokenize_task.remote(by_name[name], str(out), prepared, config),
         on_progress,
     )
-    documents_in = sum(f["rows"] for f in docs["files"] if f["path"].endswith(".parquet"))
+    documents_in = docs["rows"]
     documents_out = sum(r["documents"] for r in results.values())
     if documents_in != documents_out:
         raise RuntimeError(f"tokenize: {documents_in} documents in but {documents_out} tokenized")

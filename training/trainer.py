@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from orchestration.datasets import atomic_write_bytes
 from training import engine as ds_engine
 from training.config import PROGRESS_FILE, TrainConfig
 from training.data.shards import DistributedBatchSampler, ShardError, TokenSequences
@@ -54,9 +55,9 @@ def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> f
 
 def _write_progress(out_dir: Path, step: int, steps: int, metrics: dict[str, float]) -> None:
     """Rank 0's latest step for a driver-side progress bar (written atomically, read by polling)."""
-    tmp = out_dir / f".{PROGRESS_FILE}.tmp"
-    tmp.write_text(json.dumps({"step": step, "steps": steps, **metrics}))
-    os.replace(tmp, out_dir / PROGRESS_FILE)
+    atomic_write_bytes(
+        out_dir / PROGRESS_FILE, json.dumps({"step": step, "steps": steps, **metrics}).encode()
+    )
 
 
 def export_tokenizer(tokenizer_json: Path, info: dict[str, Any], model_dir: Path) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from orchestration.datasets import FORMAT_VERSION, file_sha256
+from orchestration.datasets import FORMAT_VERSION, file_sha256, write_ipc
 
 SPLITS = ("train", "val")
 
@@ -40,13 +40,6 @@ def split_hash(doc_id: str) -> float:
 def split_of(doc_id: str, val_fraction: float) -> str:
     """Deterministic split by document id hash: adding documents never moves existing ones."""
     return "val" if split_hash(doc_id) < val_fraction else "train"
-
-
-def _write_ipc(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=max(table.num_rows, 1))
-    os.replace(tmp, path)
 
 
 class TokenShardWriter:
@@ -116,9 +109,9 @@ class TokenShardWriter:
         tokens = np.concatenate(self._tokens)
         lengths = np.concatenate(self._lengths)
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        _write_ipc(self.out_dir / f"{name}.arrow", pa.table({"tokens": tokens}))
+        write_ipc(self.out_dir / f"{name}.arrow", pa.table({"tokens": tokens}))
         docs = pa.table({"doc_id": pa.array(self._ids, pa.string()), "offset": offsets, "length": lengths})
-        _write_ipc(self.out_dir / f"{name}.docs.arrow", docs)
+        write_ipc(self.out_dir / f"{name}.docs.arrow", docs)
         self.shards.append(
             {
                 "path": f"{name}.arrow",
