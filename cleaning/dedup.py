@@ -1,9 +1,9 @@
 """Exact and MinHash-LSH near-duplicate removal.
 
 Both keep one document of each duplicate group by a deterministic rule (the first by document id, by
-default) and write every removed document with ``duplicate_of`` naming the kept one. These run as
-barrier stages: they see the whole dataset in one process for now (signatures, banding and clustering
-are batch operations ready to be split across Ray workers).
+default) and write every removed document with ``duplicate_of`` naming the kept one. The stages here
+see their whole input in one process: the reference forms. orchestration/dedup.py runs the same steps
+(with the kernels below) as Ray tasks over shards of the signatures, buckets and graph.
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ def _sorted_by_id(batches: Iterable[pa.RecordBatch]) -> pa.Table | None:
         return None
     table = pa.Table.from_batches(batches)
     return table.take(np.argsort(np.array(table.column("id").to_pylist(), dtype=object), kind="stable"))
+
+
+def meta_scores(meta: pa.ChunkedArray | pa.Array, key: str | None) -> list[float | None]:
+    """Each document's ``meta[key]`` signal (None where it has none, or without a key)."""
+    if key is None:
+        return [None] * len(meta)
+    return [dict(m or []).get(key) for m in meta.to_pylist()]
 
 
 def text_hash(text: str, normalize: bool = True) -> bytes:
@@ -79,9 +86,12 @@ class MinHashDedupConfig(StageConfig):
         description="Confirm candidate pairs by exact Jaccard of shingle sets, by the MinHash estimate, or "
         "not at all (every bucket match is a duplicate, as in DataTrove).",
     )
-    keep: Literal["first", "longest"] = Field(
-        "first", description="Which document of a cluster survives: the first by id, or the longest text."
+    keep: Literal["first", "longest", "score"] = Field(
+        "first",
+        description="Which document of a cluster survives: the first by id, the longest text, or the "
+        "highest quality score (meta[score_key]; ties and missing scores go to the first id).",
     )
+    score_key: str | None = Field(None, description="The meta signal that keep='score' ranks by.")
     bands: int | None = Field(None, ge=1, description="LSH bands (with rows); default: datasketch's choice.")
     rows: int | None = Field(None, ge=1, description="Signature rows per LSH band (with bands).")
     shingle_hash: ShingleHashName = Field(
@@ -101,6 +111,8 @@ class MinHashDedupConfig(StageConfig):
             raise ValueError("set both bands and rows, or neither (then they follow from threshold)")
         if self.bands and self.bands * self.rows > self.num_perm:
             raise ValueError(f"bands x rows = {self.bands * self.rows} exceeds num_perm={self.num_perm}")
+        if (self.keep == "score") != (self.score_key is not None):
+            raise ValueError("keep='score' needs score_key (the meta signal to rank by), and only it does")
         return self
 
 
@@ -138,8 +150,10 @@ class MinHashDeduplicator(Stage):
         edges = [(i, j, sim) for i, j in pairs if (sim := similarity(i, j)) >= similarity.threshold(cfg)]
         ctx.counters[f"{self.name}.verified_pairs"] += len(edges)
         ids = table.column("id").to_pylist()
-        lengths = [len(t) for t in texts]
-        decisions = cluster_decisions(edges, lambda i: ids[i], lambda i: lengths[i], cfg.keep)
+        scores = meta_scores(table.column("meta"), cfg.score_key)
+        ranks = [survivor_rank(cfg.keep, ids[i], len(texts[i]), scores[i]) for i in range(n)]
+        nodes = cluster_decisions(edges, ranks.__getitem__)
+        decisions = {node: (ids[kept], sim) for node, (kept, sim) in nodes.items()}
         ctx.counters[f"{self.name}.clusters"] += len({d[0] for d in decisions.values()})
         dup = np.zeros(n, dtype=bool)
         dup[list(decisions)] = True
@@ -213,13 +227,20 @@ class Similarity:
         return inter / (a.size + b.size - inter)
 
 
-def cluster_decisions(
-    edges: Iterable[tuple[int, int, float]], id_of, length_of, keep: str
-) -> dict[int, tuple[str, float]]:
-    """Connected components of the verified edges -> ``{removed node: (kept id, best similarity)}``.
+def survivor_rank(keep: str, doc_id: str, length: int, score: float | None) -> tuple:
+    """Sort key of a cluster member under the keep rule: the smallest key survives."""
+    if keep == "first":
+        return (doc_id,)
+    if keep == "longest":
+        return (-length, doc_id)
+    missing = score is None or score != score  # NaN: no score
+    return (missing, 0.0 if missing else -score, doc_id)
 
-    The kept node of a component is the smallest id (``keep='first'``) or the longest text, ties to the
-    smallest id (``keep='longest'``).
+
+def cluster_decisions(edges: Iterable[tuple[int, int, float]], rank_of) -> dict[int, tuple[int, float]]:
+    """Connected components of the verified edges -> ``{removed node: (kept node, best similarity)}``.
+
+    The kept node of a component has the smallest ``rank_of(node)`` (see ``survivor_rank``).
     """
     parent: dict[int, int] = {}
 
@@ -239,17 +260,69 @@ def cluster_decisions(
     components: dict[int, list[int]] = {}
     for node in parent:
         components.setdefault(find(node), []).append(node)
-    decisions: dict[int, tuple[str, float]] = {}
+    decisions: dict[int, tuple[int, float]] = {}
     for members in components.values():
-        if keep == "first":
-            kept = min(members, key=id_of)
-        else:
-            kept = min(members, key=lambda k: (-length_of(k), id_of(k)))
-        kept_id = id_of(kept)
+        kept = min(members, key=rank_of)
         for node in members:
             if node != kept:
-                decisions[node] = (kept_id, best[node])
+                decisions[node] = (kept, best[node])
     return decisions
+
+
+# Connected components across Ray tasks: the large-star / small-star rounds of Kiveris et al.,
+# "Connected Components in MapReduce and Beyond" (SoCC 2014). Each task owns the nodes of one hash shard
+# and sees only their edges; alternating the two steps turns every component into a star around its
+# smallest node in O(log^2 n) rounds.
+
+
+def node_shard(nodes: np.ndarray, shards: int) -> np.ndarray:
+    """The shard (0..shards-1) that owns each node: a multiplicative hash, so partitions spread evenly."""
+    mixed = nodes.astype(np.uint64) * _FOLD
+    return ((mixed >> np.uint64(32)) % np.uint64(shards)).astype(np.int64)
+
+
+def _groups(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct (u, v) rows sorted by u then v, and the start of each u's run."""
+    order = np.lexsort((v, u))
+    u, v = u[order], v[order]
+    distinct = np.r_[True, (u[1:] != u[:-1]) | (v[1:] != v[:-1])]
+    u, v = u[distinct], v[distinct]
+    return u, v, np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
+
+
+def large_star(u: np.ndarray, v: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray, bool]:
+    """One large-star step over every edge (both directions) of the nodes ``u`` a task owns.
+
+    Each node links its larger neighbours to the smallest node of its neighbourhood. Returns the new
+    edges, each owned node's smallest neighbourhood node (its component's smallest node once converged),
+    and whether the owned part of the graph is already stars around minima: every node has no smaller
+    neighbour (a centre) or exactly one and no larger ones (a leaf).
+    """
+    if u.size == 0:
+        empty = np.empty(0, np.int64)
+        return (empty, empty), np.empty((0, 2), np.int64), True
+    u, v, starts = _groups(u, v)
+    minimum = np.minimum(np.minimum.reduceat(v, starts), u[starts])
+    sizes = np.diff(np.r_[starts, u.size])
+    larger = v > u
+    new = (v[larger], np.repeat(minimum, sizes)[larger])
+    n_smaller = np.add.reduceat((v < u).astype(np.int64), starts)
+    n_larger = np.add.reduceat(larger.astype(np.int64), starts)
+    converged = bool(np.all((n_smaller == 0) | ((n_smaller == 1) & (n_larger == 0))))
+    return new, np.stack([u[starts], minimum], axis=1), converged
+
+
+def small_star(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One small-star step over the edges (u, v < u) keyed by their larger node ``u``: each node and its
+    smaller neighbours are linked to the smallest of them."""
+    if u.size == 0:
+        return u, v
+    u, v, starts = _groups(u, v)
+    minimum = np.minimum.reduceat(v, starts)
+    sizes = np.diff(np.r_[starts, u.size])
+    row_min = np.repeat(minimum, sizes)
+    other = v != row_min
+    return np.r_[u[starts], v[other]], np.r_[minimum, row_min[other]]
 
 
 def lsh_bands(threshold: float, num_perm: int, miss_weight: float = 0.5) -> tuple[int, int]:

@@ -70,7 +70,12 @@ class DedupConfig(_Section):
     exact: ExactDedupConfig | None = Field(default_factory=ExactDedupConfig)
     minhash: MinHashDedupConfig | None = Field(default_factory=MinHashDedupConfig)
     partition_mb: float = Field(64, gt=0, description="Text (MiB) per signature task (the map phase).")
-    shards: int = Field(4, ge=1, description="Reduce tasks: LSH buckets are split among them by key.")
+    shards: int = Field(
+        4, ge=1, description="Reduce tasks: LSH buckets, and then graph nodes, are split among them by key."
+    )
+    workers: int | None = Field(
+        None, ge=1, description="Tasks running at once (default: as many as the Ray cluster has CPUs for)."
+    )
 
 
 class PipelineConfig(_Section):

@@ -7,18 +7,20 @@
    ``partition << 32 | row``.
 2. reduce, one task per key shard: sort its rows by (band, key); documents sharing a bucket are candidate
    pairs; exact-text buckets (band -1) are duplicates when all 128 bits of the text hash agree; others are
-   verified by exact Jaccard
-   of their shingle sets (or the signatures' estimate), read from the map outputs for just those nodes.
-   It writes the verified edges.
-3. the driver joins the edges (one per duplicate pair, far fewer than documents) into connected
-   components, picks each cluster's survivor by the keep rule, and writes the cluster table
-   (``clusters.parquet``: representative, size, members).
-4. apply, one task per partition: writes kept documents and the removed ones with ``duplicate_of``
+   verified by exact Jaccard of their shingle sets (or the signatures' estimate), read from the map
+   outputs for just those nodes. It writes the verified edges, split by the shard that owns each node.
+3. components, ``shards`` tasks a step: alternating large-star and small-star steps (Kiveris et al.,
+   2014), each task owning the nodes of one hash shard and passing the new edges on by owner, until
+   every component is a star around its smallest node (O(log^2 n) steps; a handful in practice).
+4. decide, one task per root shard: the survivor of each component by the keep rule, the decisions for
+   its removed members, and the cluster table rows (``clusters.parquet``: representative, size, members).
+5. apply, one task per partition: writes kept documents and the removed ones with ``duplicate_of``
    (the survivor), ``value`` (best similarity in the cluster) and the filter that removed them
    (``exact_dedup`` when another member of the cluster has the same normalized text, else
    ``minhash_dedup``).
 
-Every phase leaves completion markers: a killed stage resumes from the finished tasks. The output depends
+No task holds more than its shard of the signatures, bucket rows or graph; the driver only gathers the
+cluster table, which is the stage's output. Every phase leaves completion markers: a killed stage resumes from the finished tasks. The output depends
 on the documents and the config only (the partition plan comes from the files and ``partition_mb``).
 """
 
@@ -35,7 +37,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from cleaning.dedup import Similarity, band_keys, bucket_pairs, cluster_decisions, text_hash
+from cleaning.dedup import (
+    Similarity,
+    band_keys,
+    bucket_pairs,
+    large_star,
+    meta_scores,
+    node_shard,
+    small_star,
+    survivor_rank,
+    text_hash,
+)
 from cleaning.minhash import MinHasher
 from ingestion.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA
 from orchestration.config import DedupConfig
@@ -55,6 +67,7 @@ from orchestration.stage import StageContext
 WORK = "_work"
 CLUSTERS = "clusters.parquet"
 EXACT_BAND = -1
+MAX_STAR_STEPS = 200
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -67,10 +80,13 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 @ray.remote(num_cpus=1)
 def _map_task(index: int, part: Partition, work: str, cfg: DedupConfig) -> dict[str, Any]:
     work_dir = Path(work)
-    ids, texts = [], []
-    for batch in part.batches(["id", "text"]):
+    ids, texts, scores = [], [], []
+    score_key = _keep(cfg)[1]
+    for batch in part.batches(["id", "text"] + (["meta"] if score_key else [])):
         ids.extend(batch.column("id").to_pylist())
         texts.extend(batch.column("text").to_pylist())
+        if score_key:
+            scores.extend(meta_scores(batch.column("meta"), score_key))
     n = len(ids)
     node = (np.int64(index) << np.int64(32)) | np.arange(n, dtype=np.int64)
     normal = cfg.exact is None or cfg.exact.normalize
@@ -80,7 +96,10 @@ def _map_task(index: int, part: Partition, work: str, cfg: DedupConfig) -> dict[
     exact_hi = np.array([int.from_bytes(d[8:], "little") for d in digests], dtype=np.uint64)
     write_ipc(
         work_dir / "docs" / f"{part.name}.arrow",
-        pa.table({"id": ids, "length": [len(t) for t in texts], "exact": exact, "exact_hi": exact_hi}),
+        pa.table(
+            {"id": ids, "length": [len(t) for t in texts], "exact": exact, "exact_hi": exact_hi}
+            | ({"score": pa.array(scores, pa.float64())} if score_key else {})
+        ),
     )
     band_col, key_col, node_col = [], [], []
     if cfg.exact:
@@ -146,6 +165,27 @@ class _PartArrays:
         return np.asarray(self._array("sigs", node >> 32)[node & 0xFFFFFFFF])
 
 
+def _write_edges(
+    work: Path, step: int, src: int, x: np.ndarray, y: np.ndarray, shards: int, sim: np.ndarray | None = None
+) -> None:
+    """The edges (x, y) as input of components step ``step``, one file per owner shard: both directions
+    for a large-star step (even), (larger, smaller) for a small-star step (odd)."""
+    loop = x == y
+    x, y = x[~loop], y[~loop]
+    if step % 2 == 0:
+        u, v = np.r_[x, y], np.r_[y, x]
+        sim = None if sim is None else np.r_[sim[~loop], sim[~loop]]
+    else:
+        u, v = np.maximum(x, y), np.minimum(x, y)
+    owner = node_shard(u, shards)
+    for dst in range(shards):
+        mine = owner == dst
+        columns = {"u": u[mine], "v": v[mine]}
+        if sim is not None:
+            columns["similarity"] = sim[mine]
+        write_ipc(work / "cc" / f"{step:03d}" / f"{src:04d}-{dst:04d}.arrow", pa.table(columns))
+
+
 @ray.remote(num_cpus=1)
 def _reduce_task(shard: int, names: list[str], work: str, cfg: DedupConfig) -> dict[str, Any]:
     work_dir = Path(work)
@@ -169,23 +209,140 @@ def _reduce_task(shard: int, names: list[str], work: str, cfg: DedupConfig) -> d
             if (a, b) not in edges and (sim := similarity(a, b)) >= similarity.threshold(m):
                 edges[(a, b)] = sim
     pairs = sorted(edges)
-    table = pa.table(
-        {
-            "a": np.array([p[0] for p in pairs], dtype=np.int64),
-            "b": np.array([p[1] for p in pairs], dtype=np.int64),
-            "similarity": np.array([edges[p] for p in pairs], dtype=np.float64),
-        }
-    )
-    write_ipc(work_dir / "edges" / f"{shard:04d}.arrow", table)
+    a = np.array([p[0] for p in pairs], dtype=np.int64)
+    b = np.array([p[1] for p in pairs], dtype=np.int64)
+    _write_edges(work_dir, 0, shard, a, b, cfg.shards, np.array([edges[p] for p in pairs], np.float64))
     result = {"part": f"reduce-{shard:04d}", "candidate_pairs": candidates, "edges": len(pairs)}
     atomic_write_bytes(work_dir / DONE_DIR / f"reduce-{shard:04d}.json", json.dumps(result).encode())
     return result
 
 
 @ray.remote(num_cpus=1)
-def _apply_task(part: Partition, out: str, work: str) -> dict[str, Any]:
+def _star_task(step: int, shard: int, work: str, shards: int) -> dict[str, Any]:
+    """One components step for the nodes of ``shard``: large-star on even steps, small-star on odd ones.
+
+    Step 0 also records each node's best similarity to a neighbour. A large-star step whose nodes are
+    already stars around their minima writes their labels (node, root, best similarity) by root shard:
+    when every shard of a step says so, those are the components."""
+    cc = Path(work) / "cc"
+    edges = pa.concat_tables(
+        [read_ipc(cc / f"{step:03d}" / f"{src:04d}-{shard:04d}.arrow") for src in range(shards)]
+    )
+    u, v = edges.column("u").to_numpy(), edges.column("v").to_numpy()
+    result: dict[str, Any] = {"part": f"cc{step:03d}-{shard:04d}", "edges": int(u.size), "converged": False}
+    if step == 0:
+        order = np.argsort(u, kind="stable")
+        nodes = u[order]
+        starts = np.flatnonzero(np.r_[True, nodes[1:] != nodes[:-1]]) if nodes.size else nodes
+        best = np.maximum.reduceat(edges.column("similarity").to_numpy()[order], starts) if nodes.size else []
+        write_ipc(
+            cc / "best" / f"{shard:04d}.arrow",
+            pa.table({"node": nodes[starts], "best": pa.array(best, pa.float64())}),
+        )
+    if step % 2 == 0:
+        (x, y), labels, converged = large_star(u, v)
+        if converged:
+            best = read_ipc(cc / "best" / f"{shard:04d}.arrow")
+            if not np.array_equal(best.column("node").to_numpy(), labels[:, 0]):
+                raise RuntimeError(f"dedup components: shard {shard} lost nodes at step {step}")
+            owner = node_shard(labels[:, 1], shards)
+            for dst in range(shards):
+                mine = owner == dst
+                table = pa.table(
+                    {
+                        "node": labels[mine, 0],
+                        "root": labels[mine, 1],
+                        "best": best.column("best").filter(pa.array(mine)),
+                    }
+                )
+                write_ipc(cc / f"{step:03d}" / f"labels-{shard:04d}-{dst:04d}.arrow", table)
+        result["converged"] = converged
+    else:
+        x, y = small_star(u, v)
+    _write_edges(cc.parent, step + 1, shard, x, y, shards)
+    atomic_write_bytes(Path(work) / DONE_DIR / f"{result['part']}.json", json.dumps(result).encode())
+    return result
+
+
+@ray.remote(num_cpus=1)
+def _decide_task(shard: int, step: int, names: list[str], work: str, cfg: DedupConfig) -> dict[str, Any]:
+    """The survivor of every component whose root ``shard`` owns, by the keep rule; per-partition
+    decisions for the removed members, and the cluster table rows."""
+    work_dir = Path(work)
+    cc = work_dir / "cc" / f"{step:03d}"
+    labels = pa.concat_tables(
+        [read_ipc(cc / f"labels-{src:04d}-{shard:04d}.arrow") for src in range(cfg.shards)]
+    )
+    labels = labels.sort_by([("root", "ascending"), ("node", "ascending")])
+    node, root = labels.column("node").to_numpy(), labels.column("root").to_numpy()
+    best = labels.column("best").to_numpy()
+    # The ids, lengths, exact hashes (and scores) of this shard's nodes, read partition by partition.
+    part_of = node >> 32
+    columns = ["id", "length", "exact", "exact_hi"] + (["score"] if _keep(cfg)[1] else [])
+    info: dict[int, tuple] = {}
+    for index in np.unique(part_of).tolist():
+        mine = node[part_of == index]
+        table = read_ipc(work_dir / "docs" / f"{names[index]}.arrow").select(columns)
+        rows = table.take(pa.array(mine & 0xFFFFFFFF)).to_pylist()
+        info.update(zip(mine.tolist(), rows))
+    keep, score_key = _keep(cfg)
+    decisions: dict[int, list[tuple[int, str, float, str]]] = {}
+    clusters: list[tuple[str, int, list[str]]] = []
+    starts = np.flatnonzero(np.r_[True, root[1:] != root[:-1]]) if root.size else root
+    for start, end in zip(starts.tolist(), np.r_[starts[1:], root.size].tolist()):
+        members = node[start:end].tolist()
+        rows = [info[m] for m in members]
+        ranks = [survivor_rank(keep, r["id"], r["length"], r.get("score")) for r in rows]
+        kept = min(range(len(members)), key=ranks.__getitem__)
+        kept_id = rows[kept]["id"]
+        # A removed document with an exact-text twin in its cluster is an exact duplicate; else a near one.
+        texts = Counter((r["exact"], r["exact_hi"]) for r in rows)
+        for i, (member, row) in enumerate(zip(members, rows)):
+            if i != kept:
+                name = "exact_dedup" if texts[(row["exact"], row["exact_hi"])] > 1 else "minhash_dedup"
+                decisions.setdefault(member >> 32, []).append(
+                    (member & 0xFFFFFFFF, kept_id, float(best[start + i]), name)
+                )
+        clusters.append((kept_id, len(members), sorted(r["id"] for i, r in enumerate(rows) if i != kept)))
+    for index, name in enumerate(names):
+        rows = sorted(decisions.get(index, []))
+        table = pa.table(
+            {
+                "row": pa.array([r[0] for r in rows], pa.int64()),
+                "duplicate_of": pa.array([r[1] for r in rows], pa.string()),
+                "value": pa.array([r[2] for r in rows], pa.float64()),
+                "filter": pa.array([r[3] for r in rows], pa.string()),
+            }
+        )
+        write_ipc(work_dir / "decisions" / f"{name}-{shard:04d}.arrow", table)
+    table = pa.table(
+        {
+            "representative": pa.array([c[0] for c in clusters], pa.string()),
+            "size": pa.array([c[1] for c in clusters], pa.int64()),
+            "members": pa.array([c[2] for c in clusters], pa.list_(pa.string())),
+        }
+    )
+    write_ipc(work_dir / "clusters" / f"{shard:04d}.arrow", table)
+    result = {
+        "part": f"decide-{shard:04d}",
+        "clusters": len(clusters),
+        "removed": int(node.size) - len(clusters),
+    }
+    atomic_write_bytes(work_dir / DONE_DIR / f"{result['part']}.json", json.dumps(result).encode())
+    return result
+
+
+def _keep(cfg: DedupConfig) -> tuple[str, str | None]:
+    """The keep rule and the meta signal it ranks by (exact-only dedup keeps the first id)."""
+    return (cfg.minhash.keep, cfg.minhash.score_key) if cfg.minhash else ("first", None)
+
+
+@ray.remote(num_cpus=1)
+def _apply_task(part: Partition, out: str, work: str, shards: int) -> dict[str, Any]:
     out_dir, work_dir = Path(out), Path(work)
-    decisions = read_ipc(work_dir / "decisions" / f"{part.name}.arrow").to_pydict()
+    decisions = pa.concat_tables(
+        [read_ipc(work_dir / "decisions" / f"{part.name}-{shard:04d}.arrow") for shard in range(shards)]
+    ).to_pydict()
     removed = dict(
         zip(decisions["row"], zip(decisions["duplicate_of"], decisions["value"], decisions["filter"]))
     )
@@ -241,23 +398,48 @@ def run_dedup_stage(
         [f"map-{n}" for n in names],
         lambda t: _map_task.remote(*by_name[t[4:]], str(work), cfg),
         progress("signatures"),
+        cfg.workers,
     )
     reduces = run_partitions(
         work,
         [f"reduce-{s:04d}" for s in range(cfg.shards)],
         lambda t: _reduce_task.remote(int(t[7:]), names, str(work), cfg),
         progress("candidate pairs"),
+        cfg.workers,
     )
     counters: Counter = Counter()
     counters["candidate_pairs"] = sum(r["candidate_pairs"] for r in reduces.values())
-    if not (work / DONE_DIR / "decisions.json").exists():
-        _decide(work, names, cfg)
-    counters.update(json.loads((work / DONE_DIR / "decisions.json").read_text()))
+    counters["edges"] = sum(r["edges"] for r in reduces.values())
+    shards = range(cfg.shards)
+    step = 0
+    while True:  # large-star / small-star rounds until every component is a star
+        stars = run_partitions(
+            work,
+            [f"cc{step:03d}-{s:04d}" for s in shards],
+            lambda t, step=step: _star_task.remote(step, int(t[-4:]), str(work), cfg.shards),
+            progress(f"components (step {step + 1})"),
+            cfg.workers,
+        )
+        if step % 2 == 0 and all(r["converged"] for r in stars.values()):
+            break
+        step += 1
+        if step > MAX_STAR_STEPS:
+            raise RuntimeError(f"dedup components did not converge in {MAX_STAR_STEPS} steps")
+    counters["components_steps"] = step + 1
+    decided = run_partitions(
+        work,
+        [f"decide-{s:04d}" for s in shards],
+        lambda t: _decide_task.remote(int(t[-4:]), step, names, str(work), cfg),
+        progress("clusters"),
+        cfg.workers,
+    )
+    counters["clusters"] = sum(r["clusters"] for r in decided.values())
     applied = run_partitions(
         work,
         [f"apply-{n}" for n in names],
-        lambda t: _apply_task.remote(by_name[t[6:]][1], str(out), str(work)),
+        lambda t: _apply_task.remote(by_name[t[6:]][1], str(out), str(work), cfg.shards),
         progress("write"),
+        cfg.workers,
     )
     results = [applied[f"apply-{n}"] for n in names]
     for r in results:
@@ -276,7 +458,8 @@ def run_dedup_stage(
         schema=REJECTED_SCHEMA,
         inputs=inputs,
     )
-    clusters = read_ipc(work / "clusters.arrow")
+    clusters = pa.concat_tables([read_ipc(work / "clusters" / f"{s:04d}.arrow") for s in shards])
+    clusters = clusters.sort_by([("size", "descending"), ("representative", "ascending")])
     pq.write_table(clusters, out / CLUSTERS)  # representative, size, members: for the quality report
     return write_index(
         out,
@@ -288,59 +471,3 @@ def run_dedup_stage(
         counters=dict(counters),
         extra={"clusters": {"path": CLUSTERS, "rows": clusters.num_rows}},
     )
-
-
-def _decide(work: Path, names: list[str], cfg: DedupConfig) -> None:
-    """Connected components of every shard's edges; one decisions file per partition."""
-    edges = pa.concat_tables([read_ipc(p) for p in sorted((work / "edges").glob("*.arrow"))])
-    a, b = edges.column("a").to_numpy(), edges.column("b").to_numpy()
-    sim = edges.column("similarity").to_numpy()
-    nodes = np.unique(np.r_[a, b])
-    # The ids, lengths and exact hashes of just the nodes in some edge.
-    info: dict[int, tuple[str, int, tuple[int, int]]] = {}
-    for index, name in enumerate(names):
-        mine = nodes[(nodes >> 32) == index]
-        if mine.size:
-            table = read_ipc(work / "docs" / f"{name}.arrow").take(pa.array(mine & 0xFFFFFFFF))
-            columns = (table.column(c).to_pylist() for c in ("id", "length", "exact", "exact_hi"))
-            for node, doc_id, length, lo, hi in zip(mine.tolist(), *columns):
-                info[int(node)] = (doc_id, length, (lo, hi))
-    keep = cfg.minhash.keep if cfg.minhash else "first"
-    decisions = cluster_decisions(
-        zip(a.tolist(), b.tolist(), sim.tolist()), lambda n: info[n][0], lambda n: info[n][1], keep
-    )
-    # A removed document with an exact-text twin in its cluster is an exact duplicate; else a near one.
-    exact_in_cluster = Counter((kept_id, info[n][2]) for n, (kept_id, _) in decisions.items())
-    survivors = {info[n][0]: n for n in info}
-    for kept_id in {k for k, _ in decisions.values()}:
-        exact_in_cluster[(kept_id, info[survivors[kept_id]][2])] += 1
-    per_part: dict[int, list[tuple[int, str, float, str]]] = {}
-    for node, (kept_id, value) in decisions.items():
-        name = "exact_dedup" if exact_in_cluster[(kept_id, info[node][2])] > 1 else "minhash_dedup"
-        per_part.setdefault(node >> 32, []).append((node & 0xFFFFFFFF, kept_id, value, name))
-    for index, name in enumerate(names):
-        rows = sorted(per_part.get(index, []))
-        table = pa.table(
-            {
-                "row": pa.array([r[0] for r in rows], pa.int64()),
-                "duplicate_of": pa.array([r[1] for r in rows], pa.string()),
-                "value": pa.array([r[2] for r in rows], pa.float64()),
-                "filter": pa.array([r[3] for r in rows], pa.string()),
-            }
-        )
-        write_ipc(work / "decisions" / f"{name}.arrow", table)
-    members: dict[str, list[str]] = {}
-    for node, (kept_id, _) in decisions.items():
-        members.setdefault(kept_id, []).append(info[node][0])
-    table = pa.table(
-        {
-            "representative": pa.array(list(members), pa.string()),
-            "size": pa.array([len(m) + 1 for m in members.values()], pa.int64()),
-            "members": pa.array([sorted(m) for m in members.values()], pa.list_(pa.string())),
-        }
-    )
-    write_ipc(
-        work / "clusters.arrow", table.sort_by([("size", "descending"), ("representative", "ascending")])
-    )
-    summary = {"edges": int(a.size), "clusters": len(members)}
-    atomic_write_bytes(work / DONE_DIR / "decisions.json", json.dumps(summary).encode())

@@ -97,20 +97,27 @@ def run_partitions(
     parts: list[str],
     submit: Callable[[str], ray.ObjectRef],
     on_progress: Callable[[int, int], None] | None = None,
+    max_in_flight: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Results of every partition: read from its completion marker if a previous run finished it, else
-    from a Ray task ``submit(part)`` (the task writes the marker); progress is reported as tasks end."""
+    from a Ray task ``submit(part)`` (the task writes the marker); at most ``max_in_flight`` tasks run at
+    once (default: as many as the cluster schedules). Progress is reported as tasks end."""
     results: dict[str, dict[str, Any]] = {}
-    pending = {}
+    todo = []
     for part in parts:
         marker = out / DONE_DIR / f"{part}.json"
         if marker.exists():
             results[part] = json.loads(marker.read_text())
         else:
-            pending[submit(part)] = part
+            todo.append(part)
     if on_progress:
         on_progress(len(results), len(parts))
-    while pending:
+    pending: dict[ray.ObjectRef, str] = {}
+    todo.reverse()
+    while todo or pending:
+        while todo and (max_in_flight is None or len(pending) < max_in_flight):
+            part = todo.pop()
+            pending[submit(part)] = part
         done, _ = ray.wait(list(pending), num_returns=1)
         results[pending.pop(done[0])] = ray.get(done[0])
         if on_progress:

@@ -137,3 +137,63 @@ def test_banding_must_fit_the_signature():
         MinHashDedupConfig(num_perm=64, bands=20, rows=4)
     with pytest.raises(ValidationError, match="both bands and rows"):
         MinHashDedupConfig(bands=20)
+
+
+def test_keep_rule_score_ranks_by_a_meta_signal():
+    import pytest
+    from pydantic import ValidationError
+
+    base = "the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat " * 4
+    batch = docs({"a": base, "b": base + "tail", "c": base + "end", "d": "something else entirely here"})
+    meta = [[("q", 0.2)], [("q", 0.9)], [], [("q", 5.0)]]
+    batch = batch.set_column(6, "meta", pa.array(meta, DOCUMENT_SCHEMA.field("meta").type))
+    ctx = StageContext("dedup")
+    stage = MinHashDeduplicator(MinHashDedupConfig(keep="score", score_key="q", threshold=0.5))
+    kept = [i for b in stage.run([batch], ctx) for i in b.column("id").to_pylist()]
+    removed = {r["id"]: r["duplicate_of"] for b in ctx.rejected for r in b.to_pylist()}
+    assert kept == ["b", "d"] and removed == {"a": "b", "c": "b"}  # 0.9 beats 0.2; c has no score
+    with pytest.raises(ValidationError, match="score_key"):
+        MinHashDedupConfig(keep="score")
+
+
+def _star_components(a, b, shards):
+    """Large-star / small-star rounds with each step split over ``shards`` owners, as the Ray stage does."""
+    import numpy as np
+
+    from cleaning.dedup import large_star, node_shard, small_star
+
+    def owned(u, v, s):
+        mine = node_shard(u, shards) == s
+        return u[mine], v[mine]
+
+    u, v = np.r_[a, b], np.r_[b, a]
+    for _ in range(100):
+        steps = [large_star(*owned(u, v, s)) for s in range(shards)]
+        if all(done for _, _, done in steps):
+            return dict(row for _, labels, _ in steps for row in labels.tolist())
+        x = np.concatenate([new[0] for new, _, _ in steps])
+        y = np.concatenate([new[1] for new, _, _ in steps])
+        hi, lo = np.maximum(x, y), np.minimum(x, y)
+        parts = [small_star(*owned(hi, lo, s)) for s in range(shards)]
+        x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        u, v = np.r_[x, y], np.r_[y, x]
+    raise AssertionError("no convergence")
+
+
+def test_large_small_star_rounds_find_connected_components():
+    import numpy as np
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rng = np.random.default_rng(7)
+    for n, m, shards in ((50, 30, 1), (400, 300, 3), (3000, 2500, 4), (200, 0, 2)):
+        a, b = rng.integers(0, n, m), rng.integers(0, n, m)
+        a, b = a[a != b], b[a != b]
+        # A long path too: the worst case for label propagation, shuffled node numbers.
+        path = rng.permutation(n)[: n // 4] + (n if n > 100 else 0)
+        a, b = np.r_[a, path[:-1]], np.r_[b, path[1:]]
+        labels = _star_components(a.astype(np.int64) << 32, b.astype(np.int64) << 32, shards)
+        nodes = np.unique(np.r_[a, b])
+        _, ref = connected_components(coo_matrix((np.ones(a.size), (a, b)), shape=(2 * n, 2 * n)))
+        expected = {int(x) << 32: int(nodes[ref[nodes] == ref[x]].min()) << 32 for x in nodes}
+        assert labels == expected
