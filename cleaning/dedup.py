@@ -169,6 +169,43 @@ class MinHashDeduplicator(Stage):
         yield from table.filter(pa.array(~dup)).combine_chunks().to_batches()
 
 
+class LineDedupConfig(StageConfig):
+    """Repeated-span removal across documents, as C4 did it: every span of ``span`` consecutive lines
+    that already appeared earlier in the corpus (or earlier in the same document) is cut, keeping its
+    first occurrence; documents left too short are removed."""
+
+    span: int = Field(
+        3, ge=1, description="Consecutive non-empty lines per span (C4: three sentences; 1: CCNet's lines)."
+    )
+    normalize: bool = Field(True, description="Compare the lines' dedup normal form instead of raw text.")
+    min_words: int = Field(
+        50, ge=0, description="Documents with fewer words left are removed (DataTrove SentenceDedup: 50)."
+    )
+
+
+def line_spans(text: str, span: int, normalize: bool = True) -> tuple[list[int], list[int]]:
+    """64-bit hashes of the document's spans of ``span`` consecutive non-empty lines (non-empty in the
+    normal form, when comparing it), and the index of each span's first line among the text's lines."""
+    lines = text.split("\n")
+    forms = [dedup_normal_form(line) if normalize else line.strip() for line in lines]
+    kept = [i for i, f in enumerate(forms) if f]
+    hashes, firsts = [], []
+    for k in range(len(kept) - span + 1):
+        joined = "\n".join(forms[i] for i in kept[k : k + span]).encode()
+        hashes.append(int.from_bytes(hashlib.blake2b(joined, digest_size=8).digest(), "little"))
+        firsts.append(k)
+    return hashes, firsts
+
+
+def cut_spans(text: str, spans: Iterable[int], span: int, normalize: bool = True) -> str:
+    """The text without the lines of the given spans (numbered as :func:`line_spans` numbers them)."""
+    lines = text.split("\n")
+    forms = [dedup_normal_form(line) if normalize else line.strip() for line in lines]
+    kept = [i for i, f in enumerate(forms) if f]
+    cut = {kept[k + j] for k in spans for j in range(span)}
+    return "\n".join(line for i, line in enumerate(lines) if i not in cut)
+
+
 _FOLD = np.uint64(0x9E3779B97F4A7C15)
 
 

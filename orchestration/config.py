@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cleaning.dedup import ExactDedupConfig, MinHashDedupConfig
+from cleaning.dedup import ExactDedupConfig, LineDedupConfig, MinHashDedupConfig
 from cleaning.extract import HtmlExtractorConfig
 from cleaning.filters import GopherQualityConfig
 from cleaning.normalize import TextNormalizerConfig
@@ -69,6 +69,9 @@ class DedupConfig(_Section):
 
     exact: ExactDedupConfig | None = Field(default_factory=ExactDedupConfig)
     minhash: MinHashDedupConfig | None = Field(default_factory=MinHashDedupConfig)
+    lines: LineDedupConfig | None = Field(
+        None, description="Repeated line spans cut across documents (C4-style); off unless set."
+    )
     partition_mb: float = Field(64, gt=0, description="Text (MiB) per signature task (the map phase).")
     shards: int = Field(
         4, ge=1, description="Reduce tasks: LSH buckets, and then graph nodes, are split among them by key."

@@ -41,7 +41,9 @@ from cleaning.dedup import (
     Similarity,
     band_keys,
     bucket_pairs,
+    cut_spans,
     large_star,
+    line_spans,
     meta_scores,
     node_shard,
     small_star,
@@ -75,6 +77,26 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp.npy")
     np.save(tmp, array)
     tmp.replace(path)
+
+
+def _write_line_spans(work: Path, name: str, node: np.ndarray, texts: list[str], cfg: DedupConfig) -> None:
+    """The (hash, node, span) rows of every line span of the partition, split by hash into shards."""
+    hashes, nodes, spans = [], [], []
+    for doc, text in zip(node.tolist(), texts):
+        h, first = line_spans(text, cfg.lines.span, cfg.lines.normalize)
+        hashes.extend(h)
+        nodes.extend([doc] * len(h))
+        spans.extend(first)
+    table = pa.table(
+        {
+            "hash": pa.array(hashes, pa.uint64()),
+            "node": pa.array(nodes, pa.int64()),
+            "span": pa.array(spans, pa.int32()),
+        }
+    )
+    shard_of = table.column("hash").to_numpy() % np.uint64(cfg.shards)
+    for shard in range(cfg.shards):
+        write_ipc(work / "lines" / f"{name}-{shard:04d}.arrow", table.filter(pa.array(shard_of == shard)))
 
 
 @ray.remote(num_cpus=1)
@@ -119,6 +141,8 @@ def _map_task(index: int, part: Partition, work: str, cfg: DedupConfig) -> dict[
         band_col.append(np.repeat(np.arange(bands, dtype=np.int16), n))
         key_col.append(keys.T.ravel())
         node_col.append(np.tile(node, bands))
+    if cfg.lines:
+        _write_line_spans(work_dir, part.name, node, texts, cfg)
     band, key, nodes = (np.concatenate(c) if c else np.empty(0) for c in (band_col, key_col, node_col))
     shard_of = (key % np.uint64(cfg.shards)).astype(np.int64) if key.size else np.empty(0, np.int64)
     for shard in range(cfg.shards):
@@ -338,14 +362,56 @@ def _keep(cfg: DedupConfig) -> tuple[str, str | None]:
 
 
 @ray.remote(num_cpus=1)
-def _apply_task(part: Partition, out: str, work: str, shards: int) -> dict[str, Any]:
+def _lines_task(shard: int, names: list[str], work: str, shards: int) -> dict[str, Any]:
+    """Line spans of one hash shard: every occurrence after the first, among the documents that survive
+    document-level dedup, in corpus order, is cut; the cuts are written per partition."""
+    work_dir = Path(work)
+    removed = [
+        (index << 32) | read_ipc(work_dir / "decisions" / f"{name}-{s:04d}.arrow").column("row").to_numpy()
+        for index, name in enumerate(names)
+        for s in range(shards)
+    ]
+    rows = pa.concat_tables([read_ipc(work_dir / "lines" / f"{name}-{shard:04d}.arrow") for name in names])
+    node = rows.column("node").to_numpy()
+    alive = ~np.isin(node, np.concatenate(removed)) if removed else np.ones(node.size, bool)
+    hashes, node, span = (
+        rows.column("hash").to_numpy()[alive],
+        node[alive],
+        rows.column("span").to_numpy()[alive],
+    )
+    order = np.lexsort((span, node, hashes))
+    hashes, node, span = hashes[order], node[order], span[order]
+    later = np.r_[False, hashes[1:] == hashes[:-1]]  # not the first occurrence of its span
+    cut_node, cut_span = node[later], span[later]
+    for index, name in enumerate(names):
+        mine = (cut_node >> 32) == index
+        table = pa.table({"row": cut_node[mine] & 0xFFFFFFFF, "span": cut_span[mine]})
+        write_ipc(work_dir / "linecuts" / f"{name}-{shard:04d}.arrow", table)
+    result = {"part": f"lines-{shard:04d}", "spans": int(hashes.size), "cut": int(later.sum())}
+    atomic_write_bytes(work_dir / DONE_DIR / f"{result['part']}.json", json.dumps(result).encode())
+    return result
+
+
+def _line_cuts(work: Path, name: str, shards: int) -> dict[int, list[int]]:
+    """{row: spans to cut} of one partition."""
+    cuts: dict[int, list[int]] = {}
+    for shard in range(shards):
+        table = read_ipc(work / "linecuts" / f"{name}-{shard:04d}.arrow")
+        for row, span in zip(table.column("row").to_pylist(), table.column("span").to_pylist()):
+            cuts.setdefault(row, []).append(span)
+    return cuts
+
+
+@ray.remote(num_cpus=1)
+def _apply_task(part: Partition, out: str, work: str, cfg: DedupConfig) -> dict[str, Any]:
     out_dir, work_dir = Path(out), Path(work)
     decisions = pa.concat_tables(
-        [read_ipc(work_dir / "decisions" / f"{part.name}-{shard:04d}.arrow") for shard in range(shards)]
+        [read_ipc(work_dir / "decisions" / f"{part.name}-{shard:04d}.arrow") for shard in range(cfg.shards)]
     ).to_pydict()
     removed = dict(
         zip(decisions["row"], zip(decisions["duplicate_of"], decisions["value"], decisions["filter"]))
     )
+    cuts = _line_cuts(work_dir, part.name, cfg.shards) if cfg.lines else {}
     ctx = StageContext("dedup")
 
     def kept_batches():
@@ -363,14 +429,47 @@ def _apply_task(part: Partition, out: str, work: str, shards: int) -> dict[str, 
                         values=[removed[r][1] for r in rows],
                         duplicate_of=[removed[r][0] for r in rows],
                     )
-            yield batch.filter(pa.array(~drop))
-            row += batch.num_rows
+            batch = batch.filter(pa.array(~drop))
+            if cuts:
+                batch = _cut_lines(batch, [row + i for i in np.flatnonzero(~drop)], cuts, cfg, ctx)
+            yield batch
+            row += drop.size
 
     kept = write_parquet(out_dir / f"{part.name}.parquet", kept_batches(), DOCUMENT_SCHEMA)
     rejected = write_parquet(out_dir / REJECTED_DIR / f"{part.name}.parquet", ctx.rejected, REJECTED_SCHEMA)
     result = {"part": part.name, "kept": kept, "rejected": rejected, "counters": dict(ctx.counters)}
     atomic_write_bytes(work_dir / DONE_DIR / f"apply-{part.name}.json", json.dumps(result).encode())
     return result
+
+
+def _cut_lines(
+    batch: pa.RecordBatch, rows: list[int], cuts: dict[int, list[int]], cfg: DedupConfig, ctx: StageContext
+) -> pa.RecordBatch:
+    """The batch with its repeated line spans cut; documents left under ``min_words`` words rejected."""
+    if not any(row in cuts for row in rows):
+        return batch
+    texts = batch.column("text").to_pylist()
+    short = np.zeros(len(texts), dtype=bool)
+    words: dict[int, int] = {}
+    for i, row in enumerate(rows):
+        if row in cuts:
+            before = texts[i].count("\n") + 1
+            texts[i] = cut_spans(texts[i], cuts[row], cfg.lines.span, cfg.lines.normalize)
+            ctx.counters["line_dedup.documents_cut"] += 1
+            ctx.counters["line_dedup.lines_cut"] += before - (texts[i].count("\n") + 1)
+            words[i] = len(texts[i].split())
+            short[i] = words[i] < cfg.lines.min_words
+    original = batch
+    batch = batch.set_column(batch.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
+    if short.any():
+        ctx.reject(  # with the text as it came in: nothing is lost
+            original.filter(pa.array(short)),
+            filter="line_dedup",
+            signal="words_after_cut",
+            values=[words[i] for i in np.flatnonzero(short)],
+            threshold=cfg.lines.min_words,
+        )
+    return batch.filter(pa.array(~short))
 
 
 def run_dedup_stage(
@@ -434,10 +533,20 @@ def run_dedup_stage(
         cfg.workers,
     )
     counters["clusters"] = sum(r["clusters"] for r in decided.values())
+    if cfg.lines:
+        spans = run_partitions(
+            work,
+            [f"lines-{s:04d}" for s in shards],
+            lambda t: _lines_task.remote(int(t[-4:]), names, str(work), cfg.shards),
+            progress("line spans"),
+            cfg.workers,
+        )
+        counters["line_spans"] = sum(r["spans"] for r in spans.values())
+        counters["line_spans_cut"] = sum(r["cut"] for r in spans.values())
     applied = run_partitions(
         work,
         [f"apply-{n}" for n in names],
-        lambda t: _apply_task.remote(by_name[t[6:]][1], str(out), str(work), cfg.shards),
+        lambda t: _apply_task.remote(by_name[t[6:]][1], str(out), str(work), cfg),
         progress("write"),
         cfg.workers,
     )

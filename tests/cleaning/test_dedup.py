@@ -197,3 +197,21 @@ def test_large_small_star_rounds_find_connected_components():
         _, ref = connected_components(coo_matrix((np.ones(a.size), (a, b)), shape=(2 * n, 2 * n)))
         expected = {int(x) << 32: int(nodes[ref[nodes] == ref[x]].min()) << 32 for x in nodes}
         assert labels == expected
+
+
+def test_line_spans_and_cuts_by_hand():
+    import hashlib
+
+    from cleaning.dedup import cut_spans, line_spans
+
+    text = "Alpha one.\nBeta, two\n  \nGamma three\n!!\nDelta"
+    hashes, firsts = line_spans(text, 2)
+    # Non-empty normal-form lines: 0 "alpha one", 1 "beta two", 3 "gamma three", 5 "delta".
+    joined = [b"alpha one\nbeta two", b"beta two\ngamma three", b"gamma three\ndelta"]
+    expected = [int.from_bytes(hashlib.blake2b(j, digest_size=8).digest(), "little") for j in joined]
+    assert hashes == expected and firsts == [0, 1, 2]
+    assert cut_spans(text, [1], 2) == "Alpha one.\n  \n!!\nDelta"
+    assert cut_spans(text, [0, 2], 2) == "  \n!!"
+    assert line_spans("one line", 3) == ([], [])
+    raw, _ = line_spans("Beta, two\nx", 1, normalize=False)
+    assert raw[0] != line_spans("beta two\nx", 1, normalize=False)[0][0]

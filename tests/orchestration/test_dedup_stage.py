@@ -147,3 +147,34 @@ def test_one_or_two_workers_give_the_same_bytes_and_keep_by_score(ray_session, t
     score = {i: dict(m).get("quality", -1.0) for i, m in zip(ids, meta)}
     assert all(score[d] >= score[k] for k, (d, _) in removed.items())
     assert any(d > k for k, (d, _) in removed.items())  # not simply the first id
+
+
+def test_line_dedup_cuts_repeated_spans_among_surviving_documents(ray_session, tmp_path):
+    from cleaning.dedup import LineDedupConfig
+
+    def words(tag, n):
+        return " ".join(f"{tag}{i}" for i in range(n))
+
+    footer = "Share this page\nCopyright 2024 Example Corp\nPrivacy policy and terms"
+    own = "Only in the pair one\nOnly in the pair two\nOnly in the pair three"
+    texts = {  # in corpus order
+        "b0": f"{words('b', 60)}\n{own}",  # an exact copy of a9: removed, so it claims no span
+        "a0": f"{words('x', 60)}\n{footer}",
+        "a1": f"{words('y', 60)}\n{footer}\nEnd of y",
+        "a2": f"{words('z', 10)}\n{footer}",
+        "a9": f"{words('b', 60)}\n{own}",
+    }
+    docs = tmp_path / "docs"
+    _dataset(docs, list(texts), list(texts.values()), rows_per_group=2)
+    cfg = DedupConfig(minhash=None, lines=LineDedupConfig(span=3), partition_mb=0.0005, shards=2)
+    index = run_dedup_stage(docs, tmp_path / "out", cfg, cache_key="k", inputs={})
+    kept = {r["id"]: r["text"] for r in read_table(tmp_path / "out").to_pylist()}
+    rejected = {r["id"]: r for r in read_table(tmp_path / "out" / "rejected").to_pylist()}
+    # a0 holds the footer first; a1 loses it and keeps 61 words; a2 keeps 10 < 50 words and goes.
+    assert kept == {"a0": texts["a0"], "a1": f"{words('y', 60)}\nEnd of y", "a9": texts["a9"]}
+    assert rejected["b0"]["filter"] == "exact_dedup" and rejected["b0"]["duplicate_of"] == "a9"
+    assert rejected["a2"]["filter"] == "line_dedup" and rejected["a2"]["value"] == 10
+    assert rejected["a2"]["text"] == texts["a2"]  # removed as it came in
+    # The footer's 3-line span once in a0, and in a1 and a2: 2 cuts of 3 lines.
+    assert index["counters"]["line_spans_cut"] == 2
+    assert index["counters"]["line_dedup.lines_cut"] == 6
