@@ -5,7 +5,8 @@ from cleaning.filters import GopherQualityConfig, GopherQualityFilter, gopher_si
 from ingestion.schema import DOCUMENT_SCHEMA
 from orchestration.stage import StageContext
 
-PASSING = " ".join(["the", "river"] * 25)  # 50 words, mean length 4, 25 stop words
+# 50 words, mean length 4, two distinct stop words (the, and)
+PASSING = " ".join(["the", "river", "and", "stone"] * 12 + ["the", "river"])
 
 
 def docs(*texts: str) -> pa.RecordBatch:
@@ -42,7 +43,7 @@ def test_passing_document_is_kept_with_signals():
     ("text", "signal", "value", "threshold"),
     [
         # 49 words < 50
-        (" ".join((["the", "river"] * 25)[:49]), "words", 49, 50),
+        (" ".join(PASSING.split()[:49]), "words", 49, 50),
         # mean word length of 'a' and 'to' = 1.5 < 3 (50 words, 25 stop words)
         (" ".join(["a", "to"] * 25), "avg_word_length", 1.5, 3),
         # 6 '#' among 56 tokens: 6/56 > 0.1
@@ -96,4 +97,6 @@ def test_signals_hand_computed():
     # tokens: The cat , the dog . - item ... -> 9 tokens, 5 with letters
     assert s["words"] == 5 and s["alpha_words_ratio"] == pytest.approx(5 / 9)
     assert s["bullet_lines_ratio"] == 0.5 and s["ellipsis_lines_ratio"] == 0.5
-    assert s["stop_words"] == 2
+    # Distinct stop words, case-sensitive as in the reference: "the" (not "The")
+    assert s["stop_words"] == 1
+    assert gopher_signals("the the of of The")["stop_words"] == 2
