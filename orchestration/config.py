@@ -12,8 +12,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cleaning.dedup import ExactDedupConfig, LineDedupConfig, MinHashDedupConfig
 from cleaning.extract import HtmlExtractorConfig
-from cleaning.filters import GopherQualityConfig
+from cleaning.filters import (
+    C4QualityConfig,
+    FineWebQualityConfig,
+    GopherQualityConfig,
+    GopherRepetitionConfig,
+    UrlBlocklistConfig,
+)
+from cleaning.langid import LanguageFilterConfig
 from cleaning.normalize import TextNormalizerConfig
+from cleaning.pii import PiiConfig
 from evaluation.perplexity import EvalConfig
 from ingestion.crawler import CrawlConfig
 from orchestration.mappings import deep_merge
@@ -57,11 +65,17 @@ class DemoSiteConfig(_Section):
 
 
 class CleanConfig(_Section):
-    """Extraction, normalization and quality filtering."""
+    """Extraction, normalization, filtering and redaction, in this order; null switches a step off."""
 
     extract: HtmlExtractorConfig = Field(default_factory=HtmlExtractorConfig)
     normalize: TextNormalizerConfig = Field(default_factory=TextNormalizerConfig)
+    url_blocklist: UrlBlocklistConfig | None = Field(None, description="Reject documents from listed sites.")
+    language: LanguageFilterConfig | None = Field(default_factory=LanguageFilterConfig)
+    gopher_repetition: GopherRepetitionConfig | None = Field(default_factory=GopherRepetitionConfig)
     gopher: GopherQualityConfig | None = Field(default_factory=GopherQualityConfig)
+    c4: C4QualityConfig | None = Field(None, description="C4's line rules ({} to switch on).")
+    fineweb: FineWebQualityConfig | None = Field(None, description="FineWeb's rules ({} to switch on).")
+    pii: PiiConfig | None = Field(default_factory=PiiConfig)
 
 
 class DedupConfig(_Section):

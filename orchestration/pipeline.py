@@ -23,8 +23,16 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from cleaning.extract import HtmlExtractor
-from cleaning.filters import GopherQualityFilter
+from cleaning.filters import (
+    C4QualityFilter,
+    FineWebQualityFilter,
+    GopherQualityFilter,
+    GopherRepetitionFilter,
+    UrlBlocklistFilter,
+)
+from cleaning.langid import LanguageFilter
 from cleaning.normalize import TextNormalizer
+from cleaning.pii import PiiRedactor
 from evaluation.perplexity import evaluate_model_dir
 from ingestion.demo_site import DemoSiteServer, build_demo_site
 from orchestration import report
@@ -171,8 +179,16 @@ class Pipeline:
     def _clean(self, crawl: StageOutcome, out: Path, key: str) -> dict[str, Any]:
         c = self.cfg.clean
         stages = [HtmlExtractor(c.extract), TextNormalizer(c.normalize)]
-        if c.gopher is not None:
-            stages.append(GopherQualityFilter(c.gopher))
+        optional = [
+            (UrlBlocklistFilter, c.url_blocklist),
+            (LanguageFilter, c.language),
+            (GopherRepetitionFilter, c.gopher_repetition),
+            (GopherQualityFilter, c.gopher),
+            (C4QualityFilter, c.c4),
+            (FineWebQualityFilter, c.fineweb),
+            (PiiRedactor, c.pii),
+        ]
+        stages += [stage(config) for stage, config in optional if config is not None]
         parts = [
             (Path(f["path"]).name.split(".")[0], warc_source(str(crawl.out_dir / f["path"])))
             for f in crawl.index["files"]
