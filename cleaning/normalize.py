@@ -1,4 +1,5 @@
-"""Text normalization: Unicode NFC, no-break and odd spaces to plain spaces, control characters removed."""
+"""Text normalization: broken encodings repaired (ftfy: mojibake such as "doesnâ€™t", HTML entities left
+over, C1 controls), Unicode NFC, no-break and odd spaces to plain spaces, control characters removed."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import re
 import unicodedata
 from collections.abc import Iterable, Iterator
 
+import ftfy
 import pyarrow as pa
 from pydantic import Field
 
@@ -22,14 +24,27 @@ _BLANK_LINES = re.compile(r"\n{3,}")
 class TextNormalizerConfig(StageConfig):
     """What the normalizer rewrites."""
 
+    fix_encoding: bool = Field(True, description="Repair mojibake and other broken encodings with ftfy.")
     form: str = Field("NFC", pattern="^(NFC|NFKC)$", description="Unicode normalization form.")
     collapse_spaces: bool = Field(
         True, description="Runs of spaces/tabs become one space; lines are stripped."
     )
 
 
-def normalize_text(text: str, form: str = "NFC", collapse_spaces: bool = True) -> str:
+_FTFY = ftfy.TextFixerConfig(
+    uncurl_quotes=False,  # curly quotes are text, not damage
+    fix_character_width=False,  # full-width characters are right in CJK text
+    normalization=None,  # NFC/NFKC below
+    explain=False,
+)
+
+
+def normalize_text(
+    text: str, form: str = "NFC", collapse_spaces: bool = True, fix_encoding: bool = True
+) -> str:
     """Normalize one text (the stage applies this to every document)."""
+    if fix_encoding:
+        text = ftfy.fix_text(text, _FTFY)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _ZERO_WIDTH.sub("", _CONTROL.sub("", _SPACES.sub(" ", text)))
     text = unicodedata.normalize(form, text)
@@ -49,7 +64,7 @@ class TextNormalizer(Stage):
         cfg = self.config
         for batch in batches:
             texts = [
-                normalize_text(t or "", cfg.form, cfg.collapse_spaces)
+                normalize_text(t or "", cfg.form, cfg.collapse_spaces, cfg.fix_encoding)
                 for t in batch.column("text").to_pylist()
             ]
             i = batch.schema.get_field_index("text")

@@ -41,3 +41,12 @@ def test_extract_then_normalize_keeps_main_text_and_rejects_empty_pages():
     assert sorted(r["id"] for r in rejected) == ["h1", "h2"]
     assert {r["filter"] for r in rejected} == {"extract_empty"}
     assert ctx.counters["extract.in"] == 3 == ctx.counters["extract.out"] + len(rejected)
+
+
+def test_normalize_repairs_broken_encodings_and_keeps_good_text():
+    # UTF-8 bytes that were decoded as cp1252 (mojibake)
+    assert normalize_text("The Mona Lisa doesnâ€™t have eyebrows.") == "The Mona Lisa doesn’t have eyebrows."
+    assert normalize_text("CafÃ© crÃ¨me") == "Café crème"
+    good = "“Quoted” text, ｆｕｌｌ-width and 日本語 stay as they are."
+    assert normalize_text(good) == good
+    assert normalize_text("doesnâ€™t", fix_encoding=False) == "doesnâ€™t"

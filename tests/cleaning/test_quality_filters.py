@@ -235,9 +235,29 @@ def test_empty_whitespace_binary_and_huge_documents_through_every_filter():
     words = [f"w{rng.randrange(50_000)}" for _ in range(1_500_000)]
     huge = "\n".join(" ".join(words[i : i + 15]) + "." for i in range(0, len(words), 15))
     assert len(huge) > 10_000_000
+    expected = {  # (rejected: signal) per document, worked out from each published rule
+        # Gopher: no words; no words; 11+-character "words" of random bytes; 1.5M words > 100,000
+        "gopher_quality": {"d0": "words", "d1": "words", "d2": "avg_word_length", "d3": "words"},
+        # only the empty text; whitespace has no paragraph, line or n-gram repeated; nor has the rest
+        "gopher_repetition": {"d0": "empty"},
+        # no line ends in terminal punctuation with 3+ words, except in the huge one
+        "c4_quality": {"d0": "sentences", "d1": "sentences", "d2": "sentences"},
+        # no non-blank line twice; random bytes end no line in punctuation
+        "fineweb_quality": {"d0": "empty", "d1": "empty", "d2": "line_punct_ratio"},
+    }
     for stage in _chain():
-        kept, rejected, _ = run(stage, "", "   \n\t ", binary, huge)
-        assert {"d0", "d1", "d2"} <= set(rejected) or stage.name == "gopher_repetition", stage.name
+        _, rejected, _ = run(stage, "", "   \n\t ", binary, huge)
+        assert {k: r["signal"] for k, r in rejected.items()} == expected[stage.name], stage.name
+
+
+def test_boundaries_at_repetition_thresholds():
+    """Exactly at a threshold is kept (the rules reject above it), one step over is rejected."""
+    cfg = GopherRepetitionConfig(dup_para_char_frac=None, dup_line_frac=None, dup_line_char_frac=None)
+    at = "\n\n".join(["same words", "same words"] + [f"other{i} text{i}" for i in range(8)])  # 1/10 = 0.1
+    kept, rejected, _ = run(GopherRepetitionFilter(cfg.model_copy(update={"dup_para_frac": 0.1})), at)
+    assert list(kept) == ["d0"]
+    kept, rejected, _ = run(GopherRepetitionFilter(cfg.model_copy(update={"dup_para_frac": 0.09})), at)
+    assert rejected["d0"]["signal"] == "dup_para_frac" and rejected["d0"]["value"] == pytest.approx(0.1)
 
 
 def test_filters_are_deterministic():
