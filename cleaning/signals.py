@@ -53,19 +53,27 @@ def gopher_quality_signals(text: str, words: list[str] | None = None) -> dict[st
     and ellipsis line shares, the share of words with a letter, distinct stop words (case-sensitive)."""
     words = split_words(text) if words is None else words
     n = len(words)
-    flags = np.fromiter(map(_flags, words), dtype=np.int8, count=n)
-    lengths = np.fromiter(map(len, words), dtype=np.int64, count=n)
-    non_symbol = (flags & 1).astype(bool)
+    non_symbol = alpha = chars = 0
+    known = _word_flags.get
+    for word, count in Counter(words).items():  # each distinct word once
+        flags = known(word)
+        if flags is None:
+            flags = _flags(word)
+        if flags & 1:
+            non_symbol += count
+            chars += count * len(word)
+        if flags & 2:
+            alpha += count
     lines = text.splitlines()
     n_lines = len(lines) or 1
     return {
-        "words": float(non_symbol.sum()),
-        "avg_word_length": float(lengths[non_symbol].mean()) if non_symbol.any() else float("nan"),
+        "words": float(non_symbol),
+        "avg_word_length": chars / non_symbol if non_symbol else float("nan"),
         "hash_ratio": text.count("#") / n if n else float("inf"),
         "ellipsis_ratio": (text.count("...") + text.count("…")) / n if n else float("inf"),
         "bullet_lines_ratio": sum(s.lstrip().startswith(("•", "-")) for s in lines) / n_lines,
         "ellipsis_lines_ratio": sum(s.rstrip().endswith(("...", "…")) for s in lines) / n_lines,
-        "alpha_words_ratio": float((flags & 2).astype(bool).sum() / n) if n else 0.0,
+        "alpha_words_ratio": alpha / n if n else 0.0,
         "stop_words": float(len(GOPHER_STOP_WORDS.intersection(words))),
     }
 
