@@ -66,3 +66,13 @@ def read_warc(
                 rows = {k: [] for k in rows}
     if rows["id"]:
         yield pa.RecordBatch.from_pydict(rows, schema=HTML_SCHEMA)
+
+
+def find_html(path: str | Path, doc_id: str) -> str | None:
+    """The raw HTML of document ``doc_id`` in a WARC file (its ``source``): every document downstream
+    keeps its id and source, so a cleaned or rejected text leads back to the page it came from."""
+    for batch in read_warc(path):
+        ids = batch.column("id").to_pylist()
+        if doc_id in ids:
+            return batch.column("html")[ids.index(doc_id)].as_py()
+    return None

@@ -50,3 +50,40 @@ def test_normalize_repairs_broken_encodings_and_keeps_good_text():
     good = "“Quoted” text, ｆｕｌｌ-width and 日本語 stay as they are."
     assert normalize_text(good) == good
     assert normalize_text("doesnâ€™t", fix_encoding=False) == "doesnâ€™t"
+
+
+def test_cleaned_text_leads_back_to_its_raw_html(tmp_path):
+    import io
+
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    from ingestion.readers import find_html, read_warc
+
+    pages = {
+        "http://x/a": "<html><body><article><p>"
+        + "First page words here. " * 30
+        + "</p></article></body></html>",
+        "http://x/b": "<html><body><article><p>"
+        + "Second page text now. " * 30
+        + "</p></article></body></html>",
+    }
+    path = tmp_path / "crawl-00000.warc.gz"
+    with open(path, "wb") as out:
+        writer = WARCWriter(out, gzip=True)
+        for url, html in pages.items():
+            headers = StatusAndHeaders(
+                "200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1"
+            )
+            writer.write_record(
+                writer.create_warc_record(
+                    url, "response", payload=io.BytesIO(html.encode()), http_headers=headers
+                )
+            )
+    ctx = StageContext("clean")
+    stages = [HtmlExtractor(HtmlExtractorConfig()), TextNormalizer(TextNormalizerConfig())]
+    docs = [r for b in run_chain(stages, read_warc(path), ctx) for r in b.to_pylist()]
+    assert [d["text"][:12] for d in docs] == ["First page w", "Second page "]
+    for doc in docs:
+        assert find_html(tmp_path / doc["source"], doc["id"]) == pages[doc["url"]]
+    assert find_html(path, "no-such-id") is None

@@ -19,7 +19,7 @@ from cleaning.filters import (
     UrlBlocklistConfig,
     UrlBlocklistFilter,
 )
-from cleaning.signals import RepetitionSignals
+from cleaning.signals import FineWebSignals, RepetitionSignals
 from cleaning.words import count_sentences, split_words
 from ingestion.schema import DOCUMENT_SCHEMA
 from orchestration.stage import StageContext
@@ -280,3 +280,120 @@ def test_filters_are_deterministic():
         n_kept = sum(b.num_rows for b in kept)
         assert n_kept + sum(b.num_rows for b in ctx.rejected) == len(texts)
     assert outputs[0][0].equals(outputs[1][0]) and outputs[0][1].equals(outputs[1][1])
+
+
+# -- every threshold: a value exactly at it is kept, one step past it is rejected --------------------------
+
+EPS = 1e-9
+RICH = "\n".join(  # breaks no default rule, yet has a value for every signal
+    [
+        "- the river and stone flows on past the old mill #",
+        "the quick river and the stone wait for the tide to turn again ...",
+        "The river and stone. " * 6 + "It was 1999 and the river was high.",
+        "the river and stone the river and stone the river and stone.",
+        "Another line with different words to keep repetition low, and the end.",
+    ]
+)
+
+
+def _gopher_rules():
+    from cleaning.filters import gopher_signals
+
+    s = gopher_signals(RICH)
+    # (field, signal, value, direction): direction -1 for minimum rules (value < threshold rejects)
+    return [
+        ("min_doc_words", "words", s["words"], -1),
+        ("max_doc_words", "words", s["words"], +1),
+        ("min_avg_word_length", "avg_word_length", s["avg_word_length"], -1),
+        ("max_avg_word_length", "avg_word_length", s["avg_word_length"], +1),
+        ("max_symbol_word_ratio", "hash_ratio", s["hash_ratio"], +1),
+        ("max_bullet_lines_ratio", "bullet_lines_ratio", s["bullet_lines_ratio"], +1),
+        ("max_ellipsis_lines_ratio", "ellipsis_lines_ratio", s["ellipsis_lines_ratio"], +1),
+        ("min_alpha_words_ratio", "alpha_words_ratio", s["alpha_words_ratio"], -1),
+        ("min_stop_words", "stop_words", s["stop_words"], -1),
+    ]
+
+
+@pytest.mark.parametrize("rule", range(9))
+def test_gopher_quality_threshold_boundaries(rule):
+    field, signal, value, direction = _gopher_rules()[rule]
+    assert 0 < value < 1e6
+    run_at = run(GopherQualityFilter(GopherQualityConfig(**{field: value})), RICH)
+    assert list(run_at[0]) == ["d0"], (field, value)
+    step = 1 if field.endswith(("words", "stop_words")) else EPS
+    past = value - step if direction > 0 else value + step
+    if field == "max_symbol_word_ratio":  # the hash ratio comes before the ellipsis ratio
+        past = min(past, value)
+    _, rejected, _ = run(GopherQualityFilter(GopherQualityConfig(**{field: past})), RICH)
+    assert rejected["d0"]["signal"] == signal and rejected["d0"]["value"] == pytest.approx(value)
+
+
+REPETITIVE = "\n\n".join(
+    ["one two three four five six"] * 2 + ["alpha beta gamma", "one two three four five six"]
+)
+
+
+@pytest.mark.parametrize(
+    ("field", "n"),
+    [("dup_para_frac", None), ("dup_para_char_frac", None), ("dup_line_frac", None),
+     ("dup_line_char_frac", None), ("top_n_grams", 2), ("top_n_grams", 4), ("dup_n_grams", 5),
+     ("dup_n_grams", 6)],
+)  # fmt: skip
+def test_gopher_repetition_threshold_boundaries(field, n):
+    off = {"dup_para_frac": None, "dup_para_char_frac": None, "dup_line_frac": None,
+           "dup_line_char_frac": None, "top_n_grams": {}, "dup_n_grams": {}}  # fmt: skip
+    signals = RepetitionSignals(REPETITIVE)
+    value = {
+        "dup_para_frac": lambda: signals.paragraphs()[0],
+        "dup_para_char_frac": lambda: signals.paragraphs()[1],
+        "dup_line_frac": lambda: signals.lines()[0],
+        "dup_line_char_frac": lambda: signals.lines()[1],
+        "top_n_grams": lambda: signals.top_ngram(n),
+        "dup_n_grams": lambda: signals.duplicate_ngrams(n),
+    }[field]()
+    assert value > 0
+
+    def config(limit):
+        return GopherRepetitionConfig(**(off | {field: {n: limit} if n else limit}))
+
+    assert list(run(GopherRepetitionFilter(config(value)), REPETITIVE)[0]) == ["d0"]
+    _, rejected, _ = run(GopherRepetitionFilter(config(value - EPS)), REPETITIVE)
+    assert rejected["d0"]["value"] == pytest.approx(value)
+
+
+def test_fineweb_threshold_boundaries():
+    line = "a line that is long enough to not count as short"
+    text = "\n".join(
+        [f"{line} {i}." for i in range(3)] + ["short", f"{line} 9", "dup line here.", "dup line here."]
+    )
+    s = FineWebSignals(text)
+    values = {
+        "line_punct_thr": (s.line_punct_ratio(), -1),
+        "short_line_thr": (s.short_line_ratio(30), +1),
+        "char_duplicates_ratio": (s.char_dup_ratio(), +1),
+        "new_line_ratio": (s.list_ratio(), +1),
+    }
+    off = {
+        "line_punct_thr": None,
+        "short_line_thr": None,
+        "char_duplicates_ratio": None,
+        "new_line_ratio": None,
+    }
+    for field, (value, direction) in values.items():
+        assert 0 < value < 1
+        kept, _, _ = run(FineWebQualityFilter(FineWebQualityConfig(**(off | {field: value}))), text)
+        assert list(kept) == ["d0"], field
+        past = value - direction * EPS
+        _, rejected, _ = run(FineWebQualityFilter(FineWebQualityConfig(**(off | {field: past}))), text)
+        assert rejected["d0"]["value"] == pytest.approx(value), field
+
+
+def test_c4_line_threshold_boundaries():
+    five = "One is here. Two is here. Three is here. Four is here. Five is here."
+    three_words = "Exactly three words."
+    long_word = "A " + "x" * 1000 + " word."
+    kept, _, _ = run(C4QualityFilter(C4QualityConfig()), f"{five}\n{three_words}\n{long_word}")
+    assert kept["d0"] == f"{five}\n{three_words}\n{long_word}"  # 3 words and a 1000-character word stay
+    kept, _, _ = run(C4QualityFilter(C4QualityConfig(min_words_per_line=4, max_word_length=999)),
+                     f"{five}\n{three_words}\n{long_word}")  # fmt: skip
+    assert kept["d0"] == five
