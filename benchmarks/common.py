@@ -85,22 +85,10 @@ def pydoc_texts(min_chars: int, doc_chars: int = 4000) -> list[str]:
 
 def documents_table(texts: list[str], source: str = "pydoc", ids: list[str] | None = None):
     """Texts as a table in lmforge's document schema (ids ``doc-00000000``... unless given)."""
-    import pyarrow as pa
+    from ingestion.schema import document_table
 
-    from ingestion.schema import DOCUMENT_SCHEMA
-
-    n = len(texts)
-    return pa.table(
-        {
-            "id": ids if ids is not None else [f"doc-{i:08d}" for i in range(n)],
-            "url": [None] * n,
-            "text": texts,
-            "source": [source] * n,
-            "lang": ["en"] * n,
-            "fetched_at": [None] * n,
-            "meta": [[] for _ in range(n)],
-        },
-        schema=DOCUMENT_SCHEMA,
+    return document_table(
+        texts, ids=ids or [f"doc-{i:08d}" for i in range(len(texts))], source=source, lang="en"
     )
 
 

@@ -33,7 +33,7 @@ from datatrove.utils.text import split_into_words  # noqa: E402
 from benchmarks.common import debian_documents, result, summary  # noqa: E402
 from cleaning import filters as lm  # noqa: E402
 from cleaning import signals, words  # noqa: E402
-from ingestion.schema import DOCUMENT_SCHEMA  # noqa: E402
+from ingestion.schema import document_table  # noqa: E402
 from orchestration.stage import StageContext  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,25 +52,7 @@ FILTERS = {
 
 
 def batches(texts: list[str], size: int = 1000) -> list[pa.RecordBatch]:
-    out = []
-    for start in range(0, len(texts), size):
-        chunk = texts[start : start + size]
-        n = len(chunk)
-        out.append(
-            pa.RecordBatch.from_pydict(
-                {
-                    "id": [str(start + i) for i in range(n)],
-                    "url": [None] * n,
-                    "text": chunk,
-                    "source": ["debian"] * n,
-                    "lang": [None] * n,
-                    "fetched_at": [None] * n,
-                    "meta": [[] for _ in range(n)],
-                },
-                schema=DOCUMENT_SCHEMA,
-            )
-        )
-    return out
+    return document_table(texts, ids=[str(i) for i in range(len(texts))], source="debian").to_batches(size)
 
 
 def run_ours(stage, data: list[pa.RecordBatch]) -> tuple[set[str], float]:

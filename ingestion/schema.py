@@ -54,3 +54,29 @@ def document_id(url: str, content: str | bytes) -> str:
 def empty_meta() -> list[tuple[str, float]]:
     """A meta value with no signals (map columns are lists of key/value pairs in pyarrow)."""
     return []
+
+
+def document_table(
+    texts: list[str],
+    *,
+    ids: list[str] | None = None,
+    urls: list[str | None] | None = None,
+    meta: list[list[tuple[str, float]]] | None = None,
+    source: str | None = None,
+    lang: str | None = None,
+) -> pa.Table:
+    """Texts as a table in the document schema (ids ``d0``, ``d1``... unless given): for tests,
+    benchmarks and users bringing text from elsewhere."""
+    n = len(texts)
+    return pa.table(
+        {
+            "id": ids if ids is not None else [f"d{i}" for i in range(n)],
+            "url": urls if urls is not None else [None] * n,
+            "text": texts,
+            "source": [source] * n,
+            "lang": [lang] * n,
+            "fetched_at": [None] * n,
+            "meta": meta if meta is not None else [[] for _ in range(n)],
+        },
+        schema=DOCUMENT_SCHEMA,
+    )

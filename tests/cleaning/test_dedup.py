@@ -9,24 +9,12 @@ from cleaning.dedup import (
     MinHashDeduplicator,
     dedup_normal_form,
 )
-from ingestion.schema import DOCUMENT_SCHEMA
+from ingestion.schema import DOCUMENT_SCHEMA, document_table
 from orchestration.stage import StageContext
 
 
 def docs(texts: dict[str, str]) -> pa.RecordBatch:
-    n = len(texts)
-    return pa.RecordBatch.from_pydict(
-        {
-            "id": list(texts),
-            "url": [None] * n,
-            "text": list(texts.values()),
-            "source": ["t"] * n,
-            "lang": [None] * n,
-            "fetched_at": [None] * n,
-            "meta": [[] for _ in range(n)],
-        },
-        schema=DOCUMENT_SCHEMA,
-    )
+    return document_table(list(texts.values()), ids=list(texts), source="t").to_batches()[0]
 
 
 def run(stage, texts):

@@ -2,7 +2,7 @@ import pyarrow as pa
 import pytest
 
 from cleaning.filters import GopherQualityConfig, GopherQualityFilter, gopher_signals
-from ingestion.schema import DOCUMENT_SCHEMA
+from ingestion.schema import document_table
 from orchestration.stage import StageContext
 
 # 50 words, mean length 4, two distinct stop words (the, and)
@@ -10,19 +10,7 @@ PASSING = " ".join(["the", "river", "and", "stone"] * 12 + ["the", "river"])
 
 
 def docs(*texts: str) -> pa.RecordBatch:
-    n = len(texts)
-    return pa.RecordBatch.from_pydict(
-        {
-            "id": [f"d{i}" for i in range(n)],
-            "url": [None] * n,
-            "text": list(texts),
-            "source": ["t"] * n,
-            "lang": [None] * n,
-            "fetched_at": [None] * n,
-            "meta": [[] for _ in range(n)],
-        },
-        schema=DOCUMENT_SCHEMA,
-    )
+    return document_table(list(texts), source="t").to_batches()[0]
 
 
 def run_filter(*texts: str, **cfg):

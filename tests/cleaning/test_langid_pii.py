@@ -1,11 +1,10 @@
 """Language identification (offline model) and PII redaction."""
 
-import pyarrow as pa
 import pytest
 
 from cleaning.langid import LanguageFilter, LanguageFilterConfig, identify
 from cleaning.pii import PiiConfig, PiiRedactor, redact
-from ingestion.schema import DOCUMENT_SCHEMA
+from ingestion.schema import document_table
 from orchestration.stage import StageContext
 
 TEXTS = {
@@ -21,19 +20,7 @@ TEXTS = {
 
 
 def docs(*texts):
-    n = len(texts)
-    return pa.RecordBatch.from_pydict(
-        {
-            "id": [f"d{i}" for i in range(n)],
-            "url": [None] * n,
-            "text": list(texts),
-            "source": ["t"] * n,
-            "lang": [None] * n,
-            "fetched_at": [None] * n,
-            "meta": [[] for _ in range(n)],
-        },
-        schema=DOCUMENT_SCHEMA,
-    )
+    return document_table(list(texts), source="t").to_batches()[0]
 
 
 @pytest.mark.parametrize("lang", sorted(TEXTS))

@@ -21,24 +21,12 @@ from cleaning.filters import (
 )
 from cleaning.signals import FineWebSignals, RepetitionSignals
 from cleaning.words import count_sentences, split_words
-from ingestion.schema import DOCUMENT_SCHEMA
+from ingestion.schema import DOCUMENT_SCHEMA, document_table
 from orchestration.stage import StageContext
 
 
 def docs(*texts, urls=None):
-    n = len(texts)
-    return pa.RecordBatch.from_pydict(
-        {
-            "id": [f"d{i}" for i in range(n)],
-            "url": urls or [None] * n,
-            "text": list(texts),
-            "source": ["t"] * n,
-            "lang": [None] * n,
-            "fetched_at": [None] * n,
-            "meta": [[] for _ in range(n)],
-        },
-        schema=DOCUMENT_SCHEMA,
-    )
+    return document_table(list(texts), urls=urls, source="t").to_batches()[0]
 
 
 def run(stage, *texts, urls=None):

@@ -3,12 +3,11 @@
 import json
 import shutil
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cleaning.dedup import MinHashDedupConfig, MinHashDeduplicator
 from evaluation.dedup_quality import pair_metrics, planted_corpus
-from ingestion.schema import DOCUMENT_SCHEMA
+from ingestion.schema import DOCUMENT_SCHEMA, document_table
 from orchestration.config import DedupConfig
 from orchestration.datasets import file_entry, plan_partitions, read_table, write_index, write_parquet
 from orchestration.dedup import run_dedup_stage
@@ -17,18 +16,7 @@ from orchestration.stage import StageContext
 
 def _dataset(path, ids, texts, rows_per_group=50, meta=None):
     n = len(ids)
-    table = pa.table(
-        {
-            "id": ids,
-            "url": [None] * n,
-            "text": texts,
-            "source": ["planted"] * n,
-            "lang": [None] * n,
-            "fetched_at": [None] * n,
-            "meta": meta or [[] for _ in range(n)],
-        },
-        schema=DOCUMENT_SCHEMA,
-    )
+    table = document_table(texts, ids=ids, meta=meta, source="planted")
     write_parquet(
         path / "part-00000.parquet", table.to_batches(max_chunksize=rows_per_group), DOCUMENT_SCHEMA
     )
