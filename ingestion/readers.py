@@ -1,18 +1,42 @@
-"""Readers that turn stored corpora into document batches (``HTML_SCHEMA``)."""
+"""Readers that turn stored corpora into document batches, streaming, from local paths or pyarrow
+filesystem URIs (``s3://``, ``gs://``, ``hdfs://``, ``file://``...).
+
+- WARC / WARC.gz responses -> ``HTML_SCHEMA`` (``read_warc``);
+- WET (text conversions of WARC) -> ``DOCUMENT_SCHEMA`` (``read_wet``);
+- JSONL, plain or .gz / .zst / .bz2 compressed -> ``DOCUMENT_SCHEMA`` (``read_jsonl``);
+- Parquet -> ``DOCUMENT_SCHEMA`` (``read_parquet``);
+- a directory of .html files -> ``HTML_SCHEMA``, of .txt / .md files -> ``DOCUMENT_SCHEMA`` (``read_directory``).
+
+``read_corpus`` picks the reader from the name. Malformed records (bad JSON, no text, undecodable
+bytes) are counted in ``report.counters`` and the first ones kept in ``report.malformed``; they never stop
+a read. Memory stays bounded by ``batch_size`` documents, whatever the file size.
+"""
 
 from __future__ import annotations
 
+import codecs
+import io
+import json
 import re
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import charset_normalizer
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from warcio.archiveiterator import ArchiveIterator
 
-from ingestion.schema import HTML_SCHEMA, document_id
+from ingestion.schema import DOCUMENT_SCHEMA, HTML_SCHEMA, document_id
 
+_LATIN = frozenset(
+    codecs.lookup(name).name
+    for name in ("cp1250", "cp1252", "cp1254", "cp1257", "latin_1", "iso8859_2", "iso8859_3", "iso8859_4",
+                 "iso8859_9", "iso8859_10", "iso8859_13", "iso8859_15", "iso8859_16", "mac_roman")
+)  # fmt: skip
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset=["']?([A-Za-z0-9_\-]+)""", re.IGNORECASE)
 
 
@@ -23,13 +47,43 @@ def decode_html(body: bytes, content_type: str) -> str:
         candidates.append(content_type.lower().split("charset=")[-1].split(";")[0].strip(" \"'"))
     if m := _META_CHARSET.search(body[:4096]):
         candidates.append(m.group(1).decode("ascii").lower())
-    candidates += ["utf-8", "cp1252"]
+    candidates.append("utf-8")
     for charset in candidates:
         try:
             return body.decode(charset)
         except (LookupError, UnicodeDecodeError):
             continue
+    # Declared wrong or not at all, and not UTF-8: detect from the bytes. The Latin single-byte code
+    # pages are hard to tell apart from a sample; cp1252 (the web's Latin-1) is right for most of them.
+    best = charset_normalizer.from_bytes(body[:65536]).best()
+    guess = codecs.lookup(best.encoding).name if best is not None else "cp1252"
+    for charset in ("cp1252" if guess in _LATIN else guess, "cp1252"):
+        try:
+            return body.decode(charset)
+        except (LookupError, UnicodeDecodeError):
+            continue
     return body.decode("utf-8", errors="replace")
+
+
+@dataclass
+class ReadReport:
+    """What a read met: counters, and the first ``keep`` malformed records (source, where, error)."""
+
+    counters: Counter = field(default_factory=Counter)
+    malformed: list[dict[str, str]] = field(default_factory=list)
+    keep: int = 1000
+
+    def bad(self, source: str, where: str, error: str) -> None:
+        self.counters["malformed"] += 1
+        if len(self.malformed) < self.keep:
+            self.malformed.append({"source": source, "where": where, "error": error})
+
+
+def _filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    uri = str(uri)
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), str(Path(uri).resolve())
+    return pafs.FileSystem.from_uri(uri)
 
 
 def read_warc(
@@ -38,8 +92,9 @@ def read_warc(
     """Stream HTML responses (status 200) from a WARC/WARC.gz file as document batches."""
     counters = counters if counters is not None else Counter()
     rows: dict[str, list] = {f.name: [] for f in HTML_SCHEMA}
-    source = Path(path).name
-    with open(path, "rb") as stream:
+    source = Path(str(path)).name
+    fs, where = _filesystem(path)
+    with fs.open_input_stream(where) as stream:
         for record in ArchiveIterator(stream):
             if record.rec_type != "response":
                 continue
@@ -76,3 +131,189 @@ def find_html(path: str | Path, doc_id: str) -> str | None:
         if doc_id in ids:
             return batch.column("html")[ids.index(doc_id)].as_py()
     return None
+
+
+class _Batches:
+    """Rows in the given schema, yielded as record batches of ``size``."""
+
+    def __init__(self, schema: pa.Schema, size: int):
+        self.schema, self.size = schema, size
+        self.rows: dict[str, list] = {f.name: [] for f in schema}
+
+    def add(self, **row) -> pa.RecordBatch | None:
+        for name, values in self.rows.items():
+            values.append(row.get(name, [] if name == "meta" else None))
+        return self.flush() if len(self.rows["id"]) >= self.size else None
+
+    def flush(self) -> pa.RecordBatch | None:
+        if not self.rows["id"]:
+            return None
+        batch = pa.RecordBatch.from_pydict(self.rows, schema=self.schema)
+        self.rows = {k: [] for k in self.rows}
+        return batch
+
+
+def read_wet(
+    path: str | Path, batch_size: int = 256, report: ReadReport | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Stream the text ``conversion`` records of a WET file (Common Crawl's extracted text)."""
+    report = report if report is not None else ReadReport()
+    source = Path(str(path)).name
+    out = _Batches(DOCUMENT_SCHEMA, batch_size)
+    fs, where = _filesystem(path)
+    with fs.open_input_stream(where) as stream:
+        for record in ArchiveIterator(stream):
+            if record.rec_type != "conversion":
+                continue
+            url = record.rec_headers.get_header("WARC-Target-URI")
+            try:
+                text = record.content_stream().read().decode("utf-8")
+            except UnicodeDecodeError as e:
+                report.bad(source, url or "?", f"not UTF-8: {e}")
+                continue
+            report.counters["wet.records"] += 1
+            fetched = record.rec_headers.get_header("WARC-Date")
+            date = datetime.fromisoformat(fetched.replace("Z", "+00:00")) if fetched else None
+            if batch := out.add(
+                id=document_id(url or "", text), url=url, text=text, source=source, fetched_at=date
+            ):
+                yield batch
+    if batch := out.flush():
+        yield batch
+
+
+def read_jsonl(
+    path: str | Path,
+    batch_size: int = 1024,
+    report: ReadReport | None = None,
+    text_field: str = "text",
+    id_field: str = "id",
+    url_field: str = "url",
+) -> Iterator[pa.RecordBatch]:
+    """Stream JSON lines (compression from the name: .gz, .zst, .bz2, .lz4) with a text field, and
+    optionally an id and a URL; a line without a usable text is malformed."""
+    report = report if report is not None else ReadReport()
+    source = Path(str(path)).name
+    out = _Batches(DOCUMENT_SCHEMA, batch_size)
+    fs, where = _filesystem(path)
+    with fs.open_input_stream(where, compression="detect") as raw:
+        lines = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="\n")
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                report.bad(source, f"line {number}", f"bad JSON: {e.msg}")
+                continue
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                report.bad(source, f"line {number}", f"no string field {text_field!r}")
+                continue
+            url = record.get(url_field)
+            url = url if isinstance(url, str) else None
+            doc_id = record.get(id_field)
+            doc_id = str(doc_id) if doc_id is not None else document_id(url or f"{source}#{number}", text)
+            report.counters["jsonl.records"] += 1
+            if batch := out.add(id=doc_id, url=url, text=text, source=source):
+                yield batch
+    if batch := out.flush():
+        yield batch
+
+
+def read_parquet(
+    path: str | Path,
+    batch_size: int = 1024,
+    report: ReadReport | None = None,
+    text_field: str = "text",
+    id_field: str = "id",
+    url_field: str = "url",
+) -> Iterator[pa.RecordBatch]:
+    """Stream a Parquet file's text (and id, URL) columns, row group by row group."""
+    report = report if report is not None else ReadReport()
+    source = Path(str(path)).name
+    fs, where = _filesystem(path)
+    with fs.open_input_file(where) as handle:
+        parquet = pq.ParquetFile(handle)
+        names = set(parquet.schema_arrow.names)
+        if text_field not in names:
+            raise ValueError(f"{path}: no column {text_field!r} (columns: {sorted(names)})")
+        columns = [c for c in (text_field, id_field, url_field) if c in names]
+        row = 0
+        out = _Batches(DOCUMENT_SCHEMA, batch_size)
+        for chunk in parquet.iter_batches(batch_size=batch_size, columns=columns):
+            data = chunk.to_pydict()
+            for i, text in enumerate(data[text_field]):
+                row += 1
+                if not isinstance(text, str):
+                    report.bad(source, f"row {row}", f"no string in {text_field!r}")
+                    continue
+                url = data[url_field][i] if url_field in data else None
+                doc_id = data[id_field][i] if id_field in data else None
+                doc_id = str(doc_id) if doc_id is not None else document_id(url or f"{source}#{row}", text)
+                if batch := out.add(id=doc_id, url=url, text=text, source=source):
+                    yield batch
+            report.counters["parquet.records"] += chunk.num_rows
+        if batch := out.flush():
+            yield batch
+
+
+HTML_SUFFIXES = (".html", ".htm", ".xhtml")
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+
+
+def read_directory(
+    path: str | Path, kind: str = "html", batch_size: int = 256, report: ReadReport | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Stream the ``kind`` ('html' or 'text') files below a directory, in path order: HTML files as
+    ``HTML_SCHEMA`` (charset from <meta>, else detected), text files as ``DOCUMENT_SCHEMA`` (UTF-8).
+    A document's URL is ``file://`` plus its path, its id from that URL and its bytes."""
+    report = report if report is not None else ReadReport()
+    fs, where = _filesystem(path)
+    suffixes = HTML_SUFFIXES if kind == "html" else TEXT_SUFFIXES
+    infos = fs.get_file_info(pafs.FileSelector(where, recursive=True))
+    files = sorted(
+        i.path for i in infos if i.type == pafs.FileType.File and i.path.lower().endswith(suffixes)
+    )
+    out = _Batches(HTML_SCHEMA if kind == "html" else DOCUMENT_SCHEMA, batch_size)
+    for name in files:
+        with fs.open_input_stream(name) as stream:
+            body = stream.read()
+        url = f"file://{name}" if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{name}"
+        relative = name[len(where) :].lstrip("/")
+        if kind == "html":
+            row = {"html": decode_html(body, "")}
+        else:
+            try:
+                row = {"text": body.decode("utf-8")}
+            except UnicodeDecodeError as e:
+                report.bad(relative, "file", f"not UTF-8: {e}")
+                continue
+        report.counters[f"directory.{kind}_files"] += 1
+        if batch := out.add(id=document_id(url, body), url=url, source=relative, **row):
+            yield batch
+    if batch := out.flush():
+        yield batch
+
+
+def read_corpus(
+    uri: str | Path, batch_size: int = 1024, report: ReadReport | None = None, **fields: str
+) -> Iterator[pa.RecordBatch]:
+    """Any supported corpus, by its name: a directory (its HTML files, then its text files), WARC,
+    WET, JSONL (any compression) or Parquet. ``fields`` renames text_field / id_field / url_field."""
+    report = report if report is not None else ReadReport()
+    fs, where = _filesystem(uri)
+    name = where.lower()
+    if fs.get_file_info(where).type == pafs.FileType.Directory:
+        yield from read_directory(uri, "html", batch_size, report)
+        yield from read_directory(uri, "text", batch_size, report)
+    elif ".wet" in name:
+        yield from read_wet(uri, batch_size, report)
+    elif name.endswith((".warc", ".warc.gz", ".arc.gz")):
+        yield from read_warc(uri, batch_size, report.counters)
+    elif re.search(r"\.(jsonl|ndjson|json)(\.(gz|zst|bz2|lz4))?$", name):
+        yield from read_jsonl(uri, batch_size, report, **fields)
+    elif name.endswith(".parquet"):
+        yield from read_parquet(uri, batch_size, report, **fields)
+    else:
+        raise ValueError(f"{uri}: unknown corpus format (WARC, WET, JSONL[.gz|.zst], Parquet or a directory)")

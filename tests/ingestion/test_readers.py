@@ -1,0 +1,140 @@
+"""Corpus readers: every format, compression, URI form, malformed records and bounded memory."""
+
+import gzip
+import io
+import json
+import tracemalloc
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.warcwriter import WARCWriter
+
+from ingestion.readers import ReadReport, read_corpus, read_jsonl
+from ingestion.schema import DOCUMENT_SCHEMA, HTML_SCHEMA, document_id
+
+LINES = [
+    {"id": "a", "text": "first document", "url": "http://x/a"},
+    {"text": "second, no id"},
+    "{not json",
+    {"id": "c"},  # no text
+    {"id": "d", "text": 42},  # text not a string
+    {"id": "e", "text": "fifth, ünïcödé"},
+]
+
+
+def _jsonl_bytes():
+    return b"".join((line if isinstance(line, str) else json.dumps(line)).encode() + b"\n" for line in LINES)
+
+
+def _rows(uri, **kw):
+    report = ReadReport()
+    batches = list(read_corpus(uri, report=report, **kw))
+    return [r for b in batches for r in b.to_pylist()], batches, report
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
+def test_jsonl_any_compression_with_malformed_lines_recorded(tmp_path, suffix):
+    path = tmp_path / f"corpus{suffix}"
+    data = _jsonl_bytes()
+    if suffix.endswith(".gz"):
+        data = gzip.compress(data)
+    elif suffix.endswith(".zst"):
+        sink = pa.BufferOutputStream()
+        with pa.CompressedOutputStream(sink, "zstd") as out:
+            out.write(data)
+        data = sink.getvalue().to_pybytes()
+    path.write_bytes(data)
+    rows, batches, report = _rows(path)
+    assert all(b.schema.equals(DOCUMENT_SCHEMA) for b in batches)
+    assert [(r["id"], r["text"], r["url"]) for r in rows] == [
+        ("a", "first document", "http://x/a"),
+        (document_id(f"corpus{suffix}#2", "second, no id"), "second, no id", None),
+        ("e", "fifth, ünïcödé", None),
+    ]
+    assert report.counters["malformed"] == 3 and report.counters["jsonl.records"] == 3
+    assert [m["where"] for m in report.malformed] == ["line 3", "line 4", "line 5"]
+
+
+def test_jsonl_custom_fields_and_file_uri(tmp_path):
+    (tmp_path / "c.jsonl").write_text(
+        json.dumps({"key": "k1", "content": "hello", "link": "http://y/"}) + "\n"
+    )
+    rows, _, _ = _rows(f"file://{tmp_path}/c.jsonl", text_field="content", id_field="key", url_field="link")
+    assert [(r["id"], r["text"], r["url"]) for r in rows] == [("k1", "hello", "http://y/")]
+
+
+def test_parquet_in_row_batches(tmp_path):
+    texts = [f"doc {i}" for i in range(25)] + [None]
+    pq.write_table(
+        pa.table({"text": texts, "id": [str(i) for i in range(26)]}),
+        tmp_path / "c.parquet",
+        row_group_size=10,
+    )
+    rows, batches, report = _rows(tmp_path / "c.parquet", batch_size=7)
+    assert [r["text"] for r in rows] == texts[:25] and rows[3]["id"] == "3"
+    assert max(b.num_rows for b in batches) <= 7 and report.counters["malformed"] == 1
+    with pytest.raises(ValueError, match="no column 'body'"):
+        list(read_corpus(tmp_path / "c.parquet", text_field="body"))
+
+
+def test_directory_of_html_and_text_files(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.html").write_bytes("<p>Café crème, très bien: déjà vu à Noël.</p>".encode("latin-1"))
+    (tmp_path / "sub" / "b.htm").write_text('<meta charset="utf-8"><p>naïve</p>', encoding="utf-8")
+    (tmp_path / "notes.txt").write_text("plain text", encoding="utf-8")
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00broken")
+    (tmp_path / "skip.bin").write_bytes(b"\x00")
+    rows, batches, report = _rows(tmp_path)
+    assert [b.schema.equals(HTML_SCHEMA) for b in batches] == [True, False]
+    html = {r["source"]: r["html"] for r in rows if "html" in r}
+    assert html == {
+        "a.html": "<p>Café crème, très bien: déjà vu à Noël.</p>",
+        "sub/b.htm": '<meta charset="utf-8"><p>naïve</p>',
+    }
+    assert [r["text"] for r in rows if "text" in r] == ["plain text"]
+    assert report.malformed[0]["source"] == "bad.txt"
+    assert rows[0]["url"] == f"file://{tmp_path}/a.html"
+
+
+def test_warc_and_wet(tmp_path):
+    warc, wet = tmp_path / "c.warc.gz", tmp_path / "c.warc.wet.gz"
+    with open(warc, "wb") as out:
+        writer = WARCWriter(out, gzip=True)
+        headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html")], protocol="HTTP/1.1")
+        payload = io.BytesIO(b"<p>page</p>")
+        writer.write_record(
+            writer.create_warc_record("http://x/p", "response", payload=payload, http_headers=headers)
+        )
+    with open(wet, "wb") as out:
+        writer = WARCWriter(out, gzip=True)
+        for url, text in (("http://x/1", "one text"), ("http://x/2", "two text")):
+            record = writer.create_warc_record(
+                url, "conversion", payload=io.BytesIO(text.encode()), warc_content_type="text/plain"
+            )
+            writer.write_record(record)
+    rows, _, _ = _rows(warc)
+    assert [(r["url"], r["html"]) for r in rows] == [("http://x/p", "<p>page</p>")]
+    rows, batches, _ = _rows(wet)
+    assert batches[0].schema.equals(DOCUMENT_SCHEMA)
+    assert [(r["url"], r["text"]) for r in rows] == [("http://x/1", "one text"), ("http://x/2", "two text")]
+
+
+def test_unknown_format_is_a_clear_error(tmp_path):
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(ValueError, match="unknown corpus format"):
+        list(read_corpus(tmp_path / "x.csv"))
+
+
+def test_reading_streams_in_bounded_memory(tmp_path):
+    path = tmp_path / "big.jsonl.gz"
+    line = json.dumps({"text": "word " * 200}) + "\n"
+    with gzip.open(path, "wt") as out:
+        for _ in range(30_000):  # ~30 MB of text
+            out.write(line)
+    tracemalloc.start()
+    n = sum(b.num_rows for b in read_jsonl(path, batch_size=500))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert n == 30_000 and peak < 8 * 2**20, peak  # a few batches' worth, not the file
