@@ -8,20 +8,26 @@ politeness holds however many workers run.
 
 from __future__ import annotations
 
+import email.utils
 import io
 import ipaddress
 import json
+import re
 import socket
 import time
 import urllib.robotparser
+import zlib
 from collections import Counter, deque
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urldefrag, urljoin, urlsplit, urlunsplit
 
+import lxml.etree
 import lxml.html
 import requests
+import urllib3
 from pydantic import Field, field_validator
+from warcio.archiveiterator import ArchiveIterator
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
@@ -32,8 +38,16 @@ class CrawlConfig(StageConfig):
     """Scope, politeness and limits of a crawl."""
 
     seeds: list[str] = Field(default_factory=list, description="Start URLs (http or https).")
+    seeds_file: Path | None = Field(None, description="A file of start URLs, one per line (# comments).")
     allowed_domains: list[str] = Field(
         default_factory=list, description="Hosts that may be crawled; empty means the seeds' hosts."
+    )
+    include_patterns: list[str] = Field(
+        default_factory=list, description="Regexes; when set, only URLs matching one are crawled."
+    )
+    exclude_patterns: list[str] = Field(default_factory=list, description="Regexes of URLs never crawled.")
+    sitemaps: bool = Field(
+        True, description="Queue the URLs of each host's sitemap.xml (and robots.txt Sitemap:)."
     )
     max_pages: int = Field(1000, ge=1, description="Stop after this many successful page fetches.")
     max_depth: int = Field(10, ge=0, description="Link hops from a seed.")
@@ -44,6 +58,12 @@ class CrawlConfig(StageConfig):
     total_timeout_s: float = Field(60.0, gt=0, description="Wall-clock limit for one fetch.")
     max_body_bytes: int = Field(10 * 2**20, gt=0, description="Bodies larger than this are cut and recorded.")
     max_redirects: int = Field(5, ge=0, description="Redirect hops followed per URL.")
+    max_retries: int = Field(3, ge=0, description="Retries after a connection error, 429 or 5xx.")
+    backoff_base_s: float = Field(1.0, ge=0, description="First retry wait; doubles each retry.")
+    backoff_max_s: float = Field(
+        60.0, ge=0, description="Longest wait between retries (Retry-After included)."
+    )
+    max_concurrent_hosts: int = Field(64, ge=1, description="Hosts crawled at once across the cluster.")
     content_types: list[str] = Field(default_factory=lambda: ["text/html", "application/xhtml+xml"])
     allow_private_addresses: bool = Field(
         False, description="Allow loopback/private/link-local targets (local sites and tests only)."
@@ -53,13 +73,45 @@ class CrawlConfig(StageConfig):
     @field_validator("seeds")
     @classmethod
     def _seeds_are_http(cls, seeds: list[str]) -> list[str]:
-        for url in seeds:
-            if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
-                raise ValueError(f"seed {url!r} is not an absolute http(s) URL")
-        return [canonical_url(u) for u in seeds]
+        return [_checked_seed(u) for u in seeds]
+
+    @field_validator("include_patterns", "exclude_patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"bad URL pattern {pattern!r}: {e}") from e
+        return patterns
+
+    def all_seeds(self) -> list[str]:
+        """The seeds and the seeds file's URLs, canonical, without repeats."""
+        seeds = list(self.seeds)
+        if self.seeds_file is not None:
+            if not self.seeds_file.is_file():
+                raise FileNotFoundError(f"crawl.seeds_file {self.seeds_file} does not exist")
+            for line in self.seeds_file.read_text(encoding="utf-8").splitlines():
+                if url := line.split("#", 1)[0].strip():
+                    seeds.append(_checked_seed(url))
+        return list(dict.fromkeys(seeds))
 
     def hosts_allowed(self) -> set[str]:
-        return {h.lower() for h in self.allowed_domains} or {urlsplit(u).hostname for u in self.seeds}
+        return {h.lower() for h in self.allowed_domains} or {urlsplit(u).hostname for u in self.all_seeds()}
+
+    def in_scope(self, url: str, hosts: set[str]) -> bool:
+        """An allowed host (``hosts_allowed()``), and the include / exclude patterns agree."""
+        if urlsplit(url).hostname not in hosts:
+            return False
+        if self.include_patterns and not any(re.search(p, url) for p in self.include_patterns):
+            return False
+        return not any(re.search(p, url) for p in self.exclude_patterns)
+
+
+def _checked_seed(url: str) -> str:
+    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+        raise ValueError(f"seed {url!r} is not an absolute http(s) URL")
+    return canonical_url(url)
 
 
 def canonical_url(url: str) -> str:
@@ -99,7 +151,13 @@ def check_address(host: str, allow_private: bool) -> None:
 
 
 class HostCrawler:
-    """Crawls one host politely into rotating gzip WARC files and a JSONL crawl log."""
+    """Crawls one host politely into rotating gzip WARC files and a JSONL crawl log.
+
+    Everything it queues and finishes goes to a journal (``frontier-<host>.jsonl``) and every page to the
+    WARC files, so a crawler started again on the same output directory resumes: it re-reads the WARC
+    files (cutting a record left half-written by a kill), skips the pages they hold and the URLs the
+    journal marks done, and queues the rest again.
+    """
 
     def __init__(self, host: str, config: CrawlConfig, out_dir: str):
         self.host = host
@@ -109,25 +167,62 @@ class HostCrawler:
         self.session = requests.Session()
         self.session.headers["User-Agent"] = config.user_agent
         self.slug = urlsplit(host).netloc.replace(":", "_")
+        self.allowed = config.hosts_allowed()
         self.seen: set[str] = set()
         self.fetched = 0
+        self.retries = 0
         self._last_request = 0.0
+        self._pause_until = 0.0
         self._robots: urllib.robotparser.RobotFileParser | None = None
         self._robots_delay = 0.0
+        self._sitemaps: list[str] = []
         self._warc_index = 0
         self._warc_files: dict[str, int] = {}  # file name -> response records
         self._warc_name = ""
         self._warc = None
+        self._pending: list[tuple[str, int]] = []
+        self._restore()
         self._log = open(self.out_dir / f"crawl-log-{self.slug}.jsonl", "a", encoding="utf-8")
+        self._journal = open(self.out_dir / f"frontier-{self.slug}.jsonl", "a", encoding="utf-8")
+
+    def _restore(self) -> None:
+        """Resume from an earlier run's WARC files and journal in the output directory."""
+        stored: set[str] = set()
+        for path in sorted(self.out_dir.glob(f"{self.slug}-*.warc.gz")):
+            urls = _warc_responses(path)
+            stored.update(urls)
+            self._warc_files[path.name] = len(urls)
+            self._warc_index = max(self._warc_index, int(path.name.rsplit("-", 1)[1].split(".")[0]) + 1)
+        self.fetched = sum(self._warc_files.values())
+        journal = self.out_dir / f"frontier-{self.slug}.jsonl"
+        queued: dict[str, int] = {}
+        done = set(stored)
+        if journal.exists():
+            for line in journal.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill
+                    continue
+                if "done" in entry:
+                    done.add(entry["done"])
+                else:
+                    queued.setdefault(entry["url"], entry["depth"])
+        self._pending = [(u, d) for u, d in queued.items() if u not in done]
+        self.seen = done | set(queued)
+
+    def state(self) -> dict:
+        """Pages already in the WARC files and URLs waiting, as restored."""
+        return {"host": self.host, "fetched": self.fetched, "pending": len(self._pending)}
 
     # -- politeness ---------------------------------------------------------------------------------
     def _delay(self) -> float:
         return max(self.config.min_delay_s, self._robots_delay)
 
     def _wait_turn(self) -> None:
-        gap = time.monotonic() - self._last_request
-        if gap < self._delay():
-            time.sleep(self._delay() - gap)
+        """Sleep until ``delay`` after the last request ended (and any Retry-After pause is over)."""
+        wait = max(self._last_request + self._delay(), self._pause_until) - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
         self._last_request = time.monotonic()
 
     def _load_robots(self) -> None:
@@ -143,31 +238,68 @@ class HostCrawler:
             lines = body.decode("utf-8", errors="replace").splitlines()
             parser.parse(lines)
             self._robots_delay = robots_crawl_delay(lines, self.config.user_agent)
+            self._sitemaps = [canonical_url(urljoin(self.host + "/", u)) for u in parser.site_maps() or []]
         else:
             parser.allow_all = True
         self._robots = parser
 
     # -- fetching -----------------------------------------------------------------------------------
     def _get(self, url: str) -> tuple[int, str, bytes, requests.Response]:
-        """One GET with address policy, per-host delay, size and time limits (no redirects followed)."""
+        """One GET (no redirects followed) with address policy, per-host delay, size and time limits,
+        retried with exponential backoff after a connection error, 429 or 5xx (Retry-After honoured:
+        the whole host waits)."""
         check_address(urlsplit(url).hostname or "", self.config.allow_private_addresses)
-        self._wait_turn()
+        cfg = self.config
+        for attempt in range(cfg.max_retries + 1):
+            self._wait_turn()
+            retry_after = None
+            try:
+                status, ctype, body, resp = self._get_once(url)
+            except (requests.ConnectionError, requests.Timeout):
+                if attempt == cfg.max_retries:
+                    raise
+            else:
+                if status != 429 and status < 500 or attempt == cfg.max_retries:
+                    return status, ctype, body, resp
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            wait = (
+                min(cfg.backoff_max_s, cfg.backoff_base_s * 2**attempt)
+                if retry_after is None
+                else retry_after
+            )
+            if wait > cfg.backoff_max_s:
+                raise FetchRefused(f"Retry-After {wait:.0f}s exceeds backoff_max_s={cfg.backoff_max_s}")
+            self.retries += 1
+            self._pause_until = time.monotonic() + wait
+        raise AssertionError("unreachable")
+
+    def _get_once(self, url: str) -> tuple[int, str, bytes, requests.Response]:
+        cfg = self.config
         start = time.monotonic()
         resp = self.session.get(
             url,
             stream=True,
             allow_redirects=False,
-            timeout=(self.config.connect_timeout_s, self.config.read_timeout_s),
+            timeout=(cfg.connect_timeout_s, min(cfg.read_timeout_s, cfg.total_timeout_s)),
         )
         with resp:
             chunks, size = [], 0
-            for chunk in resp.iter_content(64 * 1024):
+            while True:
+                # read1: whatever has arrived (decoded, at most 64 KiB), so a server dripping bytes
+                # meets the total time limit and a compressed bomb meets the size limit chunk by chunk.
+                try:
+                    chunk = resp.raw.read1(64 * 1024, decode_content=True)
+                except urllib3.exceptions.HTTPError as e:
+                    raise requests.ConnectionError(f"reading the body: {e}") from e
+                if not chunk:
+                    break
                 size += len(chunk)
-                if size > self.config.max_body_bytes:
-                    raise FetchRefused(f"body exceeds max_body_bytes={self.config.max_body_bytes}")
-                if time.monotonic() - start > self.config.total_timeout_s:
-                    raise FetchRefused(f"fetch exceeded total_timeout_s={self.config.total_timeout_s}")
+                if size > cfg.max_body_bytes:
+                    raise FetchRefused(f"body exceeds max_body_bytes={cfg.max_body_bytes}")
+                if time.monotonic() - start > cfg.total_timeout_s:
+                    raise FetchRefused(f"fetch exceeded total_timeout_s={cfg.total_timeout_s}")
                 chunks.append(chunk)
+        self._last_request = time.monotonic()  # the delay runs from the end of a fetch: never closer
         return resp.status_code, resp.headers.get("Content-Type", ""), b"".join(chunks), resp
 
     def _fetch(self, url: str) -> tuple[str, int, str, bytes, requests.Response]:
@@ -233,61 +365,100 @@ class HostCrawler:
         self._log.flush()
 
     # -- crawl --------------------------------------------------------------------------------------
-    def crawl(self, urls: list[tuple[str, int]], budget: int) -> dict:
-        """Fetch ``urls`` (url, depth) and everything they link to on this host, up to ``budget`` pages.
+    def _queue(self, queue: deque, url: str, depth: int) -> None:
+        self.seen.add(url)
+        queue.append((url, depth))
+        self._journal.write(json.dumps({"url": url, "depth": depth}) + "\n")
 
-        Returns counts, the failures, and links to other hosts for the caller to route.
-        """
+    def _sitemap_urls(self) -> list[str]:
+        """<loc> URLs of the host's sitemaps (robots.txt Sitemap: lines, else /sitemap.xml), following
+        sitemap indexes one level; failures are logged, never fatal."""
+        found: list[str] = []
+        todo = self._sitemaps or [self.host + "/sitemap.xml"]
+        for level in range(2):
+            nested: list[str] = []
+            for sitemap in todo[:50]:
+                if host_key(sitemap) != self.host or not self._robots.can_fetch(
+                    self.config.user_agent, sitemap
+                ):
+                    continue
+                try:
+                    status, _, body, _ = self._get(sitemap)
+                except (requests.RequestException, FetchRefused) as e:
+                    self._record(sitemap, None, 0, 0.0, f"sitemap: {type(e).__name__}: {e}")
+                    continue
+                if status != 200:
+                    continue
+                for kind, loc in sitemap_locations(body):
+                    (nested if kind == "sitemap" and level == 0 else found).append(loc)
+            todo = nested
+        return found
+
+    def crawl(self, urls: list[tuple[str, int]], budget: int) -> dict:
+        """Fetch the waiting URLs and ``urls`` (url, depth), and everything they link to on this host,
+        up to ``budget`` pages. Returns counts, the failures, the URLs still waiting, and links to other
+        hosts for the caller to route."""
+        cfg = self.config
         if self._robots is None:
             self._load_robots()
-        allowed = self.config.hosts_allowed()
-        queue = deque((u, d) for u, d in urls if u not in self.seen)
-        self.seen.update(u for u, _ in queue)
+            if cfg.sitemaps:
+                urls = list(urls) + [(u, 1) for u in self._sitemap_urls()]
+        queue: deque = deque(self._pending)
+        for url, depth in urls:
+            if url not in self.seen and host_key(url) == self.host and cfg.in_scope(url, self.allowed):
+                self._queue(queue, url, depth)
+        self._journal.flush()
         external: list[tuple[str, int]] = []
         failures: Counter = Counter()
-        fetched_before = self.fetched
+        fetched_before, retries_before = self.fetched, self.retries
         while queue and self.fetched - fetched_before < budget:
             url, depth = queue.popleft()
-            if not self._robots.can_fetch(self.config.user_agent, url):
-                self._record(url, None, 0, 0.0, "disallowed by robots.txt")
-                failures["robots_disallowed"] += 1
-                continue
-            start = time.monotonic()
-            try:
-                final_url, status, ctype, body, resp = self._fetch(url)
-            except (requests.RequestException, FetchRefused) as e:
-                self._record(url, None, 0, time.monotonic() - start, f"{type(e).__name__}: {e}")
-                failures[type(e).__name__] += 1
-                continue
-            elapsed = time.monotonic() - start
-            mime = ctype.split(";")[0].strip().lower()
-            if status != 200 or mime not in self.config.content_types:
-                error = f"http {status}" if status != 200 else f"content-type {mime!r} not allowed"
-                self._record(final_url, status, len(body), elapsed, error)
-                failures[f"http_{status}" if status != 200 else "content_type"] += 1
-                continue
-            self._write_records(final_url, resp, body, depth)
-            self._record(final_url, status, len(body), elapsed, None)
-            self.fetched += 1
-            if depth >= self.config.max_depth:
-                continue
-            for link in extract_links(final_url, body):
-                if link in self.seen:
-                    continue
-                if host_key(link) == self.host:
-                    self.seen.add(link)
-                    queue.append((link, depth + 1))
-                elif urlsplit(link).hostname in allowed:
-                    external.append((link, depth + 1))
+            outcome = self._visit(url, depth, queue, external)
+            if outcome is not None:
+                failures[outcome] += 1
+            self._journal.write(json.dumps({"done": url}) + "\n")
+            self._journal.flush()
+        self._pending = list(queue)
         return {
             "host": self.host,
             "fetched": self.fetched - fetched_before,
+            "retries": self.retries - retries_before,
             "failures": sum(failures.values()),
             "failure_reasons": dict(failures),
-            "pending": list(queue),
+            "pending": len(self._pending),
             "external": external,
             "warc_files": sorted(self._warc_files),
         }
+
+    def _visit(self, url: str, depth: int, queue: deque, external: list[tuple[str, int]]) -> str | None:
+        """Fetch one URL, write it, queue its links; the failure reason, or None."""
+        if not self._robots.can_fetch(self.config.user_agent, url):
+            self._record(url, None, 0, 0.0, "disallowed by robots.txt")
+            return "robots_disallowed"
+        start = time.monotonic()
+        try:
+            final_url, status, ctype, body, resp = self._fetch(url)
+        except (requests.RequestException, FetchRefused) as e:
+            self._record(url, None, 0, time.monotonic() - start, f"{type(e).__name__}: {e}")
+            return type(e).__name__
+        elapsed = time.monotonic() - start
+        mime = ctype.split(";")[0].strip().lower()
+        if status != 200 or mime not in self.config.content_types:
+            error = f"http {status}" if status != 200 else f"content-type {mime!r} not allowed"
+            self._record(final_url, status, len(body), elapsed, error)
+            return f"http_{status}" if status != 200 else "content_type"
+        self._write_records(final_url, resp, body, depth)
+        self._record(final_url, status, len(body), elapsed, None)
+        self.fetched += 1
+        if depth < self.config.max_depth:
+            for link in extract_links(final_url, body):
+                if link in self.seen or not self.config.in_scope(link, self.allowed):
+                    continue
+                if host_key(link) == self.host:
+                    self._queue(queue, link, depth + 1)
+                else:
+                    external.append((link, depth + 1))
+        return None
 
     def close(self) -> dict[str, int]:
         """Flush and close output; returns the WARC files written with their response-record counts."""
@@ -295,8 +466,78 @@ class HostCrawler:
             self._warc.close()
             self._warc = None
         self._log.close()
+        self._journal.close()
         self.session.close()
         return dict(self._warc_files)
+
+
+def _complete_gzip_members(path: Path) -> int:
+    """Bytes of the file made of whole gzip members (one WARC record each): what a kill left intact."""
+    end = position = 0
+    inflate = zlib.decompressobj(31)
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            while chunk:
+                try:
+                    inflate.decompress(chunk)
+                except zlib.error:
+                    return end
+                if inflate.eof:
+                    position += len(chunk) - len(inflate.unused_data)
+                    end, chunk = position, inflate.unused_data
+                    inflate = zlib.decompressobj(31)
+                else:
+                    position += len(chunk)
+                    chunk = b""
+    return end
+
+
+def _warc_responses(path: Path) -> list[str]:
+    """URLs of the response records of a crawler WARC file, after cutting a record left incomplete."""
+    complete = _complete_gzip_members(path)
+    if complete < path.stat().st_size:
+        with open(path, "r+b") as stream:
+            stream.truncate(complete)
+    with open(path, "rb") as stream:
+        return [
+            r.rec_headers.get_header("WARC-Target-URI")
+            for r in ArchiveIterator(stream)
+            if r.rec_type == "response"
+        ]
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date; None if absent or bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def sitemap_locations(body: bytes) -> list[tuple[str, str]]:
+    """("url" | "sitemap", canonical <loc>) of a sitemap or sitemap index."""
+    try:
+        root = lxml.etree.fromstring(
+            body, parser=lxml.etree.XMLParser(resolve_entities=False, no_network=True)
+        )
+    except lxml.etree.XMLSyntaxError:
+        return []
+    out = []
+    for element in root.iter("{*}loc"):
+        parent = element.getparent()
+        kind = "sitemap" if parent is not None and lxml.etree.QName(parent).localname == "sitemap" else "url"
+        loc = (element.text or "").strip()
+        if urlsplit(loc).scheme in ("http", "https"):
+            out.append((kind, canonical_url(loc)))
+    return out
 
 
 def robots_crawl_delay(lines: list[str], user_agent: str) -> float:

@@ -113,9 +113,9 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _has_a_source(self) -> PipelineConfig:
-        if self.demo_site is None and not self.crawl.seeds:
+        if self.demo_site is None and not self.crawl.seeds and self.crawl.seeds_file is None:
             raise ValueError(
-                "no data source: set crawl.seeds to the URLs to crawl, or demo_site: {} for the demo"
+                "no data source: set crawl.seeds (or crawl.seeds_file) to the URLs to crawl, or demo_site: {} for the demo"
             )
         if self.demo_site is not None and not self.crawl.allow_private_addresses:
             raise ValueError(

@@ -1,3 +1,5 @@
+import contextlib
+import functools
 import gzip
 import json
 import threading
@@ -20,7 +22,10 @@ class _Site(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802 - stdlib name
         self.hits.append((self.path, time.monotonic()))
-        status, ctype, body = self.pages.get(self.path, (404, "text/plain", b"missing"))
+        page = self.pages.get(self.path, (404, "text/plain", b"missing"))
+        if callable(page):  # a behaviour, not a page: it writes the whole response itself
+            return page(self)
+        status, ctype, body = page
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -80,7 +85,7 @@ def test_robots_disallow_and_crawl_delay_are_honoured(site, tmp_path):
     crawler.close()
     paths = [p for p, _ in handler.hits]
     assert "/secret/x.html" not in paths
-    assert sorted(paths) == ["/", "/a.html", "/b.html", "/robots.txt"]
+    assert sorted(paths) == ["/", "/a.html", "/b.html", "/robots.txt", "/sitemap.xml"]
     assert result["fetched"] == 3
     times = [t for _, t in handler.hits]
     gaps = [b - a for a, b in zip(times, times[1:])]
@@ -154,3 +159,300 @@ def test_robots_crawl_delay_parsing_prefers_own_group():
     assert robots_crawl_delay(lines, "lmforge-crawler/0.1 (+x)") == 0.5
     assert robots_crawl_delay(lines, "other-bot/1.0") == 2.0
     assert robots_crawl_delay(["User-agent: *", "Disallow: /x"], "a/1") == 0.0
+
+
+# -- robustness, with real servers on 127.0.0.1 ----------------------------------------------------------
+
+
+def _write(handler, status, headers=(), body=b""):
+    handler.send_response(status)
+    for k, v in headers:
+        handler.send_header(k, v)
+    handler.end_headers()
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the crawler hung up, as it should
+        handler.wfile.write(body)
+
+
+def _nth_call(*responses):
+    """A page answering the n-th request with the n-th (status, headers, body), the last one after."""
+    calls = []
+
+    def page(handler):
+        calls.append(1)
+        status, headers, body = responses[min(len(calls), len(responses)) - 1]
+        _write(
+            handler,
+            status,
+            [("Content-Type", "text/html"), ("Content-Length", str(len(body)))] + headers,
+            body,
+        )
+
+    return page
+
+
+def _crawl(base, tmp_path, budget=50, **cfg):
+    config = CrawlConfig(seeds=[base + "/"], min_delay_s=0.0, allow_private_addresses=True, **cfg)
+    crawler = HostCrawler(host_key(config.seeds[0]), config, str(tmp_path))
+    result = crawler.crawl([(config.seeds[0], 0)], budget=budget)
+    files = crawler.close()
+    log = [
+        json.loads(line) for line in (tmp_path / f"crawl-log-{crawler.slug}.jsonl").read_text().splitlines()
+    ]
+    return result, files, log
+
+
+def _times(handler, path):
+    return [t for p, t in handler.hits if p == path]
+
+
+def test_retry_after_and_backoff_on_429_and_5xx(site, tmp_path):
+    handler, base = site
+    handler.pages.update(
+        {
+            "/": (200, "text/html", _html("/busy.html", "/flaky.html", "/down.html")),
+            "/busy.html": _nth_call((429, [("Retry-After", "1")], b"slow down"), (200, [], _html(text="ok"))),
+            "/flaky.html": _nth_call((503, [], b""), (502, [], b""), (200, [], _html(text="ok"))),
+            "/down.html": _nth_call((500, [], b"")),
+        }
+    )
+    result, files, log = _crawl(base, tmp_path, backoff_base_s=0.2, max_retries=2, sitemaps=False)
+    busy, flaky, down = (_times(handler, p) for p in ("/busy.html", "/flaky.html", "/down.html"))
+    assert busy[1] - busy[0] >= 1.0 - 0.02  # Retry-After: 1
+    assert flaky[1] - flaky[0] >= 0.2 - 0.02 and flaky[2] - flaky[1] >= 0.4 - 0.02  # doubling backoff
+    assert len(down) == 3 and result["failure_reasons"] == {"http_500": 1}  # 1 try + 2 retries, recorded
+    assert result["fetched"] == 3 and result["retries"] == 1 + 2 + 2
+    assert any(e["status"] == 500 and e["url"].endswith("/down.html") for e in log)
+
+
+def test_retry_after_longer_than_the_backoff_limit_gives_up(site, tmp_path):
+    handler, base = site
+    handler.pages["/"] = _nth_call((503, [("Retry-After", "3600")], b""))
+    result, _, log = _crawl(base, tmp_path, backoff_max_s=5, sitemaps=False)
+    assert result["failure_reasons"] == {"FetchRefused": 1} and "Retry-After 3600s" in log[-1]["error"]
+
+
+def test_redirect_loop_stops_and_is_recorded(site, tmp_path):
+    handler, base = site
+    handler.pages.update(
+        {
+            "/": (200, "text/html", _html("/loop1")),
+            "/loop1": lambda h: _write(h, 302, [("Location", "/loop2"), ("Content-Length", "0")]),
+            "/loop2": lambda h: _write(h, 302, [("Location", "/loop1"), ("Content-Length", "0")]),
+        }
+    )
+    result, _, log = _crawl(base, tmp_path, sitemaps=False)
+    assert result["fetched"] == 1 and result["failure_reasons"] == {"FetchRefused": 1}
+    assert [p for p, _ in handler.hits].count("/loop1") == 1  # the loop is seen, not followed round
+    assert any("redirect" in (e["error"] or "") and e["url"].endswith("/loop1") for e in log)
+
+
+def _drip(handler):
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/html")
+    handler.end_headers()
+    try:
+        for _ in range(100):  # 10 s of one byte every 0.1 s
+            handler.wfile.write(b"x")
+            handler.wfile.flush()
+            time.sleep(0.1)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
+def _endless(handler):
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/html")
+    handler.end_headers()
+    try:
+        while True:
+            handler.wfile.write(b"<p>more</p>" * 1000)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
+@functools.cache
+def _bomb_body() -> bytes:
+    return gzip.compress(b"\0" * (64 * 2**20), compresslevel=9)  # 64 MiB in ~64 KiB
+
+
+def _gzip_bomb(handler):
+    body = _bomb_body()
+    _write(
+        handler,
+        200,
+        [("Content-Type", "text/html"), ("Content-Encoding", "gzip"), ("Content-Length", str(len(body)))],
+        body,
+    )
+
+
+def test_slow_drip_endless_body_and_gzip_bomb_are_cut(site, tmp_path):
+    handler, base = site
+    handler.pages.update(
+        {
+            "/": (200, "text/html", _html("/drip.html", "/endless.html", "/bomb.html")),
+            "/drip.html": _drip,
+            "/endless.html": _endless,
+            "/bomb.html": _gzip_bomb,
+        }
+    )
+    _bomb_body()  # made before the clock starts
+    start = time.monotonic()
+    result, files, log = _crawl(base, tmp_path, total_timeout_s=1.0, max_body_bytes=2**20, sitemaps=False)
+    assert time.monotonic() - start < 6
+    errors = {e["url"].rsplit("/", 1)[1]: e["error"] for e in log if e["error"]}
+    assert "total_timeout_s=1.0" in errors["drip.html"]
+    assert "max_body_bytes=1048576" in errors["endless.html"]
+    assert "max_body_bytes=1048576" in errors["bomb.html"]  # counted after decompression
+    assert result["fetched"] == 1 and sum(files.values()) == 1
+
+
+def test_latin1_page_without_charset_reads_back_correctly(site, tmp_path):
+    handler, base = site
+    text = "Crème brûlée à la française, très délicieuse. " * 5
+    handler.pages["/"] = (200, "text/html", f"<html><body><p>{text}</p></body></html>".encode("latin-1"))
+    _, files, _ = _crawl(base, tmp_path, sitemaps=False)
+    (html,) = [r["html"] for f in files for b in read_warc(tmp_path / f) for r in b.to_pylist()]
+    assert text in html
+
+
+def test_sitemap_urls_are_queued_and_scope_patterns_apply(site, tmp_path):
+    handler, base = site
+    urlset = "".join(f"<url><loc>{base}/{p}</loc></url>" for p in ("only-in-sitemap.html", "skip/me.html"))
+    handler.pages.update(
+        {
+            "/robots.txt": (200, "text/plain", f"User-agent: *\nSitemap: {base}/index.xml\n".encode()),
+            "/index.xml": (
+                200,
+                "application/xml",
+                f'<sitemapindex xmlns="http://www.sitemaps.org/schemas/sitemap/0.9"><sitemap><loc>{base}/s1.xml</loc></sitemap></sitemapindex>'.encode(),
+            ),  # fmt: skip
+            "/s1.xml": (
+                200,
+                "application/xml",
+                f'<urlset xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">{urlset}</urlset>'.encode(),
+            ),  # fmt: skip
+            "/": (200, "text/html", _html("/linked.html", "/skip/linked.html")),
+            "/linked.html": (200, "text/html", _html()),
+            "/only-in-sitemap.html": (200, "text/html", _html()),
+        }
+    )
+    result, _, _ = _crawl(base, tmp_path, exclude_patterns=[r"/skip/"])
+    paths = [p for p, _ in handler.hits]
+    assert "/only-in-sitemap.html" in paths and "/linked.html" in paths
+    assert not any(p.startswith("/skip/") for p in paths) and result["fetched"] == 3
+
+
+def test_seeds_file_and_bad_patterns(tmp_path):
+    from pydantic import ValidationError
+
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text(
+        "# start here\nhttp://Example.com/a#x\n\nhttps://example.org/  # and here\nhttp://example.com/a\n"
+    )
+    cfg = CrawlConfig(seeds_file=seeds)
+    assert cfg.all_seeds() == ["http://example.com/a", "https://example.org/"]
+    assert cfg.hosts_allowed() == {"example.com", "example.org"}
+    with pytest.raises(ValidationError, match="bad URL pattern"):
+        CrawlConfig(include_patterns=["(unclosed"])
+
+
+def _chain_site(handler, pages: int):
+    """Pages 0..n-1, each linking to the next two: breadth-first order is page order."""
+    for i in range(pages):
+        links = [f"/p{j}.html" for j in (i + 1, i + 2) if j < pages]
+        handler.pages[f"/p{i}.html" if i else "/"] = (200, "text/html", _html(*links, text=f"page {i}"))
+
+
+def _warc_urls(out_dir):
+    urls = []
+    for path in sorted(out_dir.glob("*.warc.gz")):
+        with open(path, "rb") as stream:
+            urls += [
+                r.rec_headers.get_header("WARC-Target-URI")
+                for r in ArchiveIterator(stream)
+                if r.rec_type == "response"
+            ]
+    return urls
+
+
+def test_killed_crawl_resumes_without_refetching_or_losing_urls(site, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    handler, base = site
+    _chain_site(handler, 40)
+    out = tmp_path / "crawl"
+    script = (
+        "import sys\n"
+        "from ingestion.crawler import CrawlConfig, HostCrawler, host_key\n"
+        f"cfg = CrawlConfig(seeds=[{base + '/'!r}], min_delay_s=0.05, max_depth=100, allow_private_addresses=True)\n"
+        f"crawler = HostCrawler(host_key(cfg.seeds[0]), cfg, {str(out)!r})\n"
+        "crawler.crawl([(cfg.seeds[0], 0)], budget=1000)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd())
+    journal = out / f"frontier-{base.split('//')[1].replace(':', '_')}.jsonl"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if journal.exists() and journal.read_text().count('"done"') >= 15:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _warc_urls(out)
+    assert 10 <= len(before) < 40  # killed midway
+
+    config = CrawlConfig(seeds=[base + "/"], min_delay_s=0.0, max_depth=100, allow_private_addresses=True)
+    crawler = HostCrawler(host_key(config.seeds[0]), config, str(out))
+    assert crawler.state()["fetched"] == len(before) and crawler.state()["pending"] > 0
+    hits_before = len(handler.hits)
+    result = crawler.crawl([(config.seeds[0], 0)], budget=1000)
+    crawler.close()
+    urls = _warc_urls(out)
+    expected = {base + "/"} | {f"{base}/p{i}.html" for i in range(1, 40)}
+    assert set(urls) == expected and len(urls) == len(expected)  # every page once
+    assert result["fetched"] == 40 - len(before)
+    refetched = [p for p, _ in handler.hits[hits_before:] if p != "/sitemap.xml"]
+    assert len(refetched) <= result["fetched"] + 1  # at most the page cut mid-write again
+
+
+@pytest.fixture
+def three_hosts():
+    servers, hosts = [], []
+    for _ in range(3):
+        handler = type("H", (_Site,), {"pages": {}, "hits": []})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        hosts.append((handler, f"http://127.0.0.1:{server.server_address[1]}"))
+    yield hosts
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_distributed_crawl_over_hosts_keeps_per_host_delay_and_resumes(ray_session, three_hosts, tmp_path):
+    from orchestration.crawl import run_crawl
+
+    for i, (handler, _) in enumerate(three_hosts):
+        other = three_hosts[(i + 1) % 3][1]
+        handler.pages["/"] = (200, "text/html", _html("/a.html", "/b.html", other + "/"))
+        handler.pages["/a.html"] = (200, "text/html", _html("/b.html"))
+        handler.pages["/b.html"] = (200, "text/html", _html())
+    config = CrawlConfig(
+        seeds=[three_hosts[0][1] + "/"], min_delay_s=0.2, allow_private_addresses=True, max_concurrent_hosts=2
+    )
+    files, counters = run_crawl(config, tmp_path)
+    assert counters["pages_fetched"] == 9 and counters["hosts"] == 3 and sum(f["rows"] for f in files) == 9
+    for handler, _ in three_hosts:
+        times = sorted(t for _, t in handler.hits)
+        assert min(b - a for a, b in zip(times, times[1:])) >= 0.2 - 0.02  # politeness per host
+
+    def pages_hit():
+        return sum(1 for h, _ in three_hosts for p, _ in h.hits if p not in ("/robots.txt", "/sitemap.xml"))
+
+    hits = pages_hit()
+    again_files, again = run_crawl(config, tmp_path)  # nothing left: every host resumes as finished
+    assert again["pages_restored"] == 9 and again["pages_fetched"] == 0
+    assert pages_hit() == hits and again_files == files
