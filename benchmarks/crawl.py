@@ -100,7 +100,9 @@ def main() -> None:
     ctx = multiprocessing.get_context("spawn")
     ports, stats, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
     per_process = [args.hosts // 2, args.hosts - args.hosts // 2]
-    procs = [ctx.Process(target=serve, args=(ports, stats, stop, n, args.pages), daemon=True) for n in per_process]
+    procs = [
+        ctx.Process(target=serve, args=(ports, stats, stop, n, args.pages), daemon=True) for n in per_process
+    ]
     for p in procs:
         p.start()
     bases = [f"http://127.0.0.1:{ports.get(timeout=30)}" for _ in range(args.hosts)]
@@ -111,7 +113,7 @@ def main() -> None:
     urls = [f"{b}/p{i}.html" for b in bases for i in range(min(args.pages, 200))]
     start = time.perf_counter()
     for url in urls:
-        session.get(url).content
+        assert session.get(url).content
     peer = len(urls) / (time.perf_counter() - start)
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")

@@ -14,6 +14,7 @@ import ipaddress
 import json
 import re
 import socket
+import threading
 import time
 import urllib.robotparser
 import zlib
@@ -52,6 +53,7 @@ class CrawlConfig(StageConfig):
     max_pages: int = Field(1000, ge=1, description="Stop after this many successful page fetches.")
     max_depth: int = Field(10, ge=0, description="Link hops from a seed.")
     min_delay_s: float = Field(1.0, ge=0, description="Minimum gap between requests to one host.")
+    host_concurrency: int = Field(1, ge=1, le=16, description="Requests in flight to one host at most.")
     user_agent: str = Field("lmforge-crawler/0.1 (+https://github.com/lmforge/lmforge)", min_length=1)
     connect_timeout_s: float = Field(10.0, gt=0, description="TCP connect timeout per request.")
     read_timeout_s: float = Field(30.0, gt=0, description="Timeout between received bytes.")
@@ -164,8 +166,10 @@ class HostCrawler:
         self.config = config
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = config.user_agent
+        self._local = threading.local()  # one requests.Session per fetching thread
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.RLock()  # queue, seen, counters and output, with host_concurrency > 1
+        self._turn = threading.Lock()  # request starts, one at a time, spaced by the delay
         self.slug = urlsplit(host).netloc.replace(":", "_")
         self.allowed = config.hosts_allowed()
         self.seen: set[str] = set()
@@ -218,12 +222,23 @@ class HostCrawler:
     def _delay(self) -> float:
         return max(self.config.min_delay_s, self._robots_delay)
 
+    @property
+    def session(self) -> requests.Session:
+        if not hasattr(self._local, "session"):
+            session = requests.Session()
+            session.headers["User-Agent"] = self.config.user_agent
+            self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
+        return self._local.session
+
     def _wait_turn(self) -> None:
         """Sleep until ``delay`` after the last request ended (and any Retry-After pause is over)."""
-        wait = max(self._last_request + self._delay(), self._pause_until) - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
-        self._last_request = time.monotonic()
+        with self._turn:
+            wait = max(self._last_request + self._delay(), self._pause_until) - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            self._last_request = time.monotonic()
 
     def _load_robots(self) -> None:
         parser = urllib.robotparser.RobotFileParser()
@@ -269,8 +284,9 @@ class HostCrawler:
             )
             if wait > cfg.backoff_max_s:
                 raise FetchRefused(f"Retry-After {wait:.0f}s exceeds backoff_max_s={cfg.backoff_max_s}")
-            self.retries += 1
-            self._pause_until = time.monotonic() + wait
+            with self._lock:
+                self.retries += 1
+                self._pause_until = max(self._pause_until, time.monotonic() + wait)
         raise AssertionError("unreachable")
 
     def _get_once(self, url: str) -> tuple[int, str, bytes, requests.Response]:
@@ -308,9 +324,10 @@ class HostCrawler:
             status, ctype, body, resp = self._get(url)
             if status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                 target = canonical_url(urljoin(url, resp.headers["Location"]))
-                if target in self.seen or host_key(target) != self.host:
-                    raise FetchRefused(f"redirect to {target} (already seen or another host)")
-                self.seen.add(target)
+                with self._lock:
+                    if target in self.seen or host_key(target) != self.host:
+                        raise FetchRefused(f"redirect to {target} (already seen or another host)")
+                    self.seen.add(target)
                 url = target
                 continue
             return url, status, ctype, body, resp
@@ -361,8 +378,9 @@ class HostCrawler:
     def _record(self, url: str, status: int | None, size: int, seconds: float, error: str | None) -> None:
         entry = {"url": url, "status": status, "bytes": size, "seconds": round(seconds, 4), "error": error}
         entry["time"] = datetime.now(timezone.utc).isoformat()
-        self._log.write(json.dumps(entry) + "\n")
-        self._log.flush()
+        with self._lock:
+            self._log.write(json.dumps(entry) + "\n")
+            self._log.flush()
 
     # -- crawl --------------------------------------------------------------------------------------
     def _queue(self, queue: deque, url: str, depth: int) -> None:
@@ -411,13 +429,36 @@ class HostCrawler:
         external: list[tuple[str, int]] = []
         failures: Counter = Counter()
         fetched_before, retries_before = self.fetched, self.retries
-        while queue and self.fetched - fetched_before < budget:
-            url, depth = queue.popleft()
-            outcome = self._visit(url, depth, queue, external)
-            if outcome is not None:
-                failures[outcome] += 1
-            self._journal.write(json.dumps({"done": url}) + "\n")
-            self._journal.flush()
+        in_flight = 0
+        ready = threading.Condition(self._lock)
+
+        def worker() -> None:
+            nonlocal in_flight
+            while True:
+                with ready:
+                    while not queue and in_flight:  # others may still queue links
+                        ready.wait()
+                    if not queue or self.fetched - fetched_before + in_flight >= budget:
+                        return
+                    url, depth = queue.popleft()
+                    in_flight += 1
+                outcome = self._visit(url, depth, queue, external)
+                with ready:
+                    in_flight -= 1
+                    if outcome is not None:
+                        failures[outcome] += 1
+                    self._journal.write(json.dumps({"done": url}) + "\n")
+                    self._journal.flush()
+                    ready.notify_all()
+
+        if cfg.host_concurrency == 1:
+            worker()
+        else:
+            threads = [threading.Thread(target=worker) for _ in range(cfg.host_concurrency)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
         self._pending = list(queue)
         return {
             "host": self.host,
@@ -447,11 +488,12 @@ class HostCrawler:
             error = f"http {status}" if status != 200 else f"content-type {mime!r} not allowed"
             self._record(final_url, status, len(body), elapsed, error)
             return f"http_{status}" if status != 200 else "content_type"
-        self._write_records(final_url, resp, body, depth)
-        self._record(final_url, status, len(body), elapsed, None)
-        self.fetched += 1
-        if depth < self.config.max_depth:
-            for link in extract_links(final_url, body):
+        links = extract_links(final_url, body) if depth < self.config.max_depth else []
+        with self._lock:
+            self._write_records(final_url, resp, body, depth)
+            self._record(final_url, status, len(body), elapsed, None)
+            self.fetched += 1
+            for link in links:
                 if link in self.seen or not self.config.in_scope(link, self.allowed):
                     continue
                 if host_key(link) == self.host:
@@ -467,7 +509,8 @@ class HostCrawler:
             self._warc = None
         self._log.close()
         self._journal.close()
-        self.session.close()
+        for session in self._sessions:
+            session.close()
         return dict(self._warc_files)
 
 

@@ -456,3 +456,27 @@ def test_distributed_crawl_over_hosts_keeps_per_host_delay_and_resumes(ray_sessi
     again_files, again = run_crawl(config, tmp_path)  # nothing left: every host resumes as finished
     assert again["pages_restored"] == 9 and again["pages_fetched"] == 0
     assert pages_hit() == hits and again_files == files
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_per_host_concurrency_holds(site, tmp_path, concurrency):
+    handler, base = site
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def slow(h):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.15)
+        with lock:
+            active[0] -= 1
+        body = _html(text="slow page")
+        _write(h, 200, [("Content-Type", "text/html"), ("Content-Length", str(len(body)))], body)
+
+    handler.pages["/"] = (200, "text/html", _html(*[f"/s{i}.html" for i in range(9)]))
+    handler.pages.update({f"/s{i}.html": slow for i in range(9)})
+    start = time.monotonic()
+    result, files, _ = _crawl(base, tmp_path, host_concurrency=concurrency, sitemaps=False)
+    assert result["fetched"] == 10 and sum(files.values()) == 10
+    assert peak[0] == concurrency
+    assert time.monotonic() - start < 9 * 0.15 / concurrency + 1.0
