@@ -25,13 +25,17 @@ class HtmlExtractorConfig(StageConfig):
 
 
 class HtmlExtractor(Stage):
-    """Turns ``html`` documents into ``text`` documents; pages with no text are rejected."""
+    """Turns ``html`` documents into ``text`` documents; pages with no text are rejected. Batches that
+    already carry text pass through unchanged."""
 
     name = "extract"
     config: HtmlExtractorConfig
 
     def run(self, batches: Iterable[pa.RecordBatch], ctx: StageContext) -> Iterator[pa.RecordBatch]:
         for batch in batches:
+            if "html" not in batch.schema.names:  # already text (WET, JSONL, Parquet, .txt files)
+                yield batch
+                continue
             texts = [self._extract(html, ctx) for html in batch.column("html").to_pylist()]
             empty = pa.array([not t for t in texts])
             columns = {f.name: batch.column(f.name) for f in DOCUMENT_SCHEMA if f.name != "text"}

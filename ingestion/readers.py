@@ -15,6 +15,7 @@ a read. Memory stays bounded by ``batch_size`` documents, whatever the file size
 from __future__ import annotations
 
 import codecs
+import glob
 import io
 import json
 import re
@@ -28,6 +29,7 @@ import charset_normalizer
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
 from warcio.archiveiterator import ArchiveIterator
 
 from ingestion.schema import DOCUMENT_SCHEMA, HTML_SCHEMA, document_id
@@ -317,3 +319,66 @@ def read_corpus(
         yield from read_parquet(uri, batch_size, report, **fields)
     else:
         raise ValueError(f"{uri}: unknown corpus format (WARC, WET, JSONL[.gz|.zst], Parquet or a directory)")
+
+
+CORPUS_FILE = re.compile(
+    r"\.(warc|warc\.gz|arc\.gz|wet|wet\.gz|jsonl|ndjson|json)(\.(gz|zst|bz2|lz4))?$|\.parquet$"
+)
+
+
+class ReadConfig(BaseModel):
+    """Corpora to read instead of (or besides) crawling: files, directories, glob patterns or
+    filesystem URIs. A directory stands for its corpus files (each read on its own) and its HTML and
+    text files (read together)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    paths: list[str] = Field(default_factory=list, description="Files, directories, globs or URIs to read.")
+    text_field: str = Field("text", description="JSONL / Parquet field holding the text.")
+    id_field: str = Field("id", description="JSONL / Parquet field holding the id (else one is derived).")
+    url_field: str = Field("url", description="JSONL / Parquet field holding the URL.")
+    batch_size: int = Field(1024, ge=1, description="Documents per batch read.")
+
+    def inputs(self) -> list[str]:
+        """Every input to read, in a stable order (local globs and directories expanded)."""
+        out: list[str] = []
+        for entry in self.paths:
+            if "://" in entry:
+                out.append(entry)
+                continue
+            matches = sorted(glob.glob(entry)) if glob.has_magic(entry) else [entry]
+            if not matches:
+                raise FileNotFoundError(f"read.paths: nothing matches {entry!r}")
+            for match in matches:
+                path = Path(match)
+                if not path.exists():
+                    raise FileNotFoundError(f"read.paths: {match} does not exist")
+                if path.is_dir():
+                    files = sorted(str(f) for f in path.rglob("*") if f.is_file())
+                    out += [f for f in files if CORPUS_FILE.search(f.lower())]
+                    if any(f.lower().endswith(HTML_SUFFIXES + TEXT_SUFFIXES) for f in files):
+                        out.append(str(path))
+                else:
+                    out.append(str(path))
+        return list(dict.fromkeys(out))
+
+    def fingerprint(self) -> list[tuple[str, int, int]]:
+        """(input, bytes, mtime ns) of local inputs: a changed file changes the clean stage's key."""
+        prints = []
+        for entry in self.inputs():
+            path = Path(entry)
+            if path.is_file():
+                stat = path.stat()
+                prints.append((entry, stat.st_size, stat.st_mtime_ns))
+            elif path.is_dir():
+                files = sorted(f for f in path.rglob("*") if f.is_file())
+                prints.append(
+                    (
+                        entry,
+                        sum(f.stat().st_size for f in files),
+                        max((f.stat().st_mtime_ns for f in files), default=0),
+                    )
+                )
+            else:
+                prints.append((entry, -1, -1))
+        return prints

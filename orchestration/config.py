@@ -24,6 +24,7 @@ from cleaning.normalize import TextNormalizerConfig
 from cleaning.pii import PiiConfig
 from evaluation.perplexity import EvalConfig
 from ingestion.crawler import CrawlConfig
+from ingestion.readers import ReadConfig
 from orchestration.mappings import deep_merge
 from training.config import TrainConfig
 from training.data.tokenize import TokenizeConfig
@@ -105,6 +106,7 @@ class PipelineConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     demo_site: DemoSiteConfig | None = Field(None, description="Serve and crawl a generated local site.")
     crawl: CrawlConfig = Field(default_factory=CrawlConfig)
+    read: ReadConfig = Field(default_factory=ReadConfig)
     clean: CleanConfig = Field(default_factory=CleanConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
@@ -113,9 +115,15 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _has_a_source(self) -> PipelineConfig:
-        if self.demo_site is None and not self.crawl.seeds and self.crawl.seeds_file is None:
+        if (
+            self.demo_site is None
+            and not self.crawl.seeds
+            and self.crawl.seeds_file is None
+            and not self.read.paths
+        ):
             raise ValueError(
-                "no data source: set crawl.seeds (or crawl.seeds_file) to the URLs to crawl, or demo_site: {} for the demo"
+                "no data source: set crawl.seeds (or crawl.seeds_file) to the URLs to crawl, read.paths to corpora "
+                "you have, or demo_site: {} for the demo"
             )
         if self.demo_site is not None and not self.crawl.allow_private_addresses:
             raise ValueError(

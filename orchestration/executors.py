@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from ingestion.readers import read_warc
+from ingestion.readers import ReadConfig, ReadReport, read_corpus, read_warc
 from ingestion.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA
 from orchestration.datasets import (
     Partition,
@@ -77,6 +77,17 @@ def warc_source(path: str) -> Source:
         return read_warc(path, counters=ctx.counters)
 
     return read
+
+
+def corpus_source(uri: str, read: ReadConfig) -> Source:
+    """A stored corpus (any format ``read_corpus`` knows) as a stage source; malformed records go to the
+    stage counters (``malformed``)."""
+
+    def read_all(ctx: StageContext) -> Iterable[pa.RecordBatch]:
+        fields = {"text_field": read.text_field, "id_field": read.id_field, "url_field": read.url_field}
+        return read_corpus(uri, read.batch_size, ReadReport(counters=ctx.counters), **fields)
+
+    return read_all
 
 
 @ray.remote(num_cpus=1)

@@ -41,6 +41,7 @@ from orchestration.crawl import run_crawl
 from orchestration.datasets import file_sha256, index_digest, read_index, write_index
 from orchestration.dedup import run_dedup_stage
 from orchestration.executors import (
+    corpus_source,
     ensure_ray,
     run_document_stage,
     run_tokenize_stage,
@@ -193,6 +194,10 @@ class Pipeline:
             (Path(f["path"]).name.split(".")[0], warc_source(str(crawl.out_dir / f["path"])))
             for f in crawl.index["files"]
         ]
+        parts += [
+            (f"read-{i:05d}", corpus_source(uri, self.cfg.read))
+            for i, uri in enumerate(self.cfg.read.inputs())
+        ]
         return run_document_stage(
             "clean",
             stages,
@@ -201,7 +206,7 @@ class Pipeline:
             cache_key=key,
             inputs={"crawl": index_digest(crawl.index)},
             on_progress=lambda done, total: self.console.print(
-                f"  {done}/{total} WARC files", highlight=False
+                f"  {done}/{total} input files", highlight=False
             ),
         )
 
@@ -296,8 +301,13 @@ class Pipeline:
             s = result.stages
             crawl_config = {"crawl": cfg.crawl, "demo_site": cfg.demo_site, "seed": cfg.seed}
             s["crawl"] = self._stage("crawl", crawl_config, {}, self._crawl, tracker)
+            clean_config = {"clean": cfg.clean, "read": cfg.read, "read_files": cfg.read.fingerprint()}
             s["clean"] = self._stage(
-                "clean", cfg.clean, {"crawl": s["crawl"]}, lambda o, k: self._clean(s["crawl"], o, k), tracker
+                "clean",
+                clean_config,
+                {"crawl": s["crawl"]},
+                lambda o, k: self._clean(s["crawl"], o, k),
+                tracker,
             )
             docs = s["clean"]
             if cfg.dedup.exact or cfg.dedup.minhash:
