@@ -184,6 +184,18 @@ def read_wet(
         yield batch
 
 
+def _text_row(source: str, number: int, text, doc_id, url, report: ReadReport, problem: str) -> dict | None:
+    """A text document's columns from a record's fields, or None (recorded as malformed) without text.
+    A record without an id gets one from its URL (or its place in the file) and its text."""
+    if not isinstance(text, str):
+        where, _, error = problem.partition(": ")
+        report.bad(source, where, error)
+        return None
+    url = url if isinstance(url, str) else None
+    doc_id = str(doc_id) if doc_id is not None else document_id(url or f"{source}#{number}", text)
+    return {"id": doc_id, "url": url, "text": text, "source": source}
+
+
 def read_jsonl(
     path: str | Path,
     batch_size: int = 1024,
@@ -208,17 +220,12 @@ def read_jsonl(
             except json.JSONDecodeError as e:
                 report.bad(source, f"line {number}", f"bad JSON: {e.msg}")
                 continue
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                report.bad(source, f"line {number}", f"no string field {text_field!r}")
-                continue
-            url = record.get(url_field)
-            url = url if isinstance(url, str) else None
-            doc_id = record.get(id_field)
-            doc_id = str(doc_id) if doc_id is not None else document_id(url or f"{source}#{number}", text)
-            report.counters["jsonl.records"] += 1
-            if batch := out.add(id=doc_id, url=url, text=text, source=source):
-                yield batch
+            record = record if isinstance(record, dict) else {}
+            fields = (record.get(text_field), record.get(id_field), record.get(url_field))
+            if row := _text_row(source, number, *fields, report, f"line {number}: no string {text_field!r}"):
+                report.counters["jsonl.records"] += 1
+                if batch := out.add(**row):
+                    yield batch
     if batch := out.flush():
         yield batch
 
@@ -247,13 +254,14 @@ def read_parquet(
             data = chunk.to_pydict()
             for i, text in enumerate(data[text_field]):
                 row += 1
-                if not isinstance(text, str):
-                    report.bad(source, f"row {row}", f"no string in {text_field!r}")
-                    continue
-                url = data[url_field][i] if url_field in data else None
-                doc_id = data[id_field][i] if id_field in data else None
-                doc_id = str(doc_id) if doc_id is not None else document_id(url or f"{source}#{row}", text)
-                if batch := out.add(id=doc_id, url=url, text=text, source=source):
+                fields = (
+                    text,
+                    data[id_field][i] if id_field in data else None,
+                    data.get(url_field, [None] * (i + 1))[i],
+                )
+                if (
+                    doc := _text_row(source, row, *fields, report, f"row {row}: no string {text_field!r}")
+                ) and (batch := out.add(**doc)):
                     yield batch
             report.counters["parquet.records"] += chunk.num_rows
         if batch := out.flush():
