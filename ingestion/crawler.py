@@ -192,7 +192,8 @@ class HostCrawler:
     def _restore(self) -> None:
         """Resume from an earlier run's WARC files and journal in the output directory."""
         stored: set[str] = set()
-        for path in sorted(self.out_dir.glob(f"{self.slug}-*.warc.gz")):
+        own = re.compile(rf"{re.escape(self.slug)}-\d{{5,}}\.warc\.gz")  # not another host's "a.com-b.org"
+        for path in sorted(p for p in self.out_dir.glob(f"{self.slug}-*.warc.gz") if own.fullmatch(p.name)):
             urls = _warc_responses(path)
             stored.update(urls)
             self._warc_files[path.name] = len(urls)
