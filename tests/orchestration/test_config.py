@@ -53,3 +53,9 @@ def test_dotted_overrides_parse_yaml_values():
     }
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         dotted_overrides(["train.steps"])
+
+
+@pytest.mark.parametrize("path", sorted(DEMO.parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
