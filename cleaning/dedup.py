@@ -183,12 +183,17 @@ class LineDedupConfig(StageConfig):
     )
 
 
+def _span_lines(text: str, normalize: bool) -> tuple[list[str], list[str], list[int]]:
+    """The text's lines, their compared forms, and the indexes of the lines whose form is not empty."""
+    lines = text.split("\n")
+    forms = [dedup_normal_form(line) if normalize else line.strip() for line in lines]
+    return lines, forms, [i for i, f in enumerate(forms) if f]
+
+
 def line_spans(text: str, span: int, normalize: bool = True) -> tuple[list[int], list[int]]:
     """64-bit hashes of the document's spans of ``span`` consecutive non-empty lines (non-empty in the
     normal form, when comparing it), and the index of each span's first line among the text's lines."""
-    lines = text.split("\n")
-    forms = [dedup_normal_form(line) if normalize else line.strip() for line in lines]
-    kept = [i for i, f in enumerate(forms) if f]
+    _, forms, kept = _span_lines(text, normalize)
     hashes, firsts = [], []
     for k in range(len(kept) - span + 1):
         joined = "\n".join(forms[i] for i in kept[k : k + span]).encode()
@@ -199,9 +204,7 @@ def line_spans(text: str, span: int, normalize: bool = True) -> tuple[list[int],
 
 def cut_spans(text: str, spans: Iterable[int], span: int, normalize: bool = True) -> str:
     """The text without the lines of the given spans (numbered as :func:`line_spans` numbers them)."""
-    lines = text.split("\n")
-    forms = [dedup_normal_form(line) if normalize else line.strip() for line in lines]
-    kept = [i for i, f in enumerate(forms) if f]
+    lines, _, kept = _span_lines(text, normalize)
     cut = {kept[k + j] for k in spans for j in range(span)}
     return "\n".join(line for i, line in enumerate(lines) if i not in cut)
 
@@ -318,13 +321,18 @@ def node_shard(nodes: np.ndarray, shards: int) -> np.ndarray:
     return ((mixed >> np.uint64(32)) % np.uint64(shards)).astype(np.int64)
 
 
+def run_starts(values: np.ndarray) -> np.ndarray:
+    """Where each run of equal values starts in a sorted array (empty for an empty one)."""
+    return np.flatnonzero(np.r_[True, values[1:] != values[:-1]]) if values.size else np.empty(0, np.int64)
+
+
 def _groups(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Distinct (u, v) rows sorted by u then v, and the start of each u's run."""
     order = np.lexsort((v, u))
     u, v = u[order], v[order]
     distinct = np.r_[True, (u[1:] != u[:-1]) | (v[1:] != v[:-1])]
     u, v = u[distinct], v[distinct]
-    return u, v, np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
+    return u, v, run_starts(u)
 
 
 def large_star(u: np.ndarray, v: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray, bool]:

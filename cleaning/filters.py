@@ -18,20 +18,12 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from cleaning.signals import (
-    C4_POLICY,
-    FineWebSignals,
-    RepetitionSignals,
-    c4_lines,
-    gopher_quality_signals,
-)
-from cleaning.words import split_words
+from cleaning.signals import FineWebSignals, RepetitionSignals, c4_lines
+from cleaning.signals import gopher_quality_signals as gopher_signals
 from orchestration.stage import Stage, StageConfig, StageContext
 
 #: A filter's decision on one document: None (kept) or (signal, value, threshold) of the rule it broke.
 Verdict = tuple[str, float, float] | None
-
-__all__ = ["C4_POLICY", "split_words"]
 
 
 class TextFilter(Stage):
@@ -111,11 +103,6 @@ class GopherQualityConfig(StageConfig):
     )
 
 
-def gopher_signals(text: str) -> dict[str, float]:
-    """All Gopher quality signals of one text."""
-    return gopher_quality_signals(text)
-
-
 def gopher_verdict(signals: dict[str, float], cfg: GopherQualityConfig) -> Verdict:
     """The first rule a document breaks as (signal, value, threshold), or None when it passes."""
     s = signals
@@ -151,7 +138,7 @@ class GopherQualityFilter(TextFilter):
     def run(self, batches: Iterable[pa.RecordBatch], ctx: StageContext) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             texts = batch.column("text").to_pylist()
-            signals = [gopher_quality_signals(t or "") for t in texts]
+            signals = [gopher_signals(t or "") for t in texts]
             verdicts = [gopher_verdict(s, self.config) for s in signals]
             metas = [
                 list(m or []) + [(f"gopher.{k}", v) for k, v in s.items()]

@@ -48,17 +48,14 @@ def _flags(word: str) -> int:
     return flags
 
 
-def gopher_quality_signals(text: str, words: list[str] | None = None) -> dict[str, float]:
+def gopher_quality_signals(text: str) -> dict[str, float]:
     """All Gopher quality signals: non-symbol words, their mean length, '#' and ellipsis per word, bullet
     and ellipsis line shares, the share of words with a letter, distinct stop words (case-sensitive)."""
-    words = split_words(text) if words is None else words
+    words = split_words(text)
     n = len(words)
     non_symbol = alpha = chars = 0
-    known = _word_flags.get
     for word, count in Counter(words).items():  # each distinct word once
-        flags = known(word)
-        if flags is None:
-            flags = _flags(word)
+        flags = _flags(word)
         if flags & 1:
             non_symbol += count
             chars += count * len(word)
@@ -143,9 +140,8 @@ class RepetitionSignals:
     rule broken): duplicate paragraphs/lines and their characters, top n-gram and duplicate n-gram
     character fractions."""
 
-    def __init__(self, text: str, words: list[str] | None = None):
+    def __init__(self, text: str):
         self.text = text
-        self._words = words
         self._hashes: np.ndarray | None = None
 
     def paragraphs(self) -> tuple[float, float]:
@@ -160,7 +156,7 @@ class RepetitionSignals:
 
     def _prepare(self) -> None:
         if self._hashes is None:
-            words = split_words(self.text) if self._words is None else self._words
+            words = split_words(self.text)
             self._hashes = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
             lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
             self._cum = np.r_[0, np.cumsum(lengths)]
@@ -271,6 +267,5 @@ class FineWebSignals:
     def char_dup_ratio(self) -> float:
         return find_duplicates(self.lines)[1] / len(self.text.replace("\n", ""))
 
-    def list_ratio(self, words: list[str] | None = None) -> float:
-        words = split_words(self.text) if words is None else words
-        return self.text.count("\n") / len(words)
+    def list_ratio(self) -> float:
+        return self.text.count("\n") / len(split_words(self.text))

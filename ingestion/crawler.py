@@ -185,9 +185,10 @@ class HostCrawler:
         self._warc_name = ""
         self._warc = None
         self._pending: list[tuple[str, int]] = []
+        self._journal_path = self.out_dir / f"frontier-{self.slug}.jsonl"
         self._restore()
         self._log = open(self.out_dir / f"crawl-log-{self.slug}.jsonl", "a", encoding="utf-8")
-        self._journal = open(self.out_dir / f"frontier-{self.slug}.jsonl", "a", encoding="utf-8")
+        self._journal = open(self._journal_path, "a", encoding="utf-8")
 
     def _restore(self) -> None:
         """Resume from an earlier run's WARC files and journal in the output directory."""
@@ -199,11 +200,10 @@ class HostCrawler:
             self._warc_files[path.name] = len(urls)
             self._warc_index = max(self._warc_index, int(path.name.rsplit("-", 1)[1].split(".")[0]) + 1)
         self.fetched = sum(self._warc_files.values())
-        journal = self.out_dir / f"frontier-{self.slug}.jsonl"
         queued: dict[str, int] = {}
         done = set(stored)
-        if journal.exists():
-            for line in journal.read_text(encoding="utf-8").splitlines():
+        if self._journal_path.exists():
+            for line in self._journal_path.read_text(encoding="utf-8").splitlines():
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by a kill

@@ -88,53 +88,6 @@ def _filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
-def read_warc(
-    path: str | Path, batch_size: int = 256, counters: Counter | None = None
-) -> Iterator[pa.RecordBatch]:
-    """Stream HTML responses (status 200) from a WARC/WARC.gz file as document batches."""
-    counters = counters if counters is not None else Counter()
-    rows: dict[str, list] = {f.name: [] for f in HTML_SCHEMA}
-    source = Path(str(path)).name
-    fs, where = _filesystem(path)
-    with fs.open_input_stream(where) as stream:
-        for record in ArchiveIterator(stream):
-            if record.rec_type != "response":
-                continue
-            counters["warc.responses"] += 1
-            status = record.http_headers.get_statuscode() if record.http_headers else None
-            if status != "200":
-                counters["warc.skipped_status"] += 1
-                continue
-            url = record.rec_headers.get_header("WARC-Target-URI")
-            body = record.content_stream().read()
-            ctype = record.http_headers.get_header("Content-Type") or ""
-            fetched = record.rec_headers.get_header("WARC-Date")
-            rows["id"].append(document_id(url, body))
-            rows["url"].append(url)
-            rows["html"].append(decode_html(body, ctype))
-            rows["source"].append(source)
-            rows["lang"].append(None)
-            rows["fetched_at"].append(
-                datetime.fromisoformat(fetched.replace("Z", "+00:00")) if fetched else None
-            )
-            rows["meta"].append([("http_bytes", float(len(body)))])
-            if len(rows["id"]) >= batch_size:
-                yield pa.RecordBatch.from_pydict(rows, schema=HTML_SCHEMA)
-                rows = {k: [] for k in rows}
-    if rows["id"]:
-        yield pa.RecordBatch.from_pydict(rows, schema=HTML_SCHEMA)
-
-
-def find_html(path: str | Path, doc_id: str) -> str | None:
-    """The raw HTML of document ``doc_id`` in a WARC file (its ``source``): every document downstream
-    keeps its id and source, so a cleaned or rejected text leads back to the page it came from."""
-    for batch in read_warc(path):
-        ids = batch.column("id").to_pylist()
-        if doc_id in ids:
-            return batch.column("html")[ids.index(doc_id)].as_py()
-    return None
-
-
 class _Batches:
     """Rows in the given schema, yielded as record batches of ``size``."""
 
@@ -153,6 +106,51 @@ class _Batches:
         batch = pa.RecordBatch.from_pydict(self.rows, schema=self.schema)
         self.rows = {k: [] for k in self.rows}
         return batch
+
+
+def read_warc(
+    path: str | Path, batch_size: int = 256, counters: Counter | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Stream HTML responses (status 200) from a WARC/WARC.gz file as document batches."""
+    counters = counters if counters is not None else Counter()
+    out = _Batches(HTML_SCHEMA, batch_size)
+    source = Path(str(path)).name
+    fs, where = _filesystem(path)
+    with fs.open_input_stream(where) as stream:
+        for record in ArchiveIterator(stream):
+            if record.rec_type != "response":
+                continue
+            counters["warc.responses"] += 1
+            status = record.http_headers.get_statuscode() if record.http_headers else None
+            if status != "200":
+                counters["warc.skipped_status"] += 1
+                continue
+            url = record.rec_headers.get_header("WARC-Target-URI")
+            body = record.content_stream().read()
+            ctype = record.http_headers.get_header("Content-Type") or ""
+            fetched = record.rec_headers.get_header("WARC-Date")
+            batch = out.add(
+                id=document_id(url, body),
+                url=url,
+                html=decode_html(body, ctype),
+                source=source,
+                fetched_at=datetime.fromisoformat(fetched.replace("Z", "+00:00")) if fetched else None,
+                meta=[("http_bytes", float(len(body)))],
+            )
+            if batch:
+                yield batch
+    if batch := out.flush():
+        yield batch
+
+
+def find_html(path: str | Path, doc_id: str) -> str | None:
+    """The raw HTML of document ``doc_id`` in a WARC file (its ``source``): every document downstream
+    keeps its id and source, so a cleaned or rejected text leads back to the page it came from."""
+    for batch in read_warc(path):
+        ids = batch.column("id").to_pylist()
+        if doc_id in ids:
+            return batch.column("html")[ids.index(doc_id)].as_py()
+    return None
 
 
 def read_wet(
@@ -313,25 +311,35 @@ def read_corpus(
     WET, JSONL (any compression) or Parquet. ``fields`` renames text_field / id_field / url_field."""
     report = report if report is not None else ReadReport()
     fs, where = _filesystem(uri)
-    name = where.lower()
     if fs.get_file_info(where).type == pafs.FileType.Directory:
         yield from read_directory(uri, "html", batch_size, report)
         yield from read_directory(uri, "text", batch_size, report)
-    elif ".wet" in name:
+        return
+    kind = corpus_format(where)
+    if kind == "wet":
         yield from read_wet(uri, batch_size, report)
-    elif name.endswith((".warc", ".warc.gz", ".arc.gz")):
+    elif kind == "warc":
         yield from read_warc(uri, batch_size, report.counters)
-    elif re.search(r"\.(jsonl|ndjson|json)(\.(gz|zst|bz2|lz4))?$", name):
+    elif kind == "jsonl":
         yield from read_jsonl(uri, batch_size, report, **fields)
-    elif name.endswith(".parquet"):
+    elif kind == "parquet":
         yield from read_parquet(uri, batch_size, report, **fields)
     else:
         raise ValueError(f"{uri}: unknown corpus format (WARC, WET, JSONL[.gz|.zst], Parquet or a directory)")
 
 
-CORPUS_FILE = re.compile(
-    r"\.(warc|warc\.gz|arc\.gz|wet|wet\.gz|jsonl|ndjson|json)(\.(gz|zst|bz2|lz4))?$|\.parquet$"
-)
+_FORMATS = [  # the first name pattern that matches decides
+    ("wet", re.compile(r"\.wet(\.gz)?$")),
+    ("warc", re.compile(r"\.(warc|warc\.gz|arc\.gz)$")),
+    ("jsonl", re.compile(r"\.(jsonl|ndjson|json)(\.(gz|zst|bz2|lz4))?$")),
+    ("parquet", re.compile(r"\.parquet$")),
+]
+
+
+def corpus_format(name: str) -> str | None:
+    """'wet', 'warc', 'jsonl' or 'parquet' from a file name, or None for anything else."""
+    name = name.lower()
+    return next((kind for kind, pattern in _FORMATS if pattern.search(name)), None)
 
 
 class ReadConfig(BaseModel):
@@ -363,7 +371,7 @@ class ReadConfig(BaseModel):
                     raise FileNotFoundError(f"read.paths: {match} does not exist")
                 if path.is_dir():
                     files = sorted(str(f) for f in path.rglob("*") if f.is_file())
-                    out += [f for f in files if CORPUS_FILE.search(f.lower())]
+                    out += [f for f in files if corpus_format(f)]
                     if any(f.lower().endswith(HTML_SUFFIXES + TEXT_SUFFIXES) for f in files):
                         out.append(str(path))
                 else:

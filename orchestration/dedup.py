@@ -20,8 +20,9 @@
    ``minhash_dedup``).
 
 No task holds more than its shard of the signatures, bucket rows or graph; the driver only gathers the
-cluster table, which is the stage's output. Every phase leaves completion markers: a killed stage resumes from the finished tasks. The output depends
-on the documents and the config only (the partition plan comes from the files and ``partition_mb``).
+cluster table, which is the stage's output. Every phase leaves completion markers: a killed stage
+resumes from the finished tasks. The output depends on the documents and the config only (the partition
+plan comes from the files and ``partition_mb``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from cleaning.dedup import (
     line_spans,
     meta_scores,
     node_shard,
+    run_starts,
     small_star,
     survivor_rank,
     text_hash,
@@ -257,7 +259,7 @@ def _star_task(step: int, shard: int, work: str, shards: int) -> dict[str, Any]:
     if step == 0:
         order = np.argsort(u, kind="stable")
         nodes = u[order]
-        starts = np.flatnonzero(np.r_[True, nodes[1:] != nodes[:-1]]) if nodes.size else nodes
+        starts = run_starts(nodes)
         best = np.maximum.reduceat(edges.column("similarity").to_numpy()[order], starts) if nodes.size else []
         write_ipc(
             cc / "best" / f"{shard:04d}.arrow",
@@ -302,17 +304,17 @@ def _decide_task(shard: int, step: int, names: list[str], work: str, cfg: DedupC
     best = labels.column("best").to_numpy()
     # The ids, lengths, exact hashes (and scores) of this shard's nodes, read partition by partition.
     part_of = node >> 32
-    columns = ["id", "length", "exact", "exact_hi"] + (["score"] if _keep(cfg)[1] else [])
+    keep, score_key = _keep(cfg)
+    columns = ["id", "length", "exact", "exact_hi"] + (["score"] if score_key else [])
     info: dict[int, tuple] = {}
     for index in np.unique(part_of).tolist():
         mine = node[part_of == index]
         table = read_ipc(work_dir / "docs" / f"{names[index]}.arrow").select(columns)
         rows = table.take(pa.array(mine & 0xFFFFFFFF)).to_pylist()
         info.update(zip(mine.tolist(), rows))
-    keep, score_key = _keep(cfg)
     decisions: dict[int, list[tuple[int, str, float, str]]] = {}
     clusters: list[tuple[str, int, list[str]]] = []
-    starts = np.flatnonzero(np.r_[True, root[1:] != root[:-1]]) if root.size else root
+    starts = run_starts(root)
     for start, end in zip(starts.tolist(), np.r_[starts[1:], root.size].tolist()):
         members = node[start:end].tolist()
         rows = [info[m] for m in members]
