@@ -85,7 +85,7 @@ def pydoc_texts(min_chars: int, doc_chars: int = 4000) -> list[str]:
 
 def documents_table(texts: list[str], source: str = "pydoc", ids: list[str] | None = None):
     """Texts as a table in lmforge's document schema (ids ``doc-00000000``... unless given)."""
-    from ingestion.schema import document_table
+    from core.schema import document_table
 
     return document_table(
         texts, ids=ids or [f"doc-{i:08d}" for i in range(len(texts))], source=source, lang="en"

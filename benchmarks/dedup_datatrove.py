@@ -119,8 +119,8 @@ def run_lmforge(work: Path) -> tuple[float, dict[str, str]]:
     import ray
 
     from cleaning.dedup import MinHashDedupConfig
+    from core.manifest import read_table
     from orchestration.config import DedupConfig
-    from orchestration.datasets import read_table
     from orchestration.dedup import run_dedup_stage
 
     cfg = DedupConfig(
@@ -145,8 +145,9 @@ def run_lmforge(work: Path) -> tuple[float, dict[str, str]]:
 
 def main() -> None:
     from benchmarks.common import documents_table
-    from ingestion.schema import DOCUMENT_SCHEMA
-    from orchestration.datasets import file_entry, write_index, write_parquet
+    from core.files import file_entry, write_parquet
+    from core.manifest import write_index
+    from core.schema import DOCUMENT_SCHEMA
 
     work = Path(tempfile.mkdtemp(prefix="lmf-bench-dt-"))
     try:

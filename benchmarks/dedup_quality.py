@@ -24,9 +24,9 @@ import time  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from cleaning.dedup import MinHashDedupConfig, MinHashDeduplicator  # noqa: E402
+from core.schema import DOCUMENT_SCHEMA  # noqa: E402
+from core.stage import StageContext  # noqa: E402
 from evaluation.dedup_quality import pair_metrics, planted_corpus  # noqa: E402
-from ingestion.schema import DOCUMENT_SCHEMA  # noqa: E402
-from orchestration.stage import StageContext  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--quick", action="store_true", help="a quarter of the corpus")

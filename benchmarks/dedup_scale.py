@@ -30,9 +30,10 @@ import psutil  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from ingestion.schema import DOCUMENT_SCHEMA  # noqa: E402
+from core.files import file_entry  # noqa: E402
+from core.manifest import write_index  # noqa: E402
+from core.schema import DOCUMENT_SCHEMA  # noqa: E402
 from orchestration.config import DedupConfig  # noqa: E402
-from orchestration.datasets import file_entry, write_index  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--quick", action="store_true", help="20k and 60k documents")

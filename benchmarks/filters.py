@@ -33,8 +33,8 @@ from datatrove.utils.text import split_into_words  # noqa: E402
 from benchmarks.common import debian_documents, result, summary  # noqa: E402
 from cleaning import filters as lm  # noqa: E402
 from cleaning import signals, words  # noqa: E402
-from ingestion.schema import document_table  # noqa: E402
-from orchestration.stage import StageContext  # noqa: E402
+from core.schema import document_table  # noqa: E402
+from core.stage import StageContext  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--quick", action="store_true", help="1,000 documents")

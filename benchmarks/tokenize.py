@@ -38,8 +38,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from tokenizers import Tokenizer  # noqa: E402
 
 from benchmarks.common import documents_table, median_time, pydoc_texts, result, summary  # noqa: E402
-from ingestion.schema import DOCUMENT_SCHEMA  # noqa: E402
-from orchestration.datasets import file_entry, write_index, write_parquet  # noqa: E402
+from core.files import file_entry, write_parquet  # noqa: E402
+from core.manifest import write_index  # noqa: E402
+from core.schema import DOCUMENT_SCHEMA  # noqa: E402
 from training.data.tokenize import (  # noqa: E402
     TokenizeConfig,
     prepare_tokenizer,
@@ -106,7 +107,7 @@ def main() -> None:
 
             def ours_ray() -> None:
                 shutil.rmtree(work / "ray", ignore_errors=True)
-                run_tokenize_stage(docs, work / "ray", cfg, extra={})
+                run_tokenize_stage(docs, work / "ray", cfg)
 
             t_ours = median_time(ours_ray)
         finally:

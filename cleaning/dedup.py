@@ -17,7 +17,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from cleaning.minhash import MinHasher, ShingleHashName, dedup_normal_form
-from orchestration.stage import Stage, StageConfig, StageContext
+from core.stage import Stage, StageConfig, StageContext
 
 
 def _sorted_by_id(batches: Iterable[pa.RecordBatch]) -> pa.Table | None:

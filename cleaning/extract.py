@@ -10,8 +10,8 @@ import pyarrow.compute as pc
 import trafilatura
 from pydantic import Field
 
-from ingestion.schema import DOCUMENT_SCHEMA
-from orchestration.stage import Stage, StageConfig, StageContext
+from core.schema import DOCUMENT_SCHEMA
+from core.stage import Stage, StageConfig, StageContext
 
 
 class HtmlExtractorConfig(StageConfig):

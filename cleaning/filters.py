@@ -20,7 +20,7 @@ from pydantic import Field
 
 from cleaning.signals import FineWebSignals, RepetitionSignals, c4_lines
 from cleaning.signals import gopher_quality_signals as gopher_signals
-from orchestration.stage import Stage, StageConfig, StageContext
+from core.stage import Stage, StageConfig, StageContext
 
 #: A filter's decision on one document: None (kept) or (signal, value, threshold) of the rule it broke.
 Verdict = tuple[str, float, float] | None

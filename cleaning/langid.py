@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from orchestration.stage import Stage, StageConfig, StageContext
+from core.stage import Stage, StageConfig, StageContext
 
 #: Varieties the model tells apart that users mostly mean as one language.
 MACRO_LANGUAGES = {"yue": "zh", "wuu": "zh", "cmn": "zh", "nb": "no", "nn": "no"}

@@ -11,7 +11,7 @@ import ftfy
 import pyarrow as pa
 from pydantic import Field
 
-from orchestration.stage import Stage, StageConfig, StageContext
+from core.stage import Stage, StageConfig, StageContext
 
 # Unicode space separators (no-break space, thin space, ...) and the zero-width characters.
 _SPACES = re.compile(r"[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")

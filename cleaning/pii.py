@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 import pyarrow as pa
 from pydantic import Field
 
-from orchestration.stage import Stage, StageConfig, StageContext
+from core.stage import Stage, StageConfig, StageContext
 
 EMAIL = re.compile(
     r"\b[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@(?:(?:[A-Za-z0-9](?:["

@@ -13,7 +13,7 @@ import transformers
 from pydantic import Field
 from transformers import AutoModelForCausalLM
 
-from orchestration.stage import StageConfig
+from core.stage import StageConfig
 from training.data.shards import TokenSequences
 from training.data.tokenizer import tokenizer_id
 

@@ -32,7 +32,7 @@ from warcio.archiveiterator import ArchiveIterator
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-from orchestration.stage import StageConfig
+from core.stage import StageConfig
 
 
 class CrawlConfig(StageConfig):

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 from warcio.archiveiterator import ArchiveIterator
 
-from ingestion.schema import DOCUMENT_SCHEMA, HTML_SCHEMA, document_id
+from core.schema import DOCUMENT_SCHEMA, HTML_SCHEMA, document_id
 
 _LATIN = frozenset(
     codecs.lookup(name).name

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cleaning.dedup import ExactDedupConfig, LineDedupConfig, MinHashDedupConfig
+from cleaning.dedup_phases import DedupConfig
 from cleaning.extract import HtmlExtractorConfig
 from cleaning.filters import (
     C4QualityConfig,
@@ -22,10 +22,10 @@ from cleaning.filters import (
 from cleaning.langid import LanguageFilterConfig
 from cleaning.normalize import TextNormalizerConfig
 from cleaning.pii import PiiConfig
+from core.mappings import deep_merge
 from evaluation.perplexity import EvalConfig
 from ingestion.crawler import CrawlConfig
 from ingestion.readers import ReadConfig
-from orchestration.mappings import deep_merge
 from training.config import TrainConfig
 from training.data.tokenize import TokenizeConfig
 
@@ -77,23 +77,6 @@ class CleanConfig(_Section):
     c4: C4QualityConfig | None = Field(None, description="C4's line rules ({} to switch on).")
     fineweb: FineWebQualityConfig | None = Field(None, description="FineWeb's rules ({} to switch on).")
     pii: PiiConfig | None = Field(default_factory=PiiConfig)
-
-
-class DedupConfig(_Section):
-    """Exact and near-duplicate removal (orchestration/dedup.py); null switches a step off."""
-
-    exact: ExactDedupConfig | None = Field(default_factory=ExactDedupConfig)
-    minhash: MinHashDedupConfig | None = Field(default_factory=MinHashDedupConfig)
-    lines: LineDedupConfig | None = Field(
-        None, description="Repeated line spans cut across documents (C4-style); off unless set."
-    )
-    partition_mb: float = Field(64, gt=0, description="Text (MiB) per signature task (the map phase).")
-    shards: int = Field(
-        4, ge=1, description="Reduce tasks: LSH buckets, and then graph nodes, are split among them by key."
-    )
-    workers: int | None = Field(
-        None, ge=1, description="Tasks running at once (default: as many as the Ray cluster has CPUs for)."
-    )
 
 
 class PipelineConfig(_Section):

@@ -16,8 +16,8 @@ from typing import Any
 
 import ray
 
+from core.files import atomic_write_bytes, file_entry
 from ingestion.crawler import CrawlConfig, HostCrawler, host_key
-from orchestration.datasets import atomic_write_bytes, file_entry
 
 # Crawling waits on the network, not the CPU: actors take no CPU slot so they never starve stages.
 _HostCrawlerActor = ray.remote(num_cpus=0)(HostCrawler)

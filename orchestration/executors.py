@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections import Counter
@@ -14,18 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from core.files import write_parquet
+from core.manifest import dataset_files, write_index
+from core.partitions import Partition, plan_partitions
+from core.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA
+from core.stage import Stage, StageContext, run_chain
+from core.tasks import DONE_DIR, STAGING_DIR, TaskFn, TaskId, read_marker, run_task
 from ingestion.readers import ReadConfig, ReadReport, read_corpus, read_warc
-from ingestion.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA
-from orchestration.datasets import (
-    Partition,
-    atomic_write_bytes,
-    dataset_files,
-    index_digest,
-    plan_partitions,
-    write_index,
-    write_parquet,
-)
-from orchestration.stage import Stage, StageContext, run_chain
 from training.data.tokenize import (
     Prepared,
     TokenizeConfig,
@@ -35,11 +29,11 @@ from training.data.tokenize import (
     tokenize_partition,
     write_token_index,
 )
+from training.data.tokenizer import load_tokenizer
 
 #: A partition's document source: called in the task with the stage context (for reader counters).
 Source = Callable[[StageContext], Iterable[pa.RecordBatch]]
 
-DONE_DIR = "_done"
 REJECTED_DIR = "rejected"
 
 
@@ -90,49 +84,57 @@ def corpus_source(uri: str, read: ReadConfig) -> Source:
     return read_all
 
 
-@ray.remote(num_cpus=1)
-def _document_task(
-    stages: list[Stage], source: Source, out_dir: str, part: str, stage_name: str
+def document_task(
+    staging: Path, stages: list[Stage], source: Source, part: str, stage_name: str
 ) -> dict[str, Any]:
+    """One partition through a chain of stages: kept documents and rejected ones, each with the reason."""
     ctx = StageContext(stage_name)
-    out = Path(out_dir)
-    kept = write_parquet(out / f"{part}.parquet", run_chain(stages, source(ctx), ctx), DOCUMENT_SCHEMA)
-    rejected = write_parquet(out / REJECTED_DIR / f"{part}.parquet", ctx.rejected, REJECTED_SCHEMA)
-    result = {"kept": kept, "rejected": rejected, "counters": dict(ctx.counters)}
-    atomic_write_bytes(out / DONE_DIR / f"{part}.json", json.dumps(result).encode())
-    return result
+    kept = write_parquet(staging / f"{part}.parquet", run_chain(stages, source(ctx), ctx), DOCUMENT_SCHEMA)
+    rejected = write_parquet(staging / REJECTED_DIR / f"{part}.parquet", ctx.rejected, REJECTED_SCHEMA)
+    return {"kept": kept, "rejected": rejected, "counters": dict(ctx.counters)}
 
 
-def run_partitions(
-    out: Path,
-    parts: list[str],
-    submit: Callable[[str], ray.ObjectRef],
+@ray.remote(num_cpus=1)
+def _remote_task(fn: TaskFn, task: TaskId, root: str, markers: str, args: tuple) -> dict[str, Any]:
+    return run_task(fn, task, root, markers, *args)
+
+
+def run_tasks(
+    root: Path,
+    tasks: list[TaskId],
+    plan: Callable[[TaskId], tuple[TaskFn, tuple]],
     on_progress: Callable[[int, int], None] | None = None,
     max_in_flight: int | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Results of every partition: read from its completion marker if a previous run finished it, else
-    from a Ray task ``submit(part)`` (the task writes the marker); at most ``max_in_flight`` tasks run at
-    once (default: as many as the cluster schedules). Progress is reported as tasks end."""
-    results: dict[str, dict[str, Any]] = {}
+    markers: Path | None = None,
+) -> dict[TaskId, dict[str, Any]]:
+    """Results of every task: read from its completion marker if a previous run finished it, else from
+    running ``fn(staging, *args)`` for ``(fn, args) = plan(task)`` as a Ray task, committed under ``root``
+    by the runner (core/tasks.py), marker in ``markers`` (default ``root/_done``). At most
+    ``max_in_flight`` tasks run at once (default: as many as the cluster schedules). Progress is
+    reported as tasks end."""
+    markers = markers or root / DONE_DIR
+    results: dict[TaskId, dict[str, Any]] = {}
     todo = []
-    for part in parts:
-        marker = out / DONE_DIR / f"{part}.json"
-        if marker.exists():
-            results[part] = json.loads(marker.read_text())
+    for task in tasks:
+        result = read_marker(markers, task)
+        if result is not None:
+            results[task] = result
         else:
-            todo.append(part)
+            todo.append(task)
     if on_progress:
-        on_progress(len(results), len(parts))
-    pending: dict[ray.ObjectRef, str] = {}
+        on_progress(len(results), len(tasks))
+    pending: dict[ray.ObjectRef, TaskId] = {}
     todo.reverse()
     while todo or pending:
         while todo and (max_in_flight is None or len(pending) < max_in_flight):
-            part = todo.pop()
-            pending[submit(part)] = part
+            task = todo.pop()
+            fn, args = plan(task)
+            pending[_remote_task.remote(fn, task, str(root), str(markers), args)] = task
         done, _ = ray.wait(list(pending), num_returns=1)
         results[pending.pop(done[0])] = ray.get(done[0])
         if on_progress:
-            on_progress(len(results), len(parts))
+            on_progress(len(results), len(tasks))
+    shutil.rmtree(root / STAGING_DIR, ignore_errors=True)  # what killed tasks left
     return results
 
 
@@ -153,18 +155,18 @@ def run_document_stage(
     """
     out = Path(out_dir)
     sources = dict(partitions)
-    results = run_partitions(
+    results = run_tasks(
         out,
-        list(sources),
-        lambda part: _document_task.remote(stages, sources[part], str(out), part, stage_name),
+        [TaskId(part=part) for part in sources],
+        lambda task: (document_task, (stages, sources[task.part], task.part, stage_name)),
         on_progress,
-    )
+    ).values()
 
     counters: Counter = Counter()
-    for r in results.values():
+    for r in results:
         counters.update(r["counters"])
-    kept = sum(r["kept"]["rows"] for r in results.values())
-    rejected = sum(r["rejected"]["rows"] for r in results.values())
+    kept = sum(r["kept"]["rows"] for r in results)
+    rejected = sum(r["rejected"]["rows"] for r in results)
     docs_in = counters.get(f"{stages[0].name}.in", 0)
     if docs_in != kept + rejected:
         raise RuntimeError(
@@ -175,7 +177,7 @@ def run_document_stage(
         out / REJECTED_DIR,
         stage=stage_name,
         cache_key=cache_key,
-        files=[r["rejected"] for r in results.values()],
+        files=[r["rejected"] for r in results],
         schema=REJECTED_SCHEMA,
         inputs=inputs,
     )
@@ -183,7 +185,7 @@ def run_document_stage(
         out,
         stage=stage_name,
         cache_key=cache_key,
-        files=[r["kept"] for r in results.values()],
+        files=[r["kept"] for r in results],
         schema=DOCUMENT_SCHEMA,
         inputs=inputs,
         counters=dict(counters),
@@ -202,17 +204,17 @@ def _column_reader(files: list[str], column: str) -> Callable[[], Iterable[str]]
     return read
 
 
-@ray.remote(num_cpus=1)
-def _prepare_tokenizer_task(files: list[str], out_dir: str, config: TokenizeConfig) -> Prepared:
-    return prepare_tokenizer(_column_reader(files, "text"), _column_reader(files, "id"), out_dir, config)
+def _prepare_tokenizer_task(staging: Path, files: list[str], config: TokenizeConfig) -> dict[str, Any]:
+    texts, ids = _column_reader(files, "text"), _column_reader(files, "id")
+    return prepare_tokenizer(texts, ids, staging, config).__dict__
 
 
-@ray.remote(num_cpus=1)
 def _tokenize_task(
-    part: Partition, out_dir: str, prepared: Prepared, config: TokenizeConfig
+    staging: Path, part: Partition, out_dir: str, prepared: Prepared, config: TokenizeConfig
 ) -> dict[str, Any]:
     sequential_encoding()  # one task, one CPU: parallelism comes from running partitions side by side
-    return tokenize_partition(part.batches(["id", "text"]), out_dir, prepared, config, part.name)
+    tokenizer = load_tokenizer(Path(out_dir) / prepared.path)
+    return tokenize_partition(part.batches(["id", "text"]), staging, prepared, config, part.name, tokenizer)
 
 
 def run_tokenize_stage(
@@ -220,7 +222,8 @@ def run_tokenize_stage(
     out_dir: str | Path,
     config: TokenizeConfig,
     *,
-    extra: dict[str, Any],
+    cache_key: str = "",
+    inputs: dict[str, str] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Tokenizer pass in one task, then one task per partition; resumes from completed partitions.
@@ -231,16 +234,17 @@ def run_tokenize_stage(
     docs, paths = dataset_files(docs_dir)
     files = [str(p) for p in paths]
     out = Path(out_dir)
-    prepared = load_prepared(out)
-    if prepared is None:
+    if load_prepared(out) is None:
         shutil.rmtree(out / DONE_DIR, ignore_errors=True)  # partitions of another tokenizer are void
-        prepared = ray.get(_prepare_tokenizer_task.remote(files, str(out), config))
-    parts = plan_partitions(files, config.partition_mb)
-    by_name = {p.name: p for p in parts}
-    results = run_partitions(
+    pass_ = TaskId("tokenizer")
+    prepared = Prepared(
+        **run_tasks(out, [pass_], lambda _: (_prepare_tokenizer_task, (files, config)))[pass_]
+    )
+    parts = {TaskId(part=p.name): p for p in plan_partitions(files, config.partition_mb)}
+    results = run_tasks(
         out,
-        list(by_name),
-        lambda name: _tokenize_task.remote(by_name[name], str(out), prepared, config),
+        list(parts),
+        lambda task: (_tokenize_task, (parts[task], str(out), prepared, config)),
         on_progress,
     )
     documents_in = docs["rows"]
@@ -248,5 +252,5 @@ def run_tokenize_stage(
     if documents_in != documents_out:
         raise RuntimeError(f"tokenize: {documents_in} documents in but {documents_out} tokenized")
     return write_token_index(
-        out, prepared, config, [results[p.name] for p in parts], index_digest(docs), extra
+        out, prepared, config, [results[t] for t in parts], cache_key=cache_key, inputs=inputs
     )

@@ -33,12 +33,13 @@ from cleaning.filters import (
 from cleaning.langid import LanguageFilter
 from cleaning.normalize import TextNormalizer
 from cleaning.pii import PiiRedactor
+from core.files import file_sha256
+from core.manifest import index_digest, read_index, write_index
 from evaluation.perplexity import evaluate_model_dir
 from ingestion.demo_site import DemoSiteServer, build_demo_site
 from orchestration import report
 from orchestration.config import PipelineConfig
 from orchestration.crawl import run_crawl
-from orchestration.datasets import file_sha256, index_digest, read_index, write_index
 from orchestration.dedup import run_dedup_stage
 from orchestration.executors import (
     corpus_source,
@@ -223,25 +224,16 @@ class Pipeline:
         )
 
     def _tokenize(self, docs: StageOutcome, out: Path, key: str) -> dict[str, Any]:
-        extra = {"stage": "tokenize", "cache_key": key, "inputs": {docs.name: index_digest(docs.index)}}
-        index = run_tokenize_stage(
+        return run_tokenize_stage(
             docs.out_dir,
             out,
             self.cfg.tokenize,
-            extra=extra,
+            cache_key=key,
+            inputs={docs.name: index_digest(docs.index)},
             on_progress=lambda done, total: self.console.print(
                 f"  tokenized {done}/{total} partitions", highlight=False
             ),
         )
-        index["counters"] = {
-            "documents": sum(s["documents"] for s in index["splits"].values()),
-            "tokens": index["total_tokens"],
-            **{f"{k}_tokens": v["tokens"] for k, v in index["splits"].items()},
-            **{f"{k}_documents": v["documents"] for k, v in index["splits"].items()},
-            "vocab_size": index["tokenizer"]["vocab_size"],
-        }
-        (out / "index.json").write_text(json.dumps(index, indent=2))
-        return index
 
     def _train(self, tokens: StageOutcome, out: Path, key: str, tracker: Tracker) -> dict[str, Any]:
         cfg = self.cfg.train

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
 
-from orchestration.datasets import read_index, read_table
+from core.manifest import read_index, read_table
 
 if TYPE_CHECKING:
     from orchestration.pipeline import PipelineResult

@@ -22,7 +22,7 @@ from mlflow.data.meta_dataset import MetaDataset  # noqa: E402
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from orchestration.mappings import flatten  # noqa: E402
+from core.mappings import flatten  # noqa: E402
 
 _MAX_PARAM = 6000
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from orchestration.stage import StageConfig
+from core.stage import StageConfig
 from training.model import ModelConfig
 
 #: Rank 0's latest step, in the training output dir, for the driver's progress bar.

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from orchestration.mappings import deep_merge
+from core.files import atomic_path
+from core.mappings import deep_merge
 from training.config import TrainConfig
 from training.schedule import warmup_cosine_scheduler
 
@@ -111,12 +112,8 @@ def rank_files(tag_dir: Path, rank: int) -> list[Path]:
 
 def install_checkpoint(source: Path, ckpt_dir: Path, tag: str) -> None:
     """Copy a complete checkpoint (every rank's files) into ``ckpt_dir/tag`` and make it the latest."""
-    target = ckpt_dir / tag
-    tmp = ckpt_dir / f".{tag}.restoring"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    with atomic_path(ckpt_dir / tag) as tmp:
+        shutil.copytree(source, tmp)
     (ckpt_dir / "latest").write_text(tag)
 
 

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field, model_validator
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from orchestration.stage import StageConfig
+from core.stage import StageConfig
 
 #: (layers, heads, width) per preset; GPT-2 sizes from Radford et al. 2019, 1.3B/7B from GPT-3/Llama.
 PRESETS: dict[str, tuple[int, int, int]] = {

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from orchestration.datasets import atomic_write_bytes
+from core.files import atomic_write_bytes
 from training import engine as ds_engine
 from training.config import PROGRESS_FILE, TrainConfig
 from training.data.shards import DistributedBatchSampler, ShardError, TokenSequences

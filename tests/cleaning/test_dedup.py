@@ -9,8 +9,8 @@ from cleaning.dedup import (
     MinHashDeduplicator,
     dedup_normal_form,
 )
-from ingestion.schema import DOCUMENT_SCHEMA, document_table
-from orchestration.stage import StageContext
+from core.schema import DOCUMENT_SCHEMA, document_table
+from core.stage import StageContext
 
 
 def docs(texts: dict[str, str]) -> pa.RecordBatch:

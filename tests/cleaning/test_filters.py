@@ -2,8 +2,8 @@ import pyarrow as pa
 import pytest
 
 from cleaning.filters import GopherQualityConfig, GopherQualityFilter, gopher_signals
-from ingestion.schema import document_table
-from orchestration.stage import StageContext
+from core.schema import document_table
+from core.stage import StageContext
 
 # 50 words, mean length 4, two distinct stop words (the, and)
 PASSING = " ".join(["the", "river", "and", "stone"] * 12 + ["the", "river"])

@@ -4,8 +4,8 @@ import pytest
 
 from cleaning.langid import LanguageFilter, LanguageFilterConfig, identify
 from cleaning.pii import PiiConfig, PiiRedactor, redact
-from ingestion.schema import document_table
-from orchestration.stage import StageContext
+from core.schema import document_table
+from core.stage import StageContext
 
 TEXTS = {
     "en": "The package manager keeps track of every file installed on the system, so that removing a package "

@@ -2,8 +2,8 @@ import pyarrow as pa
 
 from cleaning.extract import HtmlExtractor, HtmlExtractorConfig
 from cleaning.normalize import TextNormalizer, TextNormalizerConfig, normalize_text
-from ingestion.schema import HTML_SCHEMA
-from orchestration.stage import StageContext, run_chain
+from core.schema import HTML_SCHEMA
+from core.stage import StageContext, run_chain
 
 
 def test_normalize_text():

@@ -21,8 +21,8 @@ from cleaning.filters import (
 )
 from cleaning.signals import FineWebSignals, RepetitionSignals
 from cleaning.words import count_sentences, split_words
-from ingestion.schema import DOCUMENT_SCHEMA, document_table
-from orchestration.stage import StageContext
+from core.schema import DOCUMENT_SCHEMA, document_table
+from core.stage import StageContext
 
 
 def docs(*texts, urls=None):
@@ -249,7 +249,7 @@ def test_boundaries_at_repetition_thresholds():
 
 
 def test_filters_are_deterministic():
-    from orchestration.stage import run_chain
+    from core.stage import run_chain
 
     rng = random.Random(1)
     vocab = ["the", "river", "and", "stone", "of", "light", "runs", "to", "sea", "with", "a"]

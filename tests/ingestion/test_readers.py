@@ -11,8 +11,8 @@ import pytest
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
+from core.schema import DOCUMENT_SCHEMA, HTML_SCHEMA, document_id
 from ingestion.readers import ReadReport, read_corpus, read_jsonl
-from ingestion.schema import DOCUMENT_SCHEMA, HTML_SCHEMA, document_id
 
 LINES = [
     {"id": "a", "text": "first document", "url": "http://x/a"},

@@ -6,12 +6,14 @@ import shutil
 import pyarrow.parquet as pq
 
 from cleaning.dedup import MinHashDedupConfig, MinHashDeduplicator
+from core.files import file_entry, write_parquet
+from core.manifest import read_table, write_index
+from core.partitions import plan_partitions
+from core.schema import DOCUMENT_SCHEMA, document_table
+from core.stage import StageContext
 from evaluation.dedup_quality import pair_metrics, planted_corpus
-from ingestion.schema import DOCUMENT_SCHEMA, document_table
 from orchestration.config import DedupConfig
-from orchestration.datasets import file_entry, plan_partitions, read_table, write_index, write_parquet
 from orchestration.dedup import run_dedup_stage
-from orchestration.stage import StageContext
 
 
 def _dataset(path, ids, texts, rows_per_group=50, meta=None):

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pytest
 from mlflow.tracking import MlflowClient
 
+from core.manifest import index_digest, read_table
 from orchestration.config import load_config
-from orchestration.datasets import index_digest, read_table
 from orchestration.pipeline import run_pipeline
 from training.data.tokenizer import load_tokenizer
 

@@ -7,9 +7,9 @@ import pytest
 
 from cleaning.extract import HtmlExtractor, HtmlExtractorConfig
 from cleaning.normalize import TextNormalizer, TextNormalizerConfig
+from core.manifest import read_table
 from ingestion.readers import ReadConfig
 from orchestration.config import parse_config
-from orchestration.datasets import read_table
 from orchestration.executors import corpus_source, run_document_stage
 
 PARAGRAPH = "The river runs past the old mill and the stone bridge, as it has for three hundred years. "

@@ -5,8 +5,10 @@ import shutil
 import numpy as np
 import pyarrow as pa
 
-from ingestion.schema import DOCUMENT_SCHEMA
-from orchestration.datasets import file_entry, plan_partitions, write_index, write_parquet
+from core.files import file_entry, write_parquet
+from core.manifest import write_index
+from core.partitions import plan_partitions
+from core.schema import DOCUMENT_SCHEMA
 from orchestration.executors import run_tokenize_stage
 from tests.training.test_shards import batches, corpus
 from training.data.tokenize import TokenizeConfig, tokenize_documents
@@ -46,7 +48,7 @@ def test_parallel_stage_matches_one_process_and_resumes(ray_session, tmp_path):
     assert len(parts) >= 3  # the stage really fans out
 
     out = tmp_path / "tokens"
-    index = run_tokenize_stage(docs, out, cfg, extra={"stage": "tokenize"})
+    index = run_tokenize_stage(docs, out, cfg)
     reference_out = tmp_path / "reference"
     reference = tokenize_documents(lambda: table.to_batches(max_chunksize=100), reference_out, cfg)
 
@@ -68,7 +70,7 @@ def test_parallel_stage_matches_one_process_and_resumes(ray_session, tmp_path):
     reused = {
         p.name: (out / "_done" / f"{p.name}.json").stat().st_mtime_ns for p in parts if p.name != victim
     }
-    resumed = run_tokenize_stage(docs, out, cfg, extra={"stage": "tokenize"})
+    resumed = run_tokenize_stage(docs, out, cfg)
     assert resumed["files"] == index["files"]  # same bytes: same sha256 for every shard
     assert all((out / "_done" / f"{n}.json").stat().st_mtime_ns == t for n, t in reused.items())
     shutil.rmtree(reference_out)

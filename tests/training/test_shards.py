@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ingestion.schema import DOCUMENT_SCHEMA
+from core.schema import DOCUMENT_SCHEMA
 from training.data.shards import (
     DistributedBatchSampler,
     ShardError,

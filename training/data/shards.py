@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +21,8 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from orchestration.datasets import FORMAT_VERSION, file_sha256, write_ipc
+from core.files import atomic_write_bytes, file_sha256, write_ipc
+from core.manifest import INDEX, ManifestError, read_index
 
 SPLITS = ("train", "val")
 
@@ -134,15 +134,13 @@ class ShardError(ValueError):
 
 
 def read_token_index(data_dir: str | Path) -> dict[str, Any]:
-    path = Path(data_dir) / "index.json"
-    if not path.exists():
-        raise ShardError(f"{path} not found: {data_dir} is not a completed token dataset")
-    index = json.loads(path.read_text())
-    if index.get("format_version") != FORMAT_VERSION or index.get("kind") != "tokens":
-        raise ShardError(
-            f"{path}: expected a token index with format_version {FORMAT_VERSION}, "
-            f"found kind={index.get('kind')!r} format_version={index.get('format_version')!r}"
-        )
+    """The manifest of a completed token dataset (ShardError, naming the file, if there is none)."""
+    try:
+        index = read_index(data_dir, kind="tokens")
+    except ManifestError as e:
+        raise ShardError(str(e)) from None
+    if index is None:
+        raise ShardError(f"{Path(data_dir) / INDEX} not found: {data_dir} is not a completed token dataset")
     return index
 
 
@@ -232,9 +230,7 @@ class TokenSequences:
                 changed = True
         if only_changed and changed:
             with contextlib.suppress(OSError):  # a read-only dataset is verified again next time
-                tmp = record_path.with_name(f"{_VERIFIED}.tmp-{os.getpid()}")
-                tmp.write_text(json.dumps(record))
-                os.replace(tmp, record_path)
+                atomic_write_bytes(record_path, json.dumps(record).encode())
 
     def _map(self, path: Path, expected_tokens: int) -> np.ndarray:
         try:

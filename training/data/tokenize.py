@@ -28,8 +28,8 @@ import pyarrow as pa
 from pydantic import Field
 from tokenizers import Tokenizer
 
-from orchestration.datasets import FORMAT_VERSION, atomic_write_bytes
-from orchestration.stage import StageConfig
+from core.manifest import write_index
+from core.stage import StageConfig
 from training.data.shards import SPLITS, TokenShardWriter, split_hash, split_of, token_dtype
 from training.data.tokenizer import (
     TokenizerConfig,
@@ -83,7 +83,7 @@ def prepare_tokenizer(
     """Train (or load) the tokenizer, save it as ``out_dir/tokenizer.json``, find the forced val document.
 
     ``texts`` streams every document's text, ``ids`` every document id (each called at most once).
-    The result is also written to ``out_dir/_done/tokenizer.json`` so a resumed run skips this pass.
+    As a stage task its result is the marker ``_done/tokenizer.json`` (see :func:`load_prepared`).
     """
     out_dir = Path(out_dir)
     tcfg = config.tokenizer
@@ -100,7 +100,6 @@ def prepare_tokenizer(
         eos_token=tcfg.special_tokens[0],
         forced_val=lowest[1] if lowest[0] >= config.val_fraction else None,
     )
-    atomic_write_bytes(out_dir / PREPARED, json.dumps(prepared.__dict__).encode())
     return prepared
 
 
@@ -139,10 +138,8 @@ def tokenize_partition(
     part: str = "p00000",
     tokenizer: Tokenizer | None = None,
 ) -> dict[str, Any]:
-    """Encode one partition into shards ``{split}-{part}-{n}.arrow``; return its shards per split.
-
-    The result is also written to ``out_dir/_done/{part}.json`` (the partition's completion marker).
-    """
+    """Encode one partition into shards ``{split}-{part}-{n}.arrow`` in ``out_dir``; return its shards per
+    split (the tokenizer is read from ``out_dir`` unless given)."""
     out_dir = Path(out_dir)
     tokenizer = tokenizer or load_tokenizer(out_dir / prepared.path)
     writers = {
@@ -173,9 +170,7 @@ def tokenize_partition(
                         token_mask = doc_of_token if split == "val" else ~doc_of_token
                         writers[split].add_many(selected, flat[token_mask], lengths[mask])
             documents += len(chunk_ids)
-    result = {"part": part, "documents": documents, "shards": {s: w.close() for s, w in writers.items()}}
-    atomic_write_bytes(out_dir / "_done" / f"{part}.json", json.dumps(result).encode())
-    return result
+    return {"part": part, "documents": documents, "shards": {s: w.close() for s, w in writers.items()}}
 
 
 def write_token_index(
@@ -183,10 +178,11 @@ def write_token_index(
     prepared: Prepared,
     config: TokenizeConfig,
     parts: list[dict[str, Any]],
-    source_digest: str = "",
-    extra: dict[str, Any] | None = None,
+    *,
+    cache_key: str = "",
+    inputs: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Gather the partitions' shards (in the order given) into ``out_dir/index.json``."""
+    """Gather the partitions' shards (in the order given) into the token dataset's manifest."""
     splits = {}
     for split in SPLITS:
         shards = [s for p in parts for s in p["shards"][split]]
@@ -200,9 +196,23 @@ def write_token_index(
             f"tokenize.val_fraction={config.val_fraction} left the training split empty "
             f"({splits['val']['documents']} validation documents); lower val_fraction or add documents"
         )
-    index = {
-        "format_version": FORMAT_VERSION,
-        "kind": "tokens",
+    files = [
+        {"path": s[key], "rows": s["documents"], "sha256": s[sha]}
+        for split in splits.values()
+        for s in split["shards"]
+        for key, sha in (("path", "sha256"), ("docs_path", "docs_sha256"))
+    ]
+    files.append({"path": prepared.path, "rows": 0, "sha256": prepared.id})
+    total_tokens = sum(s["tokens"] for s in splits.values())
+    documents = sum(s["documents"] for s in splits.values())
+    counters = {
+        "documents": documents,
+        "tokens": total_tokens,
+        **{f"{k}_tokens": v["tokens"] for k, v in splits.items()},
+        **{f"{k}_documents": v["documents"] for k, v in splits.items()},
+        "vocab_size": prepared.vocab_size,
+    }
+    extra = {
         "tokenizer": {
             "id": prepared.id,
             "path": prepared.path,
@@ -211,35 +221,28 @@ def write_token_index(
             "eos_token": prepared.eos_token,
         },
         "dtype": prepared.dtype.name,
-        "total_tokens": sum(s["tokens"] for s in splits.values()),
-        "documents": sum(s["documents"] for s in splits.values()),
+        "total_tokens": total_tokens,
+        "documents": documents,
         "splits": splits,
         "split_rule": {
             "method": "sha256(doc_id)[:8] as uint64 / 2**64 < val_fraction -> val; if none, the lowest -> val",
             "val_fraction": config.val_fraction,
             "forced_val_document": prepared.forced_val,
         },
-        "source_digest": source_digest,
-        "files": [
-            {"path": s[key], "sha256": s[sha]}
-            for split in splits.values()
-            for s in split["shards"]
-            for key, sha in (("path", "sha256"), ("docs_path", "docs_sha256"))
-        ]
-        + [{"path": prepared.path, "sha256": prepared.id}],
-        **(extra or {}),
     }
-    atomic_write_bytes(Path(out_dir) / "index.json", json.dumps(index, indent=2).encode())
-    return index
+    return write_index(
+        out_dir,
+        stage="tokenize",
+        kind="tokens",
+        cache_key=cache_key,
+        files=files,
+        inputs=inputs,
+        counters=counters,
+        extra=extra,
+    )
 
 
-def tokenize_documents(
-    batches: Batches,
-    out_dir: str | Path,
-    config: TokenizeConfig,
-    source_digest: str = "",
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+def tokenize_documents(batches: Batches, out_dir: str | Path, config: TokenizeConfig) -> dict[str, Any]:
     """All three steps in this process, over ``batches()`` (called once per pass) as one partition."""
 
     def column(name: str) -> Callable[[], Iterator[str]]:
@@ -247,7 +250,7 @@ def tokenize_documents(
 
     prepared = prepare_tokenizer(column("text"), column("id"), out_dir, config)
     part = tokenize_partition(batches(), out_dir, prepared, config)
-    return write_token_index(out_dir, prepared, config, [part], source_digest, extra)
+    return write_token_index(out_dir, prepared, config, [part])
 
 
 def sequential_encoding() -> None:

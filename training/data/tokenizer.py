@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from orchestration.stage import StageConfig
+from core.files import file_sha256
+from core.stage import StageConfig
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -51,7 +51,7 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path) -> tuple[Path, str
 
 def tokenizer_id(path: str | Path) -> str:
     """The identity of a tokenizer: sha256 of its tokenizer.json bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -14,7 +14,7 @@ from typing import ClassVar
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-from ingestion.schema import REJECTED_SCHEMA, REJECTION_FIELDS
+from core.schema import REJECTED_SCHEMA, REJECTION_FIELDS
 
 
 class StageConfig(BaseModel):

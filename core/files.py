@@ -1,0 +1,91 @@
+"""File primitives every layer shares: atomic writes, Arrow IPC and Parquet files, sha256 of files.
+
+Every write goes through :func:`atomic_path`: the data lands under a temporary name in the same directory
+and is renamed over the final name, so a reader (or a resumed run) never sees half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write a file (or a directory) to; renamed over ``path`` when
+    the block ends without an error, removed when it raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        if tmp.is_dir() and path.is_dir():
+            shutil.rmtree(path)  # os.replace cannot replace a non-empty directory
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write then rename, so readers never see a partial file."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(path: str | Path, rows: int) -> dict[str, Any]:
+    """Manifest entry for one data file."""
+    path = Path(path)
+    return {"path": path.name, "rows": rows, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def write_ipc(path: str | Path, table: pa.Table) -> None:
+    """An uncompressed Arrow IPC file holding the table as one record batch, written atomically."""
+    with (
+        atomic_path(path) as tmp,
+        pa.OSFile(str(tmp), "wb") as sink,
+        pa.ipc.new_file(sink, table.schema) as writer,
+    ):
+        writer.write_table(table, max_chunksize=max(table.num_rows, 1))
+
+
+def read_ipc(path: str | Path) -> pa.Table:
+    """An Arrow IPC file, memory-mapped."""
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
+def write_parquet(path: str | Path, batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> dict[str, Any]:
+    """Write batches to one Parquet file atomically; return its manifest entry."""
+    rows = 0
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for batch in batches:
+            if batch.num_rows:
+                writer.write_batch(batch)
+                rows += batch.num_rows
+    return file_entry(path, rows)
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> None:
+    """A numpy array as a .npy file (memory-mappable with ``np.load(mmap_mode='r')``), written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
