@@ -15,6 +15,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
+from scipy.integrate import quad
 
 from cleaning.minhash import MinHasher, ShingleHashName, dedup_normal_form
 from core.stage import Stage, StageConfig, StageContext
@@ -372,8 +373,20 @@ def small_star(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def lsh_bands(threshold: float, num_perm: int, miss_weight: float = 0.5) -> tuple[int, int]:
     """(bands, rows per band) minimizing the weighted areas of false positives and false negatives around
-    ``threshold``, as datasketch's ``MinHashLSH`` chooses them (``miss_weight`` is its
-    false-negative weight; it uses 0.5)."""
-    from datasketch.lsh import _optimal_param
+    ``threshold``, as datasketch's ``MinHashLSH`` chooses them (``miss_weight`` is its false-negative
+    weight; it uses 0.5).
 
-    return _optimal_param(threshold, num_perm, 1 - miss_weight, miss_weight)
+    A pair of Jaccard similarity s shares a bucket with probability 1 - (1 - s^r)^b (Leskovec et al.,
+    Mining of Massive Datasets, 3.4). The areas under that curve below the threshold (false positives)
+    and above 1 minus it above the threshold (false negatives) are integrated for every b * r <= num_perm;
+    ties keep the smallest b, then r, as datasketch does.
+    """
+    best, choice = float("inf"), (0, 0)
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            fp = quad(lambda s, b=b, r=r: 1 - (1 - s**r) ** b, 0.0, threshold)[0]
+            fn = quad(lambda s, b=b, r=r: (1 - s**r) ** b, threshold, 1.0)[0]
+            error = fp * (1 - miss_weight) + fn * miss_weight
+            if error < best:
+                best, choice = error, (b, r)
+    return choice

@@ -59,11 +59,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint upload otherwise
-    with contextlib.suppress(ImportError):  # Ray Train v2 names this logger by its file path
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    # One line per checkpoint upload otherwise; Ray Train v2 names some loggers by their file path.
+    for name in ["ray.train", *logging.Logger.manager.loggerDict]:
+        if name.startswith("ray.train") or "/ray/train/" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
     # DeepSpeed 0.19 still calls the renamed collective; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     train(

@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set first)
+from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 
 
 def build_ds_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -142,10 +143,22 @@ def load_latest_checkpoint(engine, ckpt_dir: str | Path, cfg: TrainConfig) -> di
     return client_state
 
 
-def consolidated_state_dict(engine, cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
-    """Full model weights on rank 0 (gathered from ZeRO-3 partitions when needed); None on other ranks."""
-    if cfg.zero_stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state = engine.module.state_dict()
+def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The full model weights in fp32 on rank 0, whatever the training precision; None on other ranks.
+
+    Trained parameters come from the optimizer's fp32 master copy where it keeps one (ZeRO 1-3, bf16 and
+    fp16 training: ``deepspeed.utils.safe_get_full_fp32_param``), else from the module itself; frozen ones
+    from the module, gathered from their ZeRO-3 partitions. Collective: every rank must call it.
+    """
+    persistent = set(engine.module.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if full is None:
+            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+                full = param.detach().clone()
+        state[name] = full.detach().float().cpu()
+    for name, buffer in engine.module.named_buffers():
+        if name in persistent:
+            state[name] = buffer.detach().clone().cpu()
     return state if engine.global_rank == 0 else None

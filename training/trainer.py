@@ -178,7 +178,7 @@ def train(
             if on_checkpoint is not None:
                 on_checkpoint(tag_dir, done, metrics)
 
-    state_dict = ds_engine.consolidated_state_dict(engine, cfg)
+    state_dict = ds_engine.consolidated_state_dict(engine)
     if rank != 0:
         return {}
     model_dir = out_dir / "model"

@@ -1,6 +1,7 @@
 import random
 
 import pyarrow as pa
+import pytest
 
 from cleaning.dedup import (
     ExactDedupConfig,
@@ -203,3 +204,16 @@ def test_line_spans_and_cuts_by_hand():
     assert line_spans("one line", 3) == ([], [])
     raw, _ = line_spans("Beta, two\nx", 1, normalize=False)
     assert raw[0] != line_spans("beta two\nx", 1, normalize=False)[0][0]
+
+
+@pytest.mark.parametrize(
+    ("threshold", "num_perm", "miss_weight"),
+    [(0.5, 16, 0.5), (0.8, 64, 0.5), (0.9, 64, 0.5), (0.8, 128, 0.5), (0.7, 128, 0.95), (0.8, 128, 0.95)],
+)
+def test_lsh_bands_match_datasketch_minhash_lsh(threshold, num_perm, miss_weight):
+    from datasketch import MinHashLSH
+
+    from cleaning.dedup import lsh_bands
+
+    reference = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(1 - miss_weight, miss_weight))
+    assert lsh_bands(threshold, num_perm, miss_weight) == (reference.b, reference.r)

@@ -1,6 +1,8 @@
 """A real DeepSpeed engine in this process (gloo, world size 1) against a plain PyTorch loop."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -147,7 +149,57 @@ def test_same_seed_same_init():
     a = build_model(ModelConfig(preset="debug"), VOCAB, SEQ, seed=5)
     b = build_model(ModelConfig(preset="debug"), VOCAB, SEQ, seed=5)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    assert os.environ.get("DS_ACCELERATOR") == "cpu"
+
+
+def test_engine_selects_the_cpu_accelerator_without_cuda():
+    """Imported with no DS_ACCELERATOR set, the engine module picks DeepSpeed's CPU accelerator when no GPU
+    answers (and leaves the choice to DeepSpeed when one does)."""
+    code = (
+        "import os, torch\n"
+        "os.environ.pop('DS_ACCELERATOR', None)\n"
+        "import training.engine\n"
+        "from deepspeed.accelerator import get_accelerator\n"
+        "print(torch.cuda.is_available(), os.environ.get('DS_ACCELERATOR'), get_accelerator().device_name())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    cuda, chosen, device = out.stdout.split()[-3:]
+    if cuda == "False":
+        assert (chosen, device) == ("cpu", "cpu")
+    else:
+        assert chosen == "None" and device == "cuda"
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_bf16_training_exports_the_fp32_master_weights(single_process_dist, zero_stage):
+    from training.engine import consolidated_state_dict, initialize
+
+    cfg = TrainConfig(
+        model=ModelConfig(preset="debug"),
+        seq_len=SEQ,
+        micro_batch_size=BATCH,
+        steps=2,
+        warmup_steps=1,
+        zero_stage=zero_stage,
+        precision="bf16",
+        lr=LR,
+    )
+    engine = initialize(build_model(cfg.model, VOCAB, SEQ, seed=cfg.seed), cfg)
+    for seqs in batches()[:2]:
+        engine.backward(step_loss(engine, seqs))
+        engine.step()
+    state = consolidated_state_dict(engine)
+    module = {n: p for n, p in engine.module.named_parameters()}
+    assert set(module) <= set(state)
+    for name, param in module.items():
+        weights = state[name]
+        assert weights.dtype == torch.float32, name
+        assert weights.numel() > 0, name
+        if zero_stage < 3:  # the bf16 module weights are the master weights rounded
+            assert torch.equal(weights.to(torch.bfloat16), param.detach().cpu()), name
+    # fp32 masters, not bf16 weights cast up: after training, values lie between bf16's steps.
+    trained = torch.cat([state[n].flatten() for n in module])
+    assert (trained != trained.to(torch.bfloat16).float()).float().mean() > 0.5
 
 
 def test_nvme_offload_config():
