@@ -175,6 +175,26 @@ def _submit_with_retry(client, timeout_s: float = 120, **job) -> str:
 
 
 @app.command()
+def report(
+    workdir: Annotated[Path, typer.Argument(help="A run's work dir (the config's workdir).")],
+) -> None:
+    """Rebuild report.md / report.json of a work dir from its stage manifests; exit 1 if a check fails."""
+    from orchestration.report import write_report
+
+    try:
+        path = write_report(workdir)
+    except FileNotFoundError as e:
+        console.print(f"[bold red]{e}[/bold red]")
+        raise typer.Exit(2) from None
+    rep = json.loads(path.read_text())
+    for name, ok in rep["checks"].items():
+        console.print(f"  [{'green' if ok else 'red'}]{'✓' if ok else '✗'}[/] {name}")
+    console.print(f"report: {path.with_suffix('.md')}")
+    if not rep["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
 def schema() -> None:
     """Print the config JSON schema (every field, its type, default and description)."""
     typer.echo(json.dumps(PipelineConfig.model_json_schema(), indent=1))

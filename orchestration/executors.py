@@ -6,6 +6,7 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,6 @@ from training.data.tokenize import (
     write_token_index,
 )
 from training.data.tokenizer import load_tokenizer
-
-#: A partition's document source: called in the task with the stage context (for reader counters).
-Source = Callable[[StageContext], Iterable[pa.RecordBatch]]
 
 REJECTED_DIR = "rejected"
 
@@ -66,22 +64,32 @@ def ensure_ray(
         )
 
 
-def warc_source(path: str) -> Source:
-    def read(ctx: StageContext) -> Iterable[pa.RecordBatch]:
-        return read_warc(path, counters=ctx.counters)
+@dataclass(frozen=True)
+class Source:
+    """A partition's documents, read inside its task: a crawl WARC file, or a stored corpus in any format
+    ``read_corpus`` knows (with ``read``). ``origin`` ('crawl' or 'read') is counted in the stage's
+    ``documents_in.<origin>``; reader counters (``malformed``...) go to the stage counters."""
 
-    return read
+    origin: str
+    uri: str
+    read: ReadConfig | None = None
+
+    def batches(self, ctx: StageContext) -> Iterable[pa.RecordBatch]:
+        if self.read is None:
+            return read_warc(self.uri, counters=ctx.counters)
+        r = self.read
+        fields = {"text_field": r.text_field, "id_field": r.id_field, "url_field": r.url_field}
+        return read_corpus(self.uri, r.batch_size, ReadReport(counters=ctx.counters), **fields)
+
+
+def warc_source(path: str) -> Source:
+    """A WARC file of the crawl as a stage source."""
+    return Source("crawl", path)
 
 
 def corpus_source(uri: str, read: ReadConfig) -> Source:
-    """A stored corpus (any format ``read_corpus`` knows) as a stage source; malformed records go to the
-    stage counters (``malformed``)."""
-
-    def read_all(ctx: StageContext) -> Iterable[pa.RecordBatch]:
-        fields = {"text_field": read.text_field, "id_field": read.id_field, "url_field": read.url_field}
-        return read_corpus(uri, read.batch_size, ReadReport(counters=ctx.counters), **fields)
-
-    return read_all
+    """A stored corpus as a stage source."""
+    return Source("read", uri, read)
 
 
 def document_task(
@@ -89,7 +97,9 @@ def document_task(
 ) -> dict[str, Any]:
     """One partition through a chain of stages: kept documents and rejected ones, each with the reason."""
     ctx = StageContext(stage_name)
-    kept = write_parquet(staging / f"{part}.parquet", run_chain(stages, source(ctx), ctx), DOCUMENT_SCHEMA)
+    kept = write_parquet(
+        staging / f"{part}.parquet", run_chain(stages, source.batches(ctx), ctx), DOCUMENT_SCHEMA
+    )
     rejected = write_parquet(staging / REJECTED_DIR / f"{part}.parquet", ctx.rejected, REJECTED_SCHEMA)
     return {"kept": kept, "rejected": rejected, "counters": dict(ctx.counters)}
 
@@ -160,13 +170,14 @@ def run_document_stage(
         [TaskId(part=part) for part in sources],
         lambda task: (document_task, (stages, sources[task.part], task.part, stage_name)),
         on_progress,
-    ).values()
+    )
 
     counters: Counter = Counter()
-    for r in results:
+    for task, r in results.items():
         counters.update(r["counters"])
-    kept = sum(r["kept"]["rows"] for r in results)
-    rejected = sum(r["rejected"]["rows"] for r in results)
+        counters[f"documents_in.{sources[task.part].origin}"] += r["counters"].get(f"{stages[0].name}.in", 0)
+    kept = sum(r["kept"]["rows"] for r in results.values())
+    rejected = sum(r["rejected"]["rows"] for r in results.values())
     docs_in = counters.get(f"{stages[0].name}.in", 0)
     if docs_in != kept + rejected:
         raise RuntimeError(
@@ -177,7 +188,7 @@ def run_document_stage(
         out / REJECTED_DIR,
         stage=stage_name,
         cache_key=cache_key,
-        files=[r["rejected"] for r in results],
+        files=[r["rejected"] for r in results.values()],
         schema=REJECTED_SCHEMA,
         inputs=inputs,
     )
@@ -185,7 +196,7 @@ def run_document_stage(
         out,
         stage=stage_name,
         cache_key=cache_key,
-        files=[r["kept"] for r in results],
+        files=[r["kept"] for r in results.values()],
         schema=DOCUMENT_SCHEMA,
         inputs=inputs,
         counters=dict(counters),

@@ -15,6 +15,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from cleaning.filters import (
 from cleaning.langid import LanguageFilter
 from cleaning.normalize import TextNormalizer
 from cleaning.pii import PiiRedactor
-from core.files import file_sha256
+from core.files import atomic_write_bytes, file_entry
 from core.manifest import index_digest, read_index, write_index
 from evaluation.perplexity import evaluate_model_dir
 from ingestion.demo_site import DemoSiteServer, build_demo_site
@@ -56,9 +57,7 @@ try:
 except importlib.metadata.PackageNotFoundError:  # running from a shipped working dir, not installed
     LMFORGE_VERSION = "0.1.0"
 
-STAGES = ("crawl", "clean", "dedup", "tokenize", "train", "evaluate")
 _KEY_FILE = ".cache_key"
-_MODEL_RECORD = "mlflow_model.json"
 
 
 def _jsonable(value: Any) -> Any:
@@ -114,7 +113,7 @@ class Pipeline:
         name: str,
         config: Any,
         inputs: dict[str, StageOutcome],
-        build: Callable[[Path, str], dict[str, Any]],
+        build: Callable[[Path, str, dict[str, str]], dict[str, Any]],
         tracker: Tracker,
         after: Callable[[dict[str, Any]], None] | None = None,
     ) -> StageOutcome:
@@ -131,7 +130,7 @@ class Pipeline:
             else:
                 self._prepare(out, key)
                 self.console.print(f"[bold cyan]▶ {name}[/bold cyan]")
-                index = build(out, key)
+                index = build(out, key, input_digests)
             seconds = time.perf_counter() - start
             tracker.log_counters(index.get("counters", {}))
             tracker.log_datasets(
@@ -157,7 +156,7 @@ class Pipeline:
         key_file.write_text(key)
 
     # -- stages -------------------------------------------------------------------------------------
-    def _crawl(self, out: Path, key: str) -> dict[str, Any]:
+    def _crawl(self, out: Path, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         cfg = self.cfg
         with contextlib.ExitStack() as stack:
             crawl_cfg = cfg.crawl
@@ -176,9 +175,11 @@ class Pipeline:
                 counters["demo_pages_served"] = sum(
                     1 for path, status in server.served if status == 200 and path != "/robots.txt"
                 )
-        return write_index(out, stage="crawl", cache_key=key, files=files, counters=counters)
+        return write_index(
+            out, stage="crawl", kind="warc", cache_key=key, files=files, inputs=inputs, counters=counters
+        )
 
-    def _clean(self, crawl: StageOutcome, out: Path, key: str) -> dict[str, Any]:
+    def _clean(self, crawl: StageOutcome, out: Path, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         c = self.cfg.clean
         stages = [HtmlExtractor(c.extract), TextNormalizer(c.normalize)]
         optional = [
@@ -205,37 +206,39 @@ class Pipeline:
             parts,
             out,
             cache_key=key,
-            inputs={"crawl": index_digest(crawl.index)},
+            inputs=inputs,
             on_progress=lambda done, total: self.console.print(
                 f"  {done}/{total} input files", highlight=False
             ),
         )
 
-    def _dedup(self, clean: StageOutcome, out: Path, key: str) -> dict[str, Any]:
+    def _dedup(self, clean: StageOutcome, out: Path, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         return run_dedup_stage(
             clean.out_dir,
             out,
             self.cfg.dedup,
             cache_key=key,
-            inputs={"clean": index_digest(clean.index)},
+            inputs=inputs,
             on_progress=lambda phase, done, total: (
                 done == total and self.console.print(f"  {phase}: {total} task(s) done", highlight=False)
             ),
         )
 
-    def _tokenize(self, docs: StageOutcome, out: Path, key: str) -> dict[str, Any]:
+    def _tokenize(self, docs: StageOutcome, out: Path, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         return run_tokenize_stage(
             docs.out_dir,
             out,
             self.cfg.tokenize,
             cache_key=key,
-            inputs={docs.name: index_digest(docs.index)},
+            inputs=inputs,
             on_progress=lambda done, total: self.console.print(
                 f"  tokenized {done}/{total} partitions", highlight=False
             ),
         )
 
-    def _train(self, tokens: StageOutcome, out: Path, key: str, tracker: Tracker) -> dict[str, Any]:
+    def _train(
+        self, tokens: StageOutcome, out: Path, key: str, inputs: dict[str, str], tracker: Tracker
+    ) -> dict[str, Any]:
         cfg = self.cfg.train
         logger = RunMetricsLogger(tracker.tracking_uri, tracker.active_run_id())
         self.console.print(
@@ -253,7 +256,7 @@ class Pipeline:
         )
         model_dir = Path(summary["model_dir"])
         files = [
-            {"path": f"model/{p.name}", "sha256": file_sha256(p), "bytes": p.stat().st_size, "rows": 0}
+            {**file_entry(p, 0), "path": f"model/{p.name}"}
             for p in sorted(model_dir.iterdir())
             if p.is_file()
         ]
@@ -265,110 +268,151 @@ class Pipeline:
             "final_loss": losses[-1],
         }
         return write_index(
-            out, stage="train", cache_key=key, files=files, counters=counters, extra={"summary": summary}
+            out,
+            stage="train",
+            kind="model",
+            cache_key=key,
+            files=files,
+            inputs=inputs,
+            counters=counters,
+            extra={"summary": summary},
         )
 
-    def _evaluate(self, tokens: StageOutcome, train: StageOutcome, out: Path, key: str) -> dict[str, Any]:
+    def _evaluate(
+        self, tokens: StageOutcome, train: StageOutcome, out: Path, key: str, inputs: dict[str, str]
+    ) -> dict[str, Any]:
         task = ray.remote(num_cpus=1)(evaluate_model_dir)
         model_dir = train.out_dir / "model"
         metrics = ray.get(
             task.remote(str(model_dir), str(tokens.out_dir), self.cfg.evaluate, self.cfg.train.seq_len)
         )
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        files = [{"path": "metrics.json", "sha256": file_sha256(out / "metrics.json"), "rows": 0}]
-        return write_index(out, stage="evaluate", cache_key=key, files=files, counters=metrics)
+        atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+        files = [file_entry(out / "metrics.json", 0)]
+        return write_index(
+            out, stage="evaluate", kind="metrics", cache_key=key, files=files, inputs=inputs, counters=metrics
+        )
 
     # -- run ----------------------------------------------------------------------------------------
-    def run(self) -> PipelineResult:
+    def run(self, until: str = "evaluate") -> PipelineResult:
+        """Run every stage (or those up to ``until``), then write the report from the stage manifests."""
+        if until not in report.STAGES:
+            raise ValueError(f"until={until!r} is not a stage; stages are {', '.join(report.STAGES)}")
         cfg = self.cfg
         self.workdir.mkdir(parents=True, exist_ok=True)
         ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_mb, cfg.ray.dashboard)
         # With the default sqlite store, artifacts (models, reports) live in the work dir too.
-        artifacts = None if cfg.tracking.uri else (self.workdir.resolve() / "mlartifacts").as_uri()
+        artifacts = None if cfg.tracking.uri else (self.workdir / "mlartifacts").as_uri()
         tracker = Tracker(cfg.tracking_uri, cfg.tracking.experiment, artifacts)
         config_hash = cache_key("pipeline", cfg, {})
         tags = {"lmforge.version": LMFORGE_VERSION, "lmforge.config_hash": config_hash}
         with tracker.pipeline_run(cfg.name, cfg.model_dump(mode="json"), tags) as parent_id:
             result = PipelineResult(self.workdir, cfg.tracking_uri, parent_id)
-            s = result.stages
-            crawl_config = {"crawl": cfg.crawl, "demo_site": cfg.demo_site, "seed": cfg.seed}
-            s["crawl"] = self._stage("crawl", crawl_config, {}, self._crawl, tracker)
-            clean_config = {"clean": cfg.clean, "read": cfg.read, "read_files": cfg.read.fingerprint()}
-            s["clean"] = self._stage(
-                "clean",
-                clean_config,
-                {"crawl": s["crawl"]},
-                lambda o, k: self._clean(s["crawl"], o, k),
-                tracker,
-            )
-            docs = s["clean"]
-            if cfg.dedup.exact or cfg.dedup.minhash:
-                s["dedup"] = docs = self._stage(
-                    "dedup", cfg.dedup, {"clean": docs}, lambda o, k: self._dedup(s["clean"], o, k), tracker
-                )
-            tokens = s["tokenize"] = self._stage(
-                "tokenize", cfg.tokenize, {docs.name: docs}, lambda o, k: self._tokenize(docs, o, k), tracker
-            )
-            tokens_dataset = tracker.dataset("tokens", tokens.out_dir, index_digest(tokens.index))
-
-            def log_model(index: dict[str, Any]) -> None:
-                logged = index["out_dir"] / _MODEL_RECORD
-                if logged.exists():  # cached training: reuse the model logged when it was trained
-                    record = json.loads(logged.read_text())
-                    if record["tracking_uri"] == tracker.tracking_uri and tracker.find_model(
-                        record["model_id"]
-                    ):
-                        result.model_id, result.model_version = record["model_id"], record["version"]
-                        return
-                model_tags = {
-                    "lmforge.shards_digest": index_digest(tokens.index),
-                    "lmforge.tokenizer_id": tokens.index["tokenizer"]["id"],
-                    "lmforge.config_hash": config_hash,
-                    "lmforge.code_version": LMFORGE_VERSION,
-                    "lmforge.train_cache_key": index["cache_key"],
-                }
-                result.model_id, result.model_version = tracker.log_model(
-                    Path(index["summary"]["model_dir"]),
-                    f"{cfg.name}-model",
-                    {"train": cfg.train.model_dump(mode="json")},
-                    model_tags,
-                    step=cfg.train.steps,
-                    register_as=cfg.tracking.registered_model,
-                )
-                record = {
-                    "tracking_uri": tracker.tracking_uri,
-                    "model_id": result.model_id,
-                    "version": result.model_version,
-                }
-                logged.write_text(json.dumps(record))
-
-            s["train"] = self._stage(
-                "train",
-                cfg.train,
-                {"tokenize": tokens},
-                lambda o, k: self._train(tokens, o, k, tracker),
-                tracker,
-                after=log_model,
-            )
-
-            def log_eval(index: dict[str, Any]) -> None:
-                result.metrics = {f"val_{k}": v for k, v in index["counters"].items() if k != "tokens"}
-                tracker.log_model_metrics(result.metrics, result.model_id, tokens_dataset)
-
-            s["evaluate"] = self._stage(
-                "evaluate",
-                {"evaluate": cfg.evaluate, "seq_len": cfg.train.seq_len},
-                {"train": s["train"], "tokenize": tokens},
-                lambda o, k: self._evaluate(tokens, s["train"], o, k),
-                tracker,
-                after=log_eval,
-            )
-            result.report_path = report.write_report(result)
+            record = {"name": cfg.name, "mlflow_run_id": parent_id, "tracking_uri": cfg.tracking_uri}
+            atomic_write_bytes(self.workdir / report.RUN_RECORD, json.dumps(record).encode())
+            self._stages(result, tracker, config_hash, until)
+            result.report_path = report.write_report(self.workdir)
             tracker.log_artifact(result.report_path)
             tracker.log_artifact(result.report_path.with_suffix(".md"))
         return result
 
+    def _stages(self, result: PipelineResult, tracker: Tracker, config_hash: str, until: str) -> None:
+        """The stages in order, stopping after ``until``."""
+        cfg, s = self.cfg, result.stages
+        crawl_config = {"crawl": cfg.crawl, "demo_site": cfg.demo_site, "seed": cfg.seed}
+        s["crawl"] = self._stage("crawl", crawl_config, {}, self._crawl, tracker)
+        if until == "crawl":
+            return
+        clean_config = {"clean": cfg.clean, "read": cfg.read, "read_files": cfg.read.fingerprint()}
+        s["clean"] = docs = self._stage(
+            "clean", clean_config, {"crawl": s["crawl"]}, partial(self._clean, s["crawl"]), tracker
+        )
+        if until == "clean":
+            return
+        if cfg.dedup.exact or cfg.dedup.minhash:
+            s["dedup"] = docs = self._stage(
+                "dedup", cfg.dedup, {"clean": s["clean"]}, partial(self._dedup, s["clean"]), tracker
+            )
+        if until == "dedup":
+            return
+        tokens = s["tokenize"] = self._stage(
+            "tokenize", cfg.tokenize, {docs.name: docs}, partial(self._tokenize, docs), tracker
+        )
+        if until == "tokenize":
+            return
+        self._train_stage(result, tokens, tracker, config_hash)
+        if until == "train":
+            return
+        self._evaluate_stage(result, tokens, tracker)
 
-def run_pipeline(config: PipelineConfig, console: Console | None = None) -> PipelineResult:
-    """Run a pipeline config end to end."""
-    return Pipeline(config, console).run()
+    def _train_stage(
+        self, result: PipelineResult, tokens: StageOutcome, tracker: Tracker, config_hash: str
+    ) -> None:
+        result.stages["train"] = self._stage(
+            "train",
+            self.cfg.train,
+            {"tokenize": tokens},
+            lambda o, k, i: self._train(tokens, o, k, i, tracker),
+            tracker,
+            after=lambda index: self._log_model(result, tokens, tracker, config_hash, index),
+        )
+
+    def _log_model(
+        self,
+        result: PipelineResult,
+        tokens: StageOutcome,
+        tracker: Tracker,
+        config_hash: str,
+        index: dict[str, Any],
+    ) -> None:
+        """Log (and register) the trained model in MLflow once; a cached stage reuses the logged model."""
+        cfg = self.cfg
+        logged = index["out_dir"] / report.MODEL_RECORD
+        if logged.exists():
+            record = json.loads(logged.read_text())
+            if record["tracking_uri"] == tracker.tracking_uri and tracker.find_model(record["model_id"]):
+                result.model_id, result.model_version = record["model_id"], record["version"]
+                return
+        model_tags = {
+            "lmforge.shards_digest": index_digest(tokens.index),
+            "lmforge.tokenizer_id": tokens.index["tokenizer"]["id"],
+            "lmforge.config_hash": config_hash,
+            "lmforge.code_version": LMFORGE_VERSION,
+            "lmforge.train_cache_key": index["cache_key"],
+        }
+        result.model_id, result.model_version = tracker.log_model(
+            Path(index["summary"]["model_dir"]),
+            f"{cfg.name}-model",
+            {"train": cfg.train.model_dump(mode="json")},
+            model_tags,
+            step=cfg.train.steps,
+            register_as=cfg.tracking.registered_model,
+        )
+        record = {
+            "tracking_uri": tracker.tracking_uri,
+            "model_id": result.model_id,
+            "version": result.model_version,
+        }
+        atomic_write_bytes(logged, json.dumps(record).encode())
+
+    def _evaluate_stage(self, result: PipelineResult, tokens: StageOutcome, tracker: Tracker) -> None:
+        tokens_dataset = tracker.dataset("tokens", tokens.out_dir, index_digest(tokens.index))
+
+        def log_eval(index: dict[str, Any]) -> None:
+            result.metrics = {f"val_{k}": v for k, v in index["counters"].items() if k != "tokens"}
+            tracker.log_model_metrics(result.metrics, result.model_id, tokens_dataset)
+
+        result.stages["evaluate"] = self._stage(
+            "evaluate",
+            {"evaluate": self.cfg.evaluate, "seq_len": self.cfg.train.seq_len},
+            {"train": result.stages["train"], "tokenize": tokens},
+            partial(self._evaluate, tokens, result.stages["train"]),
+            tracker,
+            after=log_eval,
+        )
+
+
+def run_pipeline(
+    config: PipelineConfig, console: Console | None = None, until: str = "evaluate"
+) -> PipelineResult:
+    """Run a pipeline config end to end (or up to the stage ``until``)."""
+    return Pipeline(config, console).run(until)

@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow.parquet as pq
 
-from core.manifest import read_index, read_table
+from core.files import atomic_write_bytes
+from core.manifest import index_digest, read_index, read_table
 
-if TYPE_CHECKING:
-    from orchestration.pipeline import PipelineResult
+STAGES = ("crawl", "clean", "dedup", "tokenize", "train", "evaluate")
+#: The pipeline run's MLflow identity, written in the work dir beside the stage outputs.
+RUN_RECORD = "run.json"
+#: The trained model's MLflow identity, written in the train stage's directory.
+MODEL_RECORD = "mlflow_model.json"
 
 
 def stage_line(index: dict[str, Any]) -> str:
@@ -55,50 +59,98 @@ def _document_stage(out_dir: Path, index: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_report(result: PipelineResult) -> dict[str, Any]:
-    """Collect per-stage figures and consistency checks from the committed stage indexes."""
-    stages = result.stages
-    rep: dict[str, Any] = {
-        "workdir": str(result.workdir),
-        "mlflow_run_id": result.parent_run_id,
-        "stages": {},
-    }
+def run_stages(workdir: Path) -> dict[str, dict[str, Any]]:
+    """The committed manifests of a work dir's latest run: from the last stage that has one, back through
+    each manifest's ``inputs``, in pipeline order (a stale output that the run did not use is left out)."""
+    found = {name: index for name in STAGES if (index := read_index(workdir / name)) is not None}
+    todo = [next((n for n in reversed(STAGES) if n in found), None)]
+    used: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in found and name not in used:
+            used.add(name)
+            todo += list(found[name].get("inputs", {}))
+    return {name: found[name] for name in STAGES if name in used}
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def build_report(workdir: str | Path) -> dict[str, Any]:
+    """Per-stage figures and consistency checks, from the manifests (index.json) of a work dir."""
+    workdir = Path(workdir).resolve()
+    stages = run_stages(workdir)
+    if not stages:
+        raise FileNotFoundError(f"{workdir}: no stage has committed an index.json; run the pipeline first")
+    run = _json(workdir / RUN_RECORD)
+    rep: dict[str, Any] = {"workdir": str(workdir), "mlflow_run_id": run.get("mlflow_run_id"), "stages": {}}
     checks: dict[str, bool] = {}
-    crawl = stages["crawl"].index["counters"]
-    rep["stages"]["crawl"] = crawl
+    for name, index in stages.items():
+        for source, digest in index.get("inputs", {}).items():
+            if source in stages:
+                checks[f"{name}: input {source} is the committed {source} output"] = (
+                    index_digest(stages[source]) == digest
+                )
+    if "crawl" in stages:
+        crawl = rep["stages"]["crawl"] = stages["crawl"]["counters"]
+        if "demo_pages_served" in crawl:
+            checks["crawl pages fetched = pages the demo site served"] = (
+                crawl["pages_fetched"] == crawl["demo_pages_served"]
+            )
     for name in ("clean", "dedup"):
         if name in stages:
-            rep["stages"][name] = _document_stage(stages[name].out_dir, stages[name].index)
+            rep["stages"][name] = _document_stage(workdir / name, stages[name])
             checks[f"{name}: documents in = kept + rejected"] = rep["stages"][name]["conserved"]
-    clusters_file = stages["dedup"].index.get("clusters") if "dedup" in stages else None
-    if clusters_file:
-        clusters = pq.read_table(stages["dedup"].out_dir / clusters_file["path"]).to_pylist()
-        rep["stages"]["dedup"]["duplicate_clusters"] = len(clusters)
-        # Largest first (the table is sorted so): representative id -> cluster size.
-        rep["stages"]["dedup"]["largest_clusters"] = {c["representative"]: c["size"] for c in clusters[:5]}
-        checks["dedup: cluster members = documents removed"] = (
-            sum(c["size"] - 1 for c in clusters) == rep["stages"]["dedup"]["rejected"]
-        )
-    if "demo_pages_served" in crawl:
-        checks["crawl pages fetched = pages the demo site served"] = (
-            crawl["pages_fetched"] == crawl["demo_pages_served"]
-        )
-    checks["crawl pages fetched = documents read by clean"] = (
-        crawl.get("pages_fetched") == rep["stages"]["clean"]["documents_in"]
-    )
-    last_docs = rep["stages"]["dedup" if "dedup" in stages else "clean"]
-    tok = stages["tokenize"].index
-    rep["stages"]["tokenize"] = stages["tokenize"].index["counters"]
-    checks["documents tokenized = documents kept"] = (
-        sum(s["documents"] for s in tok["splits"].values()) == last_docs["kept"]
-    )
-    rep["stages"]["train"] = stages["train"].index["counters"]
-    checks["training loss fell"] = rep["stages"]["train"]["final_loss"] < rep["stages"]["train"]["first_loss"]
-    rep["stages"]["evaluate"] = stages["evaluate"].index["counters"]
-    rep["model"] = {"model_id": result.model_id, "registered_version": result.model_version}
+    if "clean" in stages:
+        checks.update(_source_checks(stages["clean"]["counters"], stages.get("crawl")))
+    if "dedup" in stages:
+        checks.update(_cluster_checks(workdir / "dedup", stages["dedup"], rep["stages"]["dedup"]))
+    if "tokenize" in stages:
+        rep["stages"]["tokenize"] = stages["tokenize"]["counters"]
+        last_docs = next((rep["stages"][n] for n in ("dedup", "clean") if n in rep["stages"]), None)
+        if last_docs is not None:
+            checks["documents tokenized = documents kept"] = (
+                stages["tokenize"]["counters"]["documents"] == last_docs["kept"]
+            )
+    if "train" in stages:
+        train = rep["stages"]["train"] = stages["train"]["counters"]
+        checks["training loss fell"] = train["final_loss"] < train["first_loss"]
+    if "evaluate" in stages:
+        rep["stages"]["evaluate"] = stages["evaluate"]["counters"]
+    model = _json(workdir / "train" / MODEL_RECORD)
+    rep["model"] = {"model_id": model.get("model_id"), "registered_version": model.get("version")}
     rep["checks"] = checks
     rep["ok"] = all(checks.values())
     return rep
+
+
+def _source_checks(clean: dict[str, Any], crawl: dict[str, Any] | None) -> dict[str, bool]:
+    """Documents clean read = WARC records of the crawl + records read from read.paths."""
+    from_crawl, from_read = clean.get("documents_in.crawl", 0), clean.get("documents_in.read", 0)
+    checks = {
+        "clean: documents read = from the crawl + from read.paths": clean["documents_in"]
+        == from_crawl + from_read
+    }
+    if crawl is not None:
+        checks["crawl pages fetched = documents clean read from the crawl"] = (
+            crawl["counters"].get("pages_fetched", 0) == from_crawl
+        )
+    return checks
+
+
+def _cluster_checks(out_dir: Path, index: dict[str, Any], figures: dict[str, Any]) -> dict[str, bool]:
+    clusters_file = index.get("clusters")
+    if not clusters_file:
+        return {}
+    clusters = pq.read_table(out_dir / clusters_file["path"]).to_pylist()
+    figures["duplicate_clusters"] = len(clusters)
+    # Largest first (the table is sorted so): representative id -> cluster size.
+    figures["largest_clusters"] = {c["representative"]: c["size"] for c in clusters[:5]}
+    return {
+        "dedup: cluster members = documents removed": sum(c["size"] - 1 for c in clusters)
+        == figures["rejected"]
+    }
 
 
 def render_markdown(rep: dict[str, Any]) -> str:
@@ -127,10 +179,10 @@ def render_markdown(rep: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(result: PipelineResult) -> Path:
-    """Write report.json and report.md into the work dir; returns the JSON path."""
-    rep = build_report(result)
-    path = result.workdir / "report.json"
-    path.write_text(json.dumps(rep, indent=2, default=str))
-    path.with_suffix(".md").write_text(render_markdown(rep))
+def write_report(workdir: str | Path) -> Path:
+    """Write report.json and report.md into the work dir from its manifests; returns the JSON path."""
+    rep = build_report(workdir)
+    path = Path(workdir) / "report.json"
+    atomic_write_bytes(path, json.dumps(rep, indent=2, default=str).encode())
+    atomic_write_bytes(path.with_suffix(".md"), render_markdown(rep).encode())
     return path

@@ -2,13 +2,15 @@
 
 import ast
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["ingestion", "cleaning", "training", "evaluation", "orchestration"]
-STAGE_PACKAGES = ["ingestion", "cleaning", "training", "evaluation"]
+PACKAGES = ["core", "ingestion", "cleaning", "training", "evaluation", "orchestration"]
+STAGE_PACKAGES = ["core", "ingestion", "cleaning", "training", "evaluation"]
 
 
 def direct_importers(top_level: str) -> list[str]:
@@ -52,3 +54,31 @@ def test_stage_packages_load_without_ray():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) is False
+
+
+LAYERS = ["orchestration", "evaluation", "training", "cleaning", "ingestion", "core"]
+
+
+def _lint_imports(root: Path) -> subprocess.CompletedProcess:
+    lint = Path(sys.executable).with_name("lint-imports")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run([str(lint), "--no-cache"], cwd=root, env=env, capture_output=True, text=True)
+
+
+def test_the_layers_contract_holds():
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    assert [c["layers"] for c in contracts if c["type"] == "layers"] == [LAYERS]
+    done = _lint_imports(ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_back_import_breaks_the_contract(tmp_path):
+    for name in PACKAGES:
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    (tmp_path / "training" / "back.py").write_text("from orchestration.config import PipelineConfig\n")
+    done = _lint_imports(tmp_path)
+    assert done.returncode == 1
+    assert "training.back -> orchestration.config" in done.stdout

@@ -1,0 +1,175 @@
+"""The pipeline, MLflow tracking and the report on a tiny corpus read from ``read.paths`` (no crawl, no
+Ray Train): fast enough for ``make test-fast``."""
+
+import json
+import random
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from core.manifest import read_table
+from orchestration.config import parse_config
+from orchestration.pipeline import Pipeline
+
+WORDS = [
+    "the",
+    "river",
+    "runs",
+    "past",
+    "an",
+    "old",
+    "mill",
+    "and",
+    "a",
+    "stone",
+    "bridge",
+    "where",
+    "people",
+    "of",
+    "the",
+    "town",
+    "meet",
+    "to",
+    "talk",
+    "about",
+    "weather",
+    "harvest",
+    "market",
+    "prices",
+    "with",
+    "their",
+    "neighbours",
+    "while",
+    "children",
+    "play",
+    "near",
+    "water",
+    "under",
+    "tall",
+    "trees",
+    "that",
+    "have",
+    "grown",
+    "there",
+    "for",
+    "many",
+    "years",
+    "since",
+    "farmers",
+    "first",
+    "came",
+    "to",
+    "this",
+    "valley",
+    "looking",
+    "for",
+    "good",
+    "land",
+]
+
+
+def _text(rng: random.Random, sentences: int = 8) -> str:
+    return " ".join(
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 16))).capitalize() + "."
+        for _ in range(sentences)
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """20 distinct documents, one exact copy of doc 0, one malformed line."""
+    rng = random.Random(7)
+    root = tmp_path_factory.mktemp("corpus")
+    texts = {f"doc{i:02d}": _text(rng) for i in range(20)}
+    texts["copy00"] = texts["doc00"]
+    lines = [json.dumps({"id": i, "text": t, "url": f"https://example.org/{i}"}) for i, t in texts.items()]
+    lines.insert(5, "{not json")
+    (root / "dump.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "dump.jsonl", texts
+
+
+@pytest.fixture(scope="module")
+def fast_run(ray_session, corpus, tmp_path_factory):
+    path, _ = corpus
+    cfg = parse_config(
+        {
+            "name": "fast",
+            "workdir": str(tmp_path_factory.mktemp("work")),
+            "read": {"paths": [str(path)]},
+            "clean": {"gopher_repetition": None},
+            "dedup": {"shards": 2},
+            "tokenize": {"tokenizer": {"vocab_size": 300, "min_frequency": 1}, "val_fraction": 0.2},
+        },
+        "test",
+    )
+    return cfg, Pipeline(cfg).run(until="tokenize")
+
+
+def test_read_only_run_reports_every_document_and_passes_its_checks(fast_run, corpus):
+    cfg, result = fast_run
+    _, texts = corpus
+    assert list(result.stages) == ["crawl", "clean", "dedup", "tokenize"]
+    report = json.loads(result.report_path.read_text())
+    assert report["ok"], report["checks"]
+    # Every record of read.paths reached clean, and none came from the (empty) crawl.
+    clean = result.stages["clean"].index["counters"]
+    assert clean["documents_in"] == clean["documents_in.read"] == len(texts)
+    assert clean["malformed"] == 1
+    assert report["checks"]["crawl pages fetched = documents clean read from the crawl"]
+    assert report["checks"]["clean: documents read = from the crawl + from read.paths"]
+    # The planted pair is one exact-duplicate cluster; the smallest id survives ("copy00" < "doc00").
+    removed = read_table(result.stages["dedup"].out_dir / "rejected").to_pylist()
+    assert [(r["id"], r["filter"], r["duplicate_of"]) for r in removed] == [
+        ("doc00", "exact_dedup", "copy00")
+    ]
+    kept = result.stages["dedup"].index["counters"]["kept"]
+    assert result.stages["tokenize"].index["counters"]["documents"] == kept == len(texts) - 1
+    # Lineage: every manifest names the digest of the stage it read.
+    assert all(ok for name, ok in report["checks"].items() if ": input " in name)
+    assert (
+        sum(": input " in name for name in report["checks"]) == 3
+    )  # clean<-crawl, dedup<-clean, tokenize<-dedup
+
+
+def test_each_stage_is_a_nested_mlflow_run_of_the_pipeline_run(fast_run):
+    cfg, result = fast_run
+    client = mlflow.MlflowClient(cfg.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
+    )
+    by_stage = {r.data.tags["lmforge.stage"]: r for r in children}
+    assert set(by_stage) == {"crawl", "clean", "dedup", "tokenize"}
+    assert by_stage["dedup"].data.metrics["rejected"] == 1
+    assert json.loads((cfg.workdir / "run.json").read_text())["mlflow_run_id"] == result.parent_run_id
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    code = "import sys; from orchestration.cli import main; sys.argv[0] = 'lmforge'; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+
+
+def test_lmforge_report_rebuilds_the_report_from_the_manifests(fast_run, tmp_path):
+    cfg, result = fast_run
+    before = json.loads(result.report_path.read_text())
+    result.report_path.unlink()
+    result.report_path.with_suffix(".md").unlink()
+    done = _cli("report", str(cfg.workdir))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(result.report_path.read_text()) == before
+    assert "documents in = kept + rejected" in result.report_path.with_suffix(".md").read_text()
+    # A manifest that no longer adds up fails its check, and the command says so.
+    index_path = cfg.workdir / "dedup" / "index.json"
+    original = index_path.read_text()
+    index = json.loads(original)
+    index["counters"]["rejected"] += 1
+    index_path.write_text(json.dumps(index))
+    try:
+        done = _cli("report", str(cfg.workdir))
+        assert done.returncode == 1
+        assert "✗ dedup: documents in = kept + rejected" in done.stdout + done.stderr
+    finally:
+        index_path.write_text(original)
+    assert _cli("report", str(tmp_path)).returncode == 2  # no run there
