@@ -73,6 +73,77 @@ def export_tokenizer(tokenizer_json: Path, info: dict[str, Any], model_dir: Path
     shutil.copy(tokenizer_json, model_dir / "tokenizer.json")
 
 
+def _model(cfg: TrainConfig, data: TokenSequences, data_dir: str | Path, rank: int) -> torch.nn.Module:
+    """A fresh model from the preset, or the ``init_from`` model (same tokenizer required) to fine-tune."""
+    tokenizer = data.index["tokenizer"]
+    if not cfg.init_from:
+        return build_model(
+            cfg.model, tokenizer["vocab_size"], cfg.seq_len, seed=cfg.seed, eos_token_id=tokenizer["eos_id"]
+        )
+    expected = tokenizer_id(Path(cfg.init_from) / "tokenizer.json")
+    if expected != tokenizer["id"]:
+        raise ShardError(
+            f"{data_dir} was tokenized with tokenizer {tokenizer['id'][:12]}, but "
+            f"{cfg.init_from} uses {expected[:12]}; set tokenize.tokenizer.path={cfg.init_from}"
+        )
+    torch.manual_seed(cfg.seed)
+    model = load_pretrained(cfg.init_from, tokenizer["vocab_size"])
+    frozen = freeze_first_layers(model, cfg.freeze_layers)
+    if rank == 0 and frozen:
+        print(f"fine-tuning {cfg.init_from}: {frozen:,} parameters frozen", flush=True)
+    return model
+
+
+def causal_lm_loss(engine, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy (logits upcast to fp32)."""
+    logits = engine(input_ids=inputs).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def _train_step(
+    engine, cfg: TrainConfig, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+) -> float:
+    """One optimizer step over ``grad_accum_steps`` micro-batches; the loss averaged over micro-batches."""
+    step_loss = 0.0
+    for _ in range(cfg.grad_accum_steps):
+        loss = causal_lm_loss(engine, *next_batch())
+        engine.backward(loss)
+        engine.step()
+        step_loss += loss.item() / cfg.grad_accum_steps
+    return step_loss
+
+
+def _step_metrics(
+    engine, cfg: TrainConfig, loss: float, seconds: float, fpt: float, world: int, device
+) -> dict[str, float]:
+    tokens_per_s = cfg.tokens_per_step / seconds
+    metrics = {
+        "loss": loss,
+        "lr": float(engine.get_lr()[0]),
+        "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+        "step_seconds": seconds,
+        "tokens_per_s": tokens_per_s,
+    }
+    if cfg.peak_tflops:
+        metrics["mfu"] = fpt * tokens_per_s / (cfg.peak_tflops * 1e12 * world)
+    if device.type == "cuda":
+        metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    metrics["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return metrics
+
+
+def _export(engine, data: TokenSequences, data_dir: str | Path, out_dir: Path) -> Path | None:
+    """The fp32 model and its tokenizer as a Hugging Face directory (rank 0; collective gather first)."""
+    state_dict = ds_engine.consolidated_state_dict(engine)
+    if state_dict is None:
+        return None
+    model_dir = out_dir / "model"
+    transformers.logging.disable_progress_bar()
+    engine.module.save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
+    export_tokenizer(Path(data_dir) / data.index["tokenizer"]["path"], data.index["tokenizer"], model_dir)
+    return model_dir
+
+
 def train(
     cfg: TrainConfig,
     data_dir: str | Path,
@@ -96,26 +167,11 @@ def train(
     data = TokenSequences(
         data_dir, "train", cfg.seq_len, span_documents=cfg.span_documents, verify=cfg.verify_shards
     )
-    vocab_size = data.index["tokenizer"]["vocab_size"]
     sampler = DistributedBatchSampler(len(data), cfg.micro_batch_size, rank, world, seed=cfg.seed)
-    if cfg.init_from:
-        expected = tokenizer_id(Path(cfg.init_from) / "tokenizer.json")
-        if expected != data.index["tokenizer"]["id"]:
-            raise ShardError(
-                f"{data_dir} was tokenized with tokenizer {data.index['tokenizer']['id'][:12]}, but "
-                f"{cfg.init_from} uses {expected[:12]}; set tokenize.tokenizer.path={cfg.init_from}"
-            )
-        torch.manual_seed(cfg.seed)
-        model = load_pretrained(cfg.init_from, vocab_size)
-        frozen = freeze_first_layers(model, cfg.freeze_layers)
-        if rank == 0 and frozen:
-            print(f"fine-tuning {cfg.init_from}: {frozen:,} parameters frozen", flush=True)
-    else:
-        model = build_model(
-            cfg.model, vocab_size, cfg.seq_len, seed=cfg.seed, eos_token_id=data.index["tokenizer"]["eos_id"]
-        )
-    n_layer, n_embd = model.config.num_hidden_layers, model.config.hidden_size
-    fpt = flops_per_token(count_parameters(model), n_layer, n_embd, cfg.seq_len)
+    model = _model(cfg, data, data_dir, rank)
+    fpt = flops_per_token(
+        count_parameters(model), model.config.num_hidden_layers, model.config.hidden_size, cfg.seq_len
+    )
     engine = ds_engine.initialize(model, cfg)
 
     start_step, losses, step_times = 0, [], []
@@ -132,15 +188,7 @@ def train(
     engine.train()
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
-        step_loss = 0.0
-        for _ in range(cfg.grad_accum_steps):
-            inputs, targets = next_batch()
-            logits = engine(input_ids=inputs).logits
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.item() / cfg.grad_accum_steps
-        loss_value = _mean_across_ranks(step_loss)
+        loss_value = _mean_across_ranks(_train_step(engine, cfg, next_batch))
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -148,43 +196,27 @@ def train(
         step_times.append(seconds)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss became {loss_value} at step {step + 1}; lower train.lr")
-        tokens_per_s = cfg.tokens_per_step / seconds
-        metrics = {
-            "loss": loss_value,
-            "lr": float(engine.get_lr()[0]),
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-            "step_seconds": seconds,
-            "tokens_per_s": tokens_per_s,
-        }
-        if cfg.peak_tflops:
-            metrics["mfu"] = fpt * tokens_per_s / (cfg.peak_tflops * 1e12 * world)
-        if device.type == "cuda":
-            metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        metrics["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-        if rank == 0:
-            _write_progress(out_dir, step + 1, cfg.steps, metrics)
-            if on_metrics is not None:
-                on_metrics(metrics, step + 1)
-        if print_progress and rank == 0 and ((step + 1) % log_every == 0 or step + 1 == cfg.steps):
-            print(
-                f"step {step + 1}/{cfg.steps} loss {loss_value:.4f} lr {metrics['lr']:.2e} "
-                f"{tokens_per_s:,.0f} tokens/s",
-                flush=True,
-            )
+        metrics = _step_metrics(engine, cfg, loss_value, seconds, fpt, world, device)
         done = step + 1
+        if rank == 0:
+            _write_progress(out_dir, done, cfg.steps, metrics)
+            if on_metrics is not None:
+                on_metrics(metrics, done)
+            if print_progress and (done % log_every == 0 or done == cfg.steps):
+                print(
+                    f"step {done}/{cfg.steps} loss {loss_value:.4f} lr {metrics['lr']:.2e} "
+                    f"{metrics['tokens_per_s']:,.0f} tokens/s",
+                    flush=True,
+                )
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
             state = {"sampler": sampler.state_dict(), "step": done, "losses": losses}
             tag_dir = ds_engine.save_checkpoint(engine, ckpt_dir, done, state, cfg.keep_checkpoints)
             if on_checkpoint is not None:
                 on_checkpoint(tag_dir, done, metrics)
 
-    state_dict = ds_engine.consolidated_state_dict(engine)
-    if rank != 0:
+    model_dir = _export(engine, data, data_dir, out_dir)
+    if model_dir is None:
         return {}
-    model_dir = out_dir / "model"
-    transformers.logging.disable_progress_bar()
-    engine.module.save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
-    export_tokenizer(Path(data_dir) / data.index["tokenizer"]["path"], data.index["tokenizer"], model_dir)
     summary = {
         "losses": losses,
         "steps": cfg.steps,
@@ -197,7 +229,7 @@ def train(
         "step_seconds": step_times,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
     return summary
 
 
