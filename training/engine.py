@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from core.files import atomic_path
+from core.files import atomic_path, atomic_write_bytes
 from core.mappings import deep_merge
 from training.config import TrainConfig
 from training.schedule import warmup_cosine_scheduler
@@ -92,7 +92,7 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict[
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
     if engine.global_rank == 0:
         meta = {"world_size": engine.world_size, "zero_stage": engine.zero_optimization_stage(), "step": step}
-        (ckpt_dir / tag / _META).write_text(json.dumps(meta))
+        atomic_write_bytes(ckpt_dir / tag / _META, json.dumps(meta).encode())
         tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
