@@ -8,17 +8,18 @@ whatever else the kind needs (a token dataset adds its tokenizer and splits). A 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.files import atomic_write_bytes
+from core.files import atomic_write_bytes, file_sha256
 
 FORMAT_VERSION = 1
 INDEX = "index.json"
@@ -110,3 +111,68 @@ def read_table(out_dir: str | Path) -> pa.Table:
     """A whole committed Parquet dataset as one table (small outputs and tests)."""
     tables = [pq.read_table(path) for path in dataset_files(out_dir)[1]]
     return pa.concat_tables(tables) if tables else pa.table({})
+
+
+Verify = Literal["never", "first_open", "always"]
+VERIFIED = ".verified.json"
+
+
+class IntegrityError(ManifestError):
+    """A file that no longer matches the manifest that lists it: missing, resized, other rows or bytes."""
+
+
+def verify_files(out_dir: str | Path, index: dict[str, Any], policy: Verify = "first_open") -> None:
+    """Check every file a manifest lists against it, raising IntegrityError naming the first that differs.
+
+    Always: the file exists, has the recorded size and (Parquet) the recorded row count. sha256 by
+    ``policy``: ``always`` hashes every file; ``first_open`` hashes each file once and records its size,
+    mtime and ctime in ``.verified.json`` beside the index, re-hashing only files whose stamp changed (a
+    write always moves ctime, which no tool can set back, so restoring the mtime does not hide a change);
+    ``never`` hashes nothing.
+    """
+    out_dir = Path(out_dir)
+    record_path = out_dir / VERIFIED
+    record: dict[str, Any] = {}
+    if policy == "first_open" and record_path.exists():
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            record = json.loads(record_path.read_text())
+    changed = False
+    for entry in index["files"]:
+        path = out_dir / entry["path"]
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise IntegrityError(f"{path}: listed in {INDEX} but missing") from None
+        if "bytes" in entry and st.st_size != entry["bytes"]:
+            raise IntegrityError(
+                f"{path}: {st.st_size} bytes, {INDEX} says {entry['bytes']}; the file was truncated or changed"
+            )
+        if path.suffix == ".parquet" and entry.get("rows") is not None:
+            rows = _parquet_rows(path)
+            if rows != entry["rows"]:
+                raise IntegrityError(f"{path}: {rows} rows, {INDEX} says {entry['rows']}")
+        if policy == "never":
+            continue
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, entry["sha256"]]
+        if policy == "first_open" and record.get(entry["path"]) == stamp:
+            continue
+        actual = file_sha256(path)
+        if actual != entry["sha256"]:
+            raise IntegrityError(
+                f"{path}: sha256 {actual[:12]} differs from {INDEX}'s {entry['sha256'][:12]}; "
+                "the file changed or is corrupt"
+            )
+        record[entry["path"]] = stamp
+        changed = True
+    if policy == "first_open" and changed:
+        with contextlib.suppress(OSError):  # a read-only dataset is verified again next time
+            atomic_write_bytes(record_path, json.dumps(record).encode())
+
+
+def _parquet_rows(path: Path) -> int:
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (pa.ArrowInvalid, OSError) as e:
+        raise IntegrityError(
+            f"{path}: not a readable Parquet file ({e}); it was truncated or changed"
+        ) from None

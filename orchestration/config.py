@@ -22,6 +22,7 @@ from cleaning.filters import (
 from cleaning.langid import LanguageFilterConfig
 from cleaning.normalize import TextNormalizerConfig
 from cleaning.pii import PiiConfig
+from core.manifest import Verify
 from core.mappings import deep_merge
 from evaluation.perplexity import EvalConfig
 from ingestion.crawler import CrawlConfig
@@ -85,6 +86,11 @@ class PipelineConfig(_Section):
     name: str = Field("lmforge", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$", description="Run name.")
     workdir: Path = Field(Path("work"), description="Where every stage writes its output.")
     seed: int = Field(0, description="Global seed.")
+    verify: Verify = Field(
+        "first_open",
+        description="sha256 of a cached stage's files against its manifest before reuse: always, first_open "
+        "(once, then files whose size, mtime or ctime changed) or never (presence, sizes, row counts only).",
+    )
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     demo_site: DemoSiteConfig | None = Field(None, description="Serve and crawl a generated local site.")

@@ -35,7 +35,7 @@ from cleaning.langid import LanguageFilter
 from cleaning.normalize import TextNormalizer
 from cleaning.pii import PiiRedactor
 from core.files import atomic_write_bytes, file_entry
-from core.manifest import index_digest, read_index, write_index
+from core.manifest import IntegrityError, index_digest, read_index, verify_files, write_index
 from evaluation.perplexity import evaluate_model_dir
 from ingestion.demo_site import DemoSiteServer, build_demo_site
 from orchestration import report
@@ -43,6 +43,7 @@ from orchestration.config import PipelineConfig
 from orchestration.crawl import run_crawl
 from orchestration.dedup import run_dedup_stage
 from orchestration.executors import (
+    REJECTED_DIR,
     corpus_source,
     ensure_ray,
     run_document_stage,
@@ -124,7 +125,7 @@ class Pipeline:
         start = time.perf_counter()
         with tracker.stage_run(name, _jsonable(config)):
             index = read_index(out) if out.exists() else None
-            cached = index is not None and index.get("cache_key") == key
+            cached = index is not None and index.get("cache_key") == key and self._intact(name, out, index)
             if cached:
                 self.console.print(f"[dim]• {name}: cached ({out})[/dim]")
             else:
@@ -144,6 +145,19 @@ class Pipeline:
         if not cached:
             self.console.print(f"  [green]✓ {name}[/green] in {seconds:.1f}s {report.stage_line(index)}")
         return outcome
+
+    def _intact(self, name: str, out: Path, index: dict[str, Any]) -> bool:
+        """Whether a committed output still matches its manifests (sha256 per ``verify``); one that does
+        not is wiped, so the stage is rebuilt from scratch instead of resumed."""
+        try:
+            verify_files(out, index, self.cfg.verify)
+            if (rejected := read_index(out / REJECTED_DIR)) is not None:
+                verify_files(out / REJECTED_DIR, rejected, self.cfg.verify)
+        except IntegrityError as e:
+            self.console.print(f"[yellow]• {name}: {e}; rebuilding the stage[/yellow]")
+            shutil.rmtree(out)
+            return False
+        return True
 
     @staticmethod
     def _prepare(out: Path, key: str) -> None:

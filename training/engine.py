@@ -115,7 +115,7 @@ def install_checkpoint(source: Path, ckpt_dir: Path, tag: str) -> None:
     """Copy a complete checkpoint (every rank's files) into ``ckpt_dir/tag`` and make it the latest."""
     with atomic_path(ckpt_dir / tag) as tmp:
         shutil.copytree(source, tmp)
-    (ckpt_dir / "latest").write_text(tag)
+    atomic_write_bytes(ckpt_dir / "latest", tag.encode())
 
 
 def load_latest_checkpoint(engine, ckpt_dir: str | Path, cfg: TrainConfig) -> dict[str, Any] | None:

@@ -279,9 +279,11 @@ def test_first_open_verification_hashes_once_then_only_changed_shards(tokenized,
     shard.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=shard.name + ".*sha256"):
         TokenSequences(copy, "train", 16, verify="first_open")
-    # A change that hides its mtime is only caught by verify="always": first_open trusts its record.
+    # A change that restores its mtime is still caught: the write moved the ctime, which nothing sets back.
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    TokenSequences(copy, "train", 16, verify="first_open")
+    assert shard.stat().st_mtime_ns == stat.st_mtime_ns
+    with pytest.raises(ShardError, match=shard.name + ".*sha256.*re-run the pipeline"):
+        TokenSequences(copy, "train", 16, verify="first_open")
     with pytest.raises(ShardError, match=shard.name):
         TokenSequences(copy, "train", 16, verify="always")
 

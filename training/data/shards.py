@@ -11,18 +11,16 @@ Layout of a token dataset directory:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from core.files import atomic_write_bytes, file_sha256, write_ipc
-from core.manifest import INDEX, ManifestError, read_index
+from core.files import file_sha256, write_ipc
+from core.manifest import INDEX, IntegrityError, ManifestError, Verify, read_index, verify_files
 
 SPLITS = ("train", "val")
 
@@ -144,10 +142,6 @@ def read_token_index(data_dir: str | Path) -> dict[str, Any]:
     return index
 
 
-Verify = Literal["never", "first_open", "always"]
-_VERIFIED = ".verified.json"
-
-
 class TokenSequences:
     """Fixed-length training sequences over the memory-mapped token stream of one split.
 
@@ -158,8 +152,9 @@ class TokenSequences:
     shorter than a window is not trained on (``dropped_tokens`` counts it).
 
     ``verify``: ``always`` hashes every shard against index.json at open; ``first_open`` does so once and
-    records each verified shard's size and mtime in ``.verified.json`` beside the index, re-hashing only
-    shards that changed since; ``never`` checks sizes, types and counts only (always done).
+    records each verified shard's size, mtime and ctime in ``.verified.json`` beside the index, re-hashing
+    only shards whose stamp changed since (core.manifest.verify_files); ``never`` checks sizes, types and
+    counts only (always done).
     """
 
     def __init__(
@@ -185,7 +180,7 @@ class TokenSequences:
         self.dtype = np.dtype(self.index["dtype"])
         shards = self.index["splits"][split]["shards"]
         if verify != "never":
-            self._verify(shards, only_changed=verify == "first_open")
+            self._verify(shards, verify)
         self._arrays = [self._map(self.data_dir / shard["path"], shard["tokens"]) for shard in shards]
         self._starts = np.cumsum([0] + [a.size for a in self._arrays])
         self.total_tokens = int(self._starts[-1])
@@ -203,34 +198,13 @@ class TokenSequences:
                     "use a shorter seq_len or span_documents"
                 )
 
-    def _verify(self, shards: list[dict[str, Any]], only_changed: bool) -> None:
-        record_path = self.data_dir / _VERIFIED
-        record: dict[str, Any] = {}
-        if only_changed and record_path.exists():
-            with contextlib.suppress(ValueError):
-                record = json.loads(record_path.read_text())
-        changed = False
-        for shard in shards:
-            for key, sha in (("path", "sha256"), ("docs_path", "docs_sha256")):
-                path = self.data_dir / shard[key]
-                try:
-                    st = path.stat()
-                except FileNotFoundError:
-                    raise ShardError(f"{path}: listed in index.json but missing") from None
-                stamp = [st.st_size, st.st_mtime_ns, shard[sha]]
-                if record.get(shard[key]) == stamp:
-                    continue
-                actual = file_sha256(path)
-                if actual != shard[sha]:
-                    raise ShardError(
-                        f"{path}: sha256 {actual[:12]} differs from index.json's {shard[sha][:12]}; "
-                        "the shard changed or is corrupt: re-run the tokenize stage"
-                    )
-                record[shard[key]] = stamp
-                changed = True
-        if only_changed and changed:
-            with contextlib.suppress(OSError):  # a read-only dataset is verified again next time
-                atomic_write_bytes(record_path, json.dumps(record).encode())
+    def _verify(self, shards: list[dict[str, Any]], policy: Verify) -> None:
+        mine = {shard[key] for shard in shards for key in ("path", "docs_path")}
+        files = [f for f in self.index["files"] if f["path"] in mine]
+        try:
+            verify_files(self.data_dir, {"files": files}, policy)
+        except IntegrityError as e:
+            raise ShardError(f"{e}: re-run the pipeline (the tokenize stage is rebuilt)") from None
 
     def _map(self, path: Path, expected_tokens: int) -> np.ndarray:
         try:

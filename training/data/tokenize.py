@@ -203,6 +203,8 @@ def write_token_index(
         for key, sha in (("path", "sha256"), ("docs_path", "docs_sha256"))
     ]
     files.append({"path": prepared.path, "rows": 0, "sha256": prepared.id})
+    for entry in files:
+        entry["bytes"] = (Path(out_dir) / entry["path"]).stat().st_size
     total_tokens = sum(s["tokens"] for s in splits.values())
     documents = sum(s["documents"] for s in splits.values())
     counters = {
