@@ -51,6 +51,10 @@ from cleaning.minhash import MinHasher
 from core.stage import StageConfig, StageContext
 
 EXACT_BAND = -1
+#: One row per duplicate cluster: its survivor, its size and the ids of the removed members.
+CLUSTER_SCHEMA = pa.schema(
+    [("representative", pa.string()), ("size", pa.int64()), ("members", pa.list_(pa.string()))]
+)
 #: A removed document: (duplicate_of, best similarity, filter).
 Removal = tuple[str, float, str]
 
@@ -306,13 +310,8 @@ def decide_clusters(labels: pa.Table, info: dict[int, dict[str, Any]], cfg: Dedu
                 "filter": pa.array([r[3] for r in rows], pa.string()),
             }
         )
-    table = pa.table(
-        {
-            "representative": pa.array([c[0] for c in clusters], pa.string()),
-            "size": pa.array([c[1] for c in clusters], pa.int64()),
-            "members": pa.array([c[2] for c in clusters], pa.list_(pa.string())),
-        }
-    )
+    columns = zip(*clusters) if clusters else ([], [], [])
+    table = pa.table(dict(zip(CLUSTER_SCHEMA.names, columns)), schema=CLUSTER_SCHEMA)
     return Clusters(tables, table, int(node.size) - len(clusters))
 
 

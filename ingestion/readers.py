@@ -15,12 +15,14 @@ a read. Memory stays bounded by ``batch_size`` documents, whatever the file size
 from __future__ import annotations
 
 import codecs
+import functools
 import glob
 import io
 import json
 import re
+import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -31,6 +33,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 from warcio.archiveiterator import ArchiveIterator
+from warcio.exceptions import ArchiveLoadFailed
 
 from core.schema import DOCUMENT_SCHEMA, HTML_SCHEMA, document_id
 
@@ -88,6 +91,38 @@ def _filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
+class CorruptInputError(ValueError):
+    """An input file that cannot be read to its end: truncated or corrupt. Names the file and how far the
+    read got."""
+
+
+_READ_ERRORS = (OSError, EOFError, zlib.error, pa.ArrowException, ArchiveLoadFailed, UnicodeDecodeError)
+
+
+def _names_its_file(
+    reader: Callable[..., Iterator[pa.RecordBatch]],
+) -> Callable[..., Iterator[pa.RecordBatch]]:
+    """A reader whose low-level read errors (a truncated gzip stream, a bad Parquet footer...) come out as
+    a CorruptInputError naming the file, the records read before it and what to do."""
+
+    @functools.wraps(reader)
+    def read(path: str | Path, *args, **kwargs) -> Iterator[pa.RecordBatch]:
+        records = 0
+        try:
+            for batch in reader(path, *args, **kwargs):
+                records += batch.num_rows
+                yield batch
+        except FileNotFoundError:
+            raise
+        except _READ_ERRORS as e:
+            raise CorruptInputError(
+                f"{path}: truncated or corrupt, unreadable after {records} record(s) "
+                f"({type(e).__name__}: {e}); re-download or re-crawl it, or remove it from the inputs"
+            ) from e
+
+    return read
+
+
 class _Batches:
     """Rows in the given schema, yielded as record batches of ``size``."""
 
@@ -108,6 +143,7 @@ class _Batches:
         return batch
 
 
+@_names_its_file
 def read_warc(
     path: str | Path, batch_size: int = 256, counters: Counter | None = None
 ) -> Iterator[pa.RecordBatch]:
@@ -153,6 +189,7 @@ def find_html(path: str | Path, doc_id: str) -> str | None:
     return None
 
 
+@_names_its_file
 def read_wet(
     path: str | Path, batch_size: int = 256, report: ReadReport | None = None
 ) -> Iterator[pa.RecordBatch]:
@@ -194,6 +231,7 @@ def _text_row(source: str, number: int, text, doc_id, url, report: ReadReport, p
     return {"id": doc_id, "url": url, "text": text, "source": source}
 
 
+@_names_its_file
 def read_jsonl(
     path: str | Path,
     batch_size: int = 1024,
@@ -228,6 +266,7 @@ def read_jsonl(
         yield batch
 
 
+@_names_its_file
 def read_parquet(
     path: str | Path,
     batch_size: int = 1024,

@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from cleaning.dedup_phases import (
+    CLUSTER_SCHEMA,
     EMPTY_DECISIONS,
     DedupConfig,
     apply_decisions,
@@ -262,6 +263,8 @@ def run_dedup_stage(
     index_of = {p.name: i for i, p in enumerate(parts)}
     by_name = {p.name: p for p in parts}
     phases = _Phases(out, cfg, on_progress)
+    if not parts:  # nothing came through clean: an empty output, not a failed shuffle
+        return _commit(out, [], 0, Counter(), cfg, cache_key, inputs)
 
     maps = phases.run(
         "signatures",
@@ -323,8 +326,8 @@ def _commit(
         schema=REJECTED_SCHEMA,
         inputs=inputs,
     )
-    work = out / WORK
-    clusters = pa.concat_tables([read_ipc(work / "clusters" / f"{s:04d}.arrow") for s in range(cfg.shards)])
+    files = [out / WORK / "clusters" / f"{s:04d}.arrow" for s in range(cfg.shards)]
+    clusters = pa.concat_tables([read_ipc(f) for f in files if f.exists()] or [CLUSTER_SCHEMA.empty_table()])
     clusters = clusters.sort_by([("size", "descending"), ("representative", "ascending")])
     write_parquet(out / CLUSTERS, clusters.to_batches(), clusters.schema)  # for the quality report
     return write_index(

@@ -132,6 +132,10 @@ class Pipeline:
                 self._prepare(out, key)
                 self.console.print(f"[bold cyan]▶ {name}[/bold cyan]")
                 index = build(out, key, input_digests)
+                if index.get("counters", {}).get("documents_in") == 0:
+                    self.console.print(
+                        f"  [yellow]⚠ {name}: no input documents, so its output is empty[/yellow]"
+                    )
             seconds = time.perf_counter() - start
             tracker.log_counters(index.get("counters", {}))
             tracker.log_datasets(

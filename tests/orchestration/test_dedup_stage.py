@@ -168,3 +168,13 @@ def test_line_dedup_cuts_repeated_spans_among_surviving_documents(ray_session, t
     # The footer's 3-line span once in a0, and in a1 and a2: 2 cuts of 3 lines.
     assert index["counters"]["line_spans_cut"] == 2
     assert index["counters"]["line_dedup.lines_cut"] == 6
+
+
+def test_no_input_documents_give_an_empty_output(ray_session, tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    write_index(docs, stage="clean", cache_key="k", files=[])
+    index = run_dedup_stage(docs, tmp_path / "out", DedupConfig(shards=2), cache_key="k", inputs={})
+    assert index["rows"] == 0 and index["files"] == []
+    assert index["counters"] == {"documents_in": 0, "kept": 0, "rejected": 0}
+    assert pq.read_table(tmp_path / "out" / "clusters.parquet").num_rows == 0
