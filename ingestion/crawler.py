@@ -121,6 +121,8 @@ def canonical_url(url: str) -> str:
     url, _ = urldefrag(url.strip())
     parts = urlsplit(url)
     scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    if ":" in host:  # an IPv6 literal keeps its brackets: http://[::1]:8000/
+        host = f"[{host}]"
     port = parts.port
     netloc = host if port is None or (scheme, port) in (("http", 80), ("https", 443)) else f"{host}:{port}"
     return urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
@@ -170,7 +172,7 @@ class HostCrawler:
         self._sessions: list[requests.Session] = []
         self._lock = threading.RLock()  # queue, seen, counters and output, with host_concurrency > 1
         self._turn = threading.Lock()  # request starts, one at a time, spaced by the delay
-        self.slug = urlsplit(host).netloc.replace(":", "_")
+        self.slug = re.sub(r"[^A-Za-z0-9.-]", "_", urlsplit(host).netloc)  # a.com:8000 -> a.com_8000
         self.allowed = config.hosts_allowed()
         self.seen: set[str] = set()
         self.fetched = 0

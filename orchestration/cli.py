@@ -75,7 +75,11 @@ def run(
     from orchestration.pipeline import run_pipeline  # heavy imports only once the config is valid
 
     start = time.perf_counter()
-    result = run_pipeline(cfg, console)
+    try:
+        result = run_pipeline(cfg, console)
+    except ConfigError as e:  # pre-flight: nothing ran
+        console.print(f"[bold red]cannot run[/bold red] {e}")
+        raise typer.Exit(2) from None
     _print_summary(cfg, result, time.perf_counter() - start)
 
 
@@ -105,6 +109,13 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Check a config without running anything; prints the full config with defaults filled in."""
     cfg = _load(config, set_)
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    from orchestration.preflight import preflight
+
+    try:
+        preflight(cfg)  # the files it names; the cluster is checked when the run starts
+    except ConfigError as e:
+        console.print(f"[bold red]{config}:[/bold red] {e}")
+        raise typer.Exit(2) from None
     console.print(f"[green]{config}: valid[/green]")
 
 

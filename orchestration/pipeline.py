@@ -50,6 +50,7 @@ from orchestration.executors import (
     run_tokenize_stage,
     warc_source,
 )
+from orchestration.preflight import preflight
 from orchestration.tracking import RunMetricsLogger, Tracker
 from orchestration.training_launch import launch_training
 
@@ -317,7 +318,10 @@ class Pipeline:
             raise ValueError(f"until={until!r} is not a stage; stages are {', '.join(report.STAGES)}")
         cfg = self.cfg
         self.workdir.mkdir(parents=True, exist_ok=True)
+        preflight(cfg)  # the files the config names, before Ray starts
         ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_mb, cfg.ray.dashboard)
+        if until in ("train", "evaluate"):
+            preflight(cfg, ray.cluster_resources())
         # With the default sqlite store, artifacts (models, reports) live in the work dir too.
         artifacts = None if cfg.tracking.uri else (self.workdir / "mlartifacts").as_uri()
         tracker = Tracker(cfg.tracking_uri, cfg.tracking.experiment, artifacts)

@@ -2,6 +2,7 @@ import contextlib
 import functools
 import gzip
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -480,3 +481,32 @@ def test_per_host_concurrency_holds(site, tmp_path, concurrency):
     assert result["fetched"] == 10 and sum(files.values()) == 10
     assert peak[0] == concurrency
     assert time.monotonic() - start < 9 * 0.15 / concurrency + 1.0
+
+
+def test_ipv6_literal_seeds_keep_their_host(tmp_path):
+    assert canonical_url("http://[::1]:8000/a#x") == "http://[::1]:8000/a"
+    assert canonical_url("HTTP://[2001:DB8::1]/") == "http://[2001:db8::1]/"
+    assert host_key("http://[2001:db8::1]:81/p") == "http://[2001:db8::1]:81"
+
+    class V6Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    handler = type("H", (_Site,), {"pages": {}, "hits": []})
+    handler.pages.update(
+        {"/": (200, "text/html", _html("/a.html")), "/a.html": (200, "text/html", _html(text="six"))}
+    )
+    server = V6Server(("::1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        seed = f"http://[::1]:{server.server_address[1]}/"
+        cfg = CrawlConfig(seeds=[seed], min_delay_s=0.0, allow_private_addresses=True)
+        assert cfg.all_seeds() == [seed]
+        crawler = HostCrawler(host_key(seed), cfg, str(tmp_path))
+        result = crawler.crawl([(seed, 0)], budget=10)
+        crawler.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result["fetched"] == 2
+    urls = [r["url"] for f in sorted(tmp_path.glob("*.warc.gz")) for b in read_warc(f) for r in b.to_pylist()]
+    assert sorted(urls) == [seed, seed + "a.html"]

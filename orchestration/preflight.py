@@ -1,0 +1,81 @@
+"""Pre-flight: what a valid config can still get wrong, checked before any stage runs.
+
+The config's own validation sees values one at a time; these checks look at the files and the cluster the
+values point to, so a run never fails late inside a Ray task (a missing tokenizer, an ``init_from`` model
+shorter than ``seq_len``) or waits forever for workers the cluster can never place.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from orchestration.config import ConfigError, PipelineConfig
+
+
+def file_problems(cfg: PipelineConfig) -> list[str]:
+    """Problems with the files and directories the config names (no cluster needed)."""
+    problems = []
+    try:
+        cfg.read.inputs()
+    except (FileNotFoundError, ValueError) as e:  # its message names read.paths and the pattern
+        problems.append(str(e))
+    if cfg.crawl.seeds_file is not None and not Path(cfg.crawl.seeds_file).is_file():
+        problems.append(f"crawl.seeds_file: {cfg.crawl.seeds_file} does not exist")
+    tokenizer = cfg.tokenize.tokenizer.path
+    if tokenizer is not None:
+        path = Path(tokenizer)
+        if not (path / "tokenizer.json" if path.is_dir() else path).is_file():
+            problems.append(
+                f"tokenize.tokenizer.path: {tokenizer!r} is neither a tokenizer.json file nor a directory "
+                "holding one; point it at an existing tokenizer or remove it to train one"
+            )
+    if cfg.train.init_from is not None:
+        problems += _init_from_problems(Path(cfg.train.init_from), cfg.train.seq_len)
+    return problems
+
+
+def _init_from_problems(model_dir: Path, seq_len: int) -> list[str]:
+    field = f"train.init_from: {str(model_dir)!r}"
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        return [f"{field} is not a Hugging Face model directory (no config.json there)"]
+    problems = []
+    if not (model_dir / "tokenizer.json").is_file():
+        problems.append(
+            f"{field} has no tokenizer.json; fine-tuning tokenizes with the model's own tokenizer"
+        )
+    config: dict[str, Any] = json.loads(config_file.read_text())
+    positions = config.get("n_positions") or config.get("max_position_embeddings")
+    if positions is not None and seq_len > positions:
+        problems.append(
+            f"train.seq_len: {seq_len} is longer than the {positions} positions of {model_dir}; "
+            f"set train.seq_len <= {positions}"
+        )
+    return problems
+
+
+def cluster_problems(cfg: PipelineConfig, resources: dict[str, float]) -> list[str]:
+    """Whether the training worker group fits the cluster's total ``resources`` (ray.cluster_resources())."""
+    t = cfg.train
+    need = {"CPU": t.num_workers * t.cpus_per_worker, "GPU": t.num_workers if t.use_gpu else 0}
+    short = {k: v for k, v in need.items() if v > resources.get(k, 0)}
+    if not short:
+        return []
+    has = ", ".join(f"{resources.get(k, 0):g} {k}s" for k in need)
+    wants = " and ".join(f"{v:g} {k}s" for k, v in need.items() if v)
+    return [
+        f"train.num_workers: {t.num_workers} workers x {t.cpus_per_worker} CPU(s)"
+        + (" and 1 GPU" if t.use_gpu else "")
+        + f" each need {wants}; the Ray cluster has {has} in all, so the worker group could never be "
+        "placed: lower train.num_workers / train.cpus_per_worker or add nodes"
+    ]
+
+
+def preflight(cfg: PipelineConfig, resources: dict[str, float] | None = None) -> None:
+    """Raise ConfigError naming every problem (field, value, fix) before any stage runs."""
+    problems = file_problems(cfg) + (cluster_problems(cfg, resources) if resources is not None else [])
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"pre-flight found {len(problems)} problem(s) before any stage ran:\n{lines}")

@@ -1,0 +1,66 @@
+"""Pre-flight: config mistakes that pass validation are caught before any stage runs, naming field, value
+and fix."""
+
+import json
+
+import pytest
+
+from orchestration.config import ConfigError, parse_config
+from orchestration.pipeline import Pipeline
+from orchestration.preflight import cluster_problems, preflight
+
+
+def _config(tmp_path, **sections):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "text": "some text"}) + "\n")
+    data = {"workdir": str(tmp_path / "work"), "read": {"paths": [str(corpus)]}, **sections}
+    return parse_config(data, "test")
+
+
+def test_missing_files_are_all_named_before_anything_runs(tmp_path):
+    cfg = _config(
+        tmp_path,
+        read={"paths": [str(tmp_path / "dumps" / "*.jsonl.gz")]},
+        tokenize={"tokenizer": {"path": str(tmp_path / "nope" / "tokenizer.json")}},
+        train={"init_from": str(tmp_path / "no-model")},
+    )
+    with pytest.raises(ConfigError) as err:
+        preflight(cfg)
+    message = str(err.value)
+    assert "3 problem(s)" in message
+    assert f"read.paths: nothing matches '{tmp_path / 'dumps' / '*.jsonl.gz'}'" in message
+    assert f"tokenize.tokenizer.path: '{tmp_path / 'nope' / 'tokenizer.json'}'" in message
+    assert f"train.init_from: '{tmp_path / 'no-model'}' is not a Hugging Face model directory" in message
+
+
+def test_seq_len_longer_than_the_init_from_model_positions(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": 64}))
+    (model / "tokenizer.json").write_text("{}")
+    cfg = _config(tmp_path, train={"init_from": str(model), "seq_len": 128})
+    with pytest.raises(
+        ConfigError, match=r"train.seq_len: 128 is longer than the 64 positions .*seq_len <= 64"
+    ):
+        preflight(cfg)
+    preflight(_config(tmp_path, train={"init_from": str(model), "seq_len": 64}))
+
+
+def test_a_worker_group_the_cluster_can_never_place(tmp_path):
+    cfg = _config(tmp_path, train={"num_workers": 8})
+    (problem,) = cluster_problems(cfg, {"CPU": 2.0, "memory": 1e9})
+    assert problem.startswith("train.num_workers: 8 workers x 1 CPU(s) each need 8 CPUs")
+    assert "the Ray cluster has 2 CPUs, 0 GPUs in all" in problem
+    gpu = _config(tmp_path, train={"num_workers": 2, "use_gpu": True})
+    assert "need 2 CPUs and 2 GPUs" in cluster_problems(gpu, {"CPU": 16.0})[0]
+    assert cluster_problems(_config(tmp_path, train={"num_workers": 2}), {"CPU": 2.0}) == []
+
+
+def test_the_pipeline_stops_before_its_first_stage(ray_session, tmp_path):
+    cfg = _config(tmp_path, train={"num_workers": 8})
+    with pytest.raises(ConfigError, match="the Ray cluster has 2 CPUs"):
+        Pipeline(cfg).run()
+    assert not (tmp_path / "work" / "crawl").exists()
+    missing = _config(tmp_path, read={"paths": [str(tmp_path / "absent.jsonl")]})
+    with pytest.raises(ConfigError, match="read.paths"):
+        Pipeline(missing).run(until="clean")
