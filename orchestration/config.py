@@ -64,6 +64,13 @@ class DemoSiteConfig(_Section):
     exact_duplicates: int = Field(3, ge=0, description="Pages copied verbatim under /mirror/.")
     near_duplicates: int = Field(3, ge=0, description="Pages copied with a few words edited under /v2/.")
     private_pages: int = Field(3, ge=0, description="Pages under /private/, disallowed by robots.txt.")
+    port: int = Field(
+        8765,
+        ge=0,
+        le=65535,
+        description="Port on 127.0.0.1. Fixed, so page URLs (and so document ids) are the same on every run; "
+        "0: any free port.",
+    )
 
 
 class CleanConfig(_Section):

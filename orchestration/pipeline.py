@@ -39,7 +39,7 @@ from core.manifest import IntegrityError, index_digest, read_index, verify_files
 from evaluation.perplexity import evaluate_model_dir
 from ingestion.demo_site import DemoSiteServer, build_demo_site
 from orchestration import report
-from orchestration.config import PipelineConfig
+from orchestration.config import ConfigError, PipelineConfig
 from orchestration.crawl import run_crawl
 from orchestration.dedup import run_dedup_stage
 from orchestration.executors import (
@@ -181,8 +181,15 @@ class Pipeline:
             crawl_cfg = cfg.crawl
             server = None
             if cfg.demo_site is not None:
-                site = build_demo_site(self.workdir / "site", seed=cfg.seed, **cfg.demo_site.model_dump())
-                server = stack.enter_context(DemoSiteServer(site.root))
+                site_args = cfg.demo_site.model_dump(exclude={"port"})
+                site = build_demo_site(self.workdir / "site", seed=cfg.seed, **site_args)
+                try:
+                    server = stack.enter_context(DemoSiteServer(site.root, port=cfg.demo_site.port))
+                except OSError as e:
+                    raise ConfigError(
+                        f"demo_site.port: cannot serve the demo site on 127.0.0.1:{cfg.demo_site.port} ({e}); "
+                        "set demo_site.port to a free port (0: any, at the price of other document ids)"
+                    ) from None
                 crawl_cfg = crawl_cfg.model_copy(update={"seeds": [server.url, *crawl_cfg.seeds]})
                 self.console.print(f"  serving {len(site.pages)} demo pages at {server.url}")
             files, counters = run_crawl(

@@ -72,6 +72,7 @@ def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tmp_path):
     overrides = {
         "workdir": str(workdir),
         "demo_site.modules": 6,
+        "demo_site.port": 0,
         "demo_site.exact_duplicates": 1,
         "demo_site.near_duplicates": 1,
         "tokenize.tokenizer.vocab_size": 512,
