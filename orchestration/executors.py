@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -40,10 +42,24 @@ REJECTED_DIR = "rejected"
 IN_JOB_ENV = "LMFORGE_IN_RAY_JOB"
 
 
+#: Longest Ray temp dir kept under the work dir: Ray's Unix sockets live below it, and a socket path may
+#: not exceed 107 bytes.
+_MAX_RAY_TEMP = 48
+
+
 def ensure_ray(
-    address: str | None, num_cpus: int | None, object_store_memory_mb: int, dashboard: bool = True
+    address: str | None,
+    num_cpus: int | None,
+    object_store_memory_mb: int,
+    dashboard: bool = True,
+    workdir: Path | None = None,
 ) -> None:
-    """Connect to a cluster, or start an embedded Ray with a capped object store and no dashboard."""
+    """Connect to a cluster, or start an embedded Ray with a capped object store and no dashboard.
+
+    An embedded Ray keeps its session files (and its workers' temporary files) under ``workdir/.ray``
+    when that path is short enough for Ray's sockets, else in a private temporary directory that is
+    removed when the process exits: nothing is left behind in /tmp.
+    """
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -54,14 +70,33 @@ def ensure_ray(
             repo = Path(__file__).resolve().parent.parent
             runtime_env = {"working_dir": str(repo), "excludes": [".venv/", "work/", ".git/", "*.warc.gz"]}
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        ray.init(
-            num_cpus=num_cpus,
-            object_store_memory=object_store_memory_mb * 2**20,
-            include_dashboard=dashboard,
-            dashboard_host="127.0.0.1",
-            log_to_driver=True,
-        )
+        return
+    temp = _embedded_temp_dir(workdir)
+    (temp / "tmp").mkdir(parents=True, exist_ok=True)
+    ray.init(
+        num_cpus=num_cpus,
+        object_store_memory=object_store_memory_mb * 2**20,
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
+        log_to_driver=True,
+        _temp_dir=str(temp),
+        # Workers' own temporary files (multiprocessing's pymp-* directories...) stay there too.
+        runtime_env={"env_vars": {"TMPDIR": str(temp / "tmp")}},
+    )
+
+
+def _embedded_temp_dir(workdir: Path | None) -> Path:
+    if workdir is not None and len(str(workdir.resolve() / ".ray")) <= _MAX_RAY_TEMP:
+        return workdir.resolve() / ".ray"
+    temp = Path(tempfile.mkdtemp(prefix="lmforge-ray-"))
+    atexit.register(_remove_after_shutdown, temp)
+    return temp
+
+
+def _remove_after_shutdown(temp: Path) -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @dataclass(frozen=True)

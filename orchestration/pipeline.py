@@ -326,7 +326,10 @@ class Pipeline:
         cfg = self.cfg
         self.workdir.mkdir(parents=True, exist_ok=True)
         preflight(cfg)  # the files the config names, before Ray starts
-        ensure_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.object_store_memory_mb, cfg.ray.dashboard)
+        ray_cfg = cfg.ray
+        ensure_ray(
+            ray_cfg.address, ray_cfg.num_cpus, ray_cfg.object_store_memory_mb, ray_cfg.dashboard, self.workdir
+        )
         if until in ("train", "evaluate"):
             preflight(cfg, ray.cluster_resources())
         # With the default sqlite store, artifacts (models, reports) live in the work dir too.

@@ -6,6 +6,8 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import mlflow
 import pyarrow.parquet as pq
@@ -204,3 +206,49 @@ def test_an_output_that_no_longer_matches_its_manifest_is_rebuilt(fast_run):
     assert file_sha256(shard) == shard_entry["sha256"]
     assert pq.read_table(clean_file).num_rows == table.num_rows
     assert json.loads(again.report_path.read_text())["ok"]
+
+
+RUN_IN_A_FRESH_PROCESS = """
+import json, sys
+from orchestration.config import parse_config
+from orchestration.pipeline import Pipeline
+cfg = parse_config(json.loads(sys.argv[1]), "test")
+Pipeline(cfg).run(until="tokenize")
+"""
+
+
+def _tmp_entries() -> set[str]:
+    ray_sessions = (
+        {f"ray/{p.name}" for p in Path("/tmp/ray").glob("session_*")} if Path("/tmp/ray").is_dir() else set()
+    )
+    return {p.name for p in Path("/tmp").iterdir()} | ray_sessions
+
+
+def test_an_embedded_run_leaves_nothing_in_tmp(corpus, tmp_path):
+    """Ray's session files and the workers' temporary files go to a private directory that is removed
+    when the run's process exits (the work dir here is too long a path for Ray's sockets)."""
+    path, texts = corpus
+    config = {
+        "workdir": str(tmp_path / "a-work-dir-whose-path-is-too-long-for-ray-sockets"),
+        "read": {"paths": [str(path)]},
+        "clean": {"gopher_repetition": None},
+        "ray": {"num_cpus": 2, "dashboard": False},
+        "tokenize": {"tokenizer": {"vocab_size": 300, "min_frequency": 1}, "val_fraction": 0.2},
+    }
+    before = _tmp_entries()
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_IN_A_FRESH_PROCESS, json.dumps(config)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / config["workdir"] / "tokenize" / "index.json").exists()
+    left = {e for e in _tmp_entries() - before if not e.startswith("pytest-of-")}
+    assert left == set(), left
+
+
+def test_a_short_work_dir_keeps_ray_files_beside_the_outputs(tmp_path):
+    from orchestration.executors import _embedded_temp_dir
+
+    short = Path("/w")
+    assert _embedded_temp_dir(short) == Path("/w/.ray")
+    long = tmp_path / ("x" * 60)
+    assert _embedded_temp_dir(long).parent == Path(tempfile.gettempdir())
