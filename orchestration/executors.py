@@ -73,6 +73,9 @@ def ensure_ray(
         return
     temp = _embedded_temp_dir(workdir)
     (temp / "tmp").mkdir(parents=True, exist_ok=True)
+    # Ray's own processes and its workers inherit this: their temporary files (multiprocessing's pymp-*
+    # directories...) stay with the session files.
+    os.environ["TMPDIR"] = str(temp / "tmp")
     ray.init(
         num_cpus=num_cpus,
         object_store_memory=object_store_memory_mb * 2**20,
@@ -80,8 +83,6 @@ def ensure_ray(
         dashboard_host="127.0.0.1",
         log_to_driver=True,
         _temp_dir=str(temp),
-        # Workers' own temporary files (multiprocessing's pymp-* directories...) stay there too.
-        runtime_env={"env_vars": {"TMPDIR": str(temp / "tmp")}},
     )
 
 

@@ -236,8 +236,12 @@ def test_an_embedded_run_leaves_nothing_in_tmp(corpus, tmp_path):
         "tokenize": {"tokenizer": {"vocab_size": 300, "min_frequency": 1}, "val_fraction": 0.2},
     }
     before = _tmp_entries()
+    env = {k: v for k, v in os.environ.items() if k != "TMPDIR"}
     done = subprocess.run(
-        [sys.executable, "-c", RUN_IN_A_FRESH_PROCESS, json.dumps(config)], capture_output=True, text=True
+        [sys.executable, "-c", RUN_IN_A_FRESH_PROCESS, json.dumps(config)],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / config["workdir"] / "tokenize" / "index.json").exists()
