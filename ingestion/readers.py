@@ -15,6 +15,7 @@ a read. Memory stays bounded by ``batch_size`` documents, whatever the file size
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import functools
 import glob
 import io
@@ -70,18 +71,50 @@ def decode_html(body: bytes, content_type: str) -> str:
     return body.decode("utf-8", errors="replace")
 
 
+#: How much of a malformed record's bytes is kept with it.
+RAW_PREFIX = 4096
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A record that could not be read as a document: where it was, why, and (a prefix of) its bytes."""
+
+    source: str
+    where: str
+    error: str
+    raw: bytes
+
+
 @dataclass
 class ReadReport:
-    """What a read met: counters, and the first ``keep`` malformed records (source, where, error)."""
+    """What a read met: counters, and the malformed records: the first ``keep`` of them kept here, every
+    one handed to ``sink`` when given (the stage writes them to its rejected dataset)."""
 
     counters: Counter = field(default_factory=Counter)
-    malformed: list[dict[str, str]] = field(default_factory=list)
+    malformed: list[dict[str, str | bytes]] = field(default_factory=list)  # Malformed records as dicts
     keep: int = 1000
+    sink: Callable[[Malformed], None] | None = None
 
-    def bad(self, source: str, where: str, error: str) -> None:
+    def bad(self, source: str, where: str, error: str, raw: bytes = b"") -> None:
         self.counters["malformed"] += 1
+        record = Malformed(source, where, error, raw[:RAW_PREFIX])
         if len(self.malformed) < self.keep:
-            self.malformed.append({"source": source, "where": where, "error": error})
+            self.malformed.append(dataclasses.asdict(record))
+        if self.sink is not None:
+            self.sink(record)
+
+
+def decode_utf8(data: bytes) -> tuple[str, int]:
+    """UTF-8 text and the number of undecodable bytes, each replaced by U+FFFD."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="surrogateescape")
+        bad = len(_ESCAPED.findall(text))
+        return _ESCAPED.sub("\ufffd", text), bad
+
+
+_ESCAPED = re.compile("[\udc80-\udcff]")
 
 
 def _filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
@@ -203,10 +236,11 @@ def read_wet(
             if record.rec_type != "conversion":
                 continue
             url = record.rec_headers.get_header("WARC-Target-URI")
+            body = record.content_stream().read()
             try:
-                text = record.content_stream().read().decode("utf-8")
+                text = body.decode("utf-8")
             except UnicodeDecodeError as e:
-                report.bad(source, url or "?", f"not UTF-8: {e}")
+                report.bad(source, url or "?", f"not UTF-8: {e}", body)
                 continue
             report.counters["wet.records"] += 1
             fetched = record.rec_headers.get_header("WARC-Date")
@@ -219,12 +253,14 @@ def read_wet(
         yield batch
 
 
-def _text_row(source: str, number: int, text, doc_id, url, report: ReadReport, problem: str) -> dict | None:
+def _text_row(
+    source: str, number: int, text, doc_id, url, report: ReadReport, problem: str, raw: bytes = b""
+) -> dict | None:
     """A text document's columns from a record's fields, or None (recorded as malformed) without text.
     A record without an id gets one from its URL (or its place in the file) and its text."""
     if not isinstance(text, str):
         where, _, error = problem.partition(": ")
-        report.bad(source, where, error)
+        report.bad(source, where, error, raw)
         return None
     url = url if isinstance(url, str) else None
     doc_id = str(doc_id) if doc_id is not None else document_id(url or f"{source}#{number}", text)
@@ -246,20 +282,24 @@ def read_jsonl(
     source = Path(str(path)).name
     out = _Batches(DOCUMENT_SCHEMA, batch_size)
     fs, where = _filesystem(path)
-    with fs.open_input_stream(where, compression="detect") as raw:
-        lines = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="\n")
-        for number, line in enumerate(lines, 1):
+    with fs.open_input_stream(where, compression="detect") as stream:
+        for number, raw in enumerate(io.BufferedReader(stream), 1):
+            line, replaced = decode_utf8(raw)
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                report.bad(source, f"line {number}", f"bad JSON: {e.msg}")
+                report.bad(source, f"line {number}", f"bad JSON: {e.msg}", raw)
                 continue
             record = record if isinstance(record, dict) else {}
             fields = (record.get(text_field), record.get(id_field), record.get(url_field))
-            if row := _text_row(source, number, *fields, report, f"line {number}: no string {text_field!r}"):
+            problem = f"line {number}: no string {text_field!r}"
+            if row := _text_row(source, number, *fields, report, problem, raw):
                 report.counters["jsonl.records"] += 1
+                if replaced:  # undecodable bytes became U+FFFD: counted, per document and in all
+                    row["meta"] = [("decode_replacements", float(replaced))]
+                    report.counters["decode_replacements"] += replaced
                 if batch := out.add(**row):
                     yield batch
     if batch := out.flush():
@@ -296,9 +336,11 @@ def read_parquet(
                     data[id_field][i] if id_field in data else None,
                     data.get(url_field, [None] * (i + 1))[i],
                 )
-                if (
-                    doc := _text_row(source, row, *fields, report, f"row {row}: no string {text_field!r}")
-                ) and (batch := out.add(**doc)):
+                problem = f"row {row}: no string {text_field!r}"
+                raw = json.dumps(dict(zip(("text", "id", "url"), fields)), default=str).encode()
+                if (doc := _text_row(source, row, *fields, report, problem, raw)) and (
+                    batch := out.add(**doc)
+                ):
                     yield batch
             report.counters["parquet.records"] += chunk.num_rows
         if batch := out.flush():
@@ -334,7 +376,7 @@ def read_directory(
             try:
                 row = {"text": body.decode("utf-8")}
             except UnicodeDecodeError as e:
-                report.bad(relative, "file", f"not UTF-8: {e}")
+                report.bad(relative, "file", f"not UTF-8: {e}", body)
                 continue
         report.counters[f"directory.{kind}_files"] += 1
         if batch := out.add(id=document_id(url, body), url=url, source=relative, **row):

@@ -9,6 +9,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,10 @@ import ray
 from core.files import write_parquet
 from core.manifest import dataset_files, write_index
 from core.partitions import Partition, plan_partitions
-from core.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA
+from core.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA, document_id, document_table
 from core.stage import Stage, StageContext, run_chain
 from core.tasks import DONE_DIR, STAGING_DIR, TaskFn, TaskId, read_marker, run_task
-from ingestion.readers import ReadConfig, ReadReport, read_corpus, read_warc
+from ingestion.readers import Malformed, ReadConfig, ReadReport, decode_utf8, read_corpus, read_warc
 from training.data.tokenize import (
     Prepared,
     TokenizeConfig,
@@ -115,7 +116,17 @@ class Source:
             return read_warc(self.uri, counters=ctx.counters)
         r = self.read
         fields = {"text_field": r.text_field, "id_field": r.id_field, "url_field": r.url_field}
-        return read_corpus(self.uri, r.batch_size, ReadReport(counters=ctx.counters), **fields)
+        report = ReadReport(counters=ctx.counters, sink=partial(reject_malformed, ctx))
+        return read_corpus(self.uri, r.batch_size, report, **fields)
+
+
+def reject_malformed(ctx: StageContext, record: Malformed) -> None:
+    """A record no document could be made of, into the rejected dataset: its raw bytes (a prefix) as the
+    text, its place (``file#line 6``) as the URL, an id from both, the error as the signal."""
+    text, _ = decode_utf8(record.raw)
+    place = f"{record.source}#{record.where}"  # e.g. dump.jsonl#line 6
+    doc = document_table([text], ids=[document_id(place, record.raw)], urls=[place], source=record.source)
+    ctx.reject(doc, filter="malformed", signal=record.error)
 
 
 def warc_source(path: str) -> Source:
@@ -211,10 +222,12 @@ def run_document_stage(
     counters: Counter = Counter()
     for task, r in results.items():
         counters.update(r["counters"])
-        counters[f"documents_in.{sources[task.part].origin}"] += r["counters"].get(f"{stages[0].name}.in", 0)
+        read = r["counters"].get(f"{stages[0].name}.in", 0) + r["counters"].get("malformed", 0)
+        counters[f"documents_in.{sources[task.part].origin}"] += read
     kept = sum(r["kept"]["rows"] for r in results.values())
     rejected = sum(r["rejected"]["rows"] for r in results.values())
-    docs_in = counters.get(f"{stages[0].name}.in", 0)
+    # Records the readers could not make documents of are in the rejected dataset too.
+    docs_in = counters.get(f"{stages[0].name}.in", 0) + counters.get("malformed", 0)
     if docs_in != kept + rejected:
         raise RuntimeError(
             f"stage {stage_name}: {docs_in} documents in but {kept} kept + {rejected} rejected; documents were lost"

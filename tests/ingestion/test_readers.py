@@ -138,3 +138,28 @@ def test_reading_streams_in_bounded_memory(tmp_path):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert n == 30_000 and peak < 8 * 2**20, peak  # a few batches' worth, not the file
+
+
+def test_undecodable_bytes_are_replaced_and_counted_per_document(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b'{"id": "x", "text": "caf\xe9 au lait \xff\xfe"}\n{"id": "y", "text": "plain"}\n')
+    rows, _, report = _rows(path)
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["x"]["text"] == "caf\ufffd au lait \ufffd\ufffd"  # one U+FFFD per undecodable byte
+    assert dict(by_id["x"]["meta"]) == {"decode_replacements": 3.0}
+    assert by_id["y"]["meta"] == []
+    assert report.counters["decode_replacements"] == 3 and report.counters["malformed"] == 0
+
+
+def test_malformed_records_keep_their_bytes_and_place(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(_jsonl_bytes())
+    seen = []
+    report = ReadReport(sink=seen.append)
+    list(read_corpus(str(path), report=report))
+    assert [(m.where, m.raw) for m in seen] == [
+        ("line 3", b"{not json\n"),
+        ("line 4", b'{"id": "c"}\n'),
+        ("line 5", b'{"id": "d", "text": 42}\n'),
+    ]
+    assert [m["raw"] for m in report.malformed] == [m.raw for m in seen]

@@ -120,8 +120,10 @@ def test_read_only_run_reports_every_document_and_passes_its_checks(fast_run, co
     assert report["ok"], report["checks"]
     # Every record of read.paths reached clean, and none came from the (empty) crawl.
     clean = result.stages["clean"].index["counters"]
-    assert clean["documents_in"] == clean["documents_in.read"] == len(texts)
-    assert clean["malformed"] == 1
+    assert clean["documents_in"] == clean["documents_in.read"] == len(texts) + 1  # + the malformed line
+    assert clean["malformed"] == 1 and clean["rejected"] == 1
+    (bad,) = read_table(result.stages["clean"].out_dir / "rejected").to_pylist()
+    assert (bad["text"], bad["url"], bad["filter"]) == ("{not json\n", "dump.jsonl#line 6", "malformed")
     assert report["checks"]["crawl pages fetched = documents clean read from the crawl"]
     assert report["checks"]["clean: documents read = from the crawl + from read.paths"]
     # The planted pair is one exact-duplicate cluster; the smallest id survives ("copy00" < "doc00").

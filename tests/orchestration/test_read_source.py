@@ -36,7 +36,11 @@ def test_jsonl_and_html_directory_feed_the_clean_stage(ray_session, tmp_path):
     assert docs["j1"]["url"] == "http://x/j1" and docs["j1"]["text"] == (PARAGRAPH * 3).strip()
     from_html = [d for d in docs.values() if d["source"] == "pages/a.html"]
     assert len(from_html) == 1 and from_html[0]["text"].startswith("The river runs")
-    assert index["counters"]["malformed"] == 1 and index["counters"]["documents_in"] == 4
+    # The broken line is a rejected record, with its bytes and where it was: 4 documents + 1 = 5 in.
+    assert index["counters"]["malformed"] == 1 and index["counters"]["documents_in"] == 5
+    (bad,) = read_table(tmp_path / "clean" / "rejected").to_pylist()
+    assert (bad["text"], bad["url"], bad["filter"]) == ("{broken\n", "dump.jsonl.gz#line 2", "malformed")
+    assert bad["signal"].startswith("bad JSON")
 
 
 def test_read_only_config_is_a_source_and_missing_paths_fail_clearly(tmp_path):
