@@ -4,8 +4,10 @@ orchestration/dedup.py maps each phase over Ray tasks and owns the files between
 task computes, with no I/O:
 
 1. :func:`signatures` (per input partition): ids, lengths and 128-bit exact-text hashes of the
-   documents, their shingle hashes and MinHash signatures, the LSH (band, key, node) rows, and the line
-   spans. A node is ``partition << 32 | row``.
+   documents, their shingle hashes and MinHash signatures, the LSH (band, key, node) rows, the line
+   spans and the id hashes. A node is ``partition << 32 | row``. Then :func:`id_collisions` (per id-hash
+   shard): a document whose id an earlier one already has is removed (``duplicate_id``) and takes no
+   part in what follows.
 2. :func:`verified_edges` (per key shard): documents sharing a bucket are candidate pairs; exact-text
    buckets are duplicates when all 128 bits agree, others are verified by exact Jaccard of their
    shingle sets (or the signatures' estimate).
@@ -21,6 +23,7 @@ task computes, with no I/O:
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -55,8 +58,8 @@ EXACT_BAND = -1
 CLUSTER_SCHEMA = pa.schema(
     [("representative", pa.string()), ("size", pa.int64()), ("members", pa.list_(pa.string()))]
 )
-#: A removed document: (duplicate_of, best similarity, filter).
-Removal = tuple[str, float, str]
+#: A removed document: (duplicate_of, best similarity or None, filter).
+Removal = tuple[str, float | None, str]
 
 
 class DedupConfig(StageConfig):
@@ -95,6 +98,11 @@ class Signatures:
     offsets: np.ndarray | None  # document i's shingles are shingles[offsets[i]:offsets[i + 1]]
     sigs: np.ndarray | None  # (documents, num_perm) MinHash signatures
     lines: pa.Table | None  # hash, node, span: one row per line span
+    ids: pa.Table  # key, node: a 64-bit hash of each document's id
+
+    def id_shards(self, shards: int) -> list[pa.Table]:
+        """The id-hash rows split by hash, one table per id shard."""
+        return split_by(self.ids, self.ids.column("key").to_numpy() % np.uint64(shards), shards)
 
     def band_shards(self, shards: int) -> list[pa.Table]:
         """The band rows split by bucket key, one table per reduce shard."""
@@ -164,7 +172,26 @@ def signatures(batches: Iterable[pa.RecordBatch], index: int, cfg: DedupConfig) 
         {"band": band.astype(np.int16), "key": key.astype(np.uint64), "node": nodes.astype(np.int64)}
     )
     lines = _line_rows(node, texts, cfg.lines) if cfg.lines else None
-    return Signatures(docs, table, shingles, offsets, sigs, lines)
+    id_keys = [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little") for i in ids]
+    id_rows = pa.table({"key": pa.array(id_keys, pa.uint64()), "node": pa.array(node, pa.int64())})
+    return Signatures(docs, table, shingles, offsets, sigs, lines, id_rows)
+
+
+def id_collisions(rows: pa.Table, id_of: Callable[[int], str]) -> np.ndarray:
+    """Phase 1b over one id shard's (key, node) rows: the nodes whose document id an earlier node (in
+    corpus order) already has. Those documents are removed before any similarity is computed, so an id
+    names one document downstream."""
+    order = np.lexsort((rows.column("node").to_numpy(), rows.column("key").to_numpy()))
+    key, node = rows.column("key").to_numpy()[order], rows.column("node").to_numpy()[order]
+    same_key = np.flatnonzero(np.r_[False, key[1:] == key[:-1]] | np.r_[key[:-1] == key[1:], False])
+    seen: set[tuple[int, str]] = set()
+    later = []
+    for i in same_key.tolist():  # only hash collisions need the ids themselves
+        doc = (int(key[i]), id_of(int(node[i])))
+        if doc in seen:
+            later.append(int(node[i]))
+        seen.add(doc)
+    return np.array(sorted(later), dtype=np.int64)
 
 
 def verified_edges(
@@ -348,14 +375,18 @@ def apply_decisions(
     row = 0
     for batch in batches:
         drop = np.array([row + i in removed for i in range(batch.num_rows)], dtype=bool)
-        for name in ("exact_dedup", "minhash_dedup"):
+        for name, signal in (
+            ("duplicate_id", "id"),
+            ("exact_dedup", "text_hash"),
+            ("minhash_dedup", "jaccard"),
+        ):
             rows = [row + i for i in np.flatnonzero(drop) if removed[row + i][2] == name]
             if rows:
                 local = pa.array(np.array(rows) - row)
                 ctx.reject(
                     batch.take(local),
                     filter=name,
-                    signal="text_hash" if name == "exact_dedup" else "jaccard",
+                    signal=signal,
                     values=[removed[r][1] for r in rows],
                     duplicate_of=[removed[r][0] for r in rows],
                 )

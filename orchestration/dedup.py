@@ -5,6 +5,8 @@
    shingle hashes (and signatures) as memory-mappable arrays, and its (band, key, node) rows split into
    ``shards`` files by key, so each reduce task reads only its share. A node is
    ``partition << 32 | row``.
+   Then one task per id-hash shard finds documents whose id an earlier one already has: they are
+   removed (``duplicate_id``, the first in corpus order stays) and take no part in what follows.
 2. reduce, one task per key shard: sort its rows by (band, key); documents sharing a bucket are candidate
    pairs; exact-text buckets (band -1) are duplicates when all 128 bits of the text hash agree; others are
    verified by exact Jaccard of their shingle sets (or the signatures' estimate), read from the map
@@ -42,6 +44,7 @@ from cleaning.dedup_phases import (
     apply_decisions,
     best_similarity,
     decide_clusters,
+    id_collisions,
     repeated_spans,
     root_shards,
     signatures,
@@ -82,7 +85,29 @@ def _map_task(staging: Path, index: int, part: Partition, cfg: DedupConfig) -> d
     if sig.lines is not None:
         _shard_files(work / "lines", part.name, sig.line_shards(cfg.shards))
     _shard_files(work / "bands", part.name, sig.band_shards(cfg.shards))
+    _shard_files(work / "ids", part.name, sig.id_shards(cfg.shards))
     return {"part": part.name, "index": index, "documents": sig.docs.num_rows}
+
+
+def _ids_task(staging: Path, shard: int, names: list[str], out: Path) -> dict[str, Any]:
+    work = out / WORK
+    rows = pa.concat_tables([read_ipc(work / "ids" / f"{name}-{shard:04d}.arrow") for name in names])
+    arrays = _PartArrays(work, names)
+    later = id_collisions(rows, arrays.doc_id)
+    for index, name in enumerate(names):
+        mine = later[(later >> 32) == index] & 0xFFFFFFFF
+        write_ipc(staging / WORK / "idcollisions" / f"{name}-{shard:04d}.arrow", pa.table({"row": mine}))
+    return {"part": f"ids-{shard:04d}", "collisions": int(later.size)}
+
+
+def _id_collisions(work: Path, names: list[str], shards: int) -> np.ndarray:
+    """Every node removed for an id an earlier document has (few: read whole by each task)."""
+    nodes = [
+        (index << 32) | read_ipc(work / "idcollisions" / f"{name}-{s:04d}.arrow").column("row").to_numpy()
+        for index, name in enumerate(names)
+        for s in range(shards)
+    ]
+    return np.concatenate(nodes) if nodes else np.empty(0, np.int64)
 
 
 class _PartArrays:
@@ -96,6 +121,13 @@ class _PartArrays:
         if (kind, part) not in self._cache:
             self._cache[(kind, part)] = np.load(self.work / kind / f"{self.names[part]}.npy", mmap_mode="r")
         return self._cache[(kind, part)]
+
+    def doc_id(self, node: int) -> str:
+        """A document's id."""
+        key = ("id", node >> 32)
+        if key not in self._cache:
+            self._cache[key] = read_ipc(self.work / "docs" / f"{self.names[node >> 32]}.arrow").column("id")
+        return self._cache[key][node & 0xFFFFFFFF].as_py()
 
     def exact_hi(self, node: int) -> int:
         """The high half of a document's 128-bit text hash."""
@@ -121,6 +153,9 @@ def _cc_dir(root: Path, step: int) -> Path:
 def _reduce_task(staging: Path, shard: int, names: list[str], out: Path, cfg: DedupConfig) -> dict[str, Any]:
     work = out / WORK
     rows = pa.concat_tables([read_ipc(work / "bands" / f"{name}-{shard:04d}.arrow") for name in names])
+    rows = rows.filter(
+        pa.array(~np.isin(rows.column("node").to_numpy(), _id_collisions(work, names, cfg.shards)))
+    )
     arrays = _PartArrays(work, names)
     edges, candidates = verified_edges(rows, cfg, arrays.exact_hi, arrays.shingles, arrays.signature)
     a, b = edges.column("a").to_numpy(), edges.column("b").to_numpy()
@@ -178,7 +213,7 @@ def _lines_task(staging: Path, shard: int, names: list[str], out: Path, shards: 
         (index << 32) | read_ipc(work / "decisions" / f"{name}-{s:04d}.arrow").column("row").to_numpy()
         for index, name in enumerate(names)
         for s in range(shards)
-    ]
+    ] + [_id_collisions(work, names, shards)]
     rows = pa.concat_tables([read_ipc(work / "lines" / f"{name}-{shard:04d}.arrow") for name in names])
     removed_nodes = np.concatenate(removed) if removed else np.empty(0, np.int64)
     cut_node, cut_span, spans = repeated_spans(rows, removed_nodes)
@@ -207,6 +242,12 @@ def _apply_task(staging: Path, part: Partition, out: Path, cfg: DedupConfig) -> 
     removed = dict(
         zip(decisions["row"], zip(decisions["duplicate_of"], decisions["value"], decisions["filter"]))
     )
+    ids = read_ipc(work / "docs" / f"{part.name}.arrow").column("id")
+    for shard in range(cfg.shards):
+        for row in (
+            read_ipc(work / "idcollisions" / f"{part.name}-{shard:04d}.arrow").column("row").to_pylist()
+        ):
+            removed[row] = (ids[row].as_py(), None, "duplicate_id")  # the kept document has the same id
     cuts = _line_cuts(work, part.name, cfg.shards) if cfg.lines else {}
     ctx = StageContext("dedup")
     kept_batches = apply_decisions(part.batches(), removed, cuts, cfg, ctx)
@@ -271,10 +312,14 @@ def run_dedup_stage(
         [TaskId("map", part=n) for n in names],
         lambda t: (_map_task, (index_of[t.part], by_name[t.part], cfg)),
     )
+    collisions = phases.run(
+        "document ids", phases.shard_tasks("ids"), lambda t: (_ids_task, (t.shard, names, out))
+    )
     reduces = phases.run(
         "candidate pairs", phases.shard_tasks("reduce"), lambda t: (_reduce_task, (t.shard, names, out, cfg))
     )
     counters: Counter = Counter()
+    counters["id_collisions"] = sum(r["collisions"] for r in collisions.values())
     counters["candidate_pairs"] = sum(r["candidate_pairs"] for r in reduces.values())
     counters["edges"] = sum(r["edges"] for r in reduces.values())
     step = phases.components()

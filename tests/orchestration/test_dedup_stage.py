@@ -1,6 +1,7 @@
 """The dedup stage on Ray: map / shuffle by bucket key / reduce / components / apply, against one process."""
 
 import json
+import random
 import shutil
 
 import pyarrow.parquet as pq
@@ -178,3 +179,24 @@ def test_no_input_documents_give_an_empty_output(ray_session, tmp_path):
     assert index["rows"] == 0 and index["files"] == []
     assert index["counters"] == {"documents_in": 0, "kept": 0, "rejected": 0}
     assert pq.read_table(tmp_path / "out" / "clusters.parquet").num_rows == 0
+
+
+def test_two_documents_with_one_id_keep_the_first_in_corpus_order(ray_session, tmp_path):
+    rng = random.Random(3)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "mu"]
+    texts = [" ".join(rng.choice(words) for _ in range(60)) for _ in range(30)]
+    ids = [f"doc{i:02d}" for i in range(30)]
+    ids[25] = ids[3]  # another text under an id already used, in another partition
+    ids[27] = ids[3]
+    docs = tmp_path / "docs"
+    _dataset(docs, ids, texts, rows_per_group=5)
+    cfg = DedupConfig(partition_mb=0.002, shards=3)
+    assert len(plan_partitions([docs / "part-00000.parquet"], cfg.partition_mb)) > 1
+    index = run_dedup_stage(docs, tmp_path / "out", cfg, cache_key="k", inputs={})
+    kept = read_table(tmp_path / "out").to_pylist()
+    rejected = read_table(tmp_path / "out" / "rejected").to_pylist()
+    assert [r["text"] for r in kept if r["id"] == "doc03"] == [texts[3]]  # the first one stays
+    dup = [(r["text"], r["filter"], r["signal"], r["duplicate_of"]) for r in rejected if r["id"] == "doc03"]
+    assert sorted(dup) == sorted([(texts[i], "duplicate_id", "id", "doc03") for i in (25, 27)])
+    assert index["counters"]["id_collisions"] == 2
+    assert len(kept) + len(rejected) == 30 and len({r["id"] for r in kept}) == len(kept)
