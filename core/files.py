@@ -74,15 +74,29 @@ def read_ipc(path: str | Path) -> pa.Table:
     return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
 
 
+def id_sum(ids: Iterable[str], start: int = 0) -> int:
+    """An order-independent digest of a multiset of document ids: the sum of their 64-bit blake2b hashes,
+    mod 2**64. Two datasets hold the same ids exactly when (barring a collision) the sums agree, and a
+    stage's input sum equals the sum of its outputs' (kept + rejected)."""
+    total = start
+    for doc_id in ids:
+        total += int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "little")
+    return total % 2**64
+
+
 def write_parquet(path: str | Path, batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> dict[str, Any]:
-    """Write batches to one Parquet file atomically; return its manifest entry."""
-    rows = 0
+    """Write batches to one Parquet file atomically; return its manifest entry (with the ``id_sum`` of
+    its documents when the schema has an ``id`` column)."""
+    rows, ids = 0, 0
+    has_ids = "id" in schema.names
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for batch in batches:
             if batch.num_rows:
                 writer.write_batch(batch)
                 rows += batch.num_rows
-    return file_entry(path, rows)
+                if has_ids:
+                    ids = id_sum(batch.column("id").to_pylist(), ids)
+    return file_entry(path, rows) | ({"id_sum": f"{ids:016x}"} if has_ids else {})
 
 
 def save_npy(path: str | Path, array: np.ndarray) -> None:

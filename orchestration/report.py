@@ -106,6 +106,7 @@ def build_report(workdir: str | Path) -> dict[str, Any]:
         checks.update(_source_checks(stages["clean"]["counters"], stages.get("crawl")))
     if "dedup" in stages:
         checks.update(_cluster_checks(workdir / "dedup", stages["dedup"], rep["stages"]["dedup"]))
+    checks.update(_id_checks(workdir, stages))
     if "tokenize" in stages:
         rep["stages"]["tokenize"] = stages["tokenize"]["counters"]
         last_docs = next((rep["stages"][n] for n in ("dedup", "clean") if n in rep["stages"]), None)
@@ -125,6 +126,39 @@ def build_report(workdir: str | Path) -> dict[str, Any]:
     return rep
 
 
+def _ids(index: dict[str, Any] | None) -> int | None:
+    """The id_sum of a manifest's files (None when a file lacks one: written before lmforge kept them)."""
+    if index is None:
+        return None
+    sums = [f.get("id_sum") for f in index["files"] if f["path"].endswith((".parquet", ".docs.arrow"))]
+    return None if None in sums else sum(int(x, 16) for x in sums) % 2**64
+
+
+def _id_checks(workdir: Path, stages: dict[str, dict[str, Any]]) -> dict[str, bool]:
+    """Every document id that enters a stage leaves it, kept or rejected; the ids tokenized are those kept."""
+    checks = {}
+    if "clean" in stages and "dedup" in stages:
+        ins, kept, rejected = (
+            _ids(stages["clean"]),
+            _ids(stages["dedup"]),
+            _ids(read_index(workdir / "dedup" / "rejected")),
+        )
+        if None not in (ins, kept, rejected):
+            checks["dedup: every document id kept by clean leaves as kept or rejected"] = (
+                ins == (kept + rejected) % 2**64
+            )
+    docs = next((n for n in ("dedup", "clean") if n in stages), None)
+    if (
+        docs is not None
+        and "tokenize" in stages
+        and None not in (_ids(stages[docs]), _ids(stages["tokenize"]))
+    ):
+        checks[f"tokenize: the document ids tokenized are the ids {docs} kept"] = _ids(stages[docs]) == _ids(
+            stages["tokenize"]
+        )
+    return checks
+
+
 def _source_checks(clean: dict[str, Any], crawl: dict[str, Any] | None) -> dict[str, bool]:
     """Documents clean read = WARC records of the crawl + records read from read.paths."""
     from_crawl, from_read = clean.get("documents_in.crawl", 0), clean.get("documents_in.read", 0)
@@ -135,6 +169,10 @@ def _source_checks(clean: dict[str, Any], crawl: dict[str, Any] | None) -> dict[
     if crawl is not None:
         checks["crawl pages fetched = documents clean read from the crawl"] = (
             crawl["counters"].get("pages_fetched", 0) == from_crawl
+        )
+        records = sum(f.get("rows", 0) for f in crawl["files"])
+        checks["crawl manifest records = documents clean read from the crawl + responses it skipped"] = (
+            records == from_crawl + clean.get("warc.skipped_status", 0)
         )
     return checks
 

@@ -1,6 +1,7 @@
 """The pipeline, MLflow tracking and the report on a tiny corpus read from ``read.paths`` (no crawl, no
 Ray Train): fast enough for ``make test-fast``."""
 
+import hashlib
 import json
 import os
 import random
@@ -133,6 +134,16 @@ def test_read_only_run_reports_every_document_and_passes_its_checks(fast_run, co
     ]
     kept = result.stages["dedup"].index["counters"]["kept"]
     assert result.stages["tokenize"].index["counters"]["documents"] == kept == len(texts) - 1
+    # Ids are conserved across stages (multiset sums of 64-bit id hashes, recomputed here from the files).
+    assert report["checks"]["dedup: every document id kept by clean leaves as kept or rejected"]
+    assert report["checks"]["tokenize: the document ids tokenized are the ids dedup kept"]
+    for stage in ("clean", "dedup"):
+        for entry in result.stages[stage].index["files"]:
+            ids = pq.read_table(result.stages[stage].out_dir / entry["path"]).column("id").to_pylist()
+            hashes = (
+                int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little") for i in ids
+            )
+            assert int(entry["id_sum"], 16) == sum(hashes) % 2**64
     # Lineage: every manifest names the digest of the stage it read.
     assert all(ok for name, ok in report["checks"].items() if ": input " in name)
     assert (

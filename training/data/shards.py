@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from core.files import file_sha256, write_ipc
+from core.files import file_sha256, id_sum, write_ipc
 from core.manifest import INDEX, IntegrityError, ManifestError, Verify, read_index, verify_files
 
 SPLITS = ("train", "val")
@@ -118,6 +118,7 @@ class TokenShardWriter:
                 "documents": len(self._ids),
                 "sha256": file_sha256(self.out_dir / f"{name}.arrow"),
                 "docs_sha256": file_sha256(self.out_dir / f"{name}.docs.arrow"),
+                "id_sum": f"{id_sum(self._ids):016x}",
             }
         )
         self._reset()

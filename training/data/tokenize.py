@@ -198,9 +198,10 @@ def write_token_index(
         )
     files = [
         {"path": s[key], "rows": s["documents"], "sha256": s[sha]}
+        | ({"id_sum": s["id_sum"]} if ids and "id_sum" in s else {})
         for split in splits.values()
         for s in split["shards"]
-        for key, sha in (("path", "sha256"), ("docs_path", "docs_sha256"))
+        for key, sha, ids in (("path", "sha256", False), ("docs_path", "docs_sha256", True))
     ]
     files.append({"path": prepared.path, "rows": 0, "sha256": prepared.id})
     for entry in files:
