@@ -18,12 +18,20 @@ import pyarrow.parquet as pq
 import ray
 
 from core.files import write_parquet
-from core.manifest import dataset_files, write_index
+from core.manifest import ManifestError, dataset_files, write_index
 from core.partitions import Partition, plan_partitions
 from core.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA, document_id, document_table
 from core.stage import Stage, StageContext, run_chain
 from core.tasks import DONE_DIR, STAGING_DIR, TaskFn, TaskId, read_marker, run_task
-from ingestion.readers import Malformed, ReadConfig, ReadReport, decode_utf8, read_corpus, read_warc
+from ingestion.readers import (
+    CorruptInputError,
+    Malformed,
+    ReadConfig,
+    ReadReport,
+    decode_utf8,
+    read_corpus,
+    read_warc,
+)
 from training.data.tokenize import (
     Prepared,
     TokenizeConfig,
@@ -139,6 +147,11 @@ def corpus_source(uri: str, read: ReadConfig) -> Source:
     return Source("read", uri, read)
 
 
+#: Errors a task raises about a user's input (they name the file or field and the fix), re-raised as
+#: they are instead of inside a Ray traceback.
+USER_ERRORS = (CorruptInputError, ManifestError, FileNotFoundError)
+
+
 def document_task(
     staging: Path, stages: list[Stage], source: Source, part: str, stage_name: str
 ) -> dict[str, Any]:
@@ -188,7 +201,13 @@ def run_tasks(
             fn, args = plan(task)
             pending[_remote_task.remote(fn, task, str(root), str(markers), args)] = task
         done, _ = ray.wait(list(pending), num_returns=1)
-        results[pending.pop(done[0])] = ray.get(done[0])
+        task = pending.pop(done[0])
+        try:
+            results[task] = ray.get(done[0])
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, USER_ERRORS):  # it names the file and the fix: say just that
+                raise e.cause from None
+            raise
         if on_progress:
             on_progress(len(results), len(tasks))
     shutil.rmtree(root / STAGING_DIR, ignore_errors=True)  # what killed tasks left

@@ -2,16 +2,18 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pytest
 from mlflow.tracking import MlflowClient
+from warcio.archiveiterator import ArchiveIterator
 
 from core.manifest import index_digest, read_table
 from orchestration.config import load_config
-from orchestration.pipeline import run_pipeline
+from orchestration.pipeline import Pipeline, run_pipeline
 from tests.conftest import free_port
 from training.data.tokenizer import load_tokenizer
 
@@ -187,3 +189,30 @@ def test_a_fresh_run_of_the_same_config_gives_the_same_data_and_model(demo_run, 
         first.stages["train"].index["summary"]["losses"] == second.stages["train"].index["summary"]["losses"]
     )
     assert first.metrics == second.metrics
+
+
+def _cut_last_record(warc: Path) -> int:
+    """Truncate a gzip WARC at the start of its last record (a record boundary); returns records left."""
+    with open(warc, "rb") as f:
+        offsets = [(r.rec_type, it.get_record_offset()) for it in [ArchiveIterator(f)] for r in it]
+    with open(warc, "r+b") as f:
+        f.truncate(offsets[-1][1])
+    return len(offsets) - 1
+
+
+@pytest.mark.slow
+def test_a_warc_cut_at_a_record_boundary_is_recrawled_not_half_read(demo_run, tmp_path):
+    """The crawl output no longer matches its manifest: the crawl is not cached but redone, and clean
+    reads every page again (before: crawl stayed cached and clean read what was left)."""
+    cfg, result = demo_run
+    copy = tmp_path / "copy"
+    shutil.copytree(cfg.workdir, copy, ignore=shutil.ignore_patterns(".ray"))
+    crawl = copy / "crawl"
+    warc = crawl / max(result.stages["crawl"].index["files"], key=lambda f: f["rows"])["path"]
+    _cut_last_record(warc)
+    again = Pipeline(cfg.model_copy(update={"workdir": copy})).run(until="clean")
+    assert not again.stages["crawl"].cached and not again.stages["clean"].cached
+    pages = result.stages["crawl"].index["counters"]["pages_fetched"]
+    assert again.stages["crawl"].index["counters"]["pages_fetched"] == pages
+    assert again.stages["clean"].index["counters"]["documents_in"] == pages
+    assert json.loads(again.report_path.read_text())["ok"]

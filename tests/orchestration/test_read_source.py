@@ -49,3 +49,19 @@ def test_read_only_config_is_a_source_and_missing_paths_fail_clearly(tmp_path):
     assert cfg.read.inputs() == [str(tmp_path / "a.jsonl")]
     with pytest.raises(FileNotFoundError, match="nothing matches"):
         ReadConfig(paths=[str(tmp_path / "*.parquet")]).inputs()
+
+
+def test_a_truncated_input_fails_the_stage_naming_the_file(ray_session, tmp_path):
+    from ingestion.readers import CorruptInputError
+
+    path = tmp_path / "dump.jsonl.gz"
+    data = gzip.compress(
+        b"".join(json.dumps({"id": f"r{i}", "text": PARAGRAPH}).encode() + b"\n" for i in range(50))
+    )
+    path.write_bytes(data[: len(data) // 2])
+    read = ReadConfig(paths=[str(path)])
+    parts = [("read-00000", corpus_source(str(path), read))]
+    stages = [TextNormalizer(TextNormalizerConfig())]
+    with pytest.raises(CorruptInputError, match=f"{path}: truncated or corrupt.*re-download"):
+        run_document_stage("clean", stages, parts, tmp_path / "clean", cache_key="k", inputs={})
+    assert not (tmp_path / "clean" / "index.json").exists()  # nothing committed
