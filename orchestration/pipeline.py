@@ -342,7 +342,7 @@ class Pipeline:
             record = {"name": cfg.name, "mlflow_run_id": parent_id, "tracking_uri": cfg.tracking_uri}
             atomic_write_bytes(self.workdir / report.RUN_RECORD, json.dumps(record).encode())
             self._stages(result, tracker, config_hash, until)
-            result.report_path = report.write_report(self.workdir)
+            result.report_path = report.write_report(self.workdir, until)
             tracker.log_artifact(result.report_path)
             tracker.log_artifact(result.report_path.with_suffix(".md"))
         return result

@@ -59,11 +59,12 @@ def _document_stage(out_dir: Path, index: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_stages(workdir: Path) -> dict[str, dict[str, Any]]:
-    """The committed manifests of a work dir's latest run: from the last stage that has one, back through
-    each manifest's ``inputs``, in pipeline order (a stale output that the run did not use is left out)."""
+def run_stages(workdir: Path, last: str | None = None) -> dict[str, dict[str, Any]]:
+    """The committed manifests of a work dir's run: from ``last`` (default: the last stage that has one),
+    back through each manifest's ``inputs``, in pipeline order (an output the run did not use is left
+    out)."""
     found = {name: index for name in STAGES if (index := read_index(workdir / name)) is not None}
-    todo = [next((n for n in reversed(STAGES) if n in found), None)]
+    todo = [last or next((n for n in reversed(STAGES) if n in found), None)]
     used: set[str] = set()
     while todo:
         name = todo.pop()
@@ -77,10 +78,11 @@ def _json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def build_report(workdir: str | Path) -> dict[str, Any]:
-    """Per-stage figures and consistency checks, from the manifests (index.json) of a work dir."""
+def build_report(workdir: str | Path, last: str | None = None) -> dict[str, Any]:
+    """Per-stage figures and consistency checks, from the manifests (index.json) of a work dir (of the
+    stages up to ``last``, by default all that have one)."""
     workdir = Path(workdir).resolve()
-    stages = run_stages(workdir)
+    stages = run_stages(workdir, last)
     if not stages:
         raise FileNotFoundError(f"{workdir}: no stage has committed an index.json; run the pipeline first")
     run = _json(workdir / RUN_RECORD)
@@ -217,9 +219,9 @@ def render_markdown(rep: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(workdir: str | Path) -> Path:
+def write_report(workdir: str | Path, last: str | None = None) -> Path:
     """Write report.json and report.md into the work dir from its manifests; returns the JSON path."""
-    rep = build_report(workdir)
+    rep = build_report(workdir, last)
     path = Path(workdir) / "report.json"
     atomic_write_bytes(path, json.dumps(rep, indent=2, default=str).encode())
     atomic_write_bytes(path.with_suffix(".md"), render_markdown(rep).encode())
