@@ -51,7 +51,7 @@ from orchestration.executors import (
     warc_source,
 )
 from orchestration.preflight import preflight
-from orchestration.tracking import RunMetricsLogger, Tracker
+from orchestration.tracking import RunMetricsLogger, Tracker, code_version
 from orchestration.training_launch import launch_training
 
 try:
@@ -108,6 +108,7 @@ class Pipeline:
         self.cfg = config
         self.console = console or Console(stderr=True)
         self.workdir = config.workdir.resolve()
+        self._code: dict[str, str] = {}
 
     # -- stage bookkeeping --------------------------------------------------------------------------
     def _stage(
@@ -336,7 +337,8 @@ class Pipeline:
         artifacts = None if cfg.tracking.uri else (self.workdir / "mlartifacts").as_uri()
         tracker = Tracker(cfg.tracking_uri, cfg.tracking.experiment, artifacts)
         config_hash = cache_key("pipeline", cfg, {})
-        tags = {"lmforge.version": LMFORGE_VERSION, "lmforge.config_hash": config_hash}
+        self._code = code_version(LMFORGE_VERSION)
+        tags = {**self._code, "lmforge.config_hash": config_hash}
         with tracker.pipeline_run(cfg.name, cfg.model_dump(mode="json"), tags) as parent_id:
             result = PipelineResult(self.workdir, cfg.tracking_uri, parent_id)
             record = {"name": cfg.name, "mlflow_run_id": parent_id, "tracking_uri": cfg.tracking_uri}
@@ -408,7 +410,7 @@ class Pipeline:
             "lmforge.shards_digest": index_digest(tokens.index),
             "lmforge.tokenizer_id": tokens.index["tokenizer"]["id"],
             "lmforge.config_hash": config_hash,
-            "lmforge.code_version": LMFORGE_VERSION,
+            **self._code,
             "lmforge.train_cache_key": index["cache_key"],
         }
         result.model_id, result.model_version = tracker.log_model(

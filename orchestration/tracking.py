@@ -7,6 +7,7 @@ that writes to a run by id, so training code stays free of MLflow.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 import warnings
 from collections.abc import Iterator
@@ -25,6 +26,36 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from core.mappings import flatten  # noqa: E402
 
 _MAX_PARAM = 6000
+
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def code_version(version: str, repo: Path = _REPO) -> dict[str, str]:
+    """The code a run used: the package version, and where the code is a git checkout, its commit and
+    whether tracked files differ from it (``lmforge.git_dirty``)."""
+    tags = {"lmforge.version": version, "lmforge.code_version": version}
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):  # not a checkout (a shipped working dir), or no git
+        return tags
+    dirty = bool(status.strip())
+    tags |= {"lmforge.git_commit": commit, "lmforge.git_dirty": str(dirty).lower()}
+    tags["lmforge.code_version"] = f"{version}+g{commit[:12]}" + (".dirty" if dirty else "")
+    return tags
 
 
 def _params(mapping: dict[str, Any]) -> dict[str, str]:
@@ -47,6 +78,10 @@ class Tracker:
             )
         else:
             self.experiment_id = existing.experiment_id
+        # The MLflow UI opens an experiment of this kind on its training runs and models (else on traces).
+        self.client.set_experiment_tag(
+            self.experiment_id, "mlflow.experimentKind", "custom_model_development"
+        )
         mlflow.set_experiment(experiment_id=self.experiment_id)
         self.parent_run_id: str | None = None
 

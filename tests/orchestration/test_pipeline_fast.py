@@ -162,6 +162,25 @@ def test_each_stage_is_a_nested_mlflow_run_of_the_pipeline_run(fast_run):
     assert set(by_stage) == {"crawl", "clean", "dedup", "tokenize"}
     assert by_stage["dedup"].data.metrics["rejected"] == 1
     assert json.loads((cfg.workdir / "run.json").read_text())["mlflow_run_id"] == result.parent_run_id
+    # The UI opens the experiment on its training runs and models, not on the GenAI traces page.
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # The code version names the commit (and whether tracked files differed from it).
+    repo = Path(__file__).resolve().parents[2]
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        dirty = (
+            subprocess.run(
+                ["git", "-C", str(repo), "diff", "--quiet", "HEAD"], capture_output=True
+            ).returncode
+            != 0
+        )
+        tags = parent.data.tags
+        assert tags["lmforge.git_commit"] == head.stdout.strip()
+        assert tags["lmforge.git_dirty"] == str(dirty).lower()
+        assert tags["lmforge.code_version"].startswith(
+            f"{tags['lmforge.version']}+g{head.stdout.strip()[:12]}"
+        )
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
