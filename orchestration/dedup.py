@@ -100,10 +100,11 @@ def _ids_task(staging: Path, shard: int, names: list[str], out: Path) -> dict[st
     return {"part": f"ids-{shard:04d}", "collisions": int(later.size)}
 
 
-def _id_collisions(work: Path, names: list[str], shards: int) -> np.ndarray:
-    """Every node removed for an id an earlier document has (few: read whole by each task)."""
+def _removed_nodes(work: Path, kind: str, names: list[str], shards: int) -> np.ndarray:
+    """The nodes of every ``kind/{partition}-{shard}.arrow`` row table (``idcollisions``: removed for an
+    id an earlier document has; ``decisions``: removed as duplicates). Few: read whole by each task."""
     nodes = [
-        (index << 32) | read_ipc(work / "idcollisions" / f"{name}-{s:04d}.arrow").column("row").to_numpy()
+        (index << 32) | read_ipc(work / kind / f"{name}-{s:04d}.arrow").column("row").to_numpy()
         for index, name in enumerate(names)
         for s in range(shards)
     ]
@@ -153,9 +154,8 @@ def _cc_dir(root: Path, step: int) -> Path:
 def _reduce_task(staging: Path, shard: int, names: list[str], out: Path, cfg: DedupConfig) -> dict[str, Any]:
     work = out / WORK
     rows = pa.concat_tables([read_ipc(work / "bands" / f"{name}-{shard:04d}.arrow") for name in names])
-    rows = rows.filter(
-        pa.array(~np.isin(rows.column("node").to_numpy(), _id_collisions(work, names, cfg.shards)))
-    )
+    collided = _removed_nodes(work, "idcollisions", names, cfg.shards)  # they take no part in similarity
+    rows = rows.filter(pa.array(~np.isin(rows.column("node").to_numpy(), collided)))
     arrays = _PartArrays(work, names)
     edges, candidates = verified_edges(rows, cfg, arrays.exact_hi, arrays.shingles, arrays.signature)
     a, b = edges.column("a").to_numpy(), edges.column("b").to_numpy()
@@ -209,14 +209,11 @@ def _decide_task(
 
 def _lines_task(staging: Path, shard: int, names: list[str], out: Path, shards: int) -> dict[str, Any]:
     work = out / WORK
-    removed = [
-        (index << 32) | read_ipc(work / "decisions" / f"{name}-{s:04d}.arrow").column("row").to_numpy()
-        for index, name in enumerate(names)
-        for s in range(shards)
-    ] + [_id_collisions(work, names, shards)]
+    removed = np.concatenate(
+        [_removed_nodes(work, kind, names, shards) for kind in ("decisions", "idcollisions")]
+    )
     rows = pa.concat_tables([read_ipc(work / "lines" / f"{name}-{shard:04d}.arrow") for name in names])
-    removed_nodes = np.concatenate(removed) if removed else np.empty(0, np.int64)
-    cut_node, cut_span, spans = repeated_spans(rows, removed_nodes)
+    cut_node, cut_span, spans = repeated_spans(rows, removed)
     for index, name in enumerate(names):
         mine = (cut_node >> 32) == index
         table = pa.table({"row": cut_node[mine] & 0xFFFFFFFF, "span": cut_span[mine]})

@@ -332,7 +332,7 @@ class Pipeline:
             ray_cfg.address, ray_cfg.num_cpus, ray_cfg.object_store_memory_mb, ray_cfg.dashboard, self.workdir
         )
         if until in ("train", "evaluate"):
-            preflight(cfg, ray.cluster_resources())
+            preflight(cfg, ray.cluster_resources())  # the worker group against the cluster
         # With the default sqlite store, artifacts (models, reports) live in the work dir too.
         artifacts = None if cfg.tracking.uri else (self.workdir / "mlartifacts").as_uri()
         tracker = Tracker(cfg.tracking_uri, cfg.tracking.experiment, artifacts)

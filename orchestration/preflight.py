@@ -74,8 +74,9 @@ def cluster_problems(cfg: PipelineConfig, resources: dict[str, float]) -> list[s
 
 
 def preflight(cfg: PipelineConfig, resources: dict[str, float] | None = None) -> None:
-    """Raise ConfigError naming every problem (field, value, fix) before any stage runs."""
-    problems = file_problems(cfg) + (cluster_problems(cfg, resources) if resources is not None else [])
+    """Raise ConfigError naming every problem (field, value, fix) before any stage runs: the files the
+    config names, or, given the cluster's ``resources``, whether the training worker group fits them."""
+    problems = file_problems(cfg) if resources is None else cluster_problems(cfg, resources)
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise ConfigError(f"pre-flight found {len(problems)} problem(s) before any stage ran:\n{lines}")

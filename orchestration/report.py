@@ -150,14 +150,10 @@ def _id_checks(workdir: Path, stages: dict[str, dict[str, Any]]) -> dict[str, bo
                 ins == (kept + rejected) % 2**64
             )
     docs = next((n for n in ("dedup", "clean") if n in stages), None)
-    if (
-        docs is not None
-        and "tokenize" in stages
-        and None not in (_ids(stages[docs]), _ids(stages["tokenize"]))
-    ):
-        checks[f"tokenize: the document ids tokenized are the ids {docs} kept"] = _ids(stages[docs]) == _ids(
-            stages["tokenize"]
-        )
+    if docs is not None and "tokenize" in stages:
+        kept, tokenized = _ids(stages[docs]), _ids(stages["tokenize"])
+        if None not in (kept, tokenized):
+            checks[f"tokenize: the document ids tokenized are the ids {docs} kept"] = kept == tokenized
     return checks
 
 
