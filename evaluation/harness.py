@@ -1,0 +1,92 @@
+"""Evaluate a model: benchmark tasks and bits per byte / perplexity on text, from one entry point.
+
+A model is an exported Hugging Face directory (what training writes, or any causal LM saved with
+``save_pretrained`` and its tokenizer). MLflow URIs are resolved to such a directory by orchestration
+(the only layer that talks to MLflow).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from pydantic import Field
+
+from core.stage import StageConfig
+from evaluation.loglikelihood import CausalScorer, Progress
+from evaluation.tasks import resolve_task, score_task, score_texts
+from ingestion.readers import read_corpus
+
+
+class TasksConfig(StageConfig):
+    """Downstream evaluation of the trained model (``evaluate.tasks`` in the pipeline config)."""
+
+    names: list[str] = Field(
+        default_factory=list,
+        description="Built-in task names (arc_easy, hellaswag, piqa, lambada_openai, ...) or task files.",
+    )
+    limit: int | None = Field(None, ge=1, description="First N examples of each task (None: all).")
+    batch_tokens: int = Field(8192, ge=64, description="Tokens per forward pass (padded rows x width).")
+
+
+def load_model(model_dir: str | Path, threads: int | None = None) -> tuple[torch.nn.Module, Any]:
+    """An exported causal LM and its tokenizer, fp32, in eval mode."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+    if threads:
+        torch.set_num_threads(threads)
+    transformers.logging.disable_progress_bar()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+def read_texts(uri: str | Path, limit: int | None = None, text_field: str = "text") -> list[str]:
+    """Texts of any corpus the readers know (JSONL, Parquet, WARC/WET, directories of text or HTML),
+    including an lmforge documents output directory (its Parquet files)."""
+    path = Path(str(uri))
+    sources: Iterator[str | Path] = (
+        iter(sorted(path.glob("*.parquet"))) if path.is_dir() and any(path.glob("*.parquet")) else iter([uri])
+    )
+    texts: list[str] = []
+    for source in sources:
+        for batch in read_corpus(source, text_field=text_field):
+            texts.extend(t for t in batch.column("text").to_pylist() if t)
+            if limit is not None and len(texts) >= limit:
+                return texts[:limit]
+    return texts
+
+
+def evaluate(
+    model_dir: str | Path,
+    tasks: list[str] = (),  # type: ignore[assignment]
+    data: list[str] = (),  # type: ignore[assignment]
+    limit: int | None = None,
+    batch_tokens: int = 8192,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, dict[str, float]]:
+    """``{task or data path: metrics}``; each entry also carries ``seconds`` and ``examples_per_s``."""
+    model, tokenizer = load_model(model_dir, threads)
+    scorer = CausalScorer(model, tokenizer, batch_tokens=batch_tokens)
+    results: dict[str, dict[str, float]] = {}
+    for name in tasks:
+        task = resolve_task(name)
+        start = time.perf_counter()
+        metrics = score_task(scorer, task, limit, progress)
+        results[task.name] = _timed(metrics, "examples", start)
+    for uri in data:
+        start = time.perf_counter()
+        metrics = score_texts(scorer, read_texts(uri, limit), progress)
+        results[str(uri)] = _timed(metrics, "documents", start)
+    return results
+
+
+def _timed(metrics: dict[str, float], unit: str, start: float) -> dict[str, float]:
+    seconds = time.perf_counter() - start
+    return metrics | {"seconds": seconds, "examples_per_s": metrics[unit] / seconds}

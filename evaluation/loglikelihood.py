@@ -1,0 +1,203 @@
+"""Log-likelihood of continuations under a causal LM, computed as lm-evaluation-harness defines it.
+
+Requests are ``(context, continuation)`` strings. Tokenization follows lm-eval's ``HFLM``: trailing
+whitespace of the context moves to the continuation, the pair is encoded whole and the continuation is
+what follows the context's own encoding; an empty context is the prefix token (BOS, else EOS); a window
+longer than the model is cut from the left. The score is the summed log-probability of the continuation
+tokens and whether greedy decoding would have produced them.
+
+Speed comes from sharing: the continuations of one context (the choices of a multiple-choice question)
+are packed into one row after a single copy of the context, each attending to the context and to itself
+only (a block mask, with position ids restarting after the context), so a 4-choice question costs one
+context plus four short continuations instead of four full sequences. Rows are batched by length under a
+token budget and only the continuation positions are projected through log-softmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class _Row:
+    """One packed forward row: a context and the continuations that share it."""
+
+    context: list[int]
+    continuations: list[list[int]] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)  # request index of each continuation
+
+    def length(self) -> int:
+        return len(self.context) + sum(len(c) - 1 for c in self.continuations)
+
+
+def model_max_length(model: torch.nn.Module, tokenizer: Any, default: int = 2048) -> int:
+    """The longest window the model takes, looked up as lm-eval does (config first, then tokenizer)."""
+    config = model.config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(config, attr, None):
+            return int(getattr(config, attr))
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if limit and limit < 1e9 else default
+
+
+class CausalScorer:
+    """Scores continuations with a Hugging Face causal LM and its tokenizer."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        max_length: int | None = None,
+        batch_tokens: int = 8192,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length or model_max_length(model, tokenizer)
+        self.batch_tokens = batch_tokens
+        self.device = next(model.parameters()).device
+        bos = tokenizer.bos_token_id
+        self.prefix_token_id = int(bos if bos is not None else tokenizer.eos_token_id)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if not context:
+            cont = self.encode(continuation)
+            if cont and cont[0] == self.prefix_token_id:
+                return cont[:1], cont[1:]
+            return [self.prefix_token_id], cont
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        whole = self.encode(context + continuation)
+        context_enc = self.encode(context)
+        return context_enc, whole[len(context_enc) :]
+
+    def loglikelihood(
+        self, requests: Sequence[tuple[str, str]], progress: Progress | None = None
+    ) -> list[tuple[float, bool]]:
+        """(sum of continuation log-probs, greedy match) per request, in order."""
+        encoded = [self.encode_pair(c, x) for c, x in requests]
+        return self.loglikelihood_tokens(encoded, progress)
+
+    def loglikelihood_tokens(
+        self, encoded: Sequence[tuple[list[int], list[int]]], progress: Progress | None = None
+    ) -> list[tuple[float, bool]]:
+        rows: dict[tuple[int, ...], _Row] = {}
+        for slot, (context, cont) in enumerate(encoded):
+            if not cont:
+                raise ValueError(f"request {slot}: the continuation encodes to no tokens")
+            if len(cont) > self.max_length:
+                raise ValueError(
+                    f"request {slot}: continuation of {len(cont)} tokens exceeds the model's "
+                    f"{self.max_length}-token window"
+                )
+            window = (context + cont)[-(self.max_length + 1) :]
+            key = tuple(window[: len(window) - len(cont)])
+            row = rows.setdefault(key, _Row(list(key)))
+            row.continuations.append(cont)
+            row.slots.append(slot)
+        results: list[tuple[float, bool] | None] = [None] * len(encoded)
+        done = 0
+        for batch in self._batches(sorted(rows.values(), key=lambda r: -r.length())):
+            for slot, result in self._forward(batch):
+                results[slot] = result
+            done += sum(len(r.slots) for r in batch)
+            if progress:
+                progress(done, len(encoded))
+        return results  # type: ignore[return-value]
+
+    def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
+        batches: list[list[_Row]] = []
+        for row in rows:  # longest first: each batch's first row sets its padded length
+            if batches and (len(batches[-1]) + 1) * batches[-1][0].length() <= self.batch_tokens:
+                batches[-1].append(row)
+            else:
+                batches.append([row])
+        return batches
+
+    @torch.no_grad()
+    def _forward(self, batch: list[_Row]) -> list[tuple[int, tuple[float, bool]]]:
+        width = batch[0].length()
+        n = len(batch)
+        tokens = torch.zeros(n, width, dtype=torch.long)
+        positions = torch.zeros(n, width, dtype=torch.long)
+        segment = torch.full((n, width), -1, dtype=torch.long)  # -1: padding, 0: context, i: choice i
+        targets: list[tuple[int, int, list[int], list[int]]] = []  # (row, slot, logit positions, tokens)
+        for b, row in enumerate(batch):
+            c = len(row.context)
+            tokens[b, :c] = torch.tensor(row.context)
+            positions[b, :c] = torch.arange(c)
+            segment[b, :c] = 0
+            at = c
+            for i, (cont, slot) in enumerate(zip(row.continuations, row.slots), start=1):
+                body = cont[:-1]  # the last continuation token is predicted, never fed
+                k = len(body)
+                tokens[b, at : at + k] = torch.tensor(body, dtype=torch.long)
+                positions[b, at : at + k] = torch.arange(c, c + k)
+                segment[b, at : at + k] = i
+                targets.append((b, slot, [c - 1, *range(at, at + k)], cont))
+                at += k
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+        allowed = causal & ((seg_k == 0) & (seg_q >= 0) | (seg_k == seg_q) & (seg_q > 0))
+        allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself (no empty softmax rows)
+        hidden = self.model(
+            input_ids=tokens.to(self.device),
+            attention_mask=allowed[:, None].to(self.device),
+            position_ids=positions.to(self.device),
+        ).logits
+        rows_idx = torch.tensor([b for b, _, pos, _ in targets for _ in pos])
+        pos_idx = torch.tensor([p for _, _, pos, _ in targets for p in pos])
+        picked = F.log_softmax(hidden[rows_idx.to(self.device), pos_idx.to(self.device)].float(), dim=-1)
+        wanted = torch.tensor([t for *_, cont in targets for t in cont], device=self.device)
+        token_lp = picked.gather(1, wanted[:, None]).squeeze(1).cpu()
+        greedy = (picked.argmax(-1) == wanted).cpu()
+        out, at = [], 0
+        for _, slot, pos, _ in targets:
+            k = len(pos)
+            out.append((slot, (float(token_lp[at : at + k].sum()), bool(greedy[at : at + k].all()))))
+            at += k
+        return out
+
+    def rolling_windows(self, text: str) -> list[tuple[list[int], list[int]]]:
+        """Disjoint windows covering every token of ``text`` (lm-eval's loglikelihood_rolling): the first
+        predicts from the prefix token, each later one with up to a full window of preceding tokens."""
+        tokens = self.encode(text)
+        if not tokens:
+            return []
+        size = self.max_length
+        first = min(size, len(tokens))
+        windows = [([self.prefix_token_id], tokens[:first])]
+        predicted = first
+        while predicted < len(tokens):
+            step = min(len(tokens) - predicted, size)
+            end = predicted + step
+            windows.append((tokens[max(0, end - size - 1) : predicted], tokens[predicted:end]))
+            predicted = end
+        return windows
+
+    def loglikelihood_rolling(
+        self, texts: Sequence[str], progress: Progress | None = None
+    ) -> list[tuple[float, int]]:
+        """(total log-likelihood, tokens) of each whole text."""
+        owner: list[int] = []
+        windows: list[tuple[list[int], list[int]]] = []
+        for i, text in enumerate(texts):
+            for window in self.rolling_windows(text):
+                owner.append(i)
+                windows.append(window)
+        scores = self.loglikelihood_tokens(windows, progress)
+        totals = [[0.0, 0] for _ in texts]
+        for i, (ll, _), (_, cont) in zip(owner, scores, windows):
+            totals[i][0] += ll
+            totals[i][1] += len(cont)
+        return [(ll, int(n)) for ll, n in totals]
