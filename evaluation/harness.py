@@ -7,8 +7,10 @@ A model is an exported Hugging Face directory (what training writes, or any caus
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,28 +64,42 @@ def read_texts(uri: str | Path, limit: int | None = None, text_field: str = "tex
     return texts
 
 
+@dataclass
+class Evaluation:
+    """What one task or text dataset scored, and what it was (for lineage: source and content digest)."""
+
+    name: str
+    source: str
+    digest: str
+    metrics: dict[str, float]
+
+
 def evaluate(
     model_dir: str | Path,
-    tasks: list[str] = (),  # type: ignore[assignment]
-    data: list[str] = (),  # type: ignore[assignment]
+    tasks: Sequence[str] = (),
+    data: Sequence[str] = (),
     limit: int | None = None,
     batch_tokens: int = 8192,
     threads: int | None = None,
     progress: Progress | None = None,
-) -> dict[str, dict[str, float]]:
-    """``{task or data path: metrics}``; each entry also carries ``seconds`` and ``examples_per_s``."""
+) -> dict[str, Evaluation]:
+    """``{task name or data path: Evaluation}``; metrics also carry ``seconds`` and ``examples_per_s``."""
     model, tokenizer = load_model(model_dir, threads)
     scorer = CausalScorer(model, tokenizer, batch_tokens=batch_tokens)
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, Evaluation] = {}
     for name in tasks:
         task = resolve_task(name)
         start = time.perf_counter()
-        metrics = score_task(scorer, task, limit, progress)
-        results[task.name] = _timed(metrics, "examples", start)
+        metrics = _timed(score_task(scorer, task, limit, progress), "examples", start)
+        results[task.name] = Evaluation(task.name, task.source, task.digest(), metrics)
     for uri in data:
         start = time.perf_counter()
-        metrics = score_texts(scorer, read_texts(uri, limit), progress)
-        results[str(uri)] = _timed(metrics, "documents", start)
+        texts = read_texts(uri, limit)
+        metrics = _timed(score_texts(scorer, texts, progress), "documents", start)
+        digest = hashlib.sha256()
+        for text in texts:
+            digest.update(hashlib.sha256(text.encode("utf-8")).digest())
+        results[str(uri)] = Evaluation(Path(str(uri)).name, str(uri), digest.hexdigest(), metrics)
     return results
 
 

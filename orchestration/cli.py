@@ -205,6 +205,81 @@ def report(
         raise typer.Exit(1)
 
 
+@app.command("eval")
+def eval_(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="An exported model directory, or models:/NAME@ALIAS, models:/NAME/VERSION, models:/ID."
+        ),
+    ],
+    tasks: Annotated[
+        str, typer.Option(help="Comma-separated tasks: built-in names or .jsonl/.yaml task files.")
+    ] = "",
+    data: Annotated[
+        list[str] | None, typer.Option(help="Text dataset for bits per byte and perplexity (repeatable).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="First N examples (documents) of each.")] = None,
+    batch_tokens: Annotated[int, typer.Option(help="Tokens per forward pass.")] = 8192,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    tracking_uri: Annotated[
+        str, typer.Option(help="MLflow tracking URI for models:/ references and logging.")
+    ] = "sqlite:///work/mlflow.db",
+    log: Annotated[
+        bool, typer.Option(help="Log metrics to MLflow against the model (models:/ only).")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Score a model on benchmark tasks and text: acc/acc_norm as lm-evaluation-harness, bits per byte."""
+    import tempfile
+
+    from evaluation.harness import evaluate
+    from evaluation.tasks import BUILTIN_TASKS
+    from orchestration.tracking import log_evaluation, resolve_model
+
+    names = [t for t in tasks.split(",") if t]
+    if not names and not data:
+        console.print(
+            f"[bold red]nothing to evaluate[/bold red]: give --tasks ({', '.join(BUILTIN_TASKS)}) or --data"
+        )
+        raise typer.Exit(2)
+    with tempfile.TemporaryDirectory(prefix="lmforge-eval-") as tmp:
+        try:
+            model_dir, logged = resolve_model(model, tracking_uri, Path(tmp))
+            with console.status("evaluating") as status:
+                results = evaluate(
+                    model_dir,
+                    names,
+                    data or [],
+                    limit,
+                    batch_tokens,
+                    threads,
+                    progress=lambda done, total: status.update(f"evaluating: {done}/{total} requests"),
+                )
+        except (FileNotFoundError, ValueError) as e:
+            console.print(f"[bold red]{e}[/bold red]")
+            raise typer.Exit(2) from None
+    if logged is not None and log:
+        run_id = log_evaluation(tracking_uri, logged, results, {"model": model, "limit": limit})
+        console.print(f"logged to MLflow run {run_id} against model {logged.model_id}")
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {k: {"source": v.source, "digest": v.digest, **v.metrics} for k, v in results.items()},
+                indent=1,
+            )
+        )
+        return
+    table = Table("task / data", "metric", "value", "± stderr")
+    for key, ev in results.items():
+        for metric, value in ev.metrics.items():
+            if metric.endswith("_stderr") or metric in ("seconds",):
+                continue
+            err = ev.metrics.get(f"{metric}_stderr")
+            table.add_row(key, metric, f"{value:.4f}", "" if err is None else f"{err:.4f}")
+    Console().print(table)
+
+
 @app.command()
 def schema() -> None:
     """Print the config JSON schema (every field, its type, default and description)."""

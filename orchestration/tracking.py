@@ -196,3 +196,51 @@ class RunMetricsLogger:
 
     def __getstate__(self) -> dict[str, Any]:
         return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "_client": None}
+
+
+def resolve_model(uri: str, tracking_uri: str, dst: Path) -> tuple[Path, Any]:
+    """A local Hugging Face directory for a model reference, and its MLflow LoggedModel (None for a path).
+
+    ``uri``: a directory, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``models:/MODEL_ID``.
+    """
+    if not uri.startswith("models:/"):
+        return Path(uri), None
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    ref = uri.removeprefix("models:/")
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            model_id = client.get_model_version_by_alias(name, alias).model_id
+        elif "/" in ref:
+            name, version = ref.split("/", 1)
+            model_id = client.get_model_version(name, version).model_id
+        else:
+            model_id = ref
+        logged = client.get_logged_model(model_id)
+    except mlflow.exceptions.MlflowException as e:
+        raise FileNotFoundError(
+            f"{uri}: not found in the tracking store {tracking_uri} ({e.message})"
+        ) from None
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=logged.artifact_location, dst_path=str(dst), tracking_uri=tracking_uri
+    )
+    return Path(local), logged
+
+
+def log_evaluation(
+    tracking_uri: str, logged_model: Any, evaluations: dict[str, Any], params: dict[str, Any]
+) -> str:
+    """An evaluation run in the model's experiment: each metric logged against the model and its dataset
+    (the task data, named by its digest). Returns the run id."""
+    mlflow.set_tracking_uri(tracking_uri)
+    tags = {"lmforge.stage": "evaluate", "lmforge.model_id": logged_model.model_id}
+    with mlflow.start_run(
+        experiment_id=logged_model.experiment_id, run_name=f"eval-{logged_model.name}", tags=tags
+    ) as run:
+        mlflow.log_params(_params(params))
+        for ev in evaluations.values():
+            dataset = Tracker.dataset(ev.name, ev.source, ev.digest[:16])
+            mlflow.log_input(dataset, context="eval")
+            metrics = {f"{ev.name}/{k}": v for k, v in ev.metrics.items() if k not in ("seconds",)}
+            Tracker.log_model_metrics(metrics, logged_model.model_id, dataset)
+        return run.info.run_id

