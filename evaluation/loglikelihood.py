@@ -62,6 +62,11 @@ class CausalScorer:
         self.max_length = max_length or model_max_length(model, tokenizer)
         self.batch_tokens = batch_tokens
         self.device = next(model.parameters()).device
+        # GPT-2 and Llama heads are a plain projection of the base model's final (normed) hidden states;
+        # other architectures (logit soft-capping, scaling) go through the full forward.
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        plain = getattr(model.config, "model_type", None) in ("gpt2", "llama")
+        self._head = head if plain and isinstance(head, torch.nn.Linear) else None
         bos = tokenizer.bos_token_id
         self.prefix_token_id = int(bos if bos is not None else tokenizer.eos_token_id)
 
@@ -159,12 +164,19 @@ class CausalScorer:
             allowed = causal & ((seg_k == 0) & (seg_q >= 0) | (seg_k == seg_q) & (seg_q > 0))
             allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no empty softmax row
             mask = allowed[:, None].to(self.device)
-        hidden = self.model(
-            input_ids=tokens.to(self.device), attention_mask=mask, position_ids=positions.to(self.device)
-        ).logits
-        rows_idx = torch.tensor([b for b, _, pos, _ in targets for _ in pos])
-        pos_idx = torch.tensor([p for _, _, pos, _ in targets for p in pos])
-        picked = F.log_softmax(hidden[rows_idx.to(self.device), pos_idx.to(self.device)].float(), dim=-1)
+        inputs = {
+            "input_ids": tokens.to(self.device),
+            "attention_mask": mask,
+            "position_ids": positions.to(self.device),
+        }
+        rows_idx = torch.tensor([b for b, _, pos, _ in targets for _ in pos], device=self.device)
+        pos_idx = torch.tensor([p for _, _, pos, _ in targets for p in pos], device=self.device)
+        if self._head is not None:  # project only the positions that predict a continuation token
+            hidden = self.model.base_model(**inputs).last_hidden_state
+            logits = self._head(hidden[rows_idx, pos_idx])
+        else:
+            logits = self.model(**inputs).logits[rows_idx, pos_idx]
+        picked = F.log_softmax(logits.float(), dim=-1)
         wanted = torch.tensor([t for *_, cont in targets for t in cont], device=self.device)
         token_lp = picked.gather(1, wanted[:, None]).squeeze(1).cpu()
         greedy = (picked.argmax(-1) == wanted).cpu()
