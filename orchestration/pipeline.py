@@ -315,8 +315,17 @@ class Pipeline:
         )
         atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
         files = [file_entry(out / "metrics.json", 0)]
+        counters = {k: v for k, v in metrics.items() if k != "tasks"}
+        for name, task in metrics.get("tasks", {}).items():
+            counters |= {f"{name}.{m}": v for m, v in task["metrics"].items()}
         return write_index(
-            out, stage="evaluate", kind="metrics", cache_key=key, files=files, inputs=inputs, counters=metrics
+            out,
+            stage="evaluate",
+            kind="metrics",
+            cache_key=key,
+            files=files,
+            inputs=inputs,
+            counters=counters,
         )
 
     # -- run ----------------------------------------------------------------------------------------
@@ -432,8 +441,16 @@ class Pipeline:
         tokens_dataset = tracker.dataset("tokens", tokens.out_dir, index_digest(tokens.index))
 
         def log_eval(index: dict[str, Any]) -> None:
-            result.metrics = {f"val_{k}": v for k, v in index["counters"].items() if k != "tokens"}
+            metrics = json.loads((index["out_dir"] / "metrics.json").read_text())
+            tasks = metrics.pop("tasks", {})
+            result.metrics = {f"val_{k}": v for k, v in metrics.items() if k not in ("tokens", "bytes")}
             tracker.log_model_metrics(result.metrics, result.model_id, tokens_dataset)
+            for name, task in tasks.items():  # each against the model and the task's data, by its digest
+                dataset = tracker.dataset(name, task["source"], task["digest"][:16])
+                tracker.log_datasets([dataset], [])
+                scores = {f"{name}.{m}": v for m, v in task["metrics"].items()}
+                tracker.log_model_metrics(scores, result.model_id, dataset)
+                result.metrics |= scores
 
         result.stages["evaluate"] = self._stage(
             "evaluate",

@@ -146,3 +146,14 @@ def test_shared_context_rows_equal_one_request_at_a_time(tiny_model):
     alone = [CausalScorer(model, tokenizer, batch_tokens=1).loglikelihood([r])[0] for r in requests]
     for (a, ga), (b, gb) in zip(packed, alone):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_token_bytes_sum_to_the_texts_utf8_length(tiny_model):
+    from evaluation.perplexity import token_bytes
+
+    sizes = token_bytes(tiny_model / "tokenizer.json")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    for text in ["Plain ASCII text.", "é ü 漢字 — emoji 🙂 and\ttabs\n", "x" * 50]:
+        ids = tokenizer(text)["input_ids"]
+        assert int(sizes[ids].sum()) == len(text.encode("utf-8"))
+    assert sizes[tokenizer.eos_token_id] == 0

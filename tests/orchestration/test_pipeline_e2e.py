@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from warcio.archiveiterator import ArchiveIterator
 
 from core.manifest import index_digest, read_table
+from evaluation.tasks import resolve_task
 from orchestration.config import load_config
 from orchestration.pipeline import Pipeline, run_pipeline
 from tests.conftest import free_port
@@ -43,6 +44,7 @@ def _demo(workdir):
             "warmup_steps": 2,
             "checkpoint_every": 8,
         },
+        "evaluate": {"tasks": ["arc_easy", "copa"], "task_limit": 40},
         "tracking": {"registered_model": "lmforge-e2e"},
     }
     cfg = load_config(DEMO, overrides)
@@ -157,6 +159,13 @@ def test_mlflow_run_tree_dataset_links_and_model_lineage(demo_run):
     val = {m.key: m for m in model.metrics}
     assert val["val_loss"].value == pytest.approx(result.metrics["val_loss"])
     assert val["val_loss"].dataset_digest == tokens_digest
+    # Benchmark scores are logged against the model and the task's data, named by its digest.
+    for task in ("arc_easy", "copa"):
+        assert val[f"{task}.examples"].value == 40
+        assert 0 <= val[f"{task}.acc"].value <= 1
+        assert val[f"{task}.acc"].dataset_digest == resolve_task(task).digest()[:16]
+        assert val[f"{task}.acc"].value == pytest.approx(result.metrics[f"{task}.acc"])
+    assert val["val_bits_per_byte"].value > 0
     version = client.get_model_version("lmforge-e2e", result.model_version)
     assert version.tags["lmforge.shards_digest"] == tokens_digest
 
