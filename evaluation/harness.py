@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import transformers
+
 from evaluation.loglikelihood import CausalScorer, Progress
 from evaluation.tasks import resolve_task, score_task, score_texts
 from ingestion.readers import read_corpus

@@ -256,7 +256,7 @@ def eval_(
                     threads,
                     progress=lambda done, total: status.update(f"evaluating: {done}/{total} requests"),
                 )
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, LookupError) as e:
             console.print(f"[bold red]{e}[/bold red]")
             raise typer.Exit(2) from None
     if logged is not None and log:
@@ -278,6 +278,30 @@ def eval_(
             err = ev.metrics.get(f"{metric}_stderr")
             table.add_row(key, metric, f"{value:.4f}", "" if err is None else f"{err:.4f}")
     Console().print(table)
+
+
+@app.command()
+def lineage(
+    model: Annotated[
+        str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or models:/MODEL_ID.")
+    ],
+    tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI (sqlite file or server).")] = (
+        "sqlite:///work/mlflow.db"
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the lineage as JSON.")] = False,
+) -> None:
+    """Walk a model back to its data: training run, token shards, tokenizer, dedup/clean outputs, crawl."""
+    from orchestration.lineage import LineageError, render, walk
+
+    try:
+        found = walk(model, tracking_uri)
+    except LineageError as e:
+        console.print(f"[bold red]{e}[/bold red]")
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(found, indent=1))
+    else:
+        typer.echo("\n".join(render(found)))
 
 
 @app.command()

@@ -198,29 +198,35 @@ class RunMetricsLogger:
         return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "_client": None}
 
 
-def resolve_model(uri: str, tracking_uri: str, dst: Path) -> tuple[Path, Any]:
-    """A local Hugging Face directory for a model reference, and its MLflow LoggedModel (None for a path).
+class ModelNotFound(LookupError):
+    pass
 
-    ``uri``: a directory, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``models:/MODEL_ID``.
-    """
-    if not uri.startswith("models:/"):
-        return Path(uri), None
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+
+def find_logged_model(client: MlflowClient, uri: str) -> tuple[Any, Any]:
+    """(registered model version or None, LoggedModel) of ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``
+    or ``models:/MODEL_ID``."""
     ref = uri.removeprefix("models:/")
+    version = None
     try:
         if "@" in ref:
             name, alias = ref.split("@", 1)
-            model_id = client.get_model_version_by_alias(name, alias).model_id
+            version = client.get_model_version_by_alias(name, alias)
         elif "/" in ref:
-            name, version = ref.split("/", 1)
-            model_id = client.get_model_version(name, version).model_id
-        else:
-            model_id = ref
-        logged = client.get_logged_model(model_id)
+            name, number = ref.split("/", 1)
+            version = client.get_model_version(name, number)
+        model_id = ref if version is None else version.model_id
+        if model_id is None and version.source.startswith("models:/"):  # registered from models:/<id>
+            model_id = version.source.removeprefix("models:/")
+        return version, client.get_logged_model(model_id)
     except mlflow.exceptions.MlflowException as e:
-        raise FileNotFoundError(
-            f"{uri}: not found in the tracking store {tracking_uri} ({e.message})"
-        ) from None
+        raise ModelNotFound(f"{uri}: not in the tracking store {client.tracking_uri} ({e.message})") from None
+
+
+def resolve_model(uri: str, tracking_uri: str, dst: Path) -> tuple[Path, Any]:
+    """A local Hugging Face directory for a model reference, and its MLflow LoggedModel (None for a path)."""
+    if not uri.startswith("models:/"):
+        return Path(uri), None
+    _, logged = find_logged_model(MlflowClient(tracking_uri, registry_uri=tracking_uri), uri)
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=logged.artifact_location, dst_path=str(dst), tracking_uri=tracking_uri
     )

@@ -9,11 +9,14 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pytest
 from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
 from warcio.archiveiterator import ArchiveIterator
 
 from core.manifest import index_digest, read_table
 from evaluation.tasks import resolve_task
+from orchestration.cli import app
 from orchestration.config import load_config
+from orchestration.lineage import walk
 from orchestration.pipeline import Pipeline, run_pipeline
 from tests.conftest import free_port
 from training.data.tokenizer import load_tokenizer
@@ -168,6 +171,32 @@ def test_mlflow_run_tree_dataset_links_and_model_lineage(demo_run):
     assert val["val_bits_per_byte"].value > 0
     version = client.get_model_version("lmforge-e2e", result.model_version)
     assert version.tags["lmforge.shards_digest"] == tokens_digest
+
+
+@pytest.mark.slow
+def test_lineage_walks_from_the_model_version_back_to_the_crawl(demo_run):
+    cfg, result = demo_run
+    uri = f"models:/lmforge-e2e/{result.model_version}"
+    found = walk(uri, cfg.tracking_uri)
+    assert found["model"]["model_id"] == result.model_id
+    assert found["model"]["tags"]["lmforge.shards_digest"] == index_digest(result.stages["tokenize"].index)
+    chain = found["chain"]
+    assert [step["stage"] for step in chain] == ["train", "tokenize", "dedup", "clean", "crawl"]
+    # Every link: the dataset a stage read is the one the stage before it wrote, digests from the manifests.
+    for step, below in zip(chain, chain[1:]):
+        [read] = step["inputs"]
+        assert read["name"] == below["stage"] and read["made_by"] == below["run_id"]
+        assert read["digest"] == index_digest(result.stages[below["stage"]].index)
+        assert read["digest"] in {d["digest"] for d in below["outputs"]}
+    assert chain[-1]["inputs"] == [] and chain[-1]["metrics"]["pages_fetched"] > 0
+    assert chain[1]["metrics"]["tokens"] == result.stages["tokenize"].index["counters"]["tokens"]
+    assert found["pipeline_run"]["run_id"] == result.parent_run_id
+    out = CliRunner().invoke(app, ["lineage", uri, "--tracking-uri", cfg.tracking_uri, "--json"])
+    assert out.exit_code == 0 and json.loads(out.stdout)["chain"] == json.loads(json.dumps(chain))
+    missing = CliRunner().invoke(
+        app, ["lineage", "models:/lmforge-e2e/99", "--tracking-uri", cfg.tracking_uri]
+    )
+    assert missing.exit_code == 2
 
 
 @pytest.mark.slow
