@@ -383,12 +383,21 @@ def score_task(
         examples.append(example)
     if not examples:
         raise ValueError(f"task {task.name}: no examples")
-    requests = [r for e in examples for r in e.requests()]
+    # An example whose continuation is longer than the model's window cannot be scored (lm-eval stops
+    # the whole run there); it is left out and counted as skipped.
+    encoded = [[scorer.encode_pair(c, x) for c, x in e.requests()] for e in examples]
+    fits = [all(len(cont) <= scorer.max_length for _, cont in pairs) for pairs in encoded]
+    skipped = len(examples) - sum(fits)
+    examples = [e for e, ok in zip(examples, fits) if ok]
+    if not examples:
+        raise ValueError(f"task {task.name}: no example fits the model's {scorer.max_length}-token window")
     try:
-        scores = scorer.loglikelihood(requests, progress)
+        scores = scorer.loglikelihood_tokens(
+            [p for pairs, ok in zip(encoded, fits) if ok for p in pairs], progress
+        )
     except ValueError as e:
         raise ValueError(f"task {task.name} ({task.source}): {e}") from None
-    out: dict[str, float] = {"examples": float(len(examples))}
+    out: dict[str, float] = {"examples": float(len(examples)), "skipped": float(skipped)}
     if task.kind == "loglikelihood":
         lls = np.array([ll for ll, _ in scores])
         greedy = np.array([float(g) for _, g in scores])

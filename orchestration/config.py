@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cleaning.decontaminate import DecontaminateConfig
 from cleaning.dedup_phases import DedupConfig
 from cleaning.extract import HtmlExtractorConfig
 from cleaning.filters import (
@@ -49,12 +50,36 @@ class RayConfig(_Section):
     )
 
 
+class PromoteRule(_Section):
+    """Give the registered version ``alias`` when ``metric`` (as in the run's metrics: ``val_bits_per_byte``,
+    ``arc_easy.acc``, ...) is above ``above`` or below ``below``."""
+
+    alias: str = Field(..., min_length=1, description="Alias to set, e.g. production.")
+    metric: str = Field(..., min_length=1, description="Evaluation metric the rule reads.")
+    above: float | None = Field(None, description="Promote when the metric is greater than this.")
+    below: float | None = Field(None, description="Promote when the metric is less than this.")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> PromoteRule:
+        if (self.above is None) == (self.below is None):
+            raise ValueError("set exactly one of 'above' or 'below'")
+        return self
+
+    def passes(self, value: float) -> bool:
+        return value > self.above if self.above is not None else value < self.below  # type: ignore[operator]
+
+
 class TrackingConfig(_Section):
     """MLflow tracking."""
 
     uri: str | None = Field(None, description="Any MLflow tracking URI; null: sqlite file in the work dir.")
     experiment: str = Field("lmforge", min_length=1, description="MLflow experiment name.")
     registered_model: str | None = Field(None, description="Register the trained model under this name.")
+    alias: str | None = Field("candidate", description="Alias the new registered version gets (null: none).")
+    promote: list[PromoteRule] = Field(
+        default_factory=list,
+        description="Rules that move an alias to the new version when an evaluation metric passes.",
+    )
 
 
 class DemoSiteConfig(_Section):
@@ -85,6 +110,9 @@ class CleanConfig(_Section):
     c4: C4QualityConfig | None = Field(None, description="C4's line rules ({} to switch on).")
     fineweb: FineWebQualityConfig | None = Field(None, description="FineWeb's rules ({} to switch on).")
     pii: PiiConfig | None = Field(default_factory=PiiConfig)
+    decontaminate: DecontaminateConfig | None = Field(
+        None, description="Remove documents sharing a 13-gram with the evaluation tasks ({} to switch on)."
+    )
 
 
 class PipelineConfig(_Section):
@@ -108,6 +136,24 @@ class PipelineConfig(_Section):
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _decontaminate_against_evaluated_tasks(cls, data: Any) -> Any:
+        """Decontamination without its own task list uses evaluate.tasks, written into the clean config so
+        that the clean stage's cache key changes with them."""
+        clean = data.get("clean") if isinstance(data, dict) else None
+        d = clean.get("decontaminate") if isinstance(clean, dict) else None
+        if isinstance(d, dict) and d.get("tasks") is None:
+            tasks = (
+                (data.get("evaluate") or {}).get("tasks") if isinstance(data.get("evaluate"), dict) else None
+            )
+            if not tasks:
+                raise ValueError(
+                    "clean.decontaminate names no tasks: set clean.decontaminate.tasks or evaluate.tasks"
+                )
+            data = {**data, "clean": {**clean, "decontaminate": {**d, "tasks": list(tasks)}}}
+        return data
 
     @model_validator(mode="after")
     def _has_a_source(self) -> PipelineConfig:

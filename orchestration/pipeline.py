@@ -23,6 +23,7 @@ import ray
 from pydantic import BaseModel
 from rich.console import Console
 
+from cleaning.decontaminate import DecontaminateConfig, Decontaminator, NgramIndex
 from cleaning.extract import HtmlExtractor
 from cleaning.filters import (
     C4QualityFilter,
@@ -37,6 +38,7 @@ from cleaning.pii import PiiRedactor
 from core.files import atomic_write_bytes, file_entry
 from core.manifest import IntegrityError, index_digest, read_index, verify_files, write_index
 from evaluation.perplexity import evaluate_model_dir
+from evaluation.tasks import resolve_task
 from ingestion.demo_site import DemoSiteServer, build_demo_site
 from orchestration import report
 from orchestration.config import ConfigError, PipelineConfig
@@ -206,6 +208,16 @@ class Pipeline:
             out, stage="crawl", kind="warc", cache_key=key, files=files, inputs=inputs, counters=counters
         )
 
+    def _task_ngrams(self, cfg: DecontaminateConfig) -> NgramIndex:
+        """The n-grams of every request (context + continuation) of the tasks to decontaminate against."""
+        names = cfg.tasks or []  # the config filled them from evaluate.tasks when unset
+        index = NgramIndex(cfg.n)
+        for name in names:
+            task = resolve_task(name)
+            index.add(task.name, (c + x for e in task.load() for c, x in e.requests()))
+        self.console.print(f"  decontaminating against {len(index)} {cfg.n}-grams of {', '.join(names)}")
+        return index
+
     def _clean(self, crawl: StageOutcome, out: Path, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         c = self.cfg.clean
         stages = [HtmlExtractor(c.extract), TextNormalizer(c.normalize)]
@@ -219,6 +231,8 @@ class Pipeline:
             (PiiRedactor, c.pii),
         ]
         stages += [stage(config) for stage, config in optional if config is not None]
+        if c.decontaminate is not None:
+            stages.insert(2, Decontaminator(c.decontaminate, self._task_ngrams(c.decontaminate)))
         parts = [
             (Path(f["path"]).name.split(".")[0], warc_source(str(crawl.out_dir / f["path"])))
             for f in crawl.index["files"]
@@ -386,6 +400,29 @@ class Pipeline:
         if until == "train":
             return
         self._evaluate_stage(result, tokens, tracker)
+        self._aliases(result, tracker)
+
+    def _aliases(self, result: PipelineResult, tracker: Tracker) -> None:
+        """The new registered version gets the default alias, and each promotion alias whose rule passes."""
+        cfg = self.cfg.tracking
+        if not (cfg.registered_model and result.model_version):
+            return
+        if cfg.alias:
+            tracker.set_alias(cfg.registered_model, cfg.alias, result.model_version)
+        for rule in cfg.promote:
+            value = result.metrics.get(rule.metric)
+            bound = f"> {rule.above}" if rule.above is not None else f"< {rule.below}"
+            if value is None:
+                verdict = f"not promoted to @{rule.alias}: {rule.metric} was not computed"
+            elif rule.passes(value):
+                tracker.set_alias(cfg.registered_model, rule.alias, result.model_version)
+                verdict = f"promoted to @{rule.alias}: {rule.metric} = {value:.4g} {bound}"
+            else:
+                verdict = f"not promoted to @{rule.alias}: {rule.metric} = {value:.4g}, needs {bound}"
+            tracker.tag_version(
+                cfg.registered_model, result.model_version, f"lmforge.promotion.{rule.alias}", verdict
+            )
+            self.console.print(f"[bold]model[/bold] {cfg.registered_model}/{result.model_version} {verdict}")
 
     def _train_stage(
         self, result: PipelineResult, tokens: StageOutcome, tracker: Tracker, config_hash: str

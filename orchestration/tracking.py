@@ -165,6 +165,12 @@ class Tracker:
             version = mlflow.register_model(f"models:/{model.model_id}", register_as, tags=tags).version
         return model.model_id, version
 
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
+
+    def tag_version(self, name: str, version: str, key: str, value: str) -> None:
+        self.client.set_model_version_tag(name, version, key, value)
+
     def find_model(self, model_id: str) -> bool:
         """Whether this tracking store holds a READY logged model with this id."""
         try:

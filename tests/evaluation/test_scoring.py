@@ -157,3 +157,22 @@ def test_token_bytes_sum_to_the_texts_utf8_length(tiny_model):
         ids = tokenizer(text)["input_ids"]
         assert int(sizes[ids].sum()) == len(text.encode("utf-8"))
     assert sizes[tokenizer.eos_token_id] == 0
+
+
+def test_examples_longer_than_the_window_are_skipped_and_counted(bigram, tmp_path):
+    scorer, tokenizer, logp = bigram  # an 8-token window
+    path = tmp_path / "t.jsonl"
+    long_choice = "photosynthesis converts light energy into chemical energy stored in glucose"
+    path.write_text(
+        json.dumps({"context": "Q: sky?", "choices": ["blue", "green"], "gold": 0})
+        + "\n"
+        + json.dumps({"context": "Q: plants?", "choices": ["rock", long_choice], "gold": 1})
+        + "\n"
+    )
+    got = score_task(scorer, load_user_task(path))
+    assert got["examples"] == 1 and got["skipped"] == 1
+    ctx = tokenizer("Q: sky?")["input_ids"]
+    lls = [
+        hand_ll(logp, ctx[-1], tokenizer("Q: sky? " + c)["input_ids"][len(ctx) :]) for c in ("blue", "green")
+    ]
+    assert got["acc"] == float(np.argmax(lls) == 0)

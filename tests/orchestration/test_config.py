@@ -59,3 +59,13 @@ def test_dotted_overrides_parse_yaml_values():
 def test_every_shipped_config_validates(path):
     cfg = load_config(path)
     assert cfg.name == path.stem
+
+
+def test_promotion_rule_needs_exactly_one_bound():
+    from orchestration.config import PromoteRule
+
+    assert PromoteRule(alias="prod", metric="arc_easy.acc", above=0.3).passes(0.31)
+    assert not PromoteRule(alias="prod", metric="val_bits_per_byte", below=1.0).passes(1.0)
+    for bounds in ({}, {"above": 0.1, "below": 0.2}):
+        with pytest.raises(ValueError, match="exactly one of 'above' or 'below'"):
+            PromoteRule(alias="prod", metric="m", **bounds)

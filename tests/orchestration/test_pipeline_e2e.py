@@ -2,7 +2,12 @@
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -48,7 +53,13 @@ def _demo(workdir):
             "checkpoint_every": 8,
         },
         "evaluate": {"tasks": ["arc_easy", "copa"], "task_limit": 40},
-        "tracking": {"registered_model": "lmforge-e2e"},
+        "tracking": {
+            "registered_model": "lmforge-e2e",
+            "promote": [
+                {"alias": "good", "metric": "val_loss", "below": 100.0},
+                {"alias": "great", "metric": "arc_easy.acc", "above": 0.99},
+            ],
+        },
     }
     cfg = load_config(DEMO, overrides)
     return cfg, run_pipeline(cfg)
@@ -171,6 +182,11 @@ def test_mlflow_run_tree_dataset_links_and_model_lineage(demo_run):
     assert val["val_bits_per_byte"].value > 0
     version = client.get_model_version("lmforge-e2e", result.model_version)
     assert version.tags["lmforge.shards_digest"] == tokens_digest
+    # The new version is the candidate; a promotion rule that passes moves its alias, one that fails does not.
+    assert client.get_model_version_by_alias("lmforge-e2e", "candidate").version == result.model_version
+    assert client.get_model_version_by_alias("lmforge-e2e", "good").version == result.model_version
+    assert sorted(version.aliases) == ["candidate", "good"]
+    assert version.tags["lmforge.promotion.great"].startswith("not promoted to @great: arc_easy.acc = ")
 
 
 @pytest.mark.slow
@@ -254,3 +270,75 @@ def test_a_warc_cut_at_a_record_boundary_is_recrawled_not_half_read(demo_run, tm
     assert again.stages["crawl"].index["counters"]["pages_fetched"] == pages
     assert again.stages["clean"].index["counters"]["documents_in"] == pages
     assert json.loads(again.report_path.read_text())["ok"]
+
+
+@pytest.mark.slow
+def test_lineage_through_a_real_mlflow_server(demo_run, tmp_path):
+    """The walk uses only the tracking API: a `mlflow server` on 127.0.0.1 over the run's store gives the
+    same chain as the sqlite file."""
+    cfg, result = demo_run
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            cfg.tracking_uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        uri = "models:/lmforge-e2e@candidate"
+        assert walk(uri, url) == walk(uri, cfg.tracking_uri)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_changed_cleaning_threshold_makes_a_new_chain_and_keeps_the_old(demo_run):
+    """Runs last in this module: it rebuilds the work dir from clean on."""
+    cfg, first = demo_run
+    old_uri = f"models:/lmforge-e2e/{first.model_version}"
+    old = walk(old_uri, cfg.tracking_uri)
+    texts = read_table(first.stages["clean"].out_dir).column("text").to_pylist()
+    median_words = sorted(len(t.split()) for t in texts)[len(texts) // 2]
+    gopher = cfg.clean.gopher.model_copy(update={"min_doc_words": median_words})
+    changed = cfg.model_copy(update={"clean": cfg.clean.model_copy(update={"gopher": gopher})})
+    second = run_pipeline(changed)
+    assert (
+        0 < second.stages["clean"].index["counters"]["kept"] < first.stages["clean"].index["counters"]["kept"]
+    )
+    assert second.model_version != first.model_version
+    new = walk(f"models:/lmforge-e2e/{second.model_version}", cfg.tracking_uri)
+    digests = {
+        w: {s["stage"]: [d["digest"] for d in s["inputs"]] for s in found["chain"]}
+        for w, found in (("old", old), ("new", new))
+    }
+    assert digests["new"]["clean"] == digests["old"]["clean"]  # the same crawl feeds both
+    for stage in ("dedup", "tokenize", "train"):  # everything downstream of the threshold is new data
+        assert digests["new"][stage] != digests["old"][stage]
+    assert walk(old_uri, cfg.tracking_uri) == old  # the old chain is intact
+    client = MlflowClient(cfg.tracking_uri)
+    assert client.get_model_version_by_alias("lmforge-e2e", "candidate").version == second.model_version
