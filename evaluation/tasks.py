@@ -123,23 +123,17 @@ def _winogrande(row: dict[str, Any]) -> Example:
     return Example(contexts, contexts, (" " + target,), int(row["answer"]) - 1)
 
 
+def _arc(row: dict[str, Any]) -> Example:
+    return choice(
+        f"Question: {row['question']}\nAnswer:",
+        row["choices"]["text"],
+        row["choices"]["label"].index(row["answerKey"]),
+    )
+
+
 _ROWS: dict[str, tuple[str, Callable[[dict[str, Any]], Example]]] = {
-    "arc_easy": (
-        "ai2_arc/ARC-Easy/validation",
-        lambda r: choice(
-            f"Question: {r['question']}\nAnswer:",
-            r["choices"]["text"],
-            r["choices"]["label"].index(r["answerKey"]),
-        ),
-    ),
-    "arc_challenge": (
-        "ai2_arc/ARC-Challenge/validation",
-        lambda r: choice(
-            f"Question: {r['question']}\nAnswer:",
-            r["choices"]["text"],
-            r["choices"]["label"].index(r["answerKey"]),
-        ),
-    ),
+    "arc_easy": ("ai2_arc/ARC-Easy/validation", _arc),
+    "arc_challenge": ("ai2_arc/ARC-Challenge/validation", _arc),
     "hellaswag": ("hellaswag/none/validation", _hellaswag),
     "piqa": (
         "piqa/plain_text/validation",

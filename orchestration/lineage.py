@@ -41,7 +41,7 @@ def _model(client: MlflowClient, uri: str) -> tuple[dict[str, Any] | None, Any]:
     if version is not None:
         record = {
             "name": version.name,
-            "version": version.version,
+            "version": str(version.version),  # a server answers a string, the sqlite store an int
             "aliases": list(version.aliases),
             "model_id": logged.model_id,
         }

@@ -339,6 +339,11 @@ def test_a_changed_cleaning_threshold_makes_a_new_chain_and_keeps_the_old(demo_r
     assert digests["new"]["clean"] == digests["old"]["clean"]  # the same crawl feeds both
     for stage in ("dedup", "tokenize", "train"):  # everything downstream of the threshold is new data
         assert digests["new"][stage] != digests["old"][stage]
-    assert walk(old_uri, cfg.tracking_uri) == old  # the old chain is intact
+    again = walk(old_uri, cfg.tracking_uri)  # the old chain is intact (only aliases moved to the new version)
+    assert again["chain"] == old["chain"] and again["model"] == old["model"]
+    assert again["model_version"]["aliases"] == [] and new["model_version"]["aliases"] == [
+        "candidate",
+        "good",
+    ]
     client = MlflowClient(cfg.tracking_uri)
     assert client.get_model_version_by_alias("lmforge-e2e", "candidate").version == second.model_version
