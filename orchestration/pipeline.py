@@ -459,6 +459,9 @@ class Pipeline:
             **self._code,
             "lmforge.train_cache_key": index["cache_key"],
         }
+        for ckpt in sorted((index["out_dir"] / "checkpoints").glob("step*")):
+            if ckpt.is_dir() and ckpt.name[4:].isdigit():
+                tracker.log_checkpoint(f"{cfg.name}-checkpoint", int(ckpt.name[4:]), ckpt, model_tags)
         result.model_id, result.model_version = tracker.log_model(
             Path(index["summary"]["model_dir"]),
             f"{cfg.name}-model",

@@ -165,6 +165,19 @@ class Tracker:
             version = mlflow.register_model(f"models:/{model.model_id}", register_as, tags=tags).version
         return model.model_id, version
 
+    def log_checkpoint(self, name: str, step: int, path: Path, tags: dict[str, str]) -> str:
+        """A training checkpoint as a LoggedModel of the active run at its step. The DeepSpeed state stays
+        where training wrote it (optimizer and ZeRO partitions, several times the model): the model records
+        its path, step and the lineage tags of the final model."""
+        run_id = mlflow.active_run().info.run_id
+        tags = {**tags, "lmforge.checkpoint_step": str(step), "lmforge.checkpoint_path": str(path.resolve())}
+        model = mlflow.initialize_logged_model(
+            name=name, source_run_id=run_id, tags=tags, params={"step": str(step)}, model_type="checkpoint"
+        )
+        mlflow.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        mlflow.log_outputs(models=[LoggedModelOutput(model.model_id, step)])
+        return model.model_id
+
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
 

@@ -182,6 +182,14 @@ def test_mlflow_run_tree_dataset_links_and_model_lineage(demo_run):
     assert val["val_bits_per_byte"].value > 0
     version = client.get_model_version("lmforge-e2e", result.model_version)
     assert version.tags["lmforge.shards_digest"] == tokens_digest
+    # The checkpoints kept on disk are logged models too, at their steps, with the model's lineage tags.
+    checkpoints = client.search_logged_models(
+        experiment_ids=[parent.info.experiment_id], filter_string="name = 'demo-checkpoint'"
+    )
+    kept = sorted(int(p.name[4:]) for p in (cfg.workdir / "train" / "checkpoints").glob("step*"))
+    assert kept and sorted(int(m.tags["lmforge.checkpoint_step"]) for m in checkpoints) == kept
+    assert all(m.source_run_id == by_name["train"].info.run_id for m in checkpoints)
+    assert all(m.tags["lmforge.shards_digest"] == tokens_digest for m in checkpoints)
     # The new version is the candidate; a promotion rule that passes moves its alias, one that fails does not.
     assert client.get_model_version_by_alias("lmforge-e2e", "candidate").version == result.model_version
     assert client.get_model_version_by_alias("lmforge-e2e", "good").version == result.model_version
