@@ -84,19 +84,14 @@ class Decontaminator(Stage):
     def run(self, batches: Iterable[pa.RecordBatch], ctx: StageContext) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             found = [self._match(t or "") for t in batch.column("text").to_pylist()]
-            hit = np.array([count > 0 for count, _ in found], dtype=bool)
-            for count, signal in found:
-                if count:
+            for i, (count, signal) in enumerate(found):
+                if count:  # one rejection per document: each names its own task and n-gram
                     ctx.counters[f"{self.name}.{signal.split(':', 1)[0]}"] += 1  # type: ignore[union-attr]
-            if hit.any():
-                removed = batch.filter(pa.array(hit))
-                matches = [(c, s) for c, s in found if c]
-                for (count, signal), i in zip(matches, range(removed.num_rows)):
                     ctx.reject(
-                        removed.slice(i, 1),
+                        batch.slice(i, 1),
                         filter=self.name,
                         signal=signal,
                         values=[float(count)],
                         threshold=1.0,
                     )
-            yield batch.filter(pa.array(~hit))
+            yield batch.filter(pa.array([count == 0 for count, _ in found], type=pa.bool_()))

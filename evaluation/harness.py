@@ -80,6 +80,14 @@ class Evaluation:
     metrics: dict[str, float]
 
 
+def score_named_task(
+    scorer: CausalScorer, name: str, limit: int | None = None, progress: Progress | None = None
+) -> Evaluation:
+    """A built-in task or task file, scored, with its data's source and digest."""
+    task = resolve_task(name)
+    return Evaluation(task.name, task.source, task.digest(), score_task(scorer, task, limit, progress))
+
+
 def evaluate(
     model_dir: str | Path,
     tasks: Sequence[str] = (),
@@ -94,10 +102,10 @@ def evaluate(
     scorer = CausalScorer(model, tokenizer, batch_tokens=batch_tokens)
     results: dict[str, Evaluation] = {}
     for name in tasks:
-        task = resolve_task(name)
         start = time.perf_counter()
-        metrics = _timed(score_task(scorer, task, limit, progress), "examples", start)
-        results[task.name] = Evaluation(task.name, task.source, task.digest(), metrics)
+        ev = score_named_task(scorer, name, limit, progress)
+        ev.metrics = _timed(ev.metrics, "examples", start)
+        results[ev.name] = ev
     for uri in data:
         start = time.perf_counter()
         texts = read_texts(uri, limit)

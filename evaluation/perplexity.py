@@ -10,14 +10,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import transformers
 from pydantic import Field
 from tokenizers import Tokenizer
 
 from core.stage import StageConfig
-from evaluation.harness import load_model
+from evaluation.harness import load_model, score_named_task
 from evaluation.loglikelihood import CausalScorer
-from evaluation.tasks import resolve_task, score_task
 from training.data.shards import TokenSequences
 from training.data.tokenizer import tokenizer_id
 
@@ -94,7 +92,6 @@ def evaluate_model_dir(
 ) -> dict[str, Any]:
     """Load an exported Hugging Face model directory; evaluate it on the token split (flat metrics) and on
     ``config.tasks`` (under "tasks": name -> {source, digest, metrics})."""
-    transformers.logging.disable_progress_bar()
     model, tokenizer = load_model(model_dir)
     tokenizer_file = Path(model_dir) / "tokenizer.json"
     expected = tokenizer_id(tokenizer_file) if tokenizer_file.exists() else None
@@ -105,7 +102,6 @@ def evaluate_model_dir(
         scorer = CausalScorer(model, tokenizer, batch_tokens=config.batch_tokens)
         out["tasks"] = {}
         for name in config.tasks:
-            task = resolve_task(name)
-            metrics = score_task(scorer, task, config.task_limit)
-            out["tasks"][task.name] = {"source": task.source, "digest": task.digest(), "metrics": metrics}
+            ev = score_named_task(scorer, name, config.task_limit)
+            out["tasks"][ev.name] = {"source": ev.source, "digest": ev.digest, "metrics": ev.metrics}
     return out
