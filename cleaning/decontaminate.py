@@ -4,14 +4,17 @@ evaluation tasks in use, as GPT-3 (Brown et al. 2020, appendix C) and DataTrove'
 Text is compared as lowercase words with punctuation dropped (``\\w+`` runs), so formatting does not hide
 an overlap. The index maps the 64-bit hash of each task n-gram to the task and the n-gram itself; a
 removed document's rejection names both (``signal``: ``<task>: <n-gram>``) and counts its matches
-(``value``). The index is built by orchestration from the tasks' own text (cleaning does not know tasks).
+(``value``). With ``action: flag`` the document stays, its meta counting the matching n-grams of each
+task (``decontaminate.<task>``), for studies of contamination. The index is built by orchestration from the tasks' own text (cleaning does not know tasks).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +32,11 @@ class DecontaminateConfig(StageConfig):
         None, description="Tasks whose text to remove (built-in names or task files); null: evaluate.tasks."
     )
     n: int = Field(13, ge=3, le=50, description="N-gram length in words (13 as in GPT-3).")
+    action: Literal["remove", "flag"] = Field(
+        "remove",
+        description="remove: reject the document (the rejection names the task and first n-gram); flag: keep "
+        "it, with meta decontaminate.<task> = its matching n-grams.",
+    )
 
 
 def words(text: str) -> list[str]:
@@ -73,25 +81,40 @@ class Decontaminator(Stage):
             raise ValueError(f"the n-gram index holds {index.n}-grams, decontaminate.n is {config.n}")
         self.index = index
 
-    def _match(self, text: str) -> tuple[int, str | None]:
+    def _match(self, text: str) -> tuple[Counter[str], str | None]:
+        """Matching n-grams per task, and ``<task>: <first matching n-gram>``."""
         entries = self.index.entries
-        hit = [h for h in ngram_hashes(words(text), self.config.n).tolist() if h in entries]
+        hit = [entries[h] for h in ngram_hashes(words(text), self.config.n).tolist() if h in entries]
         if not hit:
-            return 0, None
-        task, gram = entries[hit[0]]
-        return len(hit), f"{task}: {gram}"
+            return Counter(), None
+        return Counter(task for task, _ in hit), f"{hit[0][0]}: {hit[0][1]}"
 
     def run(self, batches: Iterable[pa.RecordBatch], ctx: StageContext) -> Iterator[pa.RecordBatch]:
+        flag = self.config.action == "flag"
         for batch in batches:
             found = [self._match(t or "") for t in batch.column("text").to_pylist()]
-            for i, (count, signal) in enumerate(found):
-                if count:  # one rejection per document: each names its own task and n-gram
-                    ctx.counters[f"{self.name}.{signal.split(':', 1)[0]}"] += 1  # type: ignore[union-attr]
+            for i, (per_task, signal) in enumerate(found):
+                if not per_task:
+                    continue
+                for task in per_task:
+                    ctx.counters[f"{self.name}.{'flagged.' if flag else ''}{task}"] += 1
+                if not flag:  # one rejection per document: it names its first task and n-gram
                     ctx.reject(
                         batch.slice(i, 1),
                         filter=self.name,
                         signal=signal,
-                        values=[float(count)],
+                        values=[float(per_task.total())],
                         threshold=1.0,
                     )
-            yield batch.filter(pa.array([count == 0 for count, _ in found], type=pa.bool_()))
+            if flag:
+                metas = [
+                    list(m or [])
+                    + [(f"{self.name}.{task}", float(n)) for task, n in sorted(per_task.items())]
+                    for m, (per_task, _) in zip(batch.column("meta").to_pylist(), found)
+                ]
+                meta_type = batch.schema.field("meta").type
+                yield batch.set_column(
+                    batch.schema.get_field_index("meta"), "meta", pa.array(metas, meta_type)
+                )
+            else:
+                yield batch.filter(pa.array([not per_task for per_task, _ in found], type=pa.bool_()))

@@ -37,6 +37,12 @@ class _Row:
         return len(self.context) + sum(len(c) - 1 for c in self.continuations)
 
 
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def model_max_length(model: torch.nn.Module, tokenizer: Any, default: int = 2048) -> int:
     """The longest window the model takes, looked up as lm-eval does (config first, then tokenizer)."""
     config = model.config
@@ -48,7 +54,13 @@ def model_max_length(model: torch.nn.Module, tokenizer: Any, default: int = 2048
 
 
 class CausalScorer:
-    """Scores continuations with a Hugging Face causal LM and its tokenizer."""
+    """Scores continuations with a Hugging Face causal LM and its tokenizer.
+
+    With ``across_ranks`` (inside an initialized ``torch.distributed`` group, every rank calling with the
+    same requests) the batches are dealt out round-robin, each rank forwards its share, and every rank
+    gets all results. Ranks run the same number of forwards (the last one may be a one-token filler),
+    so a ZeRO-3 model, whose forward gathers its sharded parameters collectively, can score too.
+    """
 
     def __init__(
         self,
@@ -56,8 +68,10 @@ class CausalScorer:
         tokenizer: Any,
         max_length: int | None = None,
         batch_tokens: int = 8192,
+        across_ranks: bool = False,
     ):
         self.model = model.eval()
+        self.across_ranks = across_ranks
         self.tokenizer = tokenizer
         self.max_length = max_length or model_max_length(model, tokenizer)
         self.batch_tokens = batch_tokens
@@ -116,15 +130,23 @@ class CausalScorer:
                 row = rows[key] = _Row(list(key))
             row.continuations.append(cont)
             row.slots.append(slot)
-        results: list[tuple[float, bool] | None] = [None] * len(encoded)
+        batches = self._batches(sorted([*full, *rows.values()], key=lambda r: -r.length()))
+        rank, world = _rank_world() if self.across_ranks else (0, 1)
+        mine = batches[rank::world]
+        results: dict[int, tuple[float, bool]] = {}
         done = 0
-        for batch in self._batches(sorted([*full, *rows.values()], key=lambda r: -r.length())):
-            for slot, result in self._forward(batch):
-                results[slot] = result
+        for batch in mine:
+            results.update(self._forward(batch))
             done += sum(len(r.slots) for r in batch)
             if progress:
                 progress(done, len(encoded))
-        return results  # type: ignore[return-value]
+        if world > 1:
+            for _ in range(len(mine), -(-len(batches) // world)):  # as many forwards as the busiest rank
+                self._forward([_Row([self.prefix_token_id], [[self.prefix_token_id]], [-1])])
+            shares: list[dict[int, tuple[float, bool]] | None] = [None] * world
+            torch.distributed.all_gather_object(shares, results)
+            results = {slot: r for share in shares for slot, r in (share or {}).items() if slot >= 0}
+        return [results[slot] for slot in range(len(encoded))]
 
     def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
         batches: list[list[_Row]] = []

@@ -52,7 +52,7 @@ class RayConfig(_Section):
 
 class PromoteRule(_Section):
     """Give the registered version ``alias`` when ``metric`` (as in the run's metrics: ``val_bits_per_byte``,
-    ``arc_easy.acc``, ...) is above ``above`` or below ``below``."""
+    ``arc_easy/acc``, ...) is above ``above`` or below ``below``."""
 
     alias: str = Field(..., min_length=1, description="Alias to set, e.g. production.")
     metric: str = Field(..., min_length=1, description="Evaluation metric the rule reads.")
@@ -139,20 +139,24 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _decontaminate_against_evaluated_tasks(cls, data: Any) -> Any:
-        """Decontamination without its own task list uses evaluate.tasks, written into the clean config so
-        that the clean stage's cache key changes with them."""
-        clean = data.get("clean") if isinstance(data, dict) else None
+    def _default_to_evaluated_tasks(cls, data: Any) -> Any:
+        """Decontamination and periodic evaluation without their own task list use evaluate.tasks,
+        written into their sections so that the clean and train cache keys change with them."""
+        if not isinstance(data, dict):
+            return data
+        evaluate = data.get("evaluate")
+        tasks = evaluate.get("tasks") if isinstance(evaluate, dict) else None
+        clean = data.get("clean")
         d = clean.get("decontaminate") if isinstance(clean, dict) else None
         if isinstance(d, dict) and d.get("tasks") is None:
-            tasks = (
-                (data.get("evaluate") or {}).get("tasks") if isinstance(data.get("evaluate"), dict) else None
-            )
             if not tasks:
                 raise ValueError(
                     "clean.decontaminate names no tasks: set clean.decontaminate.tasks or evaluate.tasks"
                 )
             data = {**data, "clean": {**clean, "decontaminate": {**d, "tasks": list(tasks)}}}
+        train = data.get("train")
+        if isinstance(train, dict) and train.get("eval_every") and not train.get("eval_tasks") and tasks:
+            data = {**data, "train": {**train, "eval_tasks": list(tasks)}}
         return data
 
     @model_validator(mode="after")
@@ -180,6 +184,25 @@ class PipelineConfig(_Section):
                         f"crawl.seeds: {seed!r} is a local/private address, refused by default; "
                         "set crawl.allow_private_addresses: true to crawl it"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _promotion_metrics_are_computed(self) -> PipelineConfig:
+        """A promotion rule names a metric the evaluate stage reports: val_<metric> or <task>/<metric>."""
+        files = [t for t in self.evaluate.tasks if Path(t).suffix]
+        names = {t for t in self.evaluate.tasks if not Path(t).suffix} | {Path(t).stem for t in files}
+        for i, rule in enumerate(self.tracking.promote):
+            task, _, metric = rule.metric.rpartition("/")
+            if not task and not metric.startswith("val_"):
+                raise ValueError(
+                    f"tracking.promote.{i}.metric: {rule.metric!r} is not an evaluation metric: use "
+                    "val_<metric> (val_loss, val_bits_per_byte, ...) or <task>/<metric> (arc_easy/acc)"
+                )
+            if task and task not in names and not files:
+                raise ValueError(
+                    f"tracking.promote.{i}.metric: {rule.metric!r} reads task {task!r}, which evaluate.tasks "
+                    f"({', '.join(self.evaluate.tasks) or 'none'}) does not score"
+                )
         return self
 
     @property

@@ -143,8 +143,8 @@ class Pipeline:
             seconds = time.perf_counter() - start
             tracker.log_counters(index.get("counters", {}))
             tracker.log_datasets(
-                [tracker.dataset(k, v.out_dir, index_digest(v.index)) for k, v in inputs.items()],
-                [tracker.dataset(name, out, index_digest(index))],
+                [tracker.dataset(k, v.out_dir, index_digest(v.index), v.index) for k, v in inputs.items()],
+                [tracker.dataset(name, out, index_digest(index), index)],
             )
             tracker.set_tag("lmforge.cached", str(cached).lower())
             if after is not None:
@@ -331,7 +331,7 @@ class Pipeline:
         files = [file_entry(out / "metrics.json", 0)]
         counters = {k: v for k, v in metrics.items() if k != "tasks"}
         for name, task in metrics.get("tasks", {}).items():
-            counters |= {f"{name}.{m}": v for m, v in task["metrics"].items()}
+            counters |= {f"{name}/{m}": v for m, v in task["metrics"].items()}
         return write_index(
             out,
             stage="evaluate",
@@ -478,7 +478,7 @@ class Pipeline:
         atomic_write_bytes(logged, json.dumps(record).encode())
 
     def _evaluate_stage(self, result: PipelineResult, tokens: StageOutcome, tracker: Tracker) -> None:
-        tokens_dataset = tracker.dataset("tokens", tokens.out_dir, index_digest(tokens.index))
+        tokens_dataset = tracker.dataset("tokens", tokens.out_dir, index_digest(tokens.index), tokens.index)
 
         def log_eval(index: dict[str, Any]) -> None:
             metrics = json.loads((index["out_dir"] / "metrics.json").read_text())
@@ -488,7 +488,7 @@ class Pipeline:
             for name, task in tasks.items():  # each against the model and the task's data, by its digest
                 dataset = tracker.dataset(name, task["source"], task["digest"][:16])
                 tracker.log_datasets([dataset], [])
-                scores = {f"{name}.{m}": v for m, v in task["metrics"].items()}
+                scores = {f"{name}/{m}": v for m, v in task["metrics"].items()}
                 tracker.log_model_metrics(scores, result.model_id, dataset)
                 result.metrics |= scores
 

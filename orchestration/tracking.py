@@ -6,6 +6,7 @@ that writes to a run by id, so training code stays free of MLflow.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -18,10 +19,13 @@ from typing import Any
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 from mlflow.data.dataset_source_registry import resolve_dataset_source  # noqa: E402
 from mlflow.data.meta_dataset import MetaDataset  # noqa: E402
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.types.schema import Array, ColSpec, DataType, Map, Schema  # noqa: E402
 
 from core.mappings import flatten  # noqa: E402
 
@@ -115,12 +119,16 @@ class Tracker:
         mlflow.log_artifact(str(path))
 
     @staticmethod
-    def dataset(name: str, path: str | Path, digest: str) -> MetaDataset:
-        """An MLflow dataset naming a stage output directory by its index digest."""
+    def dataset(name: str, path: str | Path, digest: str, index: dict[str, Any] | None = None) -> MetaDataset:
+        """An MLflow dataset naming a stage output directory by its index digest; with the stage's
+        ``index``, also its schema (of its first data file) and profile (rows, files, bytes, documents,
+        tokens)."""
         with warnings.catch_warnings():  # local paths match two equivalent source types; either is right
             warnings.simplefilter("ignore", UserWarning)
             source = resolve_dataset_source(str(path) if "://" in str(path) else str(Path(path).resolve()))
-        return MetaDataset(source=source, name=name, digest=digest)
+        if index is None:
+            return MetaDataset(source=source, name=name, digest=digest)
+        return StageDataset(source, name, digest, _data_schema(Path(path), index), dataset_profile(index))
 
     @staticmethod
     def log_datasets(inputs: list[MetaDataset], outputs: list[MetaDataset]) -> None:
@@ -195,6 +203,70 @@ class Tracker:
     def log_model_metrics(metrics: dict[str, float], model_id: str, dataset: MetaDataset) -> None:
         for key, value in metrics.items():
             mlflow.log_metric(key, float(value), model_id=model_id, dataset=dataset)
+
+
+class StageDataset(MetaDataset):
+    """A stage output as MLflow shows it: source, digest, schema and a profile."""
+
+    def __init__(self, source: Any, name: str, digest: str, schema: Schema | None, profile: dict[str, Any]):
+        self._profile = profile
+        super().__init__(source=source, name=name, digest=digest, schema=schema)
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return super().to_dict() | {"profile": json.dumps(self._profile)}
+
+
+def dataset_profile(index: dict[str, Any]) -> dict[str, Any]:
+    """What a stage output holds, from its manifest."""
+    counters = index.get("counters", {})
+    profile = {
+        "rows": index.get("rows", 0),
+        "files": len(index["files"]),
+        "bytes": sum(f.get("bytes", 0) for f in index["files"]),
+    }
+    return profile | {k: counters[k] for k in ("documents", "tokens") if k in counters}
+
+
+_ARROW_TYPES = {
+    "string": DataType.string, "large_string": DataType.string, "bool": DataType.boolean,
+    "int8": DataType.integer, "int16": DataType.integer, "int32": DataType.integer, "int64": DataType.long,
+    "uint8": DataType.integer, "uint16": DataType.integer, "uint32": DataType.long, "uint64": DataType.long,
+    "float": DataType.float, "double": DataType.double, "binary": DataType.binary,
+    "large_binary": DataType.binary,
+}  # fmt: skip
+
+
+def _mlflow_type(t: pa.DataType) -> Any:
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        return DataType.datetime
+    if pa.types.is_map(t):
+        return Map(_mlflow_type(t.item_type))
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return Array(_mlflow_type(t.value_type))
+    return _ARROW_TYPES.get(str(t), DataType.string)
+
+
+def arrow_to_mlflow_schema(schema: pa.Schema) -> Schema:
+    return Schema([ColSpec(_mlflow_type(f.type), f.name, required=not f.nullable) for f in schema])
+
+
+def _data_schema(out_dir: Path, index: dict[str, Any]) -> Schema | None:
+    """The schema of the output's first Parquet or Arrow IPC file, if it has one."""
+    for f in index["files"]:
+        path = out_dir / f["path"]
+        try:
+            if path.suffix == ".parquet":
+                return arrow_to_mlflow_schema(pq.read_schema(path))
+            if path.suffix == ".arrow":
+                with pa.memory_map(str(path)) as source:
+                    return arrow_to_mlflow_schema(pa.ipc.open_file(source).schema)
+        except (OSError, pa.ArrowInvalid):
+            return None
+    return None
 
 
 class RunMetricsLogger:

@@ -65,6 +65,11 @@ def _worker_loop(config: dict[str, Any]) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
     # DeepSpeed 0.19 still calls the renamed collective; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    on_eval = None
+    if cfg.eval_every:
+        from evaluation.periodic import PeriodicEvaluator
+
+        on_eval = PeriodicEvaluator(cfg, config["data_dir"])
     train(
         cfg,
         config["data_dir"],
@@ -72,6 +77,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         on_metrics=config["metrics_logger"],
         on_checkpoint=report,
         print_progress=not config["progress_bar"],  # the driver draws rank 0's progress instead
+        on_eval=on_eval,
     )
 
 

@@ -76,6 +76,19 @@ class TrainConfig(StageConfig):
         "first_open",
         description="Hash token shards against index.json: never, once per change, or every open.",
     )
+    eval_every: int = Field(
+        0,
+        ge=0,
+        description="Score eval_tasks (first eval_limit examples each) and the held-out split on the "
+        "training workers every N steps, logged at the step as eval/<task>/<metric> (0: off).",
+    )
+    eval_tasks: list[str] = Field(
+        default_factory=list,
+        description="Tasks for eval_every: built-in names or task files (default: evaluate.tasks).",
+    )
+    eval_limit: int = Field(
+        100, ge=1, description="Examples per task, and held-out sequences, of each periodic evaluation."
+    )
     ds_config: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config merged on top.")
 
     @model_validator(mode="after")

@@ -32,6 +32,9 @@ from training.model import build_model, count_parameters, freeze_first_layers, l
 MetricsCallback = Callable[[dict[str, float], int], None]
 #: Called on every rank after each checkpoint with its directory, the step and the last step's metrics.
 CheckpointCallback = Callable[[Path, int, dict[str, float]], None]
+#: Called on every rank every ``eval_every`` steps with the (possibly ZeRO-3 sharded) module in eval mode
+#: and the step, all ranks together; rank 0's returned metrics are reported with that step's.
+EvalCallback = Callable[[torch.nn.Module, int], dict[str, float]]
 
 
 def _dist() -> tuple[int, int]:
@@ -60,16 +63,20 @@ def _write_progress(out_dir: Path, step: int, steps: int, metrics: dict[str, flo
     )
 
 
+def hf_tokenizer(tokenizer_json: Path, info: dict[str, Any]) -> transformers.PreTrainedTokenizerFast:
+    """The shards' tokenizer as the exported model will have it: its EOS is also BOS and padding."""
+    eos = info.get("eos_token", EOS_TOKEN)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_json), bos_token=eos, eos_token=eos, pad_token=eos
+    )
+
+
 def export_tokenizer(tokenizer_json: Path, info: dict[str, Any], model_dir: Path) -> None:
     """Save the tokenizer as a Hugging Face tokenizer directory (AutoTokenizer loads it).
 
     tokenizer.json keeps its exact bytes, so its sha256 (the tokenizer id) is unchanged.
     """
-    eos = info.get("eos_token", EOS_TOKEN)
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_file=str(tokenizer_json), bos_token=eos, eos_token=eos, pad_token=eos
-    )
-    fast.save_pretrained(model_dir)
+    hf_tokenizer(tokenizer_json, info).save_pretrained(model_dir)
     shutil.copy(tokenizer_json, model_dir / "tokenizer.json")
 
 
@@ -132,6 +139,17 @@ def _step_metrics(
     return metrics
 
 
+def _evaluate(engine, on_eval: EvalCallback, step: int) -> dict[str, float]:
+    engine.eval()
+    try:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            scores = on_eval(engine.module, step)
+        return scores | {"eval/seconds": time.perf_counter() - t0}
+    finally:
+        engine.train()
+
+
 def _export(engine, data: TokenSequences, data_dir: str | Path, out_dir: Path) -> Path | None:
     """The fp32 model and its tokenizer as a Hugging Face directory (rank 0; collective gather first)."""
     state_dict = ds_engine.consolidated_state_dict(engine)
@@ -151,6 +169,7 @@ def train(
     on_metrics: MetricsCallback | None = None,
     on_checkpoint: CheckpointCallback | None = None,
     print_progress: bool = True,
+    on_eval: EvalCallback | None = None,
 ) -> dict[str, Any]:
     """Train (resuming from ``out_dir/checkpoints`` if present) and export the model to ``out_dir/model``.
 
@@ -198,6 +217,8 @@ def train(
             raise FloatingPointError(f"loss became {loss_value} at step {step + 1}; lower train.lr")
         metrics = _step_metrics(engine, cfg, loss_value, seconds, fpt, world, device)
         done = step + 1
+        if on_eval is not None and cfg.eval_every and done % cfg.eval_every == 0:
+            metrics |= _evaluate(engine, on_eval, done)
         if rank == 0:
             _write_progress(out_dir, done, cfg.steps, metrics)
             if on_metrics is not None:

@@ -42,6 +42,20 @@ def test_a_document_quoting_a_benchmark_question_is_removed_and_named():
     assert ctx.counters["decontaminate.arc_easy"] == 1
 
 
+def test_flag_mode_keeps_every_document_and_counts_matches_per_task_in_meta():
+    index = NgramIndex(3)
+    index.add("t1", ["one two three four"])  # 3-grams: one two three, two three four
+    index.add("t2", ["five six seven"])
+    texts = ["One, two three four five six seven!", "two three four", "nothing here at all"]
+    ctx = StageContext("clean")
+    stage = Decontaminator(DecontaminateConfig(n=3, action="flag"), index)
+    kept = pa.Table.from_batches(list(stage.run([_docs(texts)], ctx)))
+    assert kept.column("text").to_pylist() == texts and not ctx.rejected
+    metas = [dict(m) for m in kept.column("meta").to_pylist()]
+    assert metas == [{"decontaminate.t1": 2.0, "decontaminate.t2": 1.0}, {"decontaminate.t1": 1.0}, {}]
+    assert ctx.counters["decontaminate.flagged.t1"] == 2 and ctx.counters["decontaminate.flagged.t2"] == 1
+
+
 def test_decontamination_takes_the_evaluated_tasks_or_fails_naming_the_field(tmp_path):
     base = {"workdir": str(tmp_path), "read": {"paths": [str(tmp_path / "x.jsonl")]}}
     cfg = parse_config(base | {"clean": {"decontaminate": {}}, "evaluate": {"tasks": ["arc_easy", "copa"]}})

@@ -64,8 +64,33 @@ def test_every_shipped_config_validates(path):
 def test_promotion_rule_needs_exactly_one_bound():
     from orchestration.config import PromoteRule
 
-    assert PromoteRule(alias="prod", metric="arc_easy.acc", above=0.3).passes(0.31)
+    assert PromoteRule(alias="prod", metric="arc_easy/acc", above=0.3).passes(0.31)
     assert not PromoteRule(alias="prod", metric="val_bits_per_byte", below=1.0).passes(1.0)
     for bounds in ({}, {"above": 0.1, "below": 0.2}):
         with pytest.raises(ValueError, match="exactly one of 'above' or 'below'"):
             PromoteRule(alias="prod", metric="m", **bounds)
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        ({"metric": "arc_easy.acc"}, "tracking.promote.0.metric: 'arc_easy.acc' is not an evaluation metric"),
+        (
+            {"metric": "hellaswag/acc"},
+            "reads task 'hellaswag', which evaluate.tasks (arc_easy, copa, winogrande)",
+        ),
+    ],
+)
+def test_promotion_rules_read_metrics_the_evaluation_reports(rule, expected):
+    override = {"tracking": {"registered_model": "m", "promote": [{"alias": "prod", "above": 0.3, **rule}]}}
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, override)
+    assert expected in str(err.value)
+    ok = {"tracking": {"promote": [{"alias": "prod", "metric": "copa/acc", "above": 0.3}]}}
+    assert load_config(DEMO, ok).tracking.promote[0].metric == "copa/acc"
+
+
+def test_periodic_evaluation_defaults_to_the_evaluated_tasks():
+    cfg = load_config(DEMO, {"train": {"eval_every": 5}})
+    assert cfg.train.eval_tasks == cfg.evaluate.tasks == ["arc_easy", "copa", "winogrande"]
+    assert load_config(DEMO).train.eval_tasks == []

@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
@@ -57,7 +58,7 @@ def _demo(workdir):
             "registered_model": "lmforge-e2e",
             "promote": [
                 {"alias": "good", "metric": "val_loss", "below": 100.0},
-                {"alias": "great", "metric": "arc_easy.acc", "above": 0.99},
+                {"alias": "great", "metric": "arc_easy/acc", "above": 0.99},
             ],
         },
     }
@@ -166,6 +167,18 @@ def test_mlflow_run_tree_dataset_links_and_model_lineage(demo_run):
     assert ("tokenize", tokens_digest) in train_inputs
     tok_outputs = {(d.dataset.name, d.dataset.digest) for d in by_name["tokenize"].inputs.dataset_inputs}
     assert ("tokenize", tokens_digest) in tok_outputs
+    # Each stage output carries its profile and schema (the dedup output read back with pyarrow).
+    datasets = {d.dataset.name: d.dataset for d in by_name["tokenize"].inputs.dataset_inputs}
+    tok_profile = json.loads(datasets["tokenize"].profile)
+    assert tok_profile["tokens"] == result.stages["tokenize"].index["counters"]["tokens"]
+    dedup_dir = result.stages["dedup"].out_dir
+    dedup_profile, dedup_schema = json.loads(datasets["dedup"].profile), json.loads(datasets["dedup"].schema)
+    parquet = [
+        dedup_dir / f["path"] for f in result.stages["dedup"].index["files"] if f["path"].endswith(".parquet")
+    ]
+    assert dedup_profile["rows"] == sum(pq.read_metadata(f).num_rows for f in parquet) > 0
+    columns = {c["name"]: c["type"] for c in dedup_schema["mlflow_colspec"]}
+    assert columns["text"] == "string" and columns["meta"] == "map" and columns["fetched_at"] == "datetime"
     assert "loss" in by_name["train"].data.metrics  # logged by Ray Train rank 0
     model = client.get_logged_model(result.model_id)
     assert model.source_run_id == by_name["train"].info.run_id
@@ -175,10 +188,10 @@ def test_mlflow_run_tree_dataset_links_and_model_lineage(demo_run):
     assert val["val_loss"].dataset_digest == tokens_digest
     # Benchmark scores are logged against the model and the task's data, named by its digest.
     for task in ("arc_easy", "copa"):
-        assert val[f"{task}.examples"].value == 40
-        assert 0 <= val[f"{task}.acc"].value <= 1
-        assert val[f"{task}.acc"].dataset_digest == resolve_task(task).digest()[:16]
-        assert val[f"{task}.acc"].value == pytest.approx(result.metrics[f"{task}.acc"])
+        assert val[f"{task}/examples"].value == 40
+        assert 0 <= val[f"{task}/acc"].value <= 1
+        assert val[f"{task}/acc"].dataset_digest == resolve_task(task).digest()[:16]
+        assert val[f"{task}/acc"].value == pytest.approx(result.metrics[f"{task}/acc"])
     assert val["val_bits_per_byte"].value > 0
     version = client.get_model_version("lmforge-e2e", result.model_version)
     assert version.tags["lmforge.shards_digest"] == tokens_digest
@@ -194,7 +207,7 @@ def test_mlflow_run_tree_dataset_links_and_model_lineage(demo_run):
     assert client.get_model_version_by_alias("lmforge-e2e", "candidate").version == result.model_version
     assert client.get_model_version_by_alias("lmforge-e2e", "good").version == result.model_version
     assert sorted(version.aliases) == ["candidate", "good"]
-    assert version.tags["lmforge.promotion.great"].startswith("not promoted to @great: arc_easy.acc = ")
+    assert version.tags["lmforge.promotion.great"].startswith("not promoted to @great: arc_easy/acc = ")
 
 
 @pytest.mark.slow
