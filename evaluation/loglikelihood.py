@@ -43,6 +43,13 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def default_batch_tokens(device: torch.device) -> int:
+    """Tokens per forward pass: small on CPU, where activations that stay in cache beat bigger matrix
+    products (HellaSwag on a 6-layer GPT-2, 2 threads: 36 examples/s at 1,024 tokens, 29 at 8,192;
+    ARC-Easy 75 vs 47), larger on accelerators."""
+    return 1024 if device.type == "cpu" else 8192
+
+
 def model_max_length(model: torch.nn.Module, tokenizer: Any, default: int = 2048) -> int:
     """The longest window the model takes, looked up as lm-eval does (config first, then tokenizer)."""
     config = model.config
@@ -67,15 +74,15 @@ class CausalScorer:
         model: torch.nn.Module,
         tokenizer: Any,
         max_length: int | None = None,
-        batch_tokens: int = 8192,
+        batch_tokens: int | None = None,
         across_ranks: bool = False,
     ):
         self.model = model.eval()
         self.across_ranks = across_ranks
         self.tokenizer = tokenizer
         self.max_length = max_length or model_max_length(model, tokenizer)
-        self.batch_tokens = batch_tokens
         self.device = next(model.parameters()).device
+        self.batch_tokens = batch_tokens or default_batch_tokens(self.device)
         # GPT-2 and Llama heads are a plain projection of the base model's final (normed) hidden states;
         # other architectures (logit soft-capping, scaling) go through the full forward.
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

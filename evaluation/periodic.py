@@ -32,7 +32,7 @@ class PeriodicEvaluator:
 
     def __init__(self, cfg: TrainConfig, data_dir: str | Path):
         self.limit = cfg.eval_limit
-        # A training micro-batch's tokens: what the worker's memory is sized for (with gradients to spare).
+        # At most a training micro-batch's tokens: what the worker's memory is sized for.
         self.batch_tokens = cfg.micro_batch_size * cfg.seq_len
         index_seqs = TokenSequences(data_dir, "train", cfg.seq_len, verify="never")
         info = index_seqs.index["tokenizer"]
@@ -51,7 +51,8 @@ class PeriodicEvaluator:
 
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         out: dict[str, float] = {}
-        scorer = CausalScorer(model, self.tokenizer, batch_tokens=self.batch_tokens, across_ranks=True)
+        scorer = CausalScorer(model, self.tokenizer, across_ranks=True)
+        scorer.batch_tokens = min(scorer.batch_tokens, self.batch_tokens)
         for task in self.tasks:
             metrics = score_task(scorer, task)
             out |= {f"eval/{task.name}/{k}": v for k, v in metrics.items() if k not in _CONSTANT}

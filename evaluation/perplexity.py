@@ -34,7 +34,11 @@ class EvalConfig(StageConfig):
         "lambada_openai, ...) or .jsonl/.yaml task files; scored as lm-evaluation-harness does.",
     )
     task_limit: int | None = Field(None, ge=1, description="First N examples of each task (None: all).")
-    batch_tokens: int = Field(8192, ge=64, description="Tokens per forward pass when scoring tasks.")
+    batch_tokens: int | None = Field(
+        None,
+        ge=64,
+        description="Tokens per forward pass when scoring tasks (None: 1,024 on CPU, 8,192 on GPU).",
+    )
 
 
 def token_bytes(tokenizer_json: str | Path) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -189,20 +190,49 @@ def _submit_with_retry(client, timeout_s: float = 120, **job) -> str:
 def report(
     workdir: Annotated[Path, typer.Argument(help="A run's work dir (the config's workdir).")],
 ) -> None:
-    """Rebuild report.md / report.json of a work dir from its stage manifests; exit 1 if a check fails."""
+    """Rebuild report.html (plots, examples, lineage; opens offline) and report.md / report.json of a
+    work dir from its stage outputs; exit 1 if a check fails."""
     from orchestration.report import write_report
+    from orchestration.report_html import write_html_report
 
     try:
         path = write_report(workdir)
+        with console.status("writing report.html"):
+            page, _ = write_html_report(workdir)
     except FileNotFoundError as e:
         console.print(f"[bold red]{e}[/bold red]")
         raise typer.Exit(2) from None
     rep = json.loads(path.read_text())
     for name, ok in rep["checks"].items():
         console.print(f"  [{'green' if ok else 'red'}]{'✓' if ok else '✗'}[/] {name}")
-    console.print(f"report: {path.with_suffix('.md')}")
+    console.print(f"report: {page} (and {path.with_suffix('.md').name})")
     if not rep["ok"]:
         raise typer.Exit(1)
+
+
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="MLflow tracking URI (sqlite file or server); default: --config's, else $MLFLOW_TRACKING_URI."
+    ),
+]
+TrackingConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="A pipeline config whose tracking store to read.")
+]
+
+
+def _tracking_uri(uri: str | None, config: Path | None) -> str:
+    if uri:
+        return uri
+    if config is not None:
+        return _load(config, []).tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    console.print(
+        "[bold red]which MLflow store?[/bold red] give --tracking-uri, --config CONFIG (the pipeline config "
+        "that logged the model) or set MLFLOW_TRACKING_URI"
+    )
+    raise typer.Exit(2)
 
 
 @app.command("eval")
@@ -220,11 +250,12 @@ def eval_(
         list[str] | None, typer.Option(help="Text dataset for bits per byte and perplexity (repeatable).")
     ] = None,
     limit: Annotated[int | None, typer.Option(help="First N examples (documents) of each.")] = None,
-    batch_tokens: Annotated[int, typer.Option(help="Tokens per forward pass.")] = 8192,
+    batch_tokens: Annotated[
+        int | None, typer.Option(help="Tokens per forward pass (default: 1,024 on CPU, 8,192 on GPU).")
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
-    tracking_uri: Annotated[
-        str, typer.Option(help="MLflow tracking URI for models:/ references and logging.")
-    ] = "sqlite:///work/mlflow.db",
+    tracking_uri: TrackingOpt = None,
+    config: TrackingConfigOpt = None,
     log: Annotated[
         bool, typer.Option(help="Log metrics to MLflow against the model (models:/ only).")
     ] = True,
@@ -245,7 +276,9 @@ def eval_(
         raise typer.Exit(2)
     with tempfile.TemporaryDirectory(prefix="lmforge-eval-") as tmp:
         try:
-            model_dir, logged = resolve_model(model, tracking_uri, Path(tmp))
+            if model.startswith("models:/"):
+                tracking_uri = _tracking_uri(tracking_uri, config)
+            model_dir, logged = resolve_model(model, tracking_uri or "", Path(tmp))
             with console.status("evaluating") as status:
                 results = evaluate(
                     model_dir,
@@ -260,7 +293,7 @@ def eval_(
             console.print(f"[bold red]{e}[/bold red]")
             raise typer.Exit(2) from None
     if logged is not None and log:
-        run_id = log_evaluation(tracking_uri, logged, results, {"model": model, "limit": limit})
+        run_id = log_evaluation(tracking_uri or "", logged, results, {"model": model, "limit": limit})
         console.print(f"logged to MLflow run {run_id} against model {logged.model_id}")
     if as_json:
         typer.echo(
@@ -285,16 +318,15 @@ def lineage(
     model: Annotated[
         str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or models:/MODEL_ID.")
     ],
-    tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI (sqlite file or server).")] = (
-        "sqlite:///work/mlflow.db"
-    ),
+    tracking_uri: TrackingOpt = None,
+    config: TrackingConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the lineage as JSON.")] = False,
 ) -> None:
     """Walk a model back to its data: training run, token shards, tokenizer, dedup/clean outputs, crawl."""
     from orchestration.lineage import LineageError, render, walk
 
     try:
-        found = walk(model, tracking_uri)
+        found = walk(model, _tracking_uri(tracking_uri, config))
     except LineageError as e:
         console.print(f"[bold red]{e}[/bold red]")
         raise typer.Exit(2) from None
@@ -302,6 +334,46 @@ def lineage(
         typer.echo(json.dumps(found, indent=1))
     else:
         typer.echo("\n".join(render(found)))
+
+
+@app.command()
+def ui(
+    tracking_uri: TrackingOpt = None,
+    config: TrackingConfigOpt = None,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+) -> None:
+    """Start the MLflow UI on 127.0.0.1 over the run's tracking store and print its URL (Ctrl-C stops it)."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestration.tracking import start_mlflow_ui, wait_until_ready
+
+    uri = _tracking_uri(tracking_uri, config)
+    url = f"http://127.0.0.1:{port}"
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM too stops the server below, not only Ctrl-C
+
+    signal.signal(signal.SIGTERM, stop)
+    server = start_mlflow_ui(uri, port)
+    try:
+        with console.status(f"starting the MLflow UI over {uri}"):
+            wait_until_ready(url, server)
+        typer.echo(f"MLflow UI: {url}")  # plain lines on stdout: never wrapped, easy to read by a script
+        for exp in MlflowClient(uri).search_experiments():
+            if exp.name != "Default":
+                # The UI's global workflow switch defaults to GenAI (traces); this link opens runs and models.
+                link = f"{url}/#/experiments/{exp.experiment_id}?workflowType=machine_learning"
+                typer.echo(f"  experiment {exp.name}: {link}")
+        sys.stdout.flush()
+        server.wait()
+    except (RuntimeError, TimeoutError) as e:
+        console.print(f"[bold red]{e}[/bold red]")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @app.command()

@@ -37,11 +37,12 @@ from cleaning.normalize import TextNormalizer
 from cleaning.pii import PiiRedactor
 from core.files import atomic_write_bytes, file_entry
 from core.manifest import IntegrityError, index_digest, read_index, verify_files, write_index
+from core.stage import Stage
 from evaluation.perplexity import evaluate_model_dir
 from evaluation.tasks import resolve_task
 from ingestion.demo_site import DemoSiteServer, build_demo_site
 from orchestration import report
-from orchestration.config import ConfigError, PipelineConfig
+from orchestration.config import CleanConfig, ConfigError, PipelineConfig
 from orchestration.crawl import run_crawl
 from orchestration.dedup import run_dedup_stage
 from orchestration.executors import (
@@ -53,6 +54,7 @@ from orchestration.executors import (
     warc_source,
 )
 from orchestration.preflight import preflight
+from orchestration.report_html import write_html_report
 from orchestration.tracking import RunMetricsLogger, Tracker, code_version
 from orchestration.training_launch import launch_training
 
@@ -101,6 +103,22 @@ class PipelineResult:
     model_version: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     report_path: Path | None = None
+
+
+def clean_stages(c: CleanConfig) -> list[Stage]:
+    """Extraction, normalization and the configured filters, in the clean stage's order (decontamination,
+    which needs the tasks' n-gram index, is inserted after normalization by the pipeline)."""
+    stages: list[Stage] = [HtmlExtractor(c.extract), TextNormalizer(c.normalize)]
+    optional = [
+        (UrlBlocklistFilter, c.url_blocklist),
+        (LanguageFilter, c.language),
+        (GopherRepetitionFilter, c.gopher_repetition),
+        (GopherQualityFilter, c.gopher),
+        (C4QualityFilter, c.c4),
+        (FineWebQualityFilter, c.fineweb),
+        (PiiRedactor, c.pii),
+    ]
+    return stages + [stage(config) for stage, config in optional if config is not None]
 
 
 class Pipeline:
@@ -220,17 +238,7 @@ class Pipeline:
 
     def _clean(self, crawl: StageOutcome, out: Path, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         c = self.cfg.clean
-        stages = [HtmlExtractor(c.extract), TextNormalizer(c.normalize)]
-        optional = [
-            (UrlBlocklistFilter, c.url_blocklist),
-            (LanguageFilter, c.language),
-            (GopherRepetitionFilter, c.gopher_repetition),
-            (GopherQualityFilter, c.gopher),
-            (C4QualityFilter, c.c4),
-            (FineWebQualityFilter, c.fineweb),
-            (PiiRedactor, c.pii),
-        ]
-        stages += [stage(config) for stage, config in optional if config is not None]
+        stages = clean_stages(c)
         if c.decontaminate is not None:
             stages.insert(2, Decontaminator(c.decontaminate, self._task_ngrams(c.decontaminate)))
         parts = [
@@ -370,6 +378,9 @@ class Pipeline:
             result.report_path = report.write_report(self.workdir, until)
             tracker.log_artifact(result.report_path)
             tracker.log_artifact(result.report_path.with_suffix(".md"))
+            page, figures = write_html_report(self.workdir, until)
+            tracker.log_artifact(page)
+            tracker.log_report_figures(figures)
         return result
 
     def _stages(self, result: PipelineResult, tracker: Tracker, config_hash: str, until: str) -> None:

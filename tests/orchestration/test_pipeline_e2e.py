@@ -6,14 +6,15 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 from warcio.archiveiterator import ArchiveIterator
@@ -24,6 +25,7 @@ from orchestration.cli import app
 from orchestration.config import load_config
 from orchestration.lineage import walk
 from orchestration.pipeline import Pipeline, run_pipeline
+from orchestration.tracking import start_mlflow_ui, wait_until_ready
 from tests.conftest import free_port
 from training.data.tokenizer import load_tokenizer
 
@@ -211,7 +213,7 @@ def test_mlflow_run_tree_dataset_links_and_model_lineage(demo_run):
 
 
 @pytest.mark.slow
-def test_lineage_walks_from_the_model_version_back_to_the_crawl(demo_run):
+def test_lineage_walks_from_the_model_version_back_to_the_crawl(demo_run, tmp_path):
     cfg, result = demo_run
     uri = f"models:/lmforge-e2e/{result.model_version}"
     found = walk(uri, cfg.tracking_uri)
@@ -234,6 +236,17 @@ def test_lineage_walks_from_the_model_version_back_to_the_crawl(demo_run):
         app, ["lineage", "models:/lmforge-e2e/99", "--tracking-uri", cfg.tracking_uri]
     )
     assert missing.exit_code == 2
+    # The store can also be named by the config that logged the model, or by MLFLOW_TRACKING_URI.
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    by_config = CliRunner().invoke(app, ["lineage", uri, "--config", str(config), "--json"])
+    assert by_config.exit_code == 0 and json.loads(by_config.stdout)["chain"] == json.loads(json.dumps(chain))
+    by_env = CliRunner().invoke(
+        app, ["lineage", uri, "--json"], env={"MLFLOW_TRACKING_URI": cfg.tracking_uri}
+    )
+    assert by_env.exit_code == 0
+    nowhere = CliRunner().invoke(app, ["lineage", uri], env={"MLFLOW_TRACKING_URI": ""})
+    assert nowhere.exit_code == 2 and "give --tracking-uri, --config" in " ".join(nowhere.output.split())
 
 
 @pytest.mark.slow
@@ -299,42 +312,130 @@ def test_lineage_through_a_real_mlflow_server(demo_run, tmp_path):
     same chain as the sqlite file."""
     cfg, result = demo_run
     port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            cfg.tracking_uri,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=tmp_path,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-    )
+    server = start_mlflow_ui(cfg.tracking_uri, port, cwd=tmp_path)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.5)
+        wait_until_ready(url, server)
         uri = "models:/lmforge-e2e@candidate"
         assert walk(uri, url) == walk(uri, cfg.tracking_uri)
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _shots(tmp_path: Path) -> Path:
+    """Where the browser tests save their screenshots: LMFORGE_SCREENSHOTS (docs/ refreshes the README's
+    pictures), else the test's temporary directory."""
+    out = Path(os.environ.get("LMFORGE_SCREENSHOTS") or tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _browser():
+    """Headless Chromium (Debian's, installed by .ci/install.sh) driven by playwright."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (make install adds Debian's)")
+    return playwright.sync_playwright(), chromium
+
+
+@pytest.mark.slow
+def test_the_html_report_renders_offline_in_a_real_browser(demo_run, tmp_path):
+    cfg, result = demo_run
+    page_path = result.workdir / "report.html"
+    assert page_path.exists()
+    manager, chromium = _browser()
+    with manager as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(page_path.as_uri())
+        page.wait_for_selector(".plotly-graph-div .main-svg")
+        # The funnel's numbers are those of the stage manifests.
+        rows = page.locator("table.funnel tbody tr").all_inner_texts()
+        funnel = {r.split("\t")[0]: r.split("\t")[1].replace(",", "") for r in rows}
+        clean, dedup = result.stages["clean"].index["counters"], result.stages["dedup"].index["counters"]
+        assert funnel["extracted documents"] == str(clean["documents_in"])
+        assert funnel["after quality filters"] == str(clean["kept"])
+        assert funnel["after deduplication"] == str(dedup["kept"])
+        assert funnel["tokenized"] == str(result.stages["tokenize"].index["counters"]["documents"])
+        # Every plot drew something.
+        plots = page.locator(".plotly-graph-div")
+        assert plots.count() >= 8
+        for i in range(plots.count()):
+            assert plots.nth(i).locator(".main-svg").count() > 0
+            assert plots.nth(i).bounding_box()["height"] > 100
+        # Expanding a rejection shows its examples, with the value against the threshold.
+        reason = page.locator("details.reason").first
+        assert not reason.locator(".example").first.is_visible()
+        reason.locator("summary").click()
+        assert reason.locator(".example").first.is_visible()
+        assert "against threshold" in reason.locator(".example .meta").first.inner_text() or "duplicate" in (
+            reason.inner_text()
+        )
+        shot = _shots(tmp_path) / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert [r for r in requests if not r.startswith(("file:", "data:"))] == []  # nothing left the page
+    assert shot.stat().st_size > 50_000
+
+
+@pytest.mark.slow
+def test_lmforge_ui_shows_the_runs_models_datasets_and_report(demo_run, tmp_path):
+    """`lmforge ui` on the run's store, opened headless: the experiment's runs, the parent run's report
+    artifact, a stage run's metrics and datasets, the registered version's alias, the logged model."""
+    cfg, result = demo_run
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestration.cli", "ui", "--tracking-uri", cfg.tracking_uri, "--port", str(port)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 180
+        while not any(line.startswith("  experiment ") for line in lines):
+            assert proc.poll() is None, f"lmforge ui exited: {lines}"
+            assert time.monotonic() < deadline, f"no experiment link printed: {lines}"
+            time.sleep(0.5)
+        link = next(line for line in lines if line.startswith("  experiment ")).split(": ", 1)[1].strip()
+        assert link.startswith(f"http://127.0.0.1:{port}/#/experiments/")
+        assert link.endswith("?workflowType=machine_learning"), link
+        client = MlflowClient(cfg.tracking_uri)
+        exp = client.get_run(result.parent_run_id).info.experiment_id
+        stage_runs = client.search_runs([exp], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+        clean_run = next(r for r in stage_runs if r.info.run_name == "clean")
+        base = f"http://127.0.0.1:{port}/#"
+        manager, chromium = _browser()
+        with manager as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+
+            def visit(url: str, *texts: str, shot: str) -> None:
+                page.goto(url)
+                for text in texts:
+                    page.get_by_text(text, exact=False).first.wait_for(timeout=60_000)
+                page.screenshot(path=str(_shots(tmp_path) / f"ui-{shot}.png"))
+
+            ml = "?workflowType=machine_learning"  # the UI's workflow switch, as the printed link sets it
+            visit(link, "Runs", "Models", cfg.name, shot="experiment")
+            visit(
+                f"{base}/experiments/{exp}/runs/{result.parent_run_id}/artifacts{ml}",
+                "report.html",
+                shot="parent",
+            )
+            clean_page = f"{base}/experiments/{exp}/runs/{clean_run.info.run_id}{ml}"
+            visit(clean_page, "Datasets", "crawl", "documents_in", "kept", shot="stage")
+            version = f"{base}/models/lmforge-e2e/versions/{result.model_version}{ml}"
+            visit(version, "Aliases", "candidate", "lmforge.shards_digest", shot="version")
+            logged = f"{base}/experiments/{exp}/models/{result.model_id}{ml}"
+            visit(logged, "val_loss", "arc_easy/acc", "tokens (#", shot="model")
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 @pytest.mark.slow

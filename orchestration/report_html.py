@@ -1,0 +1,637 @@
+"""The data-quality report as one self-contained HTML page: plotly charts (plotly.js inlined once, nothing
+fetched), example documents, duplicate clusters side by side, training and evaluation, the lineage.
+
+Everything is read from the work dir with pyarrow, column by column and batch by batch: text lengths
+with ``pyarrow.compute.utf8_length``, quality signals from the ``meta`` map column, binned with numpy, so
+the page holds counts per bin, never the documents (a few sampled examples aside), and its size does not
+grow with the corpus. Training curves come from the MLflow run when its store is reachable, else from the
+train stage's summary.
+"""
+
+from __future__ import annotations
+
+import difflib
+import html
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import plotly.offline
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from core.files import atomic_write_bytes
+from core.manifest import index_digest, read_index
+from orchestration.report import MODEL_RECORD, RUN_RECORD, build_report
+
+KEPT, REJECTED = "#2f7ed8", "#e4572e"
+_BATCH = 65_536
+_EXAMPLES = 3  # per rejection reason
+_SNIPPET = 700  # characters of an example's text
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+
+
+def _parquet_files(out_dir: Path) -> list[Path]:
+    index = read_index(out_dir)
+    if index is None:
+        return []
+    return [out_dir / f["path"] for f in index["files"] if f["path"].endswith(".parquet")]
+
+
+def _batches(out_dir: Path, columns: list[str]):
+    for path in _parquet_files(out_dir):
+        f = pq.ParquetFile(path)
+        present = [c for c in columns if c in f.schema_arrow.names]
+        yield from f.iter_batches(batch_size=_BATCH, columns=present)
+
+
+class _Docs:
+    """Column-wise facts of one documents output: text lengths, signals, languages and hosts."""
+
+    def __init__(self, out_dir: Path, rejected: bool = False):
+        self.lengths: list[np.ndarray] = []
+        self.signals: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.langs: dict[str, int] = defaultdict(int)
+        self.hosts: dict[str, int] = defaultdict(int)
+        columns = ["text", "meta", "lang", "url"] + (["filter", "signal", "threshold"] if rejected else [])
+        self.reasons: list[pa.Table] = []
+        for batch in _batches(out_dir, columns):
+            names = batch.schema.names
+            if "text" in names:
+                self.lengths.append(pc.utf8_length(batch.column("text")).fill_null(0).to_numpy(False))
+            if "meta" in names:
+                self._signals(batch.column("meta"))
+            if "lang" in names:
+                self._count(self.langs, batch.column("lang").fill_null("unknown"))
+            if "url" in names:
+                host = pc.extract_regex(batch.column("url"), r"^[A-Za-z][A-Za-z0-9+.-]*://(?P<host>[^/?#]+)")
+                self._count(self.hosts, pc.struct_field(host, "host").fill_null("(no url)"))
+            if rejected:
+                self.reasons.append(pa.Table.from_batches([batch.select(["filter", "signal", "threshold"])]))
+
+    def _signals(self, meta: pa.Array) -> None:
+        if not isinstance(meta, pa.MapArray) or len(meta.keys) == 0:
+            return
+        keys = meta.keys.dictionary_encode()
+        values = meta.items.to_numpy(zero_copy_only=False)
+        codes = keys.indices.to_numpy(zero_copy_only=False)
+        for code, name in enumerate(keys.dictionary.to_pylist()):
+            self.signals[name].append(values[codes == code])
+
+    @staticmethod
+    def _count(into: dict[str, int], column: pa.Array) -> None:
+        counts = pc.value_counts(column)
+        for value, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()):
+            into[value] += n
+
+    @property
+    def n(self) -> int:
+        return int(sum(len(x) for x in self.lengths))
+
+    def length_values(self) -> np.ndarray:
+        return np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
+
+    def signal(self, name: str) -> np.ndarray:
+        parts = self.signals.get(name)
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _reason(table: pa.Table | pa.RecordBatch) -> pa.Array:
+    """A rejection's reason, ``filter: signal``, without per-document detail (decontamination's signal
+    is ``task: n-gram``; its reason is the task)."""
+    signal = pc.fill_null(table.column("signal"), "")
+    is_task = pc.equal(table.column("filter"), "decontaminate")
+    signal = pc.if_else(is_task, pc.replace_substring_regex(signal, r": .*$", ""), signal)
+    return pc.binary_join_element_wise(table.column("filter"), signal, ": ")
+
+
+def _reason_counts(rejected: _Docs) -> list[tuple[str, int, float | None]]:
+    """(reason, documents, threshold) per rejection reason, most frequent first."""
+    if not rejected.reasons:
+        return []
+    table = pa.concat_tables(rejected.reasons)
+    grouped = (
+        pa.table({"reason": _reason(table), "threshold": table.column("threshold")})
+        .group_by("reason")
+        .aggregate([("reason", "count"), ("threshold", "max")])
+        .sort_by([("reason_count", "descending")])
+    )
+    return list(
+        zip(
+            grouped.column("reason").to_pylist(),
+            grouped.column("reason_count").to_pylist(),
+            grouped.column("threshold_max").to_pylist(),
+        )
+    )
+
+
+def _rejection_examples(out_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Up to ``_EXAMPLES`` rejected documents per reason, in corpus order."""
+    picked: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    columns = ["id", "url", "source", "text", "filter", "signal", "value", "threshold", "duplicate_of"]
+    for batch in _batches(out_dir, columns):
+        for i, reason in enumerate(_reason(batch).to_pylist()):
+            if len(picked[reason]) < _EXAMPLES:
+                row = batch.slice(i, 1).to_pylist()[0]
+                row["text"] = (row.get("text") or "")[:_SNIPPET]
+                picked[reason].append(row)
+    return dict(picked)
+
+
+# ---- figures ----------------------------------------------------------------------------------------
+
+
+def _layout(fig: go.Figure, title: str, height: int = 320, **kw: Any) -> go.Figure:
+    fig.update_layout(
+        title={"text": title, "x": 0.01, "font": {"size": 14}},
+        height=height,
+        margin={"l": 50, "r": 20, "t": 40, "b": 40},
+        template="plotly_white",
+        legend={"orientation": "h", "y": -0.2},
+        font={"family": "system-ui, -apple-system, Segoe UI, sans-serif", "size": 12},
+        **kw,
+    )
+    return fig
+
+
+def _div(fig: go.Figure) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})
+
+
+def _histogram(name: str, kept: np.ndarray, rejected: np.ndarray, threshold: float | None) -> go.Figure:
+    """Kept vs rejected counts in shared bins (0.5th-99.5th percentile; outliers land in the end bins),
+    with the filter's threshold drawn."""
+    both = np.concatenate([kept, rejected]).astype(np.float64)
+    both = both[np.isfinite(both)]
+    lo, hi = np.percentile(both, [0.5, 99.5]) if len(both) else (0.0, 1.0)
+    if threshold is not None and np.isfinite(threshold):
+        lo, hi = min(lo, threshold), max(hi, threshold)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = np.linspace(lo, hi, 41)
+    centers = (edges[:-1] + edges[1:]) / 2
+    fig = go.Figure()
+    for label, values, color in (("kept", kept, KEPT), ("rejected", rejected, REJECTED)):
+        counts, _ = np.histogram(np.clip(values[np.isfinite(values)], lo, hi), edges)
+        fig.add_bar(x=centers, y=counts, name=f"{label} ({len(values):,})", marker_color=color, opacity=0.75)
+    if threshold is not None:
+        fig.add_vline(x=threshold, line_dash="dash", line_color="#333",
+                      annotation_text=f"threshold {threshold:g}", annotation_position="top")  # fmt: skip
+    return _layout(fig, name, 260, barmode="overlay", bargap=0.02)
+
+
+def _bars(title: str, before: dict[str, int], after: dict[str, int], top: int) -> go.Figure:
+    names = sorted(before, key=lambda k: -before[k])[:top]
+    fig = go.Figure()
+    fig.add_bar(
+        y=names, x=[before[n] for n in names], name="before cleaning", orientation="h", marker_color="#9db4c0"
+    )
+    fig.add_bar(y=names, x=[after.get(n, 0) for n in names], name="after cleaning and dedup", orientation="h",
+                marker_color=KEPT)  # fmt: skip
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, title, 120 + 26 * len(names), barmode="group")
+
+
+# ---- sections ---------------------------------------------------------------------------------------
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list[Any]], cls: str = "") -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _num(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:,.4g}" if abs(x) < 1e4 else f"{x:,.0f}"
+    return f"{x:,}" if isinstance(x, int) else _e(x)
+
+
+def _funnel(stages: dict[str, dict[str, Any]], facts: dict[str, _Docs]) -> tuple[str, dict[str, float]]:
+    steps: list[tuple[str, int, int | None, int | None]] = []  # (step, documents, characters, tokens)
+    if "crawl" in stages:
+        steps.append(("crawled pages", int(stages["crawl"]["counters"].get("pages_fetched", 0)), None, None))
+    if "clean" in facts:
+        kept, rej = facts["clean"], facts["clean/rejected"]
+        total = kept.n + rej.n
+        steps.append(
+            ("extracted documents", total, int(kept.length_values().sum() + rej.length_values().sum()), None)
+        )
+        steps.append(("after quality filters", kept.n, int(kept.length_values().sum()), None))
+    if "dedup" in facts:
+        steps.append(
+            ("after deduplication", facts["dedup"].n, int(facts["dedup"].length_values().sum()), None)
+        )
+    if "tokenize" in stages:
+        c = stages["tokenize"]["counters"]
+        steps.append(("tokenized", int(c["documents"]), None, int(c["tokens"])))
+    if not steps:
+        return "", {}
+    fig = go.Figure(go.Funnel(y=[s[0] for s in steps], x=[s[1] for s in steps], textinfo="value+percent initial",
+                              marker={"color": ["#9db4c0", "#7aa6c2", KEPT, "#1f5fa8", "#174a84"][: len(steps)]}))  # fmt: skip
+    _layout(fig, "Documents after each stage", 300)
+    rows, prev, key_figures = [], None, {}
+    for name, docs, chars, tokens in steps:
+        removed = "" if prev in (None, 0) else f"{1 - docs / prev:.1%}"
+        rows.append(
+            [
+                _e(name),
+                _num(docs),
+                "" if chars is None else _num(chars),
+                "" if tokens is None else _num(tokens),
+                removed,
+            ]
+        )
+        key_figures[f"report.documents.{name.replace(' ', '_')}"] = float(docs)
+        prev = docs
+    table = _table(["step", "documents", "characters", "tokens", "removed at this step"], rows, "funnel")
+    return _div(fig) + table, key_figures
+
+
+def _rejections(workdir: Path, facts: dict[str, _Docs]) -> tuple[str, list[dict[str, Any]]]:
+    parts, records = [], []
+    for stage in ("clean", "dedup"):
+        rejected = facts.get(f"{stage}/rejected")
+        if rejected is None or not rejected.n:
+            continue
+        counts = _reason_counts(rejected)
+        records += [{"stage": stage, "reason": r, "documents": n, "threshold": t} for r, n, t in counts]
+        fig = go.Figure(go.Bar(y=[r for r, _, _ in counts], x=[n for _, n, _ in counts], orientation="h",
+                               marker_color=REJECTED, text=[n for _, n, _ in counts], textposition="auto"))  # fmt: skip
+        fig.update_yaxes(autorange="reversed")
+        parts.append(
+            _div(_layout(fig, f"{stage}: documents rejected, by filter and reason", 110 + 28 * len(counts)))
+        )
+        examples = _rejection_examples(workdir / stage / "rejected")
+        for reason, n, _ in counts:
+            items = []
+            for row in examples.get(reason, []):
+                value, threshold = row.get("value"), row.get("threshold")
+                against = (
+                    ""
+                    if value is None
+                    else f"value {value:.4g}"
+                    + ("" if threshold is None else f" against threshold {threshold:.4g}")
+                )
+                dup = (
+                    f" — duplicate of <code>{_e(row['duplicate_of'])}</code>"
+                    if row.get("duplicate_of")
+                    else ""
+                )
+                raw = _raw_link(workdir, row)
+                items.append(
+                    f'<div class="example"><div class="meta"><a href="{_e(row.get("url") or "")}">{_e(row.get("url") or row["id"])}</a>'
+                    f" · {_e(against)}{dup}{raw}</div><pre>{_e(row['text'])}</pre></div>"
+                )
+            parts.append(f'<details class="reason"><summary><b>{_e(reason)}</b> — {n:,} documents '
+                         f"(examples)</summary>{''.join(items)}</details>")  # fmt: skip
+    if not parts:
+        return "<p>No document was rejected.</p>", records
+    return "".join(parts), records
+
+
+def _raw_link(workdir: Path, row: dict[str, Any]) -> str:
+    """A link to the crawl's WARC file that holds the raw HTML record (the row's ``source``)."""
+    source = row.get("source") or ""
+    path = workdir / "crawl" / source
+    if source and path.is_file():
+        return f' · raw record: <a href="{_e(path.as_uri())}">{_e(source)}</a>'
+    return ""
+
+
+def _distributions(facts: dict[str, _Docs], thresholds: dict[str, float]) -> str:
+    kept, rejected = facts.get("clean"), facts.get("clean/rejected")
+    if kept is None or rejected is None:
+        return ""
+    figs = [_histogram("document length (characters)", kept.length_values(), rejected.length_values(), None)]
+    for name in sorted(set(kept.signals) | set(rejected.signals)):
+        if name.startswith("pii."):  # counts of what was redacted, on the documents that had any
+            continue
+        signal = name.rsplit(".", 1)[-1]
+        figs.append(_histogram(name, kept.signal(name), rejected.signal(name), thresholds.get(signal)))
+    return '<div class="grid">' + "".join(f'<div class="cell">{_div(f)}</div>' for f in figs) + "</div>"
+
+
+def _languages_and_domains(facts: dict[str, _Docs]) -> str:
+    if "clean" not in facts:
+        return ""
+    before_l, before_h = defaultdict(int), defaultdict(int)
+    for part in (facts["clean"], facts["clean/rejected"]):
+        for k, v in part.langs.items():
+            before_l[k] += v
+        for k, v in part.hosts.items():
+            before_h[k] += v
+    final = facts.get("dedup", facts["clean"])
+    return (
+        '<div class="grid">'
+        f'<div class="cell">{_div(_bars("languages (documents)", before_l, final.langs, 12))}</div>'
+        f'<div class="cell">{_div(_bars("top domains (documents)", before_h, final.hosts, 15))}</div></div>'
+    )
+
+
+def _texts_by_id(out_dir: Path, ids: list[str]) -> dict[str, str]:
+    files = _parquet_files(out_dir)
+    if not files or not ids:
+        return {}
+    table = pq.read_table([str(f) for f in files], columns=["id", "text"], filters=[("id", "in", ids)])
+    return dict(zip(table.column("id").to_pylist(), table.column("text").to_pylist()))
+
+
+def _duplicates(workdir: Path, index: dict[str, Any] | None) -> str:
+    if index is None or not index.get("clusters"):
+        return ""
+    clusters = pq.read_table(workdir / "dedup" / index["clusters"]["path"])
+    if clusters.num_rows == 0:
+        return "<p>No duplicate clusters.</p>"
+    sizes = pc.value_counts(clusters.column("size"))
+    fig = go.Figure(
+        go.Bar(x=sizes.field("values").to_pylist(), y=sizes.field("counts").to_pylist(), marker_color=KEPT)
+    )
+    fig.update_xaxes(title="cluster size (documents)", dtick=1)
+    fig.update_yaxes(title="clusters")
+    out = [_div(_layout(fig, f"{clusters.num_rows:,} duplicate clusters by size", 280))]
+    top = clusters.slice(0, 3).to_pylist()  # largest first
+    kept = _texts_by_id(workdir / "dedup", [c["representative"] for c in top])
+    removed = _texts_by_id(workdir / "dedup" / "rejected", [c["members"][0] for c in top if c["members"]])
+    differ = difflib.HtmlDiff(wrapcolumn=70)
+    for c in top:
+        a, b = kept.get(c["representative"], ""), removed.get(c["members"][0] if c["members"] else "", "")
+        diff = differ.make_table(_lines(a), _lines(b), f"kept {c['representative'][:12]}",
+                                 f"removed {c['members'][0][:12] if c['members'] else ''}", context=True, numlines=2)  # fmt: skip
+        out.append(f'<details class="cluster"><summary>cluster of {c["size"]} — kept <code>{_e(c["representative"])}</code>'
+                   f"</summary>{diff}</details>")  # fmt: skip
+    return "".join(out)
+
+
+def _lines(text: str) -> list[str]:
+    return [line[:300] for line in (text or "").splitlines()[:120]]
+
+
+def _tokens(index: dict[str, Any] | None) -> str:
+    if index is None:
+        return ""
+    shards = [
+        (split, s["path"], s["tokens"])
+        for split, info in index.get("splits", {}).items()
+        for s in info["shards"]
+    ]
+    fig = go.Figure()
+    for split, color in (("train", KEPT), ("val", "#f0a202")):
+        mine = [s for s in shards if s[0] == split]
+        fig.add_bar(
+            x=[s[1].removesuffix(".arrow") for s in mine],
+            y=[s[2] for s in mine],
+            name=split,
+            marker_color=color,
+        )
+    _layout(fig, "tokens per shard", 280)
+    tok, c = index.get("tokenizer", {}), index.get("counters", {})
+    facts = [
+        ["tokenizer id", f"<code>{_e(tok.get('id', '')[:16])}</code>"],
+        ["vocabulary", _num(tok.get("vocab_size"))],
+        ["end-of-document token", f"<code>{_e(tok.get('eos_token'))}</code> (id {tok.get('eos_id')})"],
+        ["train", f"{_num(c.get('train_documents'))} documents, {_num(c.get('train_tokens'))} tokens"],
+        ["validation", f"{_num(c.get('val_documents'))} documents, {_num(c.get('val_tokens'))} tokens"],
+        ["split rule", _e(index.get("split_rule", {}).get("method", ""))],
+    ]
+    return _div(fig) + _table(["", ""], facts, "facts")
+
+
+def _training_history(workdir: Path) -> dict[str, dict[int, float]]:
+    """Step metrics of the training run from MLflow (loss, lr, eval/...), else the losses of summary.json."""
+    model = _read_json(workdir / "train" / MODEL_RECORD)
+    history: dict[str, dict[int, float]] = {}
+    uri = model.get("tracking_uri", "")
+    if model.get("model_id") and uri.startswith(("sqlite:", "file:", "http://127.0.0.1", "http://localhost")):
+        try:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(uri)
+            run_id = client.get_logged_model(model["model_id"]).source_run_id
+            keys = [
+                k
+                for k in client.get_run(run_id).data.metrics
+                if k in ("loss", "lr", "grad_norm") or k.startswith("eval/")
+            ]
+            for key in keys:
+                history[key] = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        except Exception:  # noqa: BLE001 (an unreachable store leaves the summary's losses)
+            history = {}
+    if "loss" not in history:
+        losses = _read_json(workdir / "train" / "summary.json").get("losses", [])
+        if losses:
+            history["loss"] = {i + 1: v for i, v in enumerate(losses)}
+    return history
+
+
+def _training(workdir: Path) -> str:
+    history = _training_history(workdir)
+    if not history:
+        return ""
+
+    def curve(fig: go.Figure, key: str, name: str | None = None) -> None:
+        points = sorted(history[key].items())
+        fig.add_scatter(x=[s for s, _ in points], y=[v for _, v in points], name=name or key,
+                        mode="lines+markers" if len(points) < 30 else "lines")  # fmt: skip
+
+    figs = []
+    loss = go.Figure()
+    curve(loss, "loss", "training loss")
+    if "eval/val_loss" in history:
+        curve(loss, "eval/val_loss", "held-out loss (periodic)")
+    figs.append(_layout(loss, "loss", 280, xaxis_title="step"))
+    if "lr" in history:
+        lr = go.Figure()
+        curve(lr, "lr", "learning rate")
+        figs.append(_layout(lr, "learning rate", 280, xaxis_title="step"))
+    tasks = sorted(k for k in history if k.startswith("eval/") and k.endswith(("/acc", "/acc_norm")))
+    if tasks:
+        ev = go.Figure()
+        for key in tasks:
+            curve(ev, key, key.removeprefix("eval/"))
+        figs.append(
+            _layout(ev, "benchmark accuracy during training (capped subsets)", 280, xaxis_title="step")
+        )
+    return '<div class="grid">' + "".join(f'<div class="cell">{_div(f)}</div>' for f in figs) + "</div>"
+
+
+def _evaluation(workdir: Path) -> str:
+    metrics = _read_json(workdir / "evaluate" / "metrics.json")
+    if not metrics:
+        return ""
+    tasks = metrics.pop("tasks", {})
+    rows = [[_e(k), _num(v)] for k, v in metrics.items()]
+    out = _table(["held-out split", "value"], rows, "facts")
+    if tasks:
+        fig = go.Figure()
+        for metric, color in (("acc", KEPT), ("acc_norm", "#1f5fa8")):
+            names = [n for n, t in tasks.items() if metric in t["metrics"]]
+            fig.add_bar(x=names, y=[tasks[n]["metrics"][metric] for n in names], name=metric, marker_color=color,
+                        error_y={"type": "data", "array": [tasks[n]["metrics"].get(f"{metric}_stderr", 0) for n in names]})  # fmt: skip
+        fig.update_yaxes(range=[0, 1])
+        out = _div(_layout(fig, "benchmark scores (± standard error)", 300, barmode="group")) + out
+        rows = [[_e(n), _num(int(t["metrics"].get("examples", 0))), *(_num(t["metrics"].get(m, "")) for m in ("acc", "acc_norm", "perplexity"))]
+                for n, t in tasks.items()]  # fmt: skip
+        out += _table(["task", "examples", "acc", "acc_norm", "perplexity"], rows, "facts")
+    return out
+
+
+def _lineage(workdir: Path, stages: dict[str, dict[str, Any]]) -> str:
+    run, model = _read_json(workdir / RUN_RECORD), _read_json(workdir / "train" / MODEL_RECORD)
+    rows = []
+    for name, index in stages.items():
+        inputs = ", ".join(f"{k} <code>{_e(v)}</code>" for k, v in index.get("inputs", {}).items()) or "—"
+        rows.append([f"<b>{_e(name)}</b>", f"<code>{_e(index_digest(index))}</code>", inputs,
+                     _num(index.get("rows", 0)), f"<code>{_e(workdir / name)}</code>"])  # fmt: skip
+    out = _table(["stage", "output digest", "read", "rows", "location"], rows, "lineage")
+    facts = []
+    if run.get("mlflow_run_id"):
+        facts.append(["pipeline run", f"<code>runs:/{_e(run['mlflow_run_id'])}</code>"])
+        facts.append(["tracking store", f"<code>{_e(run.get('tracking_uri', ''))}</code>"])
+    if model.get("model_id"):
+        facts.append(["logged model", f"<code>models:/{_e(model['model_id'])}</code>"])
+    if model.get("version"):
+        facts.append(["registered version", _e(model["version"])])
+    if run.get("tracking_uri"):
+        facts.append(["browse", f"<code>lmforge ui --tracking-uri {_e(run['tracking_uri'])}</code>"])
+    return out + (_table(["", ""], facts, "facts") if facts else "")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _checks(rep: dict[str, Any]) -> str:
+    items = "".join(
+        f'<li class="{"ok" if ok else "bad"}">{"✓" if ok else "✗"} {_e(name)}</li>'
+        for name, ok in rep["checks"].items()
+    )
+    return f'<ul class="checks">{items}</ul>'
+
+
+# ---- the page ---------------------------------------------------------------------------------------
+
+_CSS = """
+:root { --fg: #1d2733; --muted: #5f6b7a; --line: #e3e8ee; --bg: #f6f8fa; --accent: #2f7ed8; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: var(--fg); background: var(--bg); }
+header { background: #16324f; color: #fff; padding: 18px 32px; }
+header h1 { margin: 0 0 4px; font-size: 22px; font-weight: 600; }
+header .sub { color: #c9d6e3; font-size: 13px; }
+nav { position: sticky; top: 0; z-index: 5; background: #fff; border-bottom: 1px solid var(--line); padding: 8px 32px; }
+nav a { margin-right: 18px; color: var(--accent); text-decoration: none; font-weight: 500; }
+main { max-width: 1280px; margin: 0 auto; padding: 16px 32px 48px; }
+section { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 16px 20px; margin: 16px 0; }
+section h2 { margin: 0 0 4px; font-size: 17px; }
+section p.lead { margin: 0 0 12px; color: var(--muted); }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 8px 16px; }
+table { border-collapse: collapse; margin: 10px 0; font-size: 13px; }
+th, td { border-bottom: 1px solid var(--line); padding: 5px 10px; text-align: left; vertical-align: top; }
+th { color: var(--muted); font-weight: 600; }
+table.funnel td:not(:first-child), table.funnel th:not(:first-child) { text-align: right; }
+code { font: 12px ui-monospace, SFMono-Regular, Menlo, monospace; background: var(--bg); padding: 1px 4px; border-radius: 3px; }
+details { border: 1px solid var(--line); border-radius: 6px; margin: 6px 0; padding: 6px 10px; }
+details > summary { cursor: pointer; }
+.example { border-top: 1px dashed var(--line); padding: 6px 0; }
+.example .meta { color: var(--muted); font-size: 12px; }
+.example pre { white-space: pre-wrap; max-height: 220px; overflow: auto; background: var(--bg); padding: 8px; margin: 4px 0; }
+ul.checks { list-style: none; padding: 0; columns: 2; }
+ul.checks li.ok { color: #217a3c; } ul.checks li.bad { color: #b3261e; font-weight: 600; }
+.badge { display: inline-block; padding: 2px 8px; border-radius: 10px; font-size: 12px; font-weight: 600; }
+.badge.ok { background: #dff3e4; color: #217a3c; } .badge.bad { background: #fde7e4; color: #b3261e; }
+table.diff { font: 11px ui-monospace, monospace; } .diff_header { background: var(--bg); }
+.diff_add { background: #d9f5dd; } .diff_chg { background: #fff2c6; } .diff_sub { background: #fbdcd8; }
+td.diff_next { display: none; }
+"""
+
+_SECTIONS = [
+    ("funnel", "Funnel", "Documents, characters and tokens after each stage, and the share removed at each step."),
+    ("rejections", "Rejections", "Why documents were removed, with examples: the signal's value against the filter's threshold, and the raw record."),
+    ("signals", "Quality signals", "The distribution of every signal the filters computed, kept vs rejected, with the filter's cut."),
+    ("languages", "Languages and domains", "Before cleaning (every extracted document) and after cleaning and deduplication."),
+    ("duplicates", "Duplicates", "Cluster sizes, and the largest clusters: the kept document beside one removed copy."),
+    ("tokens", "Tokens", "Shards, the train/validation split and the tokenizer."),
+    ("training", "Training", "Loss, learning rate and periodic evaluation at each step."),
+    ("evaluation", "Evaluation", "The trained model on the held-out split and the benchmark tasks."),
+    ("lineage", "Lineage", "Each stage output by digest, what it read, and the MLflow run and model."),
+    ("checks", "Checks", "Consistency of the manifests: every document accounted for, every input the output it names."),
+]  # fmt: skip
+
+
+def build_html(workdir: str | Path, last: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The page, and the key figures for MLflow (``metrics``, and ``rejections`` rows for a table)."""
+    workdir = Path(workdir).resolve()
+    rep = build_report(workdir, last)
+    from orchestration.report import run_stages
+
+    stages = run_stages(workdir, last)
+    facts: dict[str, _Docs] = {}
+    for name in ("clean", "dedup"):
+        if name in stages:
+            facts[name] = _Docs(workdir / name)
+            facts[f"{name}/rejected"] = _Docs(workdir / name / "rejected", rejected=True)
+    funnel, key_figures = _funnel(stages, facts)
+    rejections, records = _rejections(workdir, facts)
+    thresholds = {
+        reason.split(": ", 1)[-1]: t
+        for r in records
+        if (t := r["threshold"]) is not None
+        for reason in [r["reason"]]
+    }
+    body = {
+        "funnel": funnel,
+        "rejections": rejections,
+        "signals": _distributions(facts, thresholds),
+        "languages": _languages_and_domains(facts),
+        "duplicates": _duplicates(workdir, stages.get("dedup")),
+        "tokens": _tokens(stages.get("tokenize")),
+        "training": _training(workdir) if "train" in stages else "",
+        "evaluation": _evaluation(workdir) if "evaluate" in stages else "",
+        "lineage": _lineage(workdir, stages),
+        "checks": _checks(rep),
+    }
+    shown = [(key, title, lead) for key, title, lead in _SECTIONS if body[key]]
+    nav = "".join(f'<a href="#{key}">{title}</a>' for key, title, _ in shown)
+    sections = "".join(
+        f'<section id="{key}"><h2>{title}</h2><p class="lead">{lead}</p>{body[key]}</section>'
+        for key, title, lead in shown
+    )
+    run = _read_json(workdir / RUN_RECORD)
+    badge = (
+        '<span class="badge ok">all checks pass</span>'
+        if rep["ok"]
+        else '<span class="badge bad">checks failed</span>'
+    )
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>lmforge report: {_e(run.get("name", workdir.name))}</title><style>{_CSS}</style>
+<script>{plotly.offline.get_plotlyjs()}</script></head>
+<body><header><h1>Data-quality report: {_e(run.get("name", workdir.name))} {badge}</h1>
+<div class="sub">{_e(workdir)} · written {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} · stages: {_e(", ".join(stages))}</div></header>
+<nav>{nav}</nav><main>{sections}</main></body></html>
+"""
+    key_figures["report.checks_passed"] = float(sum(rep["checks"].values()))
+    key_figures["report.checks_failed"] = float(len(rep["checks"]) - sum(rep["checks"].values()))
+    return page, {"metrics": key_figures, "rejections": records}
+
+
+def write_html_report(workdir: str | Path, last: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """Write report.html into the work dir; returns its path and the key figures."""
+    page, figures = build_html(workdir, last)
+    path = Path(workdir) / "report.html"
+    atomic_write_bytes(path, page.encode("utf-8"))
+    return path, figures
