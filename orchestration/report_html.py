@@ -135,7 +135,18 @@ def _reason_counts(rejected: _Docs) -> list[tuple[str, int, float | None]]:
 def _rejection_examples(out_dir: Path) -> dict[str, list[dict[str, Any]]]:
     """Up to ``_EXAMPLES`` rejected documents per reason, in corpus order."""
     picked: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    columns = ["id", "url", "source", "text", "filter", "signal", "value", "threshold", "duplicate_of"]
+    columns = [
+        "id",
+        "url",
+        "source",
+        "lang",
+        "text",
+        "filter",
+        "signal",
+        "value",
+        "threshold",
+        "duplicate_of",
+    ]
     for batch in _batches(out_dir, columns):
         for i, reason in enumerate(_reason(batch).to_pylist()):
             if len(picked[reason]) < _EXAMPLES:
@@ -289,6 +300,8 @@ def _rejections(workdir: Path, facts: dict[str, _Docs]) -> tuple[str, list[dict[
                     if row.get("duplicate_of")
                     else ""
                 )
+                if row.get("lang"):
+                    dup += f" · language <code>{_e(row['lang'])}</code>"
                 raw = _raw_link(workdir, row)
                 items.append(
                     f'<div class="example"><div class="meta"><a href="{_e(row.get("url") or "")}">{_e(row.get("url") or row["id"])}</a>'
