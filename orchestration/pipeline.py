@@ -494,13 +494,19 @@ class Pipeline:
         def log_eval(index: dict[str, Any]) -> None:
             metrics = json.loads((index["out_dir"] / "metrics.json").read_text())
             tasks = metrics.pop("tasks", {})
+            # A rerun served from the cache has logged these against this model already: log only what
+            # the model lacks (all of it after a fresh evaluation, the rest after an interrupted one).
+            logged = tracker.model_metric_keys(result.model_id)
             result.metrics = {f"val_{k}": v for k, v in metrics.items() if k not in ("tokens", "bytes")}
-            tracker.log_model_metrics(result.metrics, result.model_id, tokens_dataset)
+            fresh = {k: v for k, v in result.metrics.items() if k not in logged}
+            tracker.log_model_metrics(fresh, result.model_id, tokens_dataset)
             for name, task in tasks.items():  # each against the model and the task's data, by its digest
                 dataset = tracker.dataset(name, task["source"], task["digest"][:16])
                 tracker.log_datasets([dataset], [])
                 scores = {f"{name}/{m}": v for m, v in task["metrics"].items()}
-                tracker.log_model_metrics(scores, result.model_id, dataset)
+                tracker.log_model_metrics(
+                    {k: v for k, v in scores.items() if k not in logged}, result.model_id, dataset
+                )
                 result.metrics |= scores
 
         result.stages["evaluate"] = self._stage(

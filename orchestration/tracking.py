@@ -209,6 +209,12 @@ class Tracker:
         except mlflow.exceptions.MlflowException:
             return False
 
+    def model_metric_keys(self, model_id: str | None) -> set[str]:
+        """Metric names already logged against a logged model."""
+        if not model_id:
+            return set()
+        return {m.key for m in self.client.get_logged_model(model_id).metrics or []}
+
     @staticmethod
     def log_model_metrics(metrics: dict[str, float], model_id: str, dataset: MetaDataset) -> None:
         for key, value in metrics.items():

@@ -252,9 +252,12 @@ def test_lineage_walks_from_the_model_version_back_to_the_crawl(demo_run, tmp_pa
 @pytest.mark.slow
 def test_rerun_is_served_from_the_stage_cache(demo_run):
     cfg, first = demo_run
+    client = MlflowClient(cfg.tracking_uri)
+    before = len(client.get_logged_model(first.model_id).metrics)
     second = run_pipeline(cfg)
     assert all(second.stages[s].cached for s in STAGES)
     assert second.metrics == first.metrics
+    assert len(client.get_logged_model(first.model_id).metrics) == before  # nothing logged twice
     assert (second.model_id, second.model_version) == (first.model_id, first.model_version)
 
 
