@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from evaluation.loglikelihood import CausalScorer
+from evaluation.loglikelihood import CausalScorer, default_batch_tokens
 from evaluation.perplexity import evaluate_perplexity, token_bytes
-from evaluation.tasks import Task, resolve_task, score_task
+from evaluation.tasks import Task, resolve_task, score_task, task_metric_names
 from training.config import TrainConfig
-from training.data.shards import TokenSequences
+from training.data.shards import TokenSequences, read_token_index
 from training.trainer import hf_tokenizer
 
 #: Counts, not measurements: the same at every step.
@@ -34,14 +34,14 @@ class PeriodicEvaluator:
         self.limit = cfg.eval_limit
         # At most a training micro-batch's tokens: what the worker's memory is sized for.
         self.batch_tokens = cfg.micro_batch_size * cfg.seq_len
-        index_seqs = TokenSequences(data_dir, "train", cfg.seq_len, verify="never")
-        info = index_seqs.index["tokenizer"]
+        index = read_token_index(data_dir)
+        info = index["tokenizer"]
         tokenizer_json = Path(data_dir) / info["path"]
         self.tokenizer = hf_tokenizer(tokenizer_json, info)
         self.byte_sizes = token_bytes(tokenizer_json)
         self.tasks = [self._capped(resolve_task(name)) for name in cfg.eval_tasks]
-        splits = index_seqs.index.get("splits", {})
-        self.val = TokenSequences(data_dir, "val", cfg.seq_len, verify="never") if "val" in splits else None
+        has_val = "val" in index.get("splits", {})
+        self.val = TokenSequences(data_dir, "val", cfg.seq_len, verify="never") if has_val else None
         self.val_batch = cfg.micro_batch_size
 
     def _capped(self, task: Task) -> Task:
@@ -51,11 +51,12 @@ class PeriodicEvaluator:
 
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         out: dict[str, float] = {}
-        scorer = CausalScorer(model, self.tokenizer, across_ranks=True)
-        scorer.batch_tokens = min(scorer.batch_tokens, self.batch_tokens)
+        budget = min(default_batch_tokens(next(model.parameters()).device), self.batch_tokens)
+        scorer = CausalScorer(model, self.tokenizer, batch_tokens=budget, across_ranks=True)
         for task in self.tasks:
             metrics = score_task(scorer, task)
-            out |= {f"eval/{task.name}/{k}": v for k, v in metrics.items() if k not in _CONSTANT}
+            measured = {k: v for k, v in metrics.items() if k not in _CONSTANT}
+            out |= task_metric_names(task.name, measured, prefix="eval/")
         if self.val is not None and len(self.val):
             batches = -(-min(self.limit, len(self.val)) // self.val_batch)
             val = evaluate_perplexity(model, self.val, self.val_batch, batches, self.byte_sizes)

@@ -412,6 +412,12 @@ def score_task(
     return out
 
 
+def task_metric_names(task: str, metrics: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """A task's metrics under the names they are logged with: ``<prefix><task>/<metric>`` (the MLflow UI
+    groups metrics by what comes before the slash)."""
+    return {f"{prefix}{task}/{k}": v for k, v in metrics.items()}
+
+
 def count_words(text: str) -> int:
     """Words as lm-eval counts them for word perplexity."""
     return len(re.split(r"\s+", text))

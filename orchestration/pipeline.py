@@ -39,7 +39,7 @@ from core.files import atomic_write_bytes, file_entry
 from core.manifest import IntegrityError, index_digest, read_index, verify_files, write_index
 from core.stage import Stage
 from evaluation.perplexity import evaluate_model_dir
-from evaluation.tasks import resolve_task
+from evaluation.tasks import resolve_task, task_metric_names
 from ingestion.demo_site import DemoSiteServer, build_demo_site
 from orchestration import report
 from orchestration.config import CleanConfig, ConfigError, PipelineConfig
@@ -339,7 +339,7 @@ class Pipeline:
         files = [file_entry(out / "metrics.json", 0)]
         counters = {k: v for k, v in metrics.items() if k != "tasks"}
         for name, task in metrics.get("tasks", {}).items():
-            counters |= {f"{name}/{m}": v for m, v in task["metrics"].items()}
+            counters |= task_metric_names(name, task["metrics"])
         return write_index(
             out,
             stage="evaluate",
@@ -503,7 +503,7 @@ class Pipeline:
             for name, task in tasks.items():  # each against the model and the task's data, by its digest
                 dataset = tracker.dataset(name, task["source"], task["digest"][:16])
                 tracker.log_datasets([dataset], [])
-                scores = {f"{name}/{m}": v for m, v in task["metrics"].items()}
+                scores = task_metric_names(name, task["metrics"])
                 tracker.log_model_metrics(
                     {k: v for k, v in scores.items() if k not in logged}, result.model_id, dataset
                 )

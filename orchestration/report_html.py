@@ -26,8 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core.files import atomic_write_bytes
-from core.manifest import index_digest, read_index
-from orchestration.report import MODEL_RECORD, RUN_RECORD, build_report
+from core.manifest import dataset_files, index_digest
+from orchestration.report import MODEL_RECORD, RUN_RECORD, build_report, run_stages
 
 KEPT, REJECTED = "#2f7ed8", "#e4572e"
 _BATCH = 65_536
@@ -39,10 +39,11 @@ _SNIPPET = 700  # characters of an example's text
 
 
 def _parquet_files(out_dir: Path) -> list[Path]:
-    index = read_index(out_dir)
-    if index is None:
+    """The output's Parquet files in index order; none when the stage has not committed one."""
+    try:
+        return dataset_files(out_dir)[1]
+    except FileNotFoundError:
         return []
-    return [out_dir / f["path"] for f in index["files"] if f["path"].endswith(".parquet")]
 
 
 def _batches(out_dir: Path, columns: list[str]):
@@ -94,6 +95,10 @@ class _Docs:
     @property
     def n(self) -> int:
         return int(sum(len(x) for x in self.lengths))
+
+    @property
+    def chars(self) -> int:
+        return int(sum(int(x.sum()) for x in self.lengths))
 
     def length_values(self) -> np.ndarray:
         return np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
@@ -236,14 +241,10 @@ def _funnel(stages: dict[str, dict[str, Any]], facts: dict[str, _Docs]) -> tuple
     if "clean" in facts:
         kept, rej = facts["clean"], facts["clean/rejected"]
         total = kept.n + rej.n
-        steps.append(
-            ("extracted documents", total, int(kept.length_values().sum() + rej.length_values().sum()), None)
-        )
-        steps.append(("after quality filters", kept.n, int(kept.length_values().sum()), None))
+        steps.append(("extracted documents", total, kept.chars + rej.chars, None))
+        steps.append(("after quality filters", kept.n, kept.chars, None))
     if "dedup" in facts:
-        steps.append(
-            ("after deduplication", facts["dedup"].n, int(facts["dedup"].length_values().sum()), None)
-        )
+        steps.append(("after deduplication", facts["dedup"].n, facts["dedup"].chars, None))
     if "tokenize" in stages:
         c = stages["tokenize"]["counters"]
         steps.append(("tokenized", int(c["documents"]), None, int(c["tokens"])))
@@ -589,8 +590,6 @@ def build_html(workdir: str | Path, last: str | None = None) -> tuple[str, dict[
     """The page, and the key figures for MLflow (``metrics``, and ``rejections`` rows for a table)."""
     workdir = Path(workdir).resolve()
     rep = build_report(workdir, last)
-    from orchestration.report import run_stages
-
     stages = run_stages(workdir, last)
     facts: dict[str, _Docs] = {}
     for name in ("clean", "dedup"):

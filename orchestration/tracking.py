@@ -345,6 +345,8 @@ def log_evaluation(
 ) -> str:
     """An evaluation run in the model's experiment: each metric logged against the model and its dataset
     (the task data, named by its digest). Returns the run id."""
+    from evaluation.tasks import task_metric_names  # torch comes with it: not for every tracking import
+
     mlflow.set_tracking_uri(tracking_uri)
     tags = {"lmforge.stage": "evaluate", "lmforge.model_id": logged_model.model_id}
     with mlflow.start_run(
@@ -354,7 +356,7 @@ def log_evaluation(
         for ev in evaluations.values():
             dataset = Tracker.dataset(ev.name, ev.source, ev.digest[:16])
             mlflow.log_input(dataset, context="eval")
-            metrics = {f"{ev.name}/{k}": v for k, v in ev.metrics.items() if k not in ("seconds",)}
+            metrics = task_metric_names(ev.name, {k: v for k, v in ev.metrics.items() if k != "seconds"})
             Tracker.log_model_metrics(metrics, logged_model.model_id, dataset)
         return run.info.run_id
 
