@@ -28,21 +28,29 @@ Verdict = tuple[str, float, float] | None
 
 class TextFilter(Stage):
     """A filter judging one document at a time: ``judge`` returns the verdict and, for a kept document,
-    its text if the filter rewrote it. Rejections are grouped by rule; counters go to the stage stats."""
+    its text if the filter rewrote it, and puts the signals it computed into ``signals``; they go to the
+    document's ``meta`` as ``<signal_prefix>.<name>`` (a rejected document has those computed up to the
+    rule it broke). Rejections are grouped by rule; counters go to the stage stats."""
 
-    def judge(self, text: str) -> tuple[Verdict, str | None]:
+    signal_prefix = ""
+
+    def judge(self, text: str, signals: dict[str, float]) -> tuple[Verdict, str | None]:
         raise NotImplementedError
 
     def run(self, batches: Iterable[pa.RecordBatch], ctx: StageContext) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             texts = batch.column("text").to_pylist()
-            verdicts, rewritten = [], {}
+            verdicts, rewritten, computed = [], {}, []
             for i, text in enumerate(texts):
-                verdict, new_text = self.judge(text or "")
+                signals: dict[str, float] = {}
+                verdict, new_text = self.judge(text or "", signals)
                 verdicts.append(verdict)
+                computed.append(signals)
                 if verdict is None and new_text is not None and new_text != text:
                     rewritten[i] = new_text
-            yield self._apply(batch, texts, verdicts, rewritten, ctx)
+            yield self._apply(
+                _with_signals(batch, computed, self.signal_prefix), texts, verdicts, rewritten, ctx
+            )
 
     def _apply(
         self,
@@ -74,12 +82,30 @@ class TextFilter(Stage):
         return batch.filter(pa.array(keep))
 
 
+def _with_signals(batch: pa.RecordBatch, signals: list[dict[str, float]], prefix: str) -> pa.RecordBatch:
+    """The batch with each document's signals appended to its ``meta`` as ``prefix.name``."""
+    if not any(signals):
+        return batch
+    metas = [
+        list(m or []) + [(f"{prefix}.{k}", float(v)) for k, v in s.items()]
+        for m, s in zip(batch.column("meta").to_pylist(), signals)
+    ]
+    field = batch.schema.get_field_index("meta")
+    return batch.set_column(field, "meta", pa.array(metas, batch.schema.field("meta").type))
+
+
 def _first_broken(rules: Iterable[tuple[str, float | None, float | None, bool]]) -> Verdict:
     """The first (signal, value, threshold) whose rule is on (threshold not None) and broken."""
     for signal, value, threshold, broken in rules:
         if threshold is not None and broken:
             return signal, float(value), float(threshold)
     return None
+
+
+def _cuts(prefix: str, cuts: dict[str, list[float | None]]) -> dict[str, list[float]]:
+    """``{prefix.signal: [thresholds]}`` for the rules that are on."""
+    on = {f"{prefix}.{name}": [float(v) for v in values if v is not None] for name, values in cuts.items()}
+    return {name: values for name, values in on.items() if values}
 
 
 # -- Gopher quality -------------------------------------------------------------------------------------
@@ -101,6 +127,19 @@ class GopherQualityConfig(StageConfig):
     min_stop_words: int | None = Field(
         2, description="Distinct English stop words required (the, be, to, of, and, that, have, with)."
     )
+
+    def thresholds(self) -> dict[str, list[float]]:
+        cuts = {
+            "words": [self.min_doc_words, self.max_doc_words],
+            "avg_word_length": [self.min_avg_word_length, self.max_avg_word_length],
+            "hash_ratio": [self.max_symbol_word_ratio],
+            "ellipsis_ratio": [self.max_symbol_word_ratio],
+            "bullet_lines_ratio": [self.max_bullet_lines_ratio],
+            "ellipsis_lines_ratio": [self.max_ellipsis_lines_ratio],
+            "alpha_words_ratio": [self.min_alpha_words_ratio],
+            "stop_words": [self.min_stop_words],
+        }
+        return _cuts("gopher", cuts)
 
 
 def gopher_verdict(signals: dict[str, float], cfg: GopherQualityConfig) -> Verdict:
@@ -140,14 +179,7 @@ class GopherQualityFilter(TextFilter):
             texts = batch.column("text").to_pylist()
             signals = [gopher_signals(t or "") for t in texts]
             verdicts = [gopher_verdict(s, self.config) for s in signals]
-            metas = [
-                list(m or []) + [(f"gopher.{k}", v) for k, v in s.items()]
-                for m, s in zip(batch.column("meta").to_pylist(), signals)
-            ]
-            batch = batch.set_column(
-                batch.schema.get_field_index("meta"), "meta", pa.array(metas, batch.schema.field("meta").type)
-            )
-            yield self._apply(batch, texts, verdicts, {}, ctx)
+            yield self._apply(_with_signals(batch, signals, "gopher"), texts, verdicts, {}, ctx)
 
 
 # -- Gopher repetition ----------------------------------------------------------------------------------
@@ -168,38 +200,50 @@ class GopherRepetitionConfig(StageConfig):
         description="n -> characters in repeated n-grams, at most.",
     )
 
+    def thresholds(self) -> dict[str, list[float]]:
+        fracs = ("dup_para_frac", "dup_para_char_frac", "dup_line_frac", "dup_line_char_frac")
+        cuts = {name: [getattr(self, name)] for name in fracs}
+        cuts |= {f"top_{n}_gram": [v] for n, v in self.top_n_grams.items()}
+        cuts |= {f"duplicated_{n}_n_grams": [v] for n, v in self.dup_n_grams.items()}
+        return _cuts("repetition", cuts)
+
 
 class GopherRepetitionFilter(TextFilter):
     """Rejects documents with too much repeated text: paragraphs, lines, top n-grams, duplicate n-grams."""
 
     name = "gopher_repetition"
+    signal_prefix = "repetition"
     config: GopherRepetitionConfig
 
-    def judge(self, text: str) -> tuple[Verdict, str | None]:
-        return repetition_verdict(text, self.config), None
+    def judge(self, text: str, signals: dict[str, float]) -> tuple[Verdict, str | None]:
+        return repetition_verdict(text, self.config, signals), None
 
 
-def repetition_verdict(text: str, cfg: GopherRepetitionConfig) -> Verdict:
-    """The first Gopher repetition rule ``text`` breaks, in the reference's order, or None."""
+def repetition_verdict(
+    text: str, cfg: GopherRepetitionConfig, computed: dict[str, float] | None = None
+) -> Verdict:
+    """The first Gopher repetition rule ``text`` breaks, in the reference's order, or None; the signals
+    computed on the way go into ``computed``."""
     if not text:
         return "empty", 0.0, 1.0
+    seen = computed if computed is not None else {}
     signals = RepetitionSignals(text)
-    para, para_chars = signals.paragraphs()
-    if cfg.dup_para_frac and para > cfg.dup_para_frac:
-        return "dup_para_frac", para, cfg.dup_para_frac
-    if cfg.dup_para_char_frac and para_chars > cfg.dup_para_char_frac:
-        return "dup_para_char_frac", para_chars, cfg.dup_para_char_frac
-    line, line_chars = signals.lines()
-    if cfg.dup_line_frac and line > cfg.dup_line_frac:
-        return "dup_line_frac", line, cfg.dup_line_frac
-    if cfg.dup_line_char_frac and line_chars > cfg.dup_line_char_frac:
-        return "dup_line_char_frac", line_chars, cfg.dup_line_char_frac
+    seen["dup_para_frac"], seen["dup_para_char_frac"] = signals.paragraphs()
+    for name in ("dup_para_frac", "dup_para_char_frac"):
+        if (limit := getattr(cfg, name)) and seen[name] > limit:
+            return name, seen[name], limit
+    seen["dup_line_frac"], seen["dup_line_char_frac"] = signals.lines()
+    for name in ("dup_line_frac", "dup_line_char_frac"):
+        if (limit := getattr(cfg, name)) and seen[name] > limit:
+            return name, seen[name], limit
     for n, limit in sorted(cfg.top_n_grams.items()):
         value = signals.top_ngram(n)
-        if value is not None and value > limit:
-            return f"top_{n}_gram", value, limit
+        if value is not None:
+            seen[f"top_{n}_gram"] = value
+            if value > limit:
+                return f"top_{n}_gram", value, limit
     for n, limit in sorted(cfg.dup_n_grams.items()):
-        value = signals.duplicate_ngrams(n)
+        value = seen[f"duplicated_{n}_n_grams"] = signals.duplicate_ngrams(n)
         if value > limit:
             return f"duplicated_{n}_n_grams", value, limit
     return None
@@ -223,14 +267,18 @@ class C4QualityConfig(StageConfig):
     filter_curly_bracket: bool = Field(True, description="Reject pages containing '{'.")
     filter_policy: bool = Field(True, description="Drop lines with cookie/privacy/terms phrases.")
 
+    def thresholds(self) -> dict[str, list[float]]:
+        return _cuts("c4", {"sentences": [self.min_num_sentences if self.min_num_sentences != -1 else None]})
+
 
 class C4QualityFilter(TextFilter):
     """Applies C4's line rules and rewrites kept pages to their kept lines."""
 
     name = "c4_quality"
+    signal_prefix = "c4"
     config: C4QualityConfig
 
-    def judge(self, text: str) -> tuple[Verdict, str | None]:
+    def judge(self, text: str, signals: dict[str, float]) -> tuple[Verdict, str | None]:
         cfg = self.config
         dropped, kept, sentences, _ = c4_lines(
             text,
@@ -245,6 +293,7 @@ class C4QualityFilter(TextFilter):
         )
         if dropped is not None:
             return (dropped, 1.0, 1.0), None
+        signals["sentences"] = sentences
         if cfg.min_num_sentences != -1 and sentences < cfg.min_num_sentences:
             return ("sentences", float(sentences), float(cfg.min_num_sentences)), None
         return None, "\n".join(kept).strip()
@@ -263,34 +312,42 @@ class FineWebQualityConfig(StageConfig):
     char_duplicates_ratio: float | None = Field(0.01, description="Characters in duplicate lines, at most.")
     new_line_ratio: float | None = Field(0.3, description="Newlines per word, at most.")
 
+    def thresholds(self) -> dict[str, list[float]]:
+        cuts = {
+            "line_punct_ratio": [self.line_punct_thr],
+            "short_line_ratio": [self.short_line_thr],
+            "char_dup_ratio": [self.char_duplicates_ratio],
+            "list_ratio": [self.new_line_ratio],
+        }
+        return _cuts("fineweb", cuts)
+
 
 class FineWebQualityFilter(TextFilter):
     """Rejects list-like, fragmentary or repetitive pages by FineWeb's line rules."""
 
     name = "fineweb_quality"
+    signal_prefix = "fineweb"
     config: FineWebQualityConfig
 
-    def judge(self, text: str) -> tuple[Verdict, str | None]:
+    def judge(self, text: str, signals: dict[str, float]) -> tuple[Verdict, str | None]:
         cfg = self.config
-        signals = FineWebSignals(text)
-        if not signals.lines:
+        lines = FineWebSignals(text)
+        if not lines.lines:
             return ("empty", 0.0, 1.0), None
         if cfg.line_punct_thr is not None:
-            ratio = signals.line_punct_ratio()
+            ratio = signals["line_punct_ratio"] = lines.line_punct_ratio()
             if ratio < cfg.line_punct_thr and not (ratio == 0 and cfg.line_punct_exclude_zero):
                 return ("line_punct_ratio", ratio, cfg.line_punct_thr), None
-        if cfg.short_line_thr is not None:
-            ratio = signals.short_line_ratio(cfg.short_line_length)
-            if ratio > cfg.short_line_thr:
-                return ("short_line_ratio", ratio, cfg.short_line_thr), None
-        if cfg.char_duplicates_ratio is not None:
-            ratio = signals.char_dup_ratio()
-            if ratio > cfg.char_duplicates_ratio:
-                return ("char_dup_ratio", ratio, cfg.char_duplicates_ratio), None
-        if cfg.new_line_ratio is not None:
-            ratio = signals.list_ratio()
-            if ratio > cfg.new_line_ratio:
-                return ("list_ratio", ratio, cfg.new_line_ratio), None
+        rules = (
+            ("short_line_ratio", cfg.short_line_thr, lambda: lines.short_line_ratio(cfg.short_line_length)),
+            ("char_dup_ratio", cfg.char_duplicates_ratio, lines.char_dup_ratio),
+            ("list_ratio", cfg.new_line_ratio, lines.list_ratio),
+        )
+        for name, limit, compute in rules:
+            if limit is not None:
+                ratio = signals[name] = compute()
+                if ratio > limit:
+                    return (name, ratio, limit), None
         return None, None
 
 

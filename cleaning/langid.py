@@ -49,6 +49,9 @@ class LanguageFilterConfig(StageConfig):
     max_chars: int = Field(10_000, ge=100, description="Characters of each document the model reads.")
     merge_varieties: bool = Field(True, description="Report yue/wuu/cmn as zh and nb/nn as no.")
 
+    def thresholds(self) -> dict[str, list[float]]:
+        return {} if self.languages is None else {"lang_score": [self.min_score]}
+
 
 class LanguageFilter(Stage):
     """Labels every document's language; rejects other languages (signal ``language``) and unsure

@@ -22,6 +22,10 @@ class StageConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    def thresholds(self) -> dict[str, list[float]]:
+        """The cuts of the stage's rules on the signals it writes to ``meta``, by meta key (none here)."""
+        return {}
+
 
 @dataclass
 class StageContext:

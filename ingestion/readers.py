@@ -180,13 +180,17 @@ class _Batches:
 def read_warc(
     path: str | Path, batch_size: int = 256, counters: Counter | None = None
 ) -> Iterator[pa.RecordBatch]:
-    """Stream HTML responses (status 200) from a WARC/WARC.gz file as document batches."""
+    """Stream HTML responses (status 200) from a WARC/WARC.gz file as document batches; ``meta`` holds
+    the response's size (``http_bytes``) and the record's byte offset in the decompressed WARC stream
+    (``warc_offset``). pyarrow decompresses (a truncated gzip member is an error here, where warcio's
+    own reader ends the file silently), so offsets count uncompressed bytes."""
     counters = counters if counters is not None else Counter()
     out = _Batches(HTML_SCHEMA, batch_size)
     source = Path(str(path)).name
     fs, where = _filesystem(path)
     with fs.open_input_stream(where) as stream:
-        for record in ArchiveIterator(stream):
+        records = ArchiveIterator(stream)
+        for record in records:
             if record.rec_type != "response":
                 continue
             counters["warc.responses"] += 1
@@ -204,7 +208,7 @@ def read_warc(
                 html=decode_html(body, ctype),
                 source=source,
                 fetched_at=datetime.fromisoformat(fetched.replace("Z", "+00:00")) if fetched else None,
-                meta=[("http_bytes", float(len(body)))],
+                meta=[("http_bytes", float(len(body))), ("warc_offset", float(records.get_record_offset()))],
             )
             if batch:
                 yield batch
@@ -212,14 +216,35 @@ def read_warc(
         yield batch
 
 
-def find_html(path: str | Path, doc_id: str) -> str | None:
+def find_html(path: str | Path, doc_id: str, offset: int | None = None) -> str | None:
     """The raw HTML of document ``doc_id`` in a WARC file (its ``source``): every document downstream
-    keeps its id and source, so a cleaned or rejected text leads back to the page it came from."""
-    for batch in read_warc(path):
-        ids = batch.column("id").to_pylist()
-        if doc_id in ids:
-            return batch.column("html")[ids.index(doc_id)].as_py()
-    return None
+    keeps its id, source and ``meta['warc_offset']``, so a cleaned or rejected text leads back to the
+    page it came from. With the offset, only that record is parsed and the scan stops there."""
+    return find_htmls(path, {doc_id: offset}).get(doc_id)
+
+
+def find_htmls(path: str | Path, wanted: dict[str, int | None]) -> dict[str, str]:
+    """The raw HTML of each wanted document id (with its ``warc_offset`` where known) in one pass over a
+    WARC file, stopping once every one is found; an id whose offset holds another record is not found."""
+    found: dict[str, str] = {}
+    by_offset = {o: i for i, o in wanted.items() if o is not None}
+    scan = {i for i, o in wanted.items() if o is None}
+    last = max(by_offset, default=-1)
+    fs, where = _filesystem(path)
+    with fs.open_input_stream(where) as stream:
+        records = ArchiveIterator(stream)
+        for record in records:
+            body = record.content_stream().read() if record.rec_type == "response" else b""
+            offset = records.get_record_offset()  # (warcio reads the record to its end for this)
+            if record.rec_type == "response" and (offset in by_offset or scan):
+                doc_id = document_id(record.rec_headers.get_header("WARC-Target-URI") or "", body)
+                if by_offset.get(offset) == doc_id or doc_id in scan:
+                    ctype = record.http_headers.get_header("Content-Type") or ""
+                    found[doc_id] = decode_html(body, ctype)
+                    scan.discard(doc_id)
+            if not scan and offset >= last:
+                break
+    return found
 
 
 @_names_its_file

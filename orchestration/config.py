@@ -25,6 +25,7 @@ from cleaning.normalize import TextNormalizerConfig
 from cleaning.pii import PiiConfig
 from core.manifest import Verify
 from core.mappings import deep_merge
+from core.stage import StageConfig
 from evaluation.perplexity import EvalConfig
 from ingestion.crawler import CrawlConfig
 from ingestion.readers import ReadConfig
@@ -113,6 +114,14 @@ class CleanConfig(_Section):
     decontaminate: DecontaminateConfig | None = Field(
         None, description="Remove documents sharing a 13-gram with the evaluation tasks ({} to switch on)."
     )
+
+    def thresholds(self) -> dict[str, list[float]]:
+        """Every switched-on rule's cuts, by the ``meta`` key of the signal it reads."""
+        cuts: dict[str, list[float]] = {}
+        for name in type(self).model_fields:
+            if isinstance(step := getattr(self, name), StageConfig):
+                cuts |= step.thresholds()
+        return cuts
 
 
 class PipelineConfig(_Section):

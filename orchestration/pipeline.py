@@ -151,7 +151,7 @@ class Pipeline:
             if cached:
                 self.console.print(f"[dim]• {name}: cached ({out})[/dim]")
             else:
-                self._prepare(out, key)
+                self._prepare(out, key, _jsonable(config))
                 self.console.print(f"[bold cyan]▶ {name}[/bold cyan]")
                 index = build(out, key, input_digests)
                 if index.get("counters", {}).get("documents_in") == 0:
@@ -186,14 +186,16 @@ class Pipeline:
         return True
 
     @staticmethod
-    def _prepare(out: Path, key: str) -> None:
-        """Keep a partial output made with the same key (completed tasks, checkpoints); wipe any other."""
+    def _prepare(out: Path, key: str, config: Any) -> None:
+        """Keep a partial output made with the same key (completed tasks, checkpoints); wipe any other.
+        The stage's config is written beside it."""
         key_file = out / _KEY_FILE
         if out.exists() and not (key_file.exists() and key_file.read_text() == key):
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "index.json").unlink(missing_ok=True)
         key_file.write_text(key)
+        atomic_write_bytes(out / report.STAGE_CONFIG, json.dumps(config, indent=2, default=str).encode())
 
     # -- stages -------------------------------------------------------------------------------------
     def _crawl(self, out: Path, key: str, inputs: dict[str, str]) -> dict[str, Any]:

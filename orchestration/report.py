@@ -17,6 +17,8 @@ STAGES = ("crawl", "clean", "dedup", "tokenize", "train", "evaluate")
 RUN_RECORD = "run.json"
 #: The trained model's MLflow identity, written in the train stage's directory.
 MODEL_RECORD = "mlflow_model.json"
+#: Each stage's config as its cache key hashed it, written beside its output (the report's thresholds).
+STAGE_CONFIG = "stage_config.json"
 
 
 def stage_line(index: dict[str, Any]) -> str:

@@ -27,12 +27,16 @@ import pyarrow.parquet as pq
 
 from core.files import atomic_write_bytes
 from core.manifest import dataset_files, index_digest
-from orchestration.report import MODEL_RECORD, RUN_RECORD, build_report, run_stages
+from ingestion.readers import ReadConfig, corpus_format, decode_html, find_htmls
+from orchestration.config import CleanConfig
+from orchestration.report import MODEL_RECORD, RUN_RECORD, STAGE_CONFIG, build_report, run_stages
 
 KEPT, REJECTED = "#2f7ed8", "#e4572e"
 _BATCH = 65_536
 _EXAMPLES = 3  # per rejection reason
 _SNIPPET = 700  # characters of an example's text
+_RAW_HTML = 20_000  # characters of an example's raw HTML embedded in the page
+_NOT_SIGNALS = {"warc_offset"}
 
 
 # ---- reading ----------------------------------------------------------------------------------------
@@ -151,6 +155,7 @@ def _rejection_examples(out_dir: Path) -> dict[str, list[dict[str, Any]]]:
         "value",
         "threshold",
         "duplicate_of",
+        "meta",
     ]
     for batch in _batches(out_dir, columns):
         for i, reason in enumerate(_reason(batch).to_pylist()):
@@ -181,14 +186,18 @@ def _div(fig: go.Figure) -> str:
     return fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})
 
 
-def _histogram(name: str, kept: np.ndarray, rejected: np.ndarray, threshold: float | None) -> go.Figure:
+def _histogram(name: str, kept: np.ndarray, rejected: np.ndarray, thresholds: list[float]) -> go.Figure:
     """Kept vs rejected counts in shared bins (0.5th-99.5th percentile; outliers land in the end bins),
-    with the filter's threshold drawn."""
+    with the filter's thresholds drawn (a cut far outside the data, such as Gopher's 100,000 words, is
+    named in the title instead of stretching the axis)."""
     both = np.concatenate([kept, rejected]).astype(np.float64)
     both = both[np.isfinite(both)]
     lo, hi = np.percentile(both, [0.5, 99.5]) if len(both) else (0.0, 1.0)
-    if threshold is not None and np.isfinite(threshold):
-        lo, hi = min(lo, threshold), max(hi, threshold)
+    span = max(hi - lo, 1e-9)
+    drawn = [t for t in thresholds if np.isfinite(t) and lo - span <= t <= hi + span]
+    off = [t for t in thresholds if t not in drawn]
+    if drawn:
+        lo, hi = min(lo, *drawn), max(hi, *drawn)
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
     edges = np.linspace(lo, hi, 41)
@@ -197,10 +206,11 @@ def _histogram(name: str, kept: np.ndarray, rejected: np.ndarray, threshold: flo
     for label, values, color in (("kept", kept, KEPT), ("rejected", rejected, REJECTED)):
         counts, _ = np.histogram(np.clip(values[np.isfinite(values)], lo, hi), edges)
         fig.add_bar(x=centers, y=counts, name=f"{label} ({len(values):,})", marker_color=color, opacity=0.75)
-    if threshold is not None:
-        fig.add_vline(x=threshold, line_dash="dash", line_color="#333",
-                      annotation_text=f"threshold {threshold:g}", annotation_position="top")  # fmt: skip
-    return _layout(fig, name, 260, barmode="overlay", bargap=0.02)
+    for t in drawn:
+        fig.add_vline(x=t, line_dash="dash", line_color="#333",
+                      annotation_text=f"threshold {t:g}", annotation_position="top")  # fmt: skip
+    title = name + "".join(f" (threshold {t:g}, off the axis)" for t in off)
+    return _layout(fig, title, 260, barmode="overlay", bargap=0.02)
 
 
 def _bars(title: str, before: dict[str, int], after: dict[str, int], top: int) -> go.Figure:
@@ -286,6 +296,7 @@ def _rejections(workdir: Path, facts: dict[str, _Docs]) -> tuple[str, list[dict[
             _div(_layout(fig, f"{stage}: documents rejected, by filter and reason", 110 + 28 * len(counts)))
         )
         examples = _rejection_examples(workdir / stage / "rejected")
+        raw = _raw_records(workdir, examples)
         for reason, n, _ in counts:
             items = []
             for row in examples.get(reason, []):
@@ -303,10 +314,9 @@ def _rejections(workdir: Path, facts: dict[str, _Docs]) -> tuple[str, list[dict[
                 )
                 if row.get("lang"):
                     dup += f" · language <code>{_e(row['lang'])}</code>"
-                raw = _raw_link(workdir, row)
                 items.append(
                     f'<div class="example"><div class="meta"><a href="{_e(row.get("url") or "")}">{_e(row.get("url") or row["id"])}</a>'
-                    f" · {_e(against)}{dup}{raw}</div><pre>{_e(row['text'])}</pre></div>"
+                    f" · {_e(against)}{dup}</div><pre>{_e(row['text'])}</pre>{_raw_record(row, raw)}</div>"
                 )
             parts.append(f'<details class="reason"><summary><b>{_e(reason)}</b> — {n:,} documents '
                          f"(examples)</summary>{''.join(items)}</details>")  # fmt: skip
@@ -315,25 +325,79 @@ def _rejections(workdir: Path, facts: dict[str, _Docs]) -> tuple[str, list[dict[
     return "".join(parts), records
 
 
-def _raw_link(workdir: Path, row: dict[str, Any]) -> str:
-    """A link to the crawl's WARC file that holds the raw HTML record (the row's ``source``)."""
-    source = row.get("source") or ""
-    path = workdir / "crawl" / source
-    if source and path.is_file():
-        return f' · raw record: <a href="{_e(path.as_uri())}">{_e(source)}</a>'
-    return ""
+def _thresholds(workdir: Path, records: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each signal's cuts by its ``meta`` key: from the clean stage's config saved beside its output,
+    else (an output written before configs were saved) from the thresholds its rejections name."""
+    saved = _read_json(workdir / "clean" / STAGE_CONFIG).get("clean")
+    if saved is not None:
+        try:
+            return CleanConfig.model_validate(saved).thresholds()
+        except ValueError:
+            pass
+    cuts: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        signal = r["reason"].split(": ", 1)[-1]
+        if r["threshold"] is not None and r["stage"] == "clean":
+            cuts[f"gopher.{signal}" if r["reason"].startswith("gopher_quality") else signal].append(
+                r["threshold"]
+            )
+    return dict(cuts)
 
 
-def _distributions(facts: dict[str, _Docs], thresholds: dict[str, float]) -> str:
+def _raw_records(workdir: Path, examples: dict[str, list[dict[str, Any]]]) -> dict[str, tuple[Path, str]]:
+    """The raw HTML of each example, by document id, with the file it came from: read from the crawl's
+    WARC files (or a ``read.paths`` WARC) at the record's ``warc_offset``, one pass per file, or from the
+    HTML file a directory corpus was read from."""
+    files = {p.name: p for p in sorted((workdir / "crawl").glob("*.warc*"))}
+    read = _read_json(workdir / "clean" / STAGE_CONFIG).get("read")
+    try:
+        inputs = ReadConfig.model_validate(read).inputs() if read else []
+    except (ValueError, OSError):  # inputs moved or gone since the run
+        inputs = []
+    for entry in inputs:
+        if "://" not in entry and corpus_format(entry) == "warc":
+            files.setdefault(Path(entry).name, Path(entry))
+    wanted: dict[Path, dict[str, int | None]] = defaultdict(dict)
+    found: dict[str, tuple[Path, str]] = {}
+    for row in (row for rows in examples.values() for row in rows):
+        offset = dict(row.get("meta") or []).get("warc_offset")
+        url = row.get("url") or ""
+        if (path := files.get(row.get("source") or "")) is not None:
+            wanted[path][row["id"]] = None if offset is None else int(offset)
+        elif url.startswith("file://") and (page := Path(url[7:])).is_file():
+            found[row["id"]] = (page, decode_html(page.read_bytes()[: 4 * _RAW_HTML], ""))
+    for path, ids in wanted.items():
+        found |= {doc_id: (path, page) for doc_id, page in find_htmls(path, ids).items()}
+    return found
+
+
+def _raw_record(row: dict[str, Any], raw: dict[str, tuple[Path, str]]) -> str:
+    """The example's raw HTML, expandable, with a link to the file that holds it."""
+    if row["id"] not in raw:
+        return ""
+    path, page = raw[row["id"]]
+    offset = dict(row.get("meta") or []).get("warc_offset")
+    where = (
+        f"{path.name}, record at byte {int(offset):,} of the decompressed WARC"
+        if offset is not None
+        else path.name
+    )
+    cut = f", first {_RAW_HTML:,} shown" if len(page) > _RAW_HTML else ""
+    return (
+        f'<details class="raw"><summary>raw HTML record ({len(page):,} characters{cut})</summary>'
+        f'from <a href="{_e(path.as_uri())}">{_e(where)}</a><pre>{_e(page[:_RAW_HTML])}</pre></details>'
+    )
+
+
+def _distributions(facts: dict[str, _Docs], thresholds: dict[str, list[float]]) -> str:
     kept, rejected = facts.get("clean"), facts.get("clean/rejected")
     if kept is None or rejected is None:
         return ""
-    figs = [_histogram("document length (characters)", kept.length_values(), rejected.length_values(), None)]
+    figs = [_histogram("document length (characters)", kept.length_values(), rejected.length_values(), [])]
     for name in sorted(set(kept.signals) | set(rejected.signals)):
-        if name.startswith("pii."):  # counts of what was redacted, on the documents that had any
+        if name.startswith("pii.") or name in _NOT_SIGNALS:  # redaction counts, record positions
             continue
-        signal = name.rsplit(".", 1)[-1]
-        figs.append(_histogram(name, kept.signal(name), rejected.signal(name), thresholds.get(signal)))
+        figs.append(_histogram(name, kept.signal(name), rejected.signal(name), thresholds.get(name, [])))
     return '<div class="grid">' + "".join(f'<div class="cell">{_div(f)}</div>' for f in figs) + "</div>"
 
 
@@ -563,6 +627,8 @@ details > summary { cursor: pointer; }
 .example { border-top: 1px dashed var(--line); padding: 6px 0; }
 .example .meta { color: var(--muted); font-size: 12px; }
 .example pre { white-space: pre-wrap; max-height: 220px; overflow: auto; background: var(--bg); padding: 8px; margin: 4px 0; }
+.example details.raw { font-size: 12px; color: var(--muted); }
+.example details.raw pre { font-size: 11px; color: #333; }
 ul.checks { list-style: none; padding: 0; columns: 2; }
 ul.checks li.ok { color: #217a3c; } ul.checks li.bad { color: #b3261e; font-weight: 600; }
 .badge { display: inline-block; padding: 2px 8px; border-radius: 10px; font-size: 12px; font-weight: 600; }
@@ -598,12 +664,7 @@ def build_html(workdir: str | Path, last: str | None = None) -> tuple[str, dict[
             facts[f"{name}/rejected"] = _Docs(workdir / name / "rejected", rejected=True)
     funnel, key_figures = _funnel(stages, facts)
     rejections, records = _rejections(workdir, facts)
-    thresholds = {
-        reason.split(": ", 1)[-1]: t
-        for r in records
-        if (t := r["threshold"]) is not None
-        for reason in [r["reason"]]
-    }
+    thresholds = _thresholds(workdir, records)
     body = {
         "funnel": funnel,
         "rejections": rejections,

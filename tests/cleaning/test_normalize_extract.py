@@ -84,6 +84,12 @@ def test_cleaned_text_leads_back_to_its_raw_html(tmp_path):
     stages = [HtmlExtractor(HtmlExtractorConfig()), TextNormalizer(TextNormalizerConfig())]
     docs = [r for b in run_chain(stages, read_warc(path), ctx) for r in b.to_pylist()]
     assert [d["text"][:12] for d in docs] == ["First page w", "Second page "]
+    offsets = []
     for doc in docs:
         assert find_html(tmp_path / doc["source"], doc["id"]) == pages[doc["url"]]
+        offset = int(dict(doc["meta"])["warc_offset"])
+        assert find_html(tmp_path / doc["source"], doc["id"], offset) == pages[doc["url"]]
+        offsets.append(offset)
+    assert offsets[0] == 0 < offsets[1]  # in the decompressed stream
+    assert find_html(path, docs[0]["id"], offsets[1]) is None  # another record sits there
     assert find_html(path, "no-such-id") is None

@@ -383,3 +383,51 @@ def test_c4_line_threshold_boundaries():
     kept, _, _ = run(C4QualityFilter(C4QualityConfig(min_words_per_line=4, max_word_length=999)),
                      f"{five}\n{three_words}\n{long_word}")  # fmt: skip
     assert kept["d0"] == five
+
+
+def test_kept_documents_carry_every_signal_their_filter_computed():
+    """Signals go to ``meta`` under the filter's prefix, equal to the signal functions' own values; a
+    rejected document has those computed up to the rule it broke."""
+    rng = random.Random(5)
+    vocab = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(3, 9))) for _ in range(300)]
+    text = "\n".join(" ".join(rng.choice(vocab) for _ in range(10)) + "." for _ in range(12))
+    listy = "\n".join(["a", "b", "c", "d"] * 5)
+    batch = document_table([text, listy], source="t").to_batches()[0]
+    for stage, prefix in (
+        (GopherRepetitionFilter(GopherRepetitionConfig()), "repetition"),
+        (FineWebQualityFilter(FineWebQualityConfig()), "fineweb"),
+    ):
+        ctx = StageContext("clean")
+        kept = [r for b in stage.run([batch], ctx) for r in b.to_pylist()]
+        assert [r["id"] for r in kept] == ["d0"]
+        meta = dict(kept[0]["meta"])
+        if prefix == "repetition":
+            signals = RepetitionSignals(text)
+            assert meta["repetition.dup_line_frac"] == signals.lines()[0]
+            assert meta["repetition.top_2_gram"] == signals.top_ngram(2)
+            assert meta["repetition.duplicated_10_n_grams"] == signals.duplicate_ngrams(10)
+            assert len([k for k in meta if k.startswith("repetition.")]) == 4 + 3 + 6
+        else:
+            signals = FineWebSignals(text)
+            assert meta["fineweb.line_punct_ratio"] == signals.line_punct_ratio() == 1.0
+            assert meta["fineweb.short_line_ratio"] == signals.short_line_ratio(30)
+            assert meta["fineweb.char_dup_ratio"] == signals.char_dup_ratio()
+            assert meta["fineweb.list_ratio"] == signals.list_ratio()
+        rejected = [r for b in ctx.rejected for r in b.to_pylist()]
+        (row,) = rejected
+        assert dict(row["meta"])[f"{prefix}.{row['signal']}"] == row["value"]
+
+
+def test_clean_config_thresholds_are_the_published_cuts_by_meta_key():
+    from orchestration.config import CleanConfig
+
+    cuts = CleanConfig.model_validate({"fineweb": {}, "c4": {}}).thresholds()
+    assert cuts["lang_score"] == [0.65]  # FineWeb's English threshold
+    assert cuts["gopher.words"] == [50, 100_000]  # Gopher, Rae et al. 2021 appendix A
+    assert cuts["gopher.hash_ratio"] == cuts["gopher.ellipsis_ratio"] == [0.1]
+    assert cuts["repetition.dup_line_frac"] == [0.3] and cuts["repetition.top_4_gram"] == [0.16]
+    assert cuts["repetition.duplicated_10_n_grams"] == [0.10]
+    assert cuts["fineweb.line_punct_ratio"] == [0.12] and cuts["fineweb.list_ratio"] == [0.3]
+    assert cuts["c4.sentences"] == [5]
+    off = CleanConfig.model_validate({"gopher": {"min_doc_words": None}, "language": None}).thresholds()
+    assert off["gopher.words"] == [100_000] and "lang_score" not in off and "fineweb.list_ratio" not in off

@@ -19,8 +19,9 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 from warcio.archiveiterator import ArchiveIterator
 
-from core.manifest import index_digest, read_table
+from core.manifest import index_digest, iter_parquet, read_table
 from evaluation.tasks import resolve_task
+from ingestion.readers import find_html
 from orchestration.cli import app
 from orchestration.config import load_config
 from orchestration.lineage import walk
@@ -373,11 +374,37 @@ def test_the_html_report_renders_offline_in_a_real_browser(demo_run, tmp_path):
         # Expanding a rejection shows its examples, with the value against the threshold.
         reason = page.locator("details.reason").first
         assert not reason.locator(".example").first.is_visible()
-        reason.locator("summary").click()
+        reason.locator("> summary").click()
         assert reason.locator(".example").first.is_visible()
         assert "against threshold" in reason.locator(".example .meta").first.inner_text() or "duplicate" in (
             reason.inner_text()
         )
+        # The raw HTML record of an example is the WARC's record of that document.
+        raw = reason.locator("details.raw").first
+        raw.locator("> summary").click()
+        shown = raw.locator("pre").inner_text()
+        doc = next(
+            r
+            for b in iter_parquet(result.workdir / "clean" / "rejected")
+            for r in b.to_pylist()
+            if r["url"] == reason.locator(".example .meta a").first.inner_text()
+        )
+        offset = int(dict(doc["meta"])["warc_offset"])
+        assert shown == find_html(result.workdir / "crawl" / doc["source"], doc["id"], offset)[: len(shown)]
+        assert shown.lstrip().lower().startswith("<!doctype html") or "<html" in shown.lower()
+        # Every signal histogram draws its filter's cut (the demo config's, Gopher's defaults otherwise),
+        # rejections or not; one far off the data is named in the title.
+        titles = {}
+        for i in range(plots.count()):
+            title = plots.nth(i).locator(".gtitle").text_content() or ""
+            notes = plots.nth(i).locator(".annotation-text").all_text_contents()
+            titles[title.split(" (", 1)[0]] = " ".join([title, *notes])
+        assert "threshold 0.65" in titles["lang_score"]
+        assert "threshold 2" in titles["gopher.stop_words"]
+        assert "threshold 0.5" in titles["gopher.alpha_words_ratio"]  # configs/demo.yaml relaxes it
+        assert "threshold 0.9" in titles["gopher.bullet_lines_ratio"]
+        assert "threshold 50" in titles["gopher.words"]
+        assert "threshold 100000, off the axis" in titles["gopher.words"]
         shot = _shots(tmp_path) / "report.png"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()

@@ -288,3 +288,60 @@ def test_a_short_work_dir_keeps_ray_files_beside_the_outputs(tmp_path):
     assert _embedded_temp_dir(short) == Path("/w/.ray")
     long = tmp_path / ("x" * 60)
     assert _embedded_temp_dir(long).parent == Path(tempfile.gettempdir())
+
+
+def test_html_report_of_a_data_only_read_paths_run_shows_raw_records(ray_session, tmp_path):
+    """A run that stops at dedup on a WARC file and a directory of HTML pages (no crawl): the report has
+    the data sections only, and each rejected example carries the raw HTML it was extracted from."""
+    import html
+    import io
+    import re
+
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    from orchestration.report_html import build_html
+
+    rng = random.Random(3)
+    page = "<html><head><title>{0}</title></head><body><article><p>{1}</p></article></body></html>"
+    pages = {f"http://site.test/{i}": page.format(i, _text(rng, 12)) for i in range(3)}
+    pages["http://site.test/short"] = page.format("short", "Too short to keep, by any rule.")
+    warc = tmp_path / "in" / "pages.warc.gz"
+    warc.parent.mkdir()
+    with open(warc, "wb") as out:
+        writer = WARCWriter(out, gzip=True)
+        for url, markup in pages.items():
+            headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], "HTTP/1.1")
+            body = io.BytesIO(markup.encode())
+            writer.write_record(
+                writer.create_warc_record(url, "response", payload=body, http_headers=headers)
+            )
+    site = tmp_path / "in" / "site"
+    site.mkdir()
+    (site / "good.html").write_text(page.format("good", _text(rng, 12)))
+    (site / "tiny.html").write_text(page.format("tiny", "Two words."))
+    cfg = parse_config(
+        {
+            "name": "data-only",
+            "workdir": str(tmp_path / "work"),
+            "read": {"paths": [str(warc), str(site)]},
+            "clean": {"gopher_repetition": None, "pii": None},
+            "dedup": {"shards": 1},
+        },
+        "test",
+    )
+    result = Pipeline(cfg).run(until="dedup")
+    assert list(result.stages) == ["crawl", "clean", "dedup"]
+    html_page, figures = build_html(cfg.workdir)
+    sections = re.findall(r'<section id="(\w+)">', html_page)
+    assert sections[:3] == ["funnel", "rejections", "signals"] and "training" not in sections
+    assert "tokens" not in sections and "evaluation" not in sections
+    rejected = {r["url"]: r for r in read_table(cfg.workdir / "clean" / "rejected").to_pylist()}
+    assert set(rejected) == {"http://site.test/short", f"file://{site / 'tiny.html'}"}
+    assert figures["metrics"]["report.documents.extracted_documents"] == 6
+    assert figures["metrics"]["report.documents.after_quality_filters"] == 4
+    raw = re.findall(r'<details class="raw">.*?<pre>(.*?)</pre></details>', html_page, re.S)
+    assert sorted(html.unescape(r) for r in raw) == sorted(
+        [pages["http://site.test/short"], (site / "tiny.html").read_text()]
+    )
+    assert "pages.warc.gz, record at byte" in html_page
