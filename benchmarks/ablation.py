@@ -2,12 +2,19 @@
 number of tokens on the raw extracted text and on the cleaned + deduplicated text of one crawl, both
 evaluated on the same held-out clean English text (bits per byte) and on benchmark tasks.
 
-The crawl: the Debian Administrator's Handbook as installed by the ``debian-handbook`` package (3,302
-HTML pages in 26 languages; untranslated passages stay English, so the languages share text), served
-from 127.0.0.1 and crawled by lmforge's crawler. Held out: every 8th English chapter file; the server
-answers 404 for that file name in every language, so neither corpus contains any copy of it. The held-out
-text is those English pages through the clean pipeline's own stages (the same filters as "clean"), so it
-is clean text.
+The crawl (``--site web``, the default): one host on 127.0.0.1 serving a small web that mixes good prose
+with what real crawls are full of, all of it real text from installed Debian packages:
+- the Debian Administrator's Handbook (``debian-handbook``: 3,302 HTML pages in 26 languages;
+  untranslated passages stay English, so the languages share text) under /handbook/;
+- rust-doc under /rust/: the Rust books (prose with code) and std's generated API index pages;
+- every installed package's copyright file (the same licence texts hundreds of times over) and Debian
+  changelog (bullet lists, names, e-mail addresses) under /packages/, as a package tracker shows them.
+``--site handbook`` crawls the handbook alone: documentation with little junk, where cleaning has
+little to remove (see benchmarks/README.md for both).
+
+Held out: every 8th English handbook chapter file; the server answers 404 for that file name everywhere,
+so neither corpus contains any copy of it. The held-out text is those English pages through the clean
+pipeline's own stages (the same filters as "clean"), so it is clean text.
 
 Two pipeline runs (``lmforge run``, embedded Ray, each in its own process) share everything but the
 cleaning: "raw" extracts and normalizes only (no language, Gopher or PII step, no dedup); "clean" runs
@@ -17,7 +24,8 @@ BPE fit on the raw corpus) and train the same GPT-2 (4 layers, width 256) for th
 tokens. Goal (issue 15): the cleaned corpus wins on held-out bits per byte (``ratio`` = raw bpb / clean
 bpb > 1).
 
-    .venv/bin/python benchmarks/ablation.py [--quick] [--steps 80] [--filters default|docs] [--languages all]
+    .venv/bin/python benchmarks/ablation.py [--quick] [--site web|handbook] [--steps 80] [--filters default|docs]
+        [--languages all]
 """
 
 from __future__ import annotations
@@ -29,8 +37,11 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
+import gzip  # noqa: E402
+import html  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -55,6 +66,12 @@ parser.add_argument(
     help="default: the published thresholds; docs: as configs/demo.yaml sets them for technical documentation "
     "(Gopher alpha-words ratio 0.5 instead of 0.8, no Gopher repetition filter), which keeps code-heavy pages",
 )
+parser.add_argument(
+    "--site",
+    choices=["web", "handbook"],
+    default="web",
+    help="web: the handbook mixed with rust-doc and package copyright/changelog pages; handbook: alone",
+)
 parser.add_argument("--keep", action="store_true", help="keep the work directory")
 parser.add_argument("--port", type=int, default=8791, help="fixed, so a rerun's crawl (and ids) is the same")
 parser.add_argument("--work", type=Path, help="work directory (stages already there are reused)")
@@ -68,25 +85,98 @@ def held_out_names() -> list[str]:
     return pages[3::8]
 
 
+RUST = Path("/usr/share/doc/rust-doc/html")
+#: The rust-doc books served whole (prose and code), and the std pages served (module indexes, macros,
+#: keywords; the 27,000 generated item pages of core/std/alloc are left out to bound the crawl).
+RUST_BOOKS = ("book", "reference", "rust-by-example", "nomicon", "edition-guide")
+RUST_STD = re.compile(r"^std/(index\.html|[a-z0-9_]+/index\.html|macro\.[^/]+\.html|keyword\.[^/]+\.html)$")
+PAGE = (
+    "<!doctype html><html><head><meta charset=utf-8><title>{title}</title></head><body>{body}</body></html>"
+)
+
+
+def packages() -> list[str]:
+    return sorted(p.name for p in Path("/usr/share/doc").iterdir() if (p / "copyright").is_file())
+
+
+def package_page(name: str, kind: str) -> str | None:
+    """A package's copyright or Debian changelog as a web page, as a package tracker shows them."""
+    root = Path("/usr/share/doc") / name
+    path = root / "copyright" if kind == "copyright" else root / "changelog.Debian.gz"
+    if not path.is_file():
+        return None
+    text = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    body = f"<h1>{html.escape(name)}: {kind}</h1><pre>{html.escape(text.decode('utf-8', 'replace'))}</pre>"
+    return PAGE.format(title=f"{html.escape(name)} {kind}", body=body)
+
+
 class Handler(SimpleHTTPRequestHandler):
-    """The handbook, minus the held-out chapter files in every language."""
+    """The crawl's site. ``--site handbook``: the handbook alone. ``--site web``: a small web in one host,
+    mixing good prose with what real crawls are full of: the handbook in 26 languages under /handbook/;
+    rust-doc under /rust/ (the Rust books' prose and code, std's generated API pages); under /packages/
+    every installed package's copyright file (the same licence texts hundreds of times) and Debian
+    changelog (bullet lists, names, e-mail addresses). The held-out chapter files answer 404 everywhere."""
 
     held_out: frozenset[str] = frozenset()
+    languages: list[str] = []
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        if self.path.split("?")[0].rsplit("/", 1)[-1] in self.held_out:
+        path = self.path.split("?")[0]
+        if path.rsplit("/", 1)[-1] in self.held_out:
             self.send_error(404)
             return
-        super().do_GET()
+        if args.site == "handbook":
+            self.directory = str(HANDBOOK)
+            super().do_GET()
+            return
+        if path in ("/", "/index.html"):
+            links = [f"/handbook/{lang}/index.html" for lang in self.languages]
+            links += ["/rust/index.html", "/packages/index.html"]
+            self._send(PAGE.format(title="site", body="".join(f'<a href="{u}">{u}</a><br>' for u in links)))
+        elif path == "/packages/index.html":
+            rows = "".join(
+                f'<li>{n}: <a href="{n}/copyright.html">copyright</a> <a href="{n}/changelog.html">changelog</a></li>'
+                for n in packages()
+            )
+            self._send(PAGE.format(title="packages", body=f"<ul>{rows}</ul>"))
+        elif m := re.fullmatch(r"/packages/([^/]+)/(copyright|changelog)\.html", path):
+            page = package_page(m[1], m[2])
+            self._send(page) if page is not None else self.send_error(404)
+        elif path.startswith("/handbook/"):
+            self.directory, self.path = str(HANDBOOK), self.path[len("/handbook") :]
+            super().do_GET()
+        elif path.startswith("/rust/") and self._rust_allowed(path[len("/rust/") :]):
+            self.directory, self.path = str(RUST), self.path[len("/rust") :]
+            super().do_GET()
+        else:
+            self.send_error(404)
+
+    @staticmethod
+    def _rust_allowed(rel: str) -> bool:
+        return (
+            not rel.endswith(".html")
+            or "/" not in rel
+            or rel.split("/", 1)[0] in RUST_BOOKS
+            or bool(RUST_STD.match(rel))
+        )
+
+    def _send(self, page: str) -> None:
+        data = page.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def log_message(self, *a) -> None:
         pass
 
 
-def serve(held_out: list[str]) -> ThreadingHTTPServer:
-    handler = functools.partial(Handler, directory=str(HANDBOOK))
-    Handler.held_out = frozenset(held_out)
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), handler)
+def serve(held_out: list[str], languages: list[str]) -> ThreadingHTTPServer:
+    Handler.held_out, Handler.languages = frozenset(held_out), languages
+    server = ThreadingHTTPServer(
+        ("127.0.0.1", args.port), functools.partial(Handler, directory=str(HANDBOOK))
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -113,7 +203,7 @@ def config(name: str, work: Path, seeds: list[str], cleaned: bool, tokenizer: st
             "allow_private_addresses": True,
             "min_delay_s": 0,
             "host_concurrency": 4,
-            "max_pages": 5000,
+            "max_pages": 12000,
             "max_depth": 20,
         },
         "clean": clean,
@@ -202,14 +292,22 @@ def main() -> None:
 
     if not HANDBOOK.is_dir():
         raise SystemExit(f"{HANDBOOK}: install the debian-handbook package (apt-get install debian-handbook)")
+    if args.site == "web" and not RUST.is_dir():
+        raise SystemExit(
+            f"{RUST}: install the rust-doc package (apt-get install rust-doc), or use --site handbook"
+        )
     languages = sorted(p.name for p in HANDBOOK.iterdir() if p.is_dir())
     if args.languages != "all":
         languages = [x for x in languages if x in args.languages.split(",")]
     held_out = held_out_names()
     work = args.work or Path(tempfile.mkdtemp(prefix="lmf-bench-ablation-"))
     work.mkdir(parents=True, exist_ok=True)
-    server = serve(held_out)
-    seeds = [f"http://127.0.0.1:{server.server_port}/{lang}/index.html" for lang in languages]
+    server = serve(held_out, languages)
+    base = f"http://127.0.0.1:{server.server_port}"
+    if args.site == "handbook":
+        seeds = [f"{base}/{lang}/index.html" for lang in languages]
+    else:
+        seeds = [f"{base}/index.html"]
     try:
         texts = held_out_texts(held_out)
         heldout = work / "heldout.jsonl"
@@ -274,6 +372,7 @@ def main() -> None:
             raw_train_tokens=raw["train_tokens"],
             clean_train_tokens=clean["train_tokens"],
             trained_tokens=args.steps * 8 * 2 * 256,
+            site=args.site,
             languages=len(languages),
             heldout_pages=len(texts),
             **extra,
