@@ -25,6 +25,21 @@ def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> 
     return statistics.median(times)
 
 
+def median_times(fns: list[Callable[[], object]], repeats: int = 3, warmup: int = 1) -> list[float]:
+    """Median wall seconds of each function, run in turn within every repetition, so a slow spell of a
+    shared machine falls on all of them instead of on whichever ran then."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, own in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            own.append(time.perf_counter() - start)
+    return [statistics.median(own) for own in times]
+
+
 def result(bench: str, unit: str, ours: float, peer: str, peer_value: float, goal: float, **extra) -> dict:
     """One benchmark result: the ratio and ``ok`` are computed from the measured values."""
     ratio = ours / peer_value

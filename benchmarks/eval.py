@@ -38,7 +38,7 @@ os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALL
 
 import torch  # noqa: E402
 
-from benchmarks.common import median_time, pydoc_texts, result, summary  # noqa: E402
+from benchmarks.common import median_times, pydoc_texts, result, summary  # noqa: E402
 from evaluation.harness import load_model  # noqa: E402
 from evaluation.loglikelihood import CausalScorer  # noqa: E402
 from evaluation.tasks import lm_eval_task, resolve_task, score_task  # noqa: E402
@@ -87,8 +87,7 @@ def main() -> None:
             def run_ours(task=task, ours=ours) -> None:
                 ours.update(score_task(scorer, resolve_task(task), args.limit))
 
-            t_peer = median_time(run_peer, repeats=args.repeats, warmup=0 if args.quick else 1)
-            t_ours = median_time(run_ours, repeats=args.repeats, warmup=0 if args.quick else 1)
+            t_peer, t_ours = median_times([run_peer, run_ours], args.repeats, warmup=0 if args.quick else 1)
             metrics = [m for m in ("acc", "acc_norm", "perplexity") if f"{m},none" in peer]
             diff = max(abs(ours[m] - peer[f"{m},none"]) for m in metrics)
             line = result(

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 Progress = Callable[[int, int], None]
 
@@ -164,7 +163,7 @@ class CausalScorer:
                 batches.append([row])
         return batches
 
-    @torch.no_grad()
+    @torch.no_grad()  # not inference_mode: under ZeRO-3 the gathered parameters are training's own
     def _forward(self, batch: list[_Row]) -> list[tuple[int, tuple[float, bool]]]:
         width = batch[0].length()
         n = len(batch)
@@ -205,10 +204,11 @@ class CausalScorer:
             logits = self._head(hidden[rows_idx, pos_idx])
         else:
             logits = self.model(**inputs).logits[rows_idx, pos_idx]
-        picked = F.log_softmax(logits.float(), dim=-1)
+        logits = logits.float()
         wanted = torch.tensor([t for *_, cont in targets for t in cont], device=self.device)
-        token_lp = picked.gather(1, wanted[:, None]).squeeze(1).cpu()
-        greedy = (picked.argmax(-1) == wanted).cpu()
+        # log p(token) = logit - logsumexp(logits): two reads of the logits, no log-softmax written out
+        token_lp = (logits.gather(1, wanted[:, None]).squeeze(1) - torch.logsumexp(logits, -1)).cpu()
+        greedy = (logits.argmax(-1) == wanted).cpu()
         out, at = [], 0
         for _, slot, pos, _ in targets:
             k = len(pos)

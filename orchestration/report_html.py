@@ -244,7 +244,9 @@ def _num(x: Any) -> str:
     return f"{x:,}" if isinstance(x, int) else _e(x)
 
 
-def _funnel(stages: dict[str, dict[str, Any]], facts: dict[str, _Docs]) -> tuple[str, dict[str, float]]:
+def _funnel(
+    stages: dict[str, dict[str, Any]], facts: dict[str, _Docs], tables: dict[str, list[dict[str, Any]]]
+) -> tuple[str, dict[str, float]]:
     steps: list[tuple[str, int, int | None, int | None]] = []  # (step, documents, characters, tokens)
     if "crawl" in stages:
         steps.append(("crawled pages", int(stages["crawl"]["counters"].get("pages_fetched", 0)), None, None))
@@ -276,6 +278,10 @@ def _funnel(stages: dict[str, dict[str, Any]], facts: dict[str, _Docs]) -> tuple
             ]
         )
         key_figures[f"report.documents.{name.replace(' ', '_')}"] = float(docs)
+        share = None if prev in (None, 0) else round(1 - docs / prev, 6)
+        tables["report/funnel.json"].append(
+            {"step": name, "documents": docs, "characters": chars, "tokens": tokens, "removed": share}
+        )
         prev = docs
     table = _table(["step", "documents", "characters", "tokens", "removed at this step"], rows, "funnel")
     return _div(fig) + table, key_figures
@@ -389,7 +395,9 @@ def _raw_record(row: dict[str, Any], raw: dict[str, tuple[Path, str]]) -> str:
     )
 
 
-def _distributions(facts: dict[str, _Docs], thresholds: dict[str, list[float]]) -> str:
+def _distributions(
+    facts: dict[str, _Docs], thresholds: dict[str, list[float]], tables: dict[str, list[dict[str, Any]]]
+) -> str:
     kept, rejected = facts.get("clean"), facts.get("clean/rejected")
     if kept is None or rejected is None:
         return ""
@@ -398,10 +406,23 @@ def _distributions(facts: dict[str, _Docs], thresholds: dict[str, list[float]]) 
         if name.startswith("pii.") or name in _NOT_SIGNALS:  # redaction counts, record positions
             continue
         figs.append(_histogram(name, kept.signal(name), rejected.signal(name), thresholds.get(name, [])))
+        tables["report/signals.json"].append(_signal_row(name, kept.signal(name), rejected.signal(name)))
     return '<div class="grid">' + "".join(f'<div class="cell">{_div(f)}</div>' for f in figs) + "</div>"
 
 
-def _languages_and_domains(facts: dict[str, _Docs]) -> str:
+def _signal_row(name: str, kept: np.ndarray, rejected: np.ndarray) -> dict[str, Any]:
+    """One signal's kept and rejected quartiles, for comparing runs in MLflow."""
+    row: dict[str, Any] = {"signal": name}
+    for label, values in (("kept", kept), ("rejected", rejected)):
+        values = values[np.isfinite(values)]
+        row[f"{label}_documents"] = len(values)
+        quartiles = np.percentile(values, [25, 50, 75]) if len(values) else [None] * 3
+        for q, v in zip(("p25", "median", "p75"), quartiles):
+            row[f"{label}_{q}"] = None if v is None else round(float(v), 6)
+    return row
+
+
+def _languages_and_domains(facts: dict[str, _Docs], tables: dict[str, list[dict[str, Any]]]) -> str:
     if "clean" not in facts:
         return ""
     before_l, before_h = defaultdict(int), defaultdict(int)
@@ -411,6 +432,10 @@ def _languages_and_domains(facts: dict[str, _Docs]) -> str:
         for k, v in part.hosts.items():
             before_h[k] += v
     final = facts.get("dedup", facts["clean"])
+    tables["report/languages.json"] = [
+        {"language": lang, "documents_before": n, "documents_after": final.langs.get(lang, 0)}
+        for lang, n in sorted(before_l.items(), key=lambda kv: -kv[1])
+    ]
     return (
         '<div class="grid">'
         f'<div class="cell">{_div(_bars("languages (documents)", before_l, final.langs, 12))}</div>'
@@ -653,7 +678,8 @@ _SECTIONS = [
 
 
 def build_html(workdir: str | Path, last: str | None = None) -> tuple[str, dict[str, Any]]:
-    """The page, and the key figures for MLflow (``metrics``, and ``rejections`` rows for a table)."""
+    """The page, and the key figures for MLflow: ``metrics``, and ``tables`` (artifact name -> rows: the
+    funnel, rejections by reason, each signal's kept/rejected quartiles, languages before and after)."""
     workdir = Path(workdir).resolve()
     rep = build_report(workdir, last)
     stages = run_stages(workdir, last)
@@ -662,14 +688,15 @@ def build_html(workdir: str | Path, last: str | None = None) -> tuple[str, dict[
         if name in stages:
             facts[name] = _Docs(workdir / name)
             facts[f"{name}/rejected"] = _Docs(workdir / name / "rejected", rejected=True)
-    funnel, key_figures = _funnel(stages, facts)
+    tables: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    funnel, key_figures = _funnel(stages, facts, tables)
     rejections, records = _rejections(workdir, facts)
     thresholds = _thresholds(workdir, records)
     body = {
         "funnel": funnel,
         "rejections": rejections,
-        "signals": _distributions(facts, thresholds),
-        "languages": _languages_and_domains(facts),
+        "signals": _distributions(facts, thresholds, tables),
+        "languages": _languages_and_domains(facts, tables),
         "duplicates": _duplicates(workdir, stages.get("dedup")),
         "tokens": _tokens(stages.get("tokenize")),
         "training": _training(workdir) if "train" in stages else "",
@@ -699,7 +726,8 @@ def build_html(workdir: str | Path, last: str | None = None) -> tuple[str, dict[
 """
     key_figures["report.checks_passed"] = float(sum(rep["checks"].values()))
     key_figures["report.checks_failed"] = float(len(rep["checks"]) - sum(rep["checks"].values()))
-    return page, {"metrics": key_figures, "rejections": records}
+    tables["report/rejections.json"] = records
+    return page, {"metrics": key_figures, "tables": {k: v for k, v in tables.items() if v}}
 
 
 def write_html_report(workdir: str | Path, last: str | None = None) -> tuple[Path, dict[str, Any]]:

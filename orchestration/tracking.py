@@ -120,13 +120,12 @@ class Tracker:
 
     @staticmethod
     def log_report_figures(figures: dict[str, Any]) -> None:
-        """The report's key figures on the active (pipeline) run: metrics, and the rejections as a table
-        (comparable across runs in the UI)."""
+        """The report's key figures on the active (pipeline) run: metrics, and its tables (the funnel,
+        rejections, signal quartiles, languages; comparable across runs in the UI's artifact view)."""
         mlflow.log_metrics(figures.get("metrics", {}))
-        rows = figures.get("rejections", [])
-        if rows:
-            columns = {k: [r[k] for r in rows] for k in rows[0]}
-            mlflow.log_table(columns, artifact_file="report/rejections.json")
+        for artifact, rows in figures.get("tables", {}).items():
+            columns = {k: [r.get(k) for r in rows] for k in rows[0]}
+            mlflow.log_table(columns, artifact_file=artifact)
 
     @staticmethod
     def dataset(name: str, path: str | Path, digest: str, index: dict[str, Any] | None = None) -> MetaDataset:

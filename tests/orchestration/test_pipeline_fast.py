@@ -151,7 +151,7 @@ def test_read_only_run_reports_every_document_and_passes_its_checks(fast_run, co
     )  # clean<-crawl, dedup<-clean, tokenize<-dedup
 
 
-def test_each_stage_is_a_nested_mlflow_run_of_the_pipeline_run(fast_run):
+def test_each_stage_is_a_nested_mlflow_run_of_the_pipeline_run(fast_run, tmp_path):
     cfg, result = fast_run
     client = mlflow.MlflowClient(cfg.tracking_uri)
     parent = client.get_run(result.parent_run_id)
@@ -162,6 +162,19 @@ def test_each_stage_is_a_nested_mlflow_run_of_the_pipeline_run(fast_run):
     assert set(by_stage) == {"crawl", "clean", "dedup", "tokenize"}
     assert by_stage["dedup"].data.metrics["rejected"] == 1
     assert json.loads((cfg.workdir / "run.json").read_text())["mlflow_run_id"] == result.parent_run_id
+    # The report's tables are on the parent run, the funnel with the manifests' numbers.
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
+    names = ("funnel", "rejections", "signals", "languages")
+    assert {f"report/{n}.json" for n in names} <= artifacts
+    path = client.download_artifacts(result.parent_run_id, "report/funnel.json", str(tmp_path))
+    funnel = json.loads(Path(path).read_text())  # mlflow.log_table's {"columns": [...], "data": [[...]]}
+    rows = [dict(zip(funnel["columns"], row)) for row in funnel["data"]]
+    table = {r["step"]: r["documents"] for r in rows}
+    clean = result.stages["clean"].index["counters"]
+    assert table["after quality filters"] == clean["kept"]
+    assert table["after deduplication"] == result.stages["dedup"].index["counters"]["kept"]
+    assert table["tokenized"] == result.stages["tokenize"].index["counters"]["documents"]
+    assert parent.data.metrics["report.documents.after_quality_filters"] == clean["kept"]
     # The UI opens the experiment on its training runs and models, not on the GenAI traces page.
     experiment = client.get_experiment(parent.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
