@@ -193,13 +193,13 @@ def _histogram(name: str, kept: np.ndarray, rejected: np.ndarray, thresholds: li
     both = np.concatenate([kept, rejected]).astype(np.float64)
     both = both[np.isfinite(both)]
     lo, hi = np.percentile(both, [0.5, 99.5]) if len(both) else (0.0, 1.0)
-    span = max(hi - lo, 1e-9)
-    drawn = [t for t in thresholds if np.isfinite(t) and lo - span <= t <= hi + span]
+    if hi - lo < 1e-9:  # one value (a signal at 0 everywhere): a unit-wide axis around it
+        lo, hi = lo - 0.5, hi + 0.5
+    span = hi - lo
+    drawn = [t for t in thresholds if np.isfinite(t) and lo - 3 * span <= t <= hi + 3 * span]
     off = [t for t in thresholds if t not in drawn]
     if drawn:
         lo, hi = min(lo, *drawn), max(hi, *drawn)
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
     edges = np.linspace(lo, hi, 41)
     centers = (edges[:-1] + edges[1:]) / 2
     fig = go.Figure()
