@@ -15,11 +15,13 @@ token budget and only the continuation positions are projected through log-softm
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 Progress = Callable[[int, int], None]
 
@@ -87,6 +89,8 @@ class CausalScorer:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         plain = getattr(model.config, "model_type", None) in ("gpt2", "llama")
         self._head = head if plain and isinstance(head, torch.nn.Linear) else None
+        #: Vocabulary entries projected at a time by the head (None: all at once).
+        self.vocab_slice: int | None = 2048 if self.device.type == "cpu" else None
         bos = tokenizer.bos_token_id
         self.prefix_token_id = int(bos if bos is not None else tokenizer.eos_token_id)
 
@@ -199,22 +203,54 @@ class CausalScorer:
         }
         rows_idx = torch.tensor([b for b, _, pos, _ in targets for _ in pos], device=self.device)
         pos_idx = torch.tensor([p for _, _, pos, _ in targets for p in pos], device=self.device)
-        if self._head is not None:  # project only the positions that predict a continuation token
-            hidden = self.model.base_model(**inputs).last_hidden_state
-            logits = self._head(hidden[rows_idx, pos_idx])
-        else:
-            logits = self.model(**inputs).logits[rows_idx, pos_idx]
-        logits = logits.float()
         wanted = torch.tensor([t for *_, cont in targets for t in cont], device=self.device)
-        # log p(token) = logit - logsumexp(logits): two reads of the logits, no log-softmax written out
-        token_lp = (logits.gather(1, wanted[:, None]).squeeze(1) - torch.logsumexp(logits, -1)).cpu()
-        greedy = (logits.argmax(-1) == wanted).cpu()
+        if self._head is None:
+            logits = self.model(**inputs).logits[rows_idx, pos_idx]
+        else:  # project only the positions that predict a continuation token
+            hidden = self.model.base_model(**inputs).last_hidden_state[rows_idx, pos_idx]
+            # ZeRO-3 keeps the head's weight partitioned outside its module's own forward
+            sliced = self.vocab_slice is not None and not hasattr(self._head.weight, "ds_id")
+            logits = None if sliced else self._head(hidden)
+        if logits is None:
+            token_lp, greedy = self._head_scores(hidden, wanted)
+        else:  # log p(token) = logit - logsumexp(logits): no log-softmax written out
+            logits = logits.float()
+            token_lp = logits.gather(1, wanted[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+            greedy = logits.argmax(-1) == wanted
+        token_lp, greedy = token_lp.cpu(), greedy.cpu()
         out, at = [], 0
         for _, slot, pos, _ in targets:
             k = len(pos)
             out.append((slot, (float(token_lp[at : at + k].sum()), bool(greedy[at : at + k].all()))))
             at += k
         return out
+
+    def _head_scores(self, hidden: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p of each wanted token, whether it is the argmax) from the final hidden states, projecting
+        a slice of the vocabulary at a time: each slice's logits are reduced (running max and argmax, a
+        streaming log-sum-exp, the wanted logits picked) while they are still in cache, instead of writing
+        the whole (positions x vocabulary) matrix out and reading it back three times."""
+        weight, bias = self._head.weight, self._head.bias
+        n, vocab = hidden.shape[0], weight.shape[0]
+        step = self.vocab_slice or vocab
+        best = torch.full((n,), -math.inf, device=hidden.device)
+        best_at = torch.zeros(n, dtype=torch.long, device=hidden.device)
+        total = torch.zeros(n, device=hidden.device)
+        picked = torch.empty(n, device=hidden.device)
+        for start in range(0, vocab, step):
+            stop = min(start + step, vocab)
+            z = F.linear(hidden, weight[start:stop], None if bias is None else bias[start:stop]).float()
+            top, at = z.max(-1)  # the first maximal index, as argmax over the whole row gives
+            better = top > best  # strictly: an equal later maximum keeps the earlier index
+            best_at = torch.where(better, at + start, best_at)
+            shift = torch.maximum(best, top)
+            total = total * torch.exp(best - shift) + torch.exp(z - shift[:, None]).sum(-1)
+            best = shift
+            inside = (wanted >= start) & (wanted < stop)
+            if inside.any():
+                rows = inside.nonzero().squeeze(1)
+                picked[rows] = z[rows, wanted[rows] - start]
+        return picked - (best + torch.log(total)), best_at == wanted
 
     def rolling_windows(self, text: str) -> list[tuple[list[int], list[int]]]:
         """Disjoint windows covering every token of ``text`` (lm-eval's loglikelihood_rolling): the first

@@ -148,6 +148,36 @@ def test_shared_context_rows_equal_one_request_at_a_time(tiny_model):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
 
 
+@pytest.mark.parametrize("vocab_slice", [None, 1, 7, 64])
+def test_sliced_head_equals_a_full_log_softmax(tiny_model, vocab_slice):
+    """The head projected a vocabulary slice at a time gives plain PyTorch's log-softmax of the full
+    logits at the wanted tokens, and its argmax (ties included: the first maximal index)."""
+    from evaluation.harness import load_model
+
+    model, tokenizer = load_model(tiny_model)
+    scorer = CausalScorer(model, tokenizer)
+    scorer.vocab_slice = vocab_slice
+    torch.manual_seed(0)
+    hidden = torch.randn(50, model.config.n_embd)
+    logits = hidden @ model.lm_head.weight.T
+    wanted = logits.argmax(-1)
+    wanted[::2] = torch.randint(0, logits.shape[1], (25,))
+    with torch.no_grad():
+        lp, greedy = scorer._head_scores(hidden, wanted)
+    reference = torch.log_softmax(logits, -1).gather(1, wanted[:, None]).squeeze(1)
+    assert torch.allclose(lp, reference, atol=1e-5)
+    assert torch.equal(greedy, logits.argmax(-1) == wanted) and greedy[1::2].all()
+    # A tie between two slices: the earlier index is the argmax, as torch.argmax picks it.
+    tied = torch.zeros(2, model.config.n_embd)
+    scorer._head = torch.nn.Linear(model.config.n_embd, 130, bias=True)
+    with torch.no_grad():
+        scorer._head.weight.zero_()
+        scorer._head.bias.zero_()
+        scorer._head.bias[[3, 100]] = 1.0
+        _, greedy = scorer._head_scores(tied, torch.tensor([3, 100]))
+    assert greedy.tolist() == [True, False]
+
+
 def test_token_bytes_sum_to_the_texts_utf8_length(tiny_model):
     from evaluation.perplexity import token_bytes
 
