@@ -287,7 +287,9 @@ def _funnel(
     return _div(fig) + table, key_figures
 
 
-def _rejections(workdir: Path, facts: dict[str, _Docs]) -> tuple[str, list[dict[str, Any]]]:
+def _rejections(
+    workdir: Path, facts: dict[str, _Docs], raw_files: dict[str, Path]
+) -> tuple[str, list[dict[str, Any]]]:
     parts, records = [], []
     for stage in ("clean", "dedup"):
         rejected = facts.get(f"{stage}/rejected")
@@ -302,7 +304,7 @@ def _rejections(workdir: Path, facts: dict[str, _Docs]) -> tuple[str, list[dict[
             _div(_layout(fig, f"{stage}: documents rejected, by filter and reason", 110 + 28 * len(counts)))
         )
         examples = _rejection_examples(workdir / stage / "rejected")
-        raw = _raw_records(workdir, examples)
+        raw = _raw_records(raw_files, examples)
         for reason, n, _ in counts:
             items = []
             for row in examples.get(reason, []):
@@ -331,10 +333,10 @@ def _rejections(workdir: Path, facts: dict[str, _Docs]) -> tuple[str, list[dict[
     return "".join(parts), records
 
 
-def _thresholds(workdir: Path, records: list[dict[str, Any]]) -> dict[str, list[float]]:
+def _thresholds(clean_config: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, list[float]]:
     """Each signal's cuts by its ``meta`` key: from the clean stage's config saved beside its output,
     else (an output written before configs were saved) from the thresholds its rejections name."""
-    saved = _read_json(workdir / "clean" / STAGE_CONFIG).get("clean")
+    saved = clean_config.get("clean")
     if saved is not None:
         try:
             return CleanConfig.model_validate(saved).thresholds()
@@ -350,12 +352,10 @@ def _thresholds(workdir: Path, records: list[dict[str, Any]]) -> dict[str, list[
     return dict(cuts)
 
 
-def _raw_records(workdir: Path, examples: dict[str, list[dict[str, Any]]]) -> dict[str, tuple[Path, str]]:
-    """The raw HTML of each example, by document id, with the file it came from: read from the crawl's
-    WARC files (or a ``read.paths`` WARC) at the record's ``warc_offset``, one pass per file, or from the
-    HTML file a directory corpus was read from."""
+def _warc_files(workdir: Path, clean_config: dict[str, Any]) -> dict[str, Path]:
+    """The WARC files documents name as their ``source``: the crawl's, and local ``read.paths`` WARCs."""
     files = {p.name: p for p in sorted((workdir / "crawl").glob("*.warc*"))}
-    read = _read_json(workdir / "clean" / STAGE_CONFIG).get("read")
+    read = clean_config.get("read")
     try:
         inputs = ReadConfig.model_validate(read).inputs() if read else []
     except (ValueError, OSError):  # inputs moved or gone since the run
@@ -363,6 +363,15 @@ def _raw_records(workdir: Path, examples: dict[str, list[dict[str, Any]]]) -> di
     for entry in inputs:
         if "://" not in entry and corpus_format(entry) == "warc":
             files.setdefault(Path(entry).name, Path(entry))
+    return files
+
+
+def _raw_records(
+    files: dict[str, Path], examples: dict[str, list[dict[str, Any]]]
+) -> dict[str, tuple[Path, str]]:
+    """The raw HTML of each example, by document id, with the file it came from: read from its WARC
+    file (``files``, by name) at the record's ``warc_offset``, one pass per file, or from the HTML file a
+    directory corpus was read from."""
     wanted: dict[Path, dict[str, int | None]] = defaultdict(dict)
     found: dict[str, tuple[Path, str]] = {}
     for row in (row for rows in examples.values() for row in rows):
@@ -405,8 +414,9 @@ def _distributions(
     for name in sorted(set(kept.signals) | set(rejected.signals)):
         if name.startswith("pii.") or name in _NOT_SIGNALS:  # redaction counts, record positions
             continue
-        figs.append(_histogram(name, kept.signal(name), rejected.signal(name), thresholds.get(name, [])))
-        tables["report/signals.json"].append(_signal_row(name, kept.signal(name), rejected.signal(name)))
+        values = kept.signal(name), rejected.signal(name)
+        figs.append(_histogram(name, *values, thresholds.get(name, [])))
+        tables["report/signals.json"].append(_signal_row(name, *values))
     return '<div class="grid">' + "".join(f'<div class="cell">{_div(f)}</div>' for f in figs) + "</div>"
 
 
@@ -690,8 +700,9 @@ def build_html(workdir: str | Path, last: str | None = None) -> tuple[str, dict[
             facts[f"{name}/rejected"] = _Docs(workdir / name / "rejected", rejected=True)
     tables: dict[str, list[dict[str, Any]]] = defaultdict(list)
     funnel, key_figures = _funnel(stages, facts, tables)
-    rejections, records = _rejections(workdir, facts)
-    thresholds = _thresholds(workdir, records)
+    clean_config = _read_json(workdir / "clean" / STAGE_CONFIG)
+    rejections, records = _rejections(workdir, facts, _warc_files(workdir, clean_config))
+    thresholds = _thresholds(clean_config, records)
     body = {
         "funnel": funnel,
         "rejections": rejections,
