@@ -7,7 +7,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from core.stage import StageConfig
-from training.model import ModelConfig
+from training.model import OBJECTIVE_OF, ModelConfig
+from training.objectives import MaskingConfig, Objective, SpanCorruptionConfig
 
 #: Rank 0's latest step, in the training output dir, for the driver's progress bar.
 PROGRESS_FILE = "progress.json"
@@ -16,6 +17,15 @@ PROGRESS_FILE = "progress.json"
 class TrainConfig(StageConfig):
     """Optimization, parallelism and checkpointing of one training run."""
 
+    objective: Objective = Field(
+        "causal_lm",
+        description="causal_lm (next token, decoders), masked_lm (BERT/RoBERTa encoders) or span_corruption "
+        "(T5 encoder-decoders).",
+    )
+    masking: MaskingConfig = Field(default_factory=MaskingConfig, description="masked_lm corruption.")
+    span_corruption: SpanCorruptionConfig = Field(
+        default_factory=SpanCorruptionConfig, description="span_corruption noise."
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     seq_len: int = Field(256, ge=8, description="Tokens per training sequence.")
     micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per forward pass.")
@@ -117,6 +127,22 @@ class TrainConfig(StageConfig):
             raise ValueError(
                 "precision is one of fp32, bf16, fp16; a raw ds_config must not enable both fp16 and bf16"
             )
+        if not self.init_from and OBJECTIVE_OF[self.model.arch] != self.objective:
+            fits = ", ".join(a for a, o in OBJECTIVE_OF.items() if o == self.objective)
+            raise ValueError(
+                f"train.objective={self.objective} trains {fits} models, but train.model.arch={self.model.arch}"
+            )
+        if self.objective != "causal_lm" and self.eval_every:
+            raise ValueError(
+                f"train.eval_every scores causal-LM tasks; train.objective={self.objective} has none (set it to 0)"
+            )
+        if self.objective == "masked_lm" and self.masking.next_sentence_prediction:
+            if self.model.arch != "bert" and not self.init_from:
+                raise ValueError(
+                    "train.masking.next_sentence_prediction needs train.model.arch=bert (RoBERTa has no NSP head)"
+                )
+            if self.seq_len < 8:
+                raise ValueError("next-sentence prediction needs seq_len >= 8")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be smaller than steps={self.steps}")
         return self

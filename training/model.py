@@ -1,7 +1,8 @@
-"""Decoder-only language models built from a config, with random init (GPT-2 or Llama architecture).
+"""Language models built from a transformers config with random init: decoders (GPT-2, Llama), encoders
+(BERT, RoBERTa) and encoder-decoders (T5).
 
-The model is a plain Hugging Face ``PreTrainedModel`` so that export is ``save_pretrained`` and any
-``AutoModelForCausalLM`` user can load it. It knows nothing about how it is parallelized.
+The model is a plain Hugging Face ``PreTrainedModel`` so that export is ``save_pretrained`` and the matching
+``AutoModelFor...`` class loads it. It knows nothing about how it is parallelized.
 """
 
 from __future__ import annotations
@@ -10,9 +11,33 @@ from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForPreTraining,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from core.stage import StageConfig
+from training.objectives import Objective, SpecialIds
+
+Arch = Literal["gpt2", "llama", "bert", "roberta", "t5"]
+#: The objective each architecture family pretrains with.
+OBJECTIVE_OF: dict[str, Objective] = {
+    "gpt2": "causal_lm",
+    "llama": "causal_lm",
+    "bert": "masked_lm",
+    "roberta": "masked_lm",
+    "t5": "span_corruption",
+}
 
 #: (layers, heads, width) per preset; GPT-2 sizes from Radford et al. 2019, 1.3B/7B from GPT-3/Llama.
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -27,8 +52,10 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 class ModelConfig(StageConfig):
     """Architecture and size of the model."""
 
-    arch: Literal["gpt2", "llama"] = Field(
-        "gpt2", description="GPT-2 (learned positions) or Llama (RoPE, SwiGLU)."
+    arch: Arch = Field(
+        "gpt2",
+        description="gpt2 (learned positions) or llama (RoPE, SwiGLU) decoders for causal_lm; bert or roberta "
+        "encoders for masked_lm; t5 (relative positions, as many decoder as encoder layers) for span_corruption.",
     )
     preset: Literal["debug", "124m", "350m", "1.3b", "7b"] = Field("debug", description="Size preset.")
     n_layer: int | None = Field(None, ge=1, description="Override the preset's layer count.")
@@ -52,17 +79,30 @@ class ModelConfig(StageConfig):
 
 
 def build_model(
-    config: ModelConfig, vocab_size: int, seq_len: int, seed: int = 0, eos_token_id: int | None = None
+    config: ModelConfig,
+    vocab_size: int,
+    seq_len: int,
+    seed: int = 0,
+    eos_token_id: int | None = None,
+    special: SpecialIds | None = None,
+    next_sentence_prediction: bool = False,
 ) -> PreTrainedModel:
-    """A randomly initialized causal LM; the same seed gives the same weights.
+    """A randomly initialized model of ``config.arch``; the same seed gives the same weights.
 
-    ``eos_token_id`` (the tokenizer's end-of-document id) becomes the model's bos/eos/pad id so that
-    generation from the exported model stops where training documents ended.
+    Decoders: ``eos_token_id`` (the tokenizer's end-of-document id) becomes the model's bos/eos/pad id so that
+    generation from the exported model stops where training documents ended. Encoders and encoder-decoders
+    take their pad/cls/sep ids from ``special``; T5's decoder starts from pad, as in the reference.
     """
-    special = {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id, "pad_token_id": eos_token_id}
     n_layer, n_head, n_embd = config.dims()
     torch.manual_seed(seed)
+    if config.arch in ("bert", "roberta", "t5") and special is None:
+        raise ValueError(f"model.arch={config.arch} needs the tokenizer's special token ids")
     if config.arch == "gpt2":
+        special_ids = {
+            "bos_token_id": eos_token_id,
+            "eos_token_id": eos_token_id,
+            "pad_token_id": eos_token_id,
+        }
         hf_config = GPT2Config(
             vocab_size=vocab_size,
             n_positions=seq_len,
@@ -72,10 +112,15 @@ def build_model(
             resid_pdrop=config.dropout,
             embd_pdrop=config.dropout,
             attn_pdrop=config.dropout,
-            **special,
+            **special_ids,
         )
         model = GPT2LMHeadModel(hf_config)
-    else:
+    elif config.arch == "llama":
+        special_ids = {
+            "bos_token_id": eos_token_id,
+            "eos_token_id": eos_token_id,
+            "pad_token_id": eos_token_id,
+        }
         hidden = 256 * ((8 * n_embd // 3 + 255) // 256)  # SwiGLU width, rounded as in Llama
         hf_config = LlamaConfig(
             vocab_size=vocab_size,
@@ -85,9 +130,45 @@ def build_model(
             hidden_size=n_embd,
             intermediate_size=hidden,
             attention_dropout=config.dropout,
-            **special,
+            **special_ids,
         )
         model = LlamaForCausalLM(hf_config)
+    elif config.arch in ("bert", "roberta"):
+        roberta = config.arch == "roberta"
+        common = dict(
+            vocab_size=vocab_size,
+            hidden_size=n_embd,
+            num_hidden_layers=n_layer,
+            num_attention_heads=n_head,
+            intermediate_size=4 * n_embd,
+            hidden_dropout_prob=config.dropout,
+            attention_probs_dropout_prob=config.dropout,
+            pad_token_id=special.pad,
+            bos_token_id=special.cls,
+            eos_token_id=special.sep,
+        )
+        if roberta:  # positions start after padding_idx, as in fairseq's RoBERTa
+            model = RobertaForMaskedLM(
+                RobertaConfig(max_position_embeddings=seq_len + 2, type_vocab_size=1, **common)
+            )
+        else:
+            hf_config = BertConfig(max_position_embeddings=seq_len, type_vocab_size=2, **common)
+            model = BertForPreTraining(hf_config) if next_sentence_prediction else BertForMaskedLM(hf_config)
+    else:
+        hf_config = T5Config(
+            vocab_size=vocab_size,
+            d_model=n_embd,
+            d_kv=n_embd // n_head,
+            d_ff=4 * n_embd,
+            num_layers=n_layer,
+            num_decoder_layers=n_layer,
+            num_heads=n_head,
+            dropout_rate=config.dropout,
+            pad_token_id=special.pad,
+            eos_token_id=special.eos,
+            decoder_start_token_id=special.pad,
+        )
+        model = T5ForConditionalGeneration(hf_config)
     if config.activation_checkpointing:
         # transformers >= 5 renamed gradient_checkpointing_enable (kept as a deprecated alias).
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
@@ -102,11 +183,16 @@ def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = True) ->
     return total
 
 
-def load_pretrained(path: str, vocab_size: int) -> PreTrainedModel:
-    """A Hugging Face causal LM directory to fine-tune (fp32 weights; the shards' vocab must fit)."""
-    from transformers import AutoModelForCausalLM
+def load_pretrained(path: str, vocab_size: int, objective: Objective = "causal_lm") -> PreTrainedModel:
+    """A Hugging Face model directory to continue training (fp32 weights; the shards' vocab must fit)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    auto = {
+        "causal_lm": AutoModelForCausalLM,
+        "masked_lm": AutoModelForMaskedLM,
+        "span_corruption": AutoModelForSeq2SeqLM,
+    }[objective]
+    model = auto.from_pretrained(path, dtype=torch.float32)
     if model.config.vocab_size < vocab_size:
         raise ValueError(
             f"{path}: the model's vocabulary has {model.config.vocab_size} ids, the token shards use "

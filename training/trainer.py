@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
@@ -25,9 +24,21 @@ import transformers
 from core.files import atomic_write_bytes
 from training import engine as ds_engine
 from training.config import PROGRESS_FILE, TrainConfig
-from training.data.shards import DistributedBatchSampler, ShardError, TokenSequences
-from training.data.tokenizer import EOS_TOKEN, tokenizer_id
+from training.data.shards import DistributedBatchSampler, ShardError, TokenSequences, read_token_index
+from training.data.tokenizer import EOS_TOKEN, load_tokenizer, tokenizer_id
 from training.model import build_model, count_parameters, freeze_first_layers, load_pretrained
+from training.objectives import (
+    IGNORE,
+    MASK_TOKEN,
+    PAD_TOKEN,
+    SENTINELS,
+    ObjectiveBatches,
+    SpecialIds,
+    batch_rng,
+    other_documents,
+    sentinel_token,
+    word_starts,
+)
 
 MetricsCallback = Callable[[dict[str, float], int], None]
 #: Called on every rank after each checkpoint with its directory, the step and the last step's metrics.
@@ -63,29 +74,56 @@ def _write_progress(out_dir: Path, step: int, steps: int, metrics: dict[str, flo
     )
 
 
-def hf_tokenizer(tokenizer_json: Path, info: dict[str, Any]) -> transformers.PreTrainedTokenizerFast:
-    """The shards' tokenizer as the exported model will have it: its EOS is also BOS and padding."""
+def hf_tokenizer(
+    tokenizer_json: Path, info: dict[str, Any], objective: str = "causal_lm"
+) -> transformers.PreTrainedTokenizerFast:
+    """The shards' tokenizer as the exported model will have it.
+
+    Decoders: EOS is also BOS and padding. Masked LMs: <cls>/<sep>/<mask>/<pad> as BERT names them;
+    T5: <pad> and the <extra_id_k> sentinels, EOS ends inputs and targets.
+    """
     eos = info.get("eos_token", EOS_TOKEN)
+    path = str(tokenizer_json)
+    if objective == "masked_lm":
+        return transformers.PreTrainedTokenizerFast(
+            tokenizer_file=path, cls_token="<cls>", sep_token="<sep>", mask_token=MASK_TOKEN,
+            pad_token=PAD_TOKEN, eos_token=eos, bos_token="<cls>",
+        )  # fmt: skip
+    if objective == "span_corruption":
+        return transformers.PreTrainedTokenizerFast(
+            tokenizer_file=path, eos_token=eos, pad_token=PAD_TOKEN,
+            additional_special_tokens=[sentinel_token(k) for k in range(SENTINELS)],
+        )  # fmt: skip
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_file=str(tokenizer_json), bos_token=eos, eos_token=eos, pad_token=eos
+        tokenizer_file=path, bos_token=eos, eos_token=eos, pad_token=eos
     )
 
 
-def export_tokenizer(tokenizer_json: Path, info: dict[str, Any], model_dir: Path) -> None:
+def export_tokenizer(
+    tokenizer_json: Path, info: dict[str, Any], model_dir: Path, objective: str = "causal_lm"
+) -> None:
     """Save the tokenizer as a Hugging Face tokenizer directory (AutoTokenizer loads it).
 
     tokenizer.json keeps its exact bytes, so its sha256 (the tokenizer id) is unchanged.
     """
-    hf_tokenizer(tokenizer_json, info).save_pretrained(model_dir)
+    hf_tokenizer(tokenizer_json, info, objective).save_pretrained(model_dir)
     shutil.copy(tokenizer_json, model_dir / "tokenizer.json")
 
 
-def _model(cfg: TrainConfig, data: TokenSequences, data_dir: str | Path, rank: int) -> torch.nn.Module:
+def _model(
+    cfg: TrainConfig, data: TokenSequences, data_dir: str | Path, rank: int, special: SpecialIds
+) -> torch.nn.Module:
     """A fresh model from the preset, or the ``init_from`` model (same tokenizer required) to fine-tune."""
     tokenizer = data.index["tokenizer"]
     if not cfg.init_from:
         return build_model(
-            cfg.model, tokenizer["vocab_size"], cfg.seq_len, seed=cfg.seed, eos_token_id=tokenizer["eos_id"]
+            cfg.model,
+            tokenizer["vocab_size"],
+            cfg.seq_len,
+            seed=cfg.seed,
+            eos_token_id=tokenizer["eos_id"],
+            special=special,
+            next_sentence_prediction=cfg.masking.next_sentence_prediction,
         )
     expected = tokenizer_id(Path(cfg.init_from) / "tokenizer.json")
     if expected != tokenizer["id"]:
@@ -94,7 +132,7 @@ def _model(cfg: TrainConfig, data: TokenSequences, data_dir: str | Path, rank: i
             f"{cfg.init_from} uses {expected[:12]}; set tokenize.tokenizer.path={cfg.init_from}"
         )
     torch.manual_seed(cfg.seed)
-    model = load_pretrained(cfg.init_from, tokenizer["vocab_size"])
+    model = load_pretrained(cfg.init_from, tokenizer["vocab_size"], cfg.objective)
     frozen = freeze_first_layers(model, cfg.freeze_layers)
     if rank == 0 and frozen:
         print(f"fine-tuning {cfg.init_from}: {frozen:,} parameters frozen", flush=True)
@@ -107,13 +145,33 @@ def causal_lm_loss(engine, inputs: torch.Tensor, targets: torch.Tensor) -> torch
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def _train_step(
-    engine, cfg: TrainConfig, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]
-) -> float:
+def _token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy over the labelled positions (0 with no gradient signal if there are none)."""
+    flat = labels.reshape(-1)
+    total = F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), flat, ignore_index=IGNORE, reduction="sum"
+    )
+    return total / (flat != IGNORE).sum().clamp(min=1)
+
+
+def objective_loss(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss of a batch from :class:`ObjectiveBatches`: its labels say which positions count.
+
+    Masked LM with next-sentence prediction adds the NSP cross entropy, as BertForPreTraining does.
+    """
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "next_sentence_label")}
+    out = engine(**inputs)
+    if "next_sentence_label" in batch:
+        nsp = F.cross_entropy(out.seq_relationship_logits.float(), batch["next_sentence_label"])
+        return _token_loss(out.prediction_logits, batch["labels"]) + nsp
+    return _token_loss(out.logits, batch["labels"])
+
+
+def _train_step(engine, cfg: TrainConfig, next_batch: Callable[[int], dict[str, torch.Tensor]]) -> float:
     """One optimizer step over ``grad_accum_steps`` micro-batches; the loss averaged over micro-batches."""
     step_loss = 0.0
-    for _ in range(cfg.grad_accum_steps):
-        loss = causal_lm_loss(engine, *next_batch())
+    for micro in range(cfg.grad_accum_steps):
+        loss = objective_loss(engine, next_batch(micro))
         engine.backward(loss)
         engine.step()
         step_loss += loss.item() / cfg.grad_accum_steps
@@ -150,7 +208,7 @@ def _evaluate(engine, on_eval: EvalCallback, step: int) -> dict[str, float]:
         engine.train()
 
 
-def _export(engine, data: TokenSequences, data_dir: str | Path, out_dir: Path) -> Path | None:
+def _export(engine, data: TokenSequences, data_dir: str | Path, out_dir: Path, objective: str) -> Path | None:
     """The fp32 model and its tokenizer as a Hugging Face directory (rank 0; collective gather first)."""
     state_dict = ds_engine.consolidated_state_dict(engine)
     if state_dict is None:
@@ -158,8 +216,24 @@ def _export(engine, data: TokenSequences, data_dir: str | Path, out_dir: Path) -
     model_dir = out_dir / "model"
     transformers.logging.disable_progress_bar()
     engine.module.save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
-    export_tokenizer(Path(data_dir) / data.index["tokenizer"]["path"], data.index["tokenizer"], model_dir)
+    export_tokenizer(
+        Path(data_dir) / data.index["tokenizer"]["path"], data.index["tokenizer"], model_dir, objective
+    )
     return model_dir
+
+
+def _objective_batches(cfg: TrainConfig, data_dir: str | Path) -> tuple[ObjectiveBatches, SpecialIds]:
+    """The objective's batch maker, with the special ids read from the shards' own tokenizer."""
+    info = read_token_index(data_dir)["tokenizer"]
+    path = Path(data_dir) / info["path"]
+    tokenizer = load_tokenizer(path)
+    special = SpecialIds.from_tokenizer(
+        tokenizer, cfg.objective, info.get("eos_token", EOS_TOKEN), where=f"tokenizer {path}"
+    )
+    starts = word_starts(tokenizer) if cfg.masking.whole_word else None
+    return ObjectiveBatches(
+        cfg.objective, cfg.seq_len, special, cfg.masking, cfg.span_corruption, starts
+    ), special
 
 
 def train(
@@ -183,11 +257,13 @@ def train(
     ckpt_dir = out_dir / "checkpoints"
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
 
+    batches, special = _objective_batches(cfg, data_dir)
+    span = cfg.span_documents if batches.span_documents is None else batches.span_documents
     data = TokenSequences(
-        data_dir, "train", cfg.seq_len, span_documents=cfg.span_documents, verify=cfg.verify_shards
+        data_dir, "train", batches.sample_length, span_documents=span, verify=cfg.verify_shards
     )
     sampler = DistributedBatchSampler(len(data), cfg.micro_batch_size, rank, world, seed=cfg.seed)
-    model = _model(cfg, data, data_dir, rank)
+    model = _model(cfg, data, data_dir, rank, special)
     fpt = flops_per_token(
         count_parameters(model), model.config.num_hidden_layers, model.config.hidden_size, cfg.seq_len
     )
@@ -199,9 +275,14 @@ def train(
         sampler.load_state_dict(client_state["sampler"])
         start_step, losses = client_state["step"], list(client_state["losses"])
 
-    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        seqs = torch.from_numpy(data.batch(sampler.next_indices()).astype(np.int64))
-        return seqs[:, :-1].to(device), seqs[:, 1:].to(device)
+    def next_batch(micro: int) -> dict[str, torch.Tensor]:
+        indices = sampler.next_indices()
+        rng = batch_rng(cfg.seed, step, rank, micro)
+        others = None
+        if batches.nsp:
+            others = data.batch(other_documents(rng, indices, data.sample_documents))
+        arrays = batches.make(data.batch(indices), rng, others)
+        return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
 
     log_every = max(1, cfg.steps // 10)
     engine.train()
@@ -235,7 +316,7 @@ def train(
             if on_checkpoint is not None:
                 on_checkpoint(tag_dir, done, metrics)
 
-    model_dir = _export(engine, data, data_dir, out_dir)
+    model_dir = _export(engine, data, data_dir, out_dir, cfg.objective)
     if model_dir is None:
         return {}
     summary = {
@@ -247,6 +328,7 @@ def train(
         "model_dir": str(model_dir),
         "tokenizer_id": data.index["tokenizer"]["id"],
         "world_size": world,
+        "objective": cfg.objective,
         "step_seconds": step_times,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }

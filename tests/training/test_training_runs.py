@@ -1,5 +1,6 @@
-"""Whole training runs: ZeRO 0/2/3 on 2 Ray Train workers, export round-trip, fine-tuning, and resume
-after a real kill (torchrun, 2 ranks, SIGKILL) reproducing the uninterrupted loss curve exactly."""
+"""Whole training runs: ZeRO 0/2/3 on 2 Ray Train workers, export round-trip, fine-tuning, masked-LM and
+span-corruption pretraining, and resume after a real kill (torchrun, 2 ranks, SIGKILL) reproducing the
+uninterrupted loss curve exactly for each objective."""
 
 import contextlib
 import json
@@ -23,7 +24,8 @@ from tests.conftest import free_port
 from tests.training.test_shards import batches, corpus
 from training.config import TrainConfig
 from training.data.tokenize import TokenizeConfig, tokenize_documents
-from training.data.tokenizer import TokenizerConfig
+from training.data.tokenizer import EOS_TOKEN, TokenizerConfig
+from training.objectives import special_tokens_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,6 +37,30 @@ def tokens(tmp_path_factory):
     cfg = TokenizeConfig(tokenizer=TokenizerConfig(vocab_size=320, min_frequency=1), val_fraction=0.1)
     tokenize_documents(lambda: batches(texts), out, cfg)
     return out
+
+
+@pytest.fixture(scope="module")
+def special_tokens(tmp_path_factory):
+    """The same corpus with a tokenizer that has the masked-LM and span-corruption special tokens."""
+    out = tmp_path_factory.mktemp("special_tokens")
+    sentinels = [t for t in special_tokens_for("span_corruption") if t not in special_tokens_for("masked_lm")]
+    specials = [EOS_TOKEN, *special_tokens_for("masked_lm"), *sentinels]
+    tok = TokenizerConfig(vocab_size=512, min_frequency=1, special_tokens=specials)
+    tokenize_documents(
+        lambda: batches(corpus(300, seed=2)), out, TokenizeConfig(tokenizer=tok, val_fraction=0.1)
+    )
+    return out
+
+
+OBJECTIVES = {
+    "causal_lm": {},
+    "masked_lm": {
+        "objective": "masked_lm",
+        "masking": {"next_sentence_prediction": True, "whole_word": True},
+    },
+    "span_corruption": {"objective": "span_corruption"},
+}
+ARCH = {"causal_lm": "gpt2", "masked_lm": "bert", "span_corruption": "t5"}
 
 
 def small(**fields) -> TrainConfig:
@@ -139,11 +165,17 @@ def _torchrun(config: Path, tokens: Path, out: Path, nproc: int = 2) -> subproce
 
 
 @pytest.mark.slow
-def test_resume_after_a_kill_reproduces_the_uninterrupted_losses(tokens, tmp_path):
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_resume_after_a_kill_reproduces_the_uninterrupted_losses(objective, request, tmp_path):
+    """Masks, spans and NSP partners are drawn from (seed, step, rank, micro-batch): resume stays exact."""
+    tokens = request.getfixturevalue("tokens" if objective == "causal_lm" else "special_tokens")
     config = tmp_path / "train.yaml"
     # Wide enough that 30 steps after the step-10 checkpoint outlast the 10 ms poll below.
-    model = {"preset": "debug", "n_embd": 128, "n_head": 4}
-    cfg = small(model=model, seq_len=64, steps=40, zero_stage=2, checkpoint_every=5, keep_checkpoints=2)
+    model = {"arch": ARCH[objective], "preset": "debug", "n_embd": 128, "n_head": 4}
+    cfg = small(
+        model=model, seq_len=64, steps=40, zero_stage=2, checkpoint_every=5, keep_checkpoints=2,
+        **OBJECTIVES[objective],
+    )  # fmt: skip
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
 
     straight = _torchrun(config, tokens, tmp_path / "straight")
@@ -173,6 +205,8 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_losses(tokens, tmp_pat
     summary = json.loads((out / "summary.json").read_text())
     assert 10 <= summary["resumed_from"] < 40
     assert summary["losses"] == expected  # bit-identical on CPU
+    if objective != "causal_lm":
+        return
 
     # Another world size cannot load these ZeRO partitions: a clear error, before DeepSpeed tries.
     one = tmp_path / "one.yaml"
@@ -226,3 +260,57 @@ def test_ray_train_restarts_a_killed_worker_and_resumes_from_storage(ray_session
     (out / "summary.json").unlink()
     again = launch(cfg, tokens, out)
     assert again["resumed_from"] == 40 and again["losses"] == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["masked_lm", "span_corruption"])
+def test_masked_and_span_corruption_pretraining_learn_and_export(
+    ray_session, special_tokens, tmp_path, objective
+):
+    from transformers import (
+        AutoModelForMaskedLM,
+        AutoModelForPreTraining,
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+    )
+
+    from training.data.shards import TokenSequences
+
+    model = {"arch": ARCH[objective], "preset": "debug", "n_embd": 64, "n_head": 2}
+    summary = launch(
+        small(model=model, steps=20, **OBJECTIVES[objective]), special_tokens, tmp_path / objective
+    )
+    losses = summary["losses"]
+    assert summary["world_size"] == 2 and summary["objective"] == objective
+    assert np.mean(losses[-3:]) < losses[0] - 1.0
+
+    model_dir = Path(summary["model_dir"])
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    vocab = len(tok)
+    stream = TokenSequences(special_tokens, "val", 40).batch(np.arange(8)).astype(np.int64)
+    if objective == "masked_lm":
+        assert tok.mask_token == "<mask>" and tok.cls_token == "<cls>"
+        assert type(AutoModelForPreTraining.from_pretrained(model_dir)).__name__ == "BertForPreTraining"
+        mlm = AutoModelForMaskedLM.from_pretrained(model_dir)
+        # Held-out text, every 7th ordinary token masked by hand: the trained encoder predicts them.
+        ids = torch.from_numpy(stream[:, :30])
+        positions = torch.zeros_like(ids, dtype=torch.bool)
+        positions[:, 3::7] = True
+        positions &= ids != tok.eos_token_id
+        inputs = ids.masked_fill(positions, tok.mask_token_id)
+        with torch.no_grad():
+            logits = mlm(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits[positions], ids[positions]).item()
+        assert loss < np.log(vocab) - 1.0
+    else:
+        t5 = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+        assert t5.config.decoder_start_token_id == tok.pad_token_id
+        sentinel = tok.convert_tokens_to_ids("<extra_id_0>")
+        # Held-out text with a span replaced by <extra_id_0>: the target starts with that sentinel.
+        inputs = torch.tensor([[*stream[0, :10], sentinel, *stream[0, 13:30], tok.eos_token_id]])
+        target = torch.tensor([[sentinel, *stream[0, 10:13], tok.convert_tokens_to_ids("<extra_id_1>")]])
+        with torch.no_grad():
+            loss = t5(input_ids=inputs, labels=target).loss.item()
+            generated = t5.generate(input_ids=inputs, max_new_tokens=5, do_sample=False)
+        assert loss < np.log(vocab) - 1.0
+        assert generated[0, 0] == tok.pad_token_id and generated[0, 1] == sentinel

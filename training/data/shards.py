@@ -190,6 +190,8 @@ class TokenSequences:
                 f"{data_dir} split {split!r} has {self.total_tokens} tokens, fewer than seq_len+1={seq_len + 1}"
             )
         self._sample_starts: np.ndarray | None = None
+        #: Without span_documents: the document (index in the split) each sample lies in.
+        self.sample_documents: np.ndarray | None = None
         self.dropped_tokens = 0
         if not span_documents:
             self._sample_starts = self._document_windows(shards)
@@ -226,7 +228,7 @@ class TokenSequences:
 
     def _document_windows(self, shards: list[dict[str, Any]]) -> np.ndarray:
         window = self.seq_len + 1
-        starts = []
+        starts, documents, first_doc = [], [], 0
         for base, shard in zip(self._starts, shards):
             path = self.data_dir / shard["docs_path"]
             try:
@@ -240,6 +242,9 @@ class TokenSequences:
             doc_of_window = np.repeat(np.arange(len(offsets)), counts)
             k = np.arange(doc_of_window.size) - np.repeat(np.cumsum(counts) - counts, counts)
             starts.append(offsets[doc_of_window] + k * self.seq_len)
+            documents.append(doc_of_window + first_doc)
+            first_doc += len(offsets)
+        self.sample_documents = np.concatenate(documents).astype(np.int64)
         return np.concatenate(starts).astype(np.int64)
 
     def __len__(self) -> int:
