@@ -1,5 +1,6 @@
 """Held-out loss, perplexity, bits per token and bits per byte of a causal LM on a token split, and the
-evaluation stage's entry point (the split, then any benchmark tasks)."""
+evaluation stage's entry point (the split, then any benchmark tasks; masked-LM and span-corruption models
+get their objective's held-out loss and pseudo-perplexity, evaluation/masked.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,16 @@ from tokenizers import Tokenizer
 from core.stage import StageConfig
 from evaluation.harness import load_model, score_named_task
 from evaluation.loglikelihood import CausalScorer
-from training.data.shards import TokenSequences
-from training.data.tokenizer import tokenizer_id
+from evaluation.masked import evaluate_pretrained
+from training.data.shards import TokenSequences, read_token_index
+from training.data.tokenizer import EOS_TOKEN, load_tokenizer, tokenizer_id
+from training.objectives import (
+    MaskingConfig,
+    Objective,
+    ObjectiveBatches,
+    SpanCorruptionConfig,
+    SpecialIds,
+)
 
 
 class EvalConfig(StageConfig):
@@ -34,6 +43,11 @@ class EvalConfig(StageConfig):
         "lambada_openai, ...) or .jsonl/.yaml task files; scored as lm-evaluation-harness does.",
     )
     task_limit: int | None = Field(None, ge=1, description="First N examples of each task (None: all).")
+    pseudo_perplexity_sequences: int = Field(
+        16,
+        ge=0,
+        description="Masked LMs: held-out sequences scored for pseudo-perplexity (a forward per token).",
+    )
     batch_tokens: int | None = Field(
         None,
         ge=64,
@@ -92,10 +106,18 @@ def evaluate_perplexity(
 
 
 def evaluate_model_dir(
-    model_dir: str | Path, data_dir: str | Path, config: EvalConfig, seq_len: int
+    model_dir: str | Path,
+    data_dir: str | Path,
+    config: EvalConfig,
+    seq_len: int,
+    objective: Objective = "causal_lm",
+    masking: MaskingConfig | None = None,
+    span: SpanCorruptionConfig | None = None,
 ) -> dict[str, Any]:
     """Load an exported Hugging Face model directory; evaluate it on the token split (flat metrics) and on
     ``config.tasks`` (under "tasks": name -> {source, digest, metrics})."""
+    if objective != "causal_lm":
+        return _evaluate_pretrained_dir(model_dir, data_dir, config, seq_len, objective, masking, span)
     model, tokenizer = load_model(model_dir)
     tokenizer_file = Path(model_dir) / "tokenizer.json"
     expected = tokenizer_id(tokenizer_file) if tokenizer_file.exists() else None
@@ -109,3 +131,33 @@ def evaluate_model_dir(
             ev = score_named_task(scorer, name, config.task_limit)
             out["tasks"][ev.name] = {"source": ev.source, "digest": ev.digest, "metrics": ev.metrics}
     return out
+
+
+def _evaluate_pretrained_dir(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    config: EvalConfig,
+    seq_len: int,
+    objective: Objective,
+    masking: MaskingConfig | None,
+    span: SpanCorruptionConfig | None,
+) -> dict[str, Any]:
+    """A masked LM or T5 model on the held-out split, corrupted as in training (NSP aside)."""
+    import transformers
+
+    auto = (
+        transformers.AutoModelForMaskedLM if objective == "masked_lm" else transformers.AutoModelForSeq2SeqLM
+    )
+    transformers.logging.disable_progress_bar()
+    model = auto.from_pretrained(model_dir, dtype=torch.float32).eval()
+    info = read_token_index(data_dir)["tokenizer"]
+    path = Path(model_dir) / "tokenizer.json"
+    ids = SpecialIds.from_tokenizer(
+        load_tokenizer(path), objective, info.get("eos_token", EOS_TOKEN), str(path)
+    )
+    masking = (masking or MaskingConfig()).model_copy(update={"next_sentence_prediction": False})
+    batches = ObjectiveBatches(objective, seq_len, ids, masking, span)
+    sequences = TokenSequences(data_dir, config.split, batches.sample_length, tokenizer_id=tokenizer_id(path))
+    return evaluate_pretrained(
+        model, sequences, batches, config.batch_size, config.max_batches, config.pseudo_perplexity_sequences
+    )

@@ -31,6 +31,8 @@ from ingestion.crawler import CrawlConfig
 from ingestion.readers import ReadConfig
 from training.config import TrainConfig
 from training.data.tokenize import TokenizeConfig
+from training.data.tokenizer import EOS_TOKEN
+from training.objectives import special_tokens_for
 
 
 class _Section(BaseModel):
@@ -166,7 +168,7 @@ class PipelineConfig(_Section):
         train = data.get("train")
         if isinstance(train, dict) and train.get("eval_every") and not train.get("eval_tasks") and tasks:
             data = {**data, "train": {**train, "eval_tasks": list(tasks)}}
-        return data
+        return _with_objective_tokens(data)
 
     @model_validator(mode="after")
     def _has_a_source(self) -> PipelineConfig:
@@ -196,6 +198,27 @@ class PipelineConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _objective_fits_tokenizer_and_tasks(self) -> PipelineConfig:
+        objective = self.train.objective
+        if objective == "causal_lm":
+            return self
+        if self.evaluate.tasks:
+            raise ValueError(
+                f"evaluate.tasks are scored as causal LMs are (lm-evaluation-harness); train.objective={objective} "
+                "is evaluated on the held-out split (loss, pseudo-perplexity): remove evaluate.tasks"
+            )
+        path = self.tokenize.tokenizer.path
+        if path and Path(path).exists():
+            from training.data.tokenizer import load_tokenizer
+            from training.objectives import SpecialIds
+
+            eos = self.tokenize.tokenizer.special_tokens[0]
+            SpecialIds.from_tokenizer(
+                load_tokenizer(path), objective, eos, where=f"tokenize.tokenizer.path {path}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _promotion_metrics_are_computed(self) -> PipelineConfig:
         """A promotion rule names a metric the evaluate stage reports: val_<metric> or <task>/<metric>."""
         files = [t for t in self.evaluate.tasks if Path(t).suffix]
@@ -217,6 +240,21 @@ class PipelineConfig(_Section):
     @property
     def tracking_uri(self) -> str:
         return self.tracking.uri or f"sqlite:///{self.workdir.resolve() / 'mlflow.db'}"
+
+
+def _with_objective_tokens(data: dict[str, Any]) -> dict[str, Any]:
+    """A tokenizer lmforge trains gets the special tokens of train.objective (after EOS, which stays first),
+    written into the tokenize section so that its cache key changes with them."""
+    train = data.get("train")
+    objective = train.get("objective", "causal_lm") if isinstance(train, dict) else "causal_lm"
+    needed = special_tokens_for(objective)
+    tokenize = data.get("tokenize") or {}
+    tokenizer = tokenize.get("tokenizer") or {} if isinstance(tokenize, dict) else {}
+    if not needed or not isinstance(tokenizer, dict) or tokenizer.get("path"):
+        return data
+    have = list(tokenizer.get("special_tokens") or [EOS_TOKEN])
+    tokens = have + [t for t in needed if t not in have]
+    return {**data, "tokenize": {**tokenize, "tokenizer": {**tokenizer, "special_tokens": tokens}}}
 
 
 def _is_private_ip(host: str) -> bool:

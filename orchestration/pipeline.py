@@ -64,6 +64,8 @@ except importlib.metadata.PackageNotFoundError:  # running from a shipped workin
     LMFORGE_VERSION = "0.1.0"
 
 _KEY_FILE = ".cache_key"
+#: The MLflow LoggedModel type of each pretraining objective's model.
+MODEL_TYPES = {"causal_lm": "causal-lm", "masked_lm": "masked-lm", "span_corruption": "seq2seq-lm"}
 
 
 def _jsonable(value: Any) -> Any:
@@ -335,7 +337,15 @@ class Pipeline:
         task = ray.remote(num_cpus=1)(evaluate_model_dir)
         model_dir = train.out_dir / "model"
         metrics = ray.get(
-            task.remote(str(model_dir), str(tokens.out_dir), self.cfg.evaluate, self.cfg.train.seq_len)
+            task.remote(
+                str(model_dir),
+                str(tokens.out_dir),
+                self.cfg.evaluate,
+                self.cfg.train.seq_len,
+                self.cfg.train.objective,
+                self.cfg.train.masking,
+                self.cfg.train.span_corruption,
+            )
         )
         atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
         files = [file_entry(out / "metrics.json", 0)]
@@ -482,6 +492,7 @@ class Pipeline:
             model_tags,
             step=cfg.train.steps,
             register_as=cfg.tracking.registered_model,
+            model_type=MODEL_TYPES[cfg.train.objective],
         )
         record = {
             "tracking_uri": tracker.tracking_uri,
@@ -489,6 +500,18 @@ class Pipeline:
             "version": result.model_version,
         }
         atomic_write_bytes(logged, json.dumps(record).encode())
+
+    def _objective_key(self) -> dict[str, Any]:
+        """What of the training objective the evaluation depends on (none of it for causal LMs, whose
+        cached evaluations stay valid)."""
+        train = self.cfg.train
+        if train.objective == "causal_lm":
+            return {}
+        return {
+            "objective": train.objective,
+            "masking": train.masking,
+            "span_corruption": train.span_corruption,
+        }
 
     def _evaluate_stage(self, result: PipelineResult, tokens: StageOutcome, tracker: Tracker) -> None:
         tokens_dataset = tracker.dataset("tokens", tokens.out_dir, index_digest(tokens.index), tokens.index)
@@ -513,7 +536,7 @@ class Pipeline:
 
         result.stages["evaluate"] = self._stage(
             "evaluate",
-            {"evaluate": self.cfg.evaluate, "seq_len": self.cfg.train.seq_len},
+            {"evaluate": self.cfg.evaluate, "seq_len": self.cfg.train.seq_len, **self._objective_key()},
             {"train": result.stages["train"], "tokenize": tokens},
             partial(self._evaluate, tokens, result.stages["train"]),
             tracker,

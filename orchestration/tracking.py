@@ -161,6 +161,7 @@ class Tracker:
         tags: dict[str, str],
         step: int,
         register_as: str | None,
+        model_type: str = "causal-lm",
     ) -> tuple[str, str | None]:
         """Log an exported model directory as an MLflow LoggedModel of the active run; register it.
 
@@ -168,7 +169,7 @@ class Tracker:
         """
         run_id = mlflow.active_run().info.run_id
         model = mlflow.initialize_logged_model(
-            name=name, source_run_id=run_id, tags=tags, params=_params(params), model_type="causal-lm"
+            name=name, source_run_id=run_id, tags=tags, params=_params(params), model_type=model_type
         )
         try:
             self.client.log_model_artifacts(model.model_id, str(model_dir))
