@@ -1,4 +1,5 @@
-"""Launch training through Ray Train: a TorchTrainer with one worker per GPU (or CPU process)."""
+"""Launch training (pretraining or fine-tuning) through Ray Train: a TorchTrainer with one worker per GPU
+(or CPU process)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from orchestration.tracking import RunMetricsLogger
-from training.config import PROGRESS_FILE, TrainConfig
+from training.config import PROGRESS_FILE, EngineConfig, TrainConfig
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -29,7 +30,12 @@ def _worker_loop(config: dict[str, Any]) -> None:
     from training.engine import install_checkpoint, rank_files
     from training.trainer import train
 
-    cfg = TrainConfig.model_validate(config["train"])
+    if config["kind"] == "finetune":
+        from training.finetune import FinetuneConfig
+
+        cfg = FinetuneConfig.model_validate(config["train"])
+    else:
+        cfg = TrainConfig.model_validate(config["train"])
     ckpt_dir = Path(config["out_dir"]) / "checkpoints"
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -65,6 +71,17 @@ def _worker_loop(config: dict[str, Any]) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
     # DeepSpeed 0.19 still calls the renamed collective; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    if config["kind"] == "finetune":
+        from training.finetune import finetune
+
+        finetune(
+            cfg,
+            config["out_dir"],
+            on_metrics=config["metrics_logger"],
+            on_checkpoint=report,
+            print_progress=not config["progress_bar"],
+        )
+        return
     on_eval = None
     if cfg.eval_every:
         from evaluation.periodic import PeriodicEvaluator
@@ -125,13 +142,37 @@ def launch_training(
 
     With a ``console``, a progress bar follows rank 0's steps (loss, tokens/s, time left).
     """
+    return _launch("train", cfg, data_dir, out_dir, run_name, metrics_logger, console)
+
+
+def launch_finetuning(
+    cfg: EngineConfig,
+    out_dir: str | Path,
+    run_name: str,
+    metrics_logger: RunMetricsLogger | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Fine-tune (training/finetune.py) on ``cfg.num_workers`` Ray Train workers; rank 0's summary."""
+    return _launch("finetune", cfg, None, out_dir, run_name, metrics_logger, console)
+
+
+def _launch(
+    kind: str,
+    cfg: EngineConfig,
+    data_dir: str | Path | None,
+    out_dir: str | Path,
+    run_name: str,
+    metrics_logger: RunMetricsLogger | None,
+    console: Console | None,
+) -> dict[str, Any]:
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
+            "kind": kind,
             "train": cfg.model_dump(mode="json"),
-            "data_dir": str(Path(data_dir).resolve()),
+            "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
             "out_dir": str(out_dir),
             "metrics_logger": metrics_logger,
             "progress_bar": console is not None,

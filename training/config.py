@@ -14,19 +14,10 @@ from training.objectives import MaskingConfig, Objective, SpanCorruptionConfig
 PROGRESS_FILE = "progress.json"
 
 
-class TrainConfig(StageConfig):
-    """Optimization, parallelism and checkpointing of one training run."""
+class EngineConfig(StageConfig):
+    """Optimization, parallelism and checkpointing of one run on the DeepSpeed engine: what pretraining
+    (TrainConfig) and fine-tuning (training/finetune.py) share."""
 
-    objective: Objective = Field(
-        "causal_lm",
-        description="causal_lm (next token, decoders), masked_lm (BERT/RoBERTa encoders) or span_corruption "
-        "(T5 encoder-decoders).",
-    )
-    masking: MaskingConfig = Field(default_factory=MaskingConfig, description="masked_lm corruption.")
-    span_corruption: SpanCorruptionConfig = Field(
-        default_factory=SpanCorruptionConfig, description="span_corruption noise."
-    )
-    model: ModelConfig = Field(default_factory=ModelConfig)
     seq_len: int = Field(256, ge=8, description="Tokens per training sequence.")
     micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per forward pass.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
@@ -69,16 +60,70 @@ class TrainConfig(StageConfig):
     peak_tflops: float | None = Field(
         None, gt=0, description="Per-worker peak TFLOP/s for MFU (e.g. 989 on H100 bf16)."
     )
+    offload_device: Literal["cpu", "nvme"] = Field(
+        "cpu", description="Where offload_optimizer / offload_params put their tensors."
+    )
+    nvme_path: str | None = Field(None, description="Local NVMe directory for offload_device='nvme'.")
+    ds_config: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config merged on top.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EngineConfig:
+        per_step = self.micro_batch_size * self.grad_accum_steps * self.num_workers
+        if self.global_batch_size is not None and self.global_batch_size != per_step:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} but micro_batch_size({self.micro_batch_size}) x "
+                f"grad_accum_steps({self.grad_accum_steps}) x num_workers({self.num_workers}) = {per_step}"
+            )
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3, got zero_stage={self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1, got zero_stage=0")
+        if self.offload_device == "nvme" and not self.nvme_path:
+            raise ValueError("offload_device='nvme' needs nvme_path (a directory on a local NVMe drive)")
+        if self.offload_device == "nvme" and not (self.offload_optimizer or self.offload_params):
+            raise ValueError(
+                "offload_device='nvme' has nothing to offload: set offload_optimizer or offload_params"
+            )
+        if self.fp16_and_bf16:
+            raise ValueError(
+                "precision is one of fp32, bf16, fp16; a raw ds_config must not enable both fp16 and bf16"
+            )
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be smaller than steps={self.steps}")
+        return self
+
+    @property
+    def fp16_and_bf16(self) -> bool:
+        raw = self.ds_config
+        enabled = {k for k in ("fp16", "bf16") if isinstance(raw.get(k), dict) and raw[k].get("enabled")}
+        if self.precision != "fp32":
+            enabled.add(self.precision)
+        return len(enabled) > 1
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.num_workers * self.seq_len
+
+
+class TrainConfig(EngineConfig):
+    """Pretraining: the objective, the model and its data, on the engine's optimization and parallelism."""
+
+    objective: Objective = Field(
+        "causal_lm",
+        description="causal_lm (next token, decoders), masked_lm (BERT/RoBERTa encoders) or span_corruption "
+        "(T5 encoder-decoders).",
+    )
+    masking: MaskingConfig = Field(default_factory=MaskingConfig, description="masked_lm corruption.")
+    span_corruption: SpanCorruptionConfig = Field(
+        default_factory=SpanCorruptionConfig, description="span_corruption noise."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
     init_from: str | None = Field(
         None, description="Fine-tune: a Hugging Face model directory to start from instead of random init."
     )
     freeze_layers: int = Field(
         0, ge=0, description="Fine-tune: freeze the embeddings and the first K transformer blocks."
     )
-    offload_device: Literal["cpu", "nvme"] = Field(
-        "cpu", description="Where offload_optimizer / offload_params put their tensors."
-    )
-    nvme_path: str | None = Field(None, description="Local NVMe directory for offload_device='nvme'.")
     span_documents: bool = Field(
         True, description="Pack documents across sequence boundaries (else windows inside one document)."
     )
@@ -99,33 +144,12 @@ class TrainConfig(StageConfig):
     eval_limit: int = Field(
         100, ge=1, description="Examples per task, and held-out sequences, of each periodic evaluation."
     )
-    ds_config: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config merged on top.")
 
     @model_validator(mode="after")
-    def _consistent(self) -> TrainConfig:
-        per_step = self.micro_batch_size * self.grad_accum_steps * self.num_workers
-        if self.global_batch_size is not None and self.global_batch_size != per_step:
-            raise ValueError(
-                f"global_batch_size={self.global_batch_size} but micro_batch_size({self.micro_batch_size}) x "
-                f"grad_accum_steps({self.grad_accum_steps}) x num_workers({self.num_workers}) = {per_step}"
-            )
-        if self.offload_params and self.zero_stage != 3:
-            raise ValueError(f"offload_params needs zero_stage 3, got zero_stage={self.zero_stage}")
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("offload_optimizer needs zero_stage >= 1, got zero_stage=0")
-        if self.offload_device == "nvme" and not self.nvme_path:
-            raise ValueError("offload_device='nvme' needs nvme_path (a directory on a local NVMe drive)")
-        if self.offload_device == "nvme" and not (self.offload_optimizer or self.offload_params):
-            raise ValueError(
-                "offload_device='nvme' has nothing to offload: set offload_optimizer or offload_params"
-            )
+    def _objective_fits(self) -> TrainConfig:
         if self.freeze_layers and not self.init_from:
             raise ValueError(
                 f"freeze_layers={self.freeze_layers} only applies when fine-tuning (set init_from)"
-            )
-        if self.fp16_and_bf16:
-            raise ValueError(
-                "precision is one of fp32, bf16, fp16; a raw ds_config must not enable both fp16 and bf16"
             )
         if not self.init_from and OBJECTIVE_OF[self.model.arch] != self.objective:
             fits = ", ".join(a for a, o in OBJECTIVE_OF.items() if o == self.objective)
@@ -143,18 +167,4 @@ class TrainConfig(StageConfig):
                 )
             if self.seq_len < 8:
                 raise ValueError("next-sentence prediction needs seq_len >= 8")
-        if self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be smaller than steps={self.steps}")
         return self
-
-    @property
-    def fp16_and_bf16(self) -> bool:
-        raw = self.ds_config
-        enabled = {k for k in ("fp16", "bf16") if isinstance(raw.get(k), dict) and raw[k].get("enabled")}
-        if self.precision != "fp32":
-            enabled.add(self.precision)
-        return len(enabled) > 1
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.micro_batch_size * self.grad_accum_steps * self.num_workers * self.seq_len

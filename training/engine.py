@@ -13,7 +13,7 @@ import torch
 
 from core.files import atomic_path, atomic_write_bytes
 from core.mappings import deep_merge
-from training.config import TrainConfig
+from training.config import EngineConfig
 from training.schedule import warmup_cosine_scheduler
 
 if not torch.cuda.is_available():
@@ -23,7 +23,7 @@ import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set first)
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 
 
-def build_ds_config(cfg: TrainConfig) -> dict[str, Any]:
+def build_ds_config(cfg: EngineConfig) -> dict[str, Any]:
     """DeepSpeed config generated from lmforge's validated config, with ``cfg.ds_config`` merged on top."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     offload: dict[str, Any] = {"device": cfg.offload_device, "pin_memory": cfg.use_gpu}
@@ -62,17 +62,18 @@ def build_ds_config(cfg: TrainConfig) -> dict[str, Any]:
     return deep_merge(ds, override)
 
 
-def initialize(model: torch.nn.Module, cfg: TrainConfig):
+def initialize(model: torch.nn.Module, cfg: EngineConfig, param_groups: list[dict[str, Any]] | None = None):
     """Build the DeepSpeed engine (torch.distributed must already be initialized, or single-process env set).
 
-    The learning-rate schedule is lmforge's warmup + cosine (training/schedule.py) unless the raw
-    ds_config names a DeepSpeed scheduler.
+    ``param_groups`` (torch optimizer groups, each may set its own ``lr``) default to one group of every
+    trainable parameter. The learning-rate schedule is lmforge's warmup + cosine (training/schedule.py),
+    which scales each group's own peak lr, unless the raw ds_config names a DeepSpeed scheduler.
     """
     ds = build_ds_config(cfg)
     schedule = None if "scheduler" in ds else partial(warmup_cosine_scheduler, cfg=cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        model_parameters=param_groups or [p for p in model.parameters() if p.requires_grad],
         config=ds,
         lr_scheduler=schedule,
     )
@@ -118,7 +119,7 @@ def install_checkpoint(source: Path, ckpt_dir: Path, tag: str) -> None:
     atomic_write_bytes(ckpt_dir / "latest", tag.encode())
 
 
-def load_latest_checkpoint(engine, ckpt_dir: str | Path, cfg: TrainConfig) -> dict[str, Any] | None:
+def load_latest_checkpoint(engine, ckpt_dir: str | Path, cfg: EngineConfig) -> dict[str, Any] | None:
     """Load the newest checkpoint (DeepSpeed's ``latest`` file) and return its client state, or None.
 
     A checkpoint written with another world size or ZeRO stage fails here with what differs, before

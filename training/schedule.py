@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from training.config import TrainConfig
+from training.config import EngineConfig
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -18,7 +18,7 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 
 
 def warmup_cosine_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainConfig
+    optimizer: torch.optim.Optimizer, cfg: EngineConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over ``lr_multiplier``; its state_dict travels in DeepSpeed checkpoints."""
     return torch.optim.lr_scheduler.LambdaLR(

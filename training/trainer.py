@@ -14,6 +14,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import transformers
 
 from core.files import atomic_write_bytes
 from training import engine as ds_engine
-from training.config import PROGRESS_FILE, TrainConfig
+from training.config import PROGRESS_FILE, EngineConfig, TrainConfig
 from training.data.shards import DistributedBatchSampler, ShardError, TokenSequences, read_token_index
 from training.data.tokenizer import EOS_TOKEN, load_tokenizer, tokenizer_id
 from training.model import build_model, count_parameters, freeze_first_layers, load_pretrained
@@ -167,11 +168,16 @@ def objective_loss(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return _token_loss(out.logits, batch["labels"])
 
 
-def _train_step(engine, cfg: TrainConfig, next_batch: Callable[[int], dict[str, torch.Tensor]]) -> float:
+def _train_step(
+    engine,
+    cfg: EngineConfig,
+    next_batch: Callable[[int], dict[str, torch.Tensor]],
+    loss_fn: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor],
+) -> float:
     """One optimizer step over ``grad_accum_steps`` micro-batches; the loss averaged over micro-batches."""
     step_loss = 0.0
     for micro in range(cfg.grad_accum_steps):
-        loss = objective_loss(engine, next_batch(micro))
+        loss = loss_fn(engine, next_batch(micro))
         engine.backward(loss)
         engine.step()
         step_loss += loss.item() / cfg.grad_accum_steps
@@ -179,7 +185,7 @@ def _train_step(engine, cfg: TrainConfig, next_batch: Callable[[int], dict[str, 
 
 
 def _step_metrics(
-    engine, cfg: TrainConfig, loss: float, seconds: float, fpt: float, world: int, device
+    engine, cfg: EngineConfig, loss: float, seconds: float, fpt: float, world: int, device
 ) -> dict[str, float]:
     tokens_per_s = cfg.tokens_per_step / seconds
     metrics = {
@@ -236,69 +242,63 @@ def _objective_batches(cfg: TrainConfig, data_dir: str | Path) -> tuple[Objectiv
     ), special
 
 
-def train(
-    cfg: TrainConfig,
-    data_dir: str | Path,
-    out_dir: str | Path,
+def setup(cfg: EngineConfig, out_dir: str | Path) -> tuple[int, int, torch.device, Path]:
+    """This process's rank, the world size (checked against the config), its device and the output dir."""
+    rank, world = _dist()
+    if world != cfg.num_workers:
+        raise RuntimeError(f"num_workers={cfg.num_workers} but torch.distributed has {world} ranks")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
+    return rank, world, device, out_dir
+
+
+def run_steps(
+    engine,
+    cfg: EngineConfig,
+    sampler: DistributedBatchSampler,
+    next_batch: Callable[[int, int], dict[str, torch.Tensor]],
+    out_dir: Path,
+    fpt: float,
+    *,
+    loss_fn: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor] | None = None,
     on_metrics: MetricsCallback | None = None,
     on_checkpoint: CheckpointCallback | None = None,
     print_progress: bool = True,
     on_eval: EvalCallback | None = None,
-) -> dict[str, Any]:
-    """Train (resuming from ``out_dir/checkpoints`` if present) and export the model to ``out_dir/model``.
+) -> tuple[int, list[float], list[float]]:
+    """The optimizer steps of a run, pretraining or fine-tuning, resuming from ``out_dir/checkpoints``.
 
-    Returns a summary on rank 0 (losses per step, tokens/s, paths); other ranks return {}.
+    ``next_batch(step, micro)`` gives the micro-batch's tensors (its randomness a function of the two and
+    the sampler's state, which checkpoints carry); ``loss_fn`` turns one into the loss (default: the
+    pretraining objectives' :func:`objective_loss`). Returns (resumed-from step, losses, step seconds).
     """
     rank, world = _dist()
-    if world != cfg.num_workers:
-        raise RuntimeError(f"train.num_workers={cfg.num_workers} but torch.distributed has {world} ranks")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out_dir / "checkpoints"
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
-
-    batches, special = _objective_batches(cfg, data_dir)
-    span = cfg.span_documents if batches.span_documents is None else batches.span_documents
-    data = TokenSequences(
-        data_dir, "train", batches.sample_length, span_documents=span, verify=cfg.verify_shards
-    )
-    sampler = DistributedBatchSampler(len(data), cfg.micro_batch_size, rank, world, seed=cfg.seed)
-    model = _model(cfg, data, data_dir, rank, special)
-    fpt = flops_per_token(
-        count_parameters(model), model.config.num_hidden_layers, model.config.hidden_size, cfg.seq_len
-    )
-    engine = ds_engine.initialize(model, cfg)
-
+    ckpt_dir = out_dir / "checkpoints"
     start_step, losses, step_times = 0, [], []
     client_state = ds_engine.load_latest_checkpoint(engine, ckpt_dir, cfg)
     if client_state is not None:
         sampler.load_state_dict(client_state["sampler"])
         start_step, losses = client_state["step"], list(client_state["losses"])
 
-    def next_batch(micro: int) -> dict[str, torch.Tensor]:
-        indices = sampler.next_indices()
-        rng = batch_rng(cfg.seed, step, rank, micro)
-        others = None
-        if batches.nsp:
-            others = data.batch(other_documents(rng, indices, data.sample_documents))
-        arrays = batches.make(data.batch(indices), rng, others)
-        return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
-
     log_every = max(1, cfg.steps // 10)
     engine.train()
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
-        loss_value = _mean_across_ranks(_train_step(engine, cfg, next_batch))
+        loss_value = _mean_across_ranks(
+            _train_step(engine, cfg, partial(next_batch, step), loss_fn or objective_loss)
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         losses.append(loss_value)
         step_times.append(seconds)
         if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {step + 1}; lower train.lr")
+            raise FloatingPointError(f"loss became {loss_value} at step {step + 1}; lower lr")
         metrics = _step_metrics(engine, cfg, loss_value, seconds, fpt, world, device)
         done = step + 1
-        if on_eval is not None and cfg.eval_every and done % cfg.eval_every == 0:
+        if on_eval is not None and getattr(cfg, "eval_every", 0) and done % cfg.eval_every == 0:
             metrics |= _evaluate(engine, on_eval, done)
         if rank == 0:
             _write_progress(out_dir, done, cfg.steps, metrics)
@@ -315,7 +315,48 @@ def train(
             tag_dir = ds_engine.save_checkpoint(engine, ckpt_dir, done, state, cfg.keep_checkpoints)
             if on_checkpoint is not None:
                 on_checkpoint(tag_dir, done, metrics)
+    return start_step, losses, step_times
 
+
+def train(
+    cfg: TrainConfig,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    on_metrics: MetricsCallback | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
+    print_progress: bool = True,
+    on_eval: EvalCallback | None = None,
+) -> dict[str, Any]:
+    """Train (resuming from ``out_dir/checkpoints`` if present) and export the model to ``out_dir/model``.
+
+    Returns a summary on rank 0 (losses per step, tokens/s, paths); other ranks return {}.
+    """
+    rank, world, device, out_dir = setup(cfg, out_dir)
+    batches, special = _objective_batches(cfg, data_dir)
+    span = cfg.span_documents if batches.span_documents is None else batches.span_documents
+    data = TokenSequences(
+        data_dir, "train", batches.sample_length, span_documents=span, verify=cfg.verify_shards
+    )
+    sampler = DistributedBatchSampler(len(data), cfg.micro_batch_size, rank, world, seed=cfg.seed)
+    model = _model(cfg, data, data_dir, rank, special)
+    fpt = flops_per_token(
+        count_parameters(model), model.config.num_hidden_layers, model.config.hidden_size, cfg.seq_len
+    )
+    engine = ds_engine.initialize(model, cfg)
+
+    def next_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
+        indices = sampler.next_indices()
+        rng = batch_rng(cfg.seed, step, rank, micro)
+        others = None
+        if batches.nsp:
+            others = data.batch(other_documents(rng, indices, data.sample_documents))
+        arrays = batches.make(data.batch(indices), rng, others)
+        return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+
+    start_step, losses, step_times = run_steps(
+        engine, cfg, sampler, next_batch, out_dir, fpt,
+        on_metrics=on_metrics, on_checkpoint=on_checkpoint, print_progress=print_progress, on_eval=on_eval,
+    )  # fmt: skip
     model_dir = _export(engine, data, data_dir, out_dir, cfg.objective)
     if model_dir is None:
         return {}

@@ -9,27 +9,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from tests.conftest import free_port
 from training.config import TrainConfig
 from training.model import ModelConfig, build_model
 from training.schedule import lr_multiplier
 
 VOCAB, SEQ, BATCH, STEPS, LR = 96, 16, 4, 6, 3e-3
-
-
-@pytest.fixture(scope="module")
-def single_process_dist():
-    """World size 1 on gloo. The group stays up: DeepSpeed caches it, so re-creating it would break."""
-    env = {
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-    }
-    for key, value in env.items():
-        os.environ.setdefault(key, value)
-    yield
 
 
 def batches():

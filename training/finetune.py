@@ -1,0 +1,466 @@
+"""Fine-tuning on labeled data: sequence classification (single- and multi-label) and sequence-to-sequence,
+on the same DeepSpeed engine, step loop, checkpoints and exact resume as pretraining (training/trainer.py).
+
+Strategies, each a config switch: full fine-tuning; frozen embeddings and/or first K blocks; a frozen encoder
+or decoder of an encoder-decoder; layer-wise learning-rate decay (ULMFiT's discriminative fine-tuning, in
+the form ELECTRA/BEiT use: the head gets ``lr``, block ``i`` of ``L`` gets ``lr * decay**(L + 1 - i)``,
+embeddings ``lr * decay**(L + 1)``); LoRA adapters with peft (its defaults and per-architecture target
+modules), merged into the exported weights; class weights for imbalanced labels.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+import transformers
+from pydantic import Field, model_validator
+
+from core.files import atomic_write_bytes
+from core.stage import StageConfig
+from training import engine as ds_engine
+from training.config import EngineConfig
+from training.data.shards import DistributedBatchSampler
+from training.labeled import LabeledDataConfig, Task, label_ids, label_names, load_labeled
+from training.model import count_parameters
+from training.objectives import IGNORE
+from training.trainer import _token_loss, flops_per_token, run_steps, setup
+
+
+class LoraConfig(StageConfig):
+    """LoRA adapters (defaults: peft's LoraConfig; target modules: peft's per-architecture mapping)."""
+
+    r: int = Field(8, ge=1, description="Adapter rank.")
+    alpha: int = Field(8, ge=1, description="Scaling numerator: updates are scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module names to adapt (default: peft's choice for the architecture, e.g. query/value).",
+    )
+
+
+class FinetuneConfig(EngineConfig):
+    """A fine-tuning run: task, base model, labeled data, strategy; optimization as in pretraining.
+
+    Defaults for the optimizer follow Hugging Face Trainer / BERT fine-tuning (lr 5e-5, AdamW betas 0.9/0.999,
+    weight decay 0.01, no warmup) with lmforge's cosine decay.
+    """
+
+    task: Task = Field("classification", description="classification, multi_label or seq2seq.")
+    init_from: str | None = Field(
+        None,
+        description="Base model: a Hugging Face model directory (default in a pipeline: the model its train "
+        "stage exported).",
+    )
+    data: LabeledDataConfig = Field(default_factory=lambda: LabeledDataConfig(path="labeled.jsonl"))
+    seq_len: int = Field(128, ge=8, description="Input tokens per example (truncated, padded).")
+    target_len: int = Field(64, ge=2, description="seq2seq: target tokens per example (truncated).")
+    micro_batch_size: int = Field(16, ge=1, description="Examples per worker per forward pass.")
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate (of the head, with layer_decay).")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    freeze_embeddings: bool = Field(False, description="Keep the token (and position) embeddings fixed.")
+    freeze_layers: int = Field(0, ge=0, description="Keep the first K transformer blocks fixed.")
+    freeze: Literal["none", "encoder", "decoder"] = Field(
+        "none", description="Encoder-decoders: keep the whole encoder or decoder fixed."
+    )
+    layer_decay: float = Field(
+        1.0, gt=0, le=1, description="Layer-wise lr decay per block from the top (1: off)."
+    )
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of the weights.")
+    class_weights: Literal["none", "balanced"] | list[float] = Field(
+        "none",
+        description="Loss weights per class: balanced (n / (classes * count), scikit-learn's rule; multi_label: "
+        "positive weight negatives / positives per label) or one weight per class.",
+    )
+    threshold: float = Field(
+        0.5, gt=0, lt=1, description="multi_label: a label is predicted above this probability."
+    )
+    max_new_tokens: int = Field(64, ge=1, description="seq2seq evaluation: greedy decoding length.")
+
+    @model_validator(mode="after")
+    def _strategy_fits(self) -> FinetuneConfig:
+        if self.lora is not None and self.zero_stage == 3:
+            raise ValueError(
+                "finetune.lora with zero_stage 3 is not supported: use zero_stage 0-2 (adapters are small)"
+            )
+        if self.lora is not None and (self.freeze_layers or self.freeze_embeddings or self.freeze != "none"):
+            raise ValueError("finetune.lora already freezes every base weight: drop freeze_* / freeze")
+        if self.task == "seq2seq" and self.class_weights != "none":
+            raise ValueError("finetune.class_weights applies to classification tasks, not seq2seq")
+        return self
+
+
+# -- model and strategies -------------------------------------------------------------------------------
+
+
+def build_task_model(cfg: FinetuneConfig, names: list[str]) -> transformers.PreTrainedModel:
+    """The base model with the task's head (a new, seeded head for classification)."""
+    if not cfg.init_from:
+        raise ValueError(
+            "finetune.init_from: no base model (a Hugging Face directory, or a pipeline train stage)"
+        )
+    base = Path(cfg.init_from)
+    if not (base / "config.json").exists():
+        raise FileNotFoundError(
+            f"finetune.init_from: {base} is not a Hugging Face model directory (no config.json)"
+        )
+    transformers.logging.set_verbosity_error()  # "newly initialized head" is the point of fine-tuning
+    torch.manual_seed(cfg.seed)
+    hf_config = transformers.AutoConfig.from_pretrained(base)
+    if cfg.task == "seq2seq":
+        if not hf_config.is_encoder_decoder:
+            raise ValueError(
+                f"finetune.task=seq2seq needs an encoder-decoder base; {base} is {hf_config.model_type}"
+            )
+        return transformers.AutoModelForSeq2SeqLM.from_pretrained(base, dtype=torch.float32)
+    problem = "multi_label_classification" if cfg.task == "multi_label" else "single_label_classification"
+    model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        base,
+        dtype=torch.float32,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+        problem_type=problem,
+        output_loading_info=True,
+    )
+    # Modules the base lacks (the head; BERT's pooler after masked-LM pretraining) start from this seed.
+    model.lmforge_new_modules = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]})
+    if model.config.pad_token_id is None:  # decoders pool the last non-pad token
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+_BLOCK_LISTS = re.compile(r"(^|\.)(layer|layers|h|block)$")
+_EMBEDDING = re.compile(r"(embed|wte|wpe|shared)")
+
+
+def block_prefixes(model: torch.nn.Module) -> list[str]:
+    """Names of the transformer block lists in forward order (encoder before decoder); lists inside a block
+    (T5's per-block sub-layers) are part of that block."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        inner = any(name.startswith(f"{outer}.") for outer in found)
+        if isinstance(module, torch.nn.ModuleList) and _BLOCK_LISTS.search(name) and not inner:
+            found.append(name)
+    return found
+
+
+def layer_ids(model: torch.nn.Module) -> tuple[dict[str, int], int]:
+    """Depth of each parameter: 0 embeddings, 1..L the blocks in order, L+1 the rest (head, final norms)."""
+    blocks: list[str] = []
+    for prefix in block_prefixes(model):
+        blocks += [f"{prefix}.{i}." for i in range(len(model.get_submodule(prefix)))]
+    depth = len(blocks)
+    ids = {}
+    for name, _ in model.named_parameters():
+        found = next((i + 1 for i, b in enumerate(blocks) if name.startswith(b) or f".{b}" in name), None)
+        ids[name] = found if found is not None else (0 if _EMBEDDING.search(name) else depth + 1)
+    return ids, depth
+
+
+def apply_freezing(model: torch.nn.Module, cfg: FinetuneConfig) -> int:
+    """Freeze what the strategy says; returns the number of parameters frozen."""
+    ids, depth = layer_ids(model)
+    if cfg.freeze_layers > depth:
+        raise ValueError(f"finetune.freeze_layers={cfg.freeze_layers} but the model has {depth} blocks")
+    if cfg.freeze != "none" and not getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"finetune.freeze={cfg.freeze} needs an encoder-decoder; this is {model.config.model_type}"
+        )
+    frozen = 0
+    for name, p in model.named_parameters():
+        layer = ids[name]
+        if (
+            (cfg.freeze_embeddings and layer == 0)
+            or 1 <= layer <= cfg.freeze_layers
+            or (cfg.freeze != "none" and name.startswith(f"{cfg.freeze}."))
+        ):
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
+
+
+def apply_lora(model: transformers.PreTrainedModel, cfg: FinetuneConfig) -> torch.nn.Module:
+    """Wrap the model with peft LoRA adapters (the classification head stays trainable, as peft's SEQ_CLS does)."""
+    import peft
+
+    task_type = peft.TaskType.SEQ_2_SEQ_LM if cfg.task == "seq2seq" else peft.TaskType.SEQ_CLS
+    # Newly initialized modules besides the head (a pooler) train and are saved with the adapter, so
+    # base + adapter alone rebuild the model.
+    head = {"classifier", "score"}
+    extra = [m for m in getattr(model, "lmforge_new_modules", []) if m.split(".")[0] not in head]
+    lora = peft.LoraConfig(
+        task_type=task_type,
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        modules_to_save=extra or None,
+    )
+    return peft.get_peft_model(model, lora)
+
+
+def param_groups(model: torch.nn.Module, cfg: FinetuneConfig) -> list[dict[str, Any]]:
+    """Trainable parameters in groups by depth with layer-decayed learning rates (top group first)."""
+    ids, depth = layer_ids(model)
+    groups: dict[int, list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(ids[name], []).append(p)
+    return [
+        {
+            "params": groups[layer],
+            "lr": cfg.lr * cfg.layer_decay ** (depth + 1 - layer),
+            "name": f"layer{layer}",
+        }
+        for layer in sorted(groups, reverse=True)
+    ]
+
+
+# -- data -----------------------------------------------------------------------------------------------
+
+
+def _fit(a: list[int], b: list[int] | None, budget: int) -> tuple[list[int], list[int] | None]:
+    """Truncate the longer of the two until both fit (transformers' longest_first)."""
+    a = list(a)
+    b = list(b) if b is not None else None
+    while len(a) + (len(b) if b is not None else 0) > budget:
+        if b is not None and len(b) > len(a):
+            b.pop()
+        else:
+            a.pop()
+    return a, b
+
+
+def encode_inputs(
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    texts: list[str],
+    pairs: list[str] | None,
+    seq_len: int,
+    config: transformers.PretrainedConfig,
+) -> dict[str, np.ndarray]:
+    """Token ids, attention mask (and token types for BERT pairs) padded to ``seq_len``.
+
+    Encoders: ``[CLS] a [SEP] (b [SEP])``; encoder-decoders: ``a b EOS`` (T5 classifies from the EOS);
+    decoders: ``a (EOS b)``, pooled at the last real token.
+    """
+    ids_a = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids_b = (
+        tokenizer(pairs, add_special_tokens=False)["input_ids"] if pairs is not None else [None] * len(texts)
+    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
+    encoder = (
+        tokenizer.cls_token_id is not None
+        and tokenizer.sep_token_id is not None
+        and not config.is_encoder_decoder
+    )
+    eos = tokenizer.eos_token_id
+    rows, types = [], []
+    for a, b in zip(ids_a, ids_b):
+        if encoder:
+            a, b = _fit(a, b, seq_len - (3 if b is not None else 2))
+            row = [tokenizer.cls_token_id, *a, tokenizer.sep_token_id]
+            type_row = [0] * len(row)
+            if b is not None:
+                row += [*b, tokenizer.sep_token_id]
+                type_row += [1] * (len(b) + 1)
+        elif config.is_encoder_decoder:
+            a, b = _fit(a, b, seq_len - 1)
+            row = [*a, *(b or []), eos]
+            type_row = [0] * len(row)
+        else:
+            a, b = _fit(a, b, seq_len - (1 if b is not None else 0))
+            row = [*a, *([eos, *b] if b is not None else [])]
+            type_row = [0] * len(row)
+        rows.append(row)
+        types.append(type_row)
+    input_ids = np.full((len(rows), seq_len), pad, dtype=np.int64)
+    mask = np.zeros((len(rows), seq_len), dtype=np.int64)
+    token_types = np.zeros((len(rows), seq_len), dtype=np.int64)
+    for i, (row, type_row) in enumerate(zip(rows, types)):
+        input_ids[i, : len(row)], mask[i, : len(row)], token_types[i, : len(row)] = row, 1, type_row
+    out = {"input_ids": input_ids, "attention_mask": mask}
+    if encoder and pairs is not None and getattr(config, "type_vocab_size", 1) > 1:
+        out["token_type_ids"] = token_types
+    return out
+
+
+def encode_targets(
+    tokenizer: transformers.PreTrainedTokenizerBase, targets: list[str], target_len: int, start: int
+) -> dict[str, np.ndarray]:
+    """seq2seq labels (target ids + EOS, IGNORE-padded) and the decoder inputs (shifted right behind ``start``)."""
+    ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
+    labels = np.full((len(ids), target_len), IGNORE, dtype=np.int64)
+    for i, row in enumerate(ids):
+        row = [*row[: target_len - 1], tokenizer.eos_token_id]
+        labels[i, : len(row)] = row
+    decoder = np.concatenate([np.full((len(ids), 1), start), labels[:, :-1]], axis=1)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return {"labels": labels, "decoder_input_ids": np.where(decoder == IGNORE, pad, decoder)}
+
+
+def encode_split(
+    table: pa.Table,
+    cfg: FinetuneConfig,
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    config: transformers.PretrainedConfig,
+    names: list[str],
+    where: str,
+) -> dict[str, np.ndarray]:
+    """A split's model inputs and labels (class ids, a 0/1 label matrix, or target token ids)."""
+    d = cfg.data
+    texts = [str(t) for t in table.column(d.text_column).to_pylist()]
+    pairs = [str(t) for t in table.column(d.text_pair_column).to_pylist()] if d.text_pair_column else None
+    out = encode_inputs(tokenizer, texts, pairs, cfg.seq_len, config)
+    if cfg.task == "seq2seq":
+        targets = [str(t) for t in table.column(d.target_column).to_pylist()]
+        return out | encode_targets(tokenizer, targets, cfg.target_len, config.decoder_start_token_id)
+    values = table.column(d.label_column).to_pylist()
+    if cfg.task == "multi_label":
+        matrix = np.zeros((len(values), len(names)), dtype=np.float32)
+        for i, row in enumerate(values):
+            matrix[i, label_ids(list(row or []), names, where)] = 1.0
+        return out | {"labels": matrix}
+    return out | {"labels": np.array(label_ids(values, names, where), dtype=np.int64)}
+
+
+def class_weights(cfg: FinetuneConfig, labels: np.ndarray, num_classes: int) -> torch.Tensor | None:
+    """Per-class loss weights (multi_label: positive weights per label)."""
+    if cfg.class_weights == "none":
+        return None
+    if isinstance(cfg.class_weights, list):
+        if len(cfg.class_weights) != num_classes:
+            raise ValueError(
+                f"finetune.class_weights has {len(cfg.class_weights)} weights for {num_classes} classes"
+            )
+        return torch.tensor(cfg.class_weights, dtype=torch.float32)
+    if cfg.task == "multi_label":
+        positives = labels.sum(axis=0)
+        return torch.tensor((labels.shape[0] - positives) / np.maximum(positives, 1), dtype=torch.float32)
+    counts = np.bincount(labels, minlength=num_classes)
+    return torch.tensor(labels.size / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+def task_loss(task: Task, weights: torch.Tensor | None):
+    """The loss of a fine-tuning batch: cross entropy, binary cross entropy per label, or seq2seq token loss."""
+
+    def loss(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = engine(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        labels = batch["labels"]
+        if task == "seq2seq":
+            return _token_loss(logits, labels)
+        w = weights.to(logits.device) if weights is not None else None
+        if task == "multi_label":
+            return F.binary_cross_entropy_with_logits(logits, labels, pos_weight=w)
+        return F.cross_entropy(logits, labels, weight=w)
+
+    return loss
+
+
+# -- the run --------------------------------------------------------------------------------------------
+
+
+def load_tokenizer_of(base: str | Path) -> transformers.PreTrainedTokenizerBase:
+    transformers.logging.disable_progress_bar()
+    return transformers.AutoTokenizer.from_pretrained(base)
+
+
+def _export(engine, cfg: FinetuneConfig, names: list[str], tokenizer, out_dir: Path) -> Path | None:
+    """The fine-tuned model (LoRA merged into the weights) and the base tokenizer, rank 0."""
+    state = ds_engine.consolidated_state_dict(engine)
+    if state is None:
+        return None
+    model_dir = out_dir / "model"
+    if cfg.lora is not None:
+        fresh = apply_lora(build_task_model(cfg, names), cfg)
+        missing, unexpected = fresh.load_state_dict(state, strict=False)
+        aliases = (
+            set(fresh.state_dict()) - set(dict(fresh.named_parameters())) - set(dict(fresh.named_buffers()))
+        )
+        if unexpected or set(missing) - aliases:  # only tied aliases may be absent from the gathered weights
+            raise RuntimeError(
+                f"LoRA export: state mismatch (missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
+        fresh.save_pretrained(out_dir / "adapter")  # the adapter alone, loadable with peft
+        merged = fresh.merge_and_unload()
+        merged.save_pretrained(model_dir, safe_serialization=True)
+    else:
+        engine.module.save_pretrained(model_dir, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    source = Path(cfg.init_from) / "tokenizer.json"
+    if source.exists():  # the exact bytes: the tokenizer id (its sha256) is the base's
+        shutil.copy(source, model_dir / "tokenizer.json")
+    return model_dir
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    out_dir: str | Path,
+    on_metrics=None,
+    on_checkpoint=None,
+    print_progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune (resuming from ``out_dir/checkpoints``) and export to ``out_dir/model``; rank 0's summary."""
+    rank, world, device, out_dir = setup(cfg, out_dir)
+    tables, features = load_labeled(cfg.data, cfg.task)
+    names = label_names(cfg.data, tables["train"], features, cfg.task)
+    tokenizer = load_tokenizer_of(cfg.init_from)
+    model = build_task_model(cfg, names)
+    where = f"{cfg.data.path or cfg.data.splits['train']} (train)"
+    train = encode_split(tables["train"], cfg, tokenizer, model.config, names, where)
+    weights = class_weights(cfg, train["labels"], len(names)) if cfg.task != "seq2seq" else None
+    frozen = apply_freezing(model, cfg)
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if rank == 0 and print_progress:
+        total = sum(p.numel() for p in model.parameters())
+        print(f"fine-tuning {cfg.init_from}: {trainable:,} of {total:,} parameters trained", flush=True)
+    hf = model.config
+    fpt = flops_per_token(count_parameters(model), hf.num_hidden_layers, hf.hidden_size, cfg.seq_len)
+    groups = param_groups(model, cfg)
+    peak_lrs = {g["name"]: g["lr"] for g in groups}  # the engine's scheduler rewrites the groups' lr
+    engine = ds_engine.initialize(model, cfg, groups)
+    sampler = DistributedBatchSampler(
+        train["labels"].shape[0], cfg.micro_batch_size, rank, world, seed=cfg.seed
+    )
+
+    def next_batch(step: int, micro: int) -> dict[str, torch.Tensor]:
+        rows = sampler.next_indices()
+        return {k: torch.from_numpy(v[rows]).to(device) for k, v in train.items()}
+
+    start_step, losses, step_times = run_steps(
+        engine, cfg, sampler, next_batch, out_dir, fpt, loss_fn=task_loss(cfg.task, weights),
+        on_metrics=on_metrics, on_checkpoint=on_checkpoint, print_progress=print_progress,
+    )  # fmt: skip
+    model_dir = _export(engine, cfg, names, tokenizer, out_dir)
+    if model_dir is None:
+        return {}
+    summary = {
+        "task": cfg.task,
+        "losses": losses,
+        "steps": cfg.steps,
+        "resumed_from": start_step,
+        "model_dir": str(model_dir),
+        "base_model": str(cfg.init_from),
+        "label_names": names,
+        "examples": {s: t.num_rows for s, t in tables.items()},
+        "world_size": world,
+        "step_seconds": step_times,
+        "trainable_parameters": trainable,
+        "frozen_parameters": frozen,
+        "lr_groups": peak_lrs,
+    }
+    atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    return summary
