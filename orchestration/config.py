@@ -32,6 +32,7 @@ from ingestion.readers import ReadConfig
 from training.config import TrainConfig
 from training.data.tokenize import TokenizeConfig
 from training.data.tokenizer import EOS_TOKEN
+from training.finetune import FinetuneConfig
 from training.objectives import special_tokens_for
 
 
@@ -147,6 +148,11 @@ class PipelineConfig(_Section):
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    finetune: FinetuneConfig | None = Field(
+        None,
+        description="Fine-tune on labeled data after training (the trained model, or finetune.init_from alone "
+        "with no data source), then score the validation and test splits.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -172,15 +178,10 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _has_a_source(self) -> PipelineConfig:
-        if (
-            self.demo_site is None
-            and not self.crawl.seeds
-            and self.crawl.seeds_file is None
-            and not self.read.paths
-        ):
+        if not self.has_corpus and not (self.finetune is not None and self.finetune.init_from):
             raise ValueError(
                 "no data source: set crawl.seeds (or crawl.seeds_file) to the URLs to crawl, read.paths to corpora "
-                "you have, or demo_site: {} for the demo"
+                "you have, demo_site: {} for the demo, or finetune.init_from to fine-tune a model you have"
             )
         if self.demo_site is not None and not self.crawl.allow_private_addresses:
             raise ValueError(
@@ -236,6 +237,16 @@ class PipelineConfig(_Section):
                     f"({', '.join(self.evaluate.tasks) or 'none'}) does not score"
                 )
         return self
+
+    @property
+    def has_corpus(self) -> bool:
+        """Whether the config names text to crawl or read (else only fine-tuning runs)."""
+        return bool(
+            self.demo_site is not None
+            or self.crawl.seeds
+            or self.crawl.seeds_file is not None
+            or self.read.paths
+        )
 
     @property
     def tracking_uri(self) -> str:

@@ -35,9 +35,10 @@ from cleaning.filters import (
 from cleaning.langid import LanguageFilter
 from cleaning.normalize import TextNormalizer
 from cleaning.pii import PiiRedactor
-from core.files import atomic_write_bytes, file_entry
+from core.files import atomic_write_bytes, file_entry, file_sha256
 from core.manifest import IntegrityError, index_digest, read_index, verify_files, write_index
 from core.stage import Stage
+from evaluation.finetuned import evaluate_finetuned
 from evaluation.perplexity import evaluate_model_dir
 from evaluation.tasks import resolve_task, task_metric_names
 from ingestion.demo_site import DemoSiteServer, build_demo_site
@@ -56,7 +57,8 @@ from orchestration.executors import (
 from orchestration.preflight import preflight
 from orchestration.report_html import write_html_report
 from orchestration.tracking import RunMetricsLogger, Tracker, code_version
-from orchestration.training_launch import launch_training
+from orchestration.training_launch import launch_finetuning, launch_training
+from training.labeled import resolve_path
 
 try:
     LMFORGE_VERSION = importlib.metadata.version("lmforge")
@@ -105,6 +107,7 @@ class PipelineResult:
     model_version: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     report_path: Path | None = None
+    finetuned_model_id: str | None = None
 
 
 def clean_stages(c: CleanConfig) -> list[Stage]:
@@ -387,16 +390,23 @@ class Pipeline:
             record = {"name": cfg.name, "mlflow_run_id": parent_id, "tracking_uri": cfg.tracking_uri}
             atomic_write_bytes(self.workdir / report.RUN_RECORD, json.dumps(record).encode())
             self._stages(result, tracker, config_hash, until)
-            result.report_path = report.write_report(self.workdir, until)
+            last = [until, "finetune"] if cfg.finetune is not None and until == "evaluate" else until
+            result.report_path = report.write_report(self.workdir, last)
             tracker.log_artifact(result.report_path)
             tracker.log_artifact(result.report_path.with_suffix(".md"))
-            page, figures = write_html_report(self.workdir, until)
+            page, figures = write_html_report(self.workdir, last)
             tracker.log_artifact(page)
             tracker.log_report_figures(figures)
         return result
 
     def _stages(self, result: PipelineResult, tracker: Tracker, config_hash: str, until: str) -> None:
-        """The stages in order, stopping after ``until``."""
+        """The stages in order, stopping after ``until``; fine-tuning last, or alone without a corpus."""
+        if self.cfg.has_corpus:
+            self._corpus_stages(result, tracker, config_hash, until)
+        if self.cfg.finetune is not None and until in ("evaluate", "labeled", "finetune"):
+            self._finetune_stages(result, tracker, until)
+
+    def _corpus_stages(self, result: PipelineResult, tracker: Tracker, config_hash: str, until: str) -> None:
         cfg, s = self.cfg, result.stages
         crawl_config = {"crawl": cfg.crawl, "demo_site": cfg.demo_site, "seed": cfg.seed}
         s["crawl"] = self._stage("crawl", crawl_config, {}, self._crawl, tracker)
@@ -542,6 +552,179 @@ class Pipeline:
             tracker,
             after=log_eval,
         )
+
+    # -- fine-tuning --------------------------------------------------------------------------------
+    def _finetune_stages(self, result: PipelineResult, tracker: Tracker, until: str) -> None:
+        ft = self.cfg.finetune
+        sources = [ft.data.path] if ft.data.path else list(ft.data.splits.values())
+        labeled_config = {"data": ft.data, "task": ft.task, "source_digest": _tree_digest(sources)}
+        labeled = result.stages["labeled"] = self._stage(
+            "labeled", labeled_config, {}, self._labeled, tracker
+        )
+        if until == "labeled":
+            return
+        inputs = {"labeled": labeled}
+        config: dict[str, Any] = {"finetune": ft}
+        if ft.init_from:
+            config["base_digest"] = _tree_digest([ft.init_from])
+        else:
+            if "train" not in result.stages:
+                raise ConfigError(
+                    "finetune.init_from is unset and no train stage ran: set finetune.init_from"
+                )
+            inputs["train"] = result.stages["train"]
+        result.stages["finetune"] = self._stage(
+            "finetune",
+            config,
+            inputs,
+            lambda o, k, i: self._finetune(labeled, o, k, i, tracker, result),
+            tracker,
+            after=lambda index: self._log_finetuned(result, labeled, tracker, index),
+        )
+
+    def _labeled(self, out: Path, key: str, inputs: dict[str, str]) -> dict[str, Any]:
+        """The labeled examples, split, as one Parquet file per split: their own manifest and dataset."""
+        import pyarrow.parquet as pq
+
+        from training.labeled import label_names, load_labeled
+
+        ft = self.cfg.finetune
+        tables, features = load_labeled(ft.data, ft.task)
+        names = label_names(ft.data, tables["train"], features, ft.task)
+        files, counters = [], {}
+        for split, table in tables.items():
+            path = out / f"{split}.parquet"
+            pq.write_table(table, path)
+            files.append(file_entry(path, table.num_rows))
+            counters[f"examples.{split}"] = table.num_rows
+        self.console.print(
+            f"  {', '.join(f'{t.num_rows} {s}' for s, t in tables.items())} examples", highlight=False
+        )
+        return write_index(
+            out,
+            stage="labeled",
+            kind="labeled",
+            cache_key=key,
+            files=files,
+            schema=tables["train"].schema,
+            inputs=inputs,
+            counters=counters,
+            extra={"label_names": names, "task": ft.task},
+        )
+
+    def _finetune_config(self, labeled: StageOutcome, base: str):
+        """The run's fine-tuning config reading the labeled stage's splits from the base model ``base``."""
+        ft = self.cfg.finetune
+        splits = {
+            f["path"].removesuffix(".parquet"): str(labeled.out_dir / f["path"])
+            for f in labeled.index["files"]
+        }
+        data = ft.data.model_copy(
+            update={"path": None, "splits": splits, "label_names": labeled.index["label_names"] or None}
+        )
+        return ft.model_copy(update={"init_from": str(Path(base).resolve()), "data": data})
+
+    def _finetune(
+        self,
+        labeled: StageOutcome,
+        out: Path,
+        key: str,
+        inputs: dict[str, str],
+        tracker: Tracker,
+        result: PipelineResult,
+    ) -> dict[str, Any]:
+        base = self.cfg.finetune.init_from or str(result.stages["train"].out_dir / "model")
+        ft = self._finetune_config(labeled, base)
+        self.console.print(
+            f"  {ft.task} from {base}, {ft.num_workers} worker(s), ZeRO-{ft.zero_stage}, {ft.steps} steps",
+            highlight=False,
+        )
+        logger = RunMetricsLogger(tracker.tracking_uri, tracker.active_run_id())
+        summary = launch_finetuning(
+            ft, out, run_name=f"{self.cfg.name}-finetune-{key}", metrics_logger=logger, console=self.console
+        )
+        metrics = ray.get(ray.remote(num_cpus=1)(evaluate_finetuned).remote(summary["model_dir"], ft))
+        atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+        model_dir = Path(summary["model_dir"])
+        files = [
+            {**file_entry(p, 0), "path": f"model/{p.name}"}
+            for p in sorted(model_dir.iterdir())
+            if p.is_file()
+        ]
+        files.append(file_entry(out / "metrics.json", 0))
+        counters = {
+            "steps": summary["steps"],
+            "first_loss": summary["losses"][0],
+            "final_loss": summary["losses"][-1],
+        }
+        counters |= {f"{split}_{k}": v for split, m in metrics.items() for k, v in _numbers(m).items()}
+        return write_index(
+            out, stage="finetune", kind="model", cache_key=key, files=files, inputs=inputs, counters=counters,
+            extra={"summary": summary, "base_model": base},
+        )  # fmt: skip
+
+    def _log_finetuned(
+        self, result: PipelineResult, labeled: StageOutcome, tracker: Tracker, index: dict[str, Any]
+    ) -> None:
+        """The fine-tuned model as a LoggedModel whose lineage names its base and the labeled data's digest;
+        its metrics per split against that dataset, the confusion matrices as tables and figures."""
+        out, ft = index["out_dir"], self.cfg.finetune
+        logged = out / report.MODEL_RECORD
+        if logged.exists():
+            record = json.loads(logged.read_text())
+            if record["tracking_uri"] == tracker.tracking_uri and tracker.find_model(record["model_id"]):
+                result.finetuned_model_id = record["model_id"]
+                return
+        labeled_digest = index_digest(labeled.index)
+        tags = {
+            **self._code,
+            "lmforge.labeled_digest": labeled_digest,
+            "lmforge.finetune_cache_key": index["cache_key"],
+        }
+        if ft.init_from:
+            tags["lmforge.base_model_path"] = str(Path(ft.init_from).resolve())
+            tags["lmforge.base_model_digest"] = _tree_digest([ft.init_from])
+        else:
+            tags["lmforge.base_model_id"] = result.model_id or ""
+            if result.model_version:
+                tags["lmforge.base_model_version"] = (
+                    f"{self.cfg.tracking.registered_model}/{result.model_version}"
+                )
+        model_type = "seq2seq-lm" if ft.task == "seq2seq" else "sequence-classification"
+        model_id, _ = tracker.log_model(
+            Path(index["summary"]["model_dir"]), f"{self.cfg.name}-finetuned", {"finetune": ft.model_dump(mode="json")},
+            tags, step=ft.steps, register_as=None, model_type=model_type,
+        )  # fmt: skip
+        result.finetuned_model_id = model_id
+        dataset = tracker.dataset("labeled", labeled.out_dir, labeled_digest, labeled.index)
+        metrics = json.loads((out / "metrics.json").read_text())
+        for split, m in metrics.items():
+            tracker.log_model_metrics({f"{split}_{k}": v for k, v in _numbers(m).items()}, model_id, dataset)
+            if "confusion_matrix" in m:
+                tracker.log_confusion_matrix(
+                    m["confusion_matrix"], m.get("label_names", []), f"finetune/{split}_confusion"
+                )
+        record = {"tracking_uri": tracker.tracking_uri, "model_id": model_id}
+        atomic_write_bytes(logged, json.dumps(record).encode())
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+def _tree_digest(paths: list[str]) -> str:
+    """sha256 over the files under ``paths`` (names and contents): keys a stage by what the files hold."""
+    h = hashlib.sha256()
+    for root in paths:
+        root_path = resolve_path(root)
+        files = sorted(f for f in root_path.rglob("*") if f.is_file()) if root_path.is_dir() else [root_path]
+        for f in files:
+            h.update(
+                f"{f.relative_to(root_path) if root_path.is_dir() else f.name}\0{file_sha256(f)}\n".encode()
+            )
+    return h.hexdigest()[:16]
 
 
 def run_pipeline(

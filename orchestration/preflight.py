@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.config import ConfigError, PipelineConfig
+from training.labeled import resolve_path
 
 
 def file_problems(cfg: PipelineConfig) -> list[str]:
@@ -31,13 +32,23 @@ def file_problems(cfg: PipelineConfig) -> list[str]:
                 f"tokenize.tokenizer.path: {tokenizer!r} is neither a tokenizer.json file nor a directory "
                 "holding one; point it at an existing tokenizer or remove it to train one"
             )
-    if cfg.train.init_from is not None:
+    if cfg.train.init_from is not None and cfg.has_corpus:
         problems += _init_from_problems(Path(cfg.train.init_from), cfg.train.seq_len)
+    if cfg.finetune is not None:
+        ft = cfg.finetune
+        if ft.init_from is not None:
+            problems += _init_from_problems(Path(ft.init_from), ft.seq_len, "finetune")
+        for name, source in [
+            ("path", ft.data.path),
+            *((f"splits.{k}", v) for k, v in ft.data.splits.items()),
+        ]:
+            if source is not None and not resolve_path(source).exists():
+                problems.append(f"finetune.data.{name}: {source} does not exist")
     return problems
 
 
-def _init_from_problems(model_dir: Path, seq_len: int) -> list[str]:
-    field = f"train.init_from: {str(model_dir)!r}"
+def _init_from_problems(model_dir: Path, seq_len: int, section: str = "train") -> list[str]:
+    field = f"{section}.init_from: {str(model_dir)!r}"
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         return [f"{field} is not a Hugging Face model directory (no config.json there)"]
@@ -50,8 +61,8 @@ def _init_from_problems(model_dir: Path, seq_len: int) -> list[str]:
     positions = config.get("n_positions") or config.get("max_position_embeddings")
     if positions is not None and seq_len > positions:
         problems.append(
-            f"train.seq_len: {seq_len} is longer than the {positions} positions of {model_dir}; "
-            f"set train.seq_len <= {positions}"
+            f"{section}.seq_len: {seq_len} is longer than the {positions} positions of {model_dir}; "
+            f"set {section}.seq_len <= {positions}"
         )
     return problems
 

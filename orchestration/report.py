@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from core.files import atomic_write_bytes
 from core.manifest import index_digest, read_index, read_table
 
-STAGES = ("crawl", "clean", "dedup", "tokenize", "train", "evaluate")
+STAGES = ("crawl", "clean", "dedup", "tokenize", "train", "evaluate", "labeled", "finetune")
 #: The pipeline run's MLflow identity, written in the work dir beside the stage outputs.
 RUN_RECORD = "run.json"
 #: The trained model's MLflow identity, written in the train stage's directory.
@@ -61,12 +61,15 @@ def _document_stage(out_dir: Path, index: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_stages(workdir: Path, last: str | None = None) -> dict[str, dict[str, Any]]:
-    """The committed manifests of a work dir's run: from ``last`` (default: the last stage that has one),
-    back through each manifest's ``inputs``, in pipeline order (an output the run did not use is left
-    out)."""
+def run_stages(workdir: Path, last: str | list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The committed manifests of a work dir's run: from ``last`` (a stage or several, e.g. evaluate and
+    finetune; default: the last stage that has one), back through each manifest's ``inputs``, in pipeline
+    order (an output the run did not use is left out)."""
     found = {name: index for name in STAGES if (index := read_index(workdir / name)) is not None}
-    todo = [last or next((n for n in reversed(STAGES) if n in found), None)]
+    if last is None:
+        todo = [next((n for n in reversed(STAGES) if n in found), None)]
+    else:
+        todo = [last] if isinstance(last, str) else list(last)
     used: set[str] = set()
     while todo:
         name = todo.pop()
@@ -80,7 +83,7 @@ def _json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def build_report(workdir: str | Path, last: str | None = None) -> dict[str, Any]:
+def build_report(workdir: str | Path, last: str | list[str] | None = None) -> dict[str, Any]:
     """Per-stage figures and consistency checks, from the manifests (index.json) of a work dir (of the
     stages up to ``last``, by default all that have one)."""
     workdir = Path(workdir).resolve()
@@ -123,6 +126,11 @@ def build_report(workdir: str | Path, last: str | None = None) -> dict[str, Any]
         checks["training loss fell"] = train["final_loss"] < train["first_loss"]
     if "evaluate" in stages:
         rep["stages"]["evaluate"] = stages["evaluate"]["counters"]
+    if "labeled" in stages:
+        rep["stages"]["labeled"] = stages["labeled"]["counters"]
+    if "finetune" in stages:
+        finetune = rep["stages"]["finetune"] = stages["finetune"]["counters"]
+        checks["fine-tuning loss fell"] = finetune["final_loss"] < finetune["first_loss"]
     model = _json(workdir / "train" / MODEL_RECORD)
     rep["model"] = {"model_id": model.get("model_id"), "registered_version": model.get("version")}
     rep["checks"] = checks
@@ -217,7 +225,7 @@ def render_markdown(rep: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(workdir: str | Path, last: str | None = None) -> Path:
+def write_report(workdir: str | Path, last: str | list[str] | None = None) -> Path:
     """Write report.json and report.md into the work dir from its manifests; returns the JSON path."""
     rep = build_report(workdir, last)
     path = Path(workdir) / "report.json"

@@ -687,7 +687,7 @@ _SECTIONS = [
 ]  # fmt: skip
 
 
-def build_html(workdir: str | Path, last: str | None = None) -> tuple[str, dict[str, Any]]:
+def build_html(workdir: str | Path, last: str | list[str] | None = None) -> tuple[str, dict[str, Any]]:
     """The page, and the key figures for MLflow: ``metrics``, and ``tables`` (artifact name -> rows: the
     funnel, rejections by reason, each signal's kept/rejected quartiles, languages before and after)."""
     workdir = Path(workdir).resolve()
@@ -741,7 +741,9 @@ def build_html(workdir: str | Path, last: str | None = None) -> tuple[str, dict[
     return page, {"metrics": key_figures, "tables": {k: v for k, v in tables.items() if v}}
 
 
-def write_html_report(workdir: str | Path, last: str | None = None) -> tuple[Path, dict[str, Any]]:
+def write_html_report(
+    workdir: str | Path, last: str | list[str] | None = None
+) -> tuple[Path, dict[str, Any]]:
     """Write report.html into the work dir; returns its path and the key figures."""
     page, figures = build_html(workdir, last)
     path = Path(workdir) / "report.html"

