@@ -155,7 +155,7 @@ def main() -> None:
             )
         ]  # fmt: skip
 
-        long = ft_config(base, 60 if args.quick else 300, lr=1e-3, warmup_steps=20)
+        long = ft_config(base, 60 if args.quick else 600, lr=5e-4, warmup_steps=6 if args.quick else 60)
         t0 = time.perf_counter()
         finetune(long, work / "sst2", print_progress=False)
         seconds = time.perf_counter() - t0

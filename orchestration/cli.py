@@ -95,10 +95,23 @@ def _print_summary(cfg: PipelineConfig, result, seconds: float) -> None:
     console.print(table)
     for key, value in result.metrics.items():
         console.print(f"  {key}: {value:.4f}")
-    console.print(
-        f"  model: {result.model_id}"
-        + (f" (registered version {result.model_version})" if result.model_version else "")
-    )
+    if result.model_id:
+        console.print(
+            f"  model: {result.model_id}"
+            + (f" (registered version {result.model_version})" if result.model_version else "")
+        )
+    if result.finetuned_model_id:
+        counters = result.stages["finetune"].index["counters"]
+        shown = [
+            k
+            for k in ("test_accuracy", "test_f1_macro", "test_exact_match", "test_bleu", "test_chrf")
+            if k in counters
+        ]
+        console.print(
+            f"  fine-tuned model: {result.finetuned_model_id} ("
+            + ", ".join(f"{k} {counters[k]:.4f}" for k in shown)
+            + ")"
+        )
     console.print(f"  report: {result.report_path.with_suffix('.md')}")
     uri = cfg.tracking_uri
     console.print("  browse runs and models (then open http://127.0.0.1:5000):")

@@ -31,7 +31,7 @@ from training.data.shards import DistributedBatchSampler
 from training.labeled import LabeledDataConfig, Task, label_ids, label_names, load_labeled
 from training.model import count_parameters
 from training.objectives import IGNORE
-from training.trainer import _token_loss, flops_per_token, run_steps, setup
+from training.trainer import flops_per_token, run_steps, setup, token_loss
 
 
 class LoraConfig(StageConfig):
@@ -59,7 +59,7 @@ class FinetuneConfig(EngineConfig):
         description="Base model: a Hugging Face model directory (default in a pipeline: the model its train "
         "stage exported).",
     )
-    data: LabeledDataConfig = Field(default_factory=lambda: LabeledDataConfig(path="labeled.jsonl"))
+    data: LabeledDataConfig = Field(description="The labeled examples: source, columns, split.")
     seq_len: int = Field(128, ge=8, description="Input tokens per example (truncated, padded).")
     target_len: int = Field(64, ge=2, description="seq2seq: target tokens per example (truncated).")
     micro_batch_size: int = Field(16, ge=1, description="Examples per worker per forward pass.")
@@ -359,7 +359,7 @@ def task_loss(task: Task, weights: torch.Tensor | None):
         logits = engine(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
         labels = batch["labels"]
         if task == "seq2seq":
-            return _token_loss(logits, labels)
+            return token_loss(logits, labels)
         w = weights.to(logits.device) if weights is not None else None
         if task == "multi_label":
             return F.binary_cross_entropy_with_logits(logits, labels, pos_weight=w)

@@ -146,7 +146,7 @@ def causal_lm_loss(engine, inputs: torch.Tensor, targets: torch.Tensor) -> torch
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def _token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross entropy over the labelled positions (0 with no gradient signal if there are none)."""
     flat = labels.reshape(-1)
     total = F.cross_entropy(
@@ -164,8 +164,8 @@ def objective_loss(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     out = engine(**inputs)
     if "next_sentence_label" in batch:
         nsp = F.cross_entropy(out.seq_relationship_logits.float(), batch["next_sentence_label"])
-        return _token_loss(out.prediction_logits, batch["labels"]) + nsp
-    return _token_loss(out.logits, batch["labels"])
+        return token_loss(out.prediction_logits, batch["labels"]) + nsp
+    return token_loss(out.logits, batch["labels"])
 
 
 def _train_step(

@@ -252,7 +252,7 @@ def test_freezing_the_encoder_of_an_encoder_decoder(t5_base, labeled):
 
 def test_class_weights_are_scikit_learns_balanced():
     labels = np.array([0] * 70 + [1] * 20 + [2] * 10)
-    cfg = FinetuneConfig(init_from="x", class_weights="balanced")
+    cfg = FinetuneConfig(init_from="x", data={"path": "x.jsonl"}, class_weights="balanced")
     expected = compute_class_weight("balanced", classes=np.arange(3), y=labels)
     assert class_weights(cfg, labels, 3).numpy() == pytest.approx(expected)
 
@@ -302,7 +302,7 @@ def test_labeled_data_errors_name_the_file_and_column(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl: no column text; its columns are sentence, label"):
         load_labeled(LabeledDataConfig(path=str(bad)), "classification")
     with pytest.raises(ValueError, match="finetune.lora with zero_stage 3"):
-        FinetuneConfig(init_from="x", lora={}, zero_stage=3)
+        FinetuneConfig(init_from="x", data={"path": "x.jsonl"}, lora={}, zero_stage=3)
 
 
 def test_multi_label_fine_tuning_learns_each_label(single_process_dist, bert_base, tmp_path):
