@@ -184,7 +184,7 @@ def apply_freezing(model: torch.nn.Module, cfg: FinetuneConfig) -> int:
         if (
             (cfg.freeze_embeddings and layer == 0)
             or 1 <= layer <= cfg.freeze_layers
-            or (cfg.freeze != "none" and name.startswith(f"{cfg.freeze}."))
+            or (cfg.freeze != "none" and re.search(rf"(^|\.){cfg.freeze}\.", name))
         ):
             p.requires_grad_(False)
             frozen += p.numel()

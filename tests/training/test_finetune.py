@@ -248,6 +248,13 @@ def test_freezing_the_encoder_of_an_encoder_decoder(t5_base, labeled):
     apply_freezing(model, cfg)
     assert all(not p.requires_grad for n, p in model.named_parameters() if n.startswith("encoder."))
     assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith("decoder."))
+    # T5ForSequenceClassification keeps its stacks under "transformer.": the same rule applies.
+    cls_cfg = _cfg(t5_base, labeled, freeze="decoder")
+    classifier = build_task_model(cls_cfg, ["neg", "pos"])
+    frozen = apply_freezing(classifier, cls_cfg)
+    decoder = {n: p for n, p in classifier.named_parameters() if n.startswith("transformer.decoder.")}
+    assert decoder and all(not p.requires_grad for p in decoder.values())
+    assert frozen == sum(p.numel() for p in decoder.values())
 
 
 def test_class_weights_are_scikit_learns_balanced():
