@@ -183,13 +183,20 @@ def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = True) ->
     return total
 
 
-def load_pretrained(path: str, vocab_size: int, objective: Objective = "causal_lm") -> PreTrainedModel:
+def load_pretrained(
+    path: str, vocab_size: int, objective: Objective = "causal_lm", next_sentence_prediction: bool = False
+) -> PreTrainedModel:
     """A Hugging Face model directory to continue training (fp32 weights; the shards' vocab must fit)."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoModelForPreTraining,
+        AutoModelForSeq2SeqLM,
+    )
 
     auto = {
         "causal_lm": AutoModelForCausalLM,
-        "masked_lm": AutoModelForMaskedLM,
+        "masked_lm": AutoModelForPreTraining if next_sentence_prediction else AutoModelForMaskedLM,
         "span_corruption": AutoModelForSeq2SeqLM,
     }[objective]
     model = auto.from_pretrained(path, dtype=torch.float32)

@@ -133,7 +133,8 @@ def _model(
             f"{cfg.init_from} uses {expected[:12]}; set tokenize.tokenizer.path={cfg.init_from}"
         )
     torch.manual_seed(cfg.seed)
-    model = load_pretrained(cfg.init_from, tokenizer["vocab_size"], cfg.objective)
+    nsp = cfg.objective == "masked_lm" and cfg.masking.next_sentence_prediction
+    model = load_pretrained(cfg.init_from, tokenizer["vocab_size"], cfg.objective, nsp)
     frozen = freeze_first_layers(model, cfg.freeze_layers)
     if rank == 0 and frozen:
         print(f"fine-tuning {cfg.init_from}: {frozen:,} parameters frozen", flush=True)

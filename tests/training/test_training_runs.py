@@ -314,3 +314,19 @@ def test_masked_and_span_corruption_pretraining_learn_and_export(
             generated = t5.generate(input_ids=inputs, max_new_tokens=5, do_sample=False)
         assert loss < np.log(vocab) - 1.0
         assert generated[0, 0] == tok.pad_token_id and generated[0, 1] == sentinel
+
+    # Continued pretraining from the exported directory (its Auto class per objective) starts where the
+    # first run ended, not from a random init's loss.
+    resumed = launch(
+        small(
+            model=model,
+            steps=4,
+            warmup_steps=1,
+            num_workers=1,
+            init_from=str(model_dir),
+            **OBJECTIVES[objective],
+        ),
+        special_tokens,
+        tmp_path / f"{objective}-continued",
+    )
+    assert resumed["losses"][0] < losses[0] - 1.0
