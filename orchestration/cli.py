@@ -61,9 +61,29 @@ def run(
     address: Annotated[
         str | None, typer.Option(help="Run on an existing Ray cluster ('auto' or ray://host:10001).")
     ] = None,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only",
+            help="Run only these stages, e.g. --only train,evaluate (upstream outputs are used as they are).",
+        ),
+    ] = None,
+    from_: Annotated[
+        str | None, typer.Option("--from", help="Start at this stage (earlier outputs are used as they are).")
+    ] = None,
+    until: Annotated[str | None, typer.Option("--until", help="Stop after this stage.")] = None,
+    force: Annotated[
+        list[str] | None,
+        typer.Option("--force", help="Rerun these stages even when cached, e.g. --force dedup."),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print which stages would run or be cached, and why; run nothing."),
+    ] = False,
     set_: SetOpt = None,
 ) -> None:
-    """Run the whole pipeline: embedded Ray and a sqlite MLflow store in the work dir unless configured."""
+    """Run the pipeline (or the selected stages): embedded Ray and a sqlite MLflow store in the work dir
+    unless configured."""
     overrides = list(set_ or [])
     if workdir is not None:
         overrides.append(f"workdir={workdir}")
@@ -73,15 +93,48 @@ def run(
         console.print("[bold red]give a config file[/bold red] (e.g. lmforge run configs/demo.yaml)")
         raise typer.Exit(2)
     cfg = _load(config, overrides) if config is not None else _load_env(config_env, overrides)
-    from orchestration.pipeline import run_pipeline  # heavy imports only once the config is valid
+    from orchestration.pipeline import Pipeline  # heavy imports only once the config is valid
+    from orchestration.plan import Selection
 
+    selection = Selection(_names(only), from_, until, _names(force))
     start = time.perf_counter()
     try:
-        result = run_pipeline(cfg, console)
+        if dry_run:
+            plan = Pipeline(cfg, console).plan(selection)
+            _print_plan(cfg, plan)
+            missing = [e.stage for e in plan if e.action == "missing"]
+            if missing:
+                console.print(
+                    f"[bold red]cannot run:[/bold red] {', '.join(missing)} never ran in {cfg.workdir}"
+                )
+                raise typer.Exit(2)
+            return
+        result = Pipeline(cfg, console).run(selection=selection)
     except ConfigError as e:  # pre-flight: nothing ran
         console.print(f"[bold red]cannot run[/bold red] {e}")
         raise typer.Exit(2) from None
     _print_summary(cfg, result, time.perf_counter() - start)
+
+
+def _names(values: list[str] | None) -> tuple[str, ...]:
+    """Stage names from repeatable, comma-separated options (``--only a,b --only c``)."""
+    return tuple(n.strip() for v in values or [] for n in v.split(",") if n.strip())
+
+
+def _print_plan(cfg: PipelineConfig, plan) -> None:
+    table = Table(title=f"lmforge run '{cfg.name}' --dry-run: the plan ({cfg.workdir})")
+    table.add_column("stage")
+    table.add_column("action")
+    table.add_column("why")
+    styles = {"run": "bold cyan", "cached": "dim", "use": "dim", "missing": "bold red", "blocked": "red"}
+    for entry in plan:
+        table.add_row(entry.stage, f"[{styles[entry.action]}]{entry.action}[/]", entry.reason)
+    Console(width=200).print(table)
+    runs = [e.stage for e in plan if e.action == "run"]
+    if runs:
+        typer.echo(f"{len(runs)} stage(s) would run: {', '.join(runs)}")
+    elif all(e.action in ("cached", "use") for e in plan):
+        typer.echo("nothing to run: all cached")
 
 
 def _print_summary(cfg: PipelineConfig, result, seconds: float) -> None:

@@ -1,8 +1,11 @@
-"""The pipeline DAG: crawl -> clean -> dedup -> tokenize -> train -> evaluate, with a stage cache.
+"""The pipeline DAG: crawl -> clean -> dedup -> tokenize -> train -> evaluate, then labeled -> finetune,
+with a stage cache.
 
-Each stage writes a directory with an ``index.json`` whose ``cache_key`` hashes the stage's config, its
-inputs' digests and the lmforge version. A re-run skips stages whose key matches; a stage that died
-midway keeps its completed tasks (and training its checkpoints) when its key is unchanged.
+Each stage writes a directory with an ``index.json`` whose ``cache_key`` hashes the stage's config, the
+content of the files that config names, its inputs' digests and the source of the code that computes it
+(orchestration/plan.py). A re-run skips stages whose key matches; a stage that died midway keeps its
+completed tasks (and training its checkpoints) when its key is unchanged. A :class:`Selection` runs a
+subset; :meth:`Pipeline.plan` says what a run would do, and why, without running it.
 """
 
 from __future__ import annotations
@@ -14,8 +17,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,16 @@ from orchestration.executors import (
     run_tokenize_stage,
     warc_source,
 )
+from orchestration.plan import (
+    PARTS_FILE,
+    PlanEntry,
+    Selection,
+    changes,
+    code_digests,
+    key_of,
+    read_parts,
+    summarize,
+)
 from orchestration.preflight import preflight
 from orchestration.report_html import write_html_report
 from orchestration.tracking import RunMetricsLogger, Tracker, code_version
@@ -79,9 +91,39 @@ def _jsonable(value: Any) -> Any:
 
 
 def cache_key(stage: str, config: Any, inputs: dict[str, str]) -> str:
-    """Hash of what determines a stage's output."""
-    payload = {"stage": stage, "config": _jsonable(config), "inputs": inputs, "version": LMFORGE_VERSION}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Hash of a config and its inputs (the pipeline's ``lmforge.config_hash`` tag); stage keys hash
+    their full parts (orchestration/plan.py)."""
+    return key_of({"stage": stage, "config": _jsonable(config), "inputs": inputs})
+
+
+#: The modules whose import closure is each stage's code (pipeline.py itself, the glue that calls them,
+#: is left out: it imports every stage, so any change to it would rerun all of them).
+STAGE_CODE = {
+    "crawl": ("orchestration.crawl", "ingestion.demo_site"),
+    "clean": (
+        "orchestration.executors",
+        *(f"cleaning.{m}" for m in ("extract", "normalize", "filters", "langid", "pii", "decontaminate")),
+        "evaluation.tasks",
+    ),
+    "dedup": ("orchestration.dedup",),
+    "tokenize": ("orchestration.executors",),
+    "train": ("orchestration.training_launch", "training.trainer"),
+    "evaluate": ("evaluation.perplexity",),
+    "labeled": ("training.labeled",),
+    "finetune": ("orchestration.training_launch", "training.finetune", "evaluation.finetuned"),
+}
+
+
+@dataclass
+class StageSpec:
+    """One stage of a config's DAG: what its key hashes and how to build it."""
+
+    name: str
+    config: Any
+    deps: tuple[str, ...]
+    build: Callable[[Path, str, dict[str, str]], dict[str, Any]]
+    files: dict[str, str] = field(default_factory=dict)  # config field -> content digest of its file
+    after: Callable[[dict[str, Any]], None] | None = None
 
 
 @dataclass
@@ -90,9 +132,10 @@ class StageOutcome:
 
     name: str
     out_dir: Path
-    index: dict[str, Any]
+    index: dict[str, Any] | None  # None in a dry run, for a stage that would run
     cached: bool
     seconds: float
+    missing: bool = False  # in a dry run: not selected, and never run
 
 
 @dataclass
@@ -108,6 +151,7 @@ class PipelineResult:
     metrics: dict[str, float] = field(default_factory=dict)
     report_path: Path | None = None
     finetuned_model_id: str | None = None
+    plan: list[PlanEntry] = field(default_factory=list)
 
 
 def clean_stages(c: CleanConfig) -> list[Stage]:
@@ -136,29 +180,90 @@ class Pipeline:
         self._code: dict[str, str] = {}
 
     # -- stage bookkeeping --------------------------------------------------------------------------
+    def _decide(
+        self, spec: StageSpec, inputs: dict[str, StageOutcome], selected: bool, force: bool
+    ) -> tuple[PlanEntry, dict[str, Any]]:
+        """What this run does with a stage and why, from its output on disk and its new key parts."""
+        out = self.workdir / spec.name
+        pending = [k for k, v in inputs.items() if v.index is None]
+        absent = [k for k, v in inputs.items() if v.missing]
+        parts = {
+            "stage": spec.name,
+            "config": _jsonable(spec.config),
+            "files": spec.files,
+            "inputs": {k: index_digest(v.index) for k, v in inputs.items() if v.index is not None},
+            "code": code_digests(STAGE_CODE[spec.name]),
+        }
+        key = key_of(parts)
+        index = read_index(out) if out.exists() else None
+        found = changes(read_parts(out), parts) if index is not None and index.get("cache_key") != key else []
+        if not selected:
+            if index is None:
+                return PlanEntry(
+                    spec.name, "missing",
+                    f"not selected and {out} holds no finished output; run it first (widen --only/--from)",
+                ), parts  # fmt: skip
+            if pending:
+                reason = f"not selected: used as it is, though {_inputs(pending)} rebuilt"
+            elif found:
+                reason = f"not selected: used as it is, stale ({summarize(found)} changed since it ran)"
+            else:
+                reason = "not selected: used as it is (up to date)"
+            return PlanEntry(spec.name, "use", reason, key, found), parts
+        if absent:
+            return PlanEntry(spec.name, "blocked", f"{_inputs(absent)} missing", key), parts
+        if force:
+            return PlanEntry(spec.name, "run", "forced (--force)", key), parts
+        if pending:
+            return PlanEntry(spec.name, "run", f"{_inputs(pending)} rebuilt first", key), parts
+        if index is not None and index.get("cache_key") == key:
+            return PlanEntry(spec.name, "cached", "unchanged", key), parts
+        if index is None:
+            key_file = out / _KEY_FILE
+            if key_file.exists() and key_file.read_text() == key:
+                reason = "resumes an interrupted run (its finished tasks are kept)"
+            else:
+                reason = "no finished output yet"
+            return PlanEntry(spec.name, "run", reason, key), parts
+        return PlanEntry(spec.name, "run", f"changed: {summarize(found)}", key, found), parts
+
     def _stage(
         self,
-        name: str,
-        config: Any,
+        spec: StageSpec,
         inputs: dict[str, StageOutcome],
-        build: Callable[[Path, str, dict[str, str]], dict[str, Any]],
-        tracker: Tracker,
-        after: Callable[[dict[str, Any]], None] | None = None,
+        tracker: Tracker | None,
+        result: PipelineResult,
+        selected: bool = True,
+        force: bool = False,
     ) -> StageOutcome:
-        """Run (or reuse) one stage inside its nested MLflow run; ``after`` logs extra lineage there."""
-        out = self.workdir / name
-        input_digests = {k: index_digest(v.index) for k, v in inputs.items()}
-        key = cache_key(name, config, input_digests)
+        """Decide, then (without a tracker: a dry run) stop, or run or reuse the stage inside its nested
+        MLflow run; ``after`` logs extra lineage there."""
+        name, out = spec.name, self.workdir / spec.name
+        entry, parts = self._decide(spec, inputs, selected, force)
+        result.plan.append(entry)
+        if tracker is None:
+            index = read_index(out) if entry.action in ("cached", "use") else None
+            missing = entry.action in ("missing", "blocked")
+            return StageOutcome(name, out, index, entry.action in ("cached", "use"), 0.0, missing)
+        if entry.action == "missing":
+            raise ConfigError(f"stage {name}: {entry.reason}")
+        input_digests = parts["inputs"]
         start = time.perf_counter()
-        with tracker.stage_run(name, _jsonable(config)):
-            index = read_index(out) if out.exists() else None
-            cached = index is not None and index.get("cache_key") == key and self._intact(name, out, index)
-            if cached:
+        with tracker.stage_run(name, _jsonable(spec.config)):
+            index = read_index(out) if entry.action != "run" else None
+            cached = entry.action == "use" or (entry.action == "cached" and self._intact(name, out, index))
+            if entry.action == "use":
+                self.console.print(f"[dim]• {name}: {entry.reason} ({out})[/dim]")
+            elif cached:
                 self.console.print(f"[dim]• {name}: cached ({out})[/dim]")
             else:
-                self._prepare(out, key, _jsonable(config))
-                self.console.print(f"[bold cyan]▶ {name}[/bold cyan]")
-                index = build(out, key, input_digests)
+                if entry.action == "cached":  # its output failed verification and was wiped
+                    entry.action, entry.reason = "run", "its output failed verification"
+                if force and out.exists():
+                    shutil.rmtree(out)
+                self._prepare(out, entry.key, _jsonable(spec.config), parts)
+                self.console.print(f"[bold cyan]▶ {name}[/bold cyan] [dim]({entry.reason})[/dim]")
+                index = spec.build(out, entry.key, input_digests)
                 if index.get("counters", {}).get("documents_in") == 0:
                     self.console.print(
                         f"  [yellow]⚠ {name}: no input documents, so its output is empty[/yellow]"
@@ -170,8 +275,9 @@ class Pipeline:
                 [tracker.dataset(name, out, index_digest(index), index)],
             )
             tracker.set_tag("lmforge.cached", str(cached).lower())
-            if after is not None:
-                after({**index, "out_dir": out})
+            tracker.set_tag("lmforge.plan", f"{entry.action}: {entry.reason}")
+            if spec.after is not None:
+                spec.after({**index, "out_dir": out})
         outcome = StageOutcome(name, out, index, cached, seconds)
         if not cached:
             self.console.print(f"  [green]✓ {name}[/green] in {seconds:.1f}s {report.stage_line(index)}")
@@ -191,15 +297,16 @@ class Pipeline:
         return True
 
     @staticmethod
-    def _prepare(out: Path, key: str, config: Any) -> None:
+    def _prepare(out: Path, key: str, config: Any, parts: dict[str, Any]) -> None:
         """Keep a partial output made with the same key (completed tasks, checkpoints); wipe any other.
-        The stage's config is written beside it."""
+        The stage's config and its key's parts are written beside it."""
         key_file = out / _KEY_FILE
         if out.exists() and not (key_file.exists() and key_file.read_text() == key):
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "index.json").unlink(missing_ok=True)
         key_file.write_text(key)
+        atomic_write_bytes(out / PARTS_FILE, json.dumps(parts, indent=2, default=str).encode())
         atomic_write_bytes(out / report.STAGE_CONFIG, json.dumps(config, indent=2, default=str).encode())
 
     # -- stages -------------------------------------------------------------------------------------
@@ -243,14 +350,16 @@ class Pipeline:
         self.console.print(f"  decontaminating against {len(index)} {cfg.n}-grams of {', '.join(names)}")
         return index
 
-    def _clean(self, crawl: StageOutcome, out: Path, key: str, inputs: dict[str, str]) -> dict[str, Any]:
+    def _clean(
+        self, crawl: StageOutcome | None, out: Path, key: str, inputs: dict[str, str]
+    ) -> dict[str, Any]:
         c = self.cfg.clean
         stages = clean_stages(c)
         if c.decontaminate is not None:
             stages.insert(2, Decontaminator(c.decontaminate, self._task_ngrams(c.decontaminate)))
         parts = [
             (Path(f["path"]).name.split(".")[0], warc_source(str(crawl.out_dir / f["path"])))
-            for f in crawl.index["files"]
+            for f in (crawl.index["files"] if crawl is not None else [])
         ]
         parts += [
             (f"read-{i:05d}", corpus_source(uri, self.cfg.read))
@@ -366,19 +475,22 @@ class Pipeline:
         )
 
     # -- run ----------------------------------------------------------------------------------------
-    def run(self, until: str = "evaluate") -> PipelineResult:
-        """Run every stage (or those up to ``until``), then write the report from the stage manifests."""
-        if until not in report.STAGES:
-            raise ValueError(f"until={until!r} is not a stage; stages are {', '.join(report.STAGES)}")
+    def run(self, until: str | None = None, selection: Selection | None = None) -> PipelineResult:
+        """Run the selected stages (default: all of the config's, or those up to ``until``), reusing
+        cached ones, then write the report from the stage manifests."""
+        selection = selection or Selection()
+        if until is not None:
+            selection = replace(selection, until=until)
         cfg = self.cfg
         self.workdir.mkdir(parents=True, exist_ok=True)
-        preflight(cfg)  # the files the config names, before Ray starts
+        # The files the config names, the selection, and the outputs it reads, before Ray starts.
+        missing = [e for e in self.plan(selection) if e.action == "missing"]  # ("blocked" follows)
+        if missing:
+            raise ConfigError("; ".join(f"stage {e.stage}: {e.reason}" for e in missing))
         ray_cfg = cfg.ray
         ensure_ray(
             ray_cfg.address, ray_cfg.num_cpus, ray_cfg.object_store_memory_mb, ray_cfg.dashboard, self.workdir
         )
-        if until in ("train", "evaluate"):
-            preflight(cfg, ray.cluster_resources())  # the worker group against the cluster
         # With the default sqlite store, artifacts (models, reports) live in the work dir too.
         artifacts = None if cfg.tracking.uri else (self.workdir / "mlartifacts").as_uri()
         tracker = Tracker(cfg.tracking_uri, cfg.tracking.experiment, artifacts)
@@ -389,8 +501,13 @@ class Pipeline:
             result = PipelineResult(self.workdir, cfg.tracking_uri, parent_id)
             record = {"name": cfg.name, "mlflow_run_id": parent_id, "tracking_uri": cfg.tracking_uri}
             atomic_write_bytes(self.workdir / report.RUN_RECORD, json.dumps(record).encode())
-            self._stages(result, tracker, config_hash, until)
-            last = [until, "finetune"] if cfg.finetune is not None and until == "evaluate" else until
+            specs, selected, needed = self._specs(result, tracker, selection, config_hash)
+            if "train" in selected:
+                preflight(cfg, ray.cluster_resources())  # the worker group against the cluster
+            self._walk(result, tracker, specs, selected, needed, selection.force)
+            if "evaluate" in selected:
+                self._aliases(result, tracker)
+            last = list(result.stages)
             result.report_path = report.write_report(self.workdir, last)
             tracker.log_artifact(result.report_path)
             tracker.log_artifact(result.report_path.with_suffix(".md"))
@@ -399,41 +516,104 @@ class Pipeline:
             tracker.log_report_figures(figures)
         return result
 
-    def _stages(self, result: PipelineResult, tracker: Tracker, config_hash: str, until: str) -> None:
-        """The stages in order, stopping after ``until``; fine-tuning last, or alone without a corpus."""
-        if self.cfg.has_corpus:
-            self._corpus_stages(result, tracker, config_hash, until)
-        if self.cfg.finetune is not None and until in ("evaluate", "labeled", "finetune"):
-            self._finetune_stages(result, tracker, until)
+    def plan(self, selection: Selection | None = None) -> list[PlanEntry]:
+        """What :meth:`run` would do with each stage, and why, without running anything (no Ray, no
+        MLflow): a stage after one that would run is planned to run too, since its input changes."""
+        preflight(self.cfg)
+        result = PipelineResult(self.workdir, self.cfg.tracking_uri, "")
+        specs, selected, needed = self._specs(result, None, selection or Selection())
+        self._walk(result, None, specs, selected, needed, selection.force if selection else ())
+        return result.plan
 
-    def _corpus_stages(self, result: PipelineResult, tracker: Tracker, config_hash: str, until: str) -> None:
+    def _walk(
+        self,
+        result: PipelineResult,
+        tracker: Tracker | None,
+        specs: list[StageSpec],
+        selected: list[str],
+        needed: list[str],
+        force: tuple[str, ...],
+    ) -> None:
+        for spec in specs:
+            if spec.name in needed:
+                inputs = {d: result.stages[d] for d in spec.deps}
+                result.stages[spec.name] = self._stage(
+                    spec, inputs, tracker, result, spec.name in selected, spec.name in force
+                )
+
+    def _specs(
+        self,
+        result: PipelineResult,
+        tracker: Tracker | None,
+        selection: Selection,
+        config_hash: str = "",
+    ) -> tuple[list[StageSpec], list[str], list[str]]:
+        """The config's stages in order (crawl only with seeds or the demo site, dedup only when
+        enabled, fine-tuning last or alone), and which of them ``selection`` runs or reads."""
         cfg, s = self.cfg, result.stages
-        crawl_config = {"crawl": cfg.crawl, "demo_site": cfg.demo_site, "seed": cfg.seed}
-        s["crawl"] = self._stage("crawl", crawl_config, {}, self._crawl, tracker)
-        if until == "crawl":
-            return
-        clean_config = {"clean": cfg.clean, "read": cfg.read, "read_files": cfg.read.fingerprint()}
-        s["clean"] = docs = self._stage(
-            "clean", clean_config, {"crawl": s["crawl"]}, partial(self._clean, s["crawl"]), tracker
-        )
-        if until == "clean":
-            return
-        if cfg.dedup.exact or cfg.dedup.minhash:
-            s["dedup"] = docs = self._stage(
-                "dedup", cfg.dedup, {"clean": s["clean"]}, partial(self._dedup, s["clean"]), tracker
+        specs: list[StageSpec] = []
+        if cfg.has_corpus:
+            crawls = cfg.demo_site is not None or bool(cfg.crawl.seeds) or cfg.crawl.seeds_file is not None
+            if crawls:
+                specs.append(
+                    StageSpec(
+                        "crawl",
+                        {"crawl": cfg.crawl, "demo_site": cfg.demo_site, "seed": cfg.seed},
+                        (),
+                        self._crawl,
+                        files=_file_digests({"crawl.seeds_file": cfg.crawl.seeds_file}),
+                    )
+                )
+            blocklist = cfg.clean.url_blocklist
+            specs.append(
+                StageSpec(
+                    "clean",
+                    {"clean": cfg.clean, "read": cfg.read, "read_files": cfg.read.fingerprint()},
+                    ("crawl",) if crawls else (),
+                    lambda o, k, i: self._clean(s.get("crawl"), o, k, i),
+                    files=_file_digests({"clean.url_blocklist.path": blocklist and blocklist.path}),
+                )
             )
-        if until == "dedup":
-            return
-        tokens = s["tokenize"] = self._stage(
-            "tokenize", cfg.tokenize, {docs.name: docs}, partial(self._tokenize, docs), tracker
-        )
-        if until == "tokenize":
-            return
-        self._train_stage(result, tokens, tracker, config_hash)
-        if until == "train":
-            return
-        self._evaluate_stage(result, tokens, tracker)
-        self._aliases(result, tracker)
+            docs = "clean"
+            if cfg.dedup.exact or cfg.dedup.minhash:
+                specs.append(
+                    StageSpec(
+                        "dedup", cfg.dedup, ("clean",), lambda o, k, i: self._dedup(s["clean"], o, k, i)
+                    )
+                )
+                docs = "dedup"
+            specs += [
+                StageSpec(
+                    "tokenize",
+                    cfg.tokenize,
+                    (docs,),
+                    lambda o, k, i: self._tokenize(s[docs], o, k, i),
+                    files=_file_digests({"tokenize.tokenizer.path": cfg.tokenize.tokenizer.path}),
+                ),
+                StageSpec(
+                    "train",
+                    cfg.train,
+                    ("tokenize",),
+                    lambda o, k, i: self._train(s["tokenize"], o, k, i, tracker),
+                    files=_file_digests({"train.init_from": cfg.train.init_from}),
+                    after=lambda index: self._log_model(result, s["tokenize"], tracker, config_hash, index),
+                ),
+                StageSpec(
+                    "evaluate",
+                    {"evaluate": cfg.evaluate, "seq_len": cfg.train.seq_len, **self._objective_key()},
+                    ("train", "tokenize"),
+                    lambda o, k, i: self._evaluate(s["tokenize"], s["train"], o, k, i),
+                    after=lambda index: self._log_eval(result, tracker, index),
+                ),
+            ]
+        if cfg.finetune is not None:
+            specs += self._finetune_specs(result, tracker)
+        order = [spec.name for spec in specs]
+        try:
+            selected, needed = selection.resolve(order, {x.name: x.deps for x in specs}, report.STAGES)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return specs, selected, needed
 
     def _aliases(self, result: PipelineResult, tracker: Tracker) -> None:
         """The new registered version gets the default alias, and each promotion alias whose rule passes."""
@@ -456,18 +636,6 @@ class Pipeline:
                 cfg.registered_model, result.model_version, f"lmforge.promotion.{rule.alias}", verdict
             )
             self.console.print(f"[bold]model[/bold] {cfg.registered_model}/{result.model_version} {verdict}")
-
-    def _train_stage(
-        self, result: PipelineResult, tokens: StageOutcome, tracker: Tracker, config_hash: str
-    ) -> None:
-        result.stages["train"] = self._stage(
-            "train",
-            self.cfg.train,
-            {"tokenize": tokens},
-            lambda o, k, i: self._train(tokens, o, k, i, tracker),
-            tracker,
-            after=lambda index: self._log_model(result, tokens, tracker, config_hash, index),
-        )
 
     def _log_model(
         self,
@@ -523,64 +691,54 @@ class Pipeline:
             "span_corruption": train.span_corruption,
         }
 
-    def _evaluate_stage(self, result: PipelineResult, tokens: StageOutcome, tracker: Tracker) -> None:
+    def _log_eval(self, result: PipelineResult, tracker: Tracker, index: dict[str, Any]) -> None:
+        """The evaluation's metrics against the logged model: the held-out ones with the token shards as
+        their dataset, each task's with the task's data (by its digest)."""
+        tokens = result.stages["tokenize"]
         tokens_dataset = tracker.dataset("tokens", tokens.out_dir, index_digest(tokens.index), tokens.index)
-
-        def log_eval(index: dict[str, Any]) -> None:
-            metrics = json.loads((index["out_dir"] / "metrics.json").read_text())
-            tasks = metrics.pop("tasks", {})
-            # A rerun served from the cache has logged these against this model already: log only what
-            # the model lacks (all of it after a fresh evaluation, the rest after an interrupted one).
-            logged = tracker.model_metric_keys(result.model_id)
-            result.metrics = {f"val_{k}": v for k, v in metrics.items() if k not in ("tokens", "bytes")}
-            fresh = {k: v for k, v in result.metrics.items() if k not in logged}
-            tracker.log_model_metrics(fresh, result.model_id, tokens_dataset)
-            for name, task in tasks.items():  # each against the model and the task's data, by its digest
-                dataset = tracker.dataset(name, task["source"], task["digest"][:16])
-                tracker.log_datasets([dataset], [])
-                scores = task_metric_names(name, task["metrics"])
-                tracker.log_model_metrics(
-                    {k: v for k, v in scores.items() if k not in logged}, result.model_id, dataset
-                )
-                result.metrics |= scores
-
-        result.stages["evaluate"] = self._stage(
-            "evaluate",
-            {"evaluate": self.cfg.evaluate, "seq_len": self.cfg.train.seq_len, **self._objective_key()},
-            {"train": result.stages["train"], "tokenize": tokens},
-            partial(self._evaluate, tokens, result.stages["train"]),
-            tracker,
-            after=log_eval,
-        )
+        metrics = json.loads((index["out_dir"] / "metrics.json").read_text())
+        tasks = metrics.pop("tasks", {})
+        # A rerun served from the cache has logged these against this model already: log only what
+        # the model lacks (all of it after a fresh evaluation, the rest after an interrupted one).
+        logged = tracker.model_metric_keys(result.model_id)
+        result.metrics = {f"val_{k}": v for k, v in metrics.items() if k not in ("tokens", "bytes")}
+        fresh = {k: v for k, v in result.metrics.items() if k not in logged}
+        tracker.log_model_metrics(fresh, result.model_id, tokens_dataset)
+        for name, task in tasks.items():
+            dataset = tracker.dataset(name, task["source"], task["digest"][:16])
+            tracker.log_datasets([dataset], [])
+            scores = task_metric_names(name, task["metrics"])
+            tracker.log_model_metrics(
+                {k: v for k, v in scores.items() if k not in logged}, result.model_id, dataset
+            )
+            result.metrics |= scores
 
     # -- fine-tuning --------------------------------------------------------------------------------
-    def _finetune_stages(self, result: PipelineResult, tracker: Tracker, until: str) -> None:
-        ft = self.cfg.finetune
+    def _finetune_specs(self, result: PipelineResult, tracker: Tracker | None) -> list[StageSpec]:
+        """The labeled stage (keyed by the labeled files' content) and the fine-tuning stage (keyed by
+        its base model: ``init_from``'s content, or the train stage's output)."""
+        ft, s = self.cfg.finetune, result.stages
         sources = [ft.data.path] if ft.data.path else list(ft.data.splits.values())
-        labeled_config = {"data": ft.data, "task": ft.task, "source_digest": _tree_digest(sources)}
-        labeled = result.stages["labeled"] = self._stage(
-            "labeled", labeled_config, {}, self._labeled, tracker
-        )
-        if until == "labeled":
-            return
-        inputs = {"labeled": labeled}
-        config: dict[str, Any] = {"finetune": ft}
+        files = {"finetune.data": _tree_digest(sources)}
         if ft.init_from:
-            config["base_digest"] = _tree_digest([ft.init_from])
-        else:
-            if "train" not in result.stages:
-                raise ConfigError(
-                    "finetune.init_from is unset and no train stage ran: set finetune.init_from"
-                )
-            inputs["train"] = result.stages["train"]
-        result.stages["finetune"] = self._stage(
-            "finetune",
-            config,
-            inputs,
-            lambda o, k, i: self._finetune(labeled, o, k, i, tracker, result),
-            tracker,
-            after=lambda index: self._log_finetuned(result, labeled, tracker, index),
-        )
+            files["finetune.init_from"] = _tree_digest([ft.init_from])
+        return [
+            StageSpec(
+                "labeled",
+                {"data": ft.data, "task": ft.task},
+                (),
+                self._labeled,
+                files={"finetune.data": files["finetune.data"]},
+            ),
+            StageSpec(
+                "finetune",
+                {"finetune": ft},
+                ("labeled",) if ft.init_from else ("labeled", "train"),
+                lambda o, k, i: self._finetune(s["labeled"], o, k, i, tracker, result),
+                files={k: v for k, v in files.items() if k == "finetune.init_from"},
+                after=lambda index: self._log_finetuned(result, s["labeled"], tracker, index),
+            ),
+        ]
 
     def _labeled(self, out: Path, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         """The labeled examples, split, as one Parquet file per split: their own manifest and dataset."""
@@ -714,6 +872,15 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def _inputs(names: list[str]) -> str:
+    return f"its input {names[0]} is" if len(names) == 1 else f"its inputs {' and '.join(names)} are"
+
+
+def _file_digests(fields: dict[str, Any]) -> dict[str, str]:
+    """The content digest of each file or directory a config field names (unset fields left out)."""
+    return {name: _tree_digest([str(path)]) for name, path in fields.items() if path is not None}
+
+
 def _tree_digest(paths: list[str]) -> str:
     """sha256 over the files under ``paths`` (names and contents): keys a stage by what the files hold."""
     h = hashlib.sha256()
@@ -728,7 +895,10 @@ def _tree_digest(paths: list[str]) -> str:
 
 
 def run_pipeline(
-    config: PipelineConfig, console: Console | None = None, until: str = "evaluate"
+    config: PipelineConfig,
+    console: Console | None = None,
+    until: str | None = None,
+    selection: Selection | None = None,
 ) -> PipelineResult:
-    """Run a pipeline config end to end (or up to the stage ``until``)."""
-    return Pipeline(config, console).run(until)
+    """Run a pipeline config end to end (or the stages ``selection`` picks, or those up to ``until``)."""
+    return Pipeline(config, console).run(until, selection)

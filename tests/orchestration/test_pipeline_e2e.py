@@ -26,6 +26,7 @@ from orchestration.cli import app
 from orchestration.config import load_config
 from orchestration.lineage import walk
 from orchestration.pipeline import Pipeline, run_pipeline
+from orchestration.plan import Selection
 from orchestration.tracking import start_mlflow_ui, wait_until_ready
 from tests.conftest import free_port
 from training.data.tokenizer import load_tokenizer
@@ -260,6 +261,23 @@ def test_rerun_is_served_from_the_stage_cache(demo_run):
     assert second.metrics == first.metrics
     assert len(client.get_logged_model(first.model_id).metrics) == before  # nothing logged twice
     assert (second.model_id, second.model_version) == (first.model_id, first.model_version)
+    assert [e.action for e in second.plan] == ["cached"] * len(STAGES)
+
+
+@pytest.mark.slow
+def test_a_seeds_file_is_keyed_by_its_content_and_the_dry_run_plan_says_what_reruns(demo_run, tmp_path):
+    cfg, _ = demo_run
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("http://127.0.0.1:9/extra/\n")
+    with_seeds = cfg.model_copy(update={"crawl": cfg.crawl.model_copy(update={"seeds_file": seeds})})
+    plan = {e.stage: (e.action, e.reason) for e in Pipeline(with_seeds).plan()}
+    assert plan["crawl"] == ("run", "changed: config crawl.seeds_file, file crawl.seeds_file")
+    assert plan["clean"] == ("run", "its input crawl is rebuilt first")
+    assert plan["evaluate"] == ("run", "its inputs train and tokenize are rebuilt first")
+    assert {e.action for e in Pipeline(cfg).plan()} == {"cached"}
+    # Only the crawl is selected: everything after it is left alone.
+    only = Pipeline(with_seeds).plan(Selection(only=("crawl",)))
+    assert [(e.stage, e.action) for e in only] == [("crawl", "run")]
 
 
 @pytest.mark.slow

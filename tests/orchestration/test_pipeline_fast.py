@@ -116,16 +116,17 @@ def fast_run(ray_session, corpus, tmp_path_factory):
 def test_read_only_run_reports_every_document_and_passes_its_checks(fast_run, corpus):
     cfg, result = fast_run
     _, texts = corpus
-    assert list(result.stages) == ["crawl", "clean", "dedup", "tokenize"]
+    # No crawl seeds: no crawl stage starts.
+    assert list(result.stages) == ["clean", "dedup", "tokenize"]
+    assert not (cfg.workdir / "crawl").exists()
     report = json.loads(result.report_path.read_text())
     assert report["ok"], report["checks"]
-    # Every record of read.paths reached clean, and none came from the (empty) crawl.
+    # Every record of read.paths reached clean.
     clean = result.stages["clean"].index["counters"]
     assert clean["documents_in"] == clean["documents_in.read"] == len(texts) + 1  # + the malformed line
     assert clean["malformed"] == 1 and clean["rejected"] == 1
     (bad,) = read_table(result.stages["clean"].out_dir / "rejected").to_pylist()
     assert (bad["text"], bad["url"], bad["filter"]) == ("{not json\n", "dump.jsonl#line 6", "malformed")
-    assert report["checks"]["crawl pages fetched = documents clean read from the crawl"]
     assert report["checks"]["clean: documents read = from the crawl + from read.paths"]
     # The planted pair is one exact-duplicate cluster; the smallest id survives ("copy00" < "doc00").
     removed = read_table(result.stages["dedup"].out_dir / "rejected").to_pylist()
@@ -146,9 +147,7 @@ def test_read_only_run_reports_every_document_and_passes_its_checks(fast_run, co
             assert int(entry["id_sum"], 16) == sum(hashes) % 2**64
     # Lineage: every manifest names the digest of the stage it read.
     assert all(ok for name, ok in report["checks"].items() if ": input " in name)
-    assert (
-        sum(": input " in name for name in report["checks"]) == 3
-    )  # clean<-crawl, dedup<-clean, tokenize<-dedup
+    assert sum(": input " in name for name in report["checks"]) == 2  # dedup<-clean, tokenize<-dedup
 
 
 def test_each_stage_is_a_nested_mlflow_run_of_the_pipeline_run(fast_run, tmp_path):
@@ -159,7 +158,7 @@ def test_each_stage_is_a_nested_mlflow_run_of_the_pipeline_run(fast_run, tmp_pat
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
     )
     by_stage = {r.data.tags["lmforge.stage"]: r for r in children}
-    assert set(by_stage) == {"crawl", "clean", "dedup", "tokenize"}
+    assert set(by_stage) == {"clean", "dedup", "tokenize"}
     assert by_stage["dedup"].data.metrics["rejected"] == 1
     assert json.loads((cfg.workdir / "run.json").read_text())["mlflow_run_id"] == result.parent_run_id
     # The report's tables are on the parent run, the funnel with the manifests' numbers.
@@ -243,7 +242,6 @@ def test_an_output_that_no_longer_matches_its_manifest_is_rebuilt(fast_run):
 
     again = Pipeline(cfg).run(until="tokenize")
     assert {n: s.cached for n, s in again.stages.items()} == {
-        "crawl": True,
         "clean": False,  # rebuilt: one row short of its manifest
         "dedup": True,  # the rebuilt clean output has the same digest, so dedup's key holds
         "tokenize": False,  # rebuilt: a shard's bytes changed
@@ -344,7 +342,7 @@ def test_html_report_of_a_data_only_read_paths_run_shows_raw_records(ray_session
         "test",
     )
     result = Pipeline(cfg).run(until="dedup")
-    assert list(result.stages) == ["crawl", "clean", "dedup"]
+    assert list(result.stages) == ["clean", "dedup"]
     html_page, figures = build_html(cfg.workdir)
     sections = re.findall(r'<section id="(\w+)">', html_page)
     assert sections[:3] == ["funnel", "rejections", "signals"] and "training" not in sections

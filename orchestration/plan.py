@@ -1,0 +1,188 @@
+"""Which stages a run executes, which it serves from the cache, and why.
+
+A stage's cache key hashes its *parts*: the config it depends on, the content digests of the files that
+config names (seeds file, block list, tokenizer, ``init_from`` model, labeled data), the digests of its
+inputs' manifests, and the code that computes it, the source of every lmforge module its entry modules
+import, directly or not. The parts are kept beside the output (``.cache_parts.json``). A rerun compares
+them with the new ones and says what changed: a config field, a named file, an input, or a module.
+``lmforge run --dry-run`` prints that plan before anything runs.
+
+A :class:`Selection` (``--only``, ``--from``, ``--until``, ``--force``) picks the stages to run. The
+unselected stages that a selected one reads are used as they are on disk, even if their key is stale.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from core.files import file_sha256
+
+#: The lmforge packages whose source is part of a stage's code version.
+PACKAGES = ("core", "ingestion", "cleaning", "training", "evaluation", "orchestration")
+#: Where a stage's parts are kept, beside its ``.cache_key``.
+PARTS_FILE = ".cache_parts.json"
+
+
+class SelectionError(ValueError):
+    """A ``--only/--from/--until/--force`` that names no stage of this config."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The stages a run should execute: ``only`` (a subset), the range ``start``..``until`` (inclusive),
+    and those to rerun even when cached (``force``). Empty means the whole pipeline."""
+
+    only: tuple[str, ...] = ()
+    start: str | None = None
+    until: str | None = None
+    force: tuple[str, ...] = ()
+
+    def resolve(self, order: list[str], deps: dict[str, tuple[str, ...]], all_stages: Iterable[str]):
+        """(selected, needed) stage names for a config whose stages are ``order`` with upstream ``deps``:
+        ``needed`` adds the unselected stages a selected one reads (used as they are)."""
+        known = set(all_stages)
+        for flag, names in (
+            ("--only", self.only),
+            ("--from", [self.start] if self.start else []),
+            ("--until", [self.until] if self.until else []),
+            ("--force", self.force),
+        ):
+            for name in names:
+                if name not in known:
+                    raise SelectionError(f"{flag} {name}: no such stage; stages are {', '.join(all_stages)}")
+                if name not in order:
+                    raise SelectionError(
+                        f"{flag} {name}: this config has no {name} stage (its stages: {', '.join(order)})"
+                    )
+        lo = order.index(self.start) if self.start else 0
+        hi = order.index(self.until) if self.until else len(order) - 1
+        if lo > hi:
+            raise SelectionError(f"--from {self.start} comes after --until {self.until}")
+        selected = [n for n in order[lo : hi + 1] if not self.only or n in self.only]
+        if not selected:
+            raise SelectionError(f"--only {','.join(self.only)} names no stage between --from and --until")
+        for name in self.force:
+            if name not in selected:
+                raise SelectionError(f"--force {name}: the selection does not run {name}")
+        needed = set(selected)
+        for name in reversed(order):
+            if name in needed:
+                needed.update(deps[name])
+        return selected, [n for n in order if n in needed]
+
+
+@dataclass
+class PlanEntry:
+    """What a run does with one stage: ``run``, ``cached`` or ``use`` (not selected: the output on disk
+    is read as it is), ``missing`` (not selected and never run) or ``blocked`` (an input is missing),
+    with the reason."""
+
+    stage: str
+    action: str
+    reason: str
+    key: str | None = None
+    changes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return f"{self.stage:<9} {self.action:<7} {self.reason}"
+
+
+# -- code versions ----------------------------------------------------------------------------------
+def _module_file(name: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec is not None and spec.origin and spec.origin.endswith(".py") else None
+
+
+@cache
+def _imports(name: str) -> tuple[str, ...]:
+    """The lmforge modules that module ``name`` imports anywhere in its source (function-level too)."""
+    path = _module_file(name)
+    if path is None:
+        return ()
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append(node.module)
+            found += [f"{node.module}.{a.name}" for a in node.names]  # ``from pkg import module``
+    return tuple(
+        n for n in dict.fromkeys(found) if n.split(".")[0] in PACKAGES and _module_file(n) is not None
+    )
+
+
+def module_closure(entries: Iterable[str]) -> list[str]:
+    """``entries`` and every lmforge module they import, transitively, sorted."""
+    seen: set[str] = set()
+    todo = list(entries)
+    while todo:
+        name = todo.pop()
+        if name in seen or _module_file(name) is None:
+            continue
+        seen.add(name)
+        todo += _imports(name)
+    return sorted(seen)
+
+
+def code_digests(entries: Iterable[str]) -> dict[str, str]:
+    """The content digest of each module in the import closure of ``entries`` (by repository path)."""
+    out = {}
+    for name in module_closure(entries):
+        path = _module_file(name)
+        rel = "/".join(name.split(".")) + ("/__init__.py" if path.name == "__init__.py" else ".py")
+        out[rel] = file_sha256(path)[:16]
+    return out
+
+
+# -- keys and reasons -------------------------------------------------------------------------------
+def key_of(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_parts(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / PARTS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _changed_fields(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if old == new else [prefix or "(config)"]
+
+
+def changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """What differs between a stage's stored parts and the new ones, for people: ``config train.lr``,
+    ``file crawl.seeds_file``, ``input clean``, ``code cleaning/filters.py``."""
+    if old is None:
+        return ["cache key (made before lmforge kept its parts)"]
+    new = json.loads(json.dumps(new, sort_keys=True, default=str))  # as stored: tuples become lists
+    found = [f"config {f}" for f in _changed_fields(old.get("config"), new["config"])]
+    for kind, label in (("files", "file"), ("inputs", "input"), ("code", "code")):
+        before, after = old.get(kind, {}), new[kind]
+        found += [f"{label} {k}" for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+    return found
+
+
+def summarize(items: list[str], limit: int = 3) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def format_plan(entries: list[PlanEntry]) -> str:
+    return "\n".join(e.line() for e in entries)

@@ -1,0 +1,227 @@
+"""Stage selection, content-keyed caching and the dry-run plan (orchestration/plan.py), on a real
+pipeline over a small corpus read from ``read.paths`` (local Ray, no training)."""
+
+import json
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from orchestration.config import ConfigError, parse_config
+from orchestration.pipeline import Pipeline
+from orchestration.plan import PARTS_FILE, Selection, changes, code_digests, key_of, module_closure
+
+ORDER = ["crawl", "clean", "dedup", "tokenize", "train", "evaluate"]
+DEPS = {
+    "crawl": (),
+    "clean": ("crawl",),
+    "dedup": ("clean",),
+    "tokenize": ("dedup",),
+    "train": ("tokenize",),
+    "evaluate": ("train", "tokenize"),
+}
+
+
+def test_selection_picks_a_range_a_subset_and_the_outputs_they_read():
+    def resolve(**kw):
+        return Selection(**kw).resolve(ORDER, DEPS, ORDER)
+
+    assert resolve() == (ORDER, ORDER)
+    assert resolve(until="dedup") == (ORDER[:3], ORDER[:3])
+    # Train only, from existing shards: tokenize and what it read are used as they are.
+    assert resolve(only=("train",)) == (["train"], ORDER[:5])
+    assert resolve(start="train") == (["train", "evaluate"], ORDER)
+    assert resolve(only=("crawl", "tokenize")) == (["crawl", "tokenize"], ORDER[:4])
+    assert resolve(start="clean", until="dedup", force=("dedup",)) == (["clean", "dedup"], ORDER[:3])
+    for kw, message in [
+        ({"only": ("dedupe",)}, "--only dedupe: no such stage"),
+        ({"start": "train", "until": "clean"}, "--from train comes after --until clean"),
+        ({"until": "dedup", "force": ("train",)}, "--force train: the selection does not run train"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            resolve(**kw)
+    # A config without a crawl stage (no seeds) or without fine-tuning says so.
+    with pytest.raises(ValueError, match="this config has no crawl stage"):
+        Selection(only=("crawl",)).resolve(ORDER[1:], DEPS, ORDER)
+
+
+def test_a_stage_code_is_the_import_closure_of_its_entry_modules():
+    crawl = module_closure(["orchestration.crawl"])
+    assert {"orchestration.crawl", "ingestion.crawler", "core.files"} <= set(crawl)
+    assert not any(m.startswith(("cleaning.", "training.", "evaluation.")) for m in crawl)
+    dedup = code_digests(["orchestration.dedup"])
+    assert {"cleaning/dedup_phases.py", "cleaning/minhash.py", "orchestration/executors.py"} <= set(dedup)
+    assert "ingestion/crawler.py" not in dedup  # a crawler change does not rerun dedup
+
+
+def test_changes_name_the_config_fields_files_inputs_and_modules_that_differ():
+    old = {
+        "config": {"gopher": {"min_words": 50, "max_words": 10}, "pii": None},
+        "files": {"clean.url_blocklist.path": "aa"},
+        "inputs": {"crawl": "11"},
+        "code": {"cleaning/filters.py": "f1", "core/files.py": "c1"},
+    }
+    new = json.loads(json.dumps(old))
+    assert changes(old, new) == [] and key_of(old) == key_of(new)
+    new["config"]["gopher"]["min_words"] = 40
+    new["files"]["clean.url_blocklist.path"] = "bb"
+    new["code"]["cleaning/filters.py"] = "f2"
+    new["code"]["cleaning/pii.py"] = "p1"
+    assert changes(old, new) == [
+        "config gopher.min_words",
+        "file clean.url_blocklist.path",
+        "code cleaning/filters.py",
+        "code cleaning/pii.py",
+    ]
+    assert key_of(old) != key_of(new)
+    assert changes(None, new) == ["cache key (made before lmforge kept its parts)"]
+
+
+@pytest.fixture
+def planned(ray_session, tmp_path):
+    """A read.paths corpus with a URL block list; clean -> dedup -> tokenize run once."""
+    rng = random.Random(3)
+    words = [
+        "the",
+        "river",
+        "runs",
+        "past",
+        "an",
+        "old",
+        "mill",
+        "and",
+        "a",
+        "stone",
+        "bridge",
+        "where",
+        "people",
+        "of",
+        "the",
+        "town",
+        "meet",
+    ]
+    lines = []
+    for i in range(16):
+        text = " ".join(" ".join(rng.choice(words) for _ in range(12)).capitalize() + "." for _ in range(8))
+        lines.append(json.dumps({"id": f"d{i:02d}", "text": text, "url": f"https://site{i % 4}.org/{i}"}))
+    (tmp_path / "dump.jsonl").write_text("\n".join(lines) + "\n")
+    blocklist = tmp_path / "blocklist.txt"
+    blocklist.write_text("# nothing blocked yet\n")
+    raw = {
+        "name": "plan",
+        "workdir": str(tmp_path / "work"),
+        "read": {"paths": [str(tmp_path / "dump.jsonl")]},
+        "clean": {"gopher_repetition": None, "url_blocklist": {"path": str(blocklist)}},
+        "dedup": {"shards": 1},
+        "tokenize": {"tokenizer": {"vocab_size": 300, "min_frequency": 1}, "val_fraction": 0.2},
+    }
+    cfg = parse_config(raw, "test")
+    first = Pipeline(cfg).run(until="tokenize")
+    return raw, cfg, blocklist, first
+
+
+def _plan(cfg, **kw):
+    return {e.stage: (e.action, e.reason) for e in Pipeline(cfg).plan(Selection(until="tokenize", **kw))}
+
+
+def test_an_unchanged_rerun_does_no_work_and_a_block_list_edit_reruns_clean_and_downstream(planned):
+    raw, cfg, blocklist, first = planned
+    assert list(first.stages) == ["clean", "dedup", "tokenize"]  # no seeds: no crawl stage
+    assert {e.stage: e.action for e in first.plan} == {"clean": "run", "dedup": "run", "tokenize": "run"}
+    assert {s: a for s, (a, _) in _plan(cfg).items()} == {
+        "clean": "cached",
+        "dedup": "cached",
+        "tokenize": "cached",
+    }
+    start = time.perf_counter()
+    again = Pipeline(cfg).run(until="tokenize")
+    assert all(s.cached for s in again.stages.values()) and time.perf_counter() - start < 30
+
+    # The block list is keyed by its content: a new mtime alone changes nothing ...
+    blocklist.write_text("# nothing blocked yet\n")
+    assert {a for a, _ in _plan(cfg).values()} == {"cached"}
+    # ... a listed site reruns clean (which reads the list) and what follows it, and the plan says so first.
+    blocklist.write_text("site1.org\n")
+    plan = _plan(cfg)
+    assert plan["clean"] == ("run", "changed: file clean.url_blocklist.path")
+    assert plan["dedup"] == ("run", "its input clean is rebuilt first")
+    assert plan["tokenize"] == ("run", "its input dedup is rebuilt first")
+    edited = Pipeline(cfg).run(until="tokenize")
+    assert [n for n, s in edited.stages.items() if not s.cached] == ["clean", "dedup", "tokenize"]
+    clean = edited.stages["clean"].index["counters"]
+    assert clean["rejected.url_blocklist"] == 4  # site1.org: documents 1, 5, 9, 13
+    # In the run itself each rebuilt input is known by then, and its new digest is the change.
+    assert [e.reason for e in edited.plan] == [
+        "changed: file clean.url_blocklist.path",
+        "changed: input clean",
+        "changed: input dedup",
+    ]
+
+    # A config edit names the field; code that differs from what built an output names the module.
+    tweaked = parse_config({**raw, "clean": {**raw["clean"], "gopher": {"min_doc_words": 20}}}, "test")
+    assert _plan(tweaked)["clean"] == ("run", "changed: config clean.gopher.min_doc_words")
+    clean_dir = cfg.workdir / "clean"
+    parts = json.loads((clean_dir / PARTS_FILE).read_text())
+    parts["code"]["cleaning/filters.py"] = "0" * 16  # as if an older filters.py had built it
+    (clean_dir / PARTS_FILE).write_text(json.dumps(parts))
+    index = json.loads((clean_dir / "index.json").read_text())
+    (clean_dir / "index.json").write_text(json.dumps({**index, "cache_key": key_of(parts)}))
+    assert _plan(cfg)["clean"] == ("run", "changed: code cleaning/filters.py")
+
+
+def test_only_force_and_unselected_outputs_used_as_they_are(planned):
+    raw, cfg, blocklist, first = planned
+    shards = first.stages["tokenize"].index
+    # Dedup alone, forced: clean is read as it is; tokenize after it is not run.
+    forced = Pipeline(cfg).run(selection=Selection(only=("dedup",), force=("dedup",)))
+    assert list(forced.stages) == ["clean", "dedup"]
+    assert [(e.stage, e.action) for e in forced.plan] == [("clean", "use"), ("dedup", "run")]
+    assert forced.plan[1].reason == "forced (--force)" and not forced.stages["dedup"].cached
+    # Deterministic dedup: the same output, so tokenize stays cached.
+    assert _plan(cfg)["tokenize"] == ("cached", "unchanged")
+
+    # A stale unselected stage is used as it is, and the plan says what changed since it ran.
+    blocklist.write_text("site2.org\n")
+    plan = _plan(cfg, only=("tokenize",))
+    assert plan["clean"] == (
+        "use",
+        "not selected: used as it is, stale (file clean.url_blocklist.path changed since it ran)",
+    )
+    assert plan["dedup"] == ("use", "not selected: used as it is (up to date)")
+    assert plan["tokenize"] == ("cached", "unchanged")
+    tokens = Pipeline(cfg).run(selection=Selection(only=("tokenize",)))
+    assert tokens.stages["tokenize"].cached and tokens.stages["tokenize"].index == shards
+
+    # A selected stage that reads an output never made is refused before anything runs.
+    fresh = parse_config({**raw, "workdir": str(cfg.workdir.parent / "empty")}, "test")
+    fresh_plan = _plan(fresh, only=("tokenize",))
+    assert fresh_plan["dedup"][0] == "missing"
+    assert fresh_plan["tokenize"] == ("blocked", "its input dedup is missing")
+    with pytest.raises(ConfigError, match="stage clean: not selected and .* holds no finished output"):
+        Pipeline(fresh).run(selection=Selection(only=("tokenize",)))
+    with pytest.raises(ConfigError, match="--only crawl: this config has no crawl stage"):
+        Pipeline(cfg).plan(Selection(only=("crawl",)))
+
+
+def test_lmforge_run_dry_run_prints_the_plan_and_runs_nothing(planned, tmp_path):
+    raw, cfg, blocklist, _ = planned
+    blocklist.write_text("site3.org\n")
+    config = tmp_path / "plan.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    index = cfg.workdir / "clean" / "index.json"
+    before = (sorted(p.name for p in cfg.workdir.iterdir()), index.stat().st_mtime_ns)
+    code = "import sys; from orchestration.cli import main; sys.argv[0] = 'lmforge'; main()"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "run", str(config), "--dry-run", "--until", "tokenize"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("│")[1].strip(): line for line in done.stdout.splitlines() if line.count("│") == 4}
+    assert "run" in rows["clean"] and "file clean.url_blocklist.path" in rows["clean"]
+    assert "its input clean is rebuilt first" in rows["dedup"]
+    assert "3 stage(s) would run: clean, dedup, tokenize" in done.stdout
+    assert (sorted(p.name for p in cfg.workdir.iterdir()), index.stat().st_mtime_ns) == before
