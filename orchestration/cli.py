@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -31,6 +32,28 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config value, e.g. --set train.steps=10 (repeatable)."),
 ]
+OnlyOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--only",
+        help="Run only these stages, e.g. --only train,evaluate (upstream outputs are used as they are).",
+    ),
+]
+FromOpt = Annotated[
+    str | None, typer.Option("--from", help="Start at this stage (earlier outputs are used as they are).")
+]
+UntilOpt = Annotated[str | None, typer.Option("--until", help="Stop after this stage.")]
+ForceOpt = Annotated[
+    list[str] | None, typer.Option("--force", help="Rerun these stages even when cached, e.g. --force dedup.")
+]
+AddressOpt = Annotated[
+    str,
+    typer.Option(
+        envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"],
+        help="Ray dashboard address of the cluster, e.g. http://head:8265.",
+    ),
+]
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 
 
 def _load(config: Path, overrides: list[str] | None) -> PipelineConfig:
@@ -61,21 +84,10 @@ def run(
     address: Annotated[
         str | None, typer.Option(help="Run on an existing Ray cluster ('auto' or ray://host:10001).")
     ] = None,
-    only: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--only",
-            help="Run only these stages, e.g. --only train,evaluate (upstream outputs are used as they are).",
-        ),
-    ] = None,
-    from_: Annotated[
-        str | None, typer.Option("--from", help="Start at this stage (earlier outputs are used as they are).")
-    ] = None,
-    until: Annotated[str | None, typer.Option("--until", help="Stop after this stage.")] = None,
-    force: Annotated[
-        list[str] | None,
-        typer.Option("--force", help="Rerun these stages even when cached, e.g. --force dedup."),
-    ] = None,
+    only: OnlyOpt = None,
+    from_: FromOpt = None,
+    until: UntilOpt = None,
+    force: ForceOpt = None,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Print which stages would run or be cached, and why; run nothing."),
@@ -186,55 +198,182 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     console.print(f"[green]{config}: valid[/green]")
 
 
+_DONE = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
 @app.command()
 def submit(
     config: ConfigArg,
-    address: Annotated[
-        str, typer.Option(help="Ray dashboard address of the cluster, e.g. http://head:8265.")
-    ],
+    address: AddressOpt = DEFAULT_DASHBOARD,
     set_: SetOpt = None,
     wait: Annotated[bool, typer.Option(help="Follow the job's logs until it ends.")] = True,
+    retries: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Resubmit a job that failed up to N times; each attempt resumes from the finished tasks.",
+        ),
+    ] = 0,
+    submission_id: Annotated[
+        str | None, typer.Option(help="The job's id (default: lmforge-NAME-TIME; a resubmission adds -rN).")
+    ] = None,
+    only: OnlyOpt = None,
+    from_: FromOpt = None,
+    until: UntilOpt = None,
+    force: ForceOpt = None,
 ) -> None:
-    """Submit the pipeline as a Ray job: the repository ships as the job's working dir."""
+    """Submit the pipeline (or the selected stages) as a Ray job: the repository ships as its working dir."""
     cfg = _load(config, set_)
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
+    if retries and not wait:
+        console.print("[bold red]--retries needs --wait[/bold red]: a failed job is resubmitted when it ends")
+        raise typer.Exit(2)
     if not cfg.workdir.is_absolute() and "://" not in str(cfg.workdir):
         console.print(
             f"[yellow]workdir {cfg.workdir} is relative: outputs stay in the job's working directory on the "
             "cluster; set workdir to a shared path for results you want to keep[/yellow]"
         )
+    flags = [f"--only={','.join(_names(only))}"] if only else []
+    flags += [f"--from={from_}"] * bool(from_) + [f"--until={until}"] * bool(until)
+    flags += [f"--force={name}" for name in _names(force)]
     repo = Path(__file__).resolve().parent.parent
-    client = JobSubmissionClient(address)
-    # The validated config travels in the job's environment: nothing is written into the repository.
-    job_id = _submit_with_retry(
-        client,
-        entrypoint=f"python -m orchestration.cli run --config-env {_CONFIG_ENV} --address auto",
-        runtime_env={
-            "working_dir": str(repo),
-            "excludes": [".venv/", "work/", ".git/", "*.warc.gz"],
-            "env_vars": {
-                _CONFIG_ENV: yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
-                "LMFORGE_IN_RAY_JOB": "1",
+    client = _client(address)
+    base_id = submission_id or f"lmforge-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    for attempt in range(retries + 1):
+        job_id = f"{base_id}-r{attempt}" if attempt else base_id
+        # The validated config travels in the job's environment: nothing is written into the repository.
+        _submit_with_retry(
+            client,
+            submission_id=job_id,
+            entrypoint=" ".join(
+                ["python -m orchestration.cli run --config-env", _CONFIG_ENV, "--address auto"]
+                + [shlex.quote(f) for f in flags]
+            ),
+            runtime_env={
+                "working_dir": str(repo),
+                "excludes": [".venv/", "work/", ".git/", "*.warc.gz"],
+                "env_vars": {_CONFIG_ENV: config_yaml, "LMFORGE_IN_RAY_JOB": "1"},
             },
-        },
-        metadata={"lmforge.config": cfg.name},
-    )
-    console.print(f"submitted job [bold]{job_id}[/bold] to {address}")
-    if not wait:
-        return
+            metadata={
+                "lmforge.config": cfg.name,
+                "lmforge.workdir": str(cfg.workdir),
+                "lmforge.attempt": str(attempt),
+                "lmforge.stages": " ".join(flags) or "all",
+            },
+        )
+        console.print(f"submitted job [bold]{job_id}[/bold] to {address}")
+        if not wait:
+            return
+        status = _follow(client, job_id)
+        console.print(f"job {job_id}: {status}")
+        if status == "SUCCEEDED":
+            return
+        if status != "FAILED" or attempt == retries:
+            raise typer.Exit(1)
+        console.print(
+            f"[yellow]resubmitting (attempt {attempt + 2} of {retries + 1}): the finished tasks and stages in "
+            f"{cfg.workdir} are kept[/yellow]"
+        )
+
+
+def _follow(client, job_id: str, poll_s: float = 2.0) -> str:
+    """Print the job's logs as they grow until it ends; returns its final status."""
     printed = 0
     while True:
-        status = client.get_job_status(job_id)
+        status = str(client.get_job_status(job_id).value)
         logs = client.get_job_logs(job_id)
         sys.stdout.write(logs[printed:])
+        sys.stdout.flush()
         printed = len(logs)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            break
-        time.sleep(2)
-    console.print(f"job {job_id}: {status}")
-    if status != JobStatus.SUCCEEDED:
-        raise typer.Exit(1)
+        if status in _DONE:
+            return status
+        time.sleep(poll_s)
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        console.print(f"[bold red]cannot reach the Ray cluster at {address}[/bold red]: {e}")
+        raise typer.Exit(2) from None
+
+
+def _job(client, job_id: str):
+    try:
+        return client.get_job_info(job_id)
+    except RuntimeError:  # the job server's 404
+        console.print(f"[bold red]no job {job_id!r}[/bold red] on this cluster (lmforge jobs lists them)")
+        raise typer.Exit(2) from None
+
+
+JobArg = Annotated[str, typer.Argument(help="The job's submission id (lmforge jobs lists them).")]
+
+
+@app.command()
+def jobs(address: AddressOpt = DEFAULT_DASHBOARD) -> None:
+    """The cluster's jobs, newest first: id, status, lmforge config and stages, start and end."""
+    client = _client(address)
+    table = Table(title=f"jobs on {address}")
+    for column in ("job", "status", "config", "stages", "started", "ended"):
+        table.add_column(column)
+    for job in sorted(client.list_jobs(), key=lambda j: j.start_time or 0, reverse=True):
+        meta = job.metadata or {}
+        table.add_row(
+            job.submission_id or job.job_id or "",
+            str(job.status.value),
+            meta.get("lmforge.config", ""),
+            meta.get("lmforge.stages", ""),
+            _when(job.start_time),
+            _when(job.end_time),
+        )
+    Console(width=200).print(table)
+
+
+def _when(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else ""
+
+
+@app.command()
+def status(job_id: JobArg, address: AddressOpt = DEFAULT_DASHBOARD) -> None:
+    """A job's status, and its message when it failed or was stopped."""
+    job = _job(_client(address), job_id)
+    typer.echo(f"{job_id}: {job.status.value}" + (f" ({job.message})" if job.message else ""))
+
+
+@app.command()
+def logs(
+    job_id: JobArg,
+    address: AddressOpt = DEFAULT_DASHBOARD,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+) -> None:
+    """A job's logs: the pipeline's console output on the cluster."""
+    client = _client(address)
+    _job(client, job_id)
+    if follow:
+        console.print(f"job {job_id}: {_follow(client, job_id)}")
+    else:
+        sys.stdout.write(client.get_job_logs(job_id))
+
+
+@app.command()
+def stop(
+    job_id: JobArg,
+    address: AddressOpt = DEFAULT_DASHBOARD,
+    timeout_s: Annotated[float, typer.Option(help="How long to wait for it to stop.")] = 60,
+) -> None:
+    """Stop a running job and wait until it has (its finished tasks stay in the work dir)."""
+    client = _client(address)
+    _job(client, job_id)
+    client.stop_job(job_id)
+    deadline = time.monotonic() + timeout_s
+    while (state := str(client.get_job_status(job_id).value)) not in _DONE:
+        if time.monotonic() > deadline:
+            console.print(f"[bold red]job {job_id} is still {state} after {timeout_s:.0f}s[/bold red]")
+            raise typer.Exit(1)
+        time.sleep(1)
+    typer.echo(f"{job_id}: {state}")
 
 
 def _submit_with_retry(client, timeout_s: float = 120, **job) -> str:

@@ -98,3 +98,104 @@ def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tmp_path):
     assert (workdir / "evaluate").is_dir() and (workdir / "report.md").is_file()
     # Nothing was staged into the repository for the job.
     assert not list(REPO.glob(".lmforge*")) and not list(REPO.glob("*.yaml"))
+
+
+def _lmforge(env, *args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [BIN / "lmforge", *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.slow
+def test_jobs_status_logs_stop_and_a_killed_job_resubmitted_with_retries(ray_head, ray_session, tmp_path):
+    """A data-only pipeline submitted with --retries 1: its driver is killed once clean has finished, the
+    resubmitted job serves clean from the cache and finishes, and its shards match a local run's."""
+    import random
+
+    import yaml
+
+    from core.manifest import index_digest, read_index
+    from orchestration.config import parse_config
+    from orchestration.pipeline import Pipeline
+
+    address, env = ray_head
+    rng = random.Random(5)
+    words = [
+        "a",
+        "stone",
+        "bridge",
+        "over",
+        "the",
+        "river",
+        "where",
+        "the",
+        "people",
+        "of",
+        "the",
+        "old",
+        "town",
+        "meet",
+        "and",
+        "talk",
+    ]
+    with open(tmp_path / "dump.jsonl", "w") as f:
+        for i in range(300):
+            text = " ".join(" ".join(rng.choices(words, k=14)).capitalize() + "." for _ in range(8))
+            f.write(json.dumps({"id": f"d{i}", "text": text, "url": f"https://example.org/{i}"}) + "\n")
+    raw = {
+        "name": "jobs",
+        "workdir": str(tmp_path / "work"),
+        "read": {"paths": [str(tmp_path / "dump.jsonl")]},
+        "clean": {"gopher_repetition": None},
+        "dedup": {"shards": 4},
+        "tokenize": {"tokenizer": {"vocab_size": 300, "min_frequency": 1}, "val_fraction": 0.2},
+    }
+    config = tmp_path / "jobs.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    workdir = tmp_path / "work"
+
+    submit = subprocess.Popen(
+        [BIN / "lmforge", "submit", config, "--address", address, "--submission-id", "lmf-jobs",
+         "--retries", "1", "--until", "tokenize"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (workdir / "clean" / "index.json").exists():
+        assert submit.poll() is None and time.monotonic() < deadline, submit.communicate()
+        time.sleep(0.05)
+    assert not (workdir / "tokenize" / "index.json").exists()
+    drivers = subprocess.run(
+        ["pgrep", "-f", "orchestration.cli run --config-env"], capture_output=True, text=True
+    ).stdout.split()
+    assert drivers
+    for pid in drivers:
+        os.kill(int(pid), signal.SIGKILL)
+    out, err = submit.communicate(timeout=600)
+    assert submit.returncode == 0, out[-3000:] + err[-3000:]
+    assert "job lmf-jobs: FAILED" in err and "resubmitting (attempt 2 of 2)" in err
+    assert "job lmf-jobs-r1: SUCCEEDED" in err
+
+    # status, logs and jobs see both attempts; the second served clean from the cache.
+    assert _lmforge(env, "status", "lmf-jobs", "--address", address).stdout.startswith("lmf-jobs: FAILED")
+    assert _lmforge(env, "status", "lmf-jobs-r1", "--address", address).stdout.startswith(
+        "lmf-jobs-r1: SUCCEEDED"
+    )
+    logs = _lmforge(env, "logs", "lmf-jobs-r1", "--address", address).stdout
+    assert "clean: cached" in logs and "▶ tokenize" in logs
+    listed = _lmforge(env, "jobs", "--address", address).stdout
+    assert "lmf-jobs-r1" in listed and "--until=tokenize" in listed
+    missing = _lmforge(env, "status", "no-such-job", "--address", address)
+    assert missing.returncode == 2 and "no job 'no-such-job'" in missing.stderr
+
+    # The cluster's outputs are the outputs of the same config run here.
+    local = parse_config({**raw, "workdir": str(tmp_path / "local")}, "test")
+    Pipeline(local).run(until="tokenize")
+    for stage in ("clean", "dedup", "tokenize"):
+        assert index_digest(read_index(workdir / stage)) == index_digest(read_index(local.workdir / stage))
+
+    # A job stopped while it runs ends STOPPED.
+    started = _lmforge(env, "submit", config, "--address", address, "--submission-id", "lmf-stop",
+                       "--no-wait", "--force", "clean", "--until", "clean")  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    stopped = _lmforge(env, "stop", "lmf-stop", "--address", address)
+    assert stopped.returncode == 0 and stopped.stdout == "lmf-stop: STOPPED\n", stopped.stderr
