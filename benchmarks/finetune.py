@@ -36,6 +36,9 @@ parser.add_argument("--steps", type=int, default=30, help="steps per throughput 
 parser.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
 parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of each side")
 parser.add_argument("--threads", type=int, default=1, help="torch threads of both sides")
+parser.add_argument(
+    "--base", type=Path, help="keep the pretrained base here and reuse it on later runs (skips pretraining)"
+)
 args = parser.parse_args()
 for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
     os.environ.setdefault(key, value)
@@ -153,7 +156,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lmforge-finetune-bench-"))
     try:
         torch.set_num_threads(2)  # pretraining the base is setup, not measured
-        base = pretrain(work)
+        if args.base is not None and (args.base / "config.json").is_file():
+            base = args.base
+        else:
+            base = pretrain(work)
+            if args.base is not None:
+                shutil.copytree(base, args.base)
         torch.set_num_threads(args.threads)
         cfg = ft_config(base, args.steps, zero_stage=0)
         cfg2 = ft_config(base, args.steps, zero_stage=2)
@@ -174,7 +182,7 @@ def main() -> None:
         ]  # fmt: skip
 
         long = ft_config(
-            base, 60 if args.quick else 600, lr=5e-4, warmup_steps=6 if args.quick else 60, zero_stage=0
+            base, 60 if args.quick else 600, lr=1e-4, warmup_steps=6 if args.quick else 60, zero_stage=0
         )
         t0 = time.perf_counter()
         tuned = finetune(long, work / "sst2", print_progress=False)

@@ -67,6 +67,8 @@ def test_deepspeed_matches_plain_pytorch_loop(single_process_dist, zero_stage):
     )
     expected = plain_pytorch_losses(cfg)
     engine = initialize(build_model(cfg.model, VOCAB, SEQ, seed=cfg.seed), cfg)
+    # One rank at ZeRO-0 skips the all-reduce over itself; ZeRO-2 reduces through its optimizer.
+    assert engine.enable_backward_allreduce == (zero_stage != 0)
     losses, lrs = [], []
     for seqs in batches():
         loss = step_loss(engine, seqs)
