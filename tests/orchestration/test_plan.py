@@ -13,6 +13,7 @@ import yaml
 from orchestration.config import ConfigError, parse_config
 from orchestration.pipeline import Pipeline
 from orchestration.plan import PARTS_FILE, Selection, changes, code_digests, key_of, module_closure
+from tests.orchestration.test_pipeline_fast import _text
 
 ORDER = ["crawl", "clean", "dedup", "tokenize", "train", "evaluate"]
 DEPS = {
@@ -84,28 +85,9 @@ def test_changes_name_the_config_fields_files_inputs_and_modules_that_differ():
 def planned(ray_session, tmp_path):
     """A read.paths corpus with a URL block list; clean -> dedup -> tokenize run once."""
     rng = random.Random(3)
-    words = [
-        "the",
-        "river",
-        "runs",
-        "past",
-        "an",
-        "old",
-        "mill",
-        "and",
-        "a",
-        "stone",
-        "bridge",
-        "where",
-        "people",
-        "of",
-        "the",
-        "town",
-        "meet",
-    ]
     lines = []
     for i in range(16):
-        text = " ".join(" ".join(rng.choice(words) for _ in range(12)).capitalize() + "." for _ in range(8))
+        text = _text(rng)
         lines.append(json.dumps({"id": f"d{i:02d}", "text": text, "url": f"https://site{i % 4}.org/{i}"}))
     (tmp_path / "dump.jsonl").write_text("\n".join(lines) + "\n")
     blocklist = tmp_path / "blocklist.txt"

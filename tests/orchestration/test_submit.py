@@ -117,30 +117,13 @@ def test_jobs_status_logs_stop_and_a_killed_job_resubmitted_with_retries(ray_hea
     from core.manifest import index_digest, read_index
     from orchestration.config import parse_config
     from orchestration.pipeline import Pipeline
+    from tests.orchestration.test_pipeline_fast import _text
 
     address, env = ray_head
     rng = random.Random(5)
-    words = [
-        "a",
-        "stone",
-        "bridge",
-        "over",
-        "the",
-        "river",
-        "where",
-        "the",
-        "people",
-        "of",
-        "the",
-        "old",
-        "town",
-        "meet",
-        "and",
-        "talk",
-    ]
     with open(tmp_path / "dump.jsonl", "w") as f:
         for i in range(300):
-            text = " ".join(" ".join(rng.choices(words, k=14)).capitalize() + "." for _ in range(8))
+            text = _text(rng)
             f.write(json.dumps({"id": f"d{i}", "text": text, "url": f"https://example.org/{i}"}) + "\n")
     raw = {
         "name": "jobs",
