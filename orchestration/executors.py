@@ -6,6 +6,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import traceback
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -152,16 +153,72 @@ def corpus_source(uri: str, read: ReadConfig) -> Source:
 USER_ERRORS = (CorruptInputError, ManifestError, FileNotFoundError)
 
 
+#: A partition where more documents than this crash a stage (and more than QUARANTINE_FRACTION of them)
+#: has a bug, not poison documents: the stage fails with the first traceback instead of rejecting them all.
+QUARANTINE_LIMIT = 10
+QUARANTINE_FRACTION = 0.01
+
+
+class StageCrash(RuntimeError):
+    """Too many documents of one partition crashed a stage to quarantine them."""
+
+
 def document_task(
     staging: Path, stages: list[Stage], source: Source, part: str, stage_name: str
 ) -> dict[str, Any]:
-    """One partition through a chain of stages: kept documents and rejected ones, each with the reason."""
+    """One partition through a chain of stages: kept documents and rejected ones, each with the reason.
+
+    A document that makes a stage raise is quarantined, not retried forever and not dropped: the partition
+    is run again one document at a time, and each document that raises goes to the rejected dataset
+    (``filter: quarantined``, the traceback as its ``signal``). Errors about the input files themselves
+    (USER_ERRORS) still stop the stage.
+    """
     ctx = StageContext(stage_name)
-    kept = write_parquet(
-        staging / f"{part}.parquet", run_chain(stages, source.batches(ctx), ctx), DOCUMENT_SCHEMA
-    )
+    kept_path = staging / f"{part}.parquet"
+    try:
+        kept = write_parquet(kept_path, run_chain(stages, source.batches(ctx), ctx), DOCUMENT_SCHEMA)
+    except USER_ERRORS:
+        raise
+    except Exception:
+        ctx = StageContext(stage_name)
+        kept = write_parquet(kept_path, _isolating(stages, source.batches(ctx), ctx, part), DOCUMENT_SCHEMA)
     rejected = write_parquet(staging / REJECTED_DIR / f"{part}.parquet", ctx.rejected, REJECTED_SCHEMA)
     return {"kept": kept, "rejected": rejected, "counters": dict(ctx.counters)}
+
+
+def _isolating(
+    stages: list[Stage], batches: Iterable[pa.RecordBatch], ctx: StageContext, part: str
+) -> Iterable[pa.RecordBatch]:
+    """The chain over one document at a time; a document it raises on is quarantined with the traceback."""
+    seen = crashed = 0
+    first = ""
+    for batch in batches:
+        for i in range(batch.num_rows):
+            doc = batch.slice(i, 1)
+            seen += 1
+            one = StageContext(ctx.stage, ctx.rank, ctx.world_size)
+            try:
+                out = list(run_chain(stages, [doc], one))
+            except USER_ERRORS:
+                raise
+            except Exception as e:
+                crashed += 1
+                trace = traceback.format_exc()
+                first = first or trace
+                if crashed > QUARANTINE_LIMIT and crashed > QUARANTINE_FRACTION * seen:
+                    raise StageCrash(
+                        f"stage {ctx.stage}, partition {part}: {crashed} of {seen} documents raised, too many "
+                        f"to quarantine (a bug, not poison documents); the first:\n{first}"
+                    ) from e
+                ctx.counters[f"{stages[0].name}.in"] += 1
+                ctx.counters["quarantined"] += 1
+                if "html" in doc.schema.names:  # before extraction: its raw HTML is what is kept
+                    doc = doc.rename_columns(["text" if n == "html" else n for n in doc.schema.names])
+                ctx.reject(doc, filter="quarantined", signal=trace)
+                continue
+            ctx.counters.update(one.counters)
+            ctx.rejected += one.rejected
+            yield from out
 
 
 @ray.remote(num_cpus=1)
