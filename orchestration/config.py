@@ -40,6 +40,33 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+#: The stages whose Ray tasks ``ray.resources`` can size (training sizes its workers in ``train``; crawl
+#: actors hold no CPU, they wait on the network).
+TASK_STAGES = ("clean", "dedup", "tokenize", "evaluate", "finetune")
+
+
+class TaskResources(_Section):
+    """What each Ray task of a stage asks for, and how many may be in flight at once."""
+
+    cpus: float = Field(1.0, gt=0, description="CPUs per task.")
+    gpus: float = Field(0.0, ge=0, description="GPUs per task (evaluate, finetune's evaluation).")
+    memory_mb: int | None = Field(
+        None, ge=1, description="Memory per task, reserved in Ray's scheduler (null: no reservation)."
+    )
+    max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="Tasks submitted at once (null: twice the cluster's CPUs): backpressure on the driver "
+        "and the object store when a stage has many partitions.",
+    )
+
+    def ray_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"num_cpus": self.cpus, "num_gpus": self.gpus}
+        if self.memory_mb is not None:
+            options["memory"] = self.memory_mb * 2**20
+        return options
+
+
 class RayConfig(_Section):
     """Where stages run: an embedded local Ray (address null) or an existing cluster."""
 
@@ -52,6 +79,24 @@ class RayConfig(_Section):
         True,
         description="Start the embedded Ray's dashboard on 127.0.0.1 (Ray Train's state checks need it).",
     )
+    resources: dict[str, TaskResources] = Field(
+        default_factory=dict,
+        description=f"Per-stage task resources, by stage ({', '.join(TASK_STAGES)}); e.g. "
+        "{clean: {cpus: 1, memory_mb: 2048, max_in_flight: 8}, evaluate: {gpus: 1}}.",
+    )
+
+    @model_validator(mode="after")
+    def _known_stages(self) -> RayConfig:
+        unknown = sorted(set(self.resources) - set(TASK_STAGES))
+        if unknown:
+            raise ValueError(
+                f"ray.resources: no stage {', '.join(unknown)}; stages with Ray tasks are {', '.join(TASK_STAGES)} "
+                "(training's workers are sized by train.num_workers / cpus_per_worker / use_gpu)"
+            )
+        return self
+
+    def tasks(self, stage: str) -> TaskResources:
+        return self.resources.get(stage, TaskResources())
 
 
 class PromoteRule(_Section):

@@ -256,14 +256,24 @@ def _apply_task(staging: Path, part: Partition, out: Path, cfg: DedupConfig) -> 
 class _Phases:
     """Runs the phases of one dedup stage as Ray tasks, markers under ``out/_work/_done``."""
 
-    def __init__(self, out: Path, cfg: DedupConfig, on_progress: Callable[[str, int, int], None] | None):
+    def __init__(
+        self,
+        out: Path,
+        cfg: DedupConfig,
+        on_progress: Callable[[str, int, int], None] | None,
+        options: dict[str, Any] | None = None,
+        max_in_flight: int | None = None,
+    ):
         self.out, self.cfg, self.on_progress = out, cfg, on_progress
+        self.options, self.max_in_flight = options, max_in_flight or cfg.workers
 
     def run(self, label: str, tasks: list[TaskId], plan: Callable[[TaskId], tuple]) -> dict[TaskId, dict]:
         progress = None
         if self.on_progress is not None:
             progress = lambda done, total: self.on_progress(label, done, total)  # noqa: E731
-        return run_tasks(self.out, tasks, plan, progress, self.cfg.workers, self.out / WORK / DONE_DIR)
+        return run_tasks(
+            self.out, tasks, plan, progress, self.max_in_flight, self.out / WORK / DONE_DIR, self.options
+        )
 
     def shard_tasks(self, phase: str, step: int | None = None) -> list[TaskId]:
         return [TaskId(phase, step=step, shard=s) for s in range(self.cfg.shards)]
@@ -292,15 +302,18 @@ def run_dedup_stage(
     cache_key: str,
     inputs: dict[str, str],
     on_progress: Callable[[str, int, int], None] | None = None,
+    options: dict[str, Any] | None = None,
+    max_in_flight: int | None = None,
 ) -> dict[str, Any]:
-    """Deduplicate the documents of ``docs_dir`` into ``out_dir`` (kept, ``rejected/``, index)."""
+    """Deduplicate the documents of ``docs_dir`` into ``out_dir`` (kept, ``rejected/``, index); tasks with
+    Ray ``options``, at most ``max_in_flight`` (default ``cfg.workers``) at once."""
     _, files = dataset_files(docs_dir)
     out = Path(out_dir)
     parts = plan_partitions(files, cfg.partition_mb)
     names = [p.name for p in parts]
     index_of = {p.name: i for i, p in enumerate(parts)}
     by_name = {p.name: p for p in parts}
-    phases = _Phases(out, cfg, on_progress)
+    phases = _Phases(out, cfg, on_progress, options, max_in_flight)
     if not parts:  # nothing came through clean: an empty output, not a failed shuffle
         return _commit(out, [], 0, Counter(), cfg, cache_key, inputs)
 

@@ -233,13 +233,18 @@ def run_tasks(
     on_progress: Callable[[int, int], None] | None = None,
     max_in_flight: int | None = None,
     markers: Path | None = None,
+    options: dict[str, Any] | None = None,
 ) -> dict[TaskId, dict[str, Any]]:
     """Results of every task: read from its completion marker if a previous run finished it, else from
-    running ``fn(staging, *args)`` for ``(fn, args) = plan(task)`` as a Ray task, committed under ``root``
-    by the runner (core/tasks.py), marker in ``markers`` (default ``root/_done``). At most
-    ``max_in_flight`` tasks run at once (default: as many as the cluster schedules). Progress is
-    reported as tasks end."""
+    running ``fn(staging, *args)`` for ``(fn, args) = plan(task)`` as a Ray task (with Ray ``options``:
+    num_cpus, num_gpus, memory), committed under ``root`` by the runner (core/tasks.py), marker in
+    ``markers`` (default ``root/_done``). At most ``max_in_flight`` tasks are submitted at once (default:
+    twice the cluster's CPUs), so a stage of many partitions never queues them all. Progress is reported
+    as tasks end."""
     markers = markers or root / DONE_DIR
+    if max_in_flight is None:
+        max_in_flight = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    remote = _remote_task.options(**options) if options else _remote_task
     results: dict[TaskId, dict[str, Any]] = {}
     todo = []
     for task in tasks:
@@ -253,10 +258,10 @@ def run_tasks(
     pending: dict[ray.ObjectRef, TaskId] = {}
     todo.reverse()
     while todo or pending:
-        while todo and (max_in_flight is None or len(pending) < max_in_flight):
+        while todo and len(pending) < max_in_flight:
             task = todo.pop()
             fn, args = plan(task)
-            pending[_remote_task.remote(fn, task, str(root), str(markers), args)] = task
+            pending[remote.remote(fn, task, str(root), str(markers), args)] = task
         done, _ = ray.wait(list(pending), num_returns=1)
         task = pending.pop(done[0])
         try:
@@ -280,6 +285,8 @@ def run_document_stage(
     cache_key: str,
     inputs: dict[str, str],
     on_progress: Callable[[int, int], None] | None = None,
+    options: dict[str, Any] | None = None,
+    max_in_flight: int | None = None,
 ) -> dict[str, Any]:
     """Map a chain of stages over partitions as Ray tasks; skip partitions already completed.
 
@@ -293,6 +300,8 @@ def run_document_stage(
         [TaskId(part=part) for part in sources],
         lambda task: (document_task, (stages, sources[task.part], task.part, stage_name)),
         on_progress,
+        max_in_flight,
+        options=options,
     )
 
     counters: Counter = Counter()
@@ -361,6 +370,8 @@ def run_tokenize_stage(
     cache_key: str = "",
     inputs: dict[str, str] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    options: dict[str, Any] | None = None,
+    max_in_flight: int | None = None,
 ) -> dict[str, Any]:
     """Tokenizer pass in one task, then one task per partition; resumes from completed partitions.
 
@@ -374,7 +385,9 @@ def run_tokenize_stage(
         shutil.rmtree(out / DONE_DIR, ignore_errors=True)  # partitions of another tokenizer are void
     pass_ = TaskId("tokenizer")
     prepared = Prepared(
-        **run_tasks(out, [pass_], lambda _: (_prepare_tokenizer_task, (files, config)))[pass_]
+        **run_tasks(out, [pass_], lambda _: (_prepare_tokenizer_task, (files, config)), options=options)[
+            pass_
+        ]
     )
     parts = {TaskId(part=p.name): p for p in plan_partitions(files, config.partition_mb)}
     results = run_tasks(
@@ -382,6 +395,8 @@ def run_tokenize_stage(
         list(parts),
         lambda task: (_tokenize_task, (parts[task], str(out), prepared, config)),
         on_progress,
+        max_in_flight,
+        options=options,
     )
     documents_in = docs["rows"]
     documents_out = sum(r["documents"] for r in results.values())

@@ -375,7 +375,13 @@ class Pipeline:
             on_progress=lambda done, total: self.console.print(
                 f"  {done}/{total} input files", highlight=False
             ),
+            **self._task_resources("clean"),
         )
+
+    def _task_resources(self, stage: str) -> dict[str, Any]:
+        """``ray.resources.<stage>`` as run_tasks' Ray options and in-flight cap."""
+        r = self.cfg.ray.tasks(stage)
+        return {"options": r.ray_options(), "max_in_flight": r.max_in_flight}
 
     def _dedup(self, clean: StageOutcome, out: Path, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         return run_dedup_stage(
@@ -387,6 +393,7 @@ class Pipeline:
             on_progress=lambda phase, done, total: (
                 done == total and self.console.print(f"  {phase}: {total} task(s) done", highlight=False)
             ),
+            **self._task_resources("dedup"),
         )
 
     def _tokenize(self, docs: StageOutcome, out: Path, key: str, inputs: dict[str, str]) -> dict[str, Any]:
@@ -399,6 +406,7 @@ class Pipeline:
             on_progress=lambda done, total: self.console.print(
                 f"  tokenized {done}/{total} partitions", highlight=False
             ),
+            **self._task_resources("tokenize"),
         )
 
     def _train(
@@ -446,7 +454,7 @@ class Pipeline:
     def _evaluate(
         self, tokens: StageOutcome, train: StageOutcome, out: Path, key: str, inputs: dict[str, str]
     ) -> dict[str, Any]:
-        task = ray.remote(num_cpus=1)(evaluate_model_dir)
+        task = ray.remote(evaluate_model_dir).options(**self.cfg.ray.tasks("evaluate").ray_options())
         model_dir = train.out_dir / "model"
         metrics = ray.get(
             task.remote(
@@ -502,8 +510,8 @@ class Pipeline:
             record = {"name": cfg.name, "mlflow_run_id": parent_id, "tracking_uri": cfg.tracking_uri}
             atomic_write_bytes(self.workdir / report.RUN_RECORD, json.dumps(record).encode())
             specs, selected, needed = self._specs(result, tracker, selection, config_hash)
-            if "train" in selected:
-                preflight(cfg, ray.cluster_resources())  # the worker group against the cluster
+            # The stages' tasks and the training worker group against the cluster.
+            preflight(cfg, ray.cluster_resources(), train="train" in selected)
             self._walk(result, tracker, specs, selected, needed, selection.force)
             if "evaluate" in selected:
                 self._aliases(result, tracker)
@@ -801,7 +809,8 @@ class Pipeline:
         summary = launch_finetuning(
             ft, out, run_name=f"{self.cfg.name}-finetune-{key}", metrics_logger=logger, console=self.console
         )
-        metrics = ray.get(ray.remote(num_cpus=1)(evaluate_finetuned).remote(summary["model_dir"], ft))
+        evaluate = ray.remote(evaluate_finetuned).options(**self.cfg.ray.tasks("finetune").ray_options())
+        metrics = ray.get(evaluate.remote(summary["model_dir"], ft))
         atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
         model_dir = Path(summary["model_dir"])
         files = [

@@ -67,16 +67,38 @@ def _init_from_problems(model_dir: Path, seq_len: int, section: str = "train") -
     return problems
 
 
-def cluster_problems(cfg: PipelineConfig, resources: dict[str, float]) -> list[str]:
-    """Whether the training worker group fits the cluster's total ``resources`` (ray.cluster_resources())."""
+def task_problems(cfg: PipelineConfig, resources: dict[str, float]) -> list[str]:
+    """Stages whose ``ray.resources`` task could never be placed on the cluster's total ``resources``."""
+    problems = []
+    for stage, r in sorted(cfg.ray.resources.items()):
+        need = {"CPU": r.cpus, "GPU": r.gpus, "memory": (r.memory_mb or 0) * 2**20}
+        for kind, value in need.items():
+            has = resources.get(kind, 0)
+            if value > has:
+                field = {"CPU": "cpus", "GPU": "gpus", "memory": "memory_mb"}[kind]
+                amount = f"{value / 2**20:.0f} MB" if kind == "memory" else f"{value:g} {kind}(s)"
+                total = f"{has / 2**20:.0f} MB" if kind == "memory" else f"{has:g}"
+                problems.append(
+                    f"ray.resources.{stage}.{field}: each {stage} task asks for {amount}, the Ray cluster has "
+                    f"{total} in all, so it could never be placed; lower it or add nodes"
+                )
+    return problems
+
+
+def cluster_problems(cfg: PipelineConfig, resources: dict[str, float], train: bool = True) -> list[str]:
+    """Whether the training worker group (when ``train``) and each stage's tasks fit the cluster's total
+    ``resources`` (ray.cluster_resources())."""
+    problems = task_problems(cfg, resources)
+    if not train:
+        return problems
     t = cfg.train
     need = {"CPU": t.num_workers * t.cpus_per_worker, "GPU": t.num_workers if t.use_gpu else 0}
     short = {k: v for k, v in need.items() if v > resources.get(k, 0)}
     if not short:
-        return []
+        return problems
     has = ", ".join(f"{resources.get(k, 0):g} {k}s" for k in need)
     wants = " and ".join(f"{v:g} {k}s" for k, v in need.items() if v)
-    return [
+    return problems + [
         f"train.num_workers: {t.num_workers} workers x {t.cpus_per_worker} CPU(s)"
         + (" and 1 GPU" if t.use_gpu else "")
         + f" each need {wants}; the Ray cluster has {has} in all, so the worker group could never be "
@@ -84,10 +106,11 @@ def cluster_problems(cfg: PipelineConfig, resources: dict[str, float]) -> list[s
     ]
 
 
-def preflight(cfg: PipelineConfig, resources: dict[str, float] | None = None) -> None:
+def preflight(cfg: PipelineConfig, resources: dict[str, float] | None = None, train: bool = True) -> None:
     """Raise ConfigError naming every problem (field, value, fix) before any stage runs: the files the
-    config names, or, given the cluster's ``resources``, whether the training worker group fits them."""
-    problems = file_problems(cfg) if resources is None else cluster_problems(cfg, resources)
+    config names, or, given the cluster's ``resources``, whether the stages' tasks and (when ``train``)
+    the training worker group fit them."""
+    problems = file_problems(cfg) if resources is None else cluster_problems(cfg, resources, train)
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise ConfigError(f"pre-flight found {len(problems)} problem(s) before any stage ran:\n{lines}")

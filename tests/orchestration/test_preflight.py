@@ -56,6 +56,22 @@ def test_a_worker_group_the_cluster_can_never_place(tmp_path):
     assert cluster_problems(_config(tmp_path, train={"num_workers": 2}), {"CPU": 2.0}) == []
 
 
+def test_stage_tasks_the_cluster_can_never_place(tmp_path):
+    cfg = _config(
+        tmp_path, ray={"resources": {"evaluate": {"gpus": 1}, "clean": {"cpus": 1, "memory_mb": 4096}}}
+    )
+    problems = cluster_problems(cfg, {"CPU": 2.0, "memory": 2**31}, train=False)
+    assert problems == [
+        "ray.resources.clean.memory_mb: each clean task asks for 4096 MB, the Ray cluster has 2048 MB in all, "
+        "so it could never be placed; lower it or add nodes",
+        "ray.resources.evaluate.gpus: each evaluate task asks for 1 GPU(s), the Ray cluster has 0 in all, "
+        "so it could never be placed; lower it or add nodes",
+    ]
+    assert cluster_problems(cfg, {"CPU": 2.0, "GPU": 1.0, "memory": 2**33}, train=False) == []
+    with pytest.raises(ConfigError, match="ray.resources: no stage trian"):
+        _config(tmp_path, ray={"resources": {"trian": {"cpus": 1}}})
+
+
 def test_the_pipeline_stops_before_its_first_stage(ray_session, tmp_path):
     cfg = _config(tmp_path, train={"num_workers": 8})
     with pytest.raises(ConfigError, match="the Ray cluster has 2 CPUs"):

@@ -1,5 +1,6 @@
-"""Poison documents: a document that makes a stage raise is quarantined to the rejected dataset with its
-traceback (real Ray tasks, real files); a stage that raises on most documents still fails."""
+"""Document-stage tasks on real Ray: a document that makes a stage raise is quarantined to the rejected
+dataset with its traceback, a stage that raises on most documents still fails, and ray.resources caps
+the tasks in flight."""
 
 import json
 
@@ -25,10 +26,10 @@ def _explodes(on: str) -> Stage:
     return Explodes(StageConfig())
 
 
-def _corpus(tmp_path, texts):
-    path = tmp_path / "dump.jsonl"
+def _corpus(tmp_path, texts, name="dump.jsonl", part="read-00000"):
+    path = tmp_path / name
     path.write_text("".join(json.dumps({"id": f"d{i:02d}", "text": t}) + "\n" for i, t in enumerate(texts)))
-    return [("read-00000", corpus_source(str(path), ReadConfig(batch_size=8)))]
+    return [(part, corpus_source(str(path), ReadConfig(batch_size=8)))]
 
 
 def test_a_document_that_crashes_a_stage_is_quarantined_with_its_traceback(ray_session, tmp_path):
@@ -60,3 +61,43 @@ def test_a_stage_that_raises_on_most_documents_fails_with_the_first_traceback(ra
             cache_key="k",
             inputs={},
         )
+
+
+def test_max_in_flight_caps_the_tasks_running_at_once(ray_session, tmp_path):
+    """ray.resources' cap on real Ray tasks: each task writes its start and end time; with a cap of one
+    no two intervals overlap, with two CPUs and no cap some do."""
+    import time
+
+    from core.stage import Stage
+
+    log = tmp_path / "spans"
+    log.mkdir()
+
+    class Slow(Stage):
+        name = "slow"
+
+        def run(self, batches, ctx):
+            start = time.time()
+            time.sleep(0.5)
+            yield from batches
+            (log / f"{start}-{time.time()}").touch()
+
+    parts = [p for i in range(4) for p in _corpus(tmp_path, [f"text {i}"], f"{i}.jsonl", f"read-{i:05d}")]
+
+    def spans():
+        out = sorted(tuple(map(float, f.name.split("-"))) for f in log.iterdir())
+        for f in log.iterdir():
+            f.unlink()
+        return out
+
+    def overlaps(s):
+        return any(b[0] < a[1] for a, b in zip(s, s[1:]))
+
+    stage = Slow(StageConfig())
+    run_document_stage("clean", [stage], parts, tmp_path / "one", cache_key="k", inputs={}, max_in_flight=1)
+    one = spans()
+    assert len(one) == 4 and not overlaps(one)
+    run_document_stage(
+        "clean", [stage], parts, tmp_path / "two", cache_key="k", inputs={}, options={"num_cpus": 1}
+    )
+    assert overlaps(spans())
