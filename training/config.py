@@ -32,8 +32,21 @@ class EngineConfig(StageConfig):
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip (0 = off).")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="fp32 on CPU; bf16 on modern GPUs."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 on GPU (weights and activations in bf16, fp32 master weights and optimizer "
+        "state), fp32 on CPU.",
+    )
+    compile: bool | None = Field(
+        None, description="torch.compile the model through DeepSpeed's engine.compile (null: on GPU)."
+    )
+    fused_optimizer: bool | None = Field(
+        None, description="torch's fused AdamW kernel (one kernel for every parameter; null: on GPU)."
+    )
+    overlap_comm: bool | None = Field(
+        None,
+        description="Overlap ZeRO's gradient reduction (and ZeRO-3's parameter gathers) with the backward "
+        "pass, micro-batch by micro-batch under gradient accumulation (null: on GPU at ZeRO >= 1).",
     )
     offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO >= 1).")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3 only).")
@@ -58,7 +71,10 @@ class EngineConfig(StageConfig):
         0, ge=0, description="Restart the workers from the last checkpoint this many times after a failure."
     )
     peak_tflops: float | None = Field(
-        None, gt=0, description="Per-worker peak TFLOP/s for MFU (e.g. 989 on H100 bf16)."
+        None,
+        gt=0,
+        description="Per-worker peak TFLOP/s for MFU (null: the device's dense bf16 peak where its name is "
+        "known, training/flops.py).",
     )
     offload_device: Literal["cpu", "nvme"] = Field(
         "cpu", description="Where offload_optimizer / offload_params put their tensors."
@@ -96,9 +112,30 @@ class EngineConfig(StageConfig):
     def fp16_and_bf16(self) -> bool:
         raw = self.ds_config
         enabled = {k for k in ("fp16", "bf16") if isinstance(raw.get(k), dict) and raw[k].get("enabled")}
-        if self.precision != "fp32":
-            enabled.add(self.precision)
+        if self.dtype != "fp32":
+            enabled.add(self.dtype)
         return len(enabled) > 1
+
+    @property
+    def dtype(self) -> Literal["fp32", "bf16", "fp16"]:
+        """The training precision, ``auto`` resolved: bf16 on GPU, fp32 on CPU."""
+        if self.precision == "auto":
+            return "bf16" if self.use_gpu else "fp32"
+        return self.precision
+
+    @property
+    def compiles(self) -> bool:
+        return self.use_gpu if self.compile is None else self.compile
+
+    @property
+    def fuses_optimizer(self) -> bool:
+        return self.use_gpu if self.fused_optimizer is None else self.fused_optimizer
+
+    @property
+    def overlaps_comm(self) -> bool:
+        if self.overlap_comm is None:
+            return self.use_gpu and self.zero_stage >= 1
+        return self.overlap_comm
 
     @property
     def tokens_per_step(self) -> int:
@@ -126,6 +163,11 @@ class TrainConfig(EngineConfig):
     )
     span_documents: bool = Field(
         True, description="Pack documents across sequence boundaries (else windows inside one document)."
+    )
+    document_masking: bool = Field(
+        False,
+        description="causal_lm with span_documents: position ids restart after each end-of-document token "
+        "and attention stays inside each document (transformers' packed-sequence masks; sdpa, eager, flash).",
     )
     verify_shards: Literal["never", "first_open", "always"] = Field(
         "first_open",
@@ -155,6 +197,12 @@ class TrainConfig(EngineConfig):
             fits = ", ".join(a for a, o in OBJECTIVE_OF.items() if o == self.objective)
             raise ValueError(
                 f"train.objective={self.objective} trains {fits} models, but train.model.arch={self.model.arch}"
+            )
+        if self.document_masking and (self.objective != "causal_lm" or not self.span_documents):
+            raise ValueError(
+                "train.document_masking separates the documents packed into one causal_lm sequence: it needs "
+                f"objective=causal_lm and span_documents=true (got objective={self.objective}, "
+                f"span_documents={str(self.span_documents).lower()})"
             )
         if self.objective != "causal_lm" and self.eval_every:
             raise ValueError(

@@ -26,6 +26,8 @@ from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 def build_ds_config(cfg: EngineConfig) -> dict[str, Any]:
     """DeepSpeed config generated from lmforge's validated config, with ``cfg.ds_config`` merged on top."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 1:
+        zero["overlap_comm"] = cfg.overlaps_comm
     offload: dict[str, Any] = {"device": cfg.offload_device, "pin_memory": cfg.use_gpu}
     if cfg.offload_device == "nvme":
         offload["nvme_path"] = cfg.nvme_path
@@ -46,12 +48,11 @@ def build_ds_config(cfg: EngineConfig) -> dict[str, Any]:
                 "betas": list(cfg.betas),
                 "eps": 1e-8,
                 "weight_decay": cfg.weight_decay,
-                # torch's AdamW: no JIT-built C++ op on CPU; DeepSpeed's fused Adam is used on GPU.
-                "torch_adam": not cfg.use_gpu,
+                **_adam_implementation(cfg),
             },
         },
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "fp16": {"enabled": cfg.precision == "fp16"},
+        "bf16": {"enabled": cfg.dtype == "bf16"},
+        "fp16": {"enabled": cfg.dtype == "fp16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -60,6 +61,14 @@ def build_ds_config(cfg: EngineConfig) -> dict[str, Any]:
     if "optimizer" in override and override["optimizer"].get("type", "AdamW") != "AdamW":
         ds["optimizer"] = override.pop("optimizer")
     return deep_merge(ds, override)
+
+
+def _adam_implementation(cfg: EngineConfig) -> dict[str, Any]:
+    """torch's AdamW (its fused kernel on request, on CPU and CUDA: nothing for DeepSpeed to JIT-build),
+    except for optimizer state offloaded from a GPU, where DeepSpeed's vectorized CPU Adam is the fast one."""
+    if cfg.use_gpu and cfg.offload_optimizer:
+        return {"torch_adam": False}
+    return {"torch_adam": True, "fused": cfg.fuses_optimizer}
 
 
 def initialize(model: torch.nn.Module, cfg: EngineConfig, param_groups: list[dict[str, Any]] | None = None):
@@ -81,6 +90,9 @@ def initialize(model: torch.nn.Module, cfg: EngineConfig, param_groups: list[dic
         # One data-parallel rank at ZeRO-0: the backward all-reduce would flatten, "reduce" over one
         # rank and copy back every gradient (about 3% of a small model's CPU step) for nothing.
         engine.enable_backward_allreduce = False
+    if cfg.compiles:
+        # In place (nn.Module.compile): parameter names, checkpoints and save_pretrained are unchanged.
+        engine.compile()
     return engine
 
 

@@ -28,10 +28,11 @@ from core.stage import StageConfig
 from training import engine as ds_engine
 from training.config import EngineConfig
 from training.data.shards import DistributedBatchSampler
+from training.flops import flops_per_token
 from training.labeled import LabeledDataConfig, Task, label_ids, label_names, load_labeled
 from training.model import count_parameters
 from training.objectives import IGNORE
-from training.trainer import flops_per_token, run_steps, setup, token_loss
+from training.trainer import run_steps, setup, token_loss
 
 
 class LoraConfig(StageConfig):

@@ -65,6 +65,12 @@ class ModelConfig(StageConfig):
     activation_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
     )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "sdpa",
+        description="Attention kernel: sdpa (torch's scaled_dot_product_attention, flash / memory-efficient "
+        "kernels on GPU), eager (the reference matmuls), flash_attention_2 (needs the flash-attn package) or "
+        "flex_attention.",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
@@ -169,6 +175,18 @@ def build_model(
             decoder_start_token_id=special.pad,
         )
         model = T5ForConditionalGeneration(hf_config)
+    return apply_model_switches(model, config)
+
+
+def apply_model_switches(model: PreTrainedModel, config: ModelConfig) -> PreTrainedModel:
+    """The attention kernel and activation checkpointing of ``config`` on a built or loaded model."""
+    try:
+        model.set_attn_implementation(config.attn_implementation)
+    except (ImportError, ValueError) as e:
+        raise ValueError(
+            f"model.attn_implementation={config.attn_implementation} is not available for "
+            f"{type(model).__name__} here: {e}"
+        ) from e
     if config.activation_checkpointing:
         # transformers >= 5 renamed gradient_checkpointing_enable (kept as a deprecated alias).
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
@@ -176,11 +194,22 @@ def build_model(
 
 
 def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = True) -> int:
-    """Parameters for the 6N FLOPs rule (token/position embeddings excluded by convention)."""
+    """Parameters for the 6N FLOPs rule: those in the model's matmuls.
+
+    Embeddings are lookups and are left out, except an input embedding tied to the output head, whose
+    matmul it is (nanoGPT's and llm-foundry's count: GPT-2 124M has 123.65M). Shared tensors count once.
+    """
     total = sum(p.numel() for p in model.parameters())
-    if exclude_embeddings:
-        total -= sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
-    return total
+    if not exclude_embeddings:
+        return total
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_weight = getattr(head, "weight", None)
+    lookups = {
+        id(m.weight): m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, torch.nn.Embedding) and m.weight is not head_weight
+    }
+    return total - sum(lookups.values())
 
 
 def load_pretrained(

@@ -288,6 +288,20 @@ def other_documents(
     return candidates[np.arange(indices.size), first]
 
 
+def document_positions(inputs: np.ndarray, eos: int) -> np.ndarray:
+    """Position ids that restart at 0 after each end-of-document token (one row per packed sequence).
+
+    transformers reads a restart as a new sequence and masks attention across it (its packed-sequence
+    format, as flash-attention's varlen kernels take it).
+    """
+    t = inputs.shape[1]
+    index = np.broadcast_to(np.arange(t), inputs.shape)
+    starts = np.zeros(inputs.shape, dtype=bool)
+    starts[:, 0] = True
+    starts[:, 1:] = inputs[:, :-1] == eos
+    return index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+
+
 class ObjectiveBatches:
     """Model inputs of one objective from the token dataset's samples (numpy arrays by argument name)."""
 
@@ -299,8 +313,10 @@ class ObjectiveBatches:
         masking: MaskingConfig | None = None,
         span: SpanCorruptionConfig | None = None,
         starts: np.ndarray | None = None,
+        document_masking: bool = False,
     ):
         self.objective, self.seq_len, self.ids = objective, seq_len, ids
+        self.document_masking = document_masking
         self.masking, self.span = masking or MaskingConfig(), span or SpanCorruptionConfig()
         self.starts = starts if self.masking.whole_word else None
         self.nsp = objective == "masked_lm" and self.masking.next_sentence_prediction
@@ -325,7 +341,10 @@ class ObjectiveBatches:
         """``samples``: ``(batch, sample_length + 1)`` stream windows; ``others``: NSP's random-next windows."""
         samples = np.asarray(samples, dtype=np.int64)
         if self.objective == "causal_lm":
-            return {"input_ids": samples[:, :-1], "labels": samples[:, 1:]}
+            inputs = {"input_ids": samples[:, :-1], "labels": samples[:, 1:]}
+            if self.document_masking:
+                inputs["position_ids"] = document_positions(inputs["input_ids"], self.ids.eos)
+            return inputs
         body = samples[:, : self.sample_length]
         if self.objective == "span_corruption":
             inputs, targets = corrupt_spans(body, rng, self.ids, self.span)

@@ -7,6 +7,7 @@ through a callback, so it imports neither Ray nor MLflow.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,14 @@ from training import engine as ds_engine
 from training.config import PROGRESS_FILE, EngineConfig, TrainConfig
 from training.data.shards import DistributedBatchSampler, ShardError, TokenSequences, read_token_index
 from training.data.tokenizer import EOS_TOKEN, load_tokenizer, tokenizer_id
-from training.model import build_model, count_parameters, freeze_first_layers, load_pretrained
+from training.flops import device_peak_tflops, flops_per_token
+from training.model import (
+    apply_model_switches,
+    build_model,
+    count_parameters,
+    freeze_first_layers,
+    load_pretrained,
+)
 from training.objectives import (
     IGNORE,
     MASK_TOKEN,
@@ -61,11 +69,6 @@ def _mean_across_ranks(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     torch.distributed.all_reduce(t)
     return float(t.item()) / torch.distributed.get_world_size()
-
-
-def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weights plus 12*L*d*T for attention (PaLM appendix B)."""
-    return 6 * n_params + 12 * n_layer * n_embd * seq_len
 
 
 def _write_progress(out_dir: Path, step: int, steps: int, metrics: dict[str, float]) -> None:
@@ -134,17 +137,13 @@ def _model(
         )
     torch.manual_seed(cfg.seed)
     nsp = cfg.objective == "masked_lm" and cfg.masking.next_sentence_prediction
-    model = load_pretrained(cfg.init_from, tokenizer["vocab_size"], cfg.objective, nsp)
+    model = apply_model_switches(
+        load_pretrained(cfg.init_from, tokenizer["vocab_size"], cfg.objective, nsp), cfg.model
+    )
     frozen = freeze_first_layers(model, cfg.freeze_layers)
     if rank == 0 and frozen:
         print(f"fine-tuning {cfg.init_from}: {frozen:,} parameters frozen", flush=True)
     return model
-
-
-def causal_lm_loss(engine, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy (logits upcast to fp32)."""
-    logits = engine(input_ids=inputs).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -156,13 +155,20 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / (flat != IGNORE).sum().clamp(min=1)
 
 
+@cache
+def _no_cache(model_class: type) -> dict[str, bool]:
+    """``use_cache=False`` for models that take it: training builds no key/value cache, and
+    transformers reads packed documents from the position ids only without one."""
+    return {"use_cache": False} if "use_cache" in inspect.signature(model_class.forward).parameters else {}
+
+
 def objective_loss(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The loss of a batch from :class:`ObjectiveBatches`: its labels say which positions count.
 
     Masked LM with next-sentence prediction adds the NSP cross entropy, as BertForPreTraining does.
     """
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "next_sentence_label")}
-    out = engine(**inputs)
+    out = engine(**inputs, **_no_cache(type(engine.module)))
     if "next_sentence_label" in batch:
         nsp = F.cross_entropy(out.seq_relationship_logits.float(), batch["next_sentence_label"])
         return token_loss(out.prediction_logits, batch["labels"]) + nsp
@@ -196,8 +202,11 @@ def _step_metrics(
         "step_seconds": seconds,
         "tokens_per_s": tokens_per_s,
     }
-    if cfg.peak_tflops:
-        metrics["mfu"] = fpt * tokens_per_s / (cfg.peak_tflops * 1e12 * world)
+    peak = cfg.peak_tflops or (
+        device_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    )
+    if peak:
+        metrics["mfu"] = fpt * tokens_per_s / (peak * 1e12 * world)
     if device.type == "cuda":
         metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     metrics["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
@@ -239,7 +248,7 @@ def _objective_batches(cfg: TrainConfig, data_dir: str | Path) -> tuple[Objectiv
     )
     starts = word_starts(tokenizer) if cfg.masking.whole_word else None
     return ObjectiveBatches(
-        cfg.objective, cfg.seq_len, special, cfg.masking, cfg.span_corruption, starts
+        cfg.objective, cfg.seq_len, special, cfg.masking, cfg.span_corruption, starts, cfg.document_masking
     ), special
 
 
