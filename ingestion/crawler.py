@@ -1,7 +1,7 @@
 """A polite crawler that writes gzip WARC files.
 
-``HostCrawler`` owns exactly one host: it fetches robots.txt once, keeps the per-host delay between
-requests, and crawls breadth-first within the host. Links to other hosts are handed back to the caller,
+``HostCrawler`` owns exactly one host: it reads robots.txt as RFC 9309 says (through Protego), keeps
+the per-host delay between requests, and crawls breadth-first within the host. Links to other hosts are handed back to the caller,
 which routes them to the crawler that owns that host (orchestration wraps each in a Ray actor), so
 politeness holds however many workers run.
 """
@@ -16,7 +16,6 @@ import re
 import socket
 import threading
 import time
-import urllib.robotparser
 import zlib
 from collections import Counter, deque
 from datetime import datetime, timezone
@@ -27,6 +26,7 @@ import lxml.etree
 import lxml.html
 import requests
 import urllib3
+from protego import Protego
 from pydantic import Field, field_validator
 from warcio.archiveiterator import ArchiveIterator
 from warcio.statusandheaders import StatusAndHeaders
@@ -66,6 +66,15 @@ class CrawlConfig(StageConfig):
         60.0, ge=0, description="Longest wait between retries (Retry-After included)."
     )
     max_concurrent_hosts: int = Field(64, ge=1, description="Hosts crawled at once across the cluster.")
+    robots_attempts: int = Field(
+        3,
+        ge=1,
+        description="Fetches of an unreachable robots.txt (5xx or network error: the host is disallowed "
+        "meanwhile, RFC 9309 2.3.1.4) before its URLs are left waiting for a later crawl.",
+    )
+    robots_retry_s: float = Field(
+        60.0, ge=0, description="Wait before asking an unreachable robots.txt again; doubles each time."
+    )
     content_types: list[str] = Field(default_factory=lambda: ["text/html", "application/xhtml+xml"])
     allow_private_addresses: bool = Field(
         False, description="Allow loopback/private/link-local targets (local sites and tests only)."
@@ -179,9 +188,9 @@ class HostCrawler:
         self.retries = 0
         self._last_request = 0.0
         self._pause_until = 0.0
-        self._robots: urllib.robotparser.RobotFileParser | None = None
-        self._robots_delay = 0.0
-        self._sitemaps: list[str] = []
+        self._robots: Robots | None = None
+        self._robots_attempts = 0
+        self._robots_retry_at = 0.0
         self._warc_index = 0
         self._warc_files: dict[str, int] = {}  # file name -> response records
         self._warc_name = ""
@@ -223,7 +232,7 @@ class HostCrawler:
 
     # -- politeness ---------------------------------------------------------------------------------
     def _delay(self) -> float:
-        return max(self.config.min_delay_s, self._robots_delay)
+        return max(self.config.min_delay_s, self._robots.delay if self._robots else 0.0)
 
     @property
     def session(self) -> requests.Session:
@@ -244,22 +253,32 @@ class HostCrawler:
             self._last_request = time.monotonic()
 
     def _load_robots(self) -> None:
-        parser = urllib.robotparser.RobotFileParser()
+        """robots.txt as RFC 9309 reads it: 2xx rules apply (after up to 5 redirects, to any host);
+        4xx means no rules; 5xx or a network error means unreachable: nothing is fetched, and it is asked
+        again after ``robots_retry_s`` (doubling), ``robots_attempts`` times in all."""
+        url = self.host + "/robots.txt"
+        self._robots_attempts += 1
         try:
-            status, _, body, _ = self._get(urljoin(self.host + "/", "robots.txt"))
-        except (requests.RequestException, FetchRefused) as e:
-            self._record(self.host + "/robots.txt", None, 0, 0.0, f"robots unavailable: {e}")
+            for _ in range(ROBOTS_REDIRECTS + 1):
+                status, _, body, resp = self._get(url)
+                if status not in (301, 302, 303, 307, 308) or "Location" not in resp.headers:
+                    break
+                url = canonical_url(urljoin(url, resp.headers["Location"]))
+            else:  # more than five redirects: RFC 9309 lets a crawler read that as unavailable (4xx)
+                status, body = 404, b""
+        except FetchRefused as e:  # address policy or limits: every page of the host meets them too
+            self._record(url, None, 0, 0.0, f"robots.txt refused: {e}")
             status, body = 404, b""
-        if status in (401, 403):
-            parser.disallow_all = True
-        elif 200 <= status < 300:
-            lines = body.decode("utf-8", errors="replace").splitlines()
-            parser.parse(lines)
-            self._robots_delay = robots_crawl_delay(lines, self.config.user_agent)
-            self._sitemaps = [canonical_url(urljoin(self.host + "/", u)) for u in parser.site_maps() or []]
-        else:
-            parser.allow_all = True
-        self._robots = parser
+        except requests.RequestException as e:
+            self._record(url, None, 0, 0.0, f"robots.txt unreachable: {type(e).__name__}: {e}")
+            status = 599
+        if status >= 500:
+            self._record(url, status, 0, 0.0, "robots.txt unreachable: the host is disallowed meanwhile")
+            self._robots_retry_at = time.monotonic() + self.config.robots_retry_s * 2 ** (
+                self._robots_attempts - 1
+            )
+            return
+        self._robots = Robots(body if 200 <= status < 300 else b"", self.config.user_agent, self.host)
 
     # -- fetching -----------------------------------------------------------------------------------
     def _get(self, url: str) -> tuple[int, str, bytes, requests.Response]:
@@ -395,13 +414,11 @@ class HostCrawler:
         """<loc> URLs of the host's sitemaps (robots.txt Sitemap: lines, else /sitemap.xml), following
         sitemap indexes one level; failures are logged, never fatal."""
         found: list[str] = []
-        todo = self._sitemaps or [self.host + "/sitemap.xml"]
+        todo = self._robots.sitemaps or [self.host + "/sitemap.xml"]
         for level in range(2):
             nested: list[str] = []
             for sitemap in todo[:50]:
-                if host_key(sitemap) != self.host or not self._robots.can_fetch(
-                    self.config.user_agent, sitemap
-                ):
+                if host_key(sitemap) != self.host or not self._robots.allows(sitemap):
                     continue
                 try:
                     status, _, body, _ = self._get(sitemap)
@@ -420,10 +437,6 @@ class HostCrawler:
         up to ``budget`` pages. Returns counts, the failures, the URLs still waiting, and links to other
         hosts for the caller to route."""
         cfg = self.config
-        if self._robots is None:
-            self._load_robots()
-            if cfg.sitemaps:
-                urls = list(urls) + [(u, 1) for u in self._sitemap_urls()]
         queue: deque = deque(self._pending)
         for url, depth in urls:
             if url not in self.seen and host_key(url) == self.host and cfg.in_scope(url, self.allowed):
@@ -432,6 +445,25 @@ class HostCrawler:
         external: list[tuple[str, int]] = []
         failures: Counter = Counter()
         fetched_before, retries_before = self.fetched, self.retries
+        if self._robots is None:
+            if time.monotonic() >= self._robots_retry_at:
+                self._load_robots()
+            if self._robots is None:  # unreachable: the URLs wait, journalled, for the next ask
+                self._pending = list(queue)
+                return {
+                    **self._result(fetched_before, retries_before, failures, external),
+                    "robots_unreachable": self._robots_attempts,
+                    "robots_retry_in": max(0.0, self._robots_retry_at - time.monotonic()),
+                }
+            if cfg.sitemaps:
+                for url in self._sitemap_urls():
+                    if (
+                        url not in self.seen
+                        and host_key(url) == self.host
+                        and cfg.in_scope(url, self.allowed)
+                    ):
+                        self._queue(queue, url, 1)
+                self._journal.flush()
         in_flight = 0
         ready = threading.Condition(self._lock)
 
@@ -463,6 +495,9 @@ class HostCrawler:
             for thread in threads:
                 thread.join()
         self._pending = list(queue)
+        return self._result(fetched_before, retries_before, failures, external)
+
+    def _result(self, fetched_before: int, retries_before: int, failures: Counter, external: list) -> dict:
         return {
             "host": self.host,
             "fetched": self.fetched - fetched_before,
@@ -476,7 +511,7 @@ class HostCrawler:
 
     def _visit(self, url: str, depth: int, queue: deque, external: list[tuple[str, int]]) -> str | None:
         """Fetch one URL, write it, queue its links; the failure reason, or None."""
-        if not self._robots.can_fetch(self.config.user_agent, url):
+        if not self._robots.allows(url):
             self._record(url, None, 0, 0.0, "disallowed by robots.txt")
             return "robots_disallowed"
         start = time.monotonic()
@@ -586,38 +621,22 @@ def sitemap_locations(body: bytes) -> list[tuple[str, str]]:
     return out
 
 
-def robots_crawl_delay(lines: list[str], user_agent: str) -> float:
-    """Crawl-delay for ``user_agent`` (its own group first, else '*'), fractional seconds allowed.
+ROBOTS_REDIRECTS = 5  # RFC 9309 2.3.1.2: follow at least five consecutive redirects
 
-    The standard library's parser only accepts whole seconds, so '0.5' would be lost.
-    """
-    token = user_agent.split("/")[0].lower()
-    delays: dict[str, float] = {}
-    agents: list[str] = []
-    in_rules = False
-    for raw in lines:
-        line = raw.split("#", 1)[0].strip()
-        if ":" not in line:
-            continue
-        key, value = (part.strip() for part in line.split(":", 1))
-        key = key.lower()
-        if key == "user-agent":
-            if in_rules:
-                agents, in_rules = [], False
-            agents.append(value.lower())
-        else:
-            in_rules = True
-            if key == "crawl-delay":
-                try:
-                    delay = float(value)
-                except ValueError:
-                    continue
-                for agent in agents:
-                    delays.setdefault(agent, delay)
-    for agent, delay in delays.items():
-        if agent != "*" and agent in token:
-            return delay
-    return delays.get("*", 0.0)
+
+class Robots:
+    """One host's robots.txt rules for our user agent, by Protego (Scrapy's RFC 9309 parser): the group
+    of our product token (else ``*``), ``*`` and ``$`` patterns, the longest match between Allow and
+    Disallow (Allow on a tie), Crawl-delay (fractional) and Sitemap lines. Empty rules allow everything."""
+
+    def __init__(self, body: bytes, user_agent: str, host: str):
+        self.user_agent = user_agent
+        self._parser = Protego.parse(body.decode("utf-8", errors="replace"))
+        self.delay = float(self._parser.crawl_delay(user_agent) or 0.0)
+        self.sitemaps = [canonical_url(urljoin(host + "/", u)) for u in self._parser.sitemaps]
+
+    def allows(self, url: str) -> bool:
+        return self._parser.can_fetch(url, self.user_agent)
 
 
 def extract_links(base_url: str, body: bytes) -> list[str]:

@@ -9,6 +9,7 @@ brings every host's actor back, which resumes from its WARC files and journal (i
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +46,8 @@ def run_crawl(
 
     counters: Counter = Counter()
     waiting: set[str] = set()  # hosts with URLs queued inside their actor
+    deferred: dict[str, float] = {}  # host -> when its unreachable robots.txt may be asked again
+    unreachable: set[str] = set()  # hosts whose robots.txt stayed unreachable: their URLs wait
     hosts_file = out_dir / HOSTS_FILE
     for host in json.loads(hosts_file.read_text()) if hosts_file.exists() else []:
         state = ray.get(actor(host).state.remote())
@@ -58,7 +61,14 @@ def run_crawl(
         new[host_key(seed)].append((seed, 0))
     unreserved = config.max_pages - counters["pages_restored"]
     running: dict[ray.ObjectRef, tuple[str, int]] = {}
-    while running or (unreserved > 0 and (new or waiting)):
+    while running or (unreserved > 0 and (new or waiting or deferred)):
+        now = time.monotonic()
+        for host in [h for h, at in deferred.items() if at <= now]:
+            del deferred[host]
+            waiting.add(host)
+        if not running and not new and not waiting:  # only hosts waiting for their robots.txt
+            time.sleep(max(0.0, min(deferred.values()) - now))
+            continue
         busy = {host for host, _ in running.values()}
         ready = sorted(h for h in set(new) | waiting if h not in busy)
         for host in ready[: max(0, config.max_concurrent_hosts - len(running))]:
@@ -78,7 +88,12 @@ def run_crawl(
         counters["retries"] += result["retries"]
         counters["fetch_failures"] += result["failures"]
         counters.update({f"failed.{k}": v for k, v in result["failure_reasons"].items()})
-        if result["pending"]:
+        if "robots_unreachable" in result:  # nothing fetched: RFC 9309 disallows the host meanwhile
+            if result["robots_unreachable"] < config.robots_attempts:
+                deferred[host] = time.monotonic() + result["robots_retry_in"]
+            else:
+                unreachable.add(host)
+        elif result["pending"]:
             waiting.add(host)
         for url, depth in result["external"]:
             if url not in routed:
@@ -87,7 +102,13 @@ def run_crawl(
         if on_progress:
             on_progress(counters["pages_restored"] + counters["pages_fetched"])
     states = ray.get([a.state.remote() for a in actors.values()])
-    counters["urls_not_fetched_max_pages"] = sum(s["pending"] for s in states) + sum(map(len, new.values()))
+    left = sum(s["pending"] for s in states if s["host"] not in unreachable | set(deferred))
+    counters["urls_not_fetched_max_pages"] = left + sum(map(len, new.values()))
+    if unreachable or deferred:
+        counters["hosts_robots_unreachable"] = len(unreachable | set(deferred))
+        counters["urls_not_fetched_robots_unreachable"] = sum(
+            s["pending"] for s in states if s["host"] in unreachable | set(deferred)
+        )
     counters["hosts"] = len(actors)
     warc_files = {
         name: n for files in ray.get([a.close.remote() for a in actors.values()]) for name, n in files.items()

@@ -5,7 +5,7 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 from warcio.archiveiterator import ArchiveIterator
@@ -13,39 +13,7 @@ from warcio.archiveiterator import ArchiveIterator
 from ingestion.crawler import CrawlConfig, HostCrawler, canonical_url, extract_links, host_key
 from ingestion.demo_site import DemoSiteServer
 from ingestion.readers import read_warc
-
-
-class _Site(BaseHTTPRequestHandler):
-    """A tiny programmable site: pages by path, robots.txt, request times recorded."""
-
-    pages: dict[str, tuple[int, str, bytes]] = {}
-    hits: list[tuple[str, float]] = []
-
-    def do_GET(self):  # noqa: N802 - stdlib name
-        self.hits.append((self.path, time.monotonic()))
-        page = self.pages.get(self.path, (404, "text/plain", b"missing"))
-        if callable(page):  # a behaviour, not a page: it writes the whole response itself
-            return page(self)
-        status, ctype, body = page
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def site():
-    handler = type("H", (_Site,), {"pages": {}, "hits": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield handler, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+from tests.ingestion.conftest import _Site
 
 
 def _html(*links: str, text: str = "hello") -> bytes:
@@ -153,13 +121,15 @@ def test_demo_site_crawl_writes_warc_that_reads_back(small_site, tmp_path):
     assert html[server.url + f"{small_site.modules[0]}.html"] == original
 
 
-def test_robots_crawl_delay_parsing_prefers_own_group():
-    from ingestion.crawler import robots_crawl_delay
+def test_robots_crawl_delay_comes_from_our_group_and_may_be_fractional():
+    from ingestion.crawler import Robots
 
-    lines = ["User-agent: *", "Crawl-delay: 2", "", "User-agent: lmforge-crawler", "Crawl-delay: 0.5"]
-    assert robots_crawl_delay(lines, "lmforge-crawler/0.1 (+x)") == 0.5
-    assert robots_crawl_delay(lines, "other-bot/1.0") == 2.0
-    assert robots_crawl_delay(["User-agent: *", "Disallow: /x"], "a/1") == 0.0
+    body = b"User-agent: *\nCrawl-delay: 2\n\nUser-agent: lmforge-crawler\nCrawl-delay: 0.5\n"
+    assert Robots(body, "lmforge-crawler/0.1 (+x)", "http://h").delay == 0.5
+    assert Robots(body, "other-bot/1.0", "http://h").delay == 2.0
+    assert Robots(b"User-agent: *\nDisallow: /x\n", "a/1", "http://h").delay == 0.0
+    sitemaps = Robots(b"Sitemap: /map.xml\n", "a/1", "http://h:8000").sitemaps
+    assert sitemaps == ["http://h:8000/map.xml"]
 
 
 # -- robustness, with real servers on 127.0.0.1 ----------------------------------------------------------
@@ -416,21 +386,6 @@ def test_killed_crawl_resumes_without_refetching_or_losing_urls(site, tmp_path):
     assert result["fetched"] == 40 - len(before)
     refetched = [p for p, _ in handler.hits[hits_before:] if p != "/sitemap.xml"]
     assert len(refetched) <= result["fetched"] + 1  # at most the page cut mid-write again
-
-
-@pytest.fixture
-def three_hosts():
-    servers, hosts = [], []
-    for _ in range(3):
-        handler = type("H", (_Site,), {"pages": {}, "hits": []})
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        hosts.append((handler, f"http://127.0.0.1:{server.server_address[1]}"))
-    yield hosts
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 def test_distributed_crawl_over_hosts_keeps_per_host_delay_and_resumes(ray_session, three_hosts, tmp_path):
