@@ -38,7 +38,8 @@ class EngineConfig(StageConfig):
         "state), fp32 on CPU.",
     )
     compile: bool | None = Field(
-        None, description="torch.compile the model through DeepSpeed's engine.compile (null: on GPU)."
+        None,
+        description="torch.compile the model through DeepSpeed's engine.compile (null: on GPU at ZeRO <= 2).",
     )
     fused_optimizer: bool | None = Field(
         None, description="torch's fused AdamW kernel (one kernel for every parameter; null: on GPU)."
@@ -125,7 +126,11 @@ class EngineConfig(StageConfig):
 
     @property
     def compiles(self) -> bool:
-        return self.use_gpu if self.compile is None else self.compile
+        # ZeRO-3 swaps parameters for gathered ones around every module: dynamo's guards fail on each, it
+        # recompiles past its limit (8) and runs those frames eagerly, so compile stays opt-in there.
+        if self.compile is None:
+            return self.use_gpu and self.zero_stage < 3
+        return self.compile
 
     @property
     def fuses_optimizer(self) -> bool:

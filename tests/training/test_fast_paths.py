@@ -115,6 +115,8 @@ def test_gpu_defaults_are_the_fast_paths_and_cpu_keeps_the_plain_ones():
     assert (cpu.dtype, cpu.compiles, cpu.fuses_optimizer) == ("fp32", False, False)
     assert ds["bf16"] == {"enabled": False} and ds["zero_optimization"]["overlap_comm"] is False
     assert TrainConfig(use_gpu=True, precision="fp32", compile=False).compiles is False
+    assert TrainConfig(use_gpu=True, zero_stage=3).compiles is False  # opt-in at ZeRO-3
+    assert TrainConfig(use_gpu=True, zero_stage=3, compile=True).compiles is True
     # Optimizer state offloaded from a GPU keeps DeepSpeed's CPU Adam (no fused flag for it).
     offload = build_ds_config(TrainConfig(use_gpu=True, zero_stage=2, offload_optimizer=True))
     assert offload["optimizer"]["params"] == {**offload["optimizer"]["params"], "torch_adam": False}
