@@ -66,6 +66,12 @@ class CrawlConfig(StageConfig):
         60.0, ge=0, description="Longest wait between retries (Retry-After included)."
     )
     max_concurrent_hosts: int = Field(64, ge=1, description="Hosts crawled at once across the cluster.")
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="Crawl worker processes serving all hosts, one host at a time each (null: 4 per CPU of "
+        "the cluster, at most max_concurrent_hosts).",
+    )
     robots_attempts: int = Field(
         3,
         ge=1,
@@ -141,6 +147,14 @@ def host_key(url: str) -> str:
     """The politeness unit: scheme://host[:port]."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
+
+
+class Redirected(Exception):
+    """A redirect to another host in scope: that host's crawler fetches the target."""
+
+    def __init__(self, target: str):
+        super().__init__(target)
+        self.target = target
 
 
 class FetchRefused(Exception):
@@ -346,9 +360,13 @@ class HostCrawler:
             status, ctype, body, resp = self._get(url)
             if status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                 target = canonical_url(urljoin(url, resp.headers["Location"]))
+                if host_key(target) != self.host:
+                    if not self.config.in_scope(target, self.allowed):
+                        raise FetchRefused(f"redirect to {target}, out of scope")
+                    raise Redirected(target)  # the target host's crawler fetches it, politely
                 with self._lock:
-                    if target in self.seen or host_key(target) != self.host:
-                        raise FetchRefused(f"redirect to {target} (already seen or another host)")
+                    if target in self.seen:
+                        raise FetchRefused(f"redirect to {target} (already seen)")
                     self.seen.add(target)
                 url = target
                 continue
@@ -506,7 +524,7 @@ class HostCrawler:
             "failure_reasons": dict(failures),
             "pending": len(self._pending),
             "external": external,
-            "warc_files": sorted(self._warc_files),
+            "warc_files": dict(sorted(self._warc_files.items())),  # name -> response records
         }
 
     def _visit(self, url: str, depth: int, queue: deque, external: list[tuple[str, int]]) -> str | None:
@@ -517,6 +535,13 @@ class HostCrawler:
         start = time.monotonic()
         try:
             final_url, status, ctype, body, resp = self._fetch(url)
+        except Redirected as e:
+            self._record(
+                url, None, 0, time.monotonic() - start, f"redirect to {e.target}: handed to its host"
+            )
+            with self._lock:
+                external.append((e.target, depth))
+            return None
         except (requests.RequestException, FetchRefused) as e:
             self._record(url, None, 0, time.monotonic() - start, f"{type(e).__name__}: {e}")
             return type(e).__name__

@@ -1,29 +1,96 @@
-"""Distributed crawl: one Ray actor per host, so per-host politeness holds across the cluster.
+"""Distributed crawl: a bounded pool of crawl workers serves any number of hosts, one host at a time each.
 
-The driver routes URLs to the actor that owns their host and keeps at most ``max_concurrent_hosts``
-crawl calls running, each with a share of the page budget reserved up front (so ``max_pages`` is never
-exceeded). Hosts are remembered in ``hosts.json``: a crawl started again on the same output directory
-brings every host's actor back, which resumes from its WARC files and journal (ingestion/crawler.py).
+Hosts wait in the driver's queue; a free worker takes one, crawls it for a share of the page budget
+(reserved up front, so ``max_pages`` is never exceeded) and reports back the links to other hosts, which
+the driver routes to their host's queue. A host is only ever in one worker's hands, so per-host politeness
+holds across the cluster; a worker keeps the last few hosts it crawled open and gets them back first.
+
+Every report is appended to ``hosts.jsonl`` (pages fetched, URLs waiting, WARC files with their records):
+a crawl started again on the same output directory reads it and opens only the hosts with URLs waiting,
+each resuming from its WARC files and frontier journal (ingestion/crawler.py), lazily, when a worker
+takes it.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from core.files import atomic_write_bytes, file_entry
+from core.files import file_entry
 from ingestion.crawler import CrawlConfig, HostCrawler, host_key
 
-# Crawling waits on the network, not the CPU: actors take no CPU slot so they never starve stages.
-_HostCrawlerActor = ray.remote(num_cpus=0)(HostCrawler)
 PAGES_PER_CALL = 50  # a host reports back (links to route, progress) at least this often
-HOSTS_FILE = "hosts.json"
+HOSTS_LOG = "hosts.jsonl"
+LEGACY_HOSTS_FILE = "hosts.json"  # work dirs of the one-actor-per-host crawl: a list of hosts
+OPEN_HOSTS_PER_WORKER = 8  # hosts a worker keeps open (their seen-sets and files) between calls
+
+
+class CrawlWorker:
+    """One crawl process: crawls the host it is handed, keeping the last ``OPEN_HOSTS_PER_WORKER`` open."""
+
+    def __init__(self, config: CrawlConfig, out_dir: str):
+        self.config, self.out_dir = config, out_dir
+        self.hosts: OrderedDict[str, HostCrawler] = OrderedDict()
+
+    def crawl(self, host: str, urls: list[tuple[str, int]], budget: int) -> dict[str, Any]:
+        """``HostCrawler.crawl`` on ``host`` (opened, and restored from its files, if it is not open),
+        plus what the driver needs: pages restored on opening, and the hosts closed to make room."""
+        crawler = self.hosts.pop(host, None)
+        restored = None
+        if crawler is None:
+            crawler = HostCrawler(host, self.config, self.out_dir)
+            restored = crawler.fetched
+        self.hosts[host] = crawler
+        closed = []
+        while len(self.hosts) > OPEN_HOSTS_PER_WORKER:
+            old, evicted = self.hosts.popitem(last=False)
+            evicted.close()
+            closed.append(old)
+        result = crawler.crawl(urls, budget)
+        if not result["pending"] and "robots_unreachable" not in result:
+            crawler.close()  # done unless other hosts link here later: then it is opened again
+            del self.hosts[host]
+            closed.append(host)
+        return {**result, "restored": restored, "total_fetched": crawler.fetched, "closed": closed}
+
+    def close(self) -> None:
+        for crawler in self.hosts.values():
+            crawler.close()
+        self.hosts.clear()
+
+
+# Crawling waits on the network, not the CPU: workers take no CPU slot so they never starve stages.
+_CrawlWorkerActor = ray.remote(num_cpus=0)(CrawlWorker)
+
+
+def default_workers(config: CrawlConfig) -> int:
+    """``crawl.workers``, else 4 per CPU of the cluster; never more than ``max_concurrent_hosts``."""
+    workers = config.workers or 4 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return max(1, min(workers, config.max_concurrent_hosts))
+
+
+def _replay(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """The last report of each host in ``hosts.jsonl`` (a line cut by a kill is skipped); hosts a legacy
+    ``hosts.json`` names without a report are listed as unknown (opened to find out)."""
+    hosts: dict[str, dict[str, Any]] = {}
+    log = out_dir / HOSTS_LOG
+    if log.exists():
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            hosts[entry["host"]] = entry
+    legacy = out_dir / LEGACY_HOSTS_FILE
+    for host in json.loads(legacy.read_text()) if legacy.exists() else []:
+        hosts.setdefault(host, {"host": host, "fetched": 0, "pending": None, "files": {}})
+    return hosts
 
 
 def run_crawl(
@@ -31,88 +98,106 @@ def run_crawl(
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Crawl from the seeds until no URL is left or ``max_pages`` pages are in the output.
 
-    Returns the WARC file entries and counters (pages fetched, failures by reason, retries, hosts, URLs
-    left unfetched).
+    Returns the WARC file entries and counters (pages fetched, failures by reason, retries, hosts, workers,
+    URLs left unfetched).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    actors: dict[str, Any] = {}
-
-    def actor(host: str) -> Any:
-        if host not in actors:
-            actors[host] = _HostCrawlerActor.remote(host, config, str(out_dir))
-            atomic_write_bytes(out_dir / HOSTS_FILE, json.dumps(sorted(actors)).encode())
-        return actors[host]
-
+    hosts = _replay(out_dir)  # host -> its last report
     counters: Counter = Counter()
-    waiting: set[str] = set()  # hosts with URLs queued inside their actor
+    counters["pages_restored"] = sum(h["fetched"] for h in hosts.values())
+    waiting: set[str] = {h for h, s in hosts.items() if s["pending"] is None or s["pending"] > 0}
     deferred: dict[str, float] = {}  # host -> when its unreachable robots.txt may be asked again
     unreachable: set[str] = set()  # hosts whose robots.txt stayed unreachable: their URLs wait
-    hosts_file = out_dir / HOSTS_FILE
-    for host in json.loads(hosts_file.read_text()) if hosts_file.exists() else []:
-        state = ray.get(actor(host).state.remote())
-        counters["pages_restored"] += state["fetched"]
-        if state["pending"]:
-            waiting.add(host)
     new: dict[str, list[tuple[str, int]]] = defaultdict(list)  # URLs to hand to each host
     routed: set[str] = set()
     for seed in config.all_seeds():
         routed.add(seed)
         new[host_key(seed)].append((seed, 0))
+
+    n_workers = default_workers(config)
+    workers = [_CrawlWorkerActor.remote(config, str(out_dir)) for _ in range(n_workers)]
+    counters["crawl_workers"] = n_workers
+    free = list(range(n_workers))
+    owner: dict[str, int] = {}  # host -> the worker that holds it open
     unreserved = config.max_pages - counters["pages_restored"]
-    running: dict[ray.ObjectRef, tuple[str, int]] = {}
-    while running or (unreserved > 0 and (new or waiting or deferred)):
-        now = time.monotonic()
-        for host in [h for h, at in deferred.items() if at <= now]:
-            del deferred[host]
-            waiting.add(host)
-        if not running and not new and not waiting:  # only hosts waiting for their robots.txt
-            time.sleep(max(0.0, min(deferred.values()) - now))
-            continue
-        busy = {host for host, _ in running.values()}
-        ready = sorted(h for h in set(new) | waiting if h not in busy)
-        for host in ready[: max(0, config.max_concurrent_hosts - len(running))]:
-            if unreserved <= 0:
-                break
-            grant = max(1, min(PAGES_PER_CALL, unreserved // max(1, len(ready))))
-            unreserved -= grant
-            running[actor(host).crawl.remote(new.pop(host, []), grant)] = (host, grant)
-            waiting.discard(host)
-        if not running:
-            break
-        (done,), _ = ray.wait(list(running), num_returns=1)
-        host, grant = running.pop(done)
-        result = ray.get(done)
-        unreserved += grant - result["fetched"]
-        counters["pages_fetched"] += result["fetched"]
-        counters["retries"] += result["retries"]
-        counters["fetch_failures"] += result["failures"]
-        counters.update({f"failed.{k}": v for k, v in result["failure_reasons"].items()})
-        if "robots_unreachable" in result:  # nothing fetched: RFC 9309 disallows the host meanwhile
-            if result["robots_unreachable"] < config.robots_attempts:
-                deferred[host] = time.monotonic() + result["robots_retry_in"]
-            else:
-                unreachable.add(host)
-        elif result["pending"]:
-            waiting.add(host)
-        for url, depth in result["external"]:
-            if url not in routed:
-                routed.add(url)
-                new[host_key(url)].append((url, depth))
-        if on_progress:
-            on_progress(counters["pages_restored"] + counters["pages_fetched"])
-    states = ray.get([a.state.remote() for a in actors.values()])
-    left = sum(s["pending"] for s in states if s["host"] not in unreachable | set(deferred))
+    running: dict[ray.ObjectRef, tuple[str, int, int]] = {}  # call -> (host, worker, grant)
+    log = open(out_dir / HOSTS_LOG, "a", encoding="utf-8")
+    try:
+        while running or (unreserved > 0 and (new or waiting or deferred)):
+            now = time.monotonic()
+            for host in [h for h, at in deferred.items() if at <= now]:
+                del deferred[host]
+                waiting.add(host)
+            busy = {host for host, _, _ in running.values()}
+            ready = sorted(h for h in set(new) | waiting if h not in busy)
+            if not running and not ready:  # only hosts waiting for their robots.txt
+                time.sleep(max(0.0, min(deferred.values()) - now))
+                continue
+            for host in ready:
+                if unreserved <= 0 or not free:
+                    break
+                # A host open on a worker goes back to it (never to two workers at once).
+                if host in owner and owner[host] not in free:
+                    continue
+                worker = owner.get(host, free[-1])
+                free.remove(worker)
+                owner[host] = worker
+                grant = max(1, min(PAGES_PER_CALL, unreserved // max(1, len(ready))))
+                unreserved -= grant
+                call = workers[worker].crawl.remote(host, new.pop(host, []), grant)
+                running[call] = (host, worker, grant)
+                waiting.discard(host)
+            if not running:
+                time.sleep(0.05)  # every ready host waits for its busy owner
+                continue
+            (done,), _ = ray.wait(list(running), num_returns=1)
+            host, worker, grant = running.pop(done)
+            free.append(worker)
+            result = ray.get(done)
+            for closed in result["closed"]:
+                owner.pop(closed, None)
+            if result["restored"] is not None:  # opened: its files are the truth, the log may lag a kill
+                lag = result["restored"] - hosts.get(host, {}).get("fetched", 0)
+                counters["pages_restored"] += lag
+                unreserved -= lag
+            hosts[host] = {
+                "host": host,
+                "fetched": result["total_fetched"],
+                "pending": result["pending"],
+                "files": result["warc_files"],
+            }
+            log.write(json.dumps(hosts[host]) + "\n")
+            log.flush()
+            unreserved += grant - result["fetched"]
+            counters["pages_fetched"] += result["fetched"]
+            counters["retries"] += result["retries"]
+            counters["fetch_failures"] += result["failures"]
+            counters.update({f"failed.{k}": v for k, v in result["failure_reasons"].items()})
+            if "robots_unreachable" in result:  # nothing fetched: RFC 9309 disallows the host meanwhile
+                if result["robots_unreachable"] < config.robots_attempts:
+                    deferred[host] = time.monotonic() + result["robots_retry_in"]
+                else:
+                    unreachable.add(host)
+            elif result["pending"]:
+                waiting.add(host)
+            for url, depth in result["external"]:
+                if url not in routed:
+                    routed.add(url)
+                    new[host_key(url)].append((url, depth))
+            if on_progress:
+                on_progress(counters["pages_restored"] + counters["pages_fetched"])
+    finally:
+        log.close()
+        ray.get([w.close.remote() for w in workers])
+        for w in workers:
+            ray.kill(w)
+    dead = unreachable | set(deferred)
+    left = sum(s["pending"] or 0 for h, s in hosts.items() if h not in dead)
     counters["urls_not_fetched_max_pages"] = left + sum(map(len, new.values()))
-    if unreachable or deferred:
-        counters["hosts_robots_unreachable"] = len(unreachable | set(deferred))
-        counters["urls_not_fetched_robots_unreachable"] = sum(
-            s["pending"] for s in states if s["host"] in unreachable | set(deferred)
-        )
-    counters["hosts"] = len(actors)
-    warc_files = {
-        name: n for files in ray.get([a.close.remote() for a in actors.values()]) for name, n in files.items()
-    }
-    for a in actors.values():
-        ray.kill(a)
-    return [file_entry(out_dir / name, rows=n) for name, n in sorted(warc_files.items())], dict(counters)
+    if dead:
+        counters["hosts_robots_unreachable"] = len(dead)
+        counters["urls_not_fetched_robots_unreachable"] = sum(hosts[h]["pending"] or 0 for h in dead)
+    counters["hosts"] = len(hosts)
+    files = {name: n for s in hosts.values() for name, n in s["files"].items()}
+    return [file_entry(out_dir / name, rows=n) for name, n in sorted(files.items())], dict(counters)
