@@ -25,7 +25,9 @@ from urllib.parse import urldefrag, urljoin, urlsplit, urlunsplit
 import lxml.etree
 import lxml.html
 import requests
+import requests.adapters
 import urllib3
+import urllib3.util.connection
 from protego import Protego
 from pydantic import Field, field_validator
 from warcio.archiveiterator import ArchiveIterator
@@ -161,20 +163,57 @@ class FetchRefused(Exception):
     """A URL the crawler will not fetch (scope, robots, address policy)."""
 
 
-def check_address(host: str, allow_private: bool) -> None:
-    """Refuse hosts that resolve to loopback, private, link-local, reserved or metadata addresses."""
-    if allow_private:
-        return
+def checked_address(host: str, port: int, allow_private: bool) -> str:
+    """The address to connect to for ``host``: resolved once, refused if any of its addresses is loopback,
+    private, link-local, reserved or multicast (unless ``allow_private``). The crawler connects to exactly
+    this address (``pinned_adapter``), so a DNS answer that changes between check and connect (rebinding)
+    never reaches a private address."""
     try:
-        infos = socket.getaddrinfo(host, None)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise FetchRefused(f"dns: {e}") from e
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast:
-            raise FetchRefused(
-                f"address {ip} of {host} is not public; set crawl.allow_private_addresses: true for local sites"
+    if not allow_private:
+        for info in infos:
+            ip = ipaddress.ip_address(info[4][0])
+            if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast:
+                raise FetchRefused(
+                    f"address {ip} of {host} is not public; set crawl.allow_private_addresses: true for local sites"
+                )
+    return infos[0][4][0]
+
+
+class _PinnedConnection:
+    """A urllib3 connection that dials a fixed, already checked address; the Host header, TLS server
+    name and certificate check keep the URL's host name."""
+
+    pinned_address = ""
+
+    def _new_conn(self) -> socket.socket:
+        try:
+            return urllib3.util.connection.create_connection(
+                (self.pinned_address, self.port),
+                self.timeout,
+                source_address=self.source_address,
+                socket_options=self.socket_options,
             )
+        except TimeoutError as e:
+            raise urllib3.exceptions.ConnectTimeoutError(self, f"connection to {self.host} timed out") from e
+        except OSError as e:
+            raise urllib3.exceptions.NewConnectionError(self, f"failed to connect to {self.host}: {e}") from e
+
+
+def pinned_adapter(address: str) -> requests.adapters.HTTPAdapter:
+    """A requests adapter whose connections all go to ``address``."""
+    pools = {}
+    for scheme, pool_cls in (("http", urllib3.HTTPConnectionPool), ("https", urllib3.HTTPSConnectionPool)):
+        conn = type(
+            "Pinned" + pool_cls.ConnectionCls.__name__, (_PinnedConnection, pool_cls.ConnectionCls), {}
+        )
+        conn.pinned_address = address
+        pools[scheme] = type("Pinned" + pool_cls.__name__, (pool_cls,), {"ConnectionCls": conn})
+    adapter = requests.adapters.HTTPAdapter()
+    adapter.poolmanager.pool_classes_by_scheme = pools
+    return adapter
 
 
 class HostCrawler:
@@ -193,6 +232,7 @@ class HostCrawler:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()  # one requests.Session per fetching thread
         self._sessions: list[requests.Session] = []
+        self._adapters: dict[str, requests.adapters.HTTPAdapter] = {}  # host key -> its pinned address
         self._lock = threading.RLock()  # queue, seen, counters and output, with host_concurrency > 1
         self._turn = threading.Lock()  # request starts, one at a time, spaced by the delay
         self.slug = re.sub(r"[^A-Za-z0-9.-]", "_", urlsplit(host).netloc)  # a.com:8000 -> a.com_8000
@@ -258,6 +298,20 @@ class HostCrawler:
                 self._sessions.append(session)
         return self._local.session
 
+    def _pin(self, url: str) -> None:
+        """Resolve and check the URL's host once per crawler; this thread's session then connects to
+        that address only (robots.txt redirects may name other hosts: each gets its own)."""
+        key = host_key(url)
+        with self._lock:
+            adapter = self._adapters.get(key)
+            if adapter is None:
+                parts = urlsplit(url)
+                port = parts.port or (443 if parts.scheme == "https" else 80)
+                address = checked_address(parts.hostname or "", port, self.config.allow_private_addresses)
+                adapter = self._adapters[key] = pinned_adapter(address)
+        if self.session.get_adapter(url) is not adapter:
+            self.session.mount(key + "/", adapter)
+
     def _wait_turn(self) -> None:
         """Sleep until ``delay`` after the last request ended (and any Retry-After pause is over)."""
         with self._turn:
@@ -299,7 +353,7 @@ class HostCrawler:
         """One GET (no redirects followed) with address policy, per-host delay, size and time limits,
         retried with exponential backoff after a connection error, 429 or 5xx (Retry-After honoured:
         the whole host waits)."""
-        check_address(urlsplit(url).hostname or "", self.config.allow_private_addresses)
+        self._pin(url)
         cfg = self.config
         for attempt in range(cfg.max_retries + 1):
             self._wait_turn()

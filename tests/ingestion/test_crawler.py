@@ -465,3 +465,45 @@ def test_ipv6_literal_seeds_keep_their_host(tmp_path):
     assert result["fetched"] == 2
     urls = [r["url"] for f in sorted(tmp_path.glob("*.warc.gz")) for b in read_warc(f) for r in b.to_pylist()]
     assert sorted(urls) == [seed, seed + "a.html"]
+
+
+def test_the_checked_address_is_the_one_connected_to(tmp_path, monkeypatch):
+    """DNS rebinding: the name answers 127.0.0.1 when checked and 127.0.0.2 afterwards. The crawler
+    resolves once and dials the checked address, so every page comes from the first server."""
+    import socket as socket_module
+
+    servers, handlers = [], []
+    for address in ("127.0.0.1", "127.0.0.2"):
+        handler = type("H", (_Site,), {"pages": {}, "hits": []})
+        server = ThreadingHTTPServer((address, servers[0].server_address[1] if servers else 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        handlers.append(handler)
+    port = servers[0].server_address[1]
+    checked, rebound = handlers
+    checked.pages.update({"/": (200, "text/html", _html("/a.html")), "/a.html": (200, "text/html", _html())})
+    rebound.pages.update(
+        {"/": (200, "text/html", _html("/evil.html")), "/evil.html": (200, "text/html", _html())}
+    )
+    real, answers = socket_module.getaddrinfo, iter(["127.0.0.1"])
+
+    def rebinding(host, *args, **kwargs):
+        if host == "rebind.test":
+            return real(next(answers, "127.0.0.2"), *args, **kwargs)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket_module, "getaddrinfo", rebinding)
+    try:
+        cfg = CrawlConfig(
+            seeds=[f"http://rebind.test:{port}/"], min_delay_s=0.0, allow_private_addresses=True
+        )
+        crawler = HostCrawler(host_key(cfg.seeds[0]), cfg, str(tmp_path))
+        result = crawler.crawl([(cfg.seeds[0], 0)], budget=10)
+        crawler.close()
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert rebound.hits == []
+    assert sorted(p for p, _ in checked.hits) == ["/", "/a.html", "/robots.txt", "/sitemap.xml"]
+    assert result["fetched"] == 2
