@@ -462,32 +462,22 @@ class ReadConfig(BaseModel):
     batch_size: int = Field(1024, ge=1, description="Documents per batch read.")
 
     def inputs(self) -> list[str]:
-        """Every input to read, in a stable order (local globs and directories expanded)."""
+        """Every input to read, in a stable order: globs and directories expanded, local or on any
+        pyarrow filesystem (``s3://bucket/dir/``, ``s3://bucket/*.parquet``; a URI's query, such as
+        ``?endpoint_override=...``, is kept on every file it expands to)."""
         out: list[str] = []
         for entry in self.paths:
-            if "://" in entry:
-                out.append(entry)
-                continue
-            matches = sorted(glob.glob(entry)) if glob.has_magic(entry) else [entry]
-            if not matches:
-                raise FileNotFoundError(f"read.paths: nothing matches {entry!r}")
-            for match in matches:
-                path = Path(match)
-                if not path.exists():
-                    raise FileNotFoundError(f"read.paths: {match} does not exist")
-                if path.is_dir():
-                    files = sorted(str(f) for f in path.rglob("*") if f.is_file())
-                    out += [f for f in files if corpus_format(f)]
-                    if any(f.lower().endswith(HTML_SUFFIXES + TEXT_SUFFIXES) for f in files):
-                        out.append(str(path))
-                else:
-                    out.append(str(path))
+            out += _expand_remote(entry) if "://" in entry else _expand_local(entry)
         return list(dict.fromkeys(out))
 
     def fingerprint(self) -> list[tuple[str, int, int]]:
-        """(input, bytes, mtime ns) of local inputs: a changed file changes the clean stage's key."""
+        """(input, bytes, mtime ns) of every input, local or remote (an object store's size and
+        last-modified time): a changed file changes the clean stage's key."""
         prints = []
         for entry in self.inputs():
+            if "://" in entry:
+                prints.append(_remote_fingerprint(entry))
+                continue
             path = Path(entry)
             if path.is_file():
                 stat = path.stat()
@@ -504,3 +494,96 @@ class ReadConfig(BaseModel):
             else:
                 prints.append((entry, -1, -1))
         return prints
+
+
+def _expand_local(entry: str) -> list[str]:
+    matches = sorted(glob.glob(entry, recursive=True)) if glob.has_magic(entry) else [entry]
+    if not matches:
+        raise FileNotFoundError(f"read.paths: nothing matches {entry!r}")
+    out = []
+    for match in matches:
+        path = Path(match)
+        if not path.exists():
+            raise FileNotFoundError(f"read.paths: {match} does not exist")
+        if path.is_dir():
+            files = sorted(str(f) for f in path.rglob("*") if f.is_file())
+            out += [f for f in files if corpus_format(f)]
+            if any(f.lower().endswith(HTML_SUFFIXES + TEXT_SUFFIXES) for f in files):
+                out.append(str(path))
+        else:
+            out.append(str(path))
+    return out
+
+
+def _remote_files(fs: pafs.FileSystem, where: str) -> list[pafs.FileInfo]:
+    infos = fs.get_file_info(pafs.FileSelector(where, recursive=True))
+    return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+
+
+def _split_uri(entry: str) -> tuple[str, str, str]:
+    """``scheme://path?query`` as (scheme, path, '?query' or '')."""
+    scheme, rest = entry.split("://", 1)
+    query = re.search(r"\?[A-Za-z_]\w*=[^?]*$", rest)  # a glob's own "?" is no query
+    if query is None:
+        return scheme, rest, ""
+    return scheme, rest[: query.start()], query.group()
+
+
+def _expand_remote(entry: str) -> list[str]:
+    """A filesystem URI's files, as URIs: a directory's corpus files (and the directory itself when it
+    holds HTML or text files, read together), a glob's matches, or the file itself."""
+    scheme, path, query = _split_uri(entry)
+    if glob.has_magic(path):
+        root = "/".join(
+            path.split("/")[: next(i for i, p in enumerate(path.split("/")) if glob.has_magic(p))]
+        )
+        fs, where = pafs.FileSystem.from_uri(f"{scheme}://{root}{query}")
+        pattern = where.rstrip("/") + path[len(root.rstrip("/")) :]
+        wanted = _glob_regex(pattern)
+        matches = [i.path for i in _remote_files(fs, where) if wanted.match(i.path)]
+        if not matches:
+            raise FileNotFoundError(f"read.paths: nothing matches {entry!r}")
+        return [f"{scheme}://{m}{query}" for m in matches]
+    fs, where = pafs.FileSystem.from_uri(entry)
+    info = fs.get_file_info(where)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"read.paths: {entry} does not exist")
+    if info.type != pafs.FileType.Directory:
+        return [entry]
+    files = [i.path for i in _remote_files(fs, where)]
+    out = [f"{scheme}://{f}{query}" for f in files if corpus_format(f)]
+    if any(f.lower().endswith(HTML_SUFFIXES + TEXT_SUFFIXES) for f in files):
+        out.append(entry)
+    return out
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A glob as ``glob.glob(recursive=True)`` reads it: ``*`` and ``?`` stay within a path segment,
+    ``**/`` spans any number of directories (none included)."""
+    out = []
+    for part in re.split(r"(\*\*/|\*\*|\*|\?|\[[^\]]+\])", pattern):
+        if part == "**/":
+            out.append("(?:.*/)?")
+        elif part == "**":
+            out.append(".*")
+        elif part == "*":
+            out.append("[^/]*")
+        elif part == "?":
+            out.append("[^/]")
+        elif part.startswith("[") and part.endswith("]") and len(part) > 2:
+            out.append("[^" + part[2:] if part.startswith("[!") else part)
+        else:
+            out.append(re.escape(part))
+    return re.compile("".join(out) + r"\Z")
+
+
+def _remote_fingerprint(entry: str) -> tuple[str, int, int]:
+    """(uri, bytes, mtime ns) from the filesystem: an object store's size and last-modified time."""
+    fs, where = pafs.FileSystem.from_uri(entry)
+    info = fs.get_file_info(where)
+    if info.type == pafs.FileType.Directory:
+        files = _remote_files(fs, where)
+        return entry, sum(f.size for f in files), max((f.mtime_ns or 0 for f in files), default=0)
+    if info.type == pafs.FileType.NotFound:
+        return entry, -1, -1
+    return entry, info.size, info.mtime_ns or 0
