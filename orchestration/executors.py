@@ -351,7 +351,19 @@ def _column_reader(files: list[str], column: str) -> Callable[[], Iterable[str]]
 
 def _prepare_tokenizer_task(staging: Path, files: list[str], config: TokenizeConfig) -> dict[str, Any]:
     texts, ids = _column_reader(files, "text"), _column_reader(files, "id")
-    return prepare_tokenizer(texts, ids, staging, config).__dict__
+    return prepare_tokenizer(texts, ids, staging, config, _column_bytes(files, "text")).__dict__
+
+
+def _column_bytes(files: list[str], column: str) -> int:
+    """A column's uncompressed size from the Parquet footers (no data read)."""
+    total = 0
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        index = meta.schema.to_arrow_schema().get_field_index(column)
+        total += sum(
+            meta.row_group(g).column(index).total_uncompressed_size for g in range(meta.num_row_groups)
+        )
+    return total
 
 
 def _tokenize_task(

@@ -301,3 +301,39 @@ def test_missing_shard_and_foreign_format_version_fail_clearly(tokenized, tmp_pa
     (copy / "index.json").write_text(json.dumps(meta))
     with pytest.raises(ShardError, match="format_version=99"):
         TokenSequences(copy, "train", 8)
+
+
+def test_the_tokenizer_trains_on_a_deterministic_sample(tmp_path):
+    """train_sample_mb bounds what the BPE trainer sees: the documents whose sha256('tokenizer-sample:' +
+    id) is below budget / corpus size, picked here by hand with hashlib, give the very same tokenizer."""
+    import hashlib
+    import random
+
+    from tokenizers import Tokenizer
+
+    from training.data.tokenize import TokenizeConfig, prepare_tokenizer
+    from training.data.tokenizer import TokenizerConfig, train_bpe
+
+    rng = random.Random(5)
+    words = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
+        for _ in range(300)
+    ]
+    texts = [" ".join(rng.choice(words) for _ in range(60)) for _ in range(400)]
+    ids = [f"doc-{i}" for i in range(len(texts))]
+    total = sum(len(t.encode()) for t in texts)
+    budget_mb = total / 4 / 2**20
+    cfg = TokenizeConfig(tokenizer=TokenizerConfig(vocab_size=400, train_sample_mb=budget_mb))
+    prepared = prepare_tokenizer(lambda: iter(texts), lambda: iter(ids), tmp_path / "a", cfg)
+    picked = [
+        t
+        for i, t in zip(ids, texts)
+        if int.from_bytes(hashlib.sha256(b"tokenizer-sample:" + i.encode()).digest()[:8], "big") / 2**64
+        < 0.25
+    ]
+    assert 0.15 < len(picked) / len(texts) < 0.35
+    ours = Tokenizer.from_file(str(tmp_path / "a" / prepared.path)).to_str()
+    assert ours == train_bpe(picked, TokenizerConfig(vocab_size=400)).to_str()
+    assert ours != train_bpe(texts, TokenizerConfig(vocab_size=400)).to_str()  # the sample mattered
+    again = prepare_tokenizer(lambda: iter(texts), lambda: iter(ids), tmp_path / "b", cfg)
+    assert again.id == prepared.id  # same corpus, same sample, same tokenizer

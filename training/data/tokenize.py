@@ -34,6 +34,7 @@ from training.data.shards import SPLITS, TokenShardWriter, split_hash, split_of,
 from training.data.tokenizer import (
     TokenizerConfig,
     eos_id,
+    in_training_sample,
     load_tokenizer,
     save_tokenizer,
     tokenizer_id,
@@ -79,15 +80,22 @@ def prepare_tokenizer(
     ids: Callable[[], Iterable[str]],
     out_dir: str | Path,
     config: TokenizeConfig,
+    text_bytes: int | None = None,
 ) -> Prepared:
     """Train (or load) the tokenizer, save it as ``out_dir/tokenizer.json``, find the forced val document.
 
-    ``texts`` streams every document's text, ``ids`` every document id (each called at most once).
-    As a stage task its result is the marker ``_done/tokenizer.json`` (see :func:`load_prepared`).
+    ``texts`` streams every document's text, ``ids`` every document id, in the same order (each called
+    once, or twice when the tokenizer trains on a sample). ``text_bytes``: the corpus's text size if known
+    (Parquet metadata), else it is counted in a pass. As a stage task its result is the marker
+    ``_done/tokenizer.json`` (see :func:`load_prepared`).
     """
     out_dir = Path(out_dir)
     tcfg = config.tokenizer
-    tokenizer = load_tokenizer(tcfg.path) if tcfg.path else train_bpe(texts(), tcfg)
+    tokenizer = (
+        load_tokenizer(tcfg.path)
+        if tcfg.path
+        else train_bpe(_training_texts(texts, ids, tcfg, text_bytes), tcfg)
+    )
     lowest: tuple[float, str] | None = min(((split_hash(i), i) for i in ids()), default=None)
     if lowest is None:
         raise ValueError("no documents to tokenize: every document was filtered or deduplicated away")
@@ -101,6 +109,22 @@ def prepare_tokenizer(
         forced_val=lowest[1] if lowest[0] >= config.val_fraction else None,
     )
     return prepared
+
+
+def _training_texts(
+    texts: Callable[[], Iterable[str]],
+    ids: Callable[[], Iterable[str]],
+    config: TokenizerConfig,
+    text_bytes: int | None,
+) -> Iterable[str]:
+    """Every text, or the deterministic sample of about ``train_sample_mb`` (by id hash)."""
+    if config.train_sample_mb is None:
+        return texts()
+    total = text_bytes if text_bytes is not None else sum(len(t.encode()) for t in texts())
+    fraction = config.train_sample_mb * 2**20 / max(1, total)
+    if fraction >= 1:
+        return texts()
+    return (t for i, t in zip(ids(), texts(), strict=True) if in_training_sample(i, fraction))
 
 
 def load_prepared(out_dir: str | Path) -> Prepared | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,6 +24,13 @@ class TokenizerConfig(StageConfig):
         default_factory=lambda: [EOS_TOKEN], description="First is the EOS token."
     )
     path: str | None = Field(None, description="Existing tokenizer.json to use instead of training one.")
+    train_sample_mb: float | None = Field(
+        1024,
+        gt=0,
+        description="Train on a deterministic sample of about this much text: the documents whose "
+        "sha256('tokenizer-sample:' + id) falls below sample / corpus size, so the same corpus gives the "
+        "same sample and the trainer's memory stays bounded (null: every document).",
+    )
 
 
 def train_bpe(texts: Iterable[str], config: TokenizerConfig) -> Tokenizer:
@@ -39,6 +47,12 @@ def train_bpe(texts: Iterable[str], config: TokenizerConfig) -> Tokenizer:
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
+
+
+def in_training_sample(doc_id: str, fraction: float) -> bool:
+    """Whether a document is in the tokenizer's training sample of ``fraction`` of the corpus."""
+    digest = hashlib.sha256(b"tokenizer-sample:" + doc_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path) -> tuple[Path, str]:
