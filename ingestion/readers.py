@@ -30,6 +30,7 @@ from pathlib import Path
 
 import charset_normalizer
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
@@ -351,25 +352,79 @@ def read_parquet(
             raise ValueError(f"{path}: no column {text_field!r} (columns: {sorted(names)})")
         columns = [c for c in (text_field, id_field, url_field) if c in names]
         row = 0
-        out = _Batches(DOCUMENT_SCHEMA, batch_size)
         for chunk in parquet.iter_batches(batch_size=batch_size, columns=columns):
-            data = chunk.to_pydict()
-            for i, text in enumerate(data[text_field]):
-                row += 1
-                fields = (
-                    text,
-                    data[id_field][i] if id_field in data else None,
-                    data.get(url_field, [None] * (i + 1))[i],
-                )
-                problem = f"row {row}: no string {text_field!r}"
-                raw = json.dumps(dict(zip(("text", "id", "url"), fields)), default=str).encode()
-                if (doc := _text_row(source, row, *fields, report, problem, raw)) and (
-                    batch := out.add(**doc)
-                ):
-                    yield batch
+            batch = _parquet_documents(chunk, row, source, report, text_field, id_field, url_field)
+            row += chunk.num_rows
             report.counters["parquet.records"] += chunk.num_rows
-        if batch := out.flush():
-            yield batch
+            if batch.num_rows:
+                yield batch
+
+
+def _strings(column: pa.Array | None, rows: int) -> pa.Array:
+    """A column as strings (numbers as str() writes them), nulls for a missing or non-text column."""
+    if column is None:
+        return pa.nulls(rows, pa.string())
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column.cast(pa.string())
+    if pa.types.is_integer(column.type):
+        return column.cast(pa.string())
+    return pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.string())
+
+
+def _parquet_documents(
+    chunk: pa.RecordBatch,
+    first_row: int,
+    source: str,
+    report: ReadReport,
+    text_field: str,
+    id_field: str,
+    url_field: str,
+) -> pa.RecordBatch:
+    """One Parquet record batch as documents, column by column: rows without a string text are
+    recorded as malformed; a row without an id gets one from its URL (or its row number) and its text."""
+    names = chunk.schema.names
+    text = chunk.column(names.index(text_field))
+    if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
+        text = pa.nulls(chunk.num_rows, pa.string())  # no string text in any row
+    text = text.cast(pa.string())
+    ids = _strings(chunk.column(names.index(id_field)) if id_field in names else None, chunk.num_rows)
+    url_column = chunk.column(names.index(url_field)) if url_field in names else None
+    urls = url_column if url_column is not None and pa.types.is_string(url_column.type) else None
+    urls = urls if urls is not None else pa.nulls(chunk.num_rows, pa.string())
+    valid = pc.is_valid(text)
+    if not pc.all(valid).as_py():
+        for i in pc.indices_nonzero(pc.invert(valid)).to_pylist():
+            record = {"text": None, "id": ids[i].as_py(), "url": urls[i].as_py()}
+            report.bad(
+                source, f"row {first_row + i + 1}", f"no string {text_field!r}", json.dumps(record).encode()
+            )
+    if ids.null_count:  # derived as _text_row derives them, so a file read either way gets the same ids
+        texts, urls_py = text.to_pylist(), urls.to_pylist()
+        ids = pa.array(
+            [
+                doc_id
+                if doc_id is not None
+                else (
+                    document_id(urls_py[i] or f"{source}#{first_row + i + 1}", texts[i])
+                    if texts[i] is not None
+                    else ""
+                )
+                for i, doc_id in enumerate(ids.to_pylist())
+            ],
+            pa.string(),
+        )
+    n = chunk.num_rows
+    columns = {
+        "id": ids,
+        "url": urls,
+        "text": text,
+        "source": pa.array([source] * n, pa.string()),
+        "lang": pa.nulls(n, pa.string()),
+        "fetched_at": pa.nulls(n, DOCUMENT_SCHEMA.field("fetched_at").type),
+        "meta": pa.array([[]] * n, DOCUMENT_SCHEMA.field("meta").type),
+    }
+    batch = pa.RecordBatch.from_arrays([columns[f.name] for f in DOCUMENT_SCHEMA], schema=DOCUMENT_SCHEMA)
+    return batch.filter(valid)
 
 
 HTML_SUFFIXES = (".html", ".htm", ".xhtml")

@@ -163,3 +163,23 @@ def test_malformed_records_keep_their_bytes_and_place(tmp_path):
         ("line 5", b'{"id": "d", "text": 42}\n'),
     ]
     assert [m["raw"] for m in report.malformed] == [m.raw for m in seen]
+
+
+def test_parquet_columns_become_documents_as_each_row_would(tmp_path):
+    """Read column by column: a missing id comes from the URL (else the row number) and the text, as
+    document_id does it by hand here; integer ids become their decimal strings; null texts are malformed."""
+    from core.schema import document_id
+
+    table = pa.table(
+        {
+            "text": ["alpha", None, "gamma", "delta"],
+            "id": pa.array([7, None, None, 9], pa.int64()),
+            "url": ["http://a/", "http://b/", None, None],
+        }
+    )
+    pq.write_table(table, tmp_path / "d.parquet")
+    rows, _, report = _rows(tmp_path / "d.parquet")
+    assert [r["id"] for r in rows] == ["7", document_id("d.parquet#3", "gamma"), "9"]
+    assert [r["url"] for r in rows] == ["http://a/", None, None]
+    assert report.counters["malformed"] == 1 and report.malformed[0]["where"] == "row 2"
+    assert {r["source"] for r in rows} == {"d.parquet"}
