@@ -9,11 +9,18 @@ marker is not run again and its result is read back from the marker.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import shutil
-from collections.abc import Callable
+import socket
+import sys
+import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +28,7 @@ from core.files import atomic_write_bytes
 
 DONE_DIR = "_done"
 STAGING_DIR = "_staging"
+LOG_DIR = "_logs"
 
 TaskFn = Callable[..., dict[str, Any]]
 
@@ -52,14 +60,57 @@ def read_marker(markers: Path, task: TaskId) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+class _Tee(io.TextIOBase):
+    """Writes to a stream and to the task's log file."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def task_log(path: Path) -> Iterator[None]:
+    """What the task prints and logs goes to ``path`` too (appended: a retried task keeps each attempt),
+    with its traceback if it raises; the streams it wrote to get it as before."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(
+            f"--- start {datetime.now(timezone.utc).isoformat()} pid {os.getpid()} on {socket.gethostname()}\n"
+        )
+        handler = logging.StreamHandler(log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        try:
+            with (
+                contextlib.redirect_stdout(_Tee(sys.stdout, log)),
+                contextlib.redirect_stderr(_Tee(sys.stderr, log)),
+            ):
+                yield
+        except BaseException:
+            log.write(traceback.format_exc())
+            raise
+        finally:
+            logging.getLogger().removeHandler(handler)
+            log.write(f"--- end {datetime.now(timezone.utc).isoformat()}\n")
+
+
 def run_task(fn: TaskFn, task: TaskId, root: str | Path, markers: str | Path, *args: Any) -> dict[str, Any]:
-    """Run ``fn(staging, *args)`` and commit its files under ``root``, then its marker in ``markers``."""
+    """Run ``fn(staging, *args)`` and commit its files under ``root``, then its marker in ``markers``.
+    The task's output and log records are kept in ``root/_logs/<task>.log``."""
     root, markers = Path(root), Path(markers)
     staging = root / STAGING_DIR / f"{task.name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        result = fn(staging, *args)
+        with task_log(root / LOG_DIR / f"{task.name}.log"):
+            result = fn(staging, *args)
         for src in sorted(p for p in staging.rglob("*") if p.is_file()):
             dst = root / src.relative_to(staging)
             dst.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import tempfile
@@ -212,6 +213,10 @@ def _isolating(
                     ) from e
                 ctx.counters[f"{stages[0].name}.in"] += 1
                 ctx.counters["quarantined"] += 1
+                _log.warning(
+                    "stage %s, partition %s: document %s raised %s: quarantined",
+                    ctx.stage, part, doc.column("id")[0].as_py(), type(e).__name__,
+                )  # fmt: skip
                 if "html" in doc.schema.names:  # before extraction: its raw HTML is what is kept
                     doc = doc.rename_columns(["text" if n == "html" else n for n in doc.schema.names])
                 ctx.reject(doc, filter="quarantined", signal=trace)
@@ -219,6 +224,9 @@ def _isolating(
             ctx.counters.update(one.counters)
             ctx.rejected += one.rejected
             yield from out
+
+
+_log = logging.getLogger("lmforge.tasks")
 
 
 @ray.remote(num_cpus=1)

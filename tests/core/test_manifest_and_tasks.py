@@ -92,3 +92,25 @@ def test_the_runner_commits_files_then_the_marker_and_nothing_of_a_failed_task(t
     assert marker.stat().st_mtime_ns >= (root / "out" / "data.parquet").stat().st_mtime_ns
     assert file_entry(root / "out" / "data.parquet", 5)["rows"] == 5
     assert not (root / "_staging").exists() or not any((root / "_staging").iterdir())
+
+
+def test_a_tasks_prints_logs_and_traceback_are_kept_in_its_log(tmp_path, capsys):
+    import logging
+
+    from core.tasks import TaskId, run_task
+
+    def chatty(staging, fail):
+        print("reading partition 7")
+        logging.getLogger("lmforge.test").warning("a warning from the task")
+        if fail:
+            raise RuntimeError("the task broke")
+        return {"ok": True}
+
+    task = TaskId(part="p7")
+    with pytest.raises(RuntimeError):
+        run_task(chatty, task, tmp_path, tmp_path / "_done", True)
+    assert run_task(chatty, task, tmp_path, tmp_path / "_done", False) == {"ok": True}
+    log = (tmp_path / "_logs" / "p7.log").read_text()
+    assert log.count("reading partition 7") == 2 and log.count("a warning from the task") == 2
+    assert "RuntimeError: the task broke" in log and log.count("--- start") == log.count("--- end") == 2
+    assert "reading partition 7" in capsys.readouterr().out  # the worker's own stream still gets it

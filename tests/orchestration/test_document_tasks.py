@@ -48,6 +48,9 @@ def test_a_document_that_crashes_a_stage_is_quarantined_with_its_traceback(ray_s
     assert bad["signal"].startswith("Traceback (most recent call last):")
     assert "ValueError: cannot handle a document with 'POISON'" in bad["signal"]
     assert read_index(out / "rejected")["files"][0]["rows"] == 1
+    # The task's log in the work dir says so too (it ran in a Ray worker).
+    log = (out / "_logs" / "read-00000.log").read_text()
+    assert "document d13 raised ValueError: quarantined" in log and log.startswith("--- start ")
 
 
 def test_a_stage_that_raises_on_most_documents_fails_with_the_first_traceback(ray_session, tmp_path):
