@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestration.config import ConfigError, PipelineConfig, dotted_overrides, load_config, parse_config
+from orchestration.report import stage_line
 
 app = typer.Typer(
     help="lmforge: crawl, clean, deduplicate and tokenize web text, train with DeepSpeed on Ray, track with MLflow.",
@@ -155,8 +156,10 @@ def _print_summary(cfg: PipelineConfig, result, seconds: float) -> None:
     table.add_column("output")
     table.add_column("cached")
     table.add_column("seconds", justify="right")
+    table.add_column("result")
     for name, stage in result.stages.items():
-        table.add_row(name, str(stage.out_dir), "yes" if stage.cached else "", f"{stage.seconds:.1f}")
+        line = stage_line(stage.index or {}).strip("()")
+        table.add_row(name, str(stage.out_dir), "yes" if stage.cached else "", f"{stage.seconds:.1f}", line)
     console.print(table)
     for key, value in result.metrics.items():
         console.print(f"  {key}: {value:.4f}")

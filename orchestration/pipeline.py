@@ -67,6 +67,7 @@ from orchestration.plan import (
     summarize,
 )
 from orchestration.preflight import preflight
+from orchestration.progress import StageProgress
 from orchestration.report_html import write_html_report
 from orchestration.tracking import RunMetricsLogger, Tracker, code_version
 from orchestration.training_launch import launch_finetuning, launch_training
@@ -327,11 +328,8 @@ class Pipeline:
                     ) from None
                 crawl_cfg = crawl_cfg.model_copy(update={"seeds": [server.url, *crawl_cfg.seeds]})
                 self.console.print(f"  serving {len(site.pages)} demo pages at {server.url}")
-            files, counters = run_crawl(
-                crawl_cfg,
-                out,
-                on_progress=lambda n: self.console.print(f"  fetched {n} pages", highlight=False),
-            )
+            with StageProgress(self.console, "crawl", "pages", total=crawl_cfg.max_pages) as progress:
+                files, counters = run_crawl(crawl_cfg, out, on_progress=progress.update)
             if server is not None:
                 counters["demo_pages_served"] = sum(
                     1 for path, status in server.served if status == 200 and path != "/robots.txt"
@@ -365,18 +363,17 @@ class Pipeline:
             (f"read-{i:05d}", corpus_source(uri, self.cfg.read))
             for i, uri in enumerate(self.cfg.read.inputs())
         ]
-        return run_document_stage(
-            "clean",
-            stages,
-            parts,
-            out,
-            cache_key=key,
-            inputs=inputs,
-            on_progress=lambda done, total: self.console.print(
-                f"  {done}/{total} input files", highlight=False
-            ),
-            **self._task_resources("clean"),
-        )
+        with StageProgress(self.console, "clean", "input files", total=len(parts)) as progress:
+            return run_document_stage(
+                "clean",
+                stages,
+                parts,
+                out,
+                cache_key=key,
+                inputs=inputs,
+                on_progress=progress.update,
+                **self._task_resources("clean"),
+            )
 
     def _task_resources(self, stage: str) -> dict[str, Any]:
         """``ray.resources.<stage>`` as run_tasks' Ray options and in-flight cap."""
@@ -384,30 +381,28 @@ class Pipeline:
         return {"options": r.ray_options(), "max_in_flight": r.max_in_flight}
 
     def _dedup(self, clean: StageOutcome, out: Path, key: str, inputs: dict[str, str]) -> dict[str, Any]:
-        return run_dedup_stage(
-            clean.out_dir,
-            out,
-            self.cfg.dedup,
-            cache_key=key,
-            inputs=inputs,
-            on_progress=lambda phase, done, total: (
-                done == total and self.console.print(f"  {phase}: {total} task(s) done", highlight=False)
-            ),
-            **self._task_resources("dedup"),
-        )
+        with StageProgress(self.console, "dedup", "tasks") as progress:
+            return run_dedup_stage(
+                clean.out_dir,
+                out,
+                self.cfg.dedup,
+                cache_key=key,
+                inputs=inputs,
+                on_progress=lambda phase, done, total: progress.update(done, total, phase),
+                **self._task_resources("dedup"),
+            )
 
     def _tokenize(self, docs: StageOutcome, out: Path, key: str, inputs: dict[str, str]) -> dict[str, Any]:
-        return run_tokenize_stage(
-            docs.out_dir,
-            out,
-            self.cfg.tokenize,
-            cache_key=key,
-            inputs=inputs,
-            on_progress=lambda done, total: self.console.print(
-                f"  tokenized {done}/{total} partitions", highlight=False
-            ),
-            **self._task_resources("tokenize"),
-        )
+        with StageProgress(self.console, "tokenize", "partitions") as progress:
+            return run_tokenize_stage(
+                docs.out_dir,
+                out,
+                self.cfg.tokenize,
+                cache_key=key,
+                inputs=inputs,
+                on_progress=progress.update,
+                **self._task_resources("tokenize"),
+            )
 
     def _train(
         self, tokens: StageOutcome, out: Path, key: str, inputs: dict[str, str], tracker: Tracker
