@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
+from w3lib.encoding import html_body_declared_encoding, http_content_type_encoding, read_bom
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 
@@ -44,17 +45,17 @@ _LATIN = frozenset(
     for name in ("cp1250", "cp1252", "cp1254", "cp1257", "latin_1", "iso8859_2", "iso8859_3", "iso8859_4",
                  "iso8859_9", "iso8859_10", "iso8859_13", "iso8859_15", "iso8859_16", "mac_roman")
 )  # fmt: skip
-_META_CHARSET = re.compile(rb"""<meta[^>]+charset=["']?([A-Za-z0-9_\-]+)""", re.IGNORECASE)
 
 
 def decode_html(body: bytes, content_type: str) -> str:
-    """Decode with the declared charset (HTTP header, then <meta>), falling back to UTF-8 then cp1252."""
-    candidates = []
-    if "charset=" in content_type.lower():
-        candidates.append(content_type.lower().split("charset=")[-1].split(";")[0].strip(" \"'"))
-    if m := _META_CHARSET.search(body[:4096]):
-        candidates.append(m.group(1).decode("ascii").lower())
-    candidates.append("utf-8")
+    """Decode as browsers do where w3lib does it (a byte-order mark wins; then the HTTP header's charset,
+    then the page's own <meta> or XML declaration, with WHATWG's labels: iso-8859-1 means cp1252), but a
+    declaration the bytes do not decode under is not trusted: UTF-8 next, then detection, then cp1252."""
+    encoding, bom = read_bom(body)
+    if encoding is not None:
+        return body[len(bom) :].decode(encoding, errors="replace")
+    declared = [http_content_type_encoding(content_type), html_body_declared_encoding(body[:4096])]
+    candidates = [c for c in declared if c] + ["utf-8"]
     for charset in candidates:
         try:
             return body.decode(charset)

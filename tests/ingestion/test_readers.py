@@ -183,3 +183,24 @@ def test_parquet_columns_become_documents_as_each_row_would(tmp_path):
     assert [r["url"] for r in rows] == ["http://a/", None, None]
     assert report.counters["malformed"] == 1 and report.malformed[0]["where"] == "row 2"
     assert {r["source"] for r in rows} == {"d.parquet"}
+
+
+def test_html_decoding_follows_the_browsers_rules_and_distrusts_a_wrong_declaration():
+    from ingestion.readers import decode_html
+
+    quoted = "\u201cquoted\u201d caf\u00e9"  # “quoted” café
+    # A UTF-8 byte-order mark wins over a header that says otherwise.
+    assert decode_html(b"\xef\xbb\xbf" + quoted.encode("utf-8"), "text/html; charset=iso-8859-1") == quoted
+    # WHATWG: the label iso-8859-1 means windows-1252, so 0x93 / 0x94 are curly quotes, not C1 controls.
+    assert decode_html(quoted.encode("cp1252"), "text/html; charset=ISO-8859-1") == quoted
+    # The page's own declaration: <meta http-equiv> and the XML declaration.
+    page = '<meta http-equiv="Content-Type" content="text/html; charset=koi8-r"><p>Привет</p>'
+    assert decode_html(page.encode("koi8-r"), "text/html") == page
+    xml = '<?xml version="1.0" encoding="iso-8859-2"?><p>Zażółć</p>'
+    assert decode_html(xml.encode("iso-8859-2"), "") == xml
+    # A declaration the bytes do not decode under is not trusted: the cp1252 page declared UTF-8.
+    prose = (
+        "<p>The caf\u00e9 on the corner served cr\u00e8me br\u00fbl\u00e9e; \u201cthe best in town,\u201d said the guide.</p>"
+        * 3
+    )
+    assert decode_html(prose.encode("cp1252"), "text/html; charset=utf-8") == prose

@@ -8,37 +8,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from tests.training.test_engine import BATCH, LR, SEQ, STEPS, VOCAB, batches
+from tests.training.test_engine import BATCH, LR, SEQ, STEPS, VOCAB, batches, plain_pytorch_losses
 from training.config import TrainConfig
 from training.model import ModelConfig, build_model
 from training.objectives import ObjectiveBatches, SpecialIds, document_positions
 
 EOS = VOCAB - 1
 PLAIN = {"attn_implementation": "eager"}
-
-
-def plain_loop_losses(cfg: TrainConfig) -> list[float]:
-    """The plain path: eager attention, fp32, torch.optim.AdamW stepping after a global-norm clip."""
-    from training.schedule import lr_multiplier
-
-    model = build_model(ModelConfig(preset="debug", **PLAIN), VOCAB, SEQ, seed=cfg.seed)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=LR, betas=cfg.betas, eps=1e-8, weight_decay=cfg.weight_decay
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_multiplier(s, cfg.warmup_steps, cfg.steps, 0.1)
-    )
-    losses = []
-    for seqs in batches():
-        logits = model(input_ids=seqs[:, :-1]).logits
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), seqs[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    return losses
 
 
 def engine_losses(cfg: TrainConfig) -> list[float]:
@@ -93,7 +69,7 @@ def config(model: dict | None = None, **fields) -> TrainConfig:
 )
 def test_each_fast_path_keeps_the_plain_loss_curve(single_process_dist, switches, rel):
     plain = config()
-    expected = plain_loop_losses(plain)
+    expected = plain_pytorch_losses(plain)
     assert engine_losses(plain) == pytest.approx(expected, rel=1e-5, abs=1e-6)
     fast = config(**switches)
     losses = engine_losses(fast)
