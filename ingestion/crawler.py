@@ -20,7 +20,7 @@ import zlib
 from collections import Counter, deque
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import urldefrag, urljoin, urlsplit, urlunsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import lxml.etree
 import lxml.html
@@ -30,6 +30,7 @@ import urllib3
 import urllib3.util.connection
 from protego import Protego
 from pydantic import Field, field_validator
+from w3lib.url import canonicalize_url
 from warcio.archiveiterator import ArchiveIterator
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
@@ -134,8 +135,10 @@ def _checked_seed(url: str) -> str:
 
 
 def canonical_url(url: str) -> str:
-    """One spelling per page: lower-case scheme and host, no default port, no fragment, '/' for empty path."""
-    url, _ = urldefrag(url.strip())
+    """One spelling per page: w3lib's canonicalize_url (lower-case scheme and host, no fragment, '/' for an
+    empty path, query arguments sorted, one percent-encoding, dot segments resolved), then what it leaves
+    alone: no default port and no user info."""
+    url = canonicalize_url(url.strip())
     parts = urlsplit(url)
     scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
     if ":" in host:  # an IPv6 literal keeps its brackets: http://[::1]:8000/

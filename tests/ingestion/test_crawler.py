@@ -26,6 +26,10 @@ def test_canonical_url_one_spelling_per_page():
     assert canonical_url("HTTP://Example.COM:80/a#frag") == "http://example.com/a"
     assert canonical_url("https://example.com:443") == "https://example.com/"
     assert canonical_url("http://example.com:8080/a?b=1") == "http://example.com:8080/a?b=1"
+    # w3lib's part: sorted query arguments, one percent-encoding, dot segments, no user info kept here.
+    assert canonical_url("http://h/a?b=2&a=1") == canonical_url("http://h/a?a=1&b=2") == "http://h/a?a=1&b=2"
+    assert canonical_url("http://h/%7euser/a b?q=%e2%82%ac") == "http://h/~user/a%20b?q=%E2%82%AC"
+    assert canonical_url("http://user:pw@h:80/x/./y/../z") == "http://h/x/z"
 
 
 def test_extract_links_resolves_and_dedups():
