@@ -307,7 +307,10 @@ def run_dedup_stage(
 ) -> dict[str, Any]:
     """Deduplicate the documents of ``docs_dir`` into ``out_dir`` (kept, ``rejected/``, index); tasks with
     Ray ``options``, at most ``max_in_flight`` (default ``cfg.workers``) at once."""
-    _, files = dataset_files(docs_dir)
+    docs_index, files = dataset_files(docs_dir)
+    # The shard count follows the corpus (and memory_mb), so a shard task's peak does not.
+    documents = sum(f.get("rows", 0) for f in docs_index["files"] if f["path"].endswith(".parquet"))
+    cfg = cfg.model_copy(update={"shards": cfg.shards_for(documents)})
     out = Path(out_dir)
     parts = plan_partitions(files, cfg.partition_mb)
     names = [p.name for p in parts]

@@ -217,3 +217,15 @@ def test_lsh_bands_match_datasketch_minhash_lsh(threshold, num_perm, miss_weight
 
     reference = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(1 - miss_weight, miss_weight))
     assert lsh_bands(threshold, num_perm, miss_weight) == (reference.b, reference.r)
+
+
+def test_the_shard_count_follows_the_corpus_so_a_task_fits_its_memory():
+    """By hand: a shard task holds 750 MiB plus 5,500 bytes per document of its share; with 2048 MiB the
+    room is 1298 MiB = 1,361,051,648 bytes: 1M documents (5.5e9 bytes) need 5 shards, 10M need 41."""
+    from cleaning.dedup_phases import DedupConfig
+
+    assert DedupConfig().shards_for(100) == 4  # never fewer than 4
+    assert DedupConfig().shards_for(1_000_000) == 5
+    assert DedupConfig().shards_for(10_000_000) == 41
+    assert DedupConfig(memory_mb=4096).shards_for(10_000_000) == 16  # 5.5e10 / (3346 MiB) = 15.7
+    assert DedupConfig(shards=3).shards_for(10**9) == 3  # set by hand: kept
