@@ -2,6 +2,7 @@
 train_gpu.py's whole path (shards, lmforge's trainer, the plain peer, the result lines) runs in smoke mode."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -31,11 +32,15 @@ def test_gpu_check_skips_cleanly_without_a_gpu(tmp_path):
 def test_train_gpu_smoke_runs_ours_and_the_peer(tmp_path):
     out = tmp_path / "lines.jsonl"
     args = ["--smoke", "--steps", "4", "--warmup", "1", "--tokens-per-batch", "256", "--out", str(out)]
+    # A fresh process group of its own: not the one other tests in this process left in the environment.
+    dist = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in dist}
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks/train_gpu.py"), *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
+        env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     last = json.loads(done.stdout.strip().splitlines()[-1])
