@@ -1,9 +1,9 @@
 """A polite crawler that writes gzip WARC files.
 
 ``HostCrawler`` owns exactly one host: it reads robots.txt as RFC 9309 says (through Protego), keeps
-the per-host delay between requests, and crawls breadth-first within the host. Links to other hosts are handed back to the caller,
-which routes them to the crawler that owns that host (orchestration wraps each in a Ray actor), so
-politeness holds however many workers run.
+the per-host delay between requests, and crawls breadth-first within the host. Links to other hosts are
+handed back to the caller, which routes them to that host's queue (orchestration's crawl workers hold
+each host in one worker at a time), so politeness holds however many workers run.
 """
 
 from __future__ import annotations
@@ -332,7 +332,7 @@ class HostCrawler:
         try:
             for _ in range(ROBOTS_REDIRECTS + 1):
                 status, _, body, resp = self._get(url)
-                if status not in (301, 302, 303, 307, 308) or "Location" not in resp.headers:
+                if status not in REDIRECT_STATUSES or "Location" not in resp.headers:
                     break
                 url = canonical_url(urljoin(url, resp.headers["Location"]))
             else:  # more than five redirects: RFC 9309 lets a crawler read that as unavailable (4xx)
@@ -415,7 +415,7 @@ class HostCrawler:
         """GET following redirects within scope, re-checking policy on every hop."""
         for _ in range(self.config.max_redirects + 1):
             status, ctype, body, resp = self._get(url)
-            if status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+            if status in REDIRECT_STATUSES and "Location" in resp.headers:
                 target = canonical_url(urljoin(url, resp.headers["Location"]))
                 if host_key(target) != self.host:
                     if not self.config.in_scope(target, self.allowed):
@@ -485,6 +485,17 @@ class HostCrawler:
         queue.append((url, depth))
         self._journal.write(json.dumps({"url": url, "depth": depth}) + "\n")
 
+    def _queue_new(self, queue: deque, urls: list[tuple[str, int]]) -> None:
+        """Queue (and journal) the URLs of this host, in scope, not seen before."""
+        for url, depth in urls:
+            if (
+                url not in self.seen
+                and host_key(url) == self.host
+                and self.config.in_scope(url, self.allowed)
+            ):
+                self._queue(queue, url, depth)
+        self._journal.flush()
+
     def _sitemap_urls(self) -> list[str]:
         """<loc> URLs of the host's sitemaps (robots.txt Sitemap: lines, else /sitemap.xml), following
         sitemap indexes one level; failures are logged, never fatal."""
@@ -513,10 +524,7 @@ class HostCrawler:
         hosts for the caller to route."""
         cfg = self.config
         queue: deque = deque(self._pending)
-        for url, depth in urls:
-            if url not in self.seen and host_key(url) == self.host and cfg.in_scope(url, self.allowed):
-                self._queue(queue, url, depth)
-        self._journal.flush()
+        self._queue_new(queue, urls)
         external: list[tuple[str, int]] = []
         failures: Counter = Counter()
         fetched_before, retries_before = self.fetched, self.retries
@@ -531,14 +539,7 @@ class HostCrawler:
                     "robots_retry_in": max(0.0, self._robots_retry_at - time.monotonic()),
                 }
             if cfg.sitemaps:
-                for url in self._sitemap_urls():
-                    if (
-                        url not in self.seen
-                        and host_key(url) == self.host
-                        and cfg.in_scope(url, self.allowed)
-                    ):
-                        self._queue(queue, url, 1)
-                self._journal.flush()
+                self._queue_new(queue, [(u, 1) for u in self._sitemap_urls()])
         in_flight = 0
         ready = threading.Condition(self._lock)
 
@@ -704,6 +705,7 @@ def sitemap_locations(body: bytes) -> list[tuple[str, str]]:
 
 
 ROBOTS_REDIRECTS = 5  # RFC 9309 2.3.1.2: follow at least five consecutive redirects
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 
 
 class Robots:

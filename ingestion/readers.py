@@ -361,12 +361,19 @@ def read_parquet(
                 yield batch
 
 
+def _is_text(column: pa.Array | None) -> bool:
+    return column is not None and (pa.types.is_string(column.type) or pa.types.is_large_string(column.type))
+
+
+def _texts(column: pa.Array | None, rows: int) -> pa.Array:
+    """A text column as strings, nulls for a missing or non-text column (as ``isinstance(v, str)`` reads it)."""
+    return column.cast(pa.string()) if _is_text(column) else pa.nulls(rows, pa.string())
+
+
 def _strings(column: pa.Array | None, rows: int) -> pa.Array:
-    """A column as strings (numbers as str() writes them), nulls for a missing or non-text column."""
-    if column is None:
-        return pa.nulls(rows, pa.string())
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        return column.cast(pa.string())
+    """A column as strings (numbers as str() writes them), nulls for a missing column."""
+    if column is None or _is_text(column):
+        return _texts(column, rows)
     if pa.types.is_integer(column.type):
         return column.cast(pa.string())
     return pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.string())
@@ -383,15 +390,13 @@ def _parquet_documents(
 ) -> pa.RecordBatch:
     """One Parquet record batch as documents, column by column: rows without a string text are
     recorded as malformed; a row without an id gets one from its URL (or its row number) and its text."""
-    names = chunk.schema.names
-    text = chunk.column(names.index(text_field))
-    if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
-        text = pa.nulls(chunk.num_rows, pa.string())  # no string text in any row
-    text = text.cast(pa.string())
-    ids = _strings(chunk.column(names.index(id_field)) if id_field in names else None, chunk.num_rows)
-    url_column = chunk.column(names.index(url_field)) if url_field in names else None
-    urls = url_column if url_column is not None and pa.types.is_string(url_column.type) else None
-    urls = urls if urls is not None else pa.nulls(chunk.num_rows, pa.string())
+
+    def column(name: str) -> pa.Array | None:
+        return chunk.column(name) if name in chunk.schema.names else None
+
+    text = _texts(column(text_field), chunk.num_rows)  # no string text in any row: every row malformed
+    ids = _strings(column(id_field), chunk.num_rows)
+    urls = _texts(column(url_field), chunk.num_rows)
     valid = pc.is_valid(text)
     if not pc.all(valid).as_py():
         for i in pc.indices_nonzero(pc.invert(valid)).to_pylist():
@@ -562,10 +567,7 @@ def _expand_local(entry: str) -> list[str]:
         if not path.exists():
             raise FileNotFoundError(f"read.paths: {match} does not exist")
         if path.is_dir():
-            files = sorted(str(f) for f in path.rglob("*") if f.is_file())
-            out += [f for f in files if corpus_format(f)]
-            if any(f.lower().endswith(HTML_SUFFIXES + TEXT_SUFFIXES) for f in files):
-                out.append(str(path))
+            out += _directory_inputs(sorted(str(f) for f in path.rglob("*") if f.is_file()), str, str(path))
         else:
             out.append(str(path))
     return out
@@ -607,9 +609,15 @@ def _expand_remote(entry: str) -> list[str]:
     if info.type != pafs.FileType.Directory:
         return [entry]
     files = [i.path for i in _remote_files(fs, where)]
-    out = [f"{scheme}://{f}{query}" for f in files if corpus_format(f)]
+    return _directory_inputs(files, lambda f: f"{scheme}://{f}{query}", entry)
+
+
+def _directory_inputs(files: list[str], name: Callable[[str], str], directory: str) -> list[str]:
+    """A directory's inputs: each corpus file (named by ``name``), then the directory itself when it holds
+    HTML or text files, which are read together."""
+    out = [name(f) for f in files if corpus_format(f)]
     if any(f.lower().endswith(HTML_SUFFIXES + TEXT_SUFFIXES) for f in files):
-        out.append(entry)
+        out.append(directory)
     return out
 
 

@@ -191,8 +191,15 @@ def _train_step(
     return step_loss
 
 
+def _peak_tflops(cfg: EngineConfig, device: torch.device) -> float | None:
+    """``peak_tflops``, else the device's dense bf16 peak where its name is known (once per run)."""
+    if cfg.peak_tflops or device.type != "cuda":
+        return cfg.peak_tflops
+    return device_peak_tflops(torch.cuda.get_device_name(device))
+
+
 def _step_metrics(
-    engine, cfg: EngineConfig, loss: float, seconds: float, fpt: float, world: int, device
+    engine, cfg: EngineConfig, loss: float, seconds: float, fpt: float, world: int, device, peak: float | None
 ) -> dict[str, float]:
     tokens_per_s = cfg.tokens_per_step / seconds
     metrics = {
@@ -202,9 +209,6 @@ def _step_metrics(
         "step_seconds": seconds,
         "tokens_per_s": tokens_per_s,
     }
-    peak = cfg.peak_tflops or (
-        device_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    )
     if peak:
         metrics["mfu"] = fpt * tokens_per_s / (peak * 1e12 * world)
     if device.type == "cuda":
@@ -292,7 +296,7 @@ def run_steps(
         sampler.load_state_dict(client_state["sampler"])
         start_step, losses = client_state["step"], list(client_state["losses"])
 
-    log_every = max(1, cfg.steps // 10)
+    log_every, peak = max(1, cfg.steps // 10), _peak_tflops(cfg, device)
     engine.train()
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
@@ -306,7 +310,7 @@ def run_steps(
         step_times.append(seconds)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss became {loss_value} at step {step + 1}; lower lr")
-        metrics = _step_metrics(engine, cfg, loss_value, seconds, fpt, world, device)
+        metrics = _step_metrics(engine, cfg, loss_value, seconds, fpt, world, device, peak)
         done = step + 1
         if on_eval is not None and getattr(cfg, "eval_every", 0) and done % cfg.eval_every == 0:
             metrics |= _evaluate(engine, on_eval, done)

@@ -204,3 +204,12 @@ def test_html_decoding_follows_the_browsers_rules_and_distrusts_a_wrong_declarat
         * 3
     )
     assert decode_html(prose.encode("cp1252"), "text/html; charset=utf-8") == prose
+
+
+def test_parquet_large_string_columns_read_as_strings(tmp_path):
+    table = pa.table(
+        {"text": pa.array(["alpha"], pa.large_string()), "url": pa.array(["http://a/"], pa.large_string())}
+    )
+    pq.write_table(table, tmp_path / "l.parquet")
+    rows, _, _ = _rows(tmp_path / "l.parquet")
+    assert [(r["text"], r["url"]) for r in rows] == [("alpha", "http://a/")]

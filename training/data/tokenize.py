@@ -34,7 +34,6 @@ from training.data.shards import SPLITS, TokenShardWriter, split_hash, split_of,
 from training.data.tokenizer import (
     TokenizerConfig,
     eos_id,
-    in_training_sample,
     load_tokenizer,
     save_tokenizer,
     tokenizer_id,
@@ -109,6 +108,12 @@ def prepare_tokenizer(
         forced_val=lowest[1] if lowest[0] >= config.val_fraction else None,
     )
     return prepared
+
+
+def in_training_sample(doc_id: str, fraction: float) -> bool:
+    """Whether a document is in the tokenizer's training sample of ``fraction`` of the corpus: the split
+    rule's hash, salted so that the sample and the validation split are independent."""
+    return split_hash("tokenizer-sample:" + doc_id) < fraction
 
 
 def _training_texts(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -47,12 +46,6 @@ def train_bpe(texts: Iterable[str], config: TokenizerConfig) -> Tokenizer:
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
-
-
-def in_training_sample(doc_id: str, fraction: float) -> bool:
-    """Whether a document is in the tokenizer's training sample of ``fraction`` of the corpus."""
-    digest = hashlib.sha256(b"tokenizer-sample:" + doc_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path) -> tuple[Path, str]:
