@@ -111,6 +111,16 @@ class PeakRss:
         self._thread.join()
 
 
+def phase_peaks(out: Path) -> dict[str, float]:
+    """The largest peak RSS (MiB) of any task of each phase, from the tasks' completion markers."""
+    peaks: dict[str, float] = {}
+    for marker in (out / "_work" / "_done").glob("*.json"):
+        phase = marker.stem.split("-")[0].rstrip("0123456789")
+        peak = json.loads(marker.read_text()).get("peak_rss_mb", 0)
+        peaks[phase] = max(peaks.get(phase, 0), peak)
+    return dict(sorted(peaks.items()))
+
+
 def main() -> None:
     import ray
 
@@ -143,6 +153,8 @@ def main() -> None:
                 "clusters": c.get("clusters"),
                 "peak_rss_mb_driver": round(rss.driver / 2**20),
                 "peak_rss_mb_worker": round(rss.worker / 2**20),
+                "peak_rss_mb_by_phase": phase_peaks(work / f"out-{n}"),
+                "shards": index["counters"].get("shards"),
                 "corpus_write_seconds": round(gen_seconds, 1),
             }
             print(json.dumps(line), flush=True)

@@ -8,9 +8,10 @@ task computes, with no I/O:
    spans and the id hashes. A node is ``partition << 32 | row``. Then :func:`id_collisions` (per id-hash
    shard): a document whose id an earlier one already has is removed (``duplicate_id``) and takes no
    part in what follows.
-2. :func:`verified_edges` (per key shard): documents sharing a bucket are candidate pairs; exact-text
-   buckets are duplicates when all 128 bits agree, others are verified by exact Jaccard of their
-   shingle sets (or the signatures' estimate).
+2. :func:`candidate_pairs` (per key shard): documents sharing a bucket are candidate pairs, sent to the
+   verify shard that owns the pair; :func:`verified_edges` (per verify shard): exact-text buckets are
+   duplicates when all 128 bits agree, others are verified by exact Jaccard of their shingle sets (or
+   the signatures' estimate), each pair once.
 3. :func:`star_step` (per node shard, repeated): alternating large-star and small-star steps (Kiveris et
    al., 2014) until every component is a star around its smallest node.
 4. :func:`decide_clusters` (per root shard): each component's survivor by the keep rule, the decisions
@@ -217,38 +218,77 @@ def id_collisions(rows: pa.Table, id_of: Callable[[int], str]) -> np.ndarray:
     return np.array(sorted(later), dtype=np.int64)
 
 
-def verified_edges(
-    rows: pa.Table,
-    cfg: DedupConfig,
-    exact_hi: Callable[[int], int],
-    shingles: Callable[[int], np.ndarray],
-    signature: Callable[[int], np.ndarray],
-) -> tuple[pa.Table, int]:
-    """Phase 2 over one key shard's (band, key, node) rows: the verified edges (a, b, similarity), sorted,
-    and the number of candidate pairs. ``exact_hi``, ``shingles`` and ``signature`` look a node's
-    high text-hash half, shingle hashes and signature up."""
+PAIR_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("exact", pa.bool_())])
+
+
+def candidate_pairs(rows: pa.Table, cfg: DedupConfig, shards: int) -> list[pa.Table]:
+    """Phase 2a over one key shard's (band, key, node) rows: the candidate pairs (a < b, ``exact`` when
+    they share an exact-text bucket) split by the verify shard that owns each pair.
+
+    A near-duplicate pair shares most LSH bands and the bands are spread over the key shards, so every
+    key shard finds most of the corpus's pairs: verifying them here would make each task's work (and
+    the pages of the shingle files it reads) follow the corpus. Owned by pair, each is verified once."""
     band = rows.column("band").to_numpy()
     key, node = rows.column("key").to_numpy(), rows.column("node").to_numpy()
     exact = band == EXACT_BAND
+    found = [
+        (np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2), flag)
+        for pairs, flag in (
+            (bucket_pairs(band[exact], key[exact], node[exact], max_bucket=0), True),
+            (bucket_pairs(band[~exact], key[~exact], node[~exact]) if cfg.minhash else set(), False),
+        )
+    ]
+    pairs = np.concatenate([p for p, _ in found])
+    flags = np.concatenate([np.full(len(p), flag) for p, flag in found])
+    table = pa.table({"a": pairs[:, 0], "b": pairs[:, 1], "exact": flags}, schema=PAIR_SCHEMA)
+    return split_by(table, pair_shard(pairs[:, 0], pairs[:, 1], shards), shards)
+
+
+def pair_shard(a: np.ndarray, b: np.ndarray, shards: int) -> np.ndarray:
+    """The verify shard that owns each pair (a, b)."""
+    return node_shard(a.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ b.astype(np.uint64), shards)
+
+
+def verified_edges(
+    pairs: pa.Table,
+    cfg: DedupConfig,
+    exact_hi: Callable[[np.ndarray], dict[int, int]],
+    shingles: Callable[[np.ndarray], dict[int, np.ndarray]],
+    signatures: Callable[[np.ndarray], dict[int, np.ndarray]],
+) -> tuple[pa.Table, int]:
+    """Phase 2b over one verify shard's candidate pairs (a, b, exact), as every key shard found them: the
+    verified edges (a, b, similarity), sorted, and the number of distinct near-duplicate candidates.
+    Exact-bucket pairs are duplicates when all 128 bits of the text hash agree; the others are verified
+    by exact Jaccard of their shingle sets (or the signatures' estimate). ``exact_hi``, ``shingles`` and
+    ``signatures`` look the given nodes' high text-hash halves, shingle hashes and signatures up at once
+    (partition by partition)."""
+    a, b = pairs.column("a").to_numpy(), pairs.column("b").to_numpy()
+    is_exact = pairs.column("exact").to_numpy(zero_copy_only=False)
     edges: dict[tuple[int, int], float] = {}
-    for a, b in bucket_pairs(band[exact], key[exact], node[exact], max_bucket=0):
-        if exact_hi(a) == exact_hi(b):  # all 128 bits agree
-            edges[(a, b)] = 1.0
+    exact = np.unique(np.stack([a[is_exact], b[is_exact]], axis=1), axis=0)
+    high = exact_hi(np.unique(exact)) if exact.size else {}
+    for x, y in exact.tolist():
+        if high[x] == high[y]:  # all 128 bits agree
+            edges[(x, y)] = 1.0
     candidates = 0
     if cfg.minhash:
         m = cfg.minhash
-        similarity = Similarity(m.verify, shingles, signature)
-        near = ~exact
-        for a, b in sorted(bucket_pairs(band[near], key[near], node[near])):
-            candidates += 1
-            if (a, b) not in edges and (sim := similarity(a, b)) >= similarity.threshold(m):
-                edges[(a, b)] = sim
-    pairs = sorted(edges)
+        near = np.unique(np.stack([a[~is_exact], b[~is_exact]], axis=1), axis=0)
+        near = [(x, y) for x, y in near.tolist() if (x, y) not in edges]
+        candidates = len(near)
+        nodes = np.unique(np.array(near, dtype=np.int64))
+        verify_by = signatures if m.verify in ("estimate", "none") else shingles
+        looked_up = verify_by(nodes) if nodes.size else {}
+        similarity = Similarity(m.verify, looked_up.__getitem__, looked_up.__getitem__)
+        for x, y in near:
+            if (sim := similarity(x, y)) >= similarity.threshold(m):
+                edges[(x, y)] = sim
+    order = sorted(edges)
     table = pa.table(
         {
-            "a": pa.array([p[0] for p in pairs], pa.int64()),
-            "b": pa.array([p[1] for p in pairs], pa.int64()),
-            "similarity": pa.array([edges[p] for p in pairs], pa.float64()),
+            "a": pa.array([p[0] for p in order], pa.int64()),
+            "b": pa.array([p[1] for p in order], pa.int64()),
+            "similarity": pa.array([edges[p] for p in order], pa.float64()),
         }
     )
     return table, candidates

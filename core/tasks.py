@@ -101,16 +101,40 @@ def task_log(path: Path) -> Iterator[None]:
             log.write(f"--- end {datetime.now(timezone.utc).isoformat()}\n")
 
 
+def _reset_peak_rss() -> None:
+    """Start this process's peak resident set (Linux's VmHWM) over, so a task's own peak can be read at
+    its end although the worker process ran other tasks before (a no-op where /proc does not allow it)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set in MiB since it started or since :func:`_reset_peak_rss`."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def run_task(fn: TaskFn, task: TaskId, root: str | Path, markers: str | Path, *args: Any) -> dict[str, Any]:
     """Run ``fn(staging, *args)`` and commit its files under ``root``, then its marker in ``markers``.
-    The task's output and log records are kept in ``root/_logs/<task>.log``."""
+    The task's output and log records are kept in ``root/_logs/<task>.log``; its result gains
+    ``peak_rss_mb``, the worker's peak resident memory while it ran (what ``ray.resources`` memory_mb
+    should allow for)."""
     root, markers = Path(root), Path(markers)
     staging = root / STAGING_DIR / f"{task.name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         with task_log(root / LOG_DIR / f"{task.name}.log"):
+            _reset_peak_rss()
             result = fn(staging, *args)
+            if isinstance(result, dict):
+                result["peak_rss_mb"] = peak_rss_mb()
+                print(f"peak RSS {result['peak_rss_mb']} MiB")
         for src in sorted(p for p in staging.rglob("*") if p.is_file()):
             dst = root / src.relative_to(staging)
             dst.parent.mkdir(parents=True, exist_ok=True)

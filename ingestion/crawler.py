@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 import zlib
-from collections import Counter, deque
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit, urlunsplit
@@ -36,6 +36,7 @@ from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
 from core.stage import StageConfig
+from ingestion.frontier import Frontier
 
 
 class CrawlConfig(StageConfig):
@@ -222,10 +223,11 @@ def pinned_adapter(address: str) -> requests.adapters.HTTPAdapter:
 class HostCrawler:
     """Crawls one host politely into rotating gzip WARC files and a JSONL crawl log.
 
-    Everything it queues and finishes goes to a journal (``frontier-<host>.jsonl``) and every page to the
-    WARC files, so a crawler started again on the same output directory resumes: it re-reads the WARC
-    files (cutting a record left half-written by a kill), skips the pages they hold and the URLs the
-    journal marks done, and queues the rest again.
+    Every URL it queues and finishes is a row of its frontier on disk (``frontier-<host>.sqlite``,
+    ingestion/frontier.py: the queue and the seen-set, so a host with millions of URLs queued costs no
+    memory) and every page goes to the WARC files, so a crawler started again on the same output directory
+    resumes: it re-reads the WARC files (cutting a record left half-written by a kill), marks the pages
+    they hold done, and goes on with the URLs still queued.
     """
 
     def __init__(self, host: str, config: CrawlConfig, out_dir: str):
@@ -240,7 +242,6 @@ class HostCrawler:
         self._turn = threading.Lock()  # request starts, one at a time, spaced by the delay
         self.slug = re.sub(r"[^A-Za-z0-9.-]", "_", urlsplit(host).netloc)  # a.com:8000 -> a.com_8000
         self.allowed = config.hosts_allowed()
-        self.seen: set[str] = set()
         self.fetched = 0
         self.retries = 0
         self._last_request = 0.0
@@ -252,40 +253,28 @@ class HostCrawler:
         self._warc_files: dict[str, int] = {}  # file name -> response records
         self._warc_name = ""
         self._warc = None
-        self._pending: list[tuple[str, int]] = []
-        self._journal_path = self.out_dir / f"frontier-{self.slug}.jsonl"
+        self.frontier = Frontier(
+            self.out_dir / f"frontier-{self.slug}.sqlite",
+            legacy_journal=self.out_dir / f"frontier-{self.slug}.jsonl",  # earlier versions' journal
+        )
         self._restore()
         self._log = open(self.out_dir / f"crawl-log-{self.slug}.jsonl", "a", encoding="utf-8")
-        self._journal = open(self._journal_path, "a", encoding="utf-8")
 
     def _restore(self) -> None:
-        """Resume from an earlier run's WARC files and journal in the output directory."""
-        stored: set[str] = set()
+        """Resume from an earlier run's WARC files: their pages are done, whatever the frontier says (a
+        kill can fall between writing a page and committing it done)."""
         own = re.compile(rf"{re.escape(self.slug)}-\d{{5,}}\.warc\.gz")  # not another host's "a.com-b.org"
         for path in sorted(p for p in self.out_dir.glob(f"{self.slug}-*.warc.gz") if own.fullmatch(p.name)):
             urls = _warc_responses(path)
-            stored.update(urls)
+            self.frontier.mark_done(urls)
             self._warc_files[path.name] = len(urls)
             self._warc_index = max(self._warc_index, int(path.name.rsplit("-", 1)[1].split(".")[0]) + 1)
         self.fetched = sum(self._warc_files.values())
-        queued: dict[str, int] = {}
-        done = set(stored)
-        if self._journal_path.exists():
-            for line in self._journal_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a kill
-                    continue
-                if "done" in entry:
-                    done.add(entry["done"])
-                else:
-                    queued.setdefault(entry["url"], entry["depth"])
-        self._pending = [(u, d) for u, d in queued.items() if u not in done]
-        self.seen = done | set(queued)
+        self.frontier.commit()
 
     def state(self) -> dict:
         """Pages already in the WARC files and URLs waiting, as restored."""
-        return {"host": self.host, "fetched": self.fetched, "pending": len(self._pending)}
+        return {"host": self.host, "fetched": self.fetched, "pending": self.frontier.pending()}
 
     # -- politeness ---------------------------------------------------------------------------------
     def _delay(self) -> float:
@@ -422,9 +411,9 @@ class HostCrawler:
                         raise FetchRefused(f"redirect to {target}, out of scope")
                     raise Redirected(target)  # the target host's crawler fetches it, politely
                 with self._lock:
-                    if target in self.seen:
+                    if target in self.frontier:
                         raise FetchRefused(f"redirect to {target} (already seen)")
-                    self.seen.add(target)
+                    self.frontier.seen(target)
                 url = target
                 continue
             return url, status, ctype, body, resp
@@ -480,21 +469,13 @@ class HostCrawler:
             self._log.flush()
 
     # -- crawl --------------------------------------------------------------------------------------
-    def _queue(self, queue: deque, url: str, depth: int) -> None:
-        self.seen.add(url)
-        queue.append((url, depth))
-        self._journal.write(json.dumps({"url": url, "depth": depth}) + "\n")
-
-    def _queue_new(self, queue: deque, urls: list[tuple[str, int]]) -> None:
-        """Queue (and journal) the URLs of this host, in scope, not seen before."""
-        for url, depth in urls:
-            if (
-                url not in self.seen
-                and host_key(url) == self.host
-                and self.config.in_scope(url, self.allowed)
-            ):
-                self._queue(queue, url, depth)
-        self._journal.flush()
+    def _queue_new(self, urls: list[tuple[str, int]]) -> None:
+        """Queue the URLs of this host that are in scope and were not seen before; committed."""
+        with self._lock:
+            for url, depth in urls:
+                if host_key(url) == self.host and self.config.in_scope(url, self.allowed):
+                    self.frontier.add(url, depth)
+            self.frontier.commit()
 
     def _sitemap_urls(self) -> list[str]:
         """<loc> URLs of the host's sitemaps (robots.txt Sitemap: lines, else /sitemap.xml), following
@@ -523,23 +504,21 @@ class HostCrawler:
         up to ``budget`` pages. Returns counts, the failures, the URLs still waiting, and links to other
         hosts for the caller to route."""
         cfg = self.config
-        queue: deque = deque(self._pending)
-        self._queue_new(queue, urls)
+        self._queue_new(urls)
         external: list[tuple[str, int]] = []
         failures: Counter = Counter()
         fetched_before, retries_before = self.fetched, self.retries
         if self._robots is None:
             if time.monotonic() >= self._robots_retry_at:
                 self._load_robots()
-            if self._robots is None:  # unreachable: the URLs wait, journalled, for the next ask
-                self._pending = list(queue)
+            if self._robots is None:  # unreachable: the URLs wait in the frontier for the next ask
                 return {
                     **self._result(fetched_before, retries_before, failures, external),
                     "robots_unreachable": self._robots_attempts,
                     "robots_retry_in": max(0.0, self._robots_retry_at - time.monotonic()),
                 }
             if cfg.sitemaps:
-                self._queue_new(queue, [(u, 1) for u in self._sitemap_urls()])
+                self._queue_new([(u, 1) for u in self._sitemap_urls()])
         in_flight = 0
         ready = threading.Condition(self._lock)
 
@@ -547,19 +526,29 @@ class HostCrawler:
             nonlocal in_flight
             while True:
                 with ready:
-                    while not queue and in_flight:  # others may still queue links
-                        ready.wait()
-                    if not queue or self.fetched - fetched_before + in_flight >= budget:
-                        return
-                    url, depth = queue.popleft()
+                    while True:
+                        if self.fetched - fetched_before + in_flight >= budget:
+                            return
+                        if (taken := self.frontier.take()) is not None:
+                            break
+                        if not in_flight:
+                            return
+                        ready.wait()  # others may still queue links
+                    url, depth = taken
                     in_flight += 1
-                outcome = self._visit(url, depth, queue, external)
+                try:
+                    outcome = self._visit(url, depth, external)
+                except BaseException:
+                    with ready:
+                        in_flight -= 1
+                        ready.notify_all()
+                    raise
                 with ready:
                     in_flight -= 1
                     if outcome is not None:
                         failures[outcome] += 1
-                    self._journal.write(json.dumps({"done": url}) + "\n")
-                    self._journal.flush()
+                    self.frontier.done(url)
+                    self.frontier.commit()
                     ready.notify_all()
 
         if cfg.host_concurrency == 1:
@@ -570,7 +559,9 @@ class HostCrawler:
                 thread.start()
             for thread in threads:
                 thread.join()
-        self._pending = list(queue)
+        with self._lock:
+            self.frontier.release()  # a URL taken by a call that raised is queued again
+            self.frontier.commit()
         return self._result(fetched_before, retries_before, failures, external)
 
     def _result(self, fetched_before: int, retries_before: int, failures: Counter, external: list) -> dict:
@@ -580,12 +571,12 @@ class HostCrawler:
             "retries": self.retries - retries_before,
             "failures": sum(failures.values()),
             "failure_reasons": dict(failures),
-            "pending": len(self._pending),
+            "pending": self.frontier.pending(),
             "external": external,
             "warc_files": dict(sorted(self._warc_files.items())),  # name -> response records
         }
 
-    def _visit(self, url: str, depth: int, queue: deque, external: list[tuple[str, int]]) -> str | None:
+    def _visit(self, url: str, depth: int, external: list[tuple[str, int]]) -> str | None:
         """Fetch one URL, write it, queue its links; the failure reason, or None."""
         if not self._robots.allows(url):
             self._record(url, None, 0, 0.0, "disallowed by robots.txt")
@@ -615,10 +606,10 @@ class HostCrawler:
             self._record(final_url, status, len(body), elapsed, None)
             self.fetched += 1
             for link in links:
-                if link in self.seen or not self.config.in_scope(link, self.allowed):
+                if not self.config.in_scope(link, self.allowed):
                     continue
                 if host_key(link) == self.host:
-                    self._queue(queue, link, depth + 1)
+                    self.frontier.add(link, depth + 1)
                 else:
                     external.append((link, depth + 1))
         return None
@@ -629,7 +620,7 @@ class HostCrawler:
             self._warc.close()
             self._warc = None
         self._log.close()
-        self._journal.close()
+        self.frontier.close()
         for session in self._sessions:
             session.close()
         return dict(self._warc_files)

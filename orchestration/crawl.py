@@ -7,15 +7,16 @@ holds across the cluster; a worker keeps the last few hosts it crawled open and 
 
 Every report is appended to ``hosts.jsonl`` (pages fetched, URLs waiting, WARC files with their records):
 a crawl started again on the same output directory reads it and opens only the hosts with URLs waiting,
-each resuming from its WARC files and frontier journal (ingestion/crawler.py), lazily, when a worker
-takes it.
+each resuming from its WARC files and frontier (ingestion/crawler.py), lazily, when a worker takes it.
+Links to other hosts wait in ``routes.sqlite`` until the host's crawler has queued them: neither the
+routed-set nor the waiting links sit in the driver's memory, and a kill loses none of them.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections import Counter, OrderedDict, defaultdict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,12 @@ import ray
 
 from core.files import file_entry
 from ingestion.crawler import CrawlConfig, HostCrawler, host_key
+from ingestion.frontier import RouteBook
 
 PAGES_PER_CALL = 50  # a host reports back (links to route, progress) at least this often
 HOSTS_LOG = "hosts.jsonl"
 LEGACY_HOSTS_FILE = "hosts.json"  # work dirs of the one-actor-per-host crawl: a list of hosts
+ROUTES = "routes.sqlite"  # the driver's links to other hosts (ingestion/frontier.py's RouteBook)
 OPEN_HOSTS_PER_WORKER = 8  # hosts a worker keeps open (their seen-sets and files) between calls
 
 
@@ -106,14 +109,12 @@ def run_crawl(
     hosts = _replay(out_dir)  # host -> its last report
     counters: Counter = Counter()
     counters["pages_restored"] = sum(h["fetched"] for h in hosts.values())
+    counters["pages_fetched"] = 0
     waiting: set[str] = {h for h, s in hosts.items() if s["pending"] is None or s["pending"] > 0}
     deferred: dict[str, float] = {}  # host -> when its unreachable robots.txt may be asked again
     unreachable: set[str] = set()  # hosts whose robots.txt stayed unreachable: their URLs wait
-    new: dict[str, list[tuple[str, int]]] = defaultdict(list)  # URLs to hand to each host
-    routed: set[str] = set()
-    for seed in config.all_seeds():
-        routed.add(seed)
-        new[host_key(seed)].append((seed, 0))
+    book = RouteBook(out_dir / ROUTES)  # links to hand to each host, on disk; seeds are routed like links
+    book.route((seed, host_key(seed), 0) for seed in config.all_seeds())
 
     n_workers = default_workers(config)
     workers = [_CrawlWorkerActor.remote(config, str(out_dir)) for _ in range(n_workers)]
@@ -121,16 +122,16 @@ def run_crawl(
     free = list(range(n_workers))
     owner: dict[str, int] = {}  # host -> the worker that holds it open
     unreserved = config.max_pages - counters["pages_restored"]
-    running: dict[ray.ObjectRef, tuple[str, int, int]] = {}  # call -> (host, worker, grant)
+    running: dict[ray.ObjectRef, tuple[str, int, int, int]] = {}  # call -> (host, worker, grant, last route)
     log = open(out_dir / HOSTS_LOG, "a", encoding="utf-8")
     try:
-        while running or (unreserved > 0 and (new or waiting or deferred)):
+        while running or (unreserved > 0 and (book.hosts or waiting or deferred)):
             now = time.monotonic()
             for host in [h for h, at in deferred.items() if at <= now]:
                 del deferred[host]
                 waiting.add(host)
-            busy = {host for host, _, _ in running.values()}
-            ready = sorted(h for h in set(new) | waiting if h not in busy)
+            busy = {host for host, *_ in running.values()}
+            ready = sorted(h for h in book.hosts | waiting if h not in busy)
             if not running and not ready:  # only hosts waiting for their robots.txt
                 time.sleep(max(0.0, min(deferred.values()) - now))
                 continue
@@ -145,16 +146,18 @@ def run_crawl(
                 owner[host] = worker
                 grant = max(1, min(PAGES_PER_CALL, unreserved // max(1, len(ready))))
                 unreserved -= grant
-                call = workers[worker].crawl.remote(host, new.pop(host, []), grant)
-                running[call] = (host, worker, grant)
+                urls, last = book.waiting(host)
+                call = workers[worker].crawl.remote(host, urls, grant)
+                running[call] = (host, worker, grant, last)
                 waiting.discard(host)
             if not running:
                 time.sleep(0.05)  # every ready host waits for its busy owner
                 continue
             (done,), _ = ray.wait(list(running), num_returns=1)
-            host, worker, grant = running.pop(done)
+            host, worker, grant, last = running.pop(done)
             free.append(worker)
             result = ray.get(done)
+            book.handed(host, last)  # in the host's frontier now
             for closed in result["closed"]:
                 owner.pop(closed, None)
             if result["restored"] is not None:  # opened: its files are the truth, the log may lag a kill
@@ -181,10 +184,7 @@ def run_crawl(
                     unreachable.add(host)
             elif result["pending"]:
                 waiting.add(host)
-            for url, depth in result["external"]:
-                if url not in routed:
-                    routed.add(url)
-                    new[host_key(url)].append((url, depth))
+            book.route((url, host_key(url), depth) for url, depth in result["external"])
             if on_progress:
                 on_progress(counters["pages_restored"] + counters["pages_fetched"])
     finally:
@@ -194,7 +194,8 @@ def run_crawl(
             ray.kill(w)
     dead = unreachable | set(deferred)
     left = sum(s["pending"] or 0 for h, s in hosts.items() if h not in dead)
-    counters["urls_not_fetched_max_pages"] = left + sum(map(len, new.values()))
+    counters["urls_not_fetched_max_pages"] = left + book.count_waiting()
+    book.close()
     if dead:
         counters["hosts_robots_unreachable"] = len(dead)
         counters["urls_not_fetched_robots_unreachable"] = sum(hosts[h]["pending"] or 0 for h in dead)

@@ -8,9 +8,12 @@
    Then one task per id-hash shard finds documents whose id an earlier one already has: they are
    removed (``duplicate_id``, the first in corpus order stays) and take no part in what follows.
 2. reduce, one task per key shard: sort its rows by (band, key); documents sharing a bucket are candidate
-   pairs; exact-text buckets (band -1) are duplicates when all 128 bits of the text hash agree; others are
-   verified by exact Jaccard of their shingle sets (or the signatures' estimate), read from the map
-   outputs for just those nodes. It writes the verified edges, split by the shard that owns each node.
+   pairs, written split by the verify shard that owns each pair. Then verify, one task per pair shard:
+   each pair once (a near duplicate shares most bands, so most key shards find it), exact-text buckets
+   (band -1) are duplicates when all 128 bits of the text hash agree; others are verified by exact
+   Jaccard of their shingle sets (or the signatures' estimate), read from the map outputs for just those
+   nodes, by ``pread`` (a memory map would keep the pages it touched resident). It writes the verified
+   edges, split by the shard that owns each node.
 3. components, ``shards`` tasks a step: alternating large-star and small-star steps (Kiveris et al.,
    2014), each task owning the nodes of one hash shard and passing the new edges on by owner, until
    every component is a star around its smallest node (O(log^2 n) steps; a handful in practice).
@@ -29,6 +32,7 @@ plan comes from the files and ``partition_mb``).
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +47,7 @@ from cleaning.dedup_phases import (
     DedupConfig,
     apply_decisions,
     best_similarity,
+    candidate_pairs,
     decide_clusters,
     id_collisions,
     repeated_spans,
@@ -111,40 +116,86 @@ def _removed_nodes(work: Path, kind: str, names: list[str], shards: int) -> np.n
     return np.concatenate(nodes) if nodes else np.empty(0, np.int64)
 
 
+class _Npy:
+    """Rows of a .npy file read with ``pread``: no memory map, so none of the file's pages stay resident
+    in the task's process (a memory map faults in, and reads ahead, pages that count as its RSS)."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, self.dtype = read_header(f)
+            self.start = f.tell()
+        self.shape = shape
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        data = os.pread(self.fd, (stop - start) * self.row_bytes, self.start + start * self.row_bytes)
+        return np.frombuffer(data, self.dtype).reshape((stop - start, *self.shape[1:]))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class _PartArrays:
-    """Lazily memory-mapped per-partition arrays of the map phase, addressed by node."""
+    """The map phase's per-partition outputs, looked up for given nodes one partition at a time."""
 
     def __init__(self, work: Path, names: list[str]):
         self.work, self.names = work, names
-        self._cache: dict[tuple[str, int], np.ndarray] = {}
-
-    def _array(self, kind: str, part: int) -> np.ndarray:
-        if (kind, part) not in self._cache:
-            self._cache[(kind, part)] = np.load(self.work / kind / f"{self.names[part]}.npy", mmap_mode="r")
-        return self._cache[(kind, part)]
+        self._ids: dict[int, pa.ChunkedArray] = {}
 
     def doc_id(self, node: int) -> str:
-        """A document's id."""
-        key = ("id", node >> 32)
-        if key not in self._cache:
-            self._cache[key] = read_ipc(self.work / "docs" / f"{self.names[node >> 32]}.arrow").column("id")
-        return self._cache[key][node & 0xFFFFFFFF].as_py()
+        """A document's id (for the rare id-hash collisions)."""
+        part = node >> 32
+        if part not in self._ids:
+            self._ids[part] = read_ipc(self.work / "docs" / f"{self.names[part]}.arrow").column("id")
+        return self._ids[part][node & 0xFFFFFFFF].as_py()
 
-    def exact_hi(self, node: int) -> int:
-        """The high half of a document's 128-bit text hash."""
-        key = ("exact_hi", node >> 32)
-        if key not in self._cache:
-            docs = read_ipc(self.work / "docs" / f"{self.names[node >> 32]}.arrow")
-            self._cache[key] = docs.column("exact_hi").to_numpy()
-        return int(self._cache[key][node & 0xFFFFFFFF])
+    @staticmethod
+    def _by_partition(nodes: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        part = nodes >> 32
+        return [(int(p), nodes[part == p]) for p in np.unique(part)]
 
-    def shingles(self, node: int) -> np.ndarray:
-        part, row = node >> 32, node & 0xFFFFFFFF
-        offsets = self._array("offsets", part)
-        return np.asarray(self._array("shingles", part)[offsets[row] : offsets[row + 1]])
+    def exact_hi(self, nodes: np.ndarray) -> dict[int, int]:
+        """The high halves of the given documents' 128-bit text hashes."""
+        found: dict[int, int] = {}
+        for part, mine in self._by_partition(nodes):
+            column = read_ipc(self.work / "docs" / f"{self.names[part]}.arrow").column("exact_hi")
+            found.update(zip(mine.tolist(), column.take(pa.array(mine & 0xFFFFFFFF)).to_pylist()))
+        return found
 
-    def signature(self, node: int) -> np.ndarray:
-        return np.asarray(self._array("sigs", node >> 32)[node & 0xFFFFFFFF])
+    def shingles(self, nodes: np.ndarray) -> dict[int, np.ndarray]:
+        """The given documents' shingle hashes."""
+        found: dict[int, np.ndarray] = {}
+        for part, mine in self._by_partition(nodes):
+            offsets = _Npy(self.work / "offsets" / f"{self.names[part]}.npy")
+            shingles = _Npy(self.work / "shingles" / f"{self.names[part]}.npy")
+            try:
+                for node in mine.tolist():
+                    lo, hi = offsets.rows(node & 0xFFFFFFFF, (node & 0xFFFFFFFF) + 2).tolist()
+                    found[node] = shingles.rows(lo, hi)
+            finally:
+                offsets.close()
+                shingles.close()
+        return found
+
+    def signatures(self, nodes: np.ndarray) -> dict[int, np.ndarray]:
+        """The given documents' MinHash signatures."""
+        found: dict[int, np.ndarray] = {}
+        for part, mine in self._by_partition(nodes):
+            sigs = _Npy(self.work / "sigs" / f"{self.names[part]}.npy")
+            try:
+                found.update(
+                    (node, sigs.rows(node & 0xFFFFFFFF, (node & 0xFFFFFFFF) + 1)[0]) for node in mine.tolist()
+                )
+            finally:
+                sigs.close()
+        return found
 
 
 def _cc_dir(root: Path, step: int) -> Path:
@@ -156,12 +207,22 @@ def _reduce_task(staging: Path, shard: int, names: list[str], out: Path, cfg: De
     rows = pa.concat_tables([read_ipc(work / "bands" / f"{name}-{shard:04d}.arrow") for name in names])
     collided = _removed_nodes(work, "idcollisions", names, cfg.shards)  # they take no part in similarity
     rows = rows.filter(pa.array(~np.isin(rows.column("node").to_numpy(), collided)))
+    pairs = candidate_pairs(rows, cfg, cfg.shards)
+    _shard_files(staging / WORK / "pairs", f"{shard:04d}", pairs)
+    return {"part": f"reduce-{shard:04d}", "bucket_pairs": sum(t.num_rows for t in pairs)}
+
+
+def _verify_task(staging: Path, shard: int, names: list[str], out: Path, cfg: DedupConfig) -> dict[str, Any]:
+    work = out / WORK
+    pairs = pa.concat_tables(
+        [read_ipc(work / "pairs" / f"{src:04d}-{shard:04d}.arrow") for src in range(cfg.shards)]
+    )
     arrays = _PartArrays(work, names)
-    edges, candidates = verified_edges(rows, cfg, arrays.exact_hi, arrays.shingles, arrays.signature)
+    edges, candidates = verified_edges(pairs, cfg, arrays.exact_hi, arrays.shingles, arrays.signatures)
     a, b = edges.column("a").to_numpy(), edges.column("b").to_numpy()
     sim = edges.column("similarity").to_numpy()
     _shard_files(_cc_dir(staging, 0), f"{shard:04d}", step_edges(0, a, b, cfg.shards, sim))
-    return {"part": f"reduce-{shard:04d}", "candidate_pairs": candidates, "edges": edges.num_rows}
+    return {"part": f"verify-{shard:04d}", "candidate_pairs": candidates, "edges": edges.num_rows}
 
 
 def _star_task(staging: Path, step: int, shard: int, out: Path, shards: int) -> dict[str, Any]:
@@ -328,13 +389,17 @@ def run_dedup_stage(
     collisions = phases.run(
         "document ids", phases.shard_tasks("ids"), lambda t: (_ids_task, (t.shard, names, out))
     )
-    reduces = phases.run(
+    phases.run(
         "candidate pairs", phases.shard_tasks("reduce"), lambda t: (_reduce_task, (t.shard, names, out, cfg))
     )
+    verified = phases.run(
+        "verify pairs", phases.shard_tasks("verify"), lambda t: (_verify_task, (t.shard, names, out, cfg))
+    )
     counters: Counter = Counter()
+    counters["shards"] = cfg.shards
     counters["id_collisions"] = sum(r["collisions"] for r in collisions.values())
-    counters["candidate_pairs"] = sum(r["candidate_pairs"] for r in reduces.values())
-    counters["edges"] = sum(r["edges"] for r in reduces.values())
+    counters["candidate_pairs"] = sum(r["candidate_pairs"] for r in verified.values())
+    counters["edges"] = sum(r["edges"] for r in verified.values())
     step = phases.components()
     counters["components_steps"] = step + 1
     decided = phases.run(

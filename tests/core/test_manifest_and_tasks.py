@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -86,7 +87,8 @@ def test_the_runner_commits_files_then_the_marker_and_nothing_of_a_failed_task(t
         run_task(_writes, task, root, markers, 5, True)
     assert read_marker(markers, task) is None
     assert not (root / "out").exists() and not (root / "side.txt").exists()
-    assert run_task(_writes, task, root, markers, 5) == {"rows": 5} == read_marker(markers, task)
+    result = run_task(_writes, task, root, markers, 5)
+    assert result == read_marker(markers, task) and result.pop("peak_rss_mb") > 0 and result == {"rows": 5}
     marker = markers / "map-p00001.json"
     assert (root / "side.txt").read_text() == "side"
     assert marker.stat().st_mtime_ns >= (root / "out" / "data.parquet").stat().st_mtime_ns
@@ -109,8 +111,24 @@ def test_a_tasks_prints_logs_and_traceback_are_kept_in_its_log(tmp_path, capsys)
     task = TaskId(part="p7")
     with pytest.raises(RuntimeError):
         run_task(chatty, task, tmp_path, tmp_path / "_done", True)
-    assert run_task(chatty, task, tmp_path, tmp_path / "_done", False) == {"ok": True}
+    assert run_task(chatty, task, tmp_path, tmp_path / "_done", False)["ok"] is True
     log = (tmp_path / "_logs" / "p7.log").read_text()
     assert log.count("reading partition 7") == 2 and log.count("a warning from the task") == 2
     assert "RuntimeError: the task broke" in log and log.count("--- start") == log.count("--- end") == 2
     assert "reading partition 7" in capsys.readouterr().out  # the worker's own stream still gets it
+
+
+def _allocates(staging, mb):
+    import numpy as np
+
+    block = np.ones(mb * 2**20 // 8)  # touched: resident
+    return {"sum": float(block[:: 4096 // 8].sum())}
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc")
+def test_each_task_reports_its_own_peak_memory_not_the_workers_so_far(tmp_path):
+    big = run_task(_allocates, TaskId(part="big"), tmp_path, tmp_path / "_done", 400)["peak_rss_mb"]
+    small = run_task(_allocates, TaskId(part="small"), tmp_path, tmp_path / "_done", 50)["peak_rss_mb"]
+    assert big >= 400
+    assert small < big - 300  # the small task's own peak, measured after the big one in the same process
+    assert "peak RSS" in (tmp_path / "_logs" / "small.log").read_text()
