@@ -7,6 +7,7 @@ import os
 import pkgutil
 import pydoc
 import statistics
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -158,3 +159,33 @@ def debian_documents(n: int = 5000, cache: Path | None = None) -> list[tuple[str
     table = pa.table({"path": [d[0] for d in docs], "text": [d[1] for d in docs]})
     pq.write_table(table, cache)
     return docs
+
+
+class PeakRss:
+    """Samples the RSS of this process and of every Ray worker process (by name) until stopped."""
+
+    def __init__(self):
+        self.driver = 0
+        self.worker = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            self.driver = max(self.driver, me.memory_info().rss)
+            for proc in psutil.process_iter(["cmdline", "memory_info"]):
+                cmd = proc.info["cmdline"] or []
+                if cmd and cmd[0].startswith("ray::") and proc.info["memory_info"]:
+                    self.worker = max(self.worker, proc.info["memory_info"].rss)
+            time.sleep(0.2)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

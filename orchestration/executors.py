@@ -404,11 +404,8 @@ def run_tokenize_stage(
     if load_prepared(out) is None:
         shutil.rmtree(out / DONE_DIR, ignore_errors=True)  # partitions of another tokenizer are void
     pass_ = TaskId("tokenizer")
-    prepared = Prepared(
-        **run_tasks(out, [pass_], lambda _: (_prepare_tokenizer_task, (files, config)), options=options)[
-            pass_
-        ]
-    )
+    result = run_tasks(out, [pass_], lambda _: (_prepare_tokenizer_task, (files, config)), options=options)
+    prepared = Prepared.from_result(result[pass_])
     parts = {TaskId(part=p.name): p for p in plan_partitions(files, config.partition_mb)}
     results = run_tasks(
         out,

@@ -87,3 +87,12 @@ def test_routes_are_handed_once_and_links_routed_meanwhile_keep_waiting(tmp_path
     reopened = RouteBook(path)  # a killed driver's links are all still there
     assert reopened.hosts == {"http://b", "http://c"} and reopened.count_waiting() == 2
     reopened.close()
+
+
+def test_a_file_an_os_crash_left_unreadable_is_set_aside_and_the_host_starts_over(tmp_path):
+    path = tmp_path / "frontier-a.sqlite"
+    path.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)  # a header, then garbage
+    frontier = Frontier(path)
+    assert frontier.add("http://a/", 0) and frontier.take() == ("http://a/", 0)
+    frontier.close()
+    assert (tmp_path / "frontier-a.sqlite.corrupt").read_bytes().endswith(b"\xff" * 100)

@@ -15,6 +15,7 @@ The output depends only on the documents and the config, never on how many worke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -72,6 +73,11 @@ class Prepared:
     @property
     def dtype(self) -> np.dtype:
         return token_dtype(self.vocab_size)
+
+    @classmethod
+    def from_result(cls, result: dict) -> Prepared:
+        """From the tokenizer task's result (its marker), which carries the runner's fields as well."""
+        return cls(**{f.name: result[f.name] for f in dataclasses.fields(cls)})
 
 
 def prepare_tokenizer(
@@ -137,7 +143,7 @@ def load_prepared(out_dir: str | Path) -> Prepared | None:
     marker = Path(out_dir) / PREPARED
     if not marker.exists():
         return None
-    prepared = Prepared(**json.loads(marker.read_text()))
+    prepared = Prepared.from_result(json.loads(marker.read_text()))
     tok = Path(out_dir) / prepared.path
     return prepared if tok.exists() and tokenizer_id(tok) == prepared.id else None
 
