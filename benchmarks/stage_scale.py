@@ -116,10 +116,27 @@ def phase_peaks(done: Path) -> dict[str, float]:
     return dict(sorted(peaks.items()))
 
 
+def measured(n: int, run, *args, **kwargs) -> tuple[dict, dict]:
+    """``run(*args, **kwargs)``'s wall time, time per document and the peak RSS of the driver and any Ray worker; and
+    what it returned."""
+    from benchmarks.common import PeakRss
+
+    with PeakRss() as rss:
+        start = time.perf_counter()
+        index = run(*args, **kwargs)
+        seconds = time.perf_counter() - start
+    figures = {
+        "seconds": round(seconds, 1),
+        "us_per_doc": round(1e6 * seconds / n, 1),
+        "peak_rss_mb_driver": round(rss.driver / 2**20),
+        "peak_rss_mb_worker": round(rss.worker / 2**20),
+    }
+    return figures, index
+
+
 def main() -> None:
     import ray
 
-    from benchmarks.common import PeakRss
     from ingestion.readers import ReadConfig
     from orchestration.config import CleanConfig
     from orchestration.executors import corpus_source, run_document_stage, run_tokenize_stage
@@ -147,37 +164,20 @@ def main() -> None:
                 "documents": n,
                 "corpus_write_seconds": round(gen_seconds, 1),
             }
-            with PeakRss() as rss:
-                start = time.perf_counter()
-                index = run_document_stage(
-                    "clean", stages, parts, work / f"clean-{n}", cache_key="b", inputs={}
-                )
-                seconds = time.perf_counter() - start
-            line["clean"] = {
-                "seconds": round(seconds, 1),
-                "us_per_doc": round(1e6 * seconds / n, 1),
-                "kept": index["counters"]["kept"],
-                "peak_rss_mb_driver": round(rss.driver / 2**20),
-                "peak_rss_mb_worker": round(rss.worker / 2**20),
-                "peak_rss_mb_task": max(phase_peaks(work / f"clean-{n}" / "_done").values()),
-            }
+            clean_out, tok_out = work / f"clean-{n}", work / f"tok-{n}"
+            line["clean"], index = measured(
+                n, run_document_stage, "clean", stages, parts, clean_out, cache_key="b", inputs={}
+            )
+            line["clean"]["kept"] = index["counters"]["kept"]
+            line["clean"]["peak_rss_mb_task"] = max(phase_peaks(clean_out / "_done").values())
             shutil.rmtree(docs)
-            with PeakRss() as rss:
-                start = time.perf_counter()
-                tokens = run_tokenize_stage(work / f"clean-{n}", work / f"tok-{n}", tokenize)
-                seconds = time.perf_counter() - start
-            line["tokenize"] = {
-                "seconds": round(seconds, 1),
-                "us_per_doc": round(1e6 * seconds / n, 1),
-                "tokens": tokens["counters"]["tokens"],
-                "peak_rss_mb_driver": round(rss.driver / 2**20),
-                "peak_rss_mb_worker": round(rss.worker / 2**20),
-                "peak_rss_mb_by_task": phase_peaks(work / f"tok-{n}" / "_done"),
-            }
+            line["tokenize"], index = measured(n, run_tokenize_stage, clean_out, tok_out, tokenize)
+            line["tokenize"]["tokens"] = index["counters"]["tokens"]
+            line["tokenize"]["peak_rss_mb_by_task"] = phase_peaks(tok_out / "_done")
             print(json.dumps(line), flush=True)
             results.append(line)
-            shutil.rmtree(work / f"clean-{n}")
-            shutil.rmtree(work / f"tok-{n}")
+            shutil.rmtree(clean_out)
+            shutil.rmtree(tok_out)
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
