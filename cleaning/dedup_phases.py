@@ -63,7 +63,9 @@ CLUSTER_SCHEMA = pa.schema(
 Removal = tuple[str, float | None, str]
 
 
-#: A shard task's memory: the process, and each document of its share (fit to the measured peaks).
+#: A shard task's memory: the process, and each document of its share. Fit to the peaks measured before
+#: the verify phase was owned by pair; conservative since (10M documents -> 41 shards, the largest task
+#: 857 MB against the default 2048 MB budget), kept so that a skewed corpus still fits.
 SHARD_BASE_MB = 750
 SHARD_BYTES_PER_DOCUMENT = 5_500
 
