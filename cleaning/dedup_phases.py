@@ -233,15 +233,10 @@ def candidate_pairs(rows: pa.Table, cfg: DedupConfig, shards: int) -> list[pa.Ta
     band = rows.column("band").to_numpy()
     key, node = rows.column("key").to_numpy(), rows.column("node").to_numpy()
     exact = band == EXACT_BAND
-    found = [
-        (np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2), flag)
-        for pairs, flag in (
-            (bucket_pairs(band[exact], key[exact], node[exact], max_bucket=0), True),
-            (bucket_pairs(band[~exact], key[~exact], node[~exact]) if cfg.minhash else set(), False),
-        )
-    ]
-    pairs = np.concatenate([p for p, _ in found])
-    flags = np.concatenate([np.full(len(p), flag) for p, flag in found])
+    same_text = sorted(bucket_pairs(band[exact], key[exact], node[exact], max_bucket=0))
+    near = sorted(bucket_pairs(band[~exact], key[~exact], node[~exact])) if cfg.minhash else []
+    pairs = np.array(same_text + near, dtype=np.int64).reshape(-1, 2)
+    flags = np.r_[np.ones(len(same_text), dtype=bool), np.zeros(len(near), dtype=bool)]
     table = pa.table({"a": pairs[:, 0], "b": pairs[:, 1], "exact": flags}, schema=PAIR_SCHEMA)
     return split_by(table, pair_shard(pairs[:, 0], pairs[:, 1], shards), shards)
 

@@ -138,7 +138,10 @@ class _Npy:
         data = os.pread(self.fd, (stop - start) * self.row_bytes, self.start + start * self.row_bytes)
         return np.frombuffer(data, self.dtype).reshape((stop - start, *self.shape[1:]))
 
-    def close(self) -> None:
+    def __enter__(self) -> _Npy:
+        return self
+
+    def __exit__(self, *exc) -> None:
         os.close(self.fd)
 
 
@@ -155,6 +158,9 @@ class _PartArrays:
         if part not in self._ids:
             self._ids[part] = read_ipc(self.work / "docs" / f"{self.names[part]}.arrow").column("id")
         return self._ids[part][node & 0xFFFFFFFF].as_py()
+
+    def _npy(self, kind: str, part: int) -> _Npy:
+        return _Npy(self.work / kind / f"{self.names[part]}.npy")
 
     @staticmethod
     def _by_partition(nodes: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -173,28 +179,19 @@ class _PartArrays:
         """The given documents' shingle hashes."""
         found: dict[int, np.ndarray] = {}
         for part, mine in self._by_partition(nodes):
-            offsets = _Npy(self.work / "offsets" / f"{self.names[part]}.npy")
-            shingles = _Npy(self.work / "shingles" / f"{self.names[part]}.npy")
-            try:
+            with self._npy("offsets", part) as offsets, self._npy("shingles", part) as shingles:
                 for node in mine.tolist():
                     lo, hi = offsets.rows(node & 0xFFFFFFFF, (node & 0xFFFFFFFF) + 2).tolist()
                     found[node] = shingles.rows(lo, hi)
-            finally:
-                offsets.close()
-                shingles.close()
         return found
 
     def signatures(self, nodes: np.ndarray) -> dict[int, np.ndarray]:
         """The given documents' MinHash signatures."""
         found: dict[int, np.ndarray] = {}
         for part, mine in self._by_partition(nodes):
-            sigs = _Npy(self.work / "sigs" / f"{self.names[part]}.npy")
-            try:
-                found.update(
-                    (node, sigs.rows(node & 0xFFFFFFFF, (node & 0xFFFFFFFF) + 1)[0]) for node in mine.tolist()
-                )
-            finally:
-                sigs.close()
+            with self._npy("sigs", part) as sigs:
+                for node in mine.tolist():
+                    found[node] = sigs.rows(node & 0xFFFFFFFF, (node & 0xFFFFFFFF) + 1)[0]
         return found
 
 
