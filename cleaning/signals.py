@@ -97,27 +97,59 @@ def find_duplicates(items: list[str]) -> tuple[int, int]:
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
-def _ngram_keys(hashes: np.ndarray, n: int) -> np.ndarray:
-    """A 64-bit key of every n-gram of the word hashes."""
-    keys = hashes[: hashes.size - n + 1].copy()
+@numba.njit(cache=True, inline="always")
+def _ngram_key(hashes: np.ndarray, i: int, n: int) -> np.uint64:
+    """A 64-bit key of the n-gram of word hashes starting at word ``i``."""
+    key = hashes[i]
     for k in range(1, n):
-        keys = keys * _MIX + hashes[k : hashes.size - n + 1 + k]
-    return keys
+        key = key * _MIX + hashes[i + k]
+    return key
 
 
 @numba.njit(cache=True)
-def _greedy_repeated_chars(keys: np.ndarray, chars: np.ndarray, n: int) -> int:
-    """DataTrove's ``find_all_duplicate``: walk the n-grams; one seen before adds its characters and
-    skips n words, a new one is remembered and the walk moves one word."""
-    m = keys.size
+def _slots(m: int) -> int:
     cap = 16
     while cap < 2 * m + 2:
         cap <<= 1
+    return cap
+
+
+@numba.njit(cache=True)
+def _top_ngram(hashes: np.ndarray, cum: np.ndarray, n: int) -> tuple[int, int]:
+    """(count, characters of its words) of the most frequent n-gram; ties: the first to appear."""
+    m = hashes.size - n + 1
+    cap = _slots(m)
+    table = np.zeros(cap, np.uint64)
+    counts = np.zeros(cap, np.int64)  # 0: slot unused
+    first = np.zeros(cap, np.int64)
+    for i in range(m):
+        key = _ngram_key(hashes, i, n)
+        slot = np.int64(key & np.uint64(cap - 1))
+        while counts[slot] and table[slot] != key:
+            slot = (slot + 1) & (cap - 1)
+        if counts[slot] == 0:
+            table[slot] = key
+            first[slot] = i
+        counts[slot] += 1
+    top, at = 0, 0
+    for slot in range(cap):
+        c = counts[slot]
+        if c > top or (c == top and c and first[slot] < at):
+            top, at = c, first[slot]
+    return top, cum[at + n] - cum[at]
+
+
+@numba.njit(cache=True)
+def _repeated_chars(hashes: np.ndarray, cum: np.ndarray, n: int) -> int:
+    """DataTrove's ``find_all_duplicate``: walk the n-grams; one seen before adds its characters and
+    skips n words, a new one is remembered and the walk moves one word."""
+    m = hashes.size - n + 1
+    cap = _slots(m)
     table = np.zeros(cap, np.uint64)
     used = np.zeros(cap, np.bool_)
     repeated, idx = 0, 0
     while idx < m:
-        key = keys[idx]
+        key = _ngram_key(hashes, idx, n)
         slot = np.int64(key & np.uint64(cap - 1))
         found = False
         while used[slot]:
@@ -126,7 +158,7 @@ def _greedy_repeated_chars(keys: np.ndarray, chars: np.ndarray, n: int) -> int:
                 break
             slot = (slot + 1) & (cap - 1)
         if found:
-            repeated += chars[idx]
+            repeated += cum[idx + n] - cum[idx]
             idx += n
         else:
             used[slot] = True
@@ -159,11 +191,8 @@ class RepetitionSignals:
             words = split_words(self.text)
             self._hashes = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
             lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-            self._cum = np.r_[0, np.cumsum(lengths)]
-
-    def _chars(self, n: int) -> np.ndarray:
-        """Characters of each n-gram's words."""
-        return self._cum[n:] - self._cum[: self._cum.size - n]
+            self._cum = np.zeros(len(words) + 1, np.int64)
+            np.cumsum(lengths, out=self._cum[1:])
 
     def top_ngram(self, n: int) -> float | None:
         """Characters of the most frequent n-gram (joined with spaces; ties: the first to appear) times
@@ -171,19 +200,15 @@ class RepetitionSignals:
         self._prepare()
         if self._hashes.size < n:
             return None
-        keys = _ngram_keys(self._hashes, n)
-        _, first, counts = np.unique(keys, return_index=True, return_counts=True)
-        top = counts.max()
-        at = first[counts == top].min()
-        return float(top * (self._chars(n)[at] + n - 1)) / len(self.text)
+        top, chars = _top_ngram(self._hashes, self._cum, n)
+        return float(top * (chars + n - 1)) / len(self.text)
 
     def duplicate_ngrams(self, n: int) -> float:
         """Characters of the repeated n-grams (greedy, non-overlapping) over the text's characters."""
         self._prepare()
         if self._hashes.size < n:
             return 0.0
-        keys = _ngram_keys(self._hashes, n)
-        return _greedy_repeated_chars(keys, self._chars(n), n) / len(self.text)
+        return _repeated_chars(self._hashes, self._cum, n) / len(self.text)
 
 
 # -- C4 (Raffel et al. 2020; DataTrove C4QualityFilter) --------------------------------------------------

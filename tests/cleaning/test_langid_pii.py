@@ -29,6 +29,26 @@ def test_identify_known_languages_offline(lang):
     assert found == lang and score > 0.9
 
 
+def test_identify_matches_py3langid_scores_exactly():
+    """The compiled byte walk gives py3langid's own probabilities, bit for bit, over many languages, case,
+    scripts, broken surrogates, text without features and whitespace runs."""
+    import collections
+    import email
+    import json
+    import os
+    import re
+
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    reference = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    docstrings = [m.__doc__ for m in (collections, email, json, os, re, str, dict, list, open, print)]
+    texts = [d[i : i + 300] for d in docstrings for i in range(0, len(d), 150)] + list(TEXTS.values())
+    texts += ["", " ", "ok", "ALL CAPS TEXT HERE", "日本語のテキストです", "Привет, как дела?", "\ud800 x", "a" * 5000]
+    for text in texts:
+        expected = reference.classify(" ".join(text.split()))
+        assert identify(text) == (expected[0], expected[1]), text[:80]
+
+
 def test_language_filter_labels_keeps_and_rejects_with_reasons():
     ctx = StageContext("clean")
     stage = LanguageFilter(LanguageFilterConfig(languages=["en", "de"]))
