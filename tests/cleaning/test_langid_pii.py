@@ -43,7 +43,16 @@ def test_identify_matches_py3langid_scores_exactly():
     reference = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
     docstrings = [m.__doc__ for m in (collections, email, json, os, re, str, dict, list, open, print)]
     texts = [d[i : i + 300] for d in docstrings for i in range(0, len(d), 150)] + list(TEXTS.values())
-    texts += ["", " ", "ok", "ALL CAPS TEXT HERE", "日本語のテキストです", "Привет, как дела?", "\ud800 x", "a" * 5000]
+    texts += [
+        "",
+        " ",
+        "ok",
+        "ALL CAPS TEXT HERE",
+        "日本語のテキストです",
+        "Привет, как дела?",
+        "\ud800 x",
+        "a" * 5000,
+    ]
     for text in texts:
         expected = reference.classify(" ".join(text.split()))
         assert identify(text) == (expected[0], expected[1]), text[:80]
