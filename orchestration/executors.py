@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import shutil
 import tempfile
-import traceback
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -16,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
 from core.files import write_parquet
 from core.manifest import ManifestError, dataset_files, write_index
 from core.partitions import Partition, plan_partitions
+from core.quarantine import Quarantine
 from core.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA, document_id, document_table
 from core.stage import Stage, StageContext, run_chain
 from core.tasks import DONE_DIR, STAGING_DIR, TaskFn, TaskId, read_marker, run_task
@@ -154,16 +154,6 @@ def corpus_source(uri: str, read: ReadConfig) -> Source:
 USER_ERRORS = (CorruptInputError, ManifestError, FileNotFoundError)
 
 
-#: A partition where more documents than this crash a stage (and more than QUARANTINE_FRACTION of them)
-#: has a bug, not poison documents: the stage fails with the first traceback instead of rejecting them all.
-QUARANTINE_LIMIT = 10
-QUARANTINE_FRACTION = 0.01
-
-
-class StageCrash(RuntimeError):
-    """Too many documents of one partition crashed a stage to quarantine them."""
-
-
 def document_task(
     staging: Path, stages: list[Stage], source: Source, part: str, stage_name: str
 ) -> dict[str, Any]:
@@ -191,42 +181,27 @@ def _isolating(
     stages: list[Stage], batches: Iterable[pa.RecordBatch], ctx: StageContext, part: str
 ) -> Iterable[pa.RecordBatch]:
     """The chain over one document at a time; a document it raises on is quarantined with the traceback."""
-    seen = crashed = 0
-    first = ""
+    quarantine = Quarantine(ctx.stage, part)
     for batch in batches:
         for i in range(batch.num_rows):
             doc = batch.slice(i, 1)
-            seen += 1
             one = StageContext(ctx.stage, ctx.rank, ctx.world_size)
             try:
                 out = list(run_chain(stages, [doc], one))
             except USER_ERRORS:
                 raise
             except Exception as e:
-                crashed += 1
-                trace = traceback.format_exc()
-                first = first or trace
-                if crashed > QUARANTINE_LIMIT and crashed > QUARANTINE_FRACTION * seen:
-                    raise StageCrash(
-                        f"stage {ctx.stage}, partition {part}: {crashed} of {seen} documents raised, too many "
-                        f"to quarantine (a bug, not poison documents); the first:\n{first}"
-                    ) from e
+                trace = quarantine.crashed(doc.column("id")[0].as_py(), e)
                 ctx.counters[f"{stages[0].name}.in"] += 1
                 ctx.counters["quarantined"] += 1
-                _log.warning(
-                    "stage %s, partition %s: document %s raised %s: quarantined",
-                    ctx.stage, part, doc.column("id")[0].as_py(), type(e).__name__,
-                )  # fmt: skip
                 if "html" in doc.schema.names:  # before extraction: its raw HTML is what is kept
                     doc = doc.rename_columns(["text" if n == "html" else n for n in doc.schema.names])
                 ctx.reject(doc, filter="quarantined", signal=trace)
                 continue
+            quarantine.passed()
             ctx.counters.update(one.counters)
             ctx.rejected += one.rejected
             yield from out
-
-
-_log = logging.getLogger("lmforge.tasks")
 
 
 @ray.remote(num_cpus=1)
@@ -379,7 +354,22 @@ def _tokenize_task(
 ) -> dict[str, Any]:
     sequential_encoding()  # one task, one CPU: parallelism comes from running partitions side by side
     tokenizer = load_tokenizer(Path(out_dir) / prepared.path)
-    return tokenize_partition(part.batches(["id", "text"]), staging, prepared, config, part.name, tokenizer)
+    quarantine = Quarantine("tokenize", part.name)
+    result = tokenize_partition(
+        part.batches(["id", "text"]), staging, prepared, config, part.name, tokenizer, quarantine
+    )
+    ctx = StageContext("tokenize")
+    if quarantine.traces:  # the whole documents, as they came in, with the traceback as the signal
+        wanted = pa.array(list(quarantine.traces), pa.string())
+        for batch in part.batches():
+            docs = batch.filter(pc.is_in(batch.column("id"), value_set=wanted))
+            for i, doc_id in enumerate(docs.column("id").to_pylist()):
+                ctx.reject(docs.slice(i, 1), filter="quarantined", signal=quarantine.traces[doc_id])
+    rejected = staging / REJECTED_DIR / f"{part.name}.parquet"
+    return result | {
+        "rejected": write_parquet(rejected, ctx.rejected, REJECTED_SCHEMA),
+        "quarantined": len(quarantine.traces),
+    }
 
 
 def run_tokenize_stage(
@@ -417,8 +407,25 @@ def run_tokenize_stage(
     )
     documents_in = docs["rows"]
     documents_out = sum(r["documents"] for r in results.values())
-    if documents_in != documents_out:
-        raise RuntimeError(f"tokenize: {documents_in} documents in but {documents_out} tokenized")
+    quarantined = sum(r.get("quarantined", 0) for r in results.values())
+    if documents_in != documents_out + quarantined:
+        raise RuntimeError(
+            f"tokenize: {documents_in} documents in but {documents_out} tokenized and {quarantined} quarantined"
+        )
+    write_index(
+        out / REJECTED_DIR,
+        stage="tokenize",
+        cache_key=cache_key,
+        files=[r["rejected"] for r in results.values() if "rejected" in r],
+        schema=REJECTED_SCHEMA,
+        inputs=inputs,
+    )
     return write_token_index(
-        out, prepared, config, [results[t] for t in parts], cache_key=cache_key, inputs=inputs
+        out,
+        prepared,
+        config,
+        [results[t] for t in parts],
+        cache_key=cache_key,
+        inputs=inputs,
+        quarantined=quarantined,
     )

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from core.files import file_entry, write_parquet
-from core.manifest import write_index
+from core.manifest import read_index, read_table, write_index
 from core.partitions import plan_partitions
 from core.schema import DOCUMENT_SCHEMA
 from orchestration.executors import run_tokenize_stage
@@ -87,3 +87,37 @@ def test_partitions_cover_every_row_once_in_order(tmp_path):
         assert [i for g in got for i in g] == ids
         assert all(got) and [len(g) for g in got] == [p.stop - p.start for p in parts]
     assert len(plan_partitions([path], 0.0005)) > 7  # finer than the 7 row groups
+
+
+def test_a_document_the_tokenizer_raises_on_is_quarantined_with_its_traceback(ray_session, tmp_path):
+    """A document without text (a null the tokenizer cannot encode) in a stage run from an existing
+    tokenizer: it goes to tokens/rejected with the traceback; every other document is tokenized exactly as
+    in a run without it."""
+    texts = corpus(120, seed=5)
+    good = dict(texts)
+    texts["doc0042"] = None
+    reference_out = tmp_path / "reference"
+    fit = TokenizeConfig(tokenizer=TokenizerConfig(vocab_size=300, min_frequency=1), val_fraction=0.1)
+    reference = tokenize_documents(
+        lambda: batches({k: v for k, v in good.items() if k != "doc0042"}), reference_out, fit
+    )
+    cfg = TokenizeConfig(
+        tokenizer=TokenizerConfig(path=str(reference_out / "tokenizer.json")), val_fraction=0.1
+    )
+    docs = tmp_path / "docs"
+    _docs_dataset(docs, texts)
+
+    out = tmp_path / "tokens"
+    index = run_tokenize_stage(docs, out, cfg)
+    assert (index["documents"], index["counters"]["quarantined"]) == (119, 1)
+    for split, stream in _token_streams(out, index).items():
+        np.testing.assert_array_equal(stream, _token_streams(reference_out, reference)[split])
+    (bad,) = read_table(out / "rejected").to_pylist()
+    assert (bad["id"], bad["stage"], bad["filter"], bad["text"]) == (
+        "doc0042",
+        "tokenize",
+        "quarantined",
+        None,
+    )
+    assert bad["signal"].startswith("Traceback (most recent call last):") and "TypeError" in bad["signal"]
+    assert read_index(out / "rejected")["files"][0]["rows"] == 1

@@ -30,6 +30,7 @@ from pydantic import Field
 from tokenizers import Tokenizer
 
 from core.manifest import write_index
+from core.quarantine import Quarantine
 from core.stage import StageConfig
 from training.data.shards import SPLITS, TokenShardWriter, split_hash, split_of, token_dtype
 from training.data.tokenizer import (
@@ -172,9 +173,14 @@ def tokenize_partition(
     config: TokenizeConfig,
     part: str = "p00000",
     tokenizer: Tokenizer | None = None,
+    quarantine: Quarantine | None = None,
 ) -> dict[str, Any]:
     """Encode one partition into shards ``{split}-{part}-{n}.arrow`` in ``out_dir``; return its shards per
-    split (the tokenizer is read from ``out_dir`` unless given)."""
+    split (the tokenizer is read from ``out_dir`` unless given).
+
+    With a ``quarantine``, a batch the tokenizer raises on is encoded again one document at a time and the
+    documents it raises on are left out and recorded there (with their tracebacks); without one it raises.
+    """
     out_dir = Path(out_dir)
     tokenizer = tokenizer or load_tokenizer(out_dir / prepared.path)
     writers = {
@@ -189,9 +195,18 @@ def tokenize_partition(
         texts = batch.column("text").to_pylist()
         for start in range(0, len(ids), config.batch_size):
             chunk_ids = ids[start : start + config.batch_size]
-            flat, lengths = encode_documents(
-                tokenizer, texts[start : start + config.batch_size], prepared.eos_id, prepared.dtype
-            )
+            chunk = texts[start : start + config.batch_size]
+            try:
+                flat, lengths = encode_documents(tokenizer, chunk, prepared.eos_id, prepared.dtype)
+            except Exception:
+                if quarantine is None:
+                    raise
+                chunk_ids, flat, lengths = _encode_each(tokenizer, chunk_ids, chunk, prepared, quarantine)
+                if not chunk_ids:
+                    continue
+            else:
+                if quarantine is not None:
+                    quarantine.passed(len(chunk_ids))
             is_val = np.array(
                 [d == prepared.forced_val or split_of(d, config.val_fraction) == "val" for d in chunk_ids]
             )
@@ -208,6 +223,27 @@ def tokenize_partition(
     return {"part": part, "documents": documents, "shards": {s: w.close() for s, w in writers.items()}}
 
 
+def _encode_each(
+    tokenizer: Tokenizer, ids: list[str], texts: list[str], prepared: Prepared, quarantine: Quarantine
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``encode_documents`` one document at a time: the ids, tokens and lengths of those that encode; the
+    others go to ``quarantine``."""
+    kept, flats, lengths = [], [], []
+    for doc_id, text in zip(ids, texts):
+        try:
+            flat, length = encode_documents(tokenizer, [text], prepared.eos_id, prepared.dtype)
+        except Exception as e:
+            quarantine.crashed(doc_id, e)
+            continue
+        quarantine.passed()
+        kept.append(doc_id)
+        flats.append(flat)
+        lengths.append(length)
+    if not kept:
+        return [], np.empty(0, prepared.dtype), np.empty(0, np.int64)
+    return kept, np.concatenate(flats), np.concatenate(lengths)
+
+
 def write_token_index(
     out_dir: str | Path,
     prepared: Prepared,
@@ -216,8 +252,10 @@ def write_token_index(
     *,
     cache_key: str = "",
     inputs: dict[str, str] | None = None,
+    quarantined: int = 0,
 ) -> dict[str, Any]:
-    """Gather the partitions' shards (in the order given) into the token dataset's manifest."""
+    """Gather the partitions' shards (in the order given) into the token dataset's manifest;
+    ``quarantined`` documents (in ``rejected/``) were not tokenized."""
     splits = {}
     for split in SPLITS:
         shards = [s for p in parts for s in p["shards"][split]]
@@ -249,7 +287,7 @@ def write_token_index(
         **{f"{k}_tokens": v["tokens"] for k, v in splits.items()},
         **{f"{k}_documents": v["documents"] for k, v in splits.items()},
         "vocab_size": prepared.vocab_size,
-    }
+    } | ({"quarantined": quarantined} if quarantined else {})
     extra = {
         "tokenizer": {
             "id": prepared.id,
