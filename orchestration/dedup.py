@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +60,11 @@ from cleaning.dedup_phases import (
 from core.files import read_ipc, save_npy, write_ipc, write_parquet
 from core.manifest import dataset_files, write_index
 from core.partitions import Partition, plan_partitions
+from core.quarantine import Quarantine
 from core.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA
 from core.stage import StageContext
 from core.tasks import DONE_DIR, TaskId
-from orchestration.executors import REJECTED_DIR, run_tasks
+from orchestration.executors import REJECTED_DIR, USER_ERRORS, run_tasks
 
 WORK = "_work"
 CLUSTERS = "clusters.parquet"
@@ -80,7 +81,14 @@ def _shard_files(directory: Path, prefix: str, tables: list[pa.Table]) -> None:
 
 def _map_task(staging: Path, index: int, part: Partition, cfg: DedupConfig) -> dict[str, Any]:
     columns = ["id", "text"] + (["meta"] if cfg.keep_rule()[1] else [])
-    sig = signatures(part.batches(columns), index, cfg)
+    poison: dict[int, str] = {}
+    try:
+        sig = signatures(part.batches(columns), index, cfg)
+    except USER_ERRORS:
+        raise
+    except Exception:  # find the documents it raises on; the partition is deduplicated without them
+        poison = _poison_rows(part.batches(columns), index, cfg, Quarantine("dedup", part.name))
+        sig = signatures(_without(part.batches(columns), poison), index, cfg)
     work = staging / WORK
     write_ipc(work / "docs" / f"{part.name}.arrow", sig.docs)
     if sig.sigs is not None:
@@ -91,7 +99,62 @@ def _map_task(staging: Path, index: int, part: Partition, cfg: DedupConfig) -> d
         _shard_files(work / "lines", part.name, sig.line_shards(cfg.shards))
     _shard_files(work / "bands", part.name, sig.band_shards(cfg.shards))
     _shard_files(work / "ids", part.name, sig.id_shards(cfg.shards))
-    return {"part": part.name, "index": index, "documents": sig.docs.num_rows}
+    return {
+        "part": part.name,
+        "index": index,
+        "documents": sig.docs.num_rows + len(poison),
+        "quarantined": {str(row): trace for row, trace in poison.items()},
+    }
+
+
+def _poison_rows(
+    batches: Iterable[pa.RecordBatch], index: int, cfg: DedupConfig, quarantine: Quarantine
+) -> dict[int, str]:
+    """The partition rows ``signatures`` raises on, with their tracebacks: each batch is tried whole, one
+    that raises one document at a time."""
+    poison: dict[int, str] = {}
+    row = 0
+    for batch in batches:
+        try:
+            signatures([batch], index, cfg)
+            quarantine.passed(batch.num_rows)
+        except USER_ERRORS:
+            raise
+        except Exception:
+            for i in range(batch.num_rows):
+                doc = batch.slice(i, 1)
+                try:
+                    signatures([doc], index, cfg)
+                    quarantine.passed()
+                except USER_ERRORS:
+                    raise
+                except Exception as e:
+                    poison[row + i] = quarantine.crashed(doc.column("id")[0].as_py(), e)
+        row += batch.num_rows
+    return poison
+
+
+def _without(
+    batches: Iterable[pa.RecordBatch],
+    rows: dict[int, str],
+    ctx: StageContext | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """The batches without the given partition rows (the quarantined ones: every later phase numbers the
+    rest); with a ``ctx`` they go to its rejected documents, the traceback as signal."""
+    start = 0
+    for batch in batches:
+        mine = [r - start for r in rows if start <= r < start + batch.num_rows]
+        if mine:
+            drop = np.zeros(batch.num_rows, dtype=bool)
+            drop[mine] = True
+            if ctx is not None:
+                for i in sorted(mine):
+                    ctx.reject(batch.slice(i, 1), filter="quarantined", signal=rows[start + i])
+                ctx.counters["quarantined"] += len(mine)
+            yield batch.filter(pa.array(~drop))
+        else:
+            yield batch
+        start += batch.num_rows
 
 
 def _ids_task(staging: Path, shard: int, names: list[str], out: Path) -> dict[str, Any]:
@@ -289,7 +352,9 @@ def _line_cuts(work: Path, name: str, shards: int) -> dict[int, list[int]]:
     return cuts
 
 
-def _apply_task(staging: Path, part: Partition, out: Path, cfg: DedupConfig) -> dict[str, Any]:
+def _apply_task(
+    staging: Path, part: Partition, out: Path, cfg: DedupConfig, quarantined: dict[str, str]
+) -> dict[str, Any]:
     work = out / WORK
     decisions = pa.concat_tables(
         [read_ipc(work / "decisions" / f"{part.name}-{shard:04d}.arrow") for shard in range(cfg.shards)]
@@ -305,7 +370,8 @@ def _apply_task(staging: Path, part: Partition, out: Path, cfg: DedupConfig) -> 
             removed[row] = (ids[row].as_py(), None, "duplicate_id")  # the kept document has the same id
     cuts = _line_cuts(work, part.name, cfg.shards) if cfg.lines else {}
     ctx = StageContext("dedup")
-    kept_batches = apply_decisions(part.batches(), removed, cuts, cfg, ctx)
+    batches = _without(part.batches(), {int(row): trace for row, trace in quarantined.items()}, ctx)
+    kept_batches = apply_decisions(batches, removed, cuts, cfg, ctx)
     kept = write_parquet(staging / f"{part.name}.parquet", kept_batches, DOCUMENT_SCHEMA)
     rejected = write_parquet(staging / REJECTED_DIR / f"{part.name}.parquet", ctx.rejected, REJECTED_SCHEMA)
     return {"part": part.name, "kept": kept, "rejected": rejected, "counters": dict(ctx.counters)}
@@ -414,7 +480,10 @@ def run_dedup_stage(
     applied = phases.run(
         "write",
         [TaskId("apply", part=n) for n in names],
-        lambda t: (_apply_task, (by_name[t.part], out, cfg)),
+        lambda t: (
+            _apply_task,
+            (by_name[t.part], out, cfg, maps[TaskId("map", part=t.part)].get("quarantined", {})),
+        ),
     )
     results = [applied[TaskId("apply", part=n)] for n in names]
     docs_in = sum(m["documents"] for m in maps.values())

@@ -200,3 +200,34 @@ def test_two_documents_with_one_id_keep_the_first_in_corpus_order(ray_session, t
     assert sorted(dup) == sorted([(texts[i], "duplicate_id", "id", "doc03") for i in (25, 27)])
     assert index["counters"]["id_collisions"] == 2
     assert len(kept) + len(rejected) == 30 and len({r["id"] for r in kept}) == len(kept)
+
+
+def test_a_document_dedup_raises_on_is_quarantined_and_the_rest_deduplicated_as_without_it(
+    ray_session, tmp_path
+):
+    """A document without text (its hash cannot be taken) among planted duplicates, in the second of
+    several partitions: it goes to dedup/rejected with its traceback; every other document is kept or
+    removed exactly as in a run on the corpus without it (the later rows of its partition included)."""
+    corpus, ids, texts = _corpus()
+    cfg = DedupConfig(partition_mb=0.05, shards=3)
+    clean = tmp_path / "clean"
+    _dataset(clean, ids, texts)
+    expected = run_dedup_stage(clean, tmp_path / "expected", cfg, cache_key="k", inputs={})
+
+    at = 70
+    poisoned = tmp_path / "poisoned"
+    table = _dataset(poisoned, ids[:at] + ["poison"] + ids[at:], texts[:at] + [None] + texts[at:])
+    parts = plan_partitions([poisoned / "part-00000.parquet"], cfg.partition_mb)
+    assert len(parts) >= 3 and parts[0].stop <= at  # not in the first partition: row numbers shift
+    index = run_dedup_stage(poisoned, tmp_path / "out", cfg, cache_key="k", inputs={})
+
+    kept, removed = _outcome(tmp_path / "out")
+    (bad,) = [r for r in read_table(tmp_path / "out" / "rejected").to_pylist() if r["id"] == "poison"]
+    assert (bad["filter"], bad["stage"], bad["text"]) == ("quarantined", "dedup", None)
+    assert bad["signal"].startswith("Traceback (most recent call last):")
+    del removed["poison"]
+    assert (kept, removed) == _outcome(tmp_path / "expected")
+    c = index["counters"]
+    assert (c["documents_in"], c["quarantined"]) == (table.num_rows, 1)
+    assert c["kept"] + c["rejected"] == table.num_rows
+    assert c["kept"] == expected["counters"]["kept"]
