@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.files import atomic_write_bytes, file_sha256
+from core.storage import Store, open_input_file
 
 FORMAT_VERSION = 1
 INDEX = "index.json"
@@ -30,7 +31,7 @@ class ManifestError(ValueError):
 
 
 def write_index(
-    out_dir: str | Path,
+    out_dir: str | Path | Store,
     *,
     stage: str,
     cache_key: str,
@@ -55,21 +56,22 @@ def write_index(
         "counters": dict(sorted((counters or {}).items())),
         **(extra or {}),
     }
-    atomic_write_bytes(Path(out_dir) / INDEX, json.dumps(index, indent=2).encode())
+    Store(out_dir).write_bytes(INDEX, json.dumps(index, indent=2).encode())
     return index
 
 
-def read_index(out_dir: str | Path, kind: str | None = None) -> dict[str, Any] | None:
+def read_index(out_dir: str | Path | Store, kind: str | None = None) -> dict[str, Any] | None:
     """The committed manifest of a stage output, or None if the output is incomplete.
 
     Raises ManifestError, naming the file, when it is unreadable, of another format version or (with
     ``kind``) of another kind.
     """
-    path = Path(out_dir) / INDEX
-    if not path.exists():
-        return None
+    store = Store(out_dir)
+    path = store.uri_of(INDEX)
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(store.read_bytes(INDEX))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(
             f"{path}: not a readable manifest ({e}); delete {out_dir} to rebuild it"
@@ -93,23 +95,32 @@ def index_digest(index: dict[str, Any]) -> str:
     return h.hexdigest()[:16]
 
 
-def dataset_files(out_dir: str | Path) -> tuple[dict[str, Any], list[Path]]:
-    """A committed dataset's index and its Parquet files, in index order."""
+def dataset_files(out_dir: str | Path | Store) -> tuple[dict[str, Any], list[Path]]:
+    """A committed dataset's index and its Parquet files, in index order (URIs, as ``str``, for a dataset
+    on a remote filesystem)."""
     index = read_index(out_dir)
     if index is None:
         raise FileNotFoundError(f"{out_dir}: no {INDEX}; the stage that writes it has not completed")
-    return index, [Path(out_dir) / f["path"] for f in index["files"] if f["path"].endswith(".parquet")]
+    store = Store(out_dir)
+    named = [f["path"] for f in index["files"] if f["path"].endswith(".parquet")]
+    if store.local is not None:
+        return index, [store.local / name for name in named]
+    return index, [store.uri_of(name) for name in named]
 
 
-def iter_parquet(out_dir: str | Path, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+def iter_parquet(out_dir: str | Path | Store, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
     """Stream record batches of every Parquet file named in a committed index, in index order."""
     for path in dataset_files(out_dir)[1]:
-        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size)
+        with open_input_file(path) as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size)
 
 
-def read_table(out_dir: str | Path) -> pa.Table:
+def read_table(out_dir: str | Path | Store) -> pa.Table:
     """A whole committed Parquet dataset as one table (small outputs and tests)."""
-    tables = [pq.read_table(path) for path in dataset_files(out_dir)[1]]
+    tables = []
+    for path in dataset_files(out_dir)[1]:
+        with open_input_file(path) as f:
+            tables.append(pq.read_table(f))
     return pa.concat_tables(tables) if tables else pa.table({})
 
 

@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from core.files import atomic_write_bytes
+from core.storage import Store
 
 DONE_DIR = "_done"
 STAGING_DIR = "_staging"
@@ -54,10 +55,12 @@ class TaskId:
         return "-".join(([head] if head else []) + tail)
 
 
-def read_marker(markers: Path, task: TaskId) -> dict[str, Any] | None:
+def read_marker(markers: str | Path | Store, task: TaskId) -> dict[str, Any] | None:
     """The result of a task committed by an earlier run, or None if it never completed."""
-    path = markers / f"{task.name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    try:
+        return json.loads(Store(markers).read_bytes(f"{task.name}.json"))
+    except FileNotFoundError:
+        return None
 
 
 class _Tee(io.TextIOBase):
@@ -119,27 +122,36 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def run_task(fn: TaskFn, task: TaskId, root: str | Path, markers: str | Path, *args: Any) -> dict[str, Any]:
+def run_task(
+    fn: TaskFn, task: TaskId, root: str | Path | Store, markers: str | Path | Store, *args: Any
+) -> dict[str, Any]:
     """Run ``fn(staging, *args)`` and commit its files under ``root``, then its marker in ``markers``.
     The task's output and log records are kept in ``root/_logs/<task>.log``; its result gains
     ``peak_rss_mb``, the worker's peak resident memory while it ran (what ``ray.resources`` memory_mb
-    should allow for)."""
-    root, markers = Path(root), Path(markers)
-    staging = root / STAGING_DIR / f"{task.name}-{os.getpid()}"
+    should allow for).
+
+    ``root`` may be on any pyarrow filesystem (core/storage.py): the task then writes on this node's disk
+    and its files are uploaded, the marker last."""
+    root, markers = Store(root), Store(markers)
+    scratch = root.local / STAGING_DIR if root.local is not None else Path(tempfile.gettempdir()) / "lmforge"
+    staging = scratch / f"{task.name}-{os.getpid()}"
+    log = f"{LOG_DIR}/{task.name}.log"
+    log_path = root.local / log if root.local is not None else scratch / f"{task.name}-{os.getpid()}.log"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        with task_log(root / LOG_DIR / f"{task.name}.log"):
+        with task_log(log_path):
             _reset_peak_rss()
             result = fn(staging, *args)
             if isinstance(result, dict):
                 result["peak_rss_mb"] = peak_rss_mb()
                 print(f"peak RSS {result['peak_rss_mb']} MiB")
         for src in sorted(p for p in staging.rglob("*") if p.is_file()):
-            dst = root / src.relative_to(staging)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dst)
-        atomic_write_bytes(markers / f"{task.name}.json", json.dumps(result).encode())
+            root.put(src, src.relative_to(staging).as_posix())
+        markers.write_bytes(f"{task.name}.json", json.dumps(result).encode())
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if root.local is None and log_path.exists():  # an object store has no append: this attempt's log
+            root.append_bytes(log, log_path.read_bytes())  # is added to the earlier ones' in one upload
+            log_path.unlink()
     return result

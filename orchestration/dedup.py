@@ -32,7 +32,7 @@ plan comes from the files and ``partition_mb``).
 
 from __future__ import annotations
 
-import os
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -57,12 +57,13 @@ from cleaning.dedup_phases import (
     step_edges,
     verified_edges,
 )
-from core.files import read_ipc, save_npy, write_ipc, write_parquet
+from core.files import save_npy, write_ipc, write_parquet
 from core.manifest import dataset_files, write_index
 from core.partitions import Partition, plan_partitions
 from core.quarantine import Quarantine
 from core.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA
 from core.stage import StageContext
+from core.storage import Store, read_arrow
 from core.tasks import DONE_DIR, TaskId
 from orchestration.executors import REJECTED_DIR, USER_ERRORS, run_tasks
 
@@ -157,9 +158,9 @@ def _without(
         start += batch.num_rows
 
 
-def _ids_task(staging: Path, shard: int, names: list[str], out: Path) -> dict[str, Any]:
+def _ids_task(staging: Path, shard: int, names: list[str], out: Store) -> dict[str, Any]:
     work = out / WORK
-    rows = pa.concat_tables([read_ipc(work / "ids" / f"{name}-{shard:04d}.arrow") for name in names])
+    rows = pa.concat_tables([read_arrow(work / "ids" / f"{name}-{shard:04d}.arrow") for name in names])
     arrays = _PartArrays(work, names)
     later = id_collisions(rows, arrays.doc_id)
     for index, name in enumerate(names):
@@ -168,11 +169,11 @@ def _ids_task(staging: Path, shard: int, names: list[str], out: Path) -> dict[st
     return {"part": f"ids-{shard:04d}", "collisions": int(later.size)}
 
 
-def _removed_nodes(work: Path, kind: str, names: list[str], shards: int) -> np.ndarray:
+def _removed_nodes(work: Store, kind: str, names: list[str], shards: int) -> np.ndarray:
     """The nodes of every ``kind/{partition}-{shard}.arrow`` row table (``idcollisions``: removed for an
     id an earlier document has; ``decisions``: removed as duplicates). Few: read whole by each task."""
     nodes = [
-        (index << 32) | read_ipc(work / kind / f"{name}-{s:04d}.arrow").column("row").to_numpy()
+        (index << 32) | read_arrow(work / kind / f"{name}-{s:04d}.arrow").column("row").to_numpy()
         for index, name in enumerate(names)
         for s in range(shards)
     ]
@@ -180,38 +181,35 @@ def _removed_nodes(work: Path, kind: str, names: list[str], shards: int) -> np.n
 
 
 class _Npy:
-    """Rows of a .npy file read with ``pread``: no memory map, so none of the file's pages stay resident
-    in the task's process (a memory map faults in, and reads ahead, pages that count as its RSS)."""
+    """Rows of a .npy file read by range (``pread`` on a local disk, a ranged GET on an object store): no
+    memory map, so none of the file's pages stay resident in the task's process (a memory map faults in,
+    and reads ahead, pages that count as its RSS)."""
 
-    def __init__(self, path: Path):
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, _, self.dtype = read_header(f)
-            self.start = f.tell()
-        self.shape = shape
-        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        self.fd = os.open(path, os.O_RDONLY)
+    def __init__(self, where: Store):
+        self.file = where.fs.open_input_file(where.root)
+        version = np.lib.format.read_magic(self.file)
+        read_header = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        self.shape, _, self.dtype = read_header(self.file)
+        self.start = self.file.tell()
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
 
     def rows(self, start: int, stop: int) -> np.ndarray:
-        data = os.pread(self.fd, (stop - start) * self.row_bytes, self.start + start * self.row_bytes)
+        data = self.file.read_at((stop - start) * self.row_bytes, self.start + start * self.row_bytes)
         return np.frombuffer(data, self.dtype).reshape((stop - start, *self.shape[1:]))
 
     def __enter__(self) -> _Npy:
         return self
 
     def __exit__(self, *exc) -> None:
-        os.close(self.fd)
+        self.file.close()
 
 
 class _PartArrays:
     """The map phase's per-partition outputs, looked up for given nodes one partition at a time."""
 
-    def __init__(self, work: Path, names: list[str]):
+    def __init__(self, work: Store, names: list[str]):
         self.work, self.names = work, names
         self._ids: dict[int, pa.ChunkedArray] = {}
 
@@ -219,7 +217,7 @@ class _PartArrays:
         """A document's id (for the rare id-hash collisions)."""
         part = node >> 32
         if part not in self._ids:
-            self._ids[part] = read_ipc(self.work / "docs" / f"{self.names[part]}.arrow").column("id")
+            self._ids[part] = read_arrow(self.work / "docs" / f"{self.names[part]}.arrow").column("id")
         return self._ids[part][node & 0xFFFFFFFF].as_py()
 
     def _npy(self, kind: str, part: int) -> _Npy:
@@ -234,7 +232,7 @@ class _PartArrays:
         """The high halves of the given documents' 128-bit text hashes."""
         found: dict[int, int] = {}
         for part, mine in self._by_partition(nodes):
-            column = read_ipc(self.work / "docs" / f"{self.names[part]}.arrow").column("exact_hi")
+            column = read_arrow(self.work / "docs" / f"{self.names[part]}.arrow").column("exact_hi")
             found.update(zip(mine.tolist(), column.take(pa.array(mine & 0xFFFFFFFF)).to_pylist()))
         return found
 
@@ -258,13 +256,13 @@ class _PartArrays:
         return found
 
 
-def _cc_dir(root: Path, step: int) -> Path:
+def _cc_dir(root: Path | Store, step: int) -> Path | Store:
     return root / WORK / "cc" / f"{step:03d}"
 
 
-def _reduce_task(staging: Path, shard: int, names: list[str], out: Path, cfg: DedupConfig) -> dict[str, Any]:
+def _reduce_task(staging: Path, shard: int, names: list[str], out: Store, cfg: DedupConfig) -> dict[str, Any]:
     work = out / WORK
-    rows = pa.concat_tables([read_ipc(work / "bands" / f"{name}-{shard:04d}.arrow") for name in names])
+    rows = pa.concat_tables([read_arrow(work / "bands" / f"{name}-{shard:04d}.arrow") for name in names])
     collided = _removed_nodes(work, "idcollisions", names, cfg.shards)  # they take no part in similarity
     rows = rows.filter(pa.array(~np.isin(rows.column("node").to_numpy(), collided)))
     pairs = candidate_pairs(rows, cfg, cfg.shards)
@@ -272,10 +270,10 @@ def _reduce_task(staging: Path, shard: int, names: list[str], out: Path, cfg: De
     return {"part": f"reduce-{shard:04d}", "bucket_pairs": sum(t.num_rows for t in pairs)}
 
 
-def _verify_task(staging: Path, shard: int, names: list[str], out: Path, cfg: DedupConfig) -> dict[str, Any]:
+def _verify_task(staging: Path, shard: int, names: list[str], out: Store, cfg: DedupConfig) -> dict[str, Any]:
     work = out / WORK
     pairs = pa.concat_tables(
-        [read_ipc(work / "pairs" / f"{src:04d}-{shard:04d}.arrow") for src in range(cfg.shards)]
+        [read_arrow(work / "pairs" / f"{src:04d}-{shard:04d}.arrow") for src in range(cfg.shards)]
     )
     arrays = _PartArrays(work, names)
     edges, candidates = verified_edges(pairs, cfg, arrays.exact_hi, arrays.shingles, arrays.signatures)
@@ -285,39 +283,41 @@ def _verify_task(staging: Path, shard: int, names: list[str], out: Path, cfg: De
     return {"part": f"verify-{shard:04d}", "candidate_pairs": candidates, "edges": edges.num_rows}
 
 
-def _star_task(staging: Path, step: int, shard: int, out: Path, shards: int) -> dict[str, Any]:
+def _star_task(staging: Path, step: int, shard: int, out: Store, shards: int) -> dict[str, Any]:
     """One components step for the nodes of ``shard``; step 0 also records each node's best similarity."""
     edges = pa.concat_tables(
-        [read_ipc(_cc_dir(out, step) / f"{src:04d}-{shard:04d}.arrow") for src in range(shards)]
+        [read_arrow(_cc_dir(out, step) / f"{src:04d}-{shard:04d}.arrow") for src in range(shards)]
     )
     # Step 0 writes each node's best similarity; the converging step (0 or a later one) reads it.
     best = (staging if step == 0 else out) / WORK / "cc" / "best" / f"{shard:04d}.arrow"
     if step == 0:
         write_ipc(best, best_similarity(edges))
-    result = star_step(step, edges, lambda: read_ipc(best))
+    result = star_step(step, edges, lambda: read_arrow(best))
     if result.labels is not None:
         _shard_files(_cc_dir(staging, step), f"labels-{shard:04d}", root_shards(result.labels, shards))
     _shard_files(_cc_dir(staging, step + 1), f"{shard:04d}", step_edges(step + 1, result.x, result.y, shards))
     return {"part": f"cc{step:03d}-{shard:04d}", "edges": edges.num_rows, "converged": result.converged}
 
 
-def _node_info(work: Path, names: list[str], node: np.ndarray, cfg: DedupConfig) -> dict[int, dict[str, Any]]:
+def _node_info(
+    work: Store, names: list[str], node: np.ndarray, cfg: DedupConfig
+) -> dict[int, dict[str, Any]]:
     """The ids, lengths, exact hashes (and scores) of the given nodes, read partition by partition."""
     columns = ["id", "length", "exact", "exact_hi"] + (["score"] if cfg.keep_rule()[1] else [])
     part_of = node >> 32
     info: dict[int, dict[str, Any]] = {}
     for index in np.unique(part_of).tolist():
         mine = node[part_of == index]
-        table = read_ipc(work / "docs" / f"{names[index]}.arrow").select(columns)
+        table = read_arrow(work / "docs" / f"{names[index]}.arrow").select(columns)
         info.update(zip(mine.tolist(), table.take(pa.array(mine & 0xFFFFFFFF)).to_pylist()))
     return info
 
 
 def _decide_task(
-    staging: Path, shard: int, step: int, names: list[str], out: Path, cfg: DedupConfig
+    staging: Path, shard: int, step: int, names: list[str], out: Store, cfg: DedupConfig
 ) -> dict[str, Any]:
     labels = pa.concat_tables(
-        [read_ipc(_cc_dir(out, step) / f"labels-{src:04d}-{shard:04d}.arrow") for src in range(cfg.shards)]
+        [read_arrow(_cc_dir(out, step) / f"labels-{src:04d}-{shard:04d}.arrow") for src in range(cfg.shards)]
     )
     info = _node_info(out / WORK, names, labels.column("node").to_numpy(), cfg)
     clusters = decide_clusters(labels, info, cfg)
@@ -328,12 +328,12 @@ def _decide_task(
     return {"part": f"decide-{shard:04d}", "clusters": clusters.table.num_rows, "removed": clusters.removed}
 
 
-def _lines_task(staging: Path, shard: int, names: list[str], out: Path, shards: int) -> dict[str, Any]:
+def _lines_task(staging: Path, shard: int, names: list[str], out: Store, shards: int) -> dict[str, Any]:
     work = out / WORK
     removed = np.concatenate(
         [_removed_nodes(work, kind, names, shards) for kind in ("decisions", "idcollisions")]
     )
-    rows = pa.concat_tables([read_ipc(work / "lines" / f"{name}-{shard:04d}.arrow") for name in names])
+    rows = pa.concat_tables([read_arrow(work / "lines" / f"{name}-{shard:04d}.arrow") for name in names])
     cut_node, cut_span, spans = repeated_spans(rows, removed)
     for index, name in enumerate(names):
         mine = (cut_node >> 32) == index
@@ -342,30 +342,30 @@ def _lines_task(staging: Path, shard: int, names: list[str], out: Path, shards: 
     return {"part": f"lines-{shard:04d}", "spans": spans, "cut": int(cut_node.size)}
 
 
-def _line_cuts(work: Path, name: str, shards: int) -> dict[int, list[int]]:
+def _line_cuts(work: Store, name: str, shards: int) -> dict[int, list[int]]:
     """{row: spans to cut} of one partition."""
     cuts: dict[int, list[int]] = {}
     for shard in range(shards):
-        table = read_ipc(work / "linecuts" / f"{name}-{shard:04d}.arrow")
+        table = read_arrow(work / "linecuts" / f"{name}-{shard:04d}.arrow")
         for row, span in zip(table.column("row").to_pylist(), table.column("span").to_pylist()):
             cuts.setdefault(row, []).append(span)
     return cuts
 
 
 def _apply_task(
-    staging: Path, part: Partition, out: Path, cfg: DedupConfig, quarantined: dict[str, str]
+    staging: Path, part: Partition, out: Store, cfg: DedupConfig, quarantined: dict[str, str]
 ) -> dict[str, Any]:
     work = out / WORK
     decisions = pa.concat_tables(
-        [read_ipc(work / "decisions" / f"{part.name}-{shard:04d}.arrow") for shard in range(cfg.shards)]
+        [read_arrow(work / "decisions" / f"{part.name}-{shard:04d}.arrow") for shard in range(cfg.shards)]
     ).to_pydict()
     removed = dict(
         zip(decisions["row"], zip(decisions["duplicate_of"], decisions["value"], decisions["filter"]))
     )
-    ids = read_ipc(work / "docs" / f"{part.name}.arrow").column("id")
+    ids = read_arrow(work / "docs" / f"{part.name}.arrow").column("id")
     for shard in range(cfg.shards):
         for row in (
-            read_ipc(work / "idcollisions" / f"{part.name}-{shard:04d}.arrow").column("row").to_pylist()
+            read_arrow(work / "idcollisions" / f"{part.name}-{shard:04d}.arrow").column("row").to_pylist()
         ):
             removed[row] = (ids[row].as_py(), None, "duplicate_id")  # the kept document has the same id
     cuts = _line_cuts(work, part.name, cfg.shards) if cfg.lines else {}
@@ -382,7 +382,7 @@ class _Phases:
 
     def __init__(
         self,
-        out: Path,
+        out: Store,
         cfg: DedupConfig,
         on_progress: Callable[[str, int, int], None] | None,
         options: dict[str, Any] | None = None,
@@ -435,7 +435,7 @@ def run_dedup_stage(
     # The shard count follows the corpus (and memory_mb), so a shard task's peak does not.
     documents = sum(f.get("rows", 0) for f in docs_index["files"] if f["path"].endswith(".parquet"))
     cfg = cfg.model_copy(update={"shards": cfg.shards_for(documents)})
-    out = Path(out_dir)
+    out = Store(out_dir)
     parts = plan_partitions(files, cfg.partition_mb)
     names = [p.name for p in parts]
     index_of = {p.name: i for i, p in enumerate(parts)}
@@ -491,7 +491,7 @@ def run_dedup_stage(
 
 
 def _commit(
-    out: Path,
+    out: Store,
     results: list[dict[str, Any]],
     docs_in: int,
     counters: Counter,
@@ -516,9 +516,13 @@ def _commit(
         inputs=inputs,
     )
     files = [out / WORK / "clusters" / f"{s:04d}.arrow" for s in range(cfg.shards)]
-    clusters = pa.concat_tables([read_ipc(f) for f in files if f.exists()] or [CLUSTER_SCHEMA.empty_table()])
+    clusters = pa.concat_tables(
+        [read_arrow(f) for f in files if f.exists()] or [CLUSTER_SCHEMA.empty_table()]
+    )
     clusters = clusters.sort_by([("size", "descending"), ("representative", "ascending")])
-    write_parquet(out / CLUSTERS, clusters.to_batches(), clusters.schema)  # for the quality report
+    with tempfile.TemporaryDirectory(prefix="lmforge-") as tmp:  # for the quality report
+        write_parquet(Path(tmp) / CLUSTERS, clusters.to_batches(), clusters.schema)
+        out.put(Path(tmp) / CLUSTERS, CLUSTERS)
     return write_index(
         out,
         stage="dedup",

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from tokenizers import Tokenizer
 
 from core.files import write_parquet
 from core.manifest import ManifestError, dataset_files, write_index
@@ -24,6 +25,7 @@ from core.partitions import Partition, plan_partitions
 from core.quarantine import Quarantine
 from core.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA, document_id, document_table
 from core.stage import Stage, StageContext, run_chain
+from core.storage import Store, open_input_file
 from core.tasks import DONE_DIR, STAGING_DIR, TaskFn, TaskId, read_marker, run_task
 from ingestion.readers import (
     CorruptInputError,
@@ -43,7 +45,6 @@ from training.data.tokenize import (
     tokenize_partition,
     write_token_index,
 )
-from training.data.tokenizer import load_tokenizer
 
 REJECTED_DIR = "rejected"
 
@@ -210,12 +211,12 @@ def _remote_task(fn: TaskFn, task: TaskId, root: str, markers: str, args: tuple)
 
 
 def run_tasks(
-    root: Path,
+    root: str | Path | Store,
     tasks: list[TaskId],
     plan: Callable[[TaskId], tuple[TaskFn, tuple]],
     on_progress: Callable[[int, int], None] | None = None,
     max_in_flight: int | None = None,
-    markers: Path | None = None,
+    markers: str | Path | Store | None = None,
     options: dict[str, Any] | None = None,
 ) -> dict[TaskId, dict[str, Any]]:
     """Results of every task: read from its completion marker if a previous run finished it, else from
@@ -224,7 +225,8 @@ def run_tasks(
     ``markers`` (default ``root/_done``). At most ``max_in_flight`` tasks are submitted at once (default:
     twice the cluster's CPUs), so a stage of many partitions never queues them all. Progress is reported
     as tasks end."""
-    markers = markers or root / DONE_DIR
+    root = Store(root)
+    markers = Store(markers) if markers is not None else root / DONE_DIR
     if max_in_flight is None:
         max_in_flight = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
     remote = _remote_task.options(**options) if options else _remote_task
@@ -255,7 +257,8 @@ def run_tasks(
             raise
         if on_progress:
             on_progress(len(results), len(tasks))
-    shutil.rmtree(root / STAGING_DIR, ignore_errors=True)  # what killed tasks left
+    if root.local is not None:
+        shutil.rmtree(root.local / STAGING_DIR, ignore_errors=True)  # what killed tasks left
     return results
 
 
@@ -276,7 +279,7 @@ def run_document_stage(
     Writes the kept dataset's index (with the rejected dataset's index beside it under ``rejected/``)
     after checking that every input document is either kept or rejected.
     """
-    out = Path(out_dir)
+    out = Store(out_dir)
     sources = dict(partitions)
     results = run_tasks(
         out,
@@ -326,8 +329,9 @@ def run_document_stage(
 def _column_reader(files: list[str], column: str) -> Callable[[], Iterable[str]]:
     def read() -> Iterable[str]:
         for path in files:
-            for batch in pq.ParquetFile(path).iter_batches(columns=[column]):
-                yield from batch.column(0).to_pylist()
+            with open_input_file(path) as f:
+                for batch in pq.ParquetFile(f).iter_batches(columns=[column]):
+                    yield from batch.column(0).to_pylist()
 
     return read
 
@@ -341,7 +345,8 @@ def _column_bytes(files: list[str], column: str) -> int:
     """A column's uncompressed size from the Parquet footers (no data read)."""
     total = 0
     for path in files:
-        meta = pq.ParquetFile(path).metadata
+        with open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
         index = meta.schema.to_arrow_schema().get_field_index(column)
         total += sum(
             meta.row_group(g).column(index).total_uncompressed_size for g in range(meta.num_row_groups)
@@ -353,7 +358,7 @@ def _tokenize_task(
     staging: Path, part: Partition, out_dir: str, prepared: Prepared, config: TokenizeConfig
 ) -> dict[str, Any]:
     sequential_encoding()  # one task, one CPU: parallelism comes from running partitions side by side
-    tokenizer = load_tokenizer(Path(out_dir) / prepared.path)
+    tokenizer = Tokenizer.from_str(Store(out_dir).read_text(prepared.path))
     quarantine = Quarantine("tokenize", part.name)
     result = tokenize_partition(
         part.batches(["id", "text"]), staging, prepared, config, part.name, tokenizer, quarantine
@@ -390,9 +395,9 @@ def run_tokenize_stage(
     """
     docs, paths = dataset_files(docs_dir)
     files = [str(p) for p in paths]
-    out = Path(out_dir)
+    out = Store(out_dir)
     if load_prepared(out) is None:
-        shutil.rmtree(out / DONE_DIR, ignore_errors=True)  # partitions of another tokenizer are void
+        out.rmtree(DONE_DIR)  # partitions of another tokenizer are void
     pass_ = TaskId("tokenizer")
     result = run_tasks(out, [pass_], lambda _: (_prepare_tokenizer_task, (files, config)), options=options)
     prepared = Prepared.from_result(result[pass_])

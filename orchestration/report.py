@@ -55,6 +55,7 @@ def _document_stage(out_dir: Path, index: dict[str, Any]) -> dict[str, Any]:
         "documents_in": c["documents_in"],
         "kept": c["kept"],
         "rejected": c["rejected"],
+        "quarantined": c.get("quarantined", 0),
         "conserved": c["documents_in"] == c["kept"] + c["rejected"],
         "rejected_by_reason": dict(by_reason.most_common()),
         "examples": examples,
@@ -118,8 +119,9 @@ def build_report(workdir: str | Path, last: str | list[str] | None = None) -> di
         rep["stages"]["tokenize"] = stages["tokenize"]["counters"]
         last_docs = next((rep["stages"][n] for n in ("dedup", "clean") if n in rep["stages"]), None)
         if last_docs is not None:
-            checks["documents tokenized = documents kept"] = (
-                stages["tokenize"]["counters"]["documents"] == last_docs["kept"]
+            tokenized = stages["tokenize"]["counters"]
+            checks["documents tokenized + quarantined = documents kept"] = (
+                tokenized["documents"] + tokenized.get("quarantined", 0) == last_docs["kept"]
             )
     if "train" in stages:
         train = rep["stages"]["train"] = stages["train"]["counters"]
@@ -162,8 +164,11 @@ def _id_checks(workdir: Path, stages: dict[str, dict[str, Any]]) -> dict[str, bo
     docs = next((n for n in ("dedup", "clean") if n in stages), None)
     if docs is not None and "tokenize" in stages:
         kept, tokenized = _ids(stages[docs]), _ids(stages["tokenize"])
+        quarantined = _ids(read_index(workdir / "tokenize" / "rejected")) or 0
         if None not in (kept, tokenized):
-            checks[f"tokenize: the document ids tokenized are the ids {docs} kept"] = kept == tokenized
+            checks[f"tokenize: the document ids tokenized (and quarantined) are the ids {docs} kept"] = (
+                kept == (tokenized + quarantined) % 2**64
+            )
     return checks
 
 
@@ -195,7 +200,7 @@ def _cluster_checks(out_dir: Path, index: dict[str, Any], figures: dict[str, Any
     figures["largest_clusters"] = {c["representative"]: c["size"] for c in clusters[:5]}
     return {
         "dedup: cluster members = documents removed": sum(c["size"] - 1 for c in clusters)
-        == figures["rejected"]
+        == figures["rejected"] - figures.get("quarantined", 0)  # quarantined: in no cluster
     }
 
 

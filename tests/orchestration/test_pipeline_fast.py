@@ -137,7 +137,7 @@ def test_read_only_run_reports_every_document_and_passes_its_checks(fast_run, co
     assert result.stages["tokenize"].index["counters"]["documents"] == kept == len(texts) - 1
     # Ids are conserved across stages (multiset sums of 64-bit id hashes, recomputed here from the files).
     assert report["checks"]["dedup: every document id kept by clean leaves as kept or rejected"]
-    assert report["checks"]["tokenize: the document ids tokenized are the ids dedup kept"]
+    assert report["checks"]["tokenize: the document ids tokenized (and quarantined) are the ids dedup kept"]
     for stage in ("clean", "dedup"):
         for entry in result.stages[stage].index["files"]:
             ids = pq.read_table(result.stages[stage].out_dir / entry["path"]).column("id").to_pylist()

@@ -16,6 +16,7 @@ The output depends only on the documents and the config, never on how many worke
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -32,13 +33,13 @@ from tokenizers import Tokenizer
 from core.manifest import write_index
 from core.quarantine import Quarantine
 from core.stage import StageConfig
+from core.storage import Store
 from training.data.shards import SPLITS, TokenShardWriter, split_hash, split_of, token_dtype
 from training.data.tokenizer import (
     TokenizerConfig,
     eos_id,
     load_tokenizer,
     save_tokenizer,
-    tokenizer_id,
     train_bpe,
 )
 
@@ -139,14 +140,15 @@ def _training_texts(
     return (t for i, t in zip(ids(), texts(), strict=True) if in_training_sample(i, fraction))
 
 
-def load_prepared(out_dir: str | Path) -> Prepared | None:
+def load_prepared(out_dir: str | Path | Store) -> Prepared | None:
     """The tokenizer pass of an interrupted run, if it completed and its tokenizer is intact."""
-    marker = Path(out_dir) / PREPARED
-    if not marker.exists():
+    out = Store(out_dir)
+    try:
+        prepared = Prepared.from_result(json.loads(out.read_bytes(PREPARED)))
+        tokenizer = out.read_bytes(prepared.path)
+    except FileNotFoundError:
         return None
-    prepared = Prepared.from_result(json.loads(marker.read_text()))
-    tok = Path(out_dir) / prepared.path
-    return prepared if tok.exists() and tokenizer_id(tok) == prepared.id else None
+    return prepared if hashlib.sha256(tokenizer).hexdigest() == prepared.id else None
 
 
 def encode_documents(
@@ -245,7 +247,7 @@ def _encode_each(
 
 
 def write_token_index(
-    out_dir: str | Path,
+    out_dir: str | Path | Store,
     prepared: Prepared,
     config: TokenizeConfig,
     parts: list[dict[str, Any]],
@@ -278,7 +280,7 @@ def write_token_index(
     ]
     files.append({"path": prepared.path, "rows": 0, "sha256": prepared.id})
     for entry in files:
-        entry["bytes"] = (Path(out_dir) / entry["path"]).stat().st_size
+        entry["bytes"] = Store(out_dir).size(entry["path"])
     total_tokens = sum(s["tokens"] for s in splits.values())
     documents = sum(s["documents"] for s in splits.values())
     counters = {

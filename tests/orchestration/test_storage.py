@@ -1,0 +1,150 @@
+"""Stage outputs on an object store: a local S3 server (moto's server mode; there is no real S3 here) that
+pyarrow's S3FileSystem talks HTTP to as it would to S3. A Store behaves as a local directory does, and a
+document stage run by Ray tasks with its input and its output there commits the same bytes as on a local
+disk, keeps each task's log there and reruns nothing."""
+
+import json
+import os
+import time
+
+import pyarrow.fs as pafs
+import pytest
+
+from cleaning.normalize import TextNormalizer, TextNormalizerConfig
+from core.manifest import read_index, read_table
+from core.storage import Store
+from ingestion.readers import ReadConfig
+from orchestration.config import DedupConfig
+from orchestration.dedup import run_dedup_stage
+from orchestration.executors import corpus_source, run_document_stage, run_tokenize_stage
+from tests.orchestration.test_document_tasks import _explodes
+from training.data.tokenize import TokenizeConfig
+from training.data.tokenizer import TokenizerConfig
+
+AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")
+
+
+@pytest.fixture
+def bucket(s3_server):
+    prefix, query = s3_server(f"work-{time.monotonic_ns()}")
+    return prefix, query
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return Store(tmp_path / "dir")
+    prefix, query = request.getfixturevalue("bucket")
+    return Store(f"{prefix}/dir{query}")
+
+
+def test_a_store_reads_writes_lists_and_removes_as_a_directory_does(store, tmp_path):
+    assert not store.exists() and store.files() == [] and not store.exists("a.txt")
+    store.write_bytes("a.txt", b"first")
+    (store / "sub").write_bytes("b.json", b"{}")
+    assert store.read_bytes("a.txt") == b"first" and store.read_text("sub/b.json") == "{}"
+    assert store.files() == ["a.txt", "sub/b.json"] and (store / "sub").files() == ["b.json"]
+    assert store.is_file("a.txt") and not store.is_file("sub") and store.size("a.txt") == 5
+    store.write_bytes("a.txt", b"second")  # replaced whole
+    store.append_bytes("log/t.log", b"one\n")
+    store.append_bytes("log/t.log", b"two\n")
+    assert store.read_bytes("a.txt") == b"second" and store.read_bytes("log/t.log") == b"one\ntwo\n"
+    local = tmp_path / "staged.bin"
+    local.write_bytes(b"\x00" * 1000 + b"end")
+    store.put(local, "deep/er/staged.bin")
+    assert not local.exists()
+    with store.open_input("deep/er/staged.bin") as f:
+        assert f.read_at(3, 1000) == b"end"
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        store.read_bytes("missing.txt")
+    store.remove("a.txt")
+    store.remove("a.txt")  # already gone: no error
+    store.rmtree("sub")
+    assert store.files() == ["deep/er/staged.bin", "log/t.log"]
+    store.rmtree()
+    assert store.files() == [] and not store.exists("log/t.log")
+
+
+def test_a_remote_store_keeps_the_uri_query_for_every_path_below_it(bucket):
+    prefix, query = bucket
+    store = Store(f"{prefix}/run/{query}")
+    assert store.local is None and store.uri == f"{prefix}/run{query}"
+    assert (store / "clean" / "rejected").uri == f"{prefix}/run/clean/rejected{query}"
+    assert store.uri_of("index.json") == f"{prefix}/run/index.json{query}"
+    assert Store(store) == store and Store(store.uri) == store
+    assert Store("relative/dir").local == Store(os.path.abspath("relative/dir")).local
+
+
+def _upload_corpus(bucket_uri: tuple[str, str], texts: list[str]) -> str:
+    prefix, query = bucket_uri
+    fs, root = pafs.FileSystem.from_uri(prefix + query)
+    with fs.open_output_stream(f"{root}/input/dump.jsonl") as out:
+        out.write(
+            "".join(json.dumps({"id": f"d{i:02d}", "text": t}) + "\n" for i, t in enumerate(texts)).encode()
+        )
+    return f"{prefix}/input/dump.jsonl{query}"
+
+
+def _run(uri, out, options=None):
+    read = ReadConfig(batch_size=8)
+    stages = [TextNormalizer(TextNormalizerConfig()), _explodes("POISON")]
+    partitions = [("read-00000", corpus_source(uri, read))]
+    return run_document_stage("clean", stages, partitions, out, cache_key="k", inputs={}, options=options)
+
+
+def test_a_document_stage_on_ray_reads_and_commits_on_s3_the_bytes_a_local_run_does(
+    ray_session, bucket, tmp_path
+):
+    texts = [f"document number {i} is  fine" for i in range(30)]
+    texts[13] = "document 13 holds the POISON marker"
+    uri = _upload_corpus(bucket, texts)
+    # The workers get the credentials as any Ray job would: in its runtime environment.
+    options = {"runtime_env": {"env_vars": {k: os.environ[k] for k in AWS_ENV}}}
+    remote = Store(f"{bucket[0]}/work/clean{bucket[1]}")
+    index = _run(uri, str(remote), options)
+    local = _run(uri, tmp_path / "clean")
+
+    assert index["counters"] == local["counters"] and index["counters"]["quarantined"] == 1
+    assert [(f["path"], f["sha256"], f["rows"]) for f in index["files"]] == [
+        (f["path"], f["sha256"], f["rows"]) for f in local["files"]
+    ]
+    assert read_index(remote) == index and read_table(remote).equals(read_table(tmp_path / "clean"))
+    (bad,) = read_table(remote / "rejected").to_pylist()
+    assert (bad["id"], bad["filter"]) == ("d13", "quarantined")
+    assert set(remote.files()) == {
+        "index.json",
+        "read-00000.parquet",
+        "rejected/index.json",
+        "rejected/read-00000.parquet",
+        "_done/read-00000.json",
+        "_logs/read-00000.log",
+    }  # nothing staged is left behind on the store
+    log = remote.read_text("_logs/read-00000.log")
+    assert log.startswith("--- start ") and "document d13 raised ValueError: quarantined" in log
+
+    # A rerun finds the task's marker on the store and runs nothing.
+    before = remote.read_bytes("_done/read-00000.json")
+    again = _run(uri, remote, options)
+    assert again["files"] == index["files"] and remote.read_bytes("_done/read-00000.json") == before
+    assert remote.read_text("_logs/read-00000.log") == log
+
+    # The tokenize stage reads that output from the store and commits its shards there, as locally.
+    config = TokenizeConfig(tokenizer=TokenizerConfig(vocab_size=300, min_frequency=1), val_fraction=0.2)
+    tokens = run_tokenize_stage(remote, Store(f"{bucket[0]}/work/tokens{bucket[1]}"), config, options=options)
+    reference = run_tokenize_stage(tmp_path / "clean", tmp_path / "tokens", config)
+    assert [(f["path"], f["sha256"], f["bytes"]) for f in tokens["files"]] == [
+        (f["path"], f["sha256"], f["bytes"]) for f in reference["files"]
+    ]
+    assert tokens["counters"] == reference["counters"] and tokens["documents"] == 29
+
+    # So does the dedup stage, whose phases hand their files to each other through the store.
+    cfg = DedupConfig(partition_mb=0.0005, shards=2)
+    deduped = Store(f"{bucket[0]}/work/dedup{bucket[1]}")
+    out = run_dedup_stage(remote, deduped, cfg, cache_key="k", inputs={}, options=options)
+    expected = run_dedup_stage(tmp_path / "clean", tmp_path / "dedup", cfg, cache_key="k", inputs={})
+    assert out["counters"] == expected["counters"] and out["counters"]["rejected"] > 0
+    assert [(f["path"], f["sha256"]) for f in out["files"]] == [
+        (f["path"], f["sha256"]) for f in expected["files"]
+    ]
+    assert read_table(deduped / "rejected").equals(read_table(tmp_path / "dedup" / "rejected"))
+    assert deduped.read_bytes("clusters.parquet") == (tmp_path / "dedup" / "clusters.parquet").read_bytes()
