@@ -207,7 +207,18 @@ def _isolating(
 
 @ray.remote(num_cpus=1)
 def _remote_task(fn: TaskFn, task: TaskId, root: str, markers: str, args: tuple) -> dict[str, Any]:
-    return run_task(fn, task, root, markers, *args)
+    return run_task(
+        partial(_on_node, fn, ray.get_runtime_context().get_node_id()), task, root, markers, *args
+    )
+
+
+def _on_node(fn: TaskFn, node: str, staging: Path, *args: Any) -> dict[str, Any]:
+    """``fn``'s result with the Ray node that ran it (in the marker and the task's log)."""
+    print(f"on Ray node {node}")
+    result = fn(staging, *args)
+    if isinstance(result, dict):
+        result["node"] = node
+    return result
 
 
 def run_tasks(

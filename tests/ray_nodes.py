@@ -1,0 +1,113 @@
+"""Ray clusters of their own for tests: nodes started with `ray start` on 127.0.0.1, each in its own
+process group and temp dir, every port chosen free (the session's Ray already holds the defaults), stopped
+by the PIDs recorded when they started (never by name: other Ray processes run on this machine)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.conftest import free_port
+
+BIN = Path(sys.executable).parent
+
+
+def _own_ports() -> list[str]:
+    flags = (
+        "node-manager-port",
+        "object-manager-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+    )
+    return [f"--{flag}={free_port()}" for flag in flags]
+
+
+def node_env() -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+class Node:
+    """One `ray start --block` process (and what it spawns: its process group)."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.temp_dir = tempfile.mkdtemp(
+            prefix="lmf-node-", dir="/tmp"
+        )  # short: Ray's unix sockets live here
+        self.proc = subprocess.Popen(
+            [BIN / "ray", "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+             "--object-store-memory=200000000", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+             *_own_ports(), *args],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def cluster(nodes: int = 2) -> Iterator[tuple[str, str, dict[str, str], list[Node]]]:
+    """A head node plus ``nodes - 1`` worker nodes, one CPU each: (GCS address, dashboard address, env
+    to run drivers and the CLI in, the nodes), once every node is alive."""
+    port, dash = free_port(), free_port()
+    env = node_env()
+    started: list[Node] = []
+    try:
+        started.append(
+            Node(
+                [
+                    "--head",
+                    f"--port={port}",
+                    f"--dashboard-port={dash}",
+                    "--dashboard-host=127.0.0.1",
+                    f"--ray-client-server-port={free_port()}",
+                ],
+                env,
+            )  # fmt: skip
+        )
+        address = f"127.0.0.1:{port}"
+        for _ in range(nodes - 1):
+            started.append(Node([f"--address={address}"], env))
+        _wait_alive(address, nodes, env, started)
+        yield address, f"http://127.0.0.1:{dash}", env, started
+    finally:
+        for node in reversed(started):
+            node.stop()
+
+
+def _wait_alive(address: str, nodes: int, env: dict[str, str], started: list[Node]) -> None:
+    probe = f"import ray; ray.init(address={address!r}); print(sum(n['Alive'] for n in ray.nodes()))"
+    deadline = time.monotonic() + 180
+    while True:
+        dead = [n for n in started if n.proc.poll() is not None]
+        if dead:
+            raise RuntimeError(f"a Ray node exited with {dead[0].proc.returncode} while starting")
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120
+        )
+        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(nodes)]:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the cluster did not reach {nodes} alive nodes: {out.stdout[-500:]}{out.stderr[-1000:]}"
+            )
+        time.sleep(2)
