@@ -95,7 +95,9 @@ def _run(uri, out, options=None):
 def test_a_document_stage_on_ray_reads_and_commits_on_s3_the_bytes_a_local_run_does(
     ray_session, bucket, tmp_path
 ):
-    texts = [f"document number {i} is  fine" for i in range(30)]
+    texts = [
+        f"document number {i % 4} is  fine, and it is long enough to share its shingles" for i in range(30)
+    ]
     texts[13] = "document 13 holds the POISON marker"
     uri = _upload_corpus(bucket, texts)
     # The workers get the credentials as any Ray job would: in its runtime environment.
