@@ -213,8 +213,7 @@ def _remote_task(fn: TaskFn, task: TaskId, root: str, markers: str, args: tuple)
 
 
 def _on_node(fn: TaskFn, node: str, staging: Path, *args: Any) -> dict[str, Any]:
-    """``fn``'s result with the Ray node that ran it (in the marker and the task's log)."""
-    print(f"on Ray node {node}")
+    """``fn``'s result with the Ray node that ran it (in the task's marker)."""
     result = fn(staging, *args)
     if isinstance(result, dict):
         result["node"] = node
