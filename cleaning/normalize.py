@@ -39,12 +39,21 @@ _FTFY = ftfy.TextFixerConfig(
 )
 
 
+def repair_encoding(text: str) -> str:
+    """ftfy's repairs. A pure-ASCII text without ``&`` (entities) or ESC (terminal escapes) has nothing
+    ftfy repairs but control characters and carriage returns, which :func:`normalize_text` handles itself
+    the same way: it skips ftfy (a third of the normalizer's time on English text)."""
+    if text.isascii() and "&" not in text and "\x1b" not in text:
+        return text
+    return ftfy.fix_text(text, _FTFY)
+
+
 def normalize_text(
     text: str, form: str = "NFC", collapse_spaces: bool = True, fix_encoding: bool = True
 ) -> str:
     """Normalize one text (the stage applies this to every document)."""
     if fix_encoding:
-        text = ftfy.fix_text(text, _FTFY)
+        text = repair_encoding(text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _ZERO_WIDTH.sub("", _CONTROL.sub("", _SPACES.sub(" ", text)))
     text = unicodedata.normalize(form, text)

@@ -1,7 +1,10 @@
+import random
+
+import ftfy
 import pyarrow as pa
 
 from cleaning.extract import HtmlExtractor, HtmlExtractorConfig
-from cleaning.normalize import TextNormalizer, TextNormalizerConfig, normalize_text
+from cleaning.normalize import _FTFY, TextNormalizer, TextNormalizerConfig, normalize_text, repair_encoding
 from core.schema import HTML_SCHEMA
 from core.stage import StageContext, run_chain
 
@@ -93,3 +96,21 @@ def test_cleaned_text_leads_back_to_its_raw_html(tmp_path):
     assert offsets[0] == 0 < offsets[1]  # in the decompressed stream
     assert find_html(path, docs[0]["id"], offsets[1]) is None  # another record sits there
     assert find_html(path, "no-such-id") is None
+
+
+def test_ascii_texts_skip_ftfy_and_normalize_as_through_it():
+    """The ASCII fast path: every ASCII character but '&' and ESC (controls, CR, tabs, '<'), in random
+    texts and in runs of each, normalizes exactly as it does through ftfy; '&' and ESC still go through it."""
+    rng = random.Random(5)
+    alphabet = [chr(i) for i in range(128) if chr(i) not in "&\x1b"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80))) for _ in range(5000)]
+    texts += [c * 3 + "a b\r\nc" + c for c in alphabet] + [
+        "Plain English text.\r\n\r\n\tWith\x0ccontrols\x7f."
+    ]
+    for text in texts:
+        for form in ("NFC", "NFKC"):
+            expected = normalize_text(ftfy.fix_text(text, _FTFY), form, fix_encoding=False)
+            assert normalize_text(text, form) == expected, repr(text)
+    assert repair_encoding("fish &amp; chips") == "fish & chips"
+    assert repair_encoding("\x1b[31mred\x1b[0m") == "red"
+    assert repair_encoding("doesn\u00e2\u20ac\u2122t") == "doesn\u2019t"
