@@ -31,6 +31,7 @@ class Quarantine:
     stage: str
     part: str
     seen: int = 0
+    crashes: int = 0  # every document that raised (two may share an id)
     traces: dict[str, str] = field(default_factory=dict)
 
     def passed(self, documents: int = 1) -> None:
@@ -41,13 +42,13 @@ class Quarantine:
         """Record the document ``error`` (being handled) was raised on and return its traceback; raise
         StageCrash, chained to it, when so many crashed that the stage has a bug."""
         self.seen += 1
+        self.crashes += 1
         trace = "".join(traceback.format_exception(error))
-        self.traces[doc_id] = trace
-        crashed = len(self.traces)
-        if crashed > QUARANTINE_LIMIT and crashed > QUARANTINE_FRACTION * self.seen:
+        self.traces.setdefault(doc_id, trace)
+        if self.crashes > QUARANTINE_LIMIT and self.crashes > QUARANTINE_FRACTION * self.seen:
             first = next(iter(self.traces.values()))
             raise StageCrash(
-                f"stage {self.stage}, partition {self.part}: {crashed} of {self.seen} documents raised, too "
+                f"stage {self.stage}, partition {self.part}: {self.crashes} of {self.seen} documents raised, too "
                 f"many to quarantine (a bug, not poison documents); the first:\n{first}"
             ) from error
         _log.warning(

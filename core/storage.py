@@ -23,12 +23,6 @@ from core.files import atomic_write_bytes, read_ipc
 _URI = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?P<rest>[^?]*)(?P<query>\?.*)?$")
 
 
-def is_uri(where: str | Path) -> bool:
-    """Whether ``where`` names a filesystem URI rather than a local path (``file://`` is local)."""
-    match = _URI.match(str(where))
-    return match is not None and match["scheme"] != "file"
-
-
 class Store:
     """A directory, local or on a pyarrow filesystem; ``store / "name"`` is the one below it."""
 
@@ -71,10 +65,6 @@ class Store:
             return Store(self.local / name)
         return Store(f"{self._scheme}://{self.root}/{name.strip('/')}{self._query}")
 
-    @property
-    def name(self) -> str:
-        return self.root.rsplit("/", 1)[-1]
-
     def path(self, rel: str = "") -> str:
         """The filesystem path of ``rel`` below this directory."""
         return f"{self.root}/{rel}" if rel else self.root
@@ -110,8 +100,9 @@ class Store:
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
 
-    def open_input(self, rel: str) -> pa.NativeFile:
-        """A random-access reader (``read_at`` reads a range: one ranged GET on an object store)."""
+    def open_input(self, rel: str = "") -> pa.NativeFile:
+        """A random-access reader of ``rel`` (of this path itself when it names a file; ``read_at`` reads a
+        range: one ranged GET on an object store)."""
         return self.fs.open_input_file(self.path(rel))
 
     def files(self, rel: str = "") -> list[str]:
@@ -179,10 +170,7 @@ class Store:
 
 def open_input_file(where: str | Path) -> pa.NativeFile:
     """A random-access reader of a local path or a filesystem URI."""
-    if not is_uri(where):
-        return pa.OSFile(str(where), "rb")
-    fs, path = pafs.FileSystem.from_uri(str(where))
-    return fs.open_input_file(path)
+    return Store(where).open_input()
 
 
 def read_arrow(where: str | Path | Store) -> pa.Table:
@@ -190,5 +178,5 @@ def read_arrow(where: str | Path | Store) -> pa.Table:
     store = Store(where)
     if store.local is not None:
         return read_ipc(store.local)
-    with store.fs.open_input_file(store.root) as f:
+    with store.open_input() as f:
         return pa.ipc.open_file(f).read_all()

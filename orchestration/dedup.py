@@ -186,7 +186,7 @@ class _Npy:
     and reads ahead, pages that count as its RSS)."""
 
     def __init__(self, where: Store):
-        self.file = where.fs.open_input_file(where.root)
+        self.file = where.open_input()
         version = np.lib.format.read_magic(self.file)
         read_header = (
             np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0

@@ -279,8 +279,9 @@ def write_token_index(
         for key, sha, ids in (("path", "sha256", False), ("docs_path", "docs_sha256", True))
     ]
     files.append({"path": prepared.path, "rows": 0, "sha256": prepared.id})
+    out = Store(out_dir)
     for entry in files:
-        entry["bytes"] = Store(out_dir).size(entry["path"])
+        entry["bytes"] = out.size(entry["path"])
     total_tokens = sum(s["tokens"] for s in splits.values())
     documents = sum(s["documents"] for s in splits.values())
     counters = {
