@@ -132,7 +132,7 @@ class IntegrityError(ManifestError):
     """A file that no longer matches the manifest that lists it: missing, resized, other rows or bytes."""
 
 
-def verify_files(out_dir: str | Path, index: dict[str, Any], policy: Verify = "first_open") -> None:
+def verify_files(out_dir: str | Path | Store, index: dict[str, Any], policy: Verify = "first_open") -> None:
     """Check every file a manifest lists against it, raising IntegrityError naming the first that differs.
 
     Always: the file exists, has the recorded size and (Parquet) the recorded row count. sha256 by
@@ -141,7 +141,10 @@ def verify_files(out_dir: str | Path, index: dict[str, Any], policy: Verify = "f
     write always moves ctime, which no tool can set back, so restoring the mtime does not hide a change);
     ``never`` hashes nothing.
     """
-    out_dir = Path(out_dir)
+    if (store := Store(out_dir)).local is None:
+        _verify_remote(store, index, policy)
+        return
+    out_dir = store.local
     record_path = out_dir / VERIFIED
     record: dict[str, Any] = {}
     if policy == "first_open" and record_path.exists():
@@ -180,10 +183,45 @@ def verify_files(out_dir: str | Path, index: dict[str, Any], policy: Verify = "f
             atomic_write_bytes(record_path, json.dumps(record).encode())
 
 
-def _parquet_rows(path: Path) -> int:
+def _verify_remote(store: Store, index: dict[str, Any], policy: Verify) -> None:
+    """verify_files on a remote filesystem: one listing gives every size and mtime; ``first_open`` keeps
+    (size, mtime, sha256) per file in ``.verified.json`` (an object store sets the mtime on every write)."""
+    stats = store.stats()
+    record = store.read_json(VERIFIED) if policy == "first_open" else {}
+    changed = False
+    for entry in index["files"]:
+        name, where = entry["path"], store.uri_of(entry["path"])
+        if name not in stats:
+            raise IntegrityError(f"{where}: listed in {INDEX} but missing")
+        size, mtime_ns = stats[name]
+        if "bytes" in entry and size != entry["bytes"]:
+            raise IntegrityError(
+                f"{where}: {size} bytes, {INDEX} says {entry['bytes']}; the file was truncated or changed"
+            )
+        if name.endswith(".parquet") and entry.get("rows") is not None:
+            with store.open_input(name) as f:
+                rows = _parquet_rows(f, where)
+            if rows != entry["rows"]:
+                raise IntegrityError(f"{where}: {rows} rows, {INDEX} says {entry['rows']}")
+        stamp = [size, mtime_ns, entry["sha256"]]
+        if policy == "never" or (policy == "first_open" and record.get(name) == stamp):
+            continue
+        actual = store.sha256(name)
+        if actual != entry["sha256"]:
+            raise IntegrityError(
+                f"{where}: sha256 {actual[:12]} differs from {INDEX}'s {entry['sha256'][:12]}; "
+                "the file changed or is corrupt"
+            )
+        record[name], changed = stamp, True
+    if policy == "first_open" and changed:
+        with contextlib.suppress(OSError):
+            store.write_bytes(VERIFIED, json.dumps(record).encode())
+
+
+def _parquet_rows(path: Path | pa.NativeFile, name: str | Path | None = None) -> int:
     try:
         return pq.ParquetFile(path).metadata.num_rows
     except (pa.ArrowInvalid, OSError) as e:
         raise IntegrityError(
-            f"{path}: not a readable Parquet file ({e}); it was truncated or changed"
+            f"{name or path}: not a readable Parquet file ({e}); it was truncated or changed"
         ) from None

@@ -10,6 +10,9 @@ for every path below them.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -18,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from core.files import atomic_write_bytes, read_ipc
+from core.files import atomic_write_bytes, file_sha256, read_ipc
 
 _URI = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?P<rest>[^?]*)(?P<query>\?.*)?$")
 
@@ -80,6 +83,13 @@ class Store:
     def is_file(self, rel: str) -> bool:
         return self.fs.get_file_info(self.path(rel)).type == pafs.FileType.File
 
+    def stats_of(self, rel: str) -> tuple[int, int]:
+        """(size, mtime in ns) of one file."""
+        info = self.fs.get_file_info(self.path(rel))
+        if info.type != pafs.FileType.File:
+            raise FileNotFoundError(f"{self.uri_of(rel)}: no such file")
+        return info.size, info.mtime_ns or 0
+
     def size(self, rel: str) -> int:
         info = self.fs.get_file_info(self.path(rel))
         if info.type != pafs.FileType.File:
@@ -90,7 +100,7 @@ class Store:
         if self.local is not None:
             return (self.local / rel).read_bytes()
         try:
-            with self.fs.open_input_stream(self.path(rel)) as f:
+            with self.fs.open_input_stream(self.path(rel), compression=None) as f:
                 return f.read()
         except OSError:
             if not self.is_file(rel):
@@ -100,6 +110,24 @@ class Store:
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
 
+    def read_json(self, rel: str) -> dict:
+        """A JSON object file; ``{}`` when it is missing or not readable JSON (records beside outputs)."""
+        try:
+            value = json.loads(self.read_bytes(rel))
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    def sha256(self, rel: str, chunk: int = 1 << 20) -> str:
+        """The sha256 of a file, streamed (hex)."""
+        if self.local is not None:
+            return file_sha256(self.local / rel)
+        h = hashlib.sha256()
+        with self.fs.open_input_stream(self.path(rel), compression=None) as f:
+            while block := f.read(chunk):
+                h.update(block)
+        return h.hexdigest()
+
     def open_input(self, rel: str = "") -> pa.NativeFile:
         """A random-access reader of ``rel`` (of this path itself when it names a file; ``read_at`` reads a
         range: one ranged GET on an object store)."""
@@ -107,12 +135,16 @@ class Store:
 
     def files(self, rel: str = "") -> list[str]:
         """Every file below ``rel``, as paths relative to this directory, sorted."""
+        return sorted(self.stats(rel))
+
+    def stats(self, rel: str = "") -> dict[str, tuple[int, int]]:
+        """Every file below ``rel`` (relative to this directory) -> (size, mtime in ns): one listing call."""
         where = self.path(rel)
         if self.fs.get_file_info(where).type != pafs.FileType.Directory:
-            return []
+            return {}
         infos = self.fs.get_file_info(pafs.FileSelector(where, recursive=True))
         base = len(self.root) + 1
-        return sorted(i.path[base:] for i in infos if i.type == pafs.FileType.File)
+        return {i.path[base:]: (i.size, i.mtime_ns or 0) for i in infos if i.type == pafs.FileType.File}
 
     # -- writing ---------------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
@@ -120,7 +152,9 @@ class Store:
         if self.local is not None:
             atomic_write_bytes(self.local / rel, data)
             return
-        with self.fs.open_output_stream(self.path(rel)) as f:  # the object appears when the upload completes
+        with self.fs.open_output_stream(
+            self.path(rel), compression=None
+        ) as f:  # the object appears when the upload completes
             f.write(data)
 
     def append_bytes(self, rel: str, data: bytes) -> None:
@@ -155,6 +189,29 @@ class Store:
         )
         local_file.unlink()
 
+    def upload(self, local_dir: Path, rel: str = "") -> list[str]:
+        """Copy every file below ``local_dir`` to ``rel`` below this directory (nothing to do when it is
+        that directory already); returns their paths relative to ``rel``."""
+        names = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
+        target = self / rel if rel else self
+        if target.local is not None and target.local == local_dir.resolve():
+            return names
+        for name in names:
+            if target.local is not None:
+                dst = target.local / name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+                shutil.copyfile(local_dir / name, tmp)
+                os.replace(tmp, dst)
+            else:
+                pafs.copy_files(
+                    str(local_dir / name),
+                    target.path(name),
+                    source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=target.fs,
+                )
+        return names
+
     def remove(self, rel: str) -> None:
         """Delete one file; a missing one is not an error."""
         if self.is_file(rel):
@@ -166,6 +223,79 @@ class Store:
             shutil.rmtree(self.local / rel if rel else self.local, ignore_errors=True)
         elif self.fs.get_file_info(self.path(rel)).type == pafs.FileType.Directory:
             self.fs.delete_dir(self.path(rel))
+
+
+def node_cache() -> Path:
+    """This node's own directory for copies of remote data and for the local state of a run whose work dir
+    is remote: ``$LMFORGE_CACHE``, else ``$XDG_CACHE_HOME/lmforge`` (``~/.cache/lmforge``)."""
+    if env := os.environ.get("LMFORGE_CACHE"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge"
+
+
+def node_dir(where: str | Path | Store, kind: str) -> Path:
+    """A directory of this node's disk that stands for ``where``: itself when it is local, else one of
+    the node cache's ``kind`` directories named by the URI's hash (the same on every call and node)."""
+    store = Store(where)
+    if store.local is not None:
+        return store.local
+    return node_cache() / kind / hashlib.sha256(store.uri.encode()).hexdigest()[:16]
+
+
+def local_copy(where: str | Path | Store, rel: str = "") -> Path:
+    """A directory of this node's disk holding what ``where``/``rel`` holds: the directory itself when it
+    is local, else a mirror in the node cache, brought up to date by downloading each file whose size
+    or modification time differs (a mirrored file carries its object's mtime) and removing files gone.
+    Each file is downloaded beside its place and renamed into it, so processes of one node can share
+    a mirror."""
+    store = Store(where)
+    if rel:
+        store = store / rel
+    if store.local is not None:
+        return store.local
+    remote = store.stats()
+    if not remote and not store.exists():
+        raise FileNotFoundError(f"{store.uri}: no such directory")
+    mirror = _mirror(store, node_dir(store, "mirror"), remote)
+    for old in [p for p in mirror.rglob("*") if p.is_file()]:
+        if old.relative_to(mirror).as_posix() not in remote and ".part-" not in old.name:
+            old.unlink(missing_ok=True)
+    return mirror
+
+
+def _mirror(store: Store, mirror: Path, remote: dict[str, tuple[int, int]]) -> Path:
+    """Download each of ``remote`` (name -> size, mtime) into ``mirror`` unless its copy there matches."""
+    for name, (size, mtime_ns) in remote.items():
+        dst = mirror / name
+        with contextlib.suppress(FileNotFoundError):
+            st = dst.stat()
+            if st.st_size == size and st.st_mtime_ns == mtime_ns:
+                continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.part-{os.getpid()}")
+        pafs.copy_files(
+            store.path(name),
+            str(tmp),
+            source_filesystem=store.fs,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
+        os.utime(tmp, ns=(mtime_ns, mtime_ns))
+        os.replace(tmp, dst)
+    return mirror
+
+
+def local_file(where: str | Path) -> Path:
+    """A file of this node's disk holding what the file ``where`` holds: itself when local, else its
+    copy in the node cache (downloaded when its size or modification time differs)."""
+    text = str(where)
+    parent, _, name = text.split("?")[0].rpartition("/")
+    query = text[len(text.split("?")[0]) :]
+    store = Store(parent + query)
+    if store.local is not None:
+        return Path(where)
+    if not store.is_file(name):
+        raise FileNotFoundError(f"{where}: no such file")
+    return _mirror(store, node_dir(text, "mirror"), {name: store.stats_of(name)}) / name
 
 
 def open_input_file(where: str | Path) -> pa.NativeFile:

@@ -81,7 +81,9 @@ def run(
     config_env: Annotated[
         str | None, typer.Option(hidden=True, help="Read the config YAML from this environment variable.")
     ] = None,
-    workdir: Annotated[Path | None, typer.Option(help="Override the config's workdir.")] = None,
+    workdir: Annotated[
+        str | None, typer.Option(help="Override the config's workdir (a directory or s3://bucket/prefix).")
+    ] = None,
     address: Annotated[
         str | None, typer.Option(help="Run on an existing Ray cluster ('auto' or ray://host:10001).")
     ] = None,
@@ -230,7 +232,7 @@ def submit(
     if retries and not wait:
         console.print("[bold red]--retries needs --wait[/bold red]: a failed job is resubmitted when it ends")
         raise typer.Exit(2)
-    if not cfg.workdir.is_absolute() and "://" not in str(cfg.workdir):
+    if isinstance(cfg.workdir, Path) and not cfg.workdir.is_absolute():
         console.print(
             f"[yellow]workdir {cfg.workdir} is relative: outputs stay in the job's working directory on the "
             "cluster; set workdir to a shared path for results you want to keep[/yellow]"
@@ -396,7 +398,7 @@ def _submit_with_retry(client, timeout_s: float = 120, **job) -> str:
 
 @app.command()
 def report(
-    workdir: Annotated[Path, typer.Argument(help="A run's work dir (the config's workdir).")],
+    workdir: Annotated[str, typer.Argument(help="A run's work dir (the config's workdir: a path or URI).")],
 ) -> None:
     """Rebuild report.html (plots, examples, lineage; opens offline) and report.md / report.json of a
     work dir from its stage outputs; exit 1 if a check fails."""

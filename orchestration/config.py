@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cleaning.decontaminate import DecontaminateConfig
 from cleaning.dedup_phases import DedupConfig
@@ -26,6 +26,7 @@ from cleaning.pii import PiiConfig
 from core.manifest import Verify
 from core.mappings import deep_merge
 from core.stage import StageConfig
+from core.storage import Store, node_dir
 from evaluation.perplexity import EvalConfig
 from ingestion.crawler import CrawlConfig
 from ingestion.readers import ReadConfig
@@ -176,7 +177,12 @@ class PipelineConfig(_Section):
     """A whole pipeline run: crawl -> clean -> dedup -> tokenize -> train -> evaluate."""
 
     name: str = Field("lmforge", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$", description="Run name.")
-    workdir: Path = Field(Path("work"), description="Where every stage writes its output.")
+    workdir: Path | str = Field(
+        Path("work"),
+        description="Where every stage writes its output: a local directory, or a pyarrow filesystem URI "
+        "(s3://bucket/prefix, gs://, hdfs://; S3 options as a query, e.g. ?endpoint_override=host:port) that "
+        "every node of a cluster reaches.",
+    )
     seed: int = Field(0, description="Global seed.")
     verify: Verify = Field(
         "first_open",
@@ -293,9 +299,33 @@ class PipelineConfig(_Section):
             or self.read.paths
         )
 
+    @field_validator("workdir", mode="before")
+    @classmethod
+    def _workdir(cls, value: Any) -> Any:
+        """A local directory as a Path; a filesystem URI kept as the string (a Path would fold its //)."""
+        if isinstance(value, str) and "://" in value and not value.startswith("file://"):
+            return value
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("workdir is empty: give a directory or a filesystem URI")
+            return Path(value.removeprefix("file://"))
+        return value
+
+    @property
+    def store(self) -> Store:
+        """The work dir, local or remote."""
+        return Store(self.workdir)
+
+    @property
+    def local_dir(self) -> Path:
+        """This machine's directory for the run's own state (the sqlite MLflow store and its artifacts,
+        Ray's session files, the crawl's frontier): the work dir itself, or for a remote work dir one of
+        the node cache (core/storage.py) that stands for it."""
+        return node_dir(self.workdir, "runs")
+
     @property
     def tracking_uri(self) -> str:
-        return self.tracking.uri or f"sqlite:///{self.workdir.resolve() / 'mlflow.db'}"
+        return self.tracking.uri or f"sqlite:///{self.local_dir / 'mlflow.db'}"
 
 
 def _with_objective_tokens(data: dict[str, Any]) -> dict[str, Any]:

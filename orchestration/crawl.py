@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from core.files import file_entry
 from ingestion.crawler import CrawlConfig, HostCrawler, host_key
@@ -97,12 +98,16 @@ def _replay(out_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def run_crawl(
-    config: CrawlConfig, out_dir: str | Path, on_progress: Callable[[int], None] | None = None
+    config: CrawlConfig,
+    out_dir: str | Path,
+    on_progress: Callable[[int], None] | None = None,
+    on_this_node: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Crawl from the seeds until no URL is left or ``max_pages`` pages are in the output.
 
     Returns the WARC file entries and counters (pages fetched, failures by reason, retries, hosts, workers,
-    URLs left unfetched).
+    URLs left unfetched). ``on_this_node`` keeps the crawl workers on the driver's node: ``out_dir`` is
+    then a disk of this node only (the pipeline uploads it to a remote work dir when the crawl ends).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,7 +122,11 @@ def run_crawl(
     book.route((seed, host_key(seed), 0) for seed in config.all_seeds())
 
     n_workers = default_workers(config)
-    workers = [_CrawlWorkerActor.remote(config, str(out_dir)) for _ in range(n_workers)]
+    actor = _CrawlWorkerActor
+    if on_this_node:
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        actor = actor.options(scheduling_strategy=here)
+    workers = [actor.remote(config, str(out_dir)) for _ in range(n_workers)]
     counters["crawl_workers"] = n_workers
     free = list(range(n_workers))
     owner: dict[str, int] = {}  # host -> the worker that holds it open

@@ -37,9 +37,10 @@ from cleaning.filters import (
 from cleaning.langid import LanguageFilter
 from cleaning.normalize import TextNormalizer
 from cleaning.pii import PiiRedactor
-from core.files import atomic_write_bytes, file_entry, file_sha256
+from core.files import file_entry, file_sha256
 from core.manifest import IntegrityError, index_digest, read_index, verify_files, write_index
 from core.stage import Stage
+from core.storage import Store, local_copy, local_file, node_dir
 from evaluation.finetuned import evaluate_finetuned
 from evaluation.perplexity import evaluate_model_dir
 from evaluation.tasks import resolve_task, task_metric_names
@@ -122,7 +123,7 @@ class StageSpec:
     name: str
     config: Any
     deps: tuple[str, ...]
-    build: Callable[[Path, str, dict[str, str]], dict[str, Any]]
+    build: Callable[[Store, str, dict[str, str]], dict[str, Any]]
     files: dict[str, str] = field(default_factory=dict)  # config field -> content digest of its file
     after: Callable[[dict[str, Any]], None] | None = None
 
@@ -132,18 +133,23 @@ class StageOutcome:
     """What one stage produced in this run."""
 
     name: str
-    out_dir: Path
+    store: Store
     index: dict[str, Any] | None  # None in a dry run, for a stage that would run
     cached: bool
     seconds: float
     missing: bool = False  # in a dry run: not selected, and never run
+
+    @property
+    def out_dir(self) -> Path | str:
+        """The output directory: a local path, or the URI of a remote one."""
+        return self.store.local if self.store.local is not None else self.store.uri
 
 
 @dataclass
 class PipelineResult:
     """Outputs of a whole run, for the CLI summary and for tests."""
 
-    workdir: Path
+    workdir: Path | str  # a local path, or a remote work dir's URI
     tracking_uri: str
     parent_run_id: str
     stages: dict[str, StageOutcome] = field(default_factory=dict)
@@ -177,7 +183,9 @@ class Pipeline:
     def __init__(self, config: PipelineConfig, console: Console | None = None):
         self.cfg = config
         self.console = console or Console(stderr=True)
-        self.workdir = config.workdir.resolve()
+        self.store = config.store
+        self.workdir = self.store.local if self.store.local is not None else self.store.uri
+        self.local = config.local_dir  # this machine's state of the run: all of it for a local work dir
         self._code: dict[str, str] = {}
 
     # -- stage bookkeeping --------------------------------------------------------------------------
@@ -185,7 +193,7 @@ class Pipeline:
         self, spec: StageSpec, inputs: dict[str, StageOutcome], selected: bool, force: bool
     ) -> tuple[PlanEntry, dict[str, Any]]:
         """What this run does with a stage and why, from its output on disk and its new key parts."""
-        out = self.workdir / spec.name
+        out = self.store / spec.name
         pending = [k for k, v in inputs.items() if v.index is None]
         absent = [k for k, v in inputs.items() if v.missing]
         parts = {
@@ -196,7 +204,7 @@ class Pipeline:
             "code": code_digests(STAGE_CODE[spec.name]),
         }
         key = key_of(parts)
-        index = read_index(out) if out.exists() else None
+        index = read_index(out)
         found = changes(read_parts(out), parts) if index is not None and index.get("cache_key") != key else []
         if not selected:
             if index is None:
@@ -220,8 +228,7 @@ class Pipeline:
         if index is not None and index.get("cache_key") == key:
             return PlanEntry(spec.name, "cached", "unchanged", key), parts
         if index is None:
-            key_file = out / _KEY_FILE
-            if key_file.exists() and key_file.read_text() == key:
+            if _key_of(out) == key:
                 reason = "resumes an interrupted run (its finished tasks are kept)"
             else:
                 reason = "no finished output yet"
@@ -239,7 +246,7 @@ class Pipeline:
     ) -> StageOutcome:
         """Decide, then (without a tracker: a dry run) stop, or run or reuse the stage inside its nested
         MLflow run; ``after`` logs extra lineage there."""
-        name, out = spec.name, self.workdir / spec.name
+        name, out = spec.name, self.store / spec.name
         entry, parts = self._decide(spec, inputs, selected, force)
         result.plan.append(entry)
         if tracker is None:
@@ -260,8 +267,8 @@ class Pipeline:
             else:
                 if entry.action == "cached":  # its output failed verification and was wiped
                     entry.action, entry.reason = "run", "its output failed verification"
-                if force and out.exists():
-                    shutil.rmtree(out)
+                if force:
+                    out.rmtree()
                 self._prepare(out, entry.key, _jsonable(spec.config), parts)
                 self.console.print(f"[bold cyan]▶ {name}[/bold cyan] [dim]({entry.reason})[/dim]")
                 index = spec.build(out, entry.key, input_digests)
@@ -278,13 +285,13 @@ class Pipeline:
             tracker.set_tag("lmforge.cached", str(cached).lower())
             tracker.set_tag("lmforge.plan", f"{entry.action}: {entry.reason}")
             if spec.after is not None:
-                spec.after({**index, "out_dir": out})
+                spec.after({**index, "out_dir": out})  # the stage's Store
         outcome = StageOutcome(name, out, index, cached, seconds)
         if not cached:
             self.console.print(f"  [green]✓ {name}[/green] in {seconds:.1f}s {report.stage_line(index)}")
         return outcome
 
-    def _intact(self, name: str, out: Path, index: dict[str, Any]) -> bool:
+    def _intact(self, name: str, out: Store, index: dict[str, Any]) -> bool:
         """Whether a committed output still matches its manifests (sha256 per ``verify``); one that does
         not is wiped, so the stage is rebuilt from scratch instead of resumed."""
         try:
@@ -293,32 +300,33 @@ class Pipeline:
                 verify_files(out / REJECTED_DIR, rejected, self.cfg.verify)
         except IntegrityError as e:
             self.console.print(f"[yellow]• {name}: {e}; rebuilding the stage[/yellow]")
-            shutil.rmtree(out)
+            out.rmtree()
             return False
         return True
 
     @staticmethod
-    def _prepare(out: Path, key: str, config: Any, parts: dict[str, Any]) -> None:
+    def _prepare(out: Store, key: str, config: Any, parts: dict[str, Any]) -> None:
         """Keep a partial output made with the same key (completed tasks, checkpoints); wipe any other.
         The stage's config and its key's parts are written beside it."""
-        key_file = out / _KEY_FILE
-        if out.exists() and not (key_file.exists() and key_file.read_text() == key):
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "index.json").unlink(missing_ok=True)
-        key_file.write_text(key)
-        atomic_write_bytes(out / PARTS_FILE, json.dumps(parts, indent=2, default=str).encode())
-        atomic_write_bytes(out / report.STAGE_CONFIG, json.dumps(config, indent=2, default=str).encode())
+        if _key_of(out) != key:
+            out.rmtree()
+        out.remove("index.json")
+        out.write_bytes(_KEY_FILE, key.encode())
+        out.write_bytes(PARTS_FILE, json.dumps(parts, indent=2, default=str).encode())
+        out.write_bytes(report.STAGE_CONFIG, json.dumps(config, indent=2, default=str).encode())
 
     # -- stages -------------------------------------------------------------------------------------
-    def _crawl(self, out: Path, key: str, inputs: dict[str, str]) -> dict[str, Any]:
+    def _crawl(self, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
+        """The crawl runs on this machine's disk (its frontiers are SQLite files): in the work dir, or for
+        a remote one in a directory of the node cache, uploaded when the crawl ends."""
         cfg = self.cfg
+        work = _scratch(out, key)
         with contextlib.ExitStack() as stack:
             crawl_cfg = cfg.crawl
             server = None
             if cfg.demo_site is not None:
                 site_args = cfg.demo_site.model_dump(exclude={"port"})
-                site = build_demo_site(self.workdir / "site", seed=cfg.seed, **site_args)
+                site = build_demo_site(self.local / "site", seed=cfg.seed, **site_args)
                 try:
                     server = stack.enter_context(DemoSiteServer(site.root, port=cfg.demo_site.port))
                 except OSError as e:
@@ -329,11 +337,14 @@ class Pipeline:
                 crawl_cfg = crawl_cfg.model_copy(update={"seeds": [server.url, *crawl_cfg.seeds]})
                 self.console.print(f"  serving {len(site.pages)} demo pages at {server.url}")
             with StageProgress(self.console, "crawl", "pages", total=crawl_cfg.max_pages) as progress:
-                files, counters = run_crawl(crawl_cfg, out, on_progress=progress.update)
+                files, counters = run_crawl(
+                    crawl_cfg, work, on_progress=progress.update, on_this_node=out.local is None
+                )
             if server is not None:
                 counters["demo_pages_served"] = sum(
                     1 for path, status in server.served if status == 200 and path != "/robots.txt"
                 )
+        out.upload(work)
         return write_index(
             out, stage="crawl", kind="warc", cache_key=key, files=files, inputs=inputs, counters=counters
         )
@@ -349,14 +360,14 @@ class Pipeline:
         return index
 
     def _clean(
-        self, crawl: StageOutcome | None, out: Path, key: str, inputs: dict[str, str]
+        self, crawl: StageOutcome | None, out: Store, key: str, inputs: dict[str, str]
     ) -> dict[str, Any]:
         c = self.cfg.clean
         stages = clean_stages(c)
         if c.decontaminate is not None:
             stages.insert(2, Decontaminator(c.decontaminate, self._task_ngrams(c.decontaminate)))
         parts = [
-            (Path(f["path"]).name.split(".")[0], warc_source(str(crawl.out_dir / f["path"])))
+            (Path(f["path"]).name.split(".")[0], warc_source(crawl.store.uri_of(f["path"])))
             for f in (crawl.index["files"] if crawl is not None else [])
         ]
         parts += [
@@ -380,10 +391,10 @@ class Pipeline:
         r = self.cfg.ray.tasks(stage)
         return {"options": r.ray_options(), "max_in_flight": r.max_in_flight}
 
-    def _dedup(self, clean: StageOutcome, out: Path, key: str, inputs: dict[str, str]) -> dict[str, Any]:
+    def _dedup(self, clean: StageOutcome, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         with StageProgress(self.console, "dedup", "tasks") as progress:
             return run_dedup_stage(
-                clean.out_dir,
+                clean.store,
                 out,
                 self.cfg.dedup,
                 cache_key=key,
@@ -392,10 +403,10 @@ class Pipeline:
                 **self._task_resources("dedup"),
             )
 
-    def _tokenize(self, docs: StageOutcome, out: Path, key: str, inputs: dict[str, str]) -> dict[str, Any]:
+    def _tokenize(self, docs: StageOutcome, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         with StageProgress(self.console, "tokenize", "partitions") as progress:
             return run_tokenize_stage(
-                docs.out_dir,
+                docs.store,
                 out,
                 self.cfg.tokenize,
                 cache_key=key,
@@ -405,7 +416,7 @@ class Pipeline:
             )
 
     def _train(
-        self, tokens: StageOutcome, out: Path, key: str, inputs: dict[str, str], tracker: Tracker
+        self, tokens: StageOutcome, out: Store, key: str, inputs: dict[str, str], tracker: Tracker
     ) -> dict[str, Any]:
         cfg = self.cfg.train
         logger = RunMetricsLogger(tracker.tracking_uri, tracker.active_run_id())
@@ -416,18 +427,13 @@ class Pipeline:
         )
         summary = launch_training(
             cfg,
-            tokens.out_dir,
+            tokens.store,
             out,
             run_name=f"{self.cfg.name}-{key}",
             metrics_logger=logger,
             console=self.console,
         )
-        model_dir = Path(summary["model_dir"])
-        files = [
-            {**file_entry(p, 0), "path": f"model/{p.name}"}
-            for p in sorted(model_dir.iterdir())
-            if p.is_file()
-        ]
+        files = _model_files(out)
         losses = summary["losses"]
         counters = {
             "steps": summary["steps"],
@@ -447,14 +453,13 @@ class Pipeline:
         )
 
     def _evaluate(
-        self, tokens: StageOutcome, train: StageOutcome, out: Path, key: str, inputs: dict[str, str]
+        self, tokens: StageOutcome, train: StageOutcome, out: Store, key: str, inputs: dict[str, str]
     ) -> dict[str, Any]:
-        task = ray.remote(evaluate_model_dir).options(**self.cfg.ray.tasks("evaluate").ray_options())
-        model_dir = train.out_dir / "model"
+        task = ray.remote(_evaluate_on_node).options(**self.cfg.ray.tasks("evaluate").ray_options())
         metrics = ray.get(
             task.remote(
-                str(model_dir),
-                str(tokens.out_dir),
+                train.store / "model",
+                tokens.store,
                 self.cfg.evaluate,
                 self.cfg.train.seq_len,
                 self.cfg.train.objective,
@@ -462,8 +467,7 @@ class Pipeline:
                 self.cfg.train.span_corruption,
             )
         )
-        atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-        files = [file_entry(out / "metrics.json", 0)]
+        files = [_write_file(out, "metrics.json", json.dumps(metrics, indent=2).encode())]
         counters = {k: v for k, v in metrics.items() if k != "tasks"}
         for name, task in metrics.get("tasks", {}).items():
             counters |= task_metric_names(name, task["metrics"])
@@ -485,17 +489,17 @@ class Pipeline:
         if until is not None:
             selection = replace(selection, until=until)
         cfg = self.cfg
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.local.mkdir(parents=True, exist_ok=True)
         # The files the config names, the selection, and the outputs it reads, before Ray starts.
         missing = [e for e in self.plan(selection) if e.action == "missing"]  # ("blocked" follows)
         if missing:
             raise ConfigError("; ".join(f"stage {e.stage}: {e.reason}" for e in missing))
         ray_cfg = cfg.ray
         ensure_ray(
-            ray_cfg.address, ray_cfg.num_cpus, ray_cfg.object_store_memory_mb, ray_cfg.dashboard, self.workdir
+            ray_cfg.address, ray_cfg.num_cpus, ray_cfg.object_store_memory_mb, ray_cfg.dashboard, self.local
         )
         # With the default sqlite store, artifacts (models, reports) live in the work dir too.
-        artifacts = None if cfg.tracking.uri else (self.workdir / "mlartifacts").as_uri()
+        artifacts = None if cfg.tracking.uri else (self.local / "mlartifacts").as_uri()
         tracker = Tracker(cfg.tracking_uri, cfg.tracking.experiment, artifacts)
         config_hash = cache_key("pipeline", cfg, {})
         self._code = code_version(LMFORGE_VERSION)
@@ -503,7 +507,7 @@ class Pipeline:
         with tracker.pipeline_run(cfg.name, cfg.model_dump(mode="json"), tags) as parent_id:
             result = PipelineResult(self.workdir, cfg.tracking_uri, parent_id)
             record = {"name": cfg.name, "mlflow_run_id": parent_id, "tracking_uri": cfg.tracking_uri}
-            atomic_write_bytes(self.workdir / report.RUN_RECORD, json.dumps(record).encode())
+            self.store.write_bytes(report.RUN_RECORD, json.dumps(record).encode())
             specs, selected, needed = self._specs(result, tracker, selection, config_hash)
             # The stages' tasks and the training worker group against the cluster.
             preflight(cfg, ray.cluster_resources(), train="train" in selected)
@@ -511,10 +515,10 @@ class Pipeline:
             if "evaluate" in selected:
                 self._aliases(result, tracker)
             last = list(result.stages)
-            result.report_path = report.write_report(self.workdir, last)
+            result.report_path = report.write_report(self.store, last)
             tracker.log_artifact(result.report_path)
             tracker.log_artifact(result.report_path.with_suffix(".md"))
-            page, figures = write_html_report(self.workdir, last)
+            page, figures = write_html_report(self.store, last)
             tracker.log_artifact(page)
             tracker.log_report_figures(figures)
         return result
@@ -649,13 +653,11 @@ class Pipeline:
         index: dict[str, Any],
     ) -> None:
         """Log (and register) the trained model in MLflow once; a cached stage reuses the logged model."""
-        cfg = self.cfg
-        logged = index["out_dir"] / report.MODEL_RECORD
-        if logged.exists():
-            record = json.loads(logged.read_text())
-            if record["tracking_uri"] == tracker.tracking_uri and tracker.find_model(record["model_id"]):
-                result.model_id, result.model_version = record["model_id"], record["version"]
-                return
+        cfg, out = self.cfg, index["out_dir"]
+        record = out.read_json(report.MODEL_RECORD)
+        if record.get("tracking_uri") == tracker.tracking_uri and tracker.find_model(record["model_id"]):
+            result.model_id, result.model_version = record["model_id"], record["version"]
+            return
         model_tags = {
             "lmforge.shards_digest": index_digest(tokens.index),
             "lmforge.tokenizer_id": tokens.index["tokenizer"]["id"],
@@ -663,11 +665,10 @@ class Pipeline:
             **self._code,
             "lmforge.train_cache_key": index["cache_key"],
         }
-        for ckpt in sorted((index["out_dir"] / "checkpoints").glob("step*")):
-            if ckpt.is_dir() and ckpt.name[4:].isdigit():
-                tracker.log_checkpoint(f"{cfg.name}-checkpoint", int(ckpt.name[4:]), ckpt, model_tags)
+        for step, where in _checkpoints(out):
+            tracker.log_checkpoint(f"{cfg.name}-checkpoint", step, where, model_tags)
         result.model_id, result.model_version = tracker.log_model(
-            Path(index["summary"]["model_dir"]),
+            local_copy(out, "model"),
             f"{cfg.name}-model",
             {"train": cfg.train.model_dump(mode="json")},
             model_tags,
@@ -680,7 +681,7 @@ class Pipeline:
             "model_id": result.model_id,
             "version": result.model_version,
         }
-        atomic_write_bytes(logged, json.dumps(record).encode())
+        out.write_bytes(report.MODEL_RECORD, json.dumps(record).encode())
 
     def _objective_key(self) -> dict[str, Any]:
         """What of the training objective the evaluation depends on (none of it for causal LMs, whose
@@ -699,7 +700,7 @@ class Pipeline:
         their dataset, each task's with the task's data (by its digest)."""
         tokens = result.stages["tokenize"]
         tokens_dataset = tracker.dataset("tokens", tokens.out_dir, index_digest(tokens.index), tokens.index)
-        metrics = json.loads((index["out_dir"] / "metrics.json").read_text())
+        metrics = index["out_dir"].read_json("metrics.json")
         tasks = metrics.pop("tasks", {})
         # A rerun served from the cache has logged these against this model already: log only what
         # the model lacks (all of it after a fresh evaluation, the rest after an interrupted one).
@@ -743,8 +744,9 @@ class Pipeline:
             ),
         ]
 
-    def _labeled(self, out: Path, key: str, inputs: dict[str, str]) -> dict[str, Any]:
+    def _labeled(self, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         """The labeled examples, split, as one Parquet file per split: their own manifest and dataset."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         from training.labeled import label_names, load_labeled
@@ -754,9 +756,9 @@ class Pipeline:
         names = label_names(ft.data, tables["train"], features, ft.task)
         files, counters = [], {}
         for split, table in tables.items():
-            path = out / f"{split}.parquet"
-            pq.write_table(table, path)
-            files.append(file_entry(path, table.num_rows))
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink)
+            files.append(_write_file(out, f"{split}.parquet", sink.getvalue().to_pybytes(), table.num_rows))
             counters[f"examples.{split}"] = table.num_rows
         self.console.print(
             f"  {', '.join(f'{t.num_rows} {s}' for s, t in tables.items())} examples", highlight=False
@@ -777,24 +779,25 @@ class Pipeline:
         """The run's fine-tuning config reading the labeled stage's splits from the base model ``base``."""
         ft = self.cfg.finetune
         splits = {
-            f["path"].removesuffix(".parquet"): str(labeled.out_dir / f["path"])
+            f["path"].removesuffix(".parquet"): labeled.store.uri_of(f["path"])
             for f in labeled.index["files"]
         }
         data = ft.data.model_copy(
             update={"path": None, "splits": splits, "label_names": labeled.index["label_names"] or None}
         )
-        return ft.model_copy(update={"init_from": str(Path(base).resolve()), "data": data})
+        base = base if "://" in base else str(Path(base).resolve())
+        return ft.model_copy(update={"init_from": base, "data": data})
 
     def _finetune(
         self,
         labeled: StageOutcome,
-        out: Path,
+        out: Store,
         key: str,
         inputs: dict[str, str],
         tracker: Tracker,
         result: PipelineResult,
     ) -> dict[str, Any]:
-        base = self.cfg.finetune.init_from or str(result.stages["train"].out_dir / "model")
+        base = self.cfg.finetune.init_from or result.stages["train"].store.uri_of("model")
         ft = self._finetune_config(labeled, base)
         self.console.print(
             f"  {ft.task} from {base}, {ft.num_workers} worker(s), ZeRO-{ft.zero_stage}, {ft.steps} steps",
@@ -804,16 +807,10 @@ class Pipeline:
         summary = launch_finetuning(
             ft, out, run_name=f"{self.cfg.name}-finetune-{key}", metrics_logger=logger, console=self.console
         )
-        evaluate = ray.remote(evaluate_finetuned).options(**self.cfg.ray.tasks("finetune").ray_options())
-        metrics = ray.get(evaluate.remote(summary["model_dir"], ft))
-        atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-        model_dir = Path(summary["model_dir"])
-        files = [
-            {**file_entry(p, 0), "path": f"model/{p.name}"}
-            for p in sorted(model_dir.iterdir())
-            if p.is_file()
-        ]
-        files.append(file_entry(out / "metrics.json", 0))
+        evaluate = ray.remote(_evaluate_finetuned_on_node)
+        metrics = ray.get(evaluate.options(**self.cfg.ray.tasks("finetune").ray_options()).remote(out, ft))
+        files = _model_files(out)
+        files.append(_write_file(out, "metrics.json", json.dumps(metrics, indent=2).encode()))
         counters = {
             "steps": summary["steps"],
             "first_loss": summary["losses"][0],
@@ -831,12 +828,10 @@ class Pipeline:
         """The fine-tuned model as a LoggedModel whose lineage names its base and the labeled data's digest;
         its metrics per split against that dataset, the confusion matrices as tables and figures."""
         out, ft = index["out_dir"], self.cfg.finetune
-        logged = out / report.MODEL_RECORD
-        if logged.exists():
-            record = json.loads(logged.read_text())
-            if record["tracking_uri"] == tracker.tracking_uri and tracker.find_model(record["model_id"]):
-                result.finetuned_model_id = record["model_id"]
-                return
+        record = out.read_json(report.MODEL_RECORD)
+        if record.get("tracking_uri") == tracker.tracking_uri and tracker.find_model(record["model_id"]):
+            result.finetuned_model_id = record["model_id"]
+            return
         labeled_digest = index_digest(labeled.index)
         tags = {
             **self._code,
@@ -854,12 +849,12 @@ class Pipeline:
                 )
         model_type = "seq2seq-lm" if ft.task == "seq2seq" else "sequence-classification"
         model_id, _ = tracker.log_model(
-            Path(index["summary"]["model_dir"]), f"{self.cfg.name}-finetuned", {"finetune": ft.model_dump(mode="json")},
+            local_copy(out, "model"), f"{self.cfg.name}-finetuned", {"finetune": ft.model_dump(mode="json")},
             tags, step=ft.steps, register_as=None, model_type=model_type,
         )  # fmt: skip
         result.finetuned_model_id = model_id
         dataset = tracker.dataset("labeled", labeled.out_dir, labeled_digest, labeled.index)
-        metrics = json.loads((out / "metrics.json").read_text())
+        metrics = out.read_json("metrics.json")
         for split, m in metrics.items():
             tracker.log_model_metrics({f"{split}_{k}": v for k, v in _numbers(m).items()}, model_id, dataset)
             if "confusion_matrix" in m:
@@ -867,7 +862,68 @@ class Pipeline:
                     m["confusion_matrix"], m.get("label_names", []), f"finetune/{split}_confusion"
                 )
         record = {"tracking_uri": tracker.tracking_uri, "model_id": model_id}
-        atomic_write_bytes(logged, json.dumps(record).encode())
+        out.write_bytes(report.MODEL_RECORD, json.dumps(record).encode())
+
+
+def _key_of(out: Store) -> str | None:
+    """The key of the run that last prepared a stage output (finished or not), if any."""
+    try:
+        return out.read_text(_KEY_FILE)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _scratch(out: Store, key: str) -> Path:
+    """This machine's directory for a stage that works on a local disk: the output itself, or for a remote
+    one a node-cache directory, kept for a resumed run of the same key and emptied for any other."""
+    if out.local is not None:
+        return out.local
+    work = node_dir(out, "stages")
+    if not (work / _KEY_FILE).is_file() or (work / _KEY_FILE).read_text() != key:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        (work / _KEY_FILE).write_text(key)
+    return work
+
+
+def _write_file(out: Store, name: str, data: bytes, rows: int = 0) -> dict[str, Any]:
+    """Write one small file of a stage output; its manifest entry."""
+    out.write_bytes(name, data)
+    return {"path": name, "rows": rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _model_files(out: Store) -> list[dict[str, Any]]:
+    """The manifest entries of the exported model under ``out/model`` (read from a local copy)."""
+    model_dir = local_copy(out, "model")
+    return [
+        {**file_entry(p, 0), "path": f"model/{p.name}"} for p in sorted(model_dir.iterdir()) if p.is_file()
+    ]
+
+
+def _checkpoints(out: Store) -> list[tuple[int, Path | str]]:
+    """(step, where) of each checkpoint of a training output: DeepSpeed's directories in a local work
+    dir; in a remote one, those Ray Train uploaded (training/engine.py's ``step<N>`` names)."""
+    if out.local is not None:
+        found = [p for p in (out.local / "checkpoints").glob("step*") if p.is_dir()]
+        return sorted((int(p.name[4:]), p) for p in found if p.name[4:].isdigit())
+    dirs = {
+        "/".join(parts[: i + 1])
+        for parts in (name.split("/") for name in out.files("ray_train"))
+        for i, part in enumerate(parts[:-1])
+        if part.startswith("step") and part[4:].isdigit()
+    }
+    return sorted((int(d.rsplit("/", 1)[-1][4:]), out.uri_of(d)) for d in dirs)
+
+
+def _evaluate_on_node(model: Store, tokens: Store, *args: Any) -> dict[str, Any]:
+    """evaluate_model_dir on local copies of the model and the token shards (themselves when local)."""
+    return evaluate_model_dir(str(local_copy(model)), str(local_copy(tokens)), *args)
+
+
+def _evaluate_finetuned_on_node(out: Store, ft: Any) -> dict[str, Any]:
+    """evaluate_finetuned on local copies of the fine-tuned model and of the labeled splits."""
+    data = ft.data.model_copy(update={"splits": {k: str(local_file(v)) for k, v in ft.data.splits.items()}})
+    return evaluate_finetuned(str(local_copy(out, "model")), ft.model_copy(update={"data": data}))
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from core.files import file_sha256
+from core.storage import Store
 
 #: The lmforge packages whose source is part of a stage's code version.
 PACKAGES = ("core", "ingestion", "cleaning", "training", "evaluation", "orchestration")
@@ -150,9 +151,9 @@ def key_of(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def read_parts(out: Path) -> dict[str, Any] | None:
+def read_parts(out: str | Path | Store) -> dict[str, Any] | None:
     try:
-        return json.loads((out / PARTS_FILE).read_text())
+        return json.loads(Store(out).read_bytes(PARTS_FILE))
     except (OSError, ValueError):
         return None
 

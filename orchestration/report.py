@@ -9,8 +9,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from core.files import atomic_write_bytes
 from core.manifest import index_digest, read_index, read_table
+from core.storage import Store, node_dir, open_input_file
 
 STAGES = ("crawl", "clean", "dedup", "tokenize", "train", "evaluate", "labeled", "finetune")
 #: The pipeline run's MLflow identity, written in the work dir beside the stage outputs.
@@ -37,7 +37,7 @@ def stage_line(index: dict[str, Any]) -> str:
     return ""
 
 
-def _document_stage(out_dir: Path, index: dict[str, Any]) -> dict[str, Any]:
+def _document_stage(out_dir: Store, index: dict[str, Any]) -> dict[str, Any]:
     c = index["counters"]
     rejected_dir = out_dir / "rejected"
     by_reason: Counter = Counter()
@@ -62,10 +62,11 @@ def _document_stage(out_dir: Path, index: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_stages(workdir: Path, last: str | list[str] | None = None) -> dict[str, dict[str, Any]]:
+def run_stages(workdir: str | Path | Store, last: str | list[str] | None = None) -> dict[str, dict[str, Any]]:
     """The committed manifests of a work dir's run: from ``last`` (a stage or several, e.g. evaluate and
     finetune; default: the last stage that has one), back through each manifest's ``inputs``, in pipeline
     order (an output the run did not use is left out)."""
+    workdir = Store(workdir)
     found = {name: index for name in STAGES if (index := read_index(workdir / name)) is not None}
     if last is None:
         todo = [next((n for n in reversed(STAGES) if n in found), None)]
@@ -80,18 +81,14 @@ def run_stages(workdir: Path, last: str | list[str] | None = None) -> dict[str, 
     return {name: found[name] for name in STAGES if name in used}
 
 
-def _json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def build_report(workdir: str | Path, last: str | list[str] | None = None) -> dict[str, Any]:
+def build_report(workdir: str | Path | Store, last: str | list[str] | None = None) -> dict[str, Any]:
     """Per-stage figures and consistency checks, from the manifests (index.json) of a work dir (of the
     stages up to ``last``, by default all that have one)."""
-    workdir = Path(workdir).resolve()
+    workdir = Store(workdir)
     stages = run_stages(workdir, last)
     if not stages:
         raise FileNotFoundError(f"{workdir}: no stage has committed an index.json; run the pipeline first")
-    run = _json(workdir / RUN_RECORD)
+    run = workdir.read_json(RUN_RECORD)
     rep: dict[str, Any] = {"workdir": str(workdir), "mlflow_run_id": run.get("mlflow_run_id"), "stages": {}}
     checks: dict[str, bool] = {}
     for name, index in stages.items():
@@ -133,7 +130,7 @@ def build_report(workdir: str | Path, last: str | list[str] | None = None) -> di
     if "finetune" in stages:
         finetune = rep["stages"]["finetune"] = stages["finetune"]["counters"]
         checks["fine-tuning loss fell"] = finetune["final_loss"] < finetune["first_loss"]
-    model = _json(workdir / "train" / MODEL_RECORD)
+    model = workdir.read_json(f"train/{MODEL_RECORD}")
     rep["model"] = {"model_id": model.get("model_id"), "registered_version": model.get("version")}
     rep["checks"] = checks
     rep["ok"] = all(checks.values())
@@ -148,7 +145,7 @@ def _ids(index: dict[str, Any] | None) -> int | None:
     return None if None in sums else sum(int(x, 16) for x in sums) % 2**64
 
 
-def _id_checks(workdir: Path, stages: dict[str, dict[str, Any]]) -> dict[str, bool]:
+def _id_checks(workdir: Store, stages: dict[str, dict[str, Any]]) -> dict[str, bool]:
     """Every document id that enters a stage leaves it, kept or rejected; the ids tokenized are those kept."""
     checks = {}
     if "clean" in stages and "dedup" in stages:
@@ -190,11 +187,12 @@ def _source_checks(clean: dict[str, Any], crawl: dict[str, Any] | None) -> dict[
     return checks
 
 
-def _cluster_checks(out_dir: Path, index: dict[str, Any], figures: dict[str, Any]) -> dict[str, bool]:
+def _cluster_checks(out_dir: Store, index: dict[str, Any], figures: dict[str, Any]) -> dict[str, bool]:
     clusters_file = index.get("clusters")
     if not clusters_file:
         return {}
-    clusters = pq.read_table(out_dir / clusters_file["path"]).to_pylist()
+    with open_input_file(out_dir.uri_of(clusters_file["path"])) as f:
+        clusters = pq.read_table(f).to_pylist()
     figures["duplicate_clusters"] = len(clusters)
     # Largest first (the table is sorted so): representative id -> cluster size.
     figures["largest_clusters"] = {c["representative"]: c["size"] for c in clusters[:5]}
@@ -230,10 +228,23 @@ def render_markdown(rep: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(workdir: str | Path, last: str | list[str] | None = None) -> Path:
-    """Write report.json and report.md into the work dir from its manifests; returns the JSON path."""
+def write_report(workdir: str | Path | Store, last: str | list[str] | None = None) -> Path:
+    """Write report.json and report.md into the work dir from its manifests; returns the JSON path on
+    this machine (a remote work dir's run directory in the node cache keeps a copy: see local_output)."""
     rep = build_report(workdir, last)
-    path = Path(workdir) / "report.json"
-    atomic_write_bytes(path, json.dumps(rep, indent=2, default=str).encode())
-    atomic_write_bytes(path.with_suffix(".md"), render_markdown(rep).encode())
-    return path
+    store = Store(workdir)
+    store.write_bytes("report.json", json.dumps(rep, indent=2, default=str).encode())
+    store.write_bytes("report.md", render_markdown(rep).encode())
+    return local_output(store, "report.json", "report.md")
+
+
+def local_output(store: Store, *names: str) -> Path:
+    """The first of ``names`` (files of the work dir ``store``) on this machine's disk: where it is, or
+    for a remote work dir copies in the run's node-cache directory (for MLflow to log, a browser to open)."""
+    if store.local is not None:
+        return store.local / names[0]
+    local = node_dir(store, "runs")
+    local.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (local / name).write_bytes(store.read_bytes(name))
+    return local / names[0]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import html
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -25,11 +24,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from core.files import atomic_write_bytes
 from core.manifest import dataset_files, index_digest
+from core.storage import Store, open_input_file
 from ingestion.readers import ReadConfig, corpus_format, decode_html, find_htmls
 from orchestration.config import CleanConfig
-from orchestration.report import MODEL_RECORD, RUN_RECORD, STAGE_CONFIG, build_report, run_stages
+from orchestration.report import (
+    MODEL_RECORD,
+    RUN_RECORD,
+    STAGE_CONFIG,
+    build_report,
+    local_output,
+    run_stages,
+)
 
 KEPT, REJECTED = "#2f7ed8", "#e4572e"
 _BATCH = 65_536
@@ -42,7 +48,7 @@ _NOT_SIGNALS = {"warc_offset"}
 # ---- reading ----------------------------------------------------------------------------------------
 
 
-def _parquet_files(out_dir: Path) -> list[Path]:
+def _parquet_files(out_dir: Store) -> list[Path | str]:
     """The output's Parquet files in index order; none when the stage has not committed one."""
     try:
         return dataset_files(out_dir)[1]
@@ -50,17 +56,18 @@ def _parquet_files(out_dir: Path) -> list[Path]:
         return []
 
 
-def _batches(out_dir: Path, columns: list[str]):
+def _batches(out_dir: Store, columns: list[str]):
     for path in _parquet_files(out_dir):
-        f = pq.ParquetFile(path)
-        present = [c for c in columns if c in f.schema_arrow.names]
-        yield from f.iter_batches(batch_size=_BATCH, columns=present)
+        with open_input_file(path) as source:
+            f = pq.ParquetFile(source)
+            present = [c for c in columns if c in f.schema_arrow.names]
+            yield from f.iter_batches(batch_size=_BATCH, columns=present)
 
 
 class _Docs:
     """Column-wise facts of one documents output: text lengths, signals, languages and hosts."""
 
-    def __init__(self, out_dir: Path, rejected: bool = False):
+    def __init__(self, out_dir: Store, rejected: bool = False):
         self.lengths: list[np.ndarray] = []
         self.signals: dict[str, list[np.ndarray]] = defaultdict(list)
         self.langs: dict[str, int] = defaultdict(int)
@@ -141,7 +148,7 @@ def _reason_counts(rejected: _Docs) -> list[tuple[str, int, float | None]]:
     )
 
 
-def _rejection_examples(out_dir: Path) -> dict[str, list[dict[str, Any]]]:
+def _rejection_examples(out_dir: Store) -> dict[str, list[dict[str, Any]]]:
     """Up to ``_EXAMPLES`` rejected documents per reason, in corpus order."""
     picked: dict[str, list[dict[str, Any]]] = defaultdict(list)
     columns = [
@@ -288,7 +295,7 @@ def _funnel(
 
 
 def _rejections(
-    workdir: Path, facts: dict[str, _Docs], raw_files: dict[str, Path]
+    workdir: Store, facts: dict[str, _Docs], raw_files: dict[str, str]
 ) -> tuple[str, list[dict[str, Any]]]:
     parts, records = [], []
     for stage in ("clean", "dedup"):
@@ -352,9 +359,11 @@ def _thresholds(clean_config: dict[str, Any], records: list[dict[str, Any]]) -> 
     return dict(cuts)
 
 
-def _warc_files(workdir: Path, clean_config: dict[str, Any]) -> dict[str, Path]:
-    """The WARC files documents name as their ``source``: the crawl's, and local ``read.paths`` WARCs."""
-    files = {p.name: p for p in sorted((workdir / "crawl").glob("*.warc*"))}
+def _warc_files(workdir: Store, clean_config: dict[str, Any]) -> dict[str, str]:
+    """The WARC files (paths or URIs) documents name as their ``source``: the crawl's, and local
+    ``read.paths`` WARCs."""
+    crawl = workdir / "crawl"
+    files = {Path(p).name: crawl.uri_of(p) for p in crawl.files() if "/" not in p and ".warc" in p}
     read = clean_config.get("read")
     try:
         inputs = ReadConfig.model_validate(read).inputs() if read else []
@@ -362,45 +371,43 @@ def _warc_files(workdir: Path, clean_config: dict[str, Any]) -> dict[str, Path]:
         inputs = []
     for entry in inputs:
         if "://" not in entry and corpus_format(entry) == "warc":
-            files.setdefault(Path(entry).name, Path(entry))
+            files.setdefault(Path(entry).name, str(Path(entry).resolve()))
     return files
 
 
 def _raw_records(
-    files: dict[str, Path], examples: dict[str, list[dict[str, Any]]]
-) -> dict[str, tuple[Path, str]]:
+    files: dict[str, str], examples: dict[str, list[dict[str, Any]]]
+) -> dict[str, tuple[str, str]]:
     """The raw HTML of each example, by document id, with the file it came from: read from its WARC
     file (``files``, by name) at the record's ``warc_offset``, one pass per file, or from the HTML file a
     directory corpus was read from."""
-    wanted: dict[Path, dict[str, int | None]] = defaultdict(dict)
-    found: dict[str, tuple[Path, str]] = {}
+    wanted: dict[str, dict[str, int | None]] = defaultdict(dict)
+    found: dict[str, tuple[str, str]] = {}
     for row in (row for rows in examples.values() for row in rows):
         offset = dict(row.get("meta") or []).get("warc_offset")
         url = row.get("url") or ""
         if (path := files.get(row.get("source") or "")) is not None:
             wanted[path][row["id"]] = None if offset is None else int(offset)
         elif url.startswith("file://") and (page := Path(url[7:])).is_file():
-            found[row["id"]] = (page, decode_html(page.read_bytes()[: 4 * _RAW_HTML], ""))
+            found[row["id"]] = (str(page), decode_html(page.read_bytes()[: 4 * _RAW_HTML], ""))
     for path, ids in wanted.items():
         found |= {doc_id: (path, page) for doc_id, page in find_htmls(path, ids).items()}
     return found
 
 
-def _raw_record(row: dict[str, Any], raw: dict[str, tuple[Path, str]]) -> str:
+def _raw_record(row: dict[str, Any], raw: dict[str, tuple[str, str]]) -> str:
     """The example's raw HTML, expandable, with a link to the file that holds it."""
     if row["id"] not in raw:
         return ""
     path, page = raw[row["id"]]
+    name = Path(path.split("?")[0]).name
+    link = path if "://" in path else Path(path).as_uri()
     offset = dict(row.get("meta") or []).get("warc_offset")
-    where = (
-        f"{path.name}, record at byte {int(offset):,} of the decompressed WARC"
-        if offset is not None
-        else path.name
-    )
+    where = f"{name}, record at byte {int(offset):,} of the decompressed WARC" if offset is not None else name
     cut = f", first {_RAW_HTML:,} shown" if len(page) > _RAW_HTML else ""
     return (
         f'<details class="raw"><summary>raw HTML record ({len(page):,} characters{cut})</summary>'
-        f'from <a href="{_e(path.as_uri())}">{_e(where)}</a><pre>{_e(page[:_RAW_HTML])}</pre></details>'
+        f'from <a href="{_e(link)}">{_e(where)}</a><pre>{_e(page[:_RAW_HTML])}</pre></details>'
     )
 
 
@@ -453,18 +460,20 @@ def _languages_and_domains(facts: dict[str, _Docs], tables: dict[str, list[dict[
     )
 
 
-def _texts_by_id(out_dir: Path, ids: list[str]) -> dict[str, str]:
-    files = _parquet_files(out_dir)
-    if not files or not ids:
-        return {}
-    table = pq.read_table([str(f) for f in files], columns=["id", "text"], filters=[("id", "in", ids)])
-    return dict(zip(table.column("id").to_pylist(), table.column("text").to_pylist()))
+def _texts_by_id(out_dir: Store, ids: list[str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for path in _parquet_files(out_dir) if ids else []:
+        with open_input_file(path) as f:
+            table = pq.read_table(f, columns=["id", "text"], filters=[("id", "in", ids)])
+        found |= dict(zip(table.column("id").to_pylist(), table.column("text").to_pylist()))
+    return found
 
 
-def _duplicates(workdir: Path, index: dict[str, Any] | None) -> str:
+def _duplicates(workdir: Store, index: dict[str, Any] | None) -> str:
     if index is None or not index.get("clusters"):
         return ""
-    clusters = pq.read_table(workdir / "dedup" / index["clusters"]["path"])
+    with open_input_file((workdir / "dedup").uri_of(index["clusters"]["path"])) as f:
+        clusters = pq.read_table(f)
     if clusters.num_rows == 0:
         return "<p>No duplicate clusters.</p>"
     sizes = pc.value_counts(clusters.column("size"))
@@ -521,9 +530,9 @@ def _tokens(index: dict[str, Any] | None) -> str:
     return _div(fig) + _table(["", ""], facts, "facts")
 
 
-def _training_history(workdir: Path) -> dict[str, dict[int, float]]:
+def _training_history(workdir: Store) -> dict[str, dict[int, float]]:
     """Step metrics of the training run from MLflow (loss, lr, eval/...), else the losses of summary.json."""
-    model = _read_json(workdir / "train" / MODEL_RECORD)
+    model = workdir.read_json(f"train/{MODEL_RECORD}")
     history: dict[str, dict[int, float]] = {}
     uri = model.get("tracking_uri", "")
     if model.get("model_id") and uri.startswith(("sqlite:", "file:", "http://127.0.0.1", "http://localhost")):
@@ -542,13 +551,13 @@ def _training_history(workdir: Path) -> dict[str, dict[int, float]]:
         except Exception:  # noqa: BLE001 (an unreachable store leaves the summary's losses)
             history = {}
     if "loss" not in history:
-        losses = _read_json(workdir / "train" / "summary.json").get("losses", [])
+        losses = workdir.read_json("train/summary.json").get("losses", [])
         if losses:
             history["loss"] = {i + 1: v for i, v in enumerate(losses)}
     return history
 
 
-def _training(workdir: Path) -> str:
+def _training(workdir: Store) -> str:
     history = _training_history(workdir)
     if not history:
         return ""
@@ -579,8 +588,8 @@ def _training(workdir: Path) -> str:
     return '<div class="grid">' + "".join(f'<div class="cell">{_div(f)}</div>' for f in figs) + "</div>"
 
 
-def _evaluation(workdir: Path) -> str:
-    metrics = _read_json(workdir / "evaluate" / "metrics.json")
+def _evaluation(workdir: Store) -> str:
+    metrics = workdir.read_json("evaluate/metrics.json")
     if not metrics:
         return ""
     tasks = metrics.pop("tasks", {})
@@ -600,8 +609,8 @@ def _evaluation(workdir: Path) -> str:
     return out
 
 
-def _lineage(workdir: Path, stages: dict[str, dict[str, Any]]) -> str:
-    run, model = _read_json(workdir / RUN_RECORD), _read_json(workdir / "train" / MODEL_RECORD)
+def _lineage(workdir: Store, stages: dict[str, dict[str, Any]]) -> str:
+    run, model = workdir.read_json(RUN_RECORD), workdir.read_json(f"train/{MODEL_RECORD}")
     rows = []
     for name, index in stages.items():
         inputs = ", ".join(f"{k} <code>{_e(v)}</code>" for k, v in index.get("inputs", {}).items()) or "—"
@@ -619,13 +628,6 @@ def _lineage(workdir: Path, stages: dict[str, dict[str, Any]]) -> str:
     if run.get("tracking_uri"):
         facts.append(["browse", f"<code>lmforge ui --tracking-uri {_e(run['tracking_uri'])}</code>"])
     return out + (_table(["", ""], facts, "facts") if facts else "")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
 
 
 def _checks(rep: dict[str, Any]) -> str:
@@ -687,10 +689,12 @@ _SECTIONS = [
 ]  # fmt: skip
 
 
-def build_html(workdir: str | Path, last: str | list[str] | None = None) -> tuple[str, dict[str, Any]]:
+def build_html(
+    workdir: str | Path | Store, last: str | list[str] | None = None
+) -> tuple[str, dict[str, Any]]:
     """The page, and the key figures for MLflow: ``metrics``, and ``tables`` (artifact name -> rows: the
     funnel, rejections by reason, each signal's kept/rejected quartiles, languages before and after)."""
-    workdir = Path(workdir).resolve()
+    workdir = Store(workdir)
     rep = build_report(workdir, last)
     stages = run_stages(workdir, last)
     facts: dict[str, _Docs] = {}
@@ -700,7 +704,7 @@ def build_html(workdir: str | Path, last: str | list[str] | None = None) -> tupl
             facts[f"{name}/rejected"] = _Docs(workdir / name / "rejected", rejected=True)
     tables: dict[str, list[dict[str, Any]]] = defaultdict(list)
     funnel, key_figures = _funnel(stages, facts, tables)
-    clean_config = _read_json(workdir / "clean" / STAGE_CONFIG)
+    clean_config = workdir.read_json(f"clean/{STAGE_CONFIG}")
     rejections, records = _rejections(workdir, facts, _warc_files(workdir, clean_config))
     thresholds = _thresholds(clean_config, records)
     body = {
@@ -721,7 +725,8 @@ def build_html(workdir: str | Path, last: str | list[str] | None = None) -> tupl
         f'<section id="{key}"><h2>{title}</h2><p class="lead">{lead}</p>{body[key]}</section>'
         for key, title, lead in shown
     )
-    run = _read_json(workdir / RUN_RECORD)
+    run = workdir.read_json(RUN_RECORD)
+    title = run.get("name", Path(workdir.root).name)
     badge = (
         '<span class="badge ok">all checks pass</span>'
         if rep["ok"]
@@ -729,9 +734,9 @@ def build_html(workdir: str | Path, last: str | list[str] | None = None) -> tupl
     )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>lmforge report: {_e(run.get("name", workdir.name))}</title><style>{_CSS}</style>
+<title>lmforge report: {_e(title)}</title><style>{_CSS}</style>
 <script>{plotly.offline.get_plotlyjs()}</script></head>
-<body><header><h1>Data-quality report: {_e(run.get("name", workdir.name))} {badge}</h1>
+<body><header><h1>Data-quality report: {_e(title)} {badge}</h1>
 <div class="sub">{_e(workdir)} · written {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} · stages: {_e(", ".join(stages))}</div></header>
 <nav>{nav}</nav><main>{sections}</main></body></html>
 """
@@ -742,10 +747,10 @@ def build_html(workdir: str | Path, last: str | list[str] | None = None) -> tupl
 
 
 def write_html_report(
-    workdir: str | Path, last: str | list[str] | None = None
+    workdir: str | Path | Store, last: str | list[str] | None = None
 ) -> tuple[Path, dict[str, Any]]:
-    """Write report.html into the work dir; returns its path and the key figures."""
+    """Write report.html into the work dir; returns its path on this machine and the key figures."""
     page, figures = build_html(workdir, last)
-    path = Path(workdir) / "report.html"
-    atomic_write_bytes(path, page.encode("utf-8"))
-    return path, figures
+    store = Store(workdir)
+    store.write_bytes("report.html", page.encode("utf-8"))
+    return local_output(store, "report.html"), figures

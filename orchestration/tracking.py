@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.types.schema import Array, ColSpec, DataType, Map, Schema  # noqa: E402
 
 from core.mappings import flatten  # noqa: E402
+from core.storage import Store  # noqa: E402
 
 _MAX_PARAM = 6000
 
@@ -157,16 +158,19 @@ class Tracker:
             mlflow.log_table(columns, artifact_file=artifact)
 
     @staticmethod
-    def dataset(name: str, path: str | Path, digest: str, index: dict[str, Any] | None = None) -> MetaDataset:
+    def dataset(
+        name: str, path: str | Path | Store, digest: str, index: dict[str, Any] | None = None
+    ) -> MetaDataset:
         """An MLflow dataset naming a stage output directory by its index digest; with the stage's
         ``index``, also its schema (of its first data file) and profile (rows, files, bytes, documents,
         tokens)."""
         with warnings.catch_warnings():  # local paths match two equivalent source types; either is right
             warnings.simplefilter("ignore", UserWarning)
-            source = resolve_dataset_source(str(path) if "://" in str(path) else str(Path(path).resolve()))
+            uri = path if isinstance(path, str) and "://" in path else Store(path).uri
+            source = resolve_dataset_source(uri)
         if index is None:
             return MetaDataset(source=source, name=name, digest=digest)
-        return StageDataset(source, name, digest, _data_schema(Path(path), index), dataset_profile(index))
+        return StageDataset(source, name, digest, _data_schema(uri, index), dataset_profile(index))
 
     @staticmethod
     def log_datasets(inputs: list[MetaDataset], outputs: list[MetaDataset]) -> None:
@@ -212,12 +216,12 @@ class Tracker:
             version = mlflow.register_model(f"models:/{model.model_id}", register_as, tags=tags).version
         return model.model_id, version
 
-    def log_checkpoint(self, name: str, step: int, path: Path, tags: dict[str, str]) -> str:
+    def log_checkpoint(self, name: str, step: int, path: Path | str, tags: dict[str, str]) -> str:
         """A training checkpoint as a LoggedModel of the active run at its step. The DeepSpeed state stays
         where training wrote it (optimizer and ZeRO partitions, several times the model): the model records
         its path, step and the lineage tags of the final model."""
         run_id = mlflow.active_run().info.run_id
-        tags = {**tags, "lmforge.checkpoint_step": str(step), "lmforge.checkpoint_path": str(path.resolve())}
+        tags = {**tags, "lmforge.checkpoint_step": str(step), "lmforge.checkpoint_path": Store(path).uri}
         model = mlflow.initialize_logged_model(
             name=name, source_run_id=run_id, tags=tags, params={"step": str(step)}, model_type="checkpoint"
         )
@@ -299,16 +303,18 @@ def arrow_to_mlflow_schema(schema: pa.Schema) -> Schema:
     return Schema([ColSpec(_mlflow_type(f.type), f.name, required=not f.nullable) for f in schema])
 
 
-def _data_schema(out_dir: Path, index: dict[str, Any]) -> Schema | None:
-    """The schema of the output's first Parquet or Arrow IPC file, if it has one."""
+def _data_schema(out_dir: str | Path, index: dict[str, Any]) -> Schema | None:
+    """The schema of the output's first Parquet or Arrow IPC file, if it has one (local or remote)."""
+    store = Store(out_dir)
     for f in index["files"]:
-        path = out_dir / f["path"]
+        suffix = Path(f["path"]).suffix
+        if suffix not in (".parquet", ".arrow"):
+            continue
         try:
-            if path.suffix == ".parquet":
-                return arrow_to_mlflow_schema(pq.read_schema(path))
-            if path.suffix == ".arrow":
-                with pa.memory_map(str(path)) as source:
-                    return arrow_to_mlflow_schema(pa.ipc.open_file(source).schema)
+            with store.open_input(f["path"]) as source:
+                if suffix == ".parquet":
+                    return arrow_to_mlflow_schema(pq.read_schema(source))
+                return arrow_to_mlflow_schema(pa.ipc.open_file(source).schema)
         except (OSError, pa.ArrowInvalid):
             return None
     return None

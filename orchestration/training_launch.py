@@ -19,6 +19,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from core.storage import Store, node_dir
 from orchestration.tracking import RunMetricsLogger
 from training.config import PROGRESS_FILE, EngineConfig, TrainConfig
 
@@ -30,6 +31,9 @@ def _worker_loop(config: dict[str, Any]) -> None:
     from training.engine import install_checkpoint, rank_files
     from training.trainer import train
 
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    config = _on_this_node(config, context.get_local_rank() == 0)
     if config["kind"] == "finetune":
         from training.finetune import FinetuneConfig
 
@@ -37,8 +41,6 @@ def _worker_loop(config: dict[str, Any]) -> None:
     else:
         cfg = TrainConfig.model_validate(config["train"])
     ckpt_dir = Path(config["out_dir"]) / "checkpoints"
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
 
     # After a restart (max_failures) or on a node that never saw the run, fetch the last checkpoint
     # reported to Ray Train's storage unless this node already holds one.
@@ -81,6 +83,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
             on_checkpoint=report,
             print_progress=not config["progress_bar"],
         )
+        _publish(config, rank)
         return
     on_eval = None
     if cfg.eval_every:
@@ -96,6 +99,45 @@ def _worker_loop(config: dict[str, Any]) -> None:
         print_progress=not config["progress_bar"],  # the driver draws rank 0's progress instead
         on_eval=on_eval,
     )
+    _publish(config, rank)
+
+
+def _on_this_node(config: dict[str, Any], first: bool) -> dict[str, Any]:
+    """The worker's config with local paths: for a remote work dir (``out_store``), the output directory
+    becomes one of this node's cache (kept for a resumed run of the same name, others removed by the
+    node's first worker) and remote inputs (token shards, the base model, labeled splits) local copies."""
+    if config["out_store"] is None:
+        return config
+    from core.storage import local_copy, local_file, node_dir
+
+    runs = node_dir(config["out_store"], "stages")
+    if first and runs.is_dir():
+        for old in runs.iterdir():
+            if old.name != config["run_name"]:
+                shutil.rmtree(old, ignore_errors=True)
+    train = dict(config["train"])
+    if "://" in (train.get("init_from") or ""):
+        train["init_from"] = str(local_copy(train["init_from"]))
+    data = train.get("data")
+    if isinstance(data, dict) and data.get("splits"):
+        train["data"] = {**data, "splits": {k: str(local_file(v)) for k, v in data["splits"].items()}}
+    data_dir = config["data_dir"]
+    if data_dir is not None and "://" in data_dir:
+        data_dir = str(local_copy(data_dir))  # the loader checks each shard's sha256 against the index
+    return {**config, "train": train, "data_dir": data_dir, "out_dir": str(runs / config["run_name"])}
+
+
+def _publish(config: dict[str, Any], rank: int) -> None:
+    """Rank 0 copies the exported model and the summary from this node's disk to a remote work dir (a
+    local one holds them already)."""
+    if config["out_store"] is None or rank != 0:
+        return
+    from core.storage import Store
+
+    out, local = Store(config["out_store"]), Path(config["out_dir"])
+    out.rmtree("model")
+    out.upload(local / "model", "model")
+    out.write_bytes("summary.json", (local / "summary.json").read_bytes())
 
 
 def _fit_with_progress(trainer: TorchTrainer, progress_file: Path, steps: int, console: Console) -> None:
@@ -165,15 +207,26 @@ def _launch(
     metrics_logger: RunMetricsLogger | None,
     console: Console | None,
 ) -> dict[str, Any]:
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out = Store(out_dir)
+    if out.local is not None:
+        out.local.mkdir(parents=True, exist_ok=True)
+        storage = {"storage_path": cfg.storage_path or str(out.local / "ray_train")}
+        progress_file = out.local / PROGRESS_FILE
+    else:  # checkpoints go to Ray Train's storage in the work dir; rank 0's progress is read where it
+        # runs on this node (a bar without steps otherwise)
+        storage = {"storage_path": out.path("ray_train"), "storage_filesystem": out.fs}
+        if cfg.storage_path:
+            storage = {"storage_path": cfg.storage_path}
+        progress_file = node_dir(out, "stages") / run_name / PROGRESS_FILE
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
             "kind": kind,
             "train": cfg.model_dump(mode="json"),
-            "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
-            "out_dir": str(out_dir),
+            "data_dir": Store(data_dir).uri if data_dir is not None else None,
+            "out_dir": str(out.local) if out.local is not None else None,
+            "out_store": out.uri if out.local is None else None,
+            "run_name": run_name,
             "metrics_logger": metrics_logger,
             "progress_bar": console is not None,
         },
@@ -185,7 +238,7 @@ def _launch(
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=cfg.storage_path or str(out_dir / "ray_train"),
+            **storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
@@ -193,8 +246,12 @@ def _launch(
     if console is None:
         trainer.fit()
     else:
-        _fit_with_progress(trainer, out_dir / PROGRESS_FILE, cfg.steps, console)
-    summary_path = out_dir / "summary.json"
-    if not summary_path.exists():
-        raise RuntimeError(f"training finished without writing {summary_path}; see the Ray worker logs above")
-    return json.loads(summary_path.read_text())
+        _fit_with_progress(trainer, progress_file, cfg.steps, console)
+    summary = out.read_json("summary.json")
+    if not summary:
+        raise RuntimeError(
+            f"training finished without writing {out.uri_of('summary.json')}; see the Ray worker logs above"
+        )
+    if out.local is None:
+        summary["model_dir"] = out.uri_of("model")
+    return summary

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tests.conftest import free_port
@@ -65,11 +65,15 @@ class Node:
 
 
 @contextlib.contextmanager
-def cluster(nodes: int = 2) -> Iterator[tuple[str, str, dict[str, str], list[Node]]]:
+def cluster(
+    nodes: int = 2, own_env: Callable[[int], dict[str, str]] | None = None
+) -> Iterator[tuple[str, str, dict[str, str], list[Node]]]:
     """A head node plus ``nodes - 1`` worker nodes, one CPU each: (GCS address, dashboard address, env
-    to run drivers and the CLI in, the nodes), once every node is alive."""
+    to run drivers and the CLI in, the nodes), once every node is alive. ``own_env(i)`` adds variables
+    to node i's environment (0: the head), which its workers inherit."""
     port, dash = free_port(), free_port()
     env = node_env()
+    own_env = own_env or (lambda i: {})
     started: list[Node] = []
     try:
         started.append(
@@ -81,12 +85,12 @@ def cluster(nodes: int = 2) -> Iterator[tuple[str, str, dict[str, str], list[Nod
                     "--dashboard-host=127.0.0.1",
                     f"--ray-client-server-port={free_port()}",
                 ],
-                env,
+                {**env, **own_env(0)},
             )  # fmt: skip
         )
         address = f"127.0.0.1:{port}"
-        for _ in range(nodes - 1):
-            started.append(Node([f"--address={address}"], env))
+        for i in range(1, nodes):
+            started.append(Node([f"--address={address}"], {**env, **own_env(i)}))
         _wait_alive(address, nodes, env, started)
         yield address, f"http://127.0.0.1:{dash}", env, started
     finally:

@@ -55,3 +55,69 @@ def test_two_nodes_run_the_data_stages_with_the_corpus_and_outputs_on_s3(s3_serv
     assert len(remote["nodes"]["clean"]) == 2 and len(remote["nodes"]["dedup"]) == 2
     assert set(remote["nodes"]["tokenize"]) <= set(remote["nodes"]["clean"])
     assert len(set(local["nodes"]["clean"])) == 1  # the embedded Ray is one node
+
+
+def _lmforge(args: list, env: dict, cwd) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [Path(sys.executable).parent / "lmforge", *map(str, args)],
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_submit_to_two_nodes_without_a_shared_disk_runs_the_pipeline_a_local_run_does(s3_server, tmp_path):
+    """`lmforge submit` to a head and a worker node whose only common storage is the S3 server (each node
+    has a cache of its own) runs clean, dedup, tokenize, a 2-worker training (one worker per node: a CPU
+    each) and the evaluation with the workdir on S3; each output's digest is a local run's."""
+    import yaml
+
+    from core.manifest import index_digest, read_index
+    from core.storage import Store
+
+    prefix, query = s3_server(f"submit-{time.monotonic_ns()}")
+    fs, bucket = pafs.FileSystem.from_uri(prefix + query)
+    rng = random.Random(3)
+    texts = [_text(rng) for _ in range(120)]
+    texts += texts[:12]
+    for f in range(2):
+        lines = [json.dumps({"id": f"f{f}-{i}", "text": t}) for i, t in enumerate(texts[f::2])]
+        with fs.open_output_stream(f"{bucket}/corpus/part-{f}.jsonl") as out:
+            out.write(("\n".join(lines) + "\n").encode())
+    raw = {
+        "name": "two-nodes",
+        "read": {"paths": [f"{prefix}/corpus{query}"]},
+        "clean": {"gopher_repetition": None},
+        "dedup": {"shards": 2},
+        "tokenize": {"tokenizer": {"vocab_size": 300, "min_frequency": 1}, "val_fraction": 0.2},
+        "train": {
+            "model": {"arch": "gpt2", "preset": "debug", "n_embd": 32, "n_head": 2},
+            "seq_len": 32, "micro_batch_size": 2, "num_workers": 2, "steps": 4, "warmup_steps": 1,
+            "checkpoint_every": 2, "precision": "fp32",
+        },
+        "evaluate": {"batch_size": 4, "tasks": []},
+    }  # fmt: skip
+    config = tmp_path / "two-nodes.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    workdir = Store(f"{prefix}/cluster{query}")
+
+    caches = [tmp_path / "node0", tmp_path / "node1"]
+    with cluster(2, lambda i: {"LMFORGE_CACHE": str(caches[i])}) as (_, dashboard, env, nodes):
+        job = _lmforge(
+            ["submit", config, "--address", dashboard, "--submission-id", "two-nodes", "--set",
+             f"workdir={workdir.uri}"],
+            env, tmp_path,
+        )  # fmt: skip
+        assert "job two-nodes: SUCCEEDED" in job.stderr
+        assert all(node.proc.poll() is None for node in nodes)
+    # Both nodes' training workers read the token shards from S3 into their own cache.
+    for cache in caches:
+        assert list((cache / "mirror").glob("*/index.json")), f"{cache}: no copy of the token shards"
+
+    local_env = {**env, "LMFORGE_CACHE": str(tmp_path / "local-cache")}
+    _lmforge(["run", config, "--set", f"workdir={tmp_path / 'local'}"], local_env, tmp_path)
+    for stage in ("clean", "dedup", "tokenize", "train", "evaluate"):
+        remote, local = read_index(workdir / stage), read_index(tmp_path / "local" / stage)
+        assert index_digest(remote) == index_digest(local), stage
+    assert read_index(workdir / "train")["counters"] == read_index(tmp_path / "local" / "train")["counters"]

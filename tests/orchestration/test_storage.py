@@ -3,15 +3,20 @@ pyarrow's S3FileSystem talks HTTP to as it would to S3. A Store behaves as a loc
 document stage run by Ray tasks with its input and its output there commits the same bytes as on a local
 disk, keeps each task's log there and reruns nothing."""
 
+import gzip
+import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
 
 from cleaning.normalize import TextNormalizer, TextNormalizerConfig
-from core.manifest import read_index, read_table
+from core.manifest import read_index, read_table, verify_files
 from core.storage import Store
 from ingestion.readers import ReadConfig
 from orchestration.config import DedupConfig
@@ -21,6 +26,8 @@ from tests.orchestration.test_document_tasks import _explodes
 from training.data.tokenize import TokenizeConfig
 from training.data.tokenizer import TokenizerConfig
 
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
 AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")
 
 
@@ -46,6 +53,11 @@ def test_a_store_reads_writes_lists_and_removes_as_a_directory_does(store, tmp_p
     assert store.files() == ["a.txt", "sub/b.json"] and (store / "sub").files() == ["b.json"]
     assert store.is_file("a.txt") and not store.is_file("sub") and store.size("a.txt") == 5
     store.write_bytes("a.txt", b"second")  # replaced whole
+    gz = gzip.compress(b"a WARC record")  # bytes as they are: no compression guessed from the name
+    store.write_bytes("c.warc.gz", gz)
+    assert store.read_bytes("c.warc.gz") == gz and store.sha256("c.warc.gz") == hashlib.sha256(gz).hexdigest()
+    assert store.stats()["c.warc.gz"][0] == len(gz)
+    store.remove("c.warc.gz")
     store.append_bytes("log/t.log", b"one\n")
     store.append_bytes("log/t.log", b"two\n")
     assert store.read_bytes("a.txt") == b"second" and store.read_bytes("log/t.log") == b"one\ntwo\n"
@@ -150,3 +162,74 @@ def test_a_document_stage_on_ray_reads_and_commits_on_s3_the_bytes_a_local_run_d
     ]
     assert read_table(deduped / "rejected").equals(read_table(tmp_path / "dedup" / "rejected"))
     assert deduped.read_bytes("clusters.parquet") == (tmp_path / "dedup" / "clusters.parquet").read_bytes()
+
+
+def _lmforge(args: list[str], env: dict, cwd) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [BIN / "lmforge", *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_a_whole_pipeline_runs_and_reruns_from_its_cache_with_the_workdir_on_s3(s3_server, tmp_path):
+    """`lmforge run` of the demo (crawl of the demo site, clean, dedup, tokenize, 2-worker training,
+    evaluation, report) with ``workdir: s3://...``: every output lands on the store, verified against its
+    manifest; the only local files are the node cache's; a rerun is all cached."""
+    prefix, query = s3_server(f"pipeline-{time.monotonic_ns()}")
+    workdir = Store(f"{prefix}/runs/demo{query}")
+    env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    overrides = {
+        "workdir": workdir.uri,
+        "demo_site.modules": 6,
+        "demo_site.exact_duplicates": 1,
+        "demo_site.near_duplicates": 1,
+        "demo_site.port": 0,
+        "tokenize.tokenizer.vocab_size": 512,
+        "tokenize.val_fraction": 0.2,
+        "train.model.n_embd": 32,
+        "train.model.n_head": 2,
+        "train.seq_len": 32,
+        "train.micro_batch_size": 2,
+        "train.steps": 4,
+        "train.warmup_steps": 1,
+        "train.checkpoint_every": 2,
+        "evaluate.task_limit": 10,
+    }
+    sets = [arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]
+    config = REPO / "configs" / "demo.yaml"
+    _lmforge(["run", config, *sets], env, tmp_path)
+
+    stages = ("crawl", "clean", "dedup", "tokenize", "train", "evaluate")
+    for stage in stages:
+        index = read_index(workdir / stage)
+        assert index is not None, stage
+        verify_files(workdir / stage, index, "always")  # every file listed is on the store, same sha256
+    crawl = read_index(workdir / "crawl")
+    assert crawl["counters"]["pages_fetched"] == crawl["counters"]["demo_pages_served"] > 0 and all(
+        ".warc" in f["path"] for f in crawl["files"]
+    )
+    train = workdir / "train"
+    assert json.loads(train.read_bytes("summary.json"))["steps"] == 4
+    assert {"model/model.safetensors", "model/tokenizer.json"} <= set(train.files())
+    steps = {p.split("/")[-2] for p in train.files("ray_train") if "/step" in p}
+    assert steps == {"step00000002", "step00000004"}, steps
+    report = json.loads(workdir.read_bytes("report.json"))
+    assert report["ok"], report["checks"]
+    assert workdir.is_file("report.html") and workdir.is_file("report.md") and workdir.is_file("run.json")
+    # Nothing of the run was written where it started: its local state is in the node cache.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+    (run_dir,) = (tmp_path / "cache" / "runs").iterdir()
+    assert (run_dir / "mlflow.db").is_file() and (run_dir / "report.html").is_file()
+    assert json.loads(workdir.read_bytes("run.json"))["tracking_uri"] == f"sqlite:///{run_dir / 'mlflow.db'}"
+
+    # A rerun with nothing changed plans nothing and runs nothing.
+    plan = _lmforge(["run", config, *sets, "--dry-run"], env, tmp_path)
+    assert "nothing to run: all cached" in plan.stdout, plan.stdout
+    before = {s: (workdir / s).read_bytes("index.json") for s in stages}
+    again = _lmforge(["run", config, *sets], env, tmp_path)
+    assert all(f"• {s}: cached" in again.stderr for s in stages), again.stderr[-3000:]
+    assert {s: (workdir / s).read_bytes("index.json") for s in stages} == before
+    assert "▶" not in again.stderr
