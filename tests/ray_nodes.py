@@ -115,3 +115,16 @@ def _wait_alive(address: str, nodes: int, env: dict[str, str], started: list[Nod
                 f"the cluster did not reach {nodes} alive nodes: {out.stdout[-500:]}{out.stderr[-1000:]}"
             )
         time.sleep(2)
+
+
+def lmforge(
+    args: list, env: dict[str, str], cwd: str | Path | None = None, timeout: int = 1200, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run the ``lmforge`` command line of this environment; with ``check``, fail showing its output's end
+    unless it exits 0."""
+    proc = subprocess.run(
+        [BIN / "lmforge", *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc

@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from tests.orchestration.test_pipeline_fast import _text
-from tests.ray_nodes import cluster
+from tests.ray_nodes import cluster, lmforge
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,15 +57,6 @@ def test_two_nodes_run_the_data_stages_with_the_corpus_and_outputs_on_s3(s3_serv
     assert len(set(local["nodes"]["clean"])) == 1  # the embedded Ray is one node
 
 
-def _lmforge(args: list, env: dict, cwd) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [Path(sys.executable).parent / "lmforge", *map(str, args)],
-        env=env, cwd=cwd, capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
 @pytest.mark.slow
 def test_submit_to_two_nodes_without_a_shared_disk_runs_the_pipeline_a_local_run_does(s3_server, tmp_path):
     """`lmforge submit` to a head and a worker node whose only common storage is the S3 server (each node
@@ -104,7 +95,7 @@ def test_submit_to_two_nodes_without_a_shared_disk_runs_the_pipeline_a_local_run
 
     caches = [tmp_path / "node0", tmp_path / "node1"]
     with cluster(2, lambda i: {"LMFORGE_CACHE": str(caches[i])}) as (_, dashboard, env, nodes):
-        job = _lmforge(
+        job = lmforge(
             ["submit", config, "--address", dashboard, "--submission-id", "two-nodes", "--set",
              f"workdir={workdir.uri}"],
             env, tmp_path,
@@ -116,7 +107,7 @@ def test_submit_to_two_nodes_without_a_shared_disk_runs_the_pipeline_a_local_run
         assert list((cache / "mirror").glob("*/index.json")), f"{cache}: no copy of the token shards"
 
     local_env = {**env, "LMFORGE_CACHE": str(tmp_path / "local-cache")}
-    _lmforge(["run", config, "--set", f"workdir={tmp_path / 'local'}"], local_env, tmp_path)
+    lmforge(["run", config, "--set", f"workdir={tmp_path / 'local'}"], local_env, tmp_path)
     for stage in ("clean", "dedup", "tokenize", "train", "evaluate"):
         remote, local = read_index(workdir / stage), read_index(tmp_path / "local" / stage)
         assert index_digest(remote) == index_digest(local), stage

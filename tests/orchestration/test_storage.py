@@ -7,8 +7,6 @@ import gzip
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,11 +21,11 @@ from orchestration.config import DedupConfig
 from orchestration.dedup import run_dedup_stage
 from orchestration.executors import corpus_source, run_document_stage, run_tokenize_stage
 from tests.orchestration.test_document_tasks import _explodes
+from tests.ray_nodes import lmforge
 from training.data.tokenize import TokenizeConfig
 from training.data.tokenizer import TokenizerConfig
 
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")
 
 
@@ -164,14 +162,6 @@ def test_a_document_stage_on_ray_reads_and_commits_on_s3_the_bytes_a_local_run_d
     assert deduped.read_bytes("clusters.parquet") == (tmp_path / "dedup" / "clusters.parquet").read_bytes()
 
 
-def _lmforge(args: list[str], env: dict, cwd) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [BIN / "lmforge", *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
 @pytest.mark.slow
 def test_a_whole_pipeline_runs_and_reruns_from_its_cache_with_the_workdir_on_s3(s3_server, tmp_path):
     """`lmforge run` of the demo (crawl of the demo site, clean, dedup, tokenize, 2-worker training,
@@ -200,7 +190,7 @@ def test_a_whole_pipeline_runs_and_reruns_from_its_cache_with_the_workdir_on_s3(
     }
     sets = [arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]
     config = REPO / "configs" / "demo.yaml"
-    _lmforge(["run", config, *sets], env, tmp_path)
+    lmforge(["run", config, *sets], env, tmp_path)
 
     stages = ("crawl", "clean", "dedup", "tokenize", "train", "evaluate")
     for stage in stages:
@@ -226,10 +216,64 @@ def test_a_whole_pipeline_runs_and_reruns_from_its_cache_with_the_workdir_on_s3(
     assert json.loads(workdir.read_bytes("run.json"))["tracking_uri"] == f"sqlite:///{run_dir / 'mlflow.db'}"
 
     # A rerun with nothing changed plans nothing and runs nothing.
-    plan = _lmforge(["run", config, *sets, "--dry-run"], env, tmp_path)
+    plan = lmforge(["run", config, *sets, "--dry-run"], env, tmp_path)
     assert "nothing to run: all cached" in plan.stdout, plan.stdout
     before = {s: (workdir / s).read_bytes("index.json") for s in stages}
-    again = _lmforge(["run", config, *sets], env, tmp_path)
+    again = lmforge(["run", config, *sets], env, tmp_path)
     assert all(f"• {s}: cached" in again.stderr for s in stages), again.stderr[-3000:]
     assert {s: (workdir / s).read_bytes("index.json") for s in stages} == before
     assert "▶" not in again.stderr
+
+
+@pytest.mark.slow
+def test_pretraining_then_finetuning_with_the_workdir_on_s3_commits_what_a_local_run_does(
+    s3_server, tmp_path
+):
+    """A BERT pretrained, evaluated, then fine-tuned on labeled data from its own output, with the work dir
+    on S3 (the labeled splits and the base model reach the workers as node-local copies): the labeled data,
+    the fine-tuned model and its scores are a local run's, bit for bit."""
+    import random
+
+    import yaml
+
+    from core.manifest import index_digest
+    from tests.orchestration.test_finetune_pipeline import _finetune
+    from tests.orchestration.test_pipeline_fast import _text
+
+    rng = random.Random(3)
+    docs, labeled = tmp_path / "docs.jsonl", tmp_path / "labeled.jsonl"
+    docs.write_text("\n".join(json.dumps({"id": f"d{i}", "text": _text(rng, 12)}) for i in range(40)))
+    rows = []
+    for i in range(120):
+        words = _text(rng, 1).split()[:8]
+        words.insert(rng.randrange(8), ["stone", "river"][i % 2])
+        rows.append({"sentence": " ".join(words), "label": ["neg", "pos"][i % 2]})
+    labeled.write_text("\n".join(json.dumps(r) for r in rows))
+    raw = {
+        "name": "ft-remote",
+        "read": {"paths": [str(docs)]},
+        "clean": {"gopher_repetition": None},
+        "tokenize": {"tokenizer": {"vocab_size": 400, "min_frequency": 1}, "val_fraction": 0.2},
+        "train": {
+            "objective": "masked_lm", "model": {"arch": "bert", "n_embd": 32, "n_head": 2},
+            "seq_len": 32, "micro_batch_size": 4, "steps": 6, "warmup_steps": 1,
+        },
+        "evaluate": {"pseudo_perplexity_sequences": 2},
+        "finetune": _finetune(data={"path": str(labeled)}, steps=12),
+    }  # fmt: skip
+    config = tmp_path / "ft.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    prefix, query = s3_server(f"finetune-{time.monotonic_ns()}")
+    workdir = Store(f"{prefix}/ft{query}")
+    env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    lmforge(["run", config, "--set", f"workdir={workdir.uri}"], env, tmp_path)
+    lmforge(["run", config, "--set", f"workdir={tmp_path / 'local'}"], env, tmp_path)
+
+    for stage in ("train", "evaluate", "labeled", "finetune"):
+        remote, local = read_index(workdir / stage), read_index(tmp_path / "local" / stage)
+        assert index_digest(remote) == index_digest(local), stage
+        verify_files(workdir / stage, remote, "always")
+    metrics = json.loads(workdir.read_bytes("finetune/metrics.json"))
+    assert metrics == json.loads((tmp_path / "local" / "finetune" / "metrics.json").read_text())
+    assert {"validation", "test"} <= set(metrics) and "model/model.safetensors" in workdir.files("finetune")

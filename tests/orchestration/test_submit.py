@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
+from tests.ray_nodes import lmforge
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -101,9 +102,7 @@ def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tmp_path):
 
 
 def _lmforge(env, *args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [BIN / "lmforge", *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return lmforge(list(args), env, timeout=timeout, check=False)
 
 
 @pytest.mark.slow
