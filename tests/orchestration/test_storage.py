@@ -276,4 +276,4 @@ def test_pretraining_then_finetuning_with_the_workdir_on_s3_commits_what_a_local
         verify_files(workdir / stage, remote, "always")
     metrics = json.loads(workdir.read_bytes("finetune/metrics.json"))
     assert metrics == json.loads((tmp_path / "local" / "finetune" / "metrics.json").read_text())
-    assert {"validation", "test"} <= set(metrics) and "model/model.safetensors" in workdir.files("finetune")
+    assert {"validation", "test"} <= set(metrics) and "model/model.safetensors" in (workdir / "finetune").files()
