@@ -128,3 +128,25 @@ def lmforge(
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
+
+
+#: configs/demo.yaml, small enough for a test: a six-module site, a tiny model, four steps.
+SMALL_DEMO = {
+    "demo_site.modules": 6,
+    "demo_site.port": 0,
+    "demo_site.exact_duplicates": 1,
+    "demo_site.near_duplicates": 1,
+    "tokenize.tokenizer.vocab_size": 512,
+    "tokenize.val_fraction": 0.2,
+    "train.model.n_embd": 32,
+    "train.model.n_head": 2,
+    "train.seq_len": 32,
+    "train.micro_batch_size": 2,
+    "train.steps": 4,
+    "train.warmup_steps": 1,
+}
+
+
+def set_args(overrides: dict) -> list[str]:
+    """``--set KEY=VALUE`` arguments for the command line."""
+    return [arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]

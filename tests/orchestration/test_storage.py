@@ -21,7 +21,7 @@ from orchestration.config import DedupConfig
 from orchestration.dedup import run_dedup_stage
 from orchestration.executors import corpus_source, run_document_stage, run_tokenize_stage
 from tests.orchestration.test_document_tasks import _explodes
-from tests.ray_nodes import lmforge
+from tests.ray_nodes import SMALL_DEMO, lmforge, set_args
 from training.data.tokenize import TokenizeConfig
 from training.data.tokenizer import TokenizerConfig
 
@@ -171,24 +171,8 @@ def test_a_whole_pipeline_runs_and_reruns_from_its_cache_with_the_workdir_on_s3(
     workdir = Store(f"{prefix}/runs/demo{query}")
     env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    overrides = {
-        "workdir": workdir.uri,
-        "demo_site.modules": 6,
-        "demo_site.exact_duplicates": 1,
-        "demo_site.near_duplicates": 1,
-        "demo_site.port": 0,
-        "tokenize.tokenizer.vocab_size": 512,
-        "tokenize.val_fraction": 0.2,
-        "train.model.n_embd": 32,
-        "train.model.n_head": 2,
-        "train.seq_len": 32,
-        "train.micro_batch_size": 2,
-        "train.steps": 4,
-        "train.warmup_steps": 1,
-        "train.checkpoint_every": 2,
-        "evaluate.task_limit": 10,
-    }
-    sets = [arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]
+    overrides = {"workdir": workdir.uri, **SMALL_DEMO, "train.checkpoint_every": 2, "evaluate.task_limit": 10}
+    sets = set_args(overrides)
     config = REPO / "configs" / "demo.yaml"
     lmforge(["run", config, *sets], env, tmp_path)
 
@@ -223,6 +207,7 @@ def test_a_whole_pipeline_runs_and_reruns_from_its_cache_with_the_workdir_on_s3(
     assert all(f"• {s}: cached" in again.stderr for s in stages), again.stderr[-3000:]
     assert {s: (workdir / s).read_bytes("index.json") for s in stages} == before
     assert "▶" not in again.stderr
+    print([line.strip() for line in again.stderr.splitlines() if "finished in" in line])  # the rerun's time
 
 
 @pytest.mark.slow
@@ -276,4 +261,6 @@ def test_pretraining_then_finetuning_with_the_workdir_on_s3_commits_what_a_local
         verify_files(workdir / stage, remote, "always")
     metrics = json.loads(workdir.read_bytes("finetune/metrics.json"))
     assert metrics == json.loads((tmp_path / "local" / "finetune" / "metrics.json").read_text())
-    assert {"validation", "test"} <= set(metrics) and "model/model.safetensors" in (workdir / "finetune").files()
+    assert {"validation", "test"} <= set(metrics) and "model/model.safetensors" in (
+        workdir / "finetune"
+    ).files()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.ray_nodes import lmforge
+from tests.ray_nodes import SMALL_DEMO, lmforge, set_args
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -72,21 +72,10 @@ def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tmp_path):
     workdir = tmp_path / "work"
     overrides = {
         "workdir": str(workdir),
-        "demo_site.modules": 6,
-        "demo_site.port": 0,
-        "demo_site.exact_duplicates": 1,
-        "demo_site.near_duplicates": 1,
-        "tokenize.tokenizer.vocab_size": 512,
-        "tokenize.val_fraction": 0.2,
-        "train.model.n_embd": 32,
-        "train.model.n_head": 2,
-        "train.seq_len": 32,
-        "train.micro_batch_size": 2,
-        "train.steps": 4,
-        "train.warmup_steps": 1,
+        **SMALL_DEMO,
         "tracking.registered_model": "lmforge-submit-test",
     }
-    sets = [arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}")]
+    sets = set_args(overrides)
     proc = subprocess.run(
         [BIN / "lmforge", "submit", REPO / "configs" / "demo.yaml", "--address", address, *sets],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
