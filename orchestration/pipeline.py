@@ -498,7 +498,8 @@ class Pipeline:
         ensure_ray(
             ray_cfg.address, ray_cfg.num_cpus, ray_cfg.object_store_memory_mb, ray_cfg.dashboard, self.local
         )
-        # With the default sqlite store, artifacts (models, reports) live in the work dir too.
+        # With the default sqlite store, artifacts (models, reports) live beside it: in the work dir, or for
+        # a remote work dir in its directory of the node cache.
         artifacts = None if cfg.tracking.uri else (self.local / "mlartifacts").as_uri()
         tracker = Tracker(cfg.tracking_uri, cfg.tracking.experiment, artifacts)
         config_hash = cache_key("pipeline", cfg, {})
