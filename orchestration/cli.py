@@ -111,6 +111,9 @@ def run(
     from orchestration.pipeline import Pipeline  # heavy imports only once the config is valid
     from orchestration.plan import Selection
 
+    if os.environ.get("LMFORGE_IN_RAY_JOB"):  # which Python the job runs (its runtime_env's, if any)
+        console.print(f"[dim]job driver: {sys.executable} on {os.uname().nodename}[/dim]", soft_wrap=True)
+
     selection = Selection(_names(only), from_, until, _names(force))
     start = time.perf_counter()
     try:
@@ -222,6 +225,14 @@ def submit(
     submission_id: Annotated[
         str | None, typer.Option(help="The job's id (default: lmforge-NAME-TIME; a resubmission adds -rN).")
     ] = None,
+    requirements: Annotated[
+        str | None,
+        typer.Option(
+            help="Packages to pip-install for the job on every node (Ray's runtime_env pip, kept per node for "
+            "later jobs): a requirements file, or 'lmforge' for the dependencies in pyproject.toml. "
+            "Default: the cluster's Python as it is.",
+        ),
+    ] = None,
     only: OnlyOpt = None,
     from_: FromOpt = None,
     until: UntilOpt = None,
@@ -229,6 +240,7 @@ def submit(
 ) -> None:
     """Submit the pipeline (or the selected stages) as a Ray job: the repository ships as its working dir."""
     cfg = _load(config, set_)
+    pip = _pip_requirements(requirements)
     if retries and not wait:
         console.print("[bold red]--retries needs --wait[/bold red]: a failed job is resubmitted when it ends")
         raise typer.Exit(2)
@@ -258,12 +270,14 @@ def submit(
                 "working_dir": str(repo),
                 "excludes": [".venv/", "work/", ".git/", "*.warc.gz"],
                 "env_vars": {_CONFIG_ENV: config_yaml, "LMFORGE_IN_RAY_JOB": "1"},
+                **({"pip": pip} if pip else {}),
             },
             metadata={
                 "lmforge.config": cfg.name,
                 "lmforge.workdir": str(cfg.workdir),
                 "lmforge.attempt": str(attempt),
                 "lmforge.stages": " ".join(flags) or "all",
+                "lmforge.requirements": requirements or "",
             },
         )
         console.print(f"submitted job [bold]{job_id}[/bold] to {address}")
@@ -273,12 +287,49 @@ def submit(
         console.print(f"job {job_id}: {status}")
         if status == "SUCCEEDED":
             return
+        if hint := _missing_module_hint(client.get_job_logs(job_id), requirements):
+            console.print(f"[yellow]{hint}[/yellow]")
         if status != "FAILED" or attempt == retries:
             raise typer.Exit(1)
         console.print(
             f"[yellow]resubmitting (attempt {attempt + 2} of {retries + 1}): the finished tasks and stages in "
             f"{cfg.workdir} are kept[/yellow]"
         )
+
+
+def _pip_requirements(requirements: str | None) -> dict | None:
+    """Ray's runtime_env ``pip`` for ``--requirements``: a requirements file's lines, or lmforge's own
+    dependencies (``lmforge``). pip's check of the whole environment is off: the cluster's other packages
+    are the cluster's business."""
+    if requirements is None:
+        return None
+    if requirements == "lmforge":
+        from importlib.metadata import requires
+
+        # The installed distribution's requirements are pyproject.toml's (extras' carry an ``extra`` marker).
+        packages = [r for r in requires("lmforge") or [] if "extra ==" not in r]
+    else:
+        path = Path(requirements)
+        if not path.is_file():
+            console.print(f"[bold red]--requirements {requirements}[/bold red]: no such file (or 'lmforge')")
+            raise typer.Exit(2)
+        lines = (line.split(" #")[0].strip() for line in path.read_text().splitlines())
+        packages = [line for line in lines if line and not line.startswith("#")]
+        if not packages:
+            console.print(f"[bold red]--requirements {requirements}[/bold red]: the file names no package")
+            raise typer.Exit(2)
+    return {"packages": packages, "pip_check": False}
+
+
+def _missing_module_hint(logs: str, requirements: str | None) -> str | None:
+    """What to do when a job's logs say the cluster's Python lacks a module (None when they do not)."""
+    import re
+
+    missing = re.findall(r"ModuleNotFoundError: No module named '([^']+)'", logs)
+    if not missing:
+        return None
+    how = "add it to the requirements file" if requirements else "pass --requirements lmforge (or a file)"
+    return f"the cluster's Python has no module {missing[-1]!r}: {how} to have the job install it, or install it on every node"
 
 
 def _follow(client, job_id: str, poll_s: float = 2.0) -> str:

@@ -102,6 +102,11 @@ def test_submit_to_two_nodes_without_a_shared_disk_runs_the_pipeline_a_local_run
         )  # fmt: skip
         assert "job two-nodes: SUCCEEDED" in job.stderr
         assert all(node.proc.poll() is None for node in nodes)
+        # The job's status and logs, as the cluster keeps them.
+        status = lmforge(["status", "two-nodes", "--address", dashboard], env, tmp_path)
+        assert status.stdout.startswith("two-nodes: SUCCEEDED")
+        logs = lmforge(["logs", "two-nodes", "--address", dashboard], env, tmp_path).stdout
+        assert all(f"▶ {stage}" in logs for stage in ("clean", "dedup", "tokenize", "train", "evaluate"))
     # Both nodes' training workers read the token shards from S3 into their own cache.
     for cache in caches:
         assert list((cache / "mirror").glob("*/index.json")), f"{cache}: no copy of the token shards"

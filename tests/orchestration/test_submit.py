@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -66,8 +67,34 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _wheel(dest: Path, name: str, version: str) -> Path:
+    """A pure-Python wheel of one module ``name`` (its RECORD with each file's sha256, as pip expects)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": f"VERSION = {version!r}\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: lmforge-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    files[f"{info}/RECORD"] = "\n".join(record + [f"{info}/RECORD,,"]) + "\n"
+    wheel = dest / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+    return wheel
+
+
 @pytest.mark.slow
 def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tmp_path):
+    """The whole demo pipeline as a Ray job whose runtime_env ships the repository and pip-installs the
+    packages of a requirements file (a wheel this environment does not have) for the job's processes."""
     address, env = ray_head
     workdir = tmp_path / "work"
     overrides = {
@@ -76,9 +103,13 @@ def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tmp_path):
         "tracking.registered_model": "lmforge-submit-test",
     }
     sets = set_args(overrides)
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(f"# for the job only\n{_wheel(tmp_path, 'lmforge_probe', '1.0')}\n")
+    assert subprocess.run([BIN / "python", "-c", "import lmforge_probe"], capture_output=True).returncode
     proc = subprocess.run(
-        [BIN / "lmforge", "submit", REPO / "configs" / "demo.yaml", "--address", address, *sets],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        [BIN / "lmforge", "submit", REPO / "configs" / "demo.yaml", "--address", address, *sets,
+         "--requirements", requirements],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "SUCCEEDED" in proc.stderr
@@ -86,8 +117,41 @@ def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tmp_path):
     summary = json.loads((workdir / "train" / "summary.json").read_text())
     assert summary["steps"] == 4
     assert (workdir / "evaluate").is_dir() and (workdir / "report.md").is_file()
+    # Its driver ran in the environment Ray built for the job, where the required package imports.
+    match = re.search(r"job driver: (\S+) on ", proc.stdout)
+    assert match, proc.stdout[-3000:]
+    driver = Path(match.group(1))
+    assert "runtime_resources" in driver.parts and driver != BIN / "python"
+    probe = subprocess.run([driver, "-c", "import lmforge_probe; print(lmforge_probe.VERSION)"],
+                           capture_output=True, text=True)  # fmt: skip
+    assert probe.stdout == "1.0\n", probe.stderr
     # Nothing was staged into the repository for the job.
     assert not list(REPO.glob(".lmforge*")) and not list(REPO.glob("*.yaml"))
+
+
+def test_requirements_name_a_file_or_lmforge(tmp_path):
+    """``--requirements``: a file's packages (comments dropped), lmforge's own dependencies, or an error
+    naming the missing file, before anything reaches a cluster."""
+    from packaging.requirements import Requirement
+
+    from orchestration.cli import _pip_requirements
+
+    reqs = tmp_path / "reqs.txt"
+    reqs.write_text("# pinned for the cluster\nnumpy>=1.26  # arrays\n\n--find-links /wheels\nrich\n")
+    assert _pip_requirements(str(reqs)) == {
+        "packages": ["numpy>=1.26", "--find-links /wheels", "rich"],
+        "pip_check": False,
+    }
+    assert _pip_requirements(None) is None
+    # lmforge's: the dependencies pyproject.toml declares, none of the extras'.
+    listed = (REPO / "pyproject.toml").read_text().split("\ndependencies = [")[1].split("\n]")[0]
+    declared = [Requirement(r) for r in re.findall(r'^    "([^"]+)",', listed, re.M)]
+    assert len(declared) > 20
+    assert [Requirement(r) for r in _pip_requirements("lmforge")["packages"]] == declared
+    missing = lmforge(["submit", REPO / "configs" / "demo.yaml", "--requirements", tmp_path / "nope.txt"],
+                      dict(os.environ), check=False)  # fmt: skip
+    said = " ".join(missing.stderr.split())
+    assert missing.returncode == 2 and f"--requirements {tmp_path / 'nope.txt'}: no such file" in said
 
 
 def _lmforge(env, *args, timeout=600) -> subprocess.CompletedProcess:
@@ -96,8 +160,9 @@ def _lmforge(env, *args, timeout=600) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_jobs_status_logs_stop_and_a_killed_job_resubmitted_with_retries(ray_head, ray_session, tmp_path):
-    """A data-only pipeline submitted with --retries 1: its driver is killed once clean has finished, the
-    resubmitted job serves clean from the cache and finishes, and its shards match a local run's."""
+    """A data-only pipeline submitted with --retries 1: its driver is killed while clean's tasks run (some
+    finished, some not); the resubmitted job keeps the finished tasks as they are, runs the others, and
+    finishes; its shards match a local run's."""
     import random
 
     import yaml
@@ -109,14 +174,20 @@ def test_jobs_status_logs_stop_and_a_killed_job_resubmitted_with_retries(ray_hea
 
     address, env = ray_head
     rng = random.Random(5)
-    with open(tmp_path / "dump.jsonl", "w") as f:
-        for i in range(300):
-            text = _text(rng)
-            f.write(json.dumps({"id": f"d{i}", "text": text, "url": f"https://example.org/{i}"}) + "\n")
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    for f in range(8):  # eight input files: eight clean tasks, two at a time on the head's two CPUs
+        with open(dump / f"part-{f}.jsonl", "w") as out:
+            for i in range(60):
+                text = _text(rng)
+                out.write(
+                    json.dumps({"id": f"d{f}-{i}", "text": text, "url": f"https://example.org/{f}/{i}"})
+                )
+                out.write("\n")
     raw = {
         "name": "jobs",
         "workdir": str(tmp_path / "work"),
-        "read": {"paths": [str(tmp_path / "dump.jsonl")]},
+        "read": {"paths": [str(dump)]},
         "clean": {"gopher_repetition": None},
         "dedup": {"shards": 4},
         "tokenize": {"tokenizer": {"vocab_size": 300, "min_frequency": 1}, "val_fraction": 0.2},
@@ -124,6 +195,7 @@ def test_jobs_status_logs_stop_and_a_killed_job_resubmitted_with_retries(ray_hea
     config = tmp_path / "jobs.yaml"
     config.write_text(yaml.safe_dump(raw))
     workdir = tmp_path / "work"
+    done = workdir / "clean" / "_done"
 
     submit = subprocess.Popen(
         [BIN / "lmforge", "submit", config, "--address", address, "--submission-id", "lmf-jobs",
@@ -131,28 +203,32 @@ def test_jobs_status_logs_stop_and_a_killed_job_resubmitted_with_retries(ray_hea
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 300
-    while not (workdir / "clean" / "index.json").exists():
+    while not list(done.glob("*.json")):
         assert submit.poll() is None and time.monotonic() < deadline, submit.communicate()
-        time.sleep(0.05)
-    assert not (workdir / "tokenize" / "index.json").exists()
+        time.sleep(0.02)
     drivers = subprocess.run(
         ["pgrep", "-f", "orchestration.cli run --config-env"], capture_output=True, text=True
     ).stdout.split()
     assert drivers
     for pid in drivers:
         os.kill(int(pid), signal.SIGKILL)
+    finished = {m.name: m.stat().st_mtime_ns for m in done.glob("*.json")}
+    assert 1 <= len(finished) < 8 and not (workdir / "clean" / "index.json").exists()
     out, err = submit.communicate(timeout=600)
     assert submit.returncode == 0, out[-3000:] + err[-3000:]
     assert "job lmf-jobs: FAILED" in err and "resubmitting (attempt 2 of 2)" in err
     assert "job lmf-jobs-r1: SUCCEEDED" in err
+    # The tasks that had finished were not run again: their markers are the first job's.
+    assert {m.name: m.stat().st_mtime_ns for m in done.glob("*.json") if m.name in finished} == finished
+    assert len(list(done.glob("*.json"))) == 8
 
-    # status, logs and jobs see both attempts; the second served clean from the cache.
+    # status, logs and jobs see both attempts.
     assert _lmforge(env, "status", "lmf-jobs", "--address", address).stdout.startswith("lmf-jobs: FAILED")
     assert _lmforge(env, "status", "lmf-jobs-r1", "--address", address).stdout.startswith(
         "lmf-jobs-r1: SUCCEEDED"
     )
     logs = _lmforge(env, "logs", "lmf-jobs-r1", "--address", address).stdout
-    assert "clean: cached" in logs and "▶ tokenize" in logs
+    assert "▶ clean" in logs and "▶ tokenize" in logs
     listed = _lmforge(env, "jobs", "--address", address).stdout
     assert "lmf-jobs-r1" in listed and "--until=tokenize" in listed
     missing = _lmforge(env, "status", "no-such-job", "--address", address)
@@ -164,9 +240,30 @@ def test_jobs_status_logs_stop_and_a_killed_job_resubmitted_with_retries(ray_hea
     for stage in ("clean", "dedup", "tokenize"):
         assert index_digest(read_index(workdir / stage)) == index_digest(read_index(local.workdir / stage))
 
+    # `logs --follow` prints a running job's logs as they come, until it ends.
+    started = _lmforge(env, "submit", config, "--address", address, "--submission-id", "lmf-follow",
+                       "--no-wait", "--until", "dedup")  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    followed = _lmforge(env, "logs", "lmf-follow", "--follow", "--address", address)
+    assert followed.returncode == 0 and "job lmf-follow: SUCCEEDED" in followed.stderr
+    assert "clean: cached" in followed.stdout and "dedup: cached" in followed.stdout
+
     # A job stopped while it runs ends STOPPED.
     started = _lmforge(env, "submit", config, "--address", address, "--submission-id", "lmf-stop",
                        "--no-wait", "--force", "clean", "--until", "clean")  # fmt: skip
     assert started.returncode == 0, started.stderr
     stopped = _lmforge(env, "stop", "lmf-stop", "--address", address)
     assert stopped.returncode == 0 and stopped.stdout == "lmf-stop: STOPPED\n", stopped.stderr
+
+
+def test_a_job_that_lacks_a_module_says_which_and_how_to_add_it(tmp_path):
+    from orchestration.cli import _missing_module_hint
+
+    crashed = subprocess.run(
+        [BIN / "python", "-c", "import lmforge_no_such_module"], capture_output=True, text=True
+    )
+    logs = "▶ clean (never ran)\n" + crashed.stderr
+    assert "lmforge_no_such_module" in _missing_module_hint(logs, None)
+    assert "--requirements lmforge" in _missing_module_hint(logs, None)
+    assert "add it to the requirements file" in _missing_module_hint(logs, "reqs.txt")
+    assert _missing_module_hint("▶ clean (never ran)\nValueError: bad\n", None) is None
