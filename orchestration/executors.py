@@ -6,8 +6,10 @@ import atexit
 import os
 import shutil
 import tempfile
+import time
+import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -168,14 +170,26 @@ def document_task(
     ctx = StageContext(stage_name)
     kept_path = staging / f"{part}.parquet"
     try:
-        kept = write_parquet(kept_path, run_chain(stages, source.batches(ctx), ctx), DOCUMENT_SCHEMA)
+        kept = write_parquet(
+            kept_path, run_chain(stages, _counting(source.batches(ctx)), ctx), DOCUMENT_SCHEMA
+        )
     except USER_ERRORS:
         raise
     except Exception:
         ctx = StageContext(stage_name)
-        kept = write_parquet(kept_path, _isolating(stages, source.batches(ctx), ctx, part), DOCUMENT_SCHEMA)
+        restart_count()
+        kept = write_parquet(
+            kept_path, _isolating(stages, _counting(source.batches(ctx)), ctx, part), DOCUMENT_SCHEMA
+        )
     rejected = write_parquet(staging / REJECTED_DIR / f"{part}.parquet", ctx.rejected, REJECTED_SCHEMA)
     return {"kept": kept, "rejected": rejected, "counters": dict(ctx.counters)}
+
+
+def _counting(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """The batches as they are, each counted as documents read (the progress bar's documents)."""
+    for batch in batches:
+        count(documents=batch.num_rows)
+        yield batch
 
 
 def _isolating(
@@ -205,18 +219,100 @@ def _isolating(
             yield from out
 
 
+#: How often a running task sends what it has done so far (documents, tokens) to the driver.
+REPORT_EVERY_S = 0.5
+
+
+@ray.remote(num_cpus=0)
+class _Tally:
+    """The latest counts of each running task, per run_tasks call, for the driver's progress."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, dict[str, dict[str, int]]] = {}
+
+    def put(self, scope: str, task: str, counts: dict[str, int]) -> None:
+        self.live.setdefault(scope, {})[task] = counts
+
+    def read(self, scope: str) -> dict[str, dict[str, int]]:
+        return self.live.get(scope, {})
+
+    def drop(self, scope: str) -> None:
+        self.live.pop(scope, None)
+
+
+_TALLY: tuple[str, Any] | None = None  # (Ray job id, the driver's tally actor)
+
+
+def _tally() -> Any:
+    """This driver's tally actor (one per Ray job: a new ray.init gets a new one)."""
+    global _TALLY
+    job = ray.get_runtime_context().get_job_id()
+    if _TALLY is None or _TALLY[0] != job:
+        _TALLY = (job, _Tally.remote())
+    return _TALLY[1]
+
+
+class _TaskCounts:
+    """What the task running in this worker has done so far, sent to the tally at most every
+    REPORT_EVERY_S (fire and forget) and in full when it ends."""
+
+    def __init__(self, tally: Any, scope: str, task: str):
+        self.tally, self.scope, self.task = tally, scope, task
+        self.counts: Counter[str] = Counter()
+        self._sent = time.monotonic()
+
+    def add(self, counts: dict[str, int]) -> None:
+        self.counts.update(counts)
+        if time.monotonic() - self._sent >= REPORT_EVERY_S:
+            self._sent = time.monotonic()
+            self.tally.put.remote(self.scope, self.task, dict(self.counts))
+
+
+_COUNTS: _TaskCounts | None = None  # the running task's, in a worker (one task at a time)
+
+
+def count(**counts: int) -> None:
+    """Add to what the running task has done (documents, tokens), for the driver's progress bar. Outside
+    a task that reports, it does nothing."""
+    if _COUNTS is not None:
+        _COUNTS.add(counts)
+
+
+def restart_count() -> None:
+    """The running task starts over (a partition run again one document at a time): its counts restart."""
+    if _COUNTS is not None:
+        _COUNTS.counts.clear()
+
+
 @ray.remote(num_cpus=1)
-def _remote_task(fn: TaskFn, task: TaskId, root: str, markers: str, args: tuple) -> dict[str, Any]:
-    return run_task(
-        partial(_on_node, fn, ray.get_runtime_context().get_node_id()), task, root, markers, *args
-    )
+def _remote_task(
+    fn: TaskFn, task: TaskId, root: str, markers: str, args: tuple, tally: tuple[Any, str] | None = None
+) -> dict[str, Any]:
+    # Ray ships this function by value (the module's name holds the remote wrapper), so the module's
+    # globals are set in a function it ships by reference.
+    return _run_counted(fn, task, root, markers, args, tally)
+
+
+def _run_counted(
+    fn: TaskFn, task: TaskId, root: str, markers: str, args: tuple, tally: tuple[Any, str] | None
+) -> dict[str, Any]:
+    global _COUNTS
+    _COUNTS = _TaskCounts(tally[0], tally[1], task.name) if tally is not None else None
+    try:
+        return run_task(
+            partial(_on_node, fn, ray.get_runtime_context().get_node_id()), task, root, markers, *args
+        )
+    finally:
+        _COUNTS = None
 
 
 def _on_node(fn: TaskFn, node: str, staging: Path, *args: Any) -> dict[str, Any]:
-    """``fn``'s result with the Ray node that ran it (in the task's marker)."""
+    """``fn``'s result with the Ray node that ran it and what it counted (in the task's marker)."""
     result = fn(staging, *args)
     if isinstance(result, dict):
         result["node"] = node
+        if _COUNTS is not None:
+            result["counted"] = dict(_COUNTS.counts)
     return result
 
 
@@ -228,13 +324,15 @@ def run_tasks(
     max_in_flight: int | None = None,
     markers: str | Path | Store | None = None,
     options: dict[str, Any] | None = None,
+    on_counts: Callable[[dict[str, int]], None] | None = None,
 ) -> dict[TaskId, dict[str, Any]]:
     """Results of every task: read from its completion marker if a previous run finished it, else from
     running ``fn(staging, *args)`` for ``(fn, args) = plan(task)`` as a Ray task (with Ray ``options``:
     num_cpus, num_gpus, memory), committed under ``root`` by the runner (core/tasks.py), marker in
     ``markers`` (default ``root/_done``). At most ``max_in_flight`` tasks are submitted at once (default:
     twice the cluster's CPUs), so a stage of many partitions never queues them all. Progress is reported
-    as tasks end."""
+    as tasks end (``on_progress(done, total)``) and, with ``on_counts``, every REPORT_EVERY_S with what
+    the tasks have ``count()``-ed so far: the finished tasks' totals and the running ones' latest reports."""
     root = Store(root)
     markers = Store(markers) if markers is not None else root / DONE_DIR
     if max_in_flight is None:
@@ -250,26 +348,49 @@ def run_tasks(
             todo.append(task)
     if on_progress:
         on_progress(len(results), len(tasks))
+    tally = (_tally(), uuid.uuid4().hex) if on_counts else None
+    if on_counts:
+        on_counts(_counted(results, set(), {}))
     pending: dict[ray.ObjectRef, TaskId] = {}
     todo.reverse()
-    while todo or pending:
-        while todo and len(pending) < max_in_flight:
-            task = todo.pop()
-            fn, args = plan(task)
-            pending[remote.remote(fn, task, str(root), str(markers), args)] = task
-        done, _ = ray.wait(list(pending), num_returns=1)
-        task = pending.pop(done[0])
-        try:
-            results[task] = ray.get(done[0])
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, USER_ERRORS):  # it names the file and the fix: say just that
-                raise e.cause from None
-            raise
-        if on_progress:
-            on_progress(len(results), len(tasks))
+    try:
+        while todo or pending:
+            while todo and len(pending) < max_in_flight:
+                task = todo.pop()
+                fn, args = plan(task)
+                pending[remote.remote(fn, task, str(root), str(markers), args, tally)] = task
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=REPORT_EVERY_S if tally else None)
+            if done:
+                task = pending.pop(done[0])
+                try:
+                    results[task] = ray.get(done[0])
+                except ray.exceptions.RayTaskError as e:
+                    if isinstance(e.cause, USER_ERRORS):  # it names the file and the fix: say just that
+                        raise e.cause from None
+                    raise
+            if tally:  # first the counts, then the task count: a line printed at the end has both
+                live = ray.get(tally[0].read.remote(tally[1]))
+                on_counts(_counted(results, {t.name for t in pending.values()}, live))
+            if done and on_progress:
+                on_progress(len(results), len(tasks))
+    finally:
+        if tally:
+            tally[0].drop.remote(tally[1])
     if root.local is not None:
         shutil.rmtree(root.local / STAGING_DIR, ignore_errors=True)  # what killed tasks left
     return results
+
+
+def _counted(
+    results: dict[TaskId, dict[str, Any]], running: set[str], live: dict[str, dict[str, int]]
+) -> dict[str, int]:
+    """The finished tasks' counts (in their results) plus the running tasks' latest reports."""
+    total: Counter[str] = Counter()
+    for result in results.values():
+        total.update(result.get("counted", {}))
+    for name in running:
+        total.update(live.get(name, {}))
+    return dict(total)
 
 
 def run_document_stage(
@@ -283,8 +404,10 @@ def run_document_stage(
     on_progress: Callable[[int, int], None] | None = None,
     options: dict[str, Any] | None = None,
     max_in_flight: int | None = None,
+    on_counts: Callable[[dict[str, int]], None] | None = None,
 ) -> dict[str, Any]:
-    """Map a chain of stages over partitions as Ray tasks; skip partitions already completed.
+    """Map a chain of stages over partitions as Ray tasks; skip partitions already completed. With
+    ``on_counts``, the documents read so far are reported as the tasks run.
 
     Writes the kept dataset's index (with the rejected dataset's index beside it under ``rejected/``)
     after checking that every input document is either kept or rejected.
@@ -298,6 +421,7 @@ def run_document_stage(
         on_progress,
         max_in_flight,
         options=options,
+        on_counts=on_counts,
     )
 
     counters: Counter = Counter()
@@ -371,7 +495,14 @@ def _tokenize_task(
     tokenizer = Tokenizer.from_str(Store(out_dir).read_text(prepared.path))
     quarantine = Quarantine("tokenize", part.name)
     result = tokenize_partition(
-        part.batches(["id", "text"]), staging, prepared, config, part.name, tokenizer, quarantine
+        part.batches(["id", "text"]),
+        staging,
+        prepared,
+        config,
+        part.name,
+        tokenizer,
+        quarantine,
+        on_chunk=lambda documents, tokens: count(documents=documents, tokens=tokens),
     )
     ctx = StageContext("tokenize")
     if quarantine.traces:  # the whole documents, as they came in, with the traceback as the signal
@@ -397,8 +528,10 @@ def run_tokenize_stage(
     on_progress: Callable[[int, int], None] | None = None,
     options: dict[str, Any] | None = None,
     max_in_flight: int | None = None,
+    on_counts: Callable[[dict[str, int]], None] | None = None,
 ) -> dict[str, Any]:
-    """Tokenizer pass in one task, then one task per partition; resumes from completed partitions.
+    """Tokenizer pass in one task, then one task per partition; resumes from completed partitions. With
+    ``on_counts``, the documents and tokens written so far are reported as the partitions' tasks run.
 
     The partitions are planned from the input's row groups and the config alone, so the shards are the
     same whatever the number of workers.
@@ -419,6 +552,7 @@ def run_tokenize_stage(
         on_progress,
         max_in_flight,
         options=options,
+        on_counts=on_counts,
     )
     documents_in = docs["rows"]
     documents_out = sum(r["documents"] for r in results.values())

@@ -383,6 +383,7 @@ class Pipeline:
                 cache_key=key,
                 inputs=inputs,
                 on_progress=progress.update,
+                on_counts=progress.count,
                 **self._task_resources("clean"),
             )
 
@@ -404,14 +405,14 @@ class Pipeline:
             )
 
     def _tokenize(self, docs: StageOutcome, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
-        with StageProgress(self.console, "tokenize", "partitions") as progress:
+        with StageProgress(self.console, "tokenize", "documents", total=docs.index["rows"]) as progress:
             return run_tokenize_stage(
                 docs.store,
                 out,
                 self.cfg.tokenize,
                 cache_key=key,
                 inputs=inputs,
-                on_progress=progress.update,
+                on_counts=progress.count,
                 **self._task_resources("tokenize"),
             )
 

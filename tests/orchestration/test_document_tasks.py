@@ -104,3 +104,36 @@ def test_max_in_flight_caps_the_tasks_running_at_once(ray_session, tmp_path):
         "clean", [stage], parts, tmp_path / "two", cache_key="k", inputs={}, options={"num_cpus": 1}
     )
     assert overlaps(spans())
+
+
+def test_running_tasks_report_the_documents_read_so_far(ray_session, tmp_path):
+    """The driver hears of documents while the tasks still run (every REPORT_EVERY_S), the counts never
+    go back, end at the corpus' size, and a rerun served from the markers starts from that size."""
+    import time
+
+    from core.stage import Stage
+
+    class Slow(Stage):
+        name = "slow"
+
+        def run(self, batches, ctx):
+            for batch in batches:
+                time.sleep(0.4)
+                yield batch
+
+    texts = [f"document {i} of a slow stage" for i in range(48)]
+    parts = _corpus(tmp_path, texts)  # one task, six batches of eight: about 2.4 s
+    seen: list[int] = []
+    index = run_document_stage(
+        "clean", [Slow(StageConfig())], parts, tmp_path / "out", cache_key="k", inputs={},
+        on_counts=lambda counts: seen.append(counts.get("documents", 0)),
+    )  # fmt: skip
+    assert index["counters"]["documents_in"] == 48
+    assert seen == sorted(seen) and seen[0] == 0 and seen[-1] == 48
+    assert any(0 < n < 48 for n in seen), seen  # heard of before the task ended
+    again: list[int] = []
+    run_document_stage(
+        "clean", [Slow(StageConfig())], parts, tmp_path / "out", cache_key="k", inputs={},
+        on_counts=lambda counts: again.append(counts.get("documents", 0)),
+    )  # fmt: skip
+    assert again == [48]  # from the marker, before anything runs

@@ -32,3 +32,37 @@ def test_a_terminal_gets_a_bar_with_rate_and_phases():
     text = out.getvalue()
     assert "dedup: components" in text and "2/2" in text
     assert "dedup: 2 tasks in " in text.splitlines()[-1]
+
+
+def test_counts_show_documents_and_tokens_with_their_rate_and_move_a_bar_of_that_unit():
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=160)
+    with StageProgress(console, "clean", "input files", total=4) as progress:
+        progress.count({"documents": 0})
+        progress.update(1, 4)
+        progress.count({"documents": 25_000})
+        progress.update(4, 4)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "  clean: 0/4 input files; 0 documents"
+    assert lines[1].startswith("  clean: 4/4 input files; 25.0k documents (") and lines[1].endswith("/s)")
+    assert "; 25.0k documents (" in lines[-1]
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=160)
+    with StageProgress(console, "tokenize", "documents", total=3000) as progress:
+        progress.count({"documents": 1000, "tokens": 40_000})  # a rerun: these were done before
+        progress.count({"documents": 3000, "tokens": 120_500})
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "  tokenize: 1,000/3,000 documents; 40.0k tokens"  # nothing new yet: no rate
+    assert lines[1].startswith("  tokenize: 3,000/3,000 documents; 120.5k tokens (")
+    assert (
+        lines[-1].startswith("  tokenize: 3,000 documents in ")
+        and "documents/s; 120.5k tokens (" in lines[-1]
+    )
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=160)
+    with StageProgress(console, "tokenize", "documents", total=3000) as progress:
+        progress.count({"documents": 0, "tokens": 0})
+        progress.count({"documents": 1500, "tokens": 60_000})
+    assert "1500/3000" in out.getvalue() and "60.0k tokens" in out.getvalue()  # the bar's last frame

@@ -48,7 +48,8 @@ def test_parallel_stage_matches_one_process_and_resumes(ray_session, tmp_path):
     assert len(parts) >= 3  # the stage really fans out
 
     out = tmp_path / "tokens"
-    index = run_tokenize_stage(docs, out, cfg)
+    counts: list[dict[str, int]] = []
+    index = run_tokenize_stage(docs, out, cfg, on_counts=counts.append)
     reference_out = tmp_path / "reference"
     reference = tokenize_documents(lambda: table.to_batches(max_chunksize=100), reference_out, cfg)
 
@@ -60,6 +61,12 @@ def test_parallel_stage_matches_one_process_and_resumes(ray_session, tmp_path):
     for split, stream in _token_streams(out, index).items():
         np.testing.assert_array_equal(stream, _token_streams(reference_out, reference)[split])
     assert {s["path"].split("-")[1] for s in index["splits"]["train"]["shards"]} == {p.name for p in parts}
+    # The progress counts: documents and tokens, never going back, ending at what the shards hold.
+    assert [c.get("documents", 0) for c in counts] == sorted(c.get("documents", 0) for c in counts)
+    assert counts[-1] == {
+        "documents": table.num_rows,
+        "tokens": sum(v["tokens"] for v in index["splits"].values()),
+    }
 
     # Kill-and-resume: a partition that never finished is redone, the finished ones are reused.
     victim = parts[1].name

@@ -176,12 +176,14 @@ def tokenize_partition(
     part: str = "p00000",
     tokenizer: Tokenizer | None = None,
     quarantine: Quarantine | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Encode one partition into shards ``{split}-{part}-{n}.arrow`` in ``out_dir``; return its shards per
     split (the tokenizer is read from ``out_dir`` unless given).
 
     With a ``quarantine``, a batch the tokenizer raises on is encoded again one document at a time and the
     documents it raises on are left out and recorded there (with their tracebacks); without one it raises.
+    ``on_chunk(documents, tokens)`` is told of each chunk as it is written (a progress bar's counts).
     """
     out_dir = Path(out_dir)
     tokenizer = tokenizer or load_tokenizer(out_dir / prepared.path)
@@ -222,6 +224,8 @@ def tokenize_partition(
                         token_mask = doc_of_token if split == "val" else ~doc_of_token
                         writers[split].add_many(selected, flat[token_mask], lengths[mask])
             documents += len(chunk_ids)
+            if on_chunk is not None:
+                on_chunk(len(chunk_ids), int(lengths.sum()))
     return {"part": part, "documents": documents, "shards": {s: w.close() for s, w in writers.items()}}
 
 
