@@ -9,6 +9,7 @@ import pytest
 
 from orchestration.config import ConfigError, parse_config
 from orchestration.pipeline import Pipeline
+from orchestration.plan import Selection
 from tests.orchestration.test_pipeline_fast import _text
 from training.data.tokenizer import TokenizerConfig, load_tokenizer, save_tokenizer, train_bpe
 
@@ -74,6 +75,20 @@ def test_pretraining_pipeline_trains_evaluates_and_logs(
     model = mlflow.get_logged_model(result.model_id)
     assert model.model_type == model_type
     assert model.metrics and {m.key for m in model.metrics} >= {"val_loss"}
+
+    if objective == "masked_lm":
+        # Train alone from the existing shards (forced): the token dataset is used as it is and the same
+        # seed gives the same losses; then evaluate alone gives the same metrics.
+        trained = Pipeline(cfg).run(selection=Selection(only=("train",), force=("train",)))
+        actions = {e.stage: e.action for e in trained.plan}
+        assert actions == {"clean": "use", "dedup": "use", "tokenize": "use", "train": "run"}
+        assert trained.stages["train"].index["summary"]["losses"] == summary["losses"]
+        evaluated = Pipeline(cfg).run(selection=Selection(only=("evaluate",), force=("evaluate",)))
+        actions = {e.stage: e.action for e in evaluated.plan}
+        assert actions.pop("evaluate") == "run" and set(actions.values()) == {"use"} and "train" in actions
+        assert not evaluated.stages["evaluate"].cached
+        again = json.loads((evaluated.stages["evaluate"].out_dir / "metrics.json").read_text())
+        assert again == metrics
 
 
 def test_objective_config_errors_name_the_field(texts, tmp_path):
