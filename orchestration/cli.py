@@ -108,10 +108,11 @@ def run(
         console.print("[bold red]give a config file[/bold red] (e.g. lmforge run configs/demo.yaml)")
         raise typer.Exit(2)
     cfg = _load(config, overrides) if config is not None else _load_env(config_env, overrides)
+    from orchestration.executors import IN_JOB_ENV
     from orchestration.pipeline import Pipeline  # heavy imports only once the config is valid
     from orchestration.plan import Selection
 
-    if os.environ.get("LMFORGE_IN_RAY_JOB"):  # which Python the job runs (its runtime_env's, if any)
+    if os.environ.get(IN_JOB_ENV):  # which Python the job runs (its runtime_env's, if any)
         console.print(f"[dim]job driver: {sys.executable} on {os.uname().nodename}[/dim]", soft_wrap=True)
 
     selection = Selection(_names(only), from_, until, _names(force))

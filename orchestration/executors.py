@@ -254,7 +254,7 @@ def _tally() -> Any:
 
 class _TaskCounts:
     """What the task running in this worker has done so far, sent to the tally at most every
-    REPORT_EVERY_S (fire and forget) and in full when it ends."""
+    REPORT_EVERY_S (fire and forget); its total goes into the task's result (_on_node)."""
 
     def __init__(self, tally: Any, scope: str, task: str):
         self.tally, self.scope, self.task = tally, scope, task

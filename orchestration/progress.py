@@ -96,8 +96,9 @@ class StageProgress:
             self.phase = phase
             if self._bar is not None:
                 self._bar.reset(self._task, description=f"{self.stage}: {phase}")
-        finished = done != self.done and done == (total if total is not None else self.total)
-        self.done, self.total = done, total if total is not None else self.total
+        total = total if total is not None else self.total
+        finished = done != self.done and done == total
+        self.done, self.total = done, total
         if self._bar is not None:
             self._bar.update(self._task, completed=done, total=self.total, counts=self._counts_text())
             return

@@ -240,7 +240,7 @@ def test_jobs_status_logs_stop_and_a_killed_job_resubmitted_with_retries(ray_hea
     for stage in ("clean", "dedup", "tokenize"):
         assert index_digest(read_index(workdir / stage)) == index_digest(read_index(local.workdir / stage))
 
-    # `logs --follow` prints a running job's logs as they come, until it ends.
+    # `logs --follow` of a running job prints its logs until it ends, then how it ended.
     started = _lmforge(env, "submit", config, "--address", address, "--submission-id", "lmf-follow",
                        "--no-wait", "--until", "dedup")  # fmt: skip
     assert started.returncode == 0, started.stderr
