@@ -1,11 +1,12 @@
-# lmforge: `make demo` runs the end-to-end demo, `make test` runs the test suite.
+# lmforge: `make demo` runs the end-to-end demo, `make test` runs the test suite (every tier, the 25 slowest
+# tests listed at the end), `make test-fast` its unit and integration tiers, `make test-unit` the unit tier.
 # Both create .venv on first use (see .ci/install.sh) and reuse it afterwards.
 PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.lmforge-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint format clean
+.PHONY: install demo test test-fast test-unit lint format clean
 
 install: $(STAMP)
 
@@ -17,10 +18,13 @@ demo: $(STAMP)
 	$(VENV)/bin/lmforge run configs/demo.yaml
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest --durations=25 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m "unit or integration" --durations=10 $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(VENV)/bin/python -m pytest -m unit $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

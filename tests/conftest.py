@@ -1,4 +1,13 @@
-"""Shared fixtures: one local Ray per test session, free ports, a small generated site."""
+"""The test tiers, and the fixtures every tier shares: one local Ray per test session, free ports, a small
+generated site, a local S3 server. The heavier shared chain (corpus -> token shards -> one tiny trained model
+per objective) lives in tests/fixtures.py.
+
+Every test carries exactly one tier marker (its own, or its module's ``pytestmark``):
+- ``unit``: no Ray, no DeepSpeed engine, no shared trained model: seconds;
+- ``integration``: the session's Ray, the DeepSpeed engine, the shared fixtures;
+- ``system``: clusters and jobs of their own, S3, browsers, kill-and-resume, whole demo runs.
+``make test`` runs all three, ``make test-fast`` the first two.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +16,63 @@ import socket
 
 import pytest
 
+pytest_plugins = ["tests.fixtures"]
+
+TIERS = ("unit", "integration", "system")
+#: Fixtures a unit test may not use, directly or through another fixture: they start Ray, a process
+#: group for the DeepSpeed engine, or train a model.
+HEAVY_FIXTURES = {"ray_session", "single_process_dist", "trained", "masked_pipeline"}
+#: A test whose call takes longer than this belongs to the system tier (reported at the end).
+SYSTEM_SECONDS = 60.0
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiers_of(item: pytest.Item) -> set[str]:
+    """The tier markers of a test: its own and its module's (``-m`` selects on all of them, so a module
+    with tests of two tiers marks each test, not the module)."""
+    return {m.name for m in item.iter_markers() if m.name in TIERS}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for tier, what in (
+        ("unit", "no Ray, no DeepSpeed engine: seconds"),
+        ("integration", "the session's Ray, the DeepSpeed engine, the shared fixtures"),
+        ("system", "clusters, jobs, S3, browsers, kill-and-resume, whole demo runs"),
+    ):
+        config.addinivalue_line("markers", f"{tier}: {what}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a test without a tier, or a unit test that reaches for Ray or the DeepSpeed engine."""
+    problems = []
+    for item in items:
+        tiers = tiers_of(item)
+        if len(tiers) != 1:
+            problems.append(f"{item.nodeid}: tier markers {sorted(tiers)}; needs exactly one of {TIERS}")
+        elif tiers == {"unit"} and HEAVY_FIXTURES & set(item.fixturenames):
+            heavy = ", ".join(sorted(HEAVY_FIXTURES & set(item.fixturenames)))
+            problems.append(f"{item.nodeid}: marked unit but uses {heavy} (mark it integration)")
+    if problems:
+        raise pytest.UsageError("test tiers:\n  " + "\n  ".join(problems))
+
+
+_slow_outside_system: list[tuple[str, float]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" and report.duration > SYSTEM_SECONDS and "system" not in report.keywords:
+        _slow_outside_system.append((report.nodeid, report.duration))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if _slow_outside_system:
+        terminalreporter.section("tests over 60 s outside the system tier (move them, or make them faster)")
+        for nodeid, seconds in _slow_outside_system:
+            terminalreporter.write_line(f"{seconds:7.1f} s  {nodeid}")
 
 
 def free_port() -> int:

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["core", "ingestion", "cleaning", "training", "evaluation", "orchestration"]
 STAGE_PACKAGES = ["core", "ingestion", "cleaning", "training", "evaluation"]

@@ -14,6 +14,8 @@ from core.stage import StageContext
 from evaluation.tasks import resolve_task
 from orchestration.config import ConfigError, parse_config
 
+pytestmark = pytest.mark.unit
+
 
 def _docs(texts: list[str]) -> pa.RecordBatch:
     return document_table(texts, urls=[f"http://x/{i}" for i in range(len(texts))]).to_batches()[0]

@@ -13,6 +13,8 @@ from cleaning.dedup import (
 from core.schema import DOCUMENT_SCHEMA, document_table
 from core.stage import StageContext
 
+pytestmark = pytest.mark.unit
+
 
 def docs(texts: dict[str, str]) -> pa.RecordBatch:
     return document_table(list(texts.values()), ids=list(texts), source="t").to_batches()[0]

@@ -5,6 +5,8 @@ from cleaning.filters import GopherQualityConfig, GopherQualityFilter, gopher_si
 from core.schema import document_table
 from core.stage import StageContext
 
+pytestmark = pytest.mark.unit
+
 # 50 words, mean length 4, two distinct stop words (the, and)
 PASSING = " ".join(["the", "river", "and", "stone"] * 12 + ["the", "river"])
 

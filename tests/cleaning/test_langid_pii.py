@@ -7,6 +7,8 @@ from cleaning.pii import PiiConfig, PiiRedactor, redact
 from core.schema import document_table
 from core.stage import StageContext
 
+pytestmark = pytest.mark.unit
+
 TEXTS = {
     "en": "The package manager keeps track of every file installed on the system, so that removing a package "
     "also removes its files, and upgrading it replaces them without leaving old copies behind.",

@@ -14,6 +14,8 @@ from cleaning.minhash import (
     shingles,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def corpus(n: int, seed: int = 0) -> list[str]:
     """Documents with shared phrases (so signatures collide in places), punctuation, case, Unicode."""

@@ -2,11 +2,14 @@ import random
 
 import ftfy
 import pyarrow as pa
+import pytest
 
 from cleaning.extract import HtmlExtractor, HtmlExtractorConfig
 from cleaning.normalize import _FTFY, TextNormalizer, TextNormalizerConfig, normalize_text, repair_encoding
 from core.schema import HTML_SCHEMA
 from core.stage import StageContext, run_chain
+
+pytestmark = pytest.mark.unit
 
 
 def test_normalize_text():

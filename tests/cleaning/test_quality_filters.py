@@ -24,6 +24,8 @@ from cleaning.words import count_sentences, split_words
 from core.schema import DOCUMENT_SCHEMA, document_table
 from core.stage import StageContext
 
+pytestmark = pytest.mark.unit
+
 
 def docs(*texts, urls=None):
     return document_table(list(texts), urls=urls, source="t").to_batches()[0]

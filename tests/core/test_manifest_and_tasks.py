@@ -13,6 +13,8 @@ from core.manifest import IntegrityError, ManifestError, read_index, verify_file
 from core.schema import DOCUMENT_SCHEMA, document_table
 from core.tasks import TaskId, read_marker, run_task
 
+pytestmark = pytest.mark.unit
+
 
 def _dataset(tmp_path, n=10):
     table = document_table([f"text {i}" for i in range(n)])

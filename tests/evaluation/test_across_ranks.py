@@ -12,6 +12,8 @@ import torch.multiprocessing as mp
 
 from tests.conftest import free_port
 
+pytestmark = pytest.mark.integration
+
 # Seven batches of 64 tokens: rank 0 forwards four, rank 1 three and one filler.
 REQUESTS = [(f"Question {i}: which is it?" * (1 + i % 3), f" answer {j}") for i in range(8) for j in range(3)]
 

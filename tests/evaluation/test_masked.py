@@ -9,6 +9,8 @@ from transformers import BertConfig, BertForMaskedLM
 
 from evaluation.masked import pseudo_perplexity
 
+pytestmark = pytest.mark.unit
+
 
 def test_pseudo_perplexity_matches_one_mask_per_forward_pass():
     torch.manual_seed(0)

@@ -14,6 +14,8 @@ from transformers import AutoTokenizer
 from evaluation.loglikelihood import CausalScorer
 from evaluation.tasks import load_user_task, mean_stderr, score_task, score_texts
 
+pytestmark = pytest.mark.unit
+
 
 class Bigram(torch.nn.Module):
     """Logits at each position depend only on the token there: log p(next | cur) = log_softmax(W[cur])."""

@@ -1,37 +1,16 @@
 """Fixtures of the crawler tests: programmable HTTP sites on 127.0.0.1 that record every request."""
 
 import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 
-
-class _Site(BaseHTTPRequestHandler):
-    """A tiny programmable site: pages by path, robots.txt, request times recorded."""
-
-    pages: dict[str, tuple[int, str, bytes]] = {}
-    hits: list[tuple[str, float]] = []
-
-    def do_GET(self):  # noqa: N802 - stdlib name
-        self.hits.append((self.path, time.monotonic()))
-        page = self.pages.get(self.path, (404, "text/plain", b"missing"))
-        if callable(page):  # a behaviour, not a page: it writes the whole response itself
-            return page(self)
-        status, ctype, body = page
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+from tests.ingestion.sites import Site
 
 
 @pytest.fixture
 def site():
-    handler = type("H", (_Site,), {"pages": {}, "hits": []})
+    handler = type("H", (Site,), {"pages": {}, "hits": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -44,7 +23,7 @@ def site():
 def three_hosts():
     servers, hosts = [], []
     for _ in range(3):
-        handler = type("H", (_Site,), {"pages": {}, "hits": []})
+        handler = type("H", (Site,), {"pages": {}, "hits": []})
         server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)

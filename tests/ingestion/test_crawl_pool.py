@@ -12,8 +12,9 @@ import pytest
 from warcio.archiveiterator import ArchiveIterator
 
 from ingestion.crawler import CrawlConfig
-from tests.ingestion.conftest import _Site
-from tests.ingestion.test_crawler import _html
+from tests.ingestion.sites import Site, html_page
+
+pytestmark = pytest.mark.integration
 
 HOSTS, PAGES = 200, 5
 
@@ -22,11 +23,11 @@ HOSTS, PAGES = 200, 5
 def loopback_hosts():
     """HOSTS servers, each on its own 127.0.0.x address (any 127/8 address binds on Linux), one port."""
     servers, hosts = [], []
-    first = ThreadingHTTPServer(("127.0.1.1", 0), _Site)
+    first = ThreadingHTTPServer(("127.0.1.1", 0), Site)
     port = first.server_address[1]
     first.server_close()
     for i in range(HOSTS):
-        handler = type("H", (_Site,), {"pages": {}, "hits": []})
+        handler = type("H", (Site,), {"pages": {}, "hits": []})
         server = ThreadingHTTPServer((f"127.0.{1 + i // 250}.{1 + i % 250}", port), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
@@ -55,9 +56,9 @@ def test_two_hundred_hosts_through_four_workers(ray_session, loopback_hosts, tmp
     for i, (handler, _) in enumerate(loopback_hosts):
         nxt = loopback_hosts[(i + 1) % HOSTS][1]
         pages = [f"/p{k}.html" for k in range(1, PAGES)]
-        handler.pages["/"] = (200, "text/html", _html(*pages, nxt + "/"))  # every host links the next
+        handler.pages["/"] = (200, "text/html", html_page(*pages, nxt + "/"))  # every host links the next
         for page in pages:
-            handler.pages[page] = (200, "text/html", _html("/"))
+            handler.pages[page] = (200, "text/html", html_page("/"))
     allowed = [u.split("//")[1].split(":")[0] for _, u in loopback_hosts]
     config = CrawlConfig(
         seeds=[loopback_hosts[0][1] + "/"],
@@ -100,7 +101,7 @@ def test_a_redirect_to_another_host_in_scope_lands_in_that_hosts_warc(ray_sessio
     from orchestration.crawl import run_crawl
 
     (a, a_url), (b, b_url), (c, c_url) = three_hosts
-    a.pages["/"] = (200, "text/html", _html("/moved", "/away"))
+    a.pages["/"] = (200, "text/html", html_page("/moved", "/away"))
 
     def moved(h, where):
         h.send_response(301)
@@ -110,8 +111,8 @@ def test_a_redirect_to_another_host_in_scope_lands_in_that_hosts_warc(ray_sessio
 
     a.pages["/moved"] = lambda h: moved(h, b_url + "/landing")
     a.pages["/away"] = lambda h: moved(h, c_url + "/elsewhere")  # c is out of scope
-    b.pages["/landing"] = (200, "text/html", _html(text="landed"))
-    c.pages["/elsewhere"] = (200, "text/html", _html())
+    b.pages["/landing"] = (200, "text/html", html_page(text="landed"))
+    c.pages["/elsewhere"] = (200, "text/html", html_page())
     host = lambda url: url.split("//")[1].split(":")[0]  # noqa: E731
     port = lambda url: url.rsplit(":", 1)[1]  # noqa: E731
     config = CrawlConfig(

@@ -13,13 +13,7 @@ from warcio.archiveiterator import ArchiveIterator
 from ingestion.crawler import CrawlConfig, HostCrawler, canonical_url, extract_links, host_key
 from ingestion.demo_site import DemoSiteServer
 from ingestion.readers import read_warc
-from tests.ingestion.conftest import _Site
-
-
-def _html(*links: str, text: str = "hello") -> bytes:
-    return (
-        "<html><body><p>" + text + "</p>" + "".join(f'<a href="{u}">x</a>' for u in links) + "</body></html>"
-    ).encode()
+from tests.ingestion.sites import Site, html_page
 
 
 def _urls_done(frontier) -> int:
@@ -33,6 +27,7 @@ def _urls_done(frontier) -> int:
             return 0
 
 
+@pytest.mark.unit
 def test_canonical_url_one_spelling_per_page():
     assert canonical_url("HTTP://Example.COM:80/a#frag") == "http://example.com/a"
     assert canonical_url("https://example.com:443") == "https://example.com/"
@@ -43,8 +38,9 @@ def test_canonical_url_one_spelling_per_page():
     assert canonical_url("http://user:pw@h:80/x/./y/../z") == "http://h/x/z"
 
 
+@pytest.mark.unit
 def test_extract_links_resolves_and_dedups():
-    body = _html("b.html", "/c.html#x", "b.html", "mailto:a@b.c", "http://other.org/")
+    body = html_page("b.html", "/c.html#x", "b.html", "mailto:a@b.c", "http://other.org/")
     assert extract_links("http://h/a/index.html", body) == [
         "http://h/a/b.html",
         "http://h/c.html",
@@ -52,15 +48,16 @@ def test_extract_links_resolves_and_dedups():
     ]
 
 
+@pytest.mark.unit
 def test_robots_disallow_and_crawl_delay_are_honoured(site, tmp_path):
     handler, base = site
     handler.pages.update(
         {
             "/robots.txt": (200, "text/plain", b"User-agent: *\nDisallow: /secret/\nCrawl-delay: 0.3\n"),
-            "/": (200, "text/html", _html("/a.html", "/secret/x.html", "/b.html")),
-            "/a.html": (200, "text/html", _html("/b.html")),
-            "/b.html": (200, "text/html", _html()),
-            "/secret/x.html": (200, "text/html", _html()),
+            "/": (200, "text/html", html_page("/a.html", "/secret/x.html", "/b.html")),
+            "/a.html": (200, "text/html", html_page("/b.html")),
+            "/b.html": (200, "text/html", html_page()),
+            "/secret/x.html": (200, "text/html", html_page()),
         }
     )
     cfg = CrawlConfig(seeds=[base + "/"], min_delay_s=0.0, allow_private_addresses=True)
@@ -80,9 +77,10 @@ def test_robots_disallow_and_crawl_delay_are_honoured(site, tmp_path):
     assert any(e["error"] == "disallowed by robots.txt" and e["url"].endswith("/secret/x.html") for e in log)
 
 
+@pytest.mark.unit
 def test_private_addresses_refused_by_default(site, tmp_path):
     handler, base = site
-    handler.pages["/"] = (200, "text/html", _html())
+    handler.pages["/"] = (200, "text/html", html_page())
     cfg = CrawlConfig(seeds=[base + "/"], min_delay_s=0.0)
     crawler = HostCrawler(host_key(cfg.seeds[0]), cfg, str(tmp_path))
     result = crawler.crawl([(cfg.seeds[0], 0)], budget=10)
@@ -93,11 +91,12 @@ def test_private_addresses_refused_by_default(site, tmp_path):
     assert "allow_private_addresses" in log
 
 
+@pytest.mark.unit
 def test_oversized_body_and_wrong_content_type_are_recorded_not_written(site, tmp_path):
     handler, base = site
     handler.pages.update(
         {
-            "/": (200, "text/html", _html("/big.html", "/data.bin")),
+            "/": (200, "text/html", html_page("/big.html", "/data.bin")),
             "/big.html": (200, "text/html", b"x" * 5000),
             "/data.bin": (200, "application/octet-stream", b"\0" * 10),
         }
@@ -112,6 +111,7 @@ def test_oversized_body_and_wrong_content_type_are_recorded_not_written(site, tm
     assert sum(files.values()) == 1
 
 
+@pytest.mark.unit
 def test_demo_site_crawl_writes_warc_that_reads_back(small_site, tmp_path):
     with DemoSiteServer(small_site.root) as server:
         cfg = CrawlConfig(seeds=[server.url], min_delay_s=0.0, allow_private_addresses=True)
@@ -136,6 +136,7 @@ def test_demo_site_crawl_writes_warc_that_reads_back(small_site, tmp_path):
     assert html[server.url + f"{small_site.modules[0]}.html"] == original
 
 
+@pytest.mark.unit
 def test_robots_crawl_delay_comes_from_our_group_and_may_be_fractional():
     from ingestion.crawler import Robots
 
@@ -191,13 +192,16 @@ def _times(handler, path):
     return [t for p, t in handler.hits if p == path]
 
 
+@pytest.mark.unit
 def test_retry_after_and_backoff_on_429_and_5xx(site, tmp_path):
     handler, base = site
     handler.pages.update(
         {
-            "/": (200, "text/html", _html("/busy.html", "/flaky.html", "/down.html")),
-            "/busy.html": _nth_call((429, [("Retry-After", "1")], b"slow down"), (200, [], _html(text="ok"))),
-            "/flaky.html": _nth_call((503, [], b""), (502, [], b""), (200, [], _html(text="ok"))),
+            "/": (200, "text/html", html_page("/busy.html", "/flaky.html", "/down.html")),
+            "/busy.html": _nth_call(
+                (429, [("Retry-After", "1")], b"slow down"), (200, [], html_page(text="ok"))
+            ),
+            "/flaky.html": _nth_call((503, [], b""), (502, [], b""), (200, [], html_page(text="ok"))),
             "/down.html": _nth_call((500, [], b"")),
         }
     )
@@ -210,6 +214,7 @@ def test_retry_after_and_backoff_on_429_and_5xx(site, tmp_path):
     assert any(e["status"] == 500 and e["url"].endswith("/down.html") for e in log)
 
 
+@pytest.mark.unit
 def test_retry_after_longer_than_the_backoff_limit_gives_up(site, tmp_path):
     handler, base = site
     handler.pages["/"] = _nth_call((503, [("Retry-After", "3600")], b""))
@@ -217,11 +222,12 @@ def test_retry_after_longer_than_the_backoff_limit_gives_up(site, tmp_path):
     assert result["failure_reasons"] == {"FetchRefused": 1} and "Retry-After 3600s" in log[-1]["error"]
 
 
+@pytest.mark.unit
 def test_redirect_loop_stops_and_is_recorded(site, tmp_path):
     handler, base = site
     handler.pages.update(
         {
-            "/": (200, "text/html", _html("/loop1")),
+            "/": (200, "text/html", html_page("/loop1")),
             "/loop1": lambda h: _write(h, 302, [("Location", "/loop2"), ("Content-Length", "0")]),
             "/loop2": lambda h: _write(h, 302, [("Location", "/loop1"), ("Content-Length", "0")]),
         }
@@ -271,11 +277,12 @@ def _gzip_bomb(handler):
     )
 
 
+@pytest.mark.unit
 def test_slow_drip_endless_body_and_gzip_bomb_are_cut(site, tmp_path):
     handler, base = site
     handler.pages.update(
         {
-            "/": (200, "text/html", _html("/drip.html", "/endless.html", "/bomb.html")),
+            "/": (200, "text/html", html_page("/drip.html", "/endless.html", "/bomb.html")),
             "/drip.html": _drip,
             "/endless.html": _endless,
             "/bomb.html": _gzip_bomb,
@@ -292,6 +299,7 @@ def test_slow_drip_endless_body_and_gzip_bomb_are_cut(site, tmp_path):
     assert result["fetched"] == 1 and sum(files.values()) == 1
 
 
+@pytest.mark.unit
 def test_latin1_page_without_charset_reads_back_correctly(site, tmp_path):
     handler, base = site
     text = "Crème brûlée à la française, très délicieuse. " * 5
@@ -301,6 +309,7 @@ def test_latin1_page_without_charset_reads_back_correctly(site, tmp_path):
     assert text in html
 
 
+@pytest.mark.unit
 def test_sitemap_urls_are_queued_and_scope_patterns_apply(site, tmp_path):
     handler, base = site
     urlset = "".join(f"<url><loc>{base}/{p}</loc></url>" for p in ("only-in-sitemap.html", "skip/me.html"))
@@ -317,9 +326,9 @@ def test_sitemap_urls_are_queued_and_scope_patterns_apply(site, tmp_path):
                 "application/xml",
                 f'<urlset xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">{urlset}</urlset>'.encode(),
             ),  # fmt: skip
-            "/": (200, "text/html", _html("/linked.html", "/skip/linked.html")),
-            "/linked.html": (200, "text/html", _html()),
-            "/only-in-sitemap.html": (200, "text/html", _html()),
+            "/": (200, "text/html", html_page("/linked.html", "/skip/linked.html")),
+            "/linked.html": (200, "text/html", html_page()),
+            "/only-in-sitemap.html": (200, "text/html", html_page()),
         }
     )
     result, _, _ = _crawl(base, tmp_path, exclude_patterns=[r"/skip/"])
@@ -328,6 +337,7 @@ def test_sitemap_urls_are_queued_and_scope_patterns_apply(site, tmp_path):
     assert not any(p.startswith("/skip/") for p in paths) and result["fetched"] == 3
 
 
+@pytest.mark.unit
 def test_seeds_file_and_bad_patterns(tmp_path):
     from pydantic import ValidationError
 
@@ -346,7 +356,7 @@ def _chain_site(handler, pages: int):
     """Pages 0..n-1, each linking to the next two: breadth-first order is page order."""
     for i in range(pages):
         links = [f"/p{j}.html" for j in (i + 1, i + 2) if j < pages]
-        handler.pages[f"/p{i}.html" if i else "/"] = (200, "text/html", _html(*links, text=f"page {i}"))
+        handler.pages[f"/p{i}.html" if i else "/"] = (200, "text/html", html_page(*links, text=f"page {i}"))
 
 
 def _warc_urls(out_dir):
@@ -361,6 +371,7 @@ def _warc_urls(out_dir):
     return urls
 
 
+@pytest.mark.unit
 def test_killed_crawl_resumes_without_refetching_or_losing_urls(site, tmp_path):
     import os
     import signal
@@ -403,14 +414,15 @@ def test_killed_crawl_resumes_without_refetching_or_losing_urls(site, tmp_path):
     assert len(refetched) <= result["fetched"] + 1  # at most the page cut mid-write again
 
 
+@pytest.mark.integration
 def test_distributed_crawl_over_hosts_keeps_per_host_delay_and_resumes(ray_session, three_hosts, tmp_path):
     from orchestration.crawl import run_crawl
 
     for i, (handler, _) in enumerate(three_hosts):
         other = three_hosts[(i + 1) % 3][1]
-        handler.pages["/"] = (200, "text/html", _html("/a.html", "/b.html", other + "/"))
-        handler.pages["/a.html"] = (200, "text/html", _html("/b.html"))
-        handler.pages["/b.html"] = (200, "text/html", _html())
+        handler.pages["/"] = (200, "text/html", html_page("/a.html", "/b.html", other + "/"))
+        handler.pages["/a.html"] = (200, "text/html", html_page("/b.html"))
+        handler.pages["/b.html"] = (200, "text/html", html_page())
     config = CrawlConfig(
         seeds=[three_hosts[0][1] + "/"], min_delay_s=0.2, allow_private_addresses=True, max_concurrent_hosts=2
     )
@@ -429,6 +441,7 @@ def test_distributed_crawl_over_hosts_keeps_per_host_delay_and_resumes(ray_sessi
     assert pages_hit() == hits and again_files == files
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("concurrency", [1, 3])
 def test_per_host_concurrency_holds(site, tmp_path, concurrency):
     handler, base = site
@@ -441,10 +454,10 @@ def test_per_host_concurrency_holds(site, tmp_path, concurrency):
         time.sleep(0.15)
         with lock:
             active[0] -= 1
-        body = _html(text="slow page")
+        body = html_page(text="slow page")
         _write(h, 200, [("Content-Type", "text/html"), ("Content-Length", str(len(body)))], body)
 
-    handler.pages["/"] = (200, "text/html", _html(*[f"/s{i}.html" for i in range(9)]))
+    handler.pages["/"] = (200, "text/html", html_page(*[f"/s{i}.html" for i in range(9)]))
     handler.pages.update({f"/s{i}.html": slow for i in range(9)})
     start = time.monotonic()
     result, files, _ = _crawl(base, tmp_path, host_concurrency=concurrency, sitemaps=False)
@@ -453,6 +466,7 @@ def test_per_host_concurrency_holds(site, tmp_path, concurrency):
     assert time.monotonic() - start < 9 * 0.15 / concurrency + 1.0
 
 
+@pytest.mark.unit
 def test_ipv6_literal_seeds_keep_their_host(tmp_path):
     assert canonical_url("http://[::1]:8000/a#x") == "http://[::1]:8000/a"
     assert canonical_url("HTTP://[2001:DB8::1]/") == "http://[2001:db8::1]/"
@@ -461,9 +475,9 @@ def test_ipv6_literal_seeds_keep_their_host(tmp_path):
     class V6Server(ThreadingHTTPServer):
         address_family = socket.AF_INET6
 
-    handler = type("H", (_Site,), {"pages": {}, "hits": []})
+    handler = type("H", (Site,), {"pages": {}, "hits": []})
     handler.pages.update(
-        {"/": (200, "text/html", _html("/a.html")), "/a.html": (200, "text/html", _html(text="six"))}
+        {"/": (200, "text/html", html_page("/a.html")), "/a.html": (200, "text/html", html_page(text="six"))}
     )
     server = V6Server(("::1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -482,6 +496,7 @@ def test_ipv6_literal_seeds_keep_their_host(tmp_path):
     assert sorted(urls) == [seed, seed + "a.html"]
 
 
+@pytest.mark.unit
 def test_the_checked_address_is_the_one_connected_to(tmp_path, monkeypatch):
     """DNS rebinding: the name answers 127.0.0.1 when checked and 127.0.0.2 afterwards. The crawler
     resolves once and dials the checked address, so every page comes from the first server."""
@@ -489,16 +504,18 @@ def test_the_checked_address_is_the_one_connected_to(tmp_path, monkeypatch):
 
     servers, handlers = [], []
     for address in ("127.0.0.1", "127.0.0.2"):
-        handler = type("H", (_Site,), {"pages": {}, "hits": []})
+        handler = type("H", (Site,), {"pages": {}, "hits": []})
         server = ThreadingHTTPServer((address, servers[0].server_address[1] if servers else 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         handlers.append(handler)
     port = servers[0].server_address[1]
     checked, rebound = handlers
-    checked.pages.update({"/": (200, "text/html", _html("/a.html")), "/a.html": (200, "text/html", _html())})
+    checked.pages.update(
+        {"/": (200, "text/html", html_page("/a.html")), "/a.html": (200, "text/html", html_page())}
+    )
     rebound.pages.update(
-        {"/": (200, "text/html", _html("/evil.html")), "/evil.html": (200, "text/html", _html())}
+        {"/": (200, "text/html", html_page("/evil.html")), "/evil.html": (200, "text/html", html_page())}
     )
     real, answers = socket_module.getaddrinfo, iter(["127.0.0.1"])
 

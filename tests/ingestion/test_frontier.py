@@ -5,8 +5,11 @@ import json
 import tracemalloc
 
 import psutil
+import pytest
 
 from ingestion.frontier import Frontier, RouteBook
+
+pytestmark = pytest.mark.unit
 
 
 def test_the_frontier_queues_each_url_once_in_order_and_survives_a_kill(tmp_path):

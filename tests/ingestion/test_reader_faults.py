@@ -14,6 +14,8 @@ from warcio.warcwriter import WARCWriter
 
 from ingestion.readers import CorruptInputError, ReadReport, read_corpus
 
+pytestmark = pytest.mark.unit
+
 N = 40
 TEXT = "The mill by the river grinds the grain of the valley, day after day. "
 

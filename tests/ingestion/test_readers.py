@@ -14,6 +14,8 @@ from warcio.warcwriter import WARCWriter
 from core.schema import DOCUMENT_SCHEMA, HTML_SCHEMA, document_id
 from ingestion.readers import ReadReport, read_corpus, read_jsonl
 
+pytestmark = pytest.mark.unit
+
 LINES = [
     {"id": "a", "text": "first document", "url": "http://x/a"},
     {"text": "second, no id"},

@@ -11,6 +11,8 @@ import pytest
 
 from ingestion.readers import ReadConfig, read_corpus
 
+pytestmark = pytest.mark.unit
+
 
 def put_parquet(fs: pafs.FileSystem, path: str, texts: list[str]) -> None:
     table = pa.table({"id": [f"{path}-{i}" for i in range(len(texts))], "text": texts})

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from ingestion.crawler import CrawlConfig, HostCrawler, Robots, host_key
-from tests.ingestion.test_crawler import _html
+from tests.ingestion.sites import html_page
 
 # RFC 9309 section 5.1, verbatim but for the EOF marker.
 RFC_EXAMPLE = b"""User-Agent: *
@@ -47,7 +47,7 @@ PATHS = [
 
 def crawl_paths(handler, base, tmp_path, robots, agent="lmforge-crawler/0.1", close=True, **config):
     """Seeds every path (links play no part), crawls, returns the paths the server was asked for."""
-    handler.pages.update({p: (200, "text/html", _html()) for p in PATHS})
+    handler.pages.update({p: (200, "text/html", html_page()) for p in PATHS})
     if robots is not None:
         handler.pages["/robots.txt"] = robots
     cfg = CrawlConfig(
@@ -66,6 +66,7 @@ def crawl_paths(handler, base, tmp_path, robots, agent="lmforge-crawler/0.1", cl
     return result, crawler, [p for p, _ in handler.hits if p != "/robots.txt"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("robots", "agent", "allowed"),
     [
@@ -91,6 +92,7 @@ def test_rfc9309_examples_against_the_request_log(site, tmp_path, robots, agent,
     assert result["failure_reasons"].get("robots_disallowed", 0) == len(PATHS) - len(allowed)
 
 
+@pytest.mark.unit
 def test_allow_and_disallow_of_equal_length_allow():
     """RFC 9309 2.2.2: when an Allow and a Disallow rule match equally, Allow is used."""
     robots = Robots(b"User-agent: *\nAllow: /folder\nDisallow: /folder\n", "a", "http://h")
@@ -99,6 +101,7 @@ def test_allow_and_disallow_of_equal_length_allow():
     assert robots.allows("http://h/") and not robots.allows("http://h/page")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("status", [401, 403, 404, 410])
 def test_an_unavailable_robots_txt_allows_everything(site, tmp_path, status):
     handler, base = site
@@ -106,6 +109,7 @@ def test_an_unavailable_robots_txt_allows_everything(site, tmp_path, status):
     assert sorted(asked) == sorted(PATHS)
 
 
+@pytest.mark.unit
 def test_an_unreachable_robots_txt_disallows_the_host_until_it_answers(site, tmp_path):
     handler, base = site
     answers = iter([503, 500])
@@ -139,6 +143,7 @@ def test_an_unreachable_robots_txt_disallows_the_host_until_it_answers(site, tmp
     assert sum("robots.txt unreachable" in (e["error"] or "") for e in log) == 2
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("hops", [5, 6])
 def test_robots_txt_redirects_are_followed_five_hops(site, tmp_path, hops):
     """Five redirects reach the rules (RFC 9309 2.3.1.2); a sixth makes it unavailable: allow all."""
@@ -152,7 +157,7 @@ def test_robots_txt_redirects_are_followed_five_hops(site, tmp_path, hops):
             h.end_headers(),
         )
     handler.pages[chain[-1]] = (200, "text/plain", b"User-agent: *\nDisallow: /example/\n")
-    handler.pages.update({p: (200, "text/html", _html()) for p in PATHS})
+    handler.pages.update({p: (200, "text/html", html_page()) for p in PATHS})
     _, _, asked = crawl_paths(handler, base, tmp_path, None)
     pages = [p for p in asked if not p.startswith("/robots-")]
     followed = [p for p in asked if p.startswith("/robots-")]
@@ -163,6 +168,7 @@ def test_robots_txt_redirects_are_followed_five_hops(site, tmp_path, hops):
         assert sorted(pages) == sorted(PATHS)
 
 
+@pytest.mark.integration
 def test_the_crawl_waits_for_an_unreachable_robots_txt_and_leaves_a_dead_one_waiting(
     ray_session, three_hosts, tmp_path
 ):
@@ -185,8 +191,8 @@ def test_the_crawl_waits_for_an_unreachable_robots_txt_and_leaves_a_dead_one_wai
         h.end_headers()
 
     for handler, _ in three_hosts:
-        handler.pages["/"] = (200, "text/html", _html("/a.html"))
-        handler.pages["/a.html"] = (200, "text/html", _html())
+        handler.pages["/"] = (200, "text/html", html_page("/a.html"))
+        handler.pages["/a.html"] = (200, "text/html", html_page())
     flaky.pages["/robots.txt"], dead.pages["/robots.txt"] = flaky_robots, dead_robots
     config = CrawlConfig(
         seeds=[u + "/" for _, u in three_hosts],

@@ -13,8 +13,10 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from tests.orchestration.test_pipeline_fast import _text
+from tests.fixtures import prose
 from tests.ray_nodes import cluster, lmforge
+
+pytestmark = pytest.mark.system
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,12 +31,24 @@ def _stages(corpus: str, out: str, env: dict | None = None, address: str | None 
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
-@pytest.mark.slow
-def test_two_nodes_run_the_data_stages_with_the_corpus_and_outputs_on_s3(s3_server):
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """A head and a worker node for the module, each with a node cache of its own (no shared disk):
+    (GCS address, dashboard address, the drivers' env, the nodes, the caches)."""
+    caches = [tmp_path_factory.mktemp("node0-cache"), tmp_path_factory.mktemp("node1-cache")]
+    with cluster(2, lambda i: {"LMFORGE_CACHE": str(caches[i])}) as (address, dashboard, env, nodes):
+        yield address, dashboard, env, nodes, caches
+
+
+def _mirrored(cache: Path) -> set[Path]:
+    return set((cache / "mirror").glob("*/index.json"))
+
+
+def test_two_nodes_run_the_data_stages_with_the_corpus_and_outputs_on_s3(two_nodes, s3_server):
     prefix, query = s3_server(f"cluster-{time.monotonic_ns()}")
     fs, bucket = pafs.FileSystem.from_uri(prefix + query)
     rng = random.Random(11)
-    texts = [_text(rng) for _ in range(160)]
+    texts = [prose(rng) for _ in range(160)]
     texts += [texts[i] for i in range(0, 160, 10)]  # exact copies for dedup to remove
     for f in range(4):  # four input files: four clean tasks to spread over the nodes
         lines = [
@@ -46,9 +60,9 @@ def test_two_nodes_run_the_data_stages_with_the_corpus_and_outputs_on_s3(s3_serv
     corpus = f"{prefix}/corpus{query}"
 
     local = _stages(corpus, f"{prefix}/local{query}")  # an embedded Ray, same corpus, same code
-    with cluster(2) as (address, _, env, nodes):
-        remote = _stages(corpus, f"{prefix}/cluster{query}", env, address)
-        assert all(node.proc.poll() is None for node in nodes)
+    address, _, env, nodes, _ = two_nodes
+    remote = _stages(corpus, f"{prefix}/cluster{query}", env, address)
+    assert all(node.proc.poll() is None for node in nodes)
 
     assert remote["digests"] == local["digests"] and remote["counters"] == local["counters"]
     assert remote["counters"]["dedup"]["rejected"] >= 16 and remote["counters"]["tokenize"]["documents"] > 0
@@ -57,8 +71,9 @@ def test_two_nodes_run_the_data_stages_with_the_corpus_and_outputs_on_s3(s3_serv
     assert len(set(local["nodes"]["clean"])) == 1  # the embedded Ray is one node
 
 
-@pytest.mark.slow
-def test_submit_to_two_nodes_without_a_shared_disk_runs_the_pipeline_a_local_run_does(s3_server, tmp_path):
+def test_submit_to_two_nodes_without_a_shared_disk_runs_the_pipeline_a_local_run_does(
+    two_nodes, s3_server, tmp_path
+):
     """`lmforge submit` to a head and a worker node whose only common storage is the S3 server (each node
     has a cache of its own) runs clean, dedup, tokenize, a 2-worker training (one worker per node: a CPU
     each) and the evaluation with the workdir on S3; each output's digest is a local run's."""
@@ -70,7 +85,7 @@ def test_submit_to_two_nodes_without_a_shared_disk_runs_the_pipeline_a_local_run
     prefix, query = s3_server(f"submit-{time.monotonic_ns()}")
     fs, bucket = pafs.FileSystem.from_uri(prefix + query)
     rng = random.Random(3)
-    texts = [_text(rng) for _ in range(120)]
+    texts = [prose(rng) for _ in range(120)]
     texts += texts[:12]
     for f in range(2):
         lines = [json.dumps({"id": f"f{f}-{i}", "text": t}) for i, t in enumerate(texts[f::2])]
@@ -93,23 +108,23 @@ def test_submit_to_two_nodes_without_a_shared_disk_runs_the_pipeline_a_local_run
     config.write_text(yaml.safe_dump(raw))
     workdir = Store(f"{prefix}/cluster{query}")
 
-    caches = [tmp_path / "node0", tmp_path / "node1"]
-    with cluster(2, lambda i: {"LMFORGE_CACHE": str(caches[i])}) as (_, dashboard, env, nodes):
-        job = lmforge(
-            ["submit", config, "--address", dashboard, "--submission-id", "two-nodes", "--set",
-             f"workdir={workdir.uri}"],
-            env, tmp_path,
-        )  # fmt: skip
-        assert "job two-nodes: SUCCEEDED" in job.stderr
-        assert all(node.proc.poll() is None for node in nodes)
-        # The job's status and logs, as the cluster keeps them.
-        status = lmforge(["status", "two-nodes", "--address", dashboard], env, tmp_path)
-        assert status.stdout.startswith("two-nodes: SUCCEEDED")
-        logs = lmforge(["logs", "two-nodes", "--address", dashboard], env, tmp_path).stdout
-        assert all(f"▶ {stage}" in logs for stage in ("clean", "dedup", "tokenize", "train", "evaluate"))
+    _, dashboard, env, nodes, caches = two_nodes
+    before = [_mirrored(cache) for cache in caches]
+    job = lmforge(
+        ["submit", config, "--address", dashboard, "--submission-id", "two-nodes", "--set",
+         f"workdir={workdir.uri}"],
+        env, tmp_path,
+    )  # fmt: skip
+    assert "job two-nodes: SUCCEEDED" in job.stderr
+    assert all(node.proc.poll() is None for node in nodes)
+    # The job's status and logs, as the cluster keeps them.
+    status = lmforge(["status", "two-nodes", "--address", dashboard], env, tmp_path)
+    assert status.stdout.startswith("two-nodes: SUCCEEDED")
+    logs = lmforge(["logs", "two-nodes", "--address", dashboard], env, tmp_path).stdout
+    assert all(f"▶ {stage}" in logs for stage in ("clean", "dedup", "tokenize", "train", "evaluate"))
     # Both nodes' training workers read the token shards from S3 into their own cache.
-    for cache in caches:
-        assert list((cache / "mirror").glob("*/index.json")), f"{cache}: no copy of the token shards"
+    for cache, old in zip(caches, before):
+        assert _mirrored(cache) - old, f"{cache}: no copy of the token shards"
 
     local_env = {**env, "LMFORGE_CACHE": str(tmp_path / "local-cache")}
     lmforge(["run", config, "--set", f"workdir={tmp_path / 'local'}"], local_env, tmp_path)

@@ -4,6 +4,8 @@ import pytest
 
 from orchestration.config import ConfigError, dotted_overrides, load_config, parse_config
 
+pytestmark = pytest.mark.unit
+
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 

@@ -5,6 +5,7 @@ import random
 import shutil
 
 import pyarrow.parquet as pq
+import pytest
 
 from cleaning.dedup import MinHashDedupConfig, MinHashDeduplicator
 from core.files import file_entry, write_parquet
@@ -15,6 +16,8 @@ from core.stage import StageContext
 from evaluation.dedup_quality import pair_metrics, planted_corpus
 from orchestration.config import DedupConfig
 from orchestration.dedup import run_dedup_stage
+
+pytestmark = pytest.mark.integration
 
 
 def _dataset(path, ids, texts, rows_per_group=50, meta=None):

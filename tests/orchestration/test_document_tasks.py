@@ -11,19 +11,9 @@ from core.manifest import read_index, read_table
 from core.stage import Stage, StageConfig
 from ingestion.readers import ReadConfig
 from orchestration.executors import corpus_source, run_document_stage
+from tests.fixtures import exploding_stage
 
-
-def _explodes(on: str) -> Stage:
-    class Explodes(Stage):  # local: Ray pickles it by value into the workers
-        name = "explodes"
-
-        def run(self, batches, ctx):
-            for batch in batches:
-                if any(on in t for t in batch.column("text").to_pylist()):
-                    raise ValueError(f"cannot handle a document with {on!r}")
-                yield batch
-
-    return Explodes(StageConfig())
+pytestmark = pytest.mark.integration
 
 
 def _corpus(tmp_path, texts, name="dump.jsonl", part="read-00000"):
@@ -36,7 +26,7 @@ def test_a_document_that_crashes_a_stage_is_quarantined_with_its_traceback(ray_s
     texts = [f"document number {i} is fine" for i in range(30)]
     texts[13] = "document 13 holds the POISON marker"
     out = tmp_path / "clean"
-    stages = [TextNormalizer(TextNormalizerConfig()), _explodes("POISON")]
+    stages = [TextNormalizer(TextNormalizerConfig()), exploding_stage("POISON")]
     index = run_document_stage("clean", stages, _corpus(tmp_path, texts), out, cache_key="k", inputs={})
     c = index["counters"]
     assert (c["documents_in"], c["kept"], c["rejected"], c["quarantined"]) == (30, 29, 1, 1)
@@ -58,7 +48,7 @@ def test_a_stage_that_raises_on_most_documents_fails_with_the_first_traceback(ra
     with pytest.raises(Exception, match="11 of 11 documents raised, too many to quarantine"):
         run_document_stage(
             "clean",
-            [_explodes("trips")],
+            [exploding_stage("trips")],
             _corpus(tmp_path, texts),
             tmp_path / "clean",
             cache_key="k",
@@ -70,8 +60,6 @@ def test_max_in_flight_caps_the_tasks_running_at_once(ray_session, tmp_path):
     """ray.resources' cap on real Ray tasks: each task writes its start and end time; with a cap of one
     no two intervals overlap, with two CPUs and no cap some do."""
     import time
-
-    from core.stage import Stage
 
     log = tmp_path / "spans"
     log.mkdir()
@@ -110,8 +98,6 @@ def test_running_tasks_report_the_documents_read_so_far(ray_session, tmp_path):
     """The driver hears of documents while the tasks still run (every REPORT_EVERY_S), the counts never
     go back, end at the corpus' size, and a rerun served from the markers starts from that size."""
     import time
-
-    from core.stage import Stage
 
     class Slow(Stage):
         name = "slow"

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.system
+
 LISTENERS = """
 import json, os, sys, psutil, ray
 from pathlib import Path
@@ -32,7 +34,6 @@ RAY_EXPOSED = {"gcs_server", "raylet", "ray::IDLE", "ray::DashboardAgent", "ray:
 RAY_METRICS_PORTS = {44217, 44227}  # autoscaler and dashboard Prometheus exporters
 
 
-@pytest.mark.slow
 def test_only_the_servers_the_readme_names_listen_beyond_loopback(tmp_path):
     done = subprocess.run(
         [sys.executable, "-c", LISTENERS, str(tmp_path / "site")], capture_output=True, text=True, timeout=180

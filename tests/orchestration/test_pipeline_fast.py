@@ -18,69 +18,9 @@ from core.files import file_sha256
 from core.manifest import read_table
 from orchestration.config import parse_config
 from orchestration.pipeline import Pipeline
+from tests.fixtures import prose
 
-WORDS = [
-    "the",
-    "river",
-    "runs",
-    "past",
-    "an",
-    "old",
-    "mill",
-    "and",
-    "a",
-    "stone",
-    "bridge",
-    "where",
-    "people",
-    "of",
-    "the",
-    "town",
-    "meet",
-    "to",
-    "talk",
-    "about",
-    "weather",
-    "harvest",
-    "market",
-    "prices",
-    "with",
-    "their",
-    "neighbours",
-    "while",
-    "children",
-    "play",
-    "near",
-    "water",
-    "under",
-    "tall",
-    "trees",
-    "that",
-    "have",
-    "grown",
-    "there",
-    "for",
-    "many",
-    "years",
-    "since",
-    "farmers",
-    "first",
-    "came",
-    "to",
-    "this",
-    "valley",
-    "looking",
-    "for",
-    "good",
-    "land",
-]
-
-
-def _text(rng: random.Random, sentences: int = 8) -> str:
-    return " ".join(
-        " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 16))).capitalize() + "."
-        for _ in range(sentences)
-    )
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +28,11 @@ def corpus(tmp_path_factory):
     """20 distinct documents, one exact copy of doc 0, one malformed line."""
     rng = random.Random(7)
     root = tmp_path_factory.mktemp("corpus")
-    texts = {f"doc{i:02d}": _text(rng) for i in range(20)}
+    texts = {f"doc{i:02d}": prose(rng) for i in range(20)}
     texts["copy00"] = texts["doc00"]
     lines = [json.dumps({"id": i, "text": t, "url": f"https://example.org/{i}"}) for i, t in texts.items()]
     lines.insert(5, "{not json")
-    (root / "dump.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "dump.jsonl").writeprose("\n".join(lines) + "\n")
     return root / "dump.jsonl", texts
 
 
@@ -119,7 +59,7 @@ def test_read_only_run_reports_every_document_and_passes_its_checks(fast_run, co
     # No crawl seeds: no crawl stage starts.
     assert list(result.stages) == ["clean", "dedup", "tokenize"]
     assert not (cfg.workdir / "crawl").exists()
-    report = json.loads(result.report_path.read_text())
+    report = json.loads(result.report_path.readprose())
     assert report["ok"], report["checks"]
     # Every record of read.paths reached clean.
     clean = result.stages["clean"].index["counters"]
@@ -160,13 +100,13 @@ def test_each_stage_is_a_nested_mlflow_run_of_the_pipeline_run(fast_run, tmp_pat
     by_stage = {r.data.tags["lmforge.stage"]: r for r in children}
     assert set(by_stage) == {"clean", "dedup", "tokenize"}
     assert by_stage["dedup"].data.metrics["rejected"] == 1
-    assert json.loads((cfg.workdir / "run.json").read_text())["mlflow_run_id"] == result.parent_run_id
+    assert json.loads((cfg.workdir / "run.json").readprose())["mlflow_run_id"] == result.parent_run_id
     # The report's tables are on the parent run, the funnel with the manifests' numbers.
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
     names = ("funnel", "rejections", "signals", "languages")
     assert {f"report/{n}.json" for n in names} <= artifacts
     path = client.download_artifacts(result.parent_run_id, "report/funnel.json", str(tmp_path))
-    funnel = json.loads(Path(path).read_text())  # mlflow.log_table's {"columns": [...], "data": [[...]]}
+    funnel = json.loads(Path(path).readprose())  # mlflow.log_table's {"columns": [...], "data": [[...]]}
     rows = [dict(zip(funnel["columns"], row)) for row in funnel["data"]]
     table = {r["step"]: r["documents"] for r in rows}
     clean = result.stages["clean"].index["counters"]
@@ -202,25 +142,25 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_lmforge_report_rebuilds_the_report_from_the_manifests(fast_run, tmp_path):
     cfg, result = fast_run
-    before = json.loads(result.report_path.read_text())
+    before = json.loads(result.report_path.readprose())
     result.report_path.unlink()
     result.report_path.with_suffix(".md").unlink()
     done = _cli("report", str(cfg.workdir))
     assert done.returncode == 0, done.stderr
-    assert json.loads(result.report_path.read_text()) == before
-    assert "documents in = kept + rejected" in result.report_path.with_suffix(".md").read_text()
+    assert json.loads(result.report_path.readprose()) == before
+    assert "documents in = kept + rejected" in result.report_path.with_suffix(".md").readprose()
     # A manifest that no longer adds up fails its check, and the command says so.
     index_path = cfg.workdir / "dedup" / "index.json"
-    original = index_path.read_text()
+    original = index_path.readprose()
     index = json.loads(original)
     index["counters"]["rejected"] += 1
-    index_path.write_text(json.dumps(index))
+    index_path.writeprose(json.dumps(index))
     try:
         done = _cli("report", str(cfg.workdir))
         assert done.returncode == 1
         assert "✗ dedup: documents in = kept + rejected" in done.stdout + done.stderr
     finally:
-        index_path.write_text(original)
+        index_path.writeprose(original)
     assert _cli("report", str(tmp_path)).returncode == 2  # no run there
 
 
@@ -248,7 +188,7 @@ def test_an_output_that_no_longer_matches_its_manifest_is_rebuilt(fast_run):
     }
     assert file_sha256(shard) == shard_entry["sha256"]
     assert pq.read_table(clean_file).num_rows == table.num_rows
-    assert json.loads(again.report_path.read_text())["ok"]
+    assert json.loads(again.report_path.readprose())["ok"]
 
 
 RUN_IN_A_FRESH_PROCESS = """
@@ -315,7 +255,7 @@ def test_html_report_of_a_data_only_read_paths_run_shows_raw_records(ray_session
 
     rng = random.Random(3)
     page = "<html><head><title>{0}</title></head><body><article><p>{1}</p></article></body></html>"
-    pages = {f"http://site.test/{i}": page.format(i, _text(rng, 12)) for i in range(3)}
+    pages = {f"http://site.test/{i}": page.format(i, prose(rng, 12)) for i in range(3)}
     pages["http://site.test/short"] = page.format("short", "Too short to keep, by any rule.")
     warc = tmp_path / "in" / "pages.warc.gz"
     warc.parent.mkdir()
@@ -329,8 +269,8 @@ def test_html_report_of_a_data_only_read_paths_run_shows_raw_records(ray_session
             )
     site = tmp_path / "in" / "site"
     site.mkdir()
-    (site / "good.html").write_text(page.format("good", _text(rng, 12)))
-    (site / "tiny.html").write_text(page.format("tiny", "Two words."))
+    (site / "good.html").writeprose(page.format("good", prose(rng, 12)))
+    (site / "tiny.html").writeprose(page.format("tiny", "Two words."))
     cfg = parse_config(
         {
             "name": "data-only",
@@ -353,6 +293,6 @@ def test_html_report_of_a_data_only_read_paths_run_shows_raw_records(ray_session
     assert figures["metrics"]["report.documents.after_quality_filters"] == 4
     raw = re.findall(r'<details class="raw">.*?<pre>(.*?)</pre></details>', html_page, re.S)
     assert sorted(html.unescape(r) for r in raw) == sorted(
-        [pages["http://site.test/short"], (site / "tiny.html").read_text()]
+        [pages["http://site.test/short"], (site / "tiny.html").readprose()]
     )
     assert "pages.warc.gz, record at byte" in html_page

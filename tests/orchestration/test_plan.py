@@ -6,6 +6,7 @@ import random
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,7 +14,9 @@ import yaml
 from orchestration.config import ConfigError, parse_config
 from orchestration.pipeline import Pipeline
 from orchestration.plan import PARTS_FILE, Selection, changes, code_digests, key_of, module_closure
-from tests.orchestration.test_pipeline_fast import _text
+from tests.fixtures import copy_of, prose
+
+pytestmark = pytest.mark.integration
 
 ORDER = ["crawl", "clean", "dedup", "tokenize", "train", "evaluate"]
 DEPS = {
@@ -81,28 +84,41 @@ def test_changes_name_the_config_fields_files_inputs_and_modules_that_differ():
     assert changes(None, new) == ["cache key (made before lmforge kept its parts)"]
 
 
-@pytest.fixture
-def planned(ray_session, tmp_path):
-    """A read.paths corpus with a URL block list; clean -> dedup -> tokenize run once."""
+BLOCKLIST = "# nothing blocked yet\n"
+
+
+@pytest.fixture(scope="module")
+def planned_once(ray_session, tmp_path_factory):
+    """A read.paths corpus with a URL block list; clean -> dedup -> tokenize run once for the module."""
+    root = tmp_path_factory.mktemp("plan")
     rng = random.Random(3)
     lines = []
     for i in range(16):
-        text = _text(rng)
+        text = prose(rng)
         lines.append(json.dumps({"id": f"d{i:02d}", "text": text, "url": f"https://site{i % 4}.org/{i}"}))
-    (tmp_path / "dump.jsonl").write_text("\n".join(lines) + "\n")
-    blocklist = tmp_path / "blocklist.txt"
-    blocklist.write_text("# nothing blocked yet\n")
+    (root / "dump.jsonl").write_text("\n".join(lines) + "\n")
+    blocklist = root / "blocklist.txt"
+    blocklist.write_text(BLOCKLIST)
     raw = {
         "name": "plan",
-        "workdir": str(tmp_path / "work"),
-        "read": {"paths": [str(tmp_path / "dump.jsonl")]},
+        "workdir": str(root / "work"),
+        "read": {"paths": [str(root / "dump.jsonl")]},
         "clean": {"gopher_repetition": None, "url_blocklist": {"path": str(blocklist)}},
         "dedup": {"shards": 1},
         "tokenize": {"tokenizer": {"vocab_size": 300, "min_frequency": 1}, "val_fraction": 0.2},
     }
-    cfg = parse_config(raw, "test")
-    first = Pipeline(cfg).run(until="tokenize")
-    return raw, cfg, blocklist, first
+    first = Pipeline(parse_config(raw, "test")).run(until="tokenize")
+    return raw, blocklist, first
+
+
+@pytest.fixture
+def planned(planned_once, tmp_path):
+    """A private copy of that work dir, with the block list as the first run read it (stage keys hold the
+    list's content, not its mtime, so the copy is up to date)."""
+    raw, blocklist, first = planned_once
+    blocklist.write_text(BLOCKLIST)
+    raw = {**raw, "workdir": str(copy_of(Path(raw["workdir"]), tmp_path / "work"))}
+    return raw, parse_config(raw, "test"), blocklist, first
 
 
 def _plan(cfg, **kw):

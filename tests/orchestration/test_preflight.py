@@ -9,6 +9,8 @@ from orchestration.config import ConfigError, parse_config
 from orchestration.pipeline import Pipeline
 from orchestration.preflight import cluster_problems, preflight
 
+pytestmark = pytest.mark.integration
+
 
 def _config(tmp_path, **sections):
     corpus = tmp_path / "corpus.jsonl"

@@ -10,7 +10,7 @@ import pytest
 from orchestration.config import ConfigError, parse_config
 from orchestration.pipeline import Pipeline
 from orchestration.plan import Selection
-from tests.orchestration.test_pipeline_fast import _text
+from tests.fixtures import copy_of, prose
 from training.data.tokenizer import TokenizerConfig, load_tokenizer, save_tokenizer, train_bpe
 
 
@@ -18,7 +18,7 @@ from training.data.tokenizer import TokenizerConfig, load_tokenizer, save_tokeni
 def texts(tmp_path_factory):
     rng = random.Random(3)
     path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    lines = [json.dumps({"id": f"d{i:03d}", "text": _text(rng, 12)}) for i in range(60)]
+    lines = [json.dumps({"id": f"d{i:03d}", "text": prose(rng, 12)}) for i in range(60)]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -47,16 +47,20 @@ def _config(path, workdir, objective, arch, **train):
     )
 
 
-@pytest.mark.slow
+@pytest.mark.system
 @pytest.mark.parametrize(
     "objective,arch,model_type",
     [("masked_lm", "bert", "masked-lm"), ("span_corruption", "t5", "seq2seq-lm")],
 )
 def test_pretraining_pipeline_trains_evaluates_and_logs(
-    ray_session, texts, tmp_path, objective, arch, model_type
+    request, texts, tmp_path, objective, arch, model_type
 ):
-    cfg = _config(texts, tmp_path / "work", objective, arch)
-    result = Pipeline(cfg).run()
+    if objective == "masked_lm":  # the shared BERT pipeline (tests/fixtures.py), which also fine-tunes
+        _, cfg, result = request.getfixturevalue("masked_pipeline")
+    else:
+        request.getfixturevalue("ray_session")
+        cfg = _config(texts, tmp_path / "work", objective, arch)
+        result = Pipeline(cfg).run()
     tokens = result.stages["tokenize"]
     tok = load_tokenizer(tokens.out_dir / tokens.index["tokenizer"]["path"])
     needed = ["<mask>", "<cls>", "<sep>"] if objective == "masked_lm" else ["<extra_id_0>", "<extra_id_99>"]
@@ -77,8 +81,9 @@ def test_pretraining_pipeline_trains_evaluates_and_logs(
     assert model.metrics and {m.key for m in model.metrics} >= {"val_loss"}
 
     if objective == "masked_lm":
-        # Train alone from the existing shards (forced): the token dataset is used as it is and the same
-        # seed gives the same losses; then evaluate alone gives the same metrics.
+        # Train alone from the existing shards (forced, on a copy of the work dir): the token dataset is
+        # used as it is and the same seed gives the same losses; then evaluate alone gives the same metrics.
+        cfg = cfg.model_copy(update={"workdir": copy_of(cfg.workdir, tmp_path / "copy")})
         trained = Pipeline(cfg).run(selection=Selection(only=("train",), force=("train",)))
         actions = {e.stage: e.action for e in trained.plan}
         assert actions == {"clean": "use", "dedup": "use", "tokenize": "use", "train": "run"}
@@ -91,6 +96,7 @@ def test_pretraining_pipeline_trains_evaluates_and_logs(
         assert again == metrics
 
 
+@pytest.mark.unit
 def test_objective_config_errors_name_the_field(texts, tmp_path):
     with pytest.raises(ConfigError, match=r"evaluate.tasks are scored as causal LMs"):
         parse_config(

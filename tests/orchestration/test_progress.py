@@ -3,9 +3,12 @@
 
 import io
 
+import pytest
 from rich.console import Console
 
 from orchestration.progress import StageProgress
+
+pytestmark = pytest.mark.unit
 
 
 def test_a_plain_stream_gets_few_lines_and_a_total():

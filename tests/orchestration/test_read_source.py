@@ -12,6 +12,8 @@ from ingestion.readers import ReadConfig
 from orchestration.config import parse_config
 from orchestration.executors import corpus_source, run_document_stage
 
+pytestmark = pytest.mark.integration
+
 PARAGRAPH = "The river runs past the old mill and the stone bridge, as it has for three hundred years. "
 
 

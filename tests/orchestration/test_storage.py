@@ -20,7 +20,7 @@ from ingestion.readers import ReadConfig
 from orchestration.config import DedupConfig
 from orchestration.dedup import run_dedup_stage
 from orchestration.executors import corpus_source, run_document_stage, run_tokenize_stage
-from tests.orchestration.test_document_tasks import _explodes
+from tests.fixtures import exploding_stage
 from tests.ray_nodes import SMALL_DEMO, lmforge, set_args
 from training.data.tokenize import TokenizeConfig
 from training.data.tokenizer import TokenizerConfig
@@ -43,6 +43,7 @@ def store(request, tmp_path):
     return Store(f"{prefix}/dir{query}")
 
 
+@pytest.mark.integration
 def test_a_store_reads_writes_lists_and_removes_as_a_directory_does(store, tmp_path):
     assert not store.exists() and store.files() == [] and not store.exists("a.txt")
     store.write_bytes("a.txt", b"first")
@@ -75,6 +76,7 @@ def test_a_store_reads_writes_lists_and_removes_as_a_directory_does(store, tmp_p
     assert store.files() == [] and not store.exists("log/t.log")
 
 
+@pytest.mark.integration
 def test_a_remote_store_keeps_the_uri_query_for_every_path_below_it(bucket):
     prefix, query = bucket
     store = Store(f"{prefix}/run/{query}")
@@ -97,11 +99,12 @@ def _upload_corpus(bucket_uri: tuple[str, str], texts: list[str]) -> str:
 
 def _run(uri, out, options=None):
     read = ReadConfig(batch_size=8)
-    stages = [TextNormalizer(TextNormalizerConfig()), _explodes("POISON")]
+    stages = [TextNormalizer(TextNormalizerConfig()), exploding_stage("POISON")]
     partitions = [("read-00000", corpus_source(uri, read))]
     return run_document_stage("clean", stages, partitions, out, cache_key="k", inputs={}, options=options)
 
 
+@pytest.mark.integration
 def test_a_document_stage_on_ray_reads_and_commits_on_s3_the_bytes_a_local_run_does(
     ray_session, bucket, tmp_path
 ):
@@ -162,7 +165,7 @@ def test_a_document_stage_on_ray_reads_and_commits_on_s3_the_bytes_a_local_run_d
     assert deduped.read_bytes("clusters.parquet") == (tmp_path / "dedup" / "clusters.parquet").read_bytes()
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_a_whole_pipeline_runs_and_reruns_from_its_cache_with_the_workdir_on_s3(s3_server, tmp_path):
     """`lmforge run` of the demo (crawl of the demo site, clean, dedup, tokenize, 2-worker training,
     evaluation, report) with ``workdir: s3://...``: every output lands on the store, verified against its
@@ -210,7 +213,7 @@ def test_a_whole_pipeline_runs_and_reruns_from_its_cache_with_the_workdir_on_s3(
     print([line.strip() for line in again.stderr.splitlines() if "finished in" in line])  # the rerun's time
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_pretraining_then_finetuning_with_the_workdir_on_s3_commits_what_a_local_run_does(
     s3_server, tmp_path
 ):
@@ -222,18 +225,12 @@ def test_pretraining_then_finetuning_with_the_workdir_on_s3_commits_what_a_local
     import yaml
 
     from core.manifest import index_digest
-    from tests.orchestration.test_finetune_pipeline import _finetune
-    from tests.orchestration.test_pipeline_fast import _text
+    from tests.fixtures import finetune_section, labeled_rows, prose
 
     rng = random.Random(3)
     docs, labeled = tmp_path / "docs.jsonl", tmp_path / "labeled.jsonl"
-    docs.write_text("\n".join(json.dumps({"id": f"d{i}", "text": _text(rng, 12)}) for i in range(40)))
-    rows = []
-    for i in range(120):
-        words = _text(rng, 1).split()[:8]
-        words.insert(rng.randrange(8), ["stone", "river"][i % 2])
-        rows.append({"sentence": " ".join(words), "label": ["neg", "pos"][i % 2]})
-    labeled.write_text("\n".join(json.dumps(r) for r in rows))
+    docs.write_text("\n".join(json.dumps({"id": f"d{i}", "text": prose(rng, 12)}) for i in range(40)))
+    labeled.write_text("\n".join(json.dumps(r) for r in labeled_rows(rng, 120)))
     raw = {
         "name": "ft-remote",
         "read": {"paths": [str(docs)]},
@@ -244,7 +241,7 @@ def test_pretraining_then_finetuning_with_the_workdir_on_s3_commits_what_a_local
             "seq_len": 32, "micro_batch_size": 4, "steps": 6, "warmup_steps": 1,
         },
         "evaluate": {"pseudo_perplexity_sequences": 2},
-        "finetune": _finetune(data={"path": str(labeled)}, steps=12),
+        "finetune": finetune_section(data={"path": str(labeled)}, steps=12),
     }  # fmt: skip
     config = tmp_path / "ft.yaml"
     config.write_text(yaml.safe_dump(raw))

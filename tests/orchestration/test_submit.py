@@ -20,9 +20,10 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
-    """A separate Ray cluster (its own GCS, raylet and dashboard) in its own process group."""
+    """A separate Ray cluster (its own GCS, raylet and dashboard) in its own process group, shared by the
+    module's jobs (each with a submission id of its own)."""
     port, dash = free_port(), free_port()
     # Every port of its own: the session's Ray already holds the defaults (dashboard agent 52365, ...).
     own_ports = [
@@ -91,7 +92,7 @@ def _wheel(dest: Path, name: str, version: str) -> Path:
     return wheel
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tmp_path):
     """The whole demo pipeline as a Ray job whose runtime_env ships the repository and pip-installs the
     packages of a requirements file (a wheel this environment does not have) for the job's processes."""
@@ -129,6 +130,7 @@ def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, tmp_path):
     assert not list(REPO.glob(".lmforge*")) and not list(REPO.glob("*.yaml"))
 
 
+@pytest.mark.unit
 def test_requirements_name_a_file_or_lmforge(tmp_path):
     """``--requirements``: a file's packages (comments dropped), lmforge's own dependencies, or an error
     naming the missing file, before anything reaches a cluster."""
@@ -158,7 +160,7 @@ def _lmforge(env, *args, timeout=600) -> subprocess.CompletedProcess:
     return lmforge(list(args), env, timeout=timeout, check=False)
 
 
-@pytest.mark.slow
+@pytest.mark.system
 def test_jobs_status_logs_stop_and_a_killed_job_resubmitted_with_retries(ray_head, ray_session, tmp_path):
     """A data-only pipeline submitted with --retries 1: its driver is killed while clean's tasks run (some
     finished, some not); the resubmitted job keeps the finished tasks as they are, runs the others, and
@@ -170,7 +172,7 @@ def test_jobs_status_logs_stop_and_a_killed_job_resubmitted_with_retries(ray_hea
     from core.manifest import index_digest, read_index
     from orchestration.config import parse_config
     from orchestration.pipeline import Pipeline
-    from tests.orchestration.test_pipeline_fast import _text
+    from tests.fixtures import prose
 
     address, env = ray_head
     rng = random.Random(5)
@@ -179,7 +181,7 @@ def test_jobs_status_logs_stop_and_a_killed_job_resubmitted_with_retries(ray_hea
     for f in range(8):  # eight input files: eight clean tasks, two at a time on the head's two CPUs
         with open(dump / f"part-{f}.jsonl", "w") as out:
             for i in range(60):
-                text = _text(rng)
+                text = prose(rng)
                 out.write(
                     json.dumps({"id": f"d{f}-{i}", "text": text, "url": f"https://example.org/{f}/{i}"})
                 )
@@ -256,6 +258,7 @@ def test_jobs_status_logs_stop_and_a_killed_job_resubmitted_with_retries(ray_hea
     assert stopped.returncode == 0 and stopped.stdout == "lmf-stop: STOPPED\n", stopped.stderr
 
 
+@pytest.mark.unit
 def test_a_job_that_lacks_a_module_says_which_and_how_to_add_it(tmp_path):
     from orchestration.cli import _missing_module_hint
 

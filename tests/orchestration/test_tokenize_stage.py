@@ -4,15 +4,18 @@ import shutil
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from core.files import file_entry, write_parquet
 from core.manifest import read_index, read_table, write_index
 from core.partitions import plan_partitions
 from core.schema import DOCUMENT_SCHEMA
 from orchestration.executors import run_tokenize_stage
-from tests.training.test_shards import batches, corpus
+from tests.fixtures import batches, corpus
 from training.data.tokenize import TokenizeConfig, tokenize_documents
 from training.data.tokenizer import TokenizerConfig
+
+pytestmark = pytest.mark.integration
 
 
 def _docs_dataset(path, texts, rows_per_group=40):

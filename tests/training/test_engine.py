@@ -6,50 +6,15 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from pydantic import ValidationError
 
+from tests.training.plain_loop import BATCH, LR, SEQ, STEPS, VOCAB, batches, plain_pytorch_losses, step_loss
 from training.config import TrainConfig
 from training.model import ModelConfig, build_model
 from training.schedule import lr_multiplier
 
-VOCAB, SEQ, BATCH, STEPS, LR = 96, 16, 4, 6, 3e-3
 
-
-def batches():
-    """Counting sequences (next token = token + 1): learnable within a few steps."""
-    g = torch.Generator().manual_seed(11)
-    return [
-        (torch.randint(0, VOCAB, (BATCH, 1), generator=g) + torch.arange(SEQ + 1)) % VOCAB
-        for _ in range(STEPS)
-    ]
-
-
-def step_loss(model, seqs):
-    logits = model(input_ids=seqs[:, :-1]).logits
-    return F.cross_entropy(logits.reshape(-1, VOCAB), seqs[:, 1:].reshape(-1))
-
-
-def plain_pytorch_losses(cfg: TrainConfig) -> list[float]:
-    model = build_model(cfg.model, VOCAB, SEQ, seed=cfg.seed)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=LR, betas=cfg.betas, eps=1e-8, weight_decay=cfg.weight_decay
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_multiplier(s, cfg.warmup_steps, cfg.steps, 0.1)
-    )
-    losses = []
-    for seqs in batches():
-        loss = step_loss(model, seqs)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    return losses
-
-
+@pytest.mark.integration
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_deepspeed_matches_plain_pytorch_loop(single_process_dist, zero_stage):
     from training.engine import initialize
@@ -81,6 +46,7 @@ def test_deepspeed_matches_plain_pytorch_loop(single_process_dist, zero_stage):
     assert losses == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.unit
 def test_ds_config_is_generated_and_merged():
     from training.engine import build_ds_config
 
@@ -105,12 +71,14 @@ def test_ds_config_is_generated_and_merged():
     assert build_ds_config(TrainConfig(ds_config=sgd))["optimizer"] == sgd["optimizer"]
 
 
+@pytest.mark.unit
 def test_warmup_cosine_schedule_hand_computed():
     # warmup 2 of 6 steps, floor 0.1: (1/2, 2/2), then 0.1 + 0.9 * (1 + cos(pi * k/4)) / 2 for k = 0..3
     expected = [0.5, 1.0, 1.0, 0.1 + 0.9 * (1 + 2**-0.5) / 2, 0.55, 0.1 + 0.9 * (1 - 2**-0.5) / 2, 0.1]
     assert [lr_multiplier(s, 2, 6, 0.1) for s in range(7)] == pytest.approx(expected)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -131,12 +99,14 @@ def test_invalid_training_configs_fail_before_launch(fields, message):
         TrainConfig(**fields)
 
 
+@pytest.mark.unit
 def test_same_seed_same_init():
     a = build_model(ModelConfig(preset="debug"), VOCAB, SEQ, seed=5)
     b = build_model(ModelConfig(preset="debug"), VOCAB, SEQ, seed=5)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+@pytest.mark.unit
 def test_engine_selects_the_cpu_accelerator_without_cuda():
     """Imported with no DS_ACCELERATOR set, the engine module picks DeepSpeed's CPU accelerator when no GPU
     answers (and leaves the choice to DeepSpeed when one does)."""
@@ -156,6 +126,7 @@ def test_engine_selects_the_cpu_accelerator_without_cuda():
         assert chosen == "None" and device == "cuda"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_bf16_training_exports_the_fp32_master_weights(single_process_dist, zero_stage):
     from training.engine import consolidated_state_dict, initialize
@@ -188,6 +159,7 @@ def test_bf16_training_exports_the_fp32_master_weights(single_process_dist, zero
     assert (trained != trained.to(torch.bfloat16).float()).float().mean() > 0.5
 
 
+@pytest.mark.unit
 def test_nvme_offload_config():
     from training.engine import build_ds_config
 
@@ -199,6 +171,7 @@ def test_nvme_offload_config():
         assert zero[key] == {"device": "nvme", "pin_memory": False, "nvme_path": "/nvme"}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("activation_checkpointing", [False, True])
 def test_grad_accumulation_matches_the_full_batch_plain_loop(single_process_dist, activation_checkpointing):
     """2 micro-batches of 2 accumulated == one batch of 4 (equal sizes: the mean of means is the mean)."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from tests.training.test_engine import BATCH, LR, SEQ, STEPS, VOCAB, batches, plain_pytorch_losses
+from tests.training.plain_loop import BATCH, LR, SEQ, STEPS, VOCAB, batches, plain_pytorch_losses
 from training.config import TrainConfig
 from training.model import ModelConfig, build_model
 from training.objectives import ObjectiveBatches, SpecialIds, document_positions
@@ -55,6 +55,7 @@ def config(model: dict | None = None, **fields) -> TrainConfig:
     )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("switches", "rel"),
     [
@@ -79,6 +80,7 @@ def test_each_fast_path_keeps_the_plain_loss_curve(single_process_dist, switches
         assert max(abs(a - b) for a, b in zip(losses, expected, strict=True)) > 1e-6
 
 
+@pytest.mark.unit
 def test_gpu_defaults_are_the_fast_paths_and_cpu_keeps_the_plain_ones():
     from training.engine import build_ds_config
 
@@ -100,11 +102,13 @@ def test_gpu_defaults_are_the_fast_paths_and_cpu_keeps_the_plain_ones():
     assert TrainConfig().model.attn_implementation == "sdpa"
 
 
+@pytest.mark.unit
 def test_document_positions_restart_after_each_end_of_document():
     rows = np.array([[5, 6, EOS, 7, 8, 9, EOS, 4], [EOS, 1, 2, 3, 4, 5, 6, 7]])
     assert document_positions(rows, EOS).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 0, 1, 2, 3, 4, 5, 6]]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_document_masking_gives_each_document_its_logits_alone(single_process_dist, arch, attn):
@@ -143,6 +147,7 @@ def test_document_masking_gives_each_document_its_logits_alone(single_process_di
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_document_masking_needs_packed_causal_sequences():
     assert TrainConfig(document_masking=True).document_masking
     with pytest.raises(ValidationError, match="span_documents=false"):
@@ -153,6 +158,7 @@ def test_document_masking_needs_packed_causal_sequences():
         build_model(ModelConfig(attn_implementation="flash_attention_2"), VOCAB, SEQ, eos_token_id=EOS)
 
 
+@pytest.mark.unit
 def test_mfu_counts_the_flops_nanogpt_counts():
     """GPT-2 124M: 124,439,808 parameters less the 1024 x 768 position table (the token table is the
     head's matmul) = 123.65M; FLOPs per token 6N + 12*L*d*T, nanoGPT's estimate_mfu by hand."""

@@ -135,6 +135,7 @@ def _accuracy(model_dir, cfg) -> tuple[float, float]:
     return float((logits.argmax(-1).numpy() == labels).mean()), float(majority)
 
 
+@pytest.mark.integration
 def test_classifier_beats_the_majority_baseline(single_process_dist, bert_base, labeled, tmp_path):
     cfg = _cfg(bert_base, labeled)
     summary = finetune(cfg, tmp_path / "ft", print_progress=False)
@@ -147,6 +148,7 @@ def test_classifier_beats_the_majority_baseline(single_process_dist, bert_base, 
     }
 
 
+@pytest.mark.integration
 def test_frozen_weights_stay_bit_identical(single_process_dist, bert_base, labeled, tmp_path):
     cfg = _cfg(bert_base, labeled, steps=8, freeze_embeddings=True, freeze_layers=1)
     summary = finetune(cfg, tmp_path / "ft", print_progress=False)
@@ -160,6 +162,7 @@ def test_frozen_weights_stay_bit_identical(single_process_dist, bert_base, label
     assert summary["frozen_parameters"] == sum(before[k].numel() for k in frozen)
 
 
+@pytest.mark.integration
 def test_lora_trains_only_adapters_and_the_merged_export_is_base_plus_adapter(
     single_process_dist,
     bert_base,
@@ -197,6 +200,7 @@ def test_lora_trains_only_adapters_and_the_merged_export_is_base_plus_adapter(
         assert torch.allclose(composed(input_ids=probe).logits, exported(input_ids=probe).logits, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_layer_wise_decay_gives_each_layer_its_learning_rate(single_process_dist, bert_base, labeled):
     from training import engine as ds_engine
 
@@ -224,6 +228,7 @@ def test_layer_wise_decay_gives_each_layer_its_learning_rate(single_process_dist
     assert lrs == pytest.approx({k: v * multiplier for k, v in expected.items()})
 
 
+@pytest.mark.integration
 def test_seq2seq_fine_tuning_exports_a_model_that_generates(single_process_dist, t5_base, labeled, tmp_path):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -242,6 +247,7 @@ def test_seq2seq_fine_tuning_exports_a_model_that_generates(single_process_dist,
     assert tok.decode(out[0], skip_special_tokens=True).strip().startswith("river")
 
 
+@pytest.mark.unit
 def test_freezing_the_encoder_of_an_encoder_decoder(t5_base, labeled):
     cfg = _cfg(t5_base, labeled, task="seq2seq", freeze="encoder", data={"target_column": "target"})
     model = build_task_model(cfg, [])
@@ -257,6 +263,7 @@ def test_freezing_the_encoder_of_an_encoder_decoder(t5_base, labeled):
     assert frozen == sum(p.numel() for p in decoder.values())
 
 
+@pytest.mark.unit
 def test_class_weights_are_scikit_learns_balanced():
     labels = np.array([0] * 70 + [1] * 20 + [2] * 10)
     cfg = FinetuneConfig(init_from="x", data={"path": "x.jsonl"}, class_weights="balanced")
@@ -264,6 +271,7 @@ def test_class_weights_are_scikit_learns_balanced():
     assert class_weights(cfg, labels, 3).numpy() == pytest.approx(expected)
 
 
+@pytest.mark.unit
 def test_labeled_data_reads_every_format_with_the_same_split(tmp_path, labeled):
     rows = _rows(200)
     table = pa.Table.from_pylist(rows)
@@ -300,6 +308,7 @@ def test_labeled_data_reads_every_format_with_the_same_split(tmp_path, labeled):
     )
 
 
+@pytest.mark.unit
 def test_labeled_data_errors_name_the_file_and_column(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a", "label": 0}\n{oops\n')
@@ -312,6 +321,7 @@ def test_labeled_data_errors_name_the_file_and_column(tmp_path):
         FinetuneConfig(init_from="x", data={"path": "x.jsonl"}, lora={}, zero_stage=3)
 
 
+@pytest.mark.integration
 def test_multi_label_fine_tuning_learns_each_label(single_process_dist, bert_base, tmp_path):
     from evaluation.finetuned import evaluate_finetuned
 
@@ -340,6 +350,7 @@ def test_multi_label_fine_tuning_learns_each_label(single_process_dist, bert_bas
     assert test["subset_accuracy"] > 0.55 and test["f1_macro"] > 0.75, test
 
 
+@pytest.mark.unit
 def test_pairs_are_encoded_as_bert_does_them(bert_base):
     """[CLS] a [SEP] b [SEP], token types 0 then 1, the longer side truncated first (transformers'
     longest_first), padding after, with the mask marking real tokens."""

@@ -22,6 +22,8 @@ from training.objectives import (
     word_starts,
 )
 
+pytestmark = pytest.mark.unit
+
 VOCAB = 1000
 #: Ids 0-4 special (eos pad mask cls sep), 5-104 sentinels, the rest ordinary tokens.
 IDS = SpecialIds(vocab_size=VOCAB, eos=0, pad=1, mask=2, cls=3, sep=4, sentinels=tuple(range(5, 105)))

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from core.schema import DOCUMENT_SCHEMA
+from tests.fixtures import batches, corpus
 from training.data.shards import (
     DistributedBatchSampler,
     ShardError,
@@ -18,43 +18,7 @@ from training.data.shards import (
 from training.data.tokenize import TokenizeConfig, tokenize_documents
 from training.data.tokenizer import EOS_TOKEN, TokenizerConfig, load_tokenizer
 
-WORDS = [
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "epsilon",
-    "river",
-    "stone",
-    "valley",
-    "mill",
-    "water",
-    "light",
-    "shadow",
-]
-
-
-def corpus(n: int, seed: int = 0) -> dict[str, str]:
-    rng = np.random.default_rng(seed)
-    return {f"doc{i:04d}": " ".join(rng.choice(WORDS, size=int(rng.integers(20, 80)))) for i in range(n)}
-
-
-def batches(texts: dict[str, str]):
-    n = len(texts)
-    return [
-        pa.RecordBatch.from_pydict(
-            {
-                "id": list(texts),
-                "url": [None] * n,
-                "text": list(texts.values()),
-                "source": ["t"] * n,
-                "lang": [None] * n,
-                "fetched_at": [None] * n,
-                "meta": [[] for _ in range(n)],
-            },
-            schema=DOCUMENT_SCHEMA,
-        )
-    ]
+pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")

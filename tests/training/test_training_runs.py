@@ -1,6 +1,7 @@
 """Whole training runs: ZeRO 0/2/3 on 2 Ray Train workers, export round-trip, fine-tuning, masked-LM and
-span-corruption pretraining, and resume after a real kill (torchrun, 2 ranks, SIGKILL) reproducing the
-uninterrupted loss curve exactly for each objective."""
+span-corruption pretraining (the shared models of tests/fixtures.py), and resume after a real kill (torchrun,
+2 ranks, SIGKILL; a Ray Train worker, SIGKILL) reproducing the uninterrupted loss curve exactly for each
+objective."""
 
 import contextlib
 import json
@@ -21,59 +22,9 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import free_port
-from tests.training.test_shards import batches, corpus
-from training.config import TrainConfig
-from training.data.tokenize import TokenizeConfig, tokenize_documents
-from training.data.tokenizer import EOS_TOKEN, TokenizerConfig
-from training.objectives import special_tokens_for
+from tests.fixtures import ARCH, OBJECTIVES, train_config
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tokens")
-    texts = corpus(300, seed=2)
-    cfg = TokenizeConfig(tokenizer=TokenizerConfig(vocab_size=320, min_frequency=1), val_fraction=0.1)
-    tokenize_documents(lambda: batches(texts), out, cfg)
-    return out
-
-
-@pytest.fixture(scope="module")
-def special_tokens(tmp_path_factory):
-    """The same corpus with a tokenizer that has the masked-LM and span-corruption special tokens."""
-    out = tmp_path_factory.mktemp("special_tokens")
-    sentinels = [t for t in special_tokens_for("span_corruption") if t not in special_tokens_for("masked_lm")]
-    specials = [EOS_TOKEN, *special_tokens_for("masked_lm"), *sentinels]
-    tok = TokenizerConfig(vocab_size=512, min_frequency=1, special_tokens=specials)
-    tokenize_documents(
-        lambda: batches(corpus(300, seed=2)), out, TokenizeConfig(tokenizer=tok, val_fraction=0.1)
-    )
-    return out
-
-
-OBJECTIVES = {
-    "causal_lm": {},
-    "masked_lm": {
-        "objective": "masked_lm",
-        "masking": {"next_sentence_prediction": True, "whole_word": True},
-    },
-    "span_corruption": {"objective": "span_corruption"},
-}
-ARCH = {"causal_lm": "gpt2", "masked_lm": "bert", "span_corruption": "t5"}
-
-
-def small(**fields) -> TrainConfig:
-    base = {
-        "model": {"preset": "debug", "n_embd": 32, "n_head": 2},
-        "seq_len": 32,
-        "micro_batch_size": 4,
-        "num_workers": 2,
-        "steps": 12,
-        "warmup_steps": 2,
-        "lr": 1e-2,
-    }
-    return TrainConfig.model_validate({**base, **fields})
 
 
 def launch(cfg, tokens, out):
@@ -82,36 +33,29 @@ def launch(cfg, tokens, out):
     return launch_training(cfg, tokens, out, run_name=out.name)
 
 
-@pytest.fixture(scope="module")
-def zero3_run(ray_session, tokens, tmp_path_factory):
-    out = tmp_path_factory.mktemp("zero3")
-    return launch(small(zero_stage=3), tokens, out), out
-
-
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", [0, 2])
-def test_zero_stage_trains_on_two_workers(ray_session, tokens, tmp_path, stage):
-    summary = launch(small(zero_stage=stage), tokens, tmp_path / f"zero{stage}")
+def test_zero_stage_trains_on_two_workers(ray_session, token_shards, tmp_path, stage):
+    summary = launch(train_config(zero_stage=stage), token_shards, tmp_path / f"zero{stage}")
     losses = summary["losses"]
     assert summary["world_size"] == 2 and len(losses) == 12
     assert np.mean(losses[-3:]) < losses[0] - 0.5
 
 
-@pytest.mark.slow
-def test_zero3_trains_and_the_same_seed_gives_the_same_losses(zero3_run, tokens, tmp_path):
-    summary, _ = zero3_run
-    assert summary["world_size"] == 2
-    assert np.mean(summary["losses"][-3:]) < summary["losses"][0] - 0.5
-    again = launch(small(zero_stage=3), tokens, tmp_path / "again")
-    assert again["losses"] == summary["losses"]
+@pytest.mark.integration
+def test_zero3_trains_and_the_same_seed_gives_the_same_losses(trained, tmp_path):
+    run = trained("causal_lm")  # ZeRO-3, two workers; tests/test_fixtures.py checks that its loss fell
+    assert run.config.zero_stage == 3 and run.summary["world_size"] == 2
+    again = launch(run.config, run.tokens, tmp_path / "again")
+    assert again["losses"] == run.summary["losses"]
 
 
-@pytest.mark.slow
-def test_exported_model_loads_and_generates_with_transformers(zero3_run, tokens):
+@pytest.mark.integration
+def test_exported_model_loads_and_generates_with_transformers(trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    summary, out = zero3_run
-    model_dir = Path(summary["model_dir"])
+    run = trained("causal_lm")
+    model_dir = run.model_dir
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == model.config.eos_token_id
@@ -121,7 +65,7 @@ def test_exported_model_loads_and_generates_with_transformers(zero3_run, tokens)
     # Its loss on training text matches what training reached, not a random init's ln(vocab).
     from training.data.shards import TokenSequences
 
-    seqs = torch.from_numpy(TokenSequences(tokens, "train", 32).batch(np.arange(16)).astype(np.int64))
+    seqs = torch.from_numpy(TokenSequences(run.tokens, "train", 32).batch(np.arange(16)).astype(np.int64))
     with torch.no_grad():
         loss = model(input_ids=seqs[:, :-1], labels=seqs[:, :-1]).loss.item()
     assert loss < np.log(320) - 1.0
@@ -137,14 +81,14 @@ def test_exported_model_loads_and_generates_with_transformers(zero3_run, tokens)
     assert tok.decode(generated[0]).startswith("river stone")  # byte-level BPE round-trips the prompt
 
 
-@pytest.mark.slow
-def test_fine_tuning_freezes_the_first_layers(zero3_run, tokens, tmp_path):
-    summary, _ = zero3_run
-    base_dir = Path(summary["model_dir"])
-    cfg = small(
+@pytest.mark.integration
+def test_fine_tuning_freezes_the_first_layers(trained, tmp_path):
+    run = trained("causal_lm")
+    base_dir = run.model_dir
+    cfg = train_config(
         zero_stage=2, num_workers=1, steps=4, warmup_steps=1, init_from=str(base_dir), freeze_layers=1
     )
-    tuned = launch(cfg, tokens, tmp_path / "tuned")
+    tuned = launch(cfg, run.tokens, tmp_path / "tuned")
     before = load_file(base_dir / "model.safetensors")
     after = load_file(Path(tuned["model_dir"]) / "model.safetensors")
     frozen = [k for k in before if k.startswith("transformer.h.0.") or k == "transformer.wpe.weight"]
@@ -164,31 +108,57 @@ def _torchrun(config: Path, tokens: Path, out: Path, nproc: int = 2) -> subproce
     )  # fmt: skip
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("objective", list(OBJECTIVES))
-def test_resume_after_a_kill_reproduces_the_uninterrupted_losses(objective, request, tmp_path):
-    """Masks, spans and NSP partners are drawn from (seed, step, rank, micro-batch): resume stays exact."""
-    tokens = request.getfixturevalue("tokens" if objective == "causal_lm" else "special_tokens")
-    config = tmp_path / "train.yaml"
-    # Wide enough that 30 steps after the step-10 checkpoint outlast the 10 ms poll below.
+def _resume_config(objective: str):
+    """Wide enough that 15 steps after the step-10 checkpoint outlast the 10 ms poll of the kill tests."""
     model = {"arch": ARCH[objective], "preset": "debug", "n_embd": 128, "n_head": 4}
-    cfg = small(
-        model=model, seq_len=64, steps=40, zero_stage=2, checkpoint_every=5, keep_checkpoints=2,
+    return train_config(
+        model=model, seq_len=64, steps=25, zero_stage=2, checkpoint_every=5, keep_checkpoints=2, max_failures=1,
         **OBJECTIVES[objective],
     )  # fmt: skip
-    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
 
-    straight = _torchrun(config, tokens, tmp_path / "straight")
-    log = straight.communicate(timeout=600)[0]
-    assert straight.returncode == 0, log[-3000:]
-    expected = json.loads((tmp_path / "straight" / "summary.json").read_text())["losses"]
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, request, tmp_path_factory):
+    """``uninterrupted(objective)``: the losses of the resume config run straight through (Ray Train, two
+    workers), the reference of every kill point of that objective."""
+    done: dict[str, list[float]] = {}
+
+    def get(objective: str) -> list[float]:
+        if objective not in done:
+            shards = request.getfixturevalue(
+                "token_shards" if objective == "causal_lm" else "special_token_shards"
+            )
+            out = tmp_path_factory.mktemp(f"straight-{objective}")
+            done[objective] = launch(_resume_config(objective), shards, out)["losses"]
+        return done[objective]
+
+    return get
+
+
+def _checkpointed(out: Path, alive, deadline: float) -> None:
+    """Poll until the step-10 checkpoint is committed (its lmforge.json is written last)."""
+    while not (out / "checkpoints" / "step00000010" / "lmforge.json").exists():
+        assert alive() and time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_resume_after_a_kill_reproduces_the_uninterrupted_losses(objective, request, uninterrupted, tmp_path):
+    """Masks, spans and NSP partners are drawn from (seed, step, rank, micro-batch): resume stays exact, and
+    torchrun's ranks reproduce Ray Train's uninterrupted run of the same config bit for bit."""
+    tokens = request.getfixturevalue("token_shards" if objective == "causal_lm" else "special_token_shards")
+    config = tmp_path / "train.yaml"
+    cfg = _resume_config(objective)
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    expected = uninterrupted(objective)
 
     out = tmp_path / "killed"
     run = _torchrun(config, tokens, out)
-    deadline = time.monotonic() + 600
-    while not (out / "checkpoints" / "step00000010" / "lmforge.json").exists():
-        assert run.poll() is None and time.monotonic() < deadline, run.communicate()[0][-3000:]
-        time.sleep(0.01)
+    try:
+        _checkpointed(out, lambda: run.poll() is None, time.monotonic() + 600)
+    except AssertionError:
+        raise AssertionError(run.communicate()[0][-3000:]) from None
     # Every rank and the launcher, mid-run (torchrun starts each rank in a session of its own).
     launcher = psutil.Process(run.pid)
     procs = [*launcher.children(recursive=True), launcher]
@@ -203,7 +173,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_losses(objective, requ
     log = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, log[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert 10 <= summary["resumed_from"] < 40
+    assert 10 <= summary["resumed_from"] < cfg.steps
     assert summary["losses"] == expected  # bit-identical on CPU
     if objective != "causal_lm":
         return
@@ -227,46 +197,40 @@ def _ray_train_workers() -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.slow
-def test_ray_train_restarts_a_killed_worker_and_resumes_from_storage(ray_session, tokens, tmp_path):
-    model = {"preset": "debug", "n_embd": 128, "n_head": 4}
-    cfg = small(model=model, seq_len=64, steps=40, zero_stage=2, checkpoint_every=5, max_failures=1)
-    expected = launch(cfg, tokens, tmp_path / "straight")["losses"]
+@pytest.mark.system
+def test_ray_train_restarts_a_killed_worker_and_resumes_from_storage(uninterrupted, token_shards, tmp_path):
+    cfg = _resume_config("causal_lm")
+    expected = uninterrupted("causal_lm")
 
     out = tmp_path / "killed"
     outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(summary=launch(cfg, tokens, out)))
+    thread = threading.Thread(target=lambda: outcome.update(summary=launch(cfg, token_shards, out)))
     thread.start()
-    deadline = time.monotonic() + 600
-    while not (out / "checkpoints" / "step00000010" / "lmforge.json").exists():
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.01)
+    _checkpointed(out, thread.is_alive, time.monotonic() + 600)
     victim = _ray_train_workers()[-1]
     victim.send_signal(signal.SIGKILL)
     thread.join(timeout=600)
     summary = outcome["summary"]
-    assert 10 <= summary["resumed_from"] < 40
+    assert 10 <= summary["resumed_from"] < cfg.steps
     assert summary["losses"] == expected
 
     # Every rank's partition reached Ray Train's storage, merged into one checkpoint per step.
     (run_dir,) = (out / "ray_train").iterdir()
-    final = run_dir / "step00000040"
+    final = run_dir / f"step{cfg.steps:08d}"
     names = {f.name for f in final.iterdir()}
     assert {n for n in names if "zero_pp_rank_0_" in n} and {n for n in names if "zero_pp_rank_1_" in n}
     assert "lmforge.json" in names
 
-    # A node that lost its local disk resumes from storage: the run is found complete at step 40.
+    # A node that lost its local disk resumes from storage: the run is found complete at its last step.
     shutil.rmtree(out / "checkpoints")
     (out / "summary.json").unlink()
-    again = launch(cfg, tokens, out)
-    assert again["resumed_from"] == 40 and again["losses"] == expected
+    again = launch(cfg, token_shards, out)
+    assert again["resumed_from"] == cfg.steps and again["losses"] == expected
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("objective", ["masked_lm", "span_corruption"])
-def test_masked_and_span_corruption_pretraining_learn_and_export(
-    ray_session, special_tokens, tmp_path, objective
-):
+def test_masked_and_span_corruption_pretraining_learn_and_export(trained, tmp_path, objective):
     from transformers import (
         AutoModelForMaskedLM,
         AutoModelForPreTraining,
@@ -276,18 +240,13 @@ def test_masked_and_span_corruption_pretraining_learn_and_export(
 
     from training.data.shards import TokenSequences
 
-    model = {"arch": ARCH[objective], "preset": "debug", "n_embd": 64, "n_head": 2}
-    summary = launch(
-        small(model=model, steps=20, **OBJECTIVES[objective]), special_tokens, tmp_path / objective
-    )
-    losses = summary["losses"]
-    assert summary["world_size"] == 2 and summary["objective"] == objective
-    assert np.mean(losses[-3:]) < losses[0] - 1.0
-
-    model_dir = Path(summary["model_dir"])
+    run = trained(objective)  # tests/test_fixtures.py checks that its loss fell
+    losses = run.summary["losses"]
+    assert run.summary["world_size"] == 2 and run.summary["objective"] == objective
+    model_dir = run.model_dir
     tok = AutoTokenizer.from_pretrained(model_dir)
     vocab = len(tok)
-    stream = TokenSequences(special_tokens, "val", 40).batch(np.arange(8)).astype(np.int64)
+    stream = TokenSequences(run.tokens, "val", 40).batch(np.arange(8)).astype(np.int64)
     if objective == "masked_lm":
         assert tok.mask_token == "<mask>" and tok.cls_token == "<cls>"
         assert type(AutoModelForPreTraining.from_pretrained(model_dir)).__name__ == "BertForPreTraining"
@@ -318,15 +277,15 @@ def test_masked_and_span_corruption_pretraining_learn_and_export(
     # Continued pretraining from the exported directory (its Auto class per objective) starts where the
     # first run ended, not from a random init's loss.
     resumed = launch(
-        small(
-            model=model,
+        train_config(
+            model=run.config.model.model_dump(),
             steps=4,
             warmup_steps=1,
             num_workers=1,
             init_from=str(model_dir),
             **OBJECTIVES[objective],
         ),
-        special_tokens,
+        run.tokens,
         tmp_path / f"{objective}-continued",
     )
     assert resumed["losses"][0] < losses[0] - 1.0
