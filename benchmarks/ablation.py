@@ -10,11 +10,14 @@ with what real crawls are full of, all of it real text from installed Debian pac
 - every installed package's copyright file (the same licence texts hundreds of times over) and Debian
   changelog (bullet lists, names, e-mail addresses) under /packages/, as a package tracker shows them.
 ``--site handbook`` crawls the handbook alone: documentation with little junk, where cleaning has
-little to remove (see benchmarks/README.md for both).
+little to remove (see benchmarks/README.md for both). ``--site demo`` crawls the generated pydoc site of
+``lmforge``'s demo (8 modules, an exact and a near duplicate; no Debian package needed), with the filters
+relaxed for documentation as ``--filters docs``; ``--smoke`` runs it at the smallest size: a one-layer
+model, 2 steps, one worker, 4 examples of one task.
 
-Held out: every 8th English handbook chapter file; the server answers 404 for that file name everywhere,
-so neither corpus contains any copy of it. The held-out text is those English pages through the clean
-pipeline's own stages (the same filters as "clean"), so it is clean text.
+Held out: every 8th English handbook chapter file (demo: module page); the server answers 404 for that
+file name everywhere, so neither corpus contains any copy of it. The held-out text is those English pages
+through the clean pipeline's own stages (the same filters as "clean"), so it is clean text.
 
 Two pipeline runs (``lmforge run``, embedded Ray, each in its own process) share everything but the
 cleaning: "raw" extracts and normalizes only (no language, Gopher or PII step, no dedup); "clean" runs
@@ -24,8 +27,8 @@ BPE fit on the raw corpus) and train the same GPT-2 (4 layers, width 256) for th
 tokens. Goal (issue 15): the cleaned corpus wins on held-out bits per byte (``ratio`` = raw bpb / clean
 bpb > 1).
 
-    .venv/bin/python benchmarks/ablation.py [--quick] [--site web|handbook] [--steps 80] [--filters default|docs]
-        [--languages all]
+    .venv/bin/python benchmarks/ablation.py [--quick | --smoke] [--site web|handbook|demo] [--steps 80]
+        [--filters default|docs] [--languages all]
 """
 
 from __future__ import annotations
@@ -68,20 +71,28 @@ parser.add_argument(
 )
 parser.add_argument(
     "--site",
-    choices=["web", "handbook"],
+    choices=["web", "handbook", "demo"],
     default="web",
-    help="web: the handbook mixed with rust-doc and package copyright/changelog pages; handbook: alone",
+    help="web: the handbook mixed with rust-doc and package copyright/changelog pages; handbook: alone; "
+    "demo: the generated pydoc site (implies --filters docs)",
 )
 parser.add_argument("--keep", action="store_true", help="keep the work directory")
 parser.add_argument("--port", type=int, default=8791, help="fixed, so a rerun's crawl (and ids) is the same")
 parser.add_argument("--work", type=Path, help="work directory (stages already there are reused)")
+parser.add_argument(
+    "--smoke", action="store_true", help="--site demo, a one-layer model, 2 steps, 4 task examples"
+)
 args = parser.parse_args()
 if args.quick:
     args.steps, args.languages, args.task_limit = 60, "en-US,de-DE,fr-FR,ja-JP", 100
+if args.smoke:
+    args.site, args.steps, args.tasks, args.task_limit, args.port = "demo", 2, "arc_easy", 4, 0
+if args.site == "demo":
+    args.filters = "docs"  # pydoc pages are half code: the published alpha-words ratio rejects them all
 
 
-def held_out_names() -> list[str]:
-    pages = sorted(p.name for p in (HANDBOOK / "en-US").glob("*.html") if p.name != "index.html")
+def held_out_names(english: Path) -> list[str]:
+    pages = sorted(p.name for p in english.glob("*.html") if p.name != "index.html")
     return pages[3::8]
 
 
@@ -119,14 +130,15 @@ class Handler(SimpleHTTPRequestHandler):
 
     held_out: frozenset[str] = frozenset()
     languages: list[str] = []
+    root: Path = HANDBOOK  # the site's files: --site handbook and demo
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         path = self.path.split("?")[0]
         if path.rsplit("/", 1)[-1] in self.held_out:
             self.send_error(404)
             return
-        if args.site == "handbook":
-            self.directory = str(HANDBOOK)
+        if args.site in ("handbook", "demo"):
+            self.directory = str(self.root)
             super().do_GET()
             return
         if path in ("/", "/index.html"):
@@ -172,11 +184,9 @@ class Handler(SimpleHTTPRequestHandler):
         pass
 
 
-def serve(held_out: list[str], languages: list[str]) -> ThreadingHTTPServer:
-    Handler.held_out, Handler.languages = frozenset(held_out), languages
-    server = ThreadingHTTPServer(
-        ("127.0.0.1", args.port), functools.partial(Handler, directory=str(HANDBOOK))
-    )
+def serve(held_out: list[str], languages: list[str], root: Path) -> ThreadingHTTPServer:
+    Handler.held_out, Handler.languages, Handler.root = frozenset(held_out), languages, root
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), functools.partial(Handler, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -193,6 +203,10 @@ def config(name: str, work: Path, seeds: list[str], cleaned: bool, tokenizer: st
     if not cleaned:
         clean = {"language": None, "gopher_repetition": None, "gopher": None, "pii": None}
         dedup = {"exact": None, "minhash": None, "lines": None}
+    if args.smoke:
+        model, vocab, seq_len, batch, workers = {"n_layer": 1, "n_embd": 32, "n_head": 2}, 512, 64, 2, 1
+    else:
+        model, vocab, seq_len, batch, workers = {"n_layer": 4, "n_embd": 256, "n_head": 4}, 8192, 256, 8, 2
     return {
         "name": name,
         "workdir": str(work / name),
@@ -209,21 +223,21 @@ def config(name: str, work: Path, seeds: list[str], cleaned: bool, tokenizer: st
         "clean": clean,
         "dedup": dedup,
         "tokenize": {
-            "tokenizer": {"path": tokenizer} if tokenizer else {"vocab_size": 8192},
+            "tokenizer": {"path": tokenizer} if tokenizer else {"vocab_size": vocab},
             "val_fraction": 0.02,
         },
         "train": {
-            "model": {"arch": "gpt2", "preset": "debug", "n_layer": 4, "n_embd": 256, "n_head": 4},
-            "seq_len": 256,
-            "micro_batch_size": 8,
-            "num_workers": 2,
+            "model": {"arch": "gpt2", "preset": "debug", **model},
+            "seq_len": seq_len,
+            "micro_batch_size": batch,
+            "num_workers": workers,
             "zero_stage": 2,
             "steps": args.steps,
             "lr": 0.002,
             "warmup_steps": max(1, args.steps // 20),
             "seed": 0,
         },
-        "evaluate": {"max_batches": 10},
+        "evaluate": {"max_batches": 1 if args.smoke else 10},
     }
 
 
@@ -245,8 +259,11 @@ def run(cfg: dict, work: Path) -> dict:
     def index(stage: str) -> dict:
         return json.loads((workdir / stage / "index.json").read_text())
 
+    train = cfg["train"]
+    per_step = train["micro_batch_size"] * train["num_workers"] * train["seq_len"]
     return {
         "seconds": time.perf_counter() - start,
+        "trained_tokens": train["steps"] * per_step,
         "model_dir": workdir / "train" / "model",
         "tokenizer": str(workdir / "tokenize" / "tokenizer.json"),
         "documents": index("tokenize")["counters"]["documents"],
@@ -255,7 +272,7 @@ def run(cfg: dict, work: Path) -> dict:
     }
 
 
-def held_out_texts(names: list[str]) -> list[str]:
+def held_out_texts(english: Path, names: list[str]) -> list[str]:
     """The held-out English pages through the clean pipeline's own stages (default filters): the held-out
     text is clean text."""
     import pyarrow as pa
@@ -265,7 +282,7 @@ def held_out_texts(names: list[str]) -> list[str]:
     from orchestration.config import CleanConfig
     from orchestration.pipeline import clean_stages
 
-    pages = [(HANDBOOK / "en-US" / n).read_text(encoding="utf-8") for n in names]
+    pages = [(english / n).read_text(encoding="utf-8") for n in names]
     n = len(pages)
     batch = pa.RecordBatch.from_pydict(
         {
@@ -290,26 +307,37 @@ def main() -> None:
     from benchmarks.common import result, summary
     from evaluation.harness import evaluate
 
-    if not HANDBOOK.is_dir():
-        raise SystemExit(f"{HANDBOOK}: install the debian-handbook package (apt-get install debian-handbook)")
+    if args.site != "demo" and not HANDBOOK.is_dir():
+        raise SystemExit(
+            f"{HANDBOOK}: install the debian-handbook package (apt-get install debian-handbook), "
+            "or use --site demo"
+        )
     if args.site == "web" and not RUST.is_dir():
         raise SystemExit(
             f"{RUST}: install the rust-doc package (apt-get install rust-doc), or use --site handbook"
         )
-    languages = sorted(p.name for p in HANDBOOK.iterdir() if p.is_dir())
-    if args.languages != "all":
-        languages = [x for x in languages if x in args.languages.split(",")]
-    held_out = held_out_names()
     work = args.work or Path(tempfile.mkdtemp(prefix="lmf-bench-ablation-"))
     work.mkdir(parents=True, exist_ok=True)
-    server = serve(held_out, languages)
+    if args.site == "demo":
+        from ingestion.demo_site import build_demo_site
+
+        root = english = work / "site"
+        build_demo_site(root, modules=8, exact_duplicates=1, near_duplicates=1, private_pages=0)
+        languages = ["en"]
+    else:
+        root, english = HANDBOOK, HANDBOOK / "en-US"
+        languages = sorted(p.name for p in HANDBOOK.iterdir() if p.is_dir())
+        if args.languages != "all":
+            languages = [x for x in languages if x in args.languages.split(",")]
+    held_out = held_out_names(english)
+    server = serve(held_out, languages, root)
     base = f"http://127.0.0.1:{server.server_port}"
     if args.site == "handbook":
         seeds = [f"{base}/{lang}/index.html" for lang in languages]
     else:
         seeds = [f"{base}/index.html"]
     try:
-        texts = held_out_texts(held_out)
+        texts = held_out_texts(english, held_out)
         heldout = work / "heldout.jsonl"
         heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         print(
@@ -371,7 +399,7 @@ def main() -> None:
             clean_documents=clean["documents"],
             raw_train_tokens=raw["train_tokens"],
             clean_train_tokens=clean["train_tokens"],
-            trained_tokens=args.steps * 8 * 2 * 256,
+            trained_tokens=raw["trained_tokens"],
             site=args.site,
             languages=len(languages),
             heldout_pages=len(texts),

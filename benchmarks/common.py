@@ -41,26 +41,63 @@ def median_times(fns: list[Callable[[], object]], repeats: int = 3, warmup: int 
     return [statistics.median(own) for own in times]
 
 
-def result(bench: str, unit: str, ours: float, peer: str, peer_value: float, goal: float, **extra) -> dict:
-    """One benchmark result: the ratio and ``ok`` are computed from the measured values."""
-    ratio = ours / peer_value
+def result(
+    bench: str,
+    unit: str,
+    ours: float,
+    peer: str,
+    peer_value: float | None,
+    goal: float,
+    other_goals_met: bool = True,
+    **extra,
+) -> dict:
+    """One benchmark result: the ratio and ``ok`` are computed from the measured values; ``ok`` also needs
+    ``other_goals_met`` (a result's goals beside the ratio: parity, agreement). Without a peer value (a
+    peer that is not installed, in a smoke run) both are null: nothing was compared."""
+    ratio = None if peer_value is None else ours / peer_value
     line = {
         "bench": bench,
         "unit": unit,
         "ours": round(ours, 3),
         "peer": peer,
-        "peer_value": round(peer_value, 3),
-        "ratio": round(ratio, 3),
+        "peer_value": None if peer_value is None else round(peer_value, 3),
+        "ratio": None if ratio is None else round(ratio, 3),
         "goal": goal,
-        "ok": ratio >= goal,
+        "ok": None if ratio is None else ratio >= goal and other_goals_met,
         **extra,
     }
     print(json.dumps(line), flush=True)
     return line
 
 
+def all_ok(oks: list[bool | None]) -> bool | None:
+    """False if any is False, else null if any was not measured (null), else True."""
+    if False in oks:
+        return False
+    return None if None in oks else True
+
+
 def summary(bench: str, results: list[dict]) -> None:
-    print(json.dumps({"bench": bench, "ok": all(r["ok"] for r in results), "results": results}), flush=True)
+    print(
+        json.dumps({"bench": bench, "ok": all_ok([r["ok"] for r in results]), "results": results}), flush=True
+    )
+
+
+def installed(module: str) -> bool:
+    """Whether a (peer's) module can be imported, without importing it."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def not_installed(peer: str) -> str:
+    """The ``peer`` field of a result whose peer is not installed."""
+    return f"{peer} (not installed: pip install -e '.[bench]')"
+
+
+def skipped(bench: str, reason: str) -> None:
+    """The last line of a script that cannot run here: why, and ``ok`` null (nothing was measured)."""
+    print(json.dumps({"bench": bench, "skipped": reason, "ok": None}), flush=True)
 
 
 def pydoc_texts(min_chars: int, doc_chars: int = 4000) -> list[str]:

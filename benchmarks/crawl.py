@@ -8,7 +8,7 @@ report the most seen at once. Peer, for scale: a bare ``requests.Session`` loop 
 one after another (no robots, parsing, WARC or politeness). Goal (issue 4): >= 300 pages/s on this 2-core
 machine, per-host concurrency 1.
 
-    .venv/bin/python benchmarks/crawl.py [--quick] [--pages 500]
+    .venv/bin/python benchmarks/crawl.py [--quick | --smoke] [--pages 500]
 
 ``--many`` (issue 19): 100 and then 1,000 hosts (``--host-counts``), each on its own loopback address
 (127.0.x.y; every 127/8 address binds on Linux) with ``--pages`` (default 20) pages, crawled by the bounded
@@ -16,7 +16,7 @@ worker pool: pages/s, the most crawl worker processes alive at once (sampled), a
 driver and of any crawl worker. Goal: >= 300 pages/s, at most the configured workers alive, and worker
 memory flat (peak RSS at the largest count <= 1.2x the smallest).
 
-    .venv/bin/python benchmarks/crawl.py --many [--host-counts 100,1000] [--workers 8]
+    .venv/bin/python benchmarks/crawl.py --many [--smoke] [--host-counts 100,1000] [--workers 8]
 """
 
 from __future__ import annotations
@@ -50,11 +50,20 @@ parser.add_argument("--hosts", type=int, default=8)
 parser.add_argument("--many", action="store_true", help="many hosts on loopback addresses, the worker pool")
 parser.add_argument("--host-counts", default="100,1000", help="--many: host counts, smallest first")
 parser.add_argument("--workers", type=int, default=None, help="--many: crawl.workers (default: 4 per CPU)")
+parser.add_argument(
+    "--smoke",
+    action="store_true",
+    help="seconds: 2 hosts x 10 pages; --many: 4 then 8 hosts x 5 pages, 2 workers",
+)
 args = parser.parse_args()
 if args.quick:
     args.pages = 100
 elif args.many and "--pages" not in sys.argv:
     args.pages = 20
+if args.smoke:
+    args.hosts, args.pages = 2, 10
+    if args.many:
+        args.host_counts, args.pages, args.workers = "4,8", 5, 2
 FILLER = "<p>" + "Lorem words of a page that people wrote for other people to read. " * 70 + "</p>"
 
 

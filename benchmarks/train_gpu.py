@@ -20,7 +20,8 @@ Plans, run in this order until --budget-s would be exceeded (the rest are printe
   full:  124M and 350M x seq 1024 and 2048 x ZeRO 1, 2, 3, each with its peer.
   quick: 124M at seq 1024, peer and ZeRO-1.
 Without CUDA it prints one line with "skipped" and exits 0; --smoke runs the quick plan on the CPU with a
-debug-size model and no compile (fp32) to test the script itself.
+debug-size model, no compile (fp32) and, unless given, 4 steps of 1,024 tokens (GPT-2's vocabulary makes the
+default batch's logits gigabytes) to test the script itself.
 
     python benchmarks/train_gpu.py [--plan check|full|quick] [--budget-s 360] [--out results.jsonl] [--smoke]
 """
@@ -49,9 +50,13 @@ parser.add_argument("--steps", type=int, default=30)
 parser.add_argument("--warmup", type=int, default=10, help="steps left out of the mean (compilation)")
 parser.add_argument("--out", type=Path, default=None, help="also append each JSON line to this file")
 parser.add_argument(
-    "--smoke", action="store_true", help="CPU, debug model, fp32, no compile: test the script"
+    "--smoke", action="store_true", help="CPU, debug model, fp32, no compile, 4 small steps: test the script"
 )
 args = parser.parse_args()
+if args.smoke:  # smoke sizes where not given
+    for name, value in (("steps", 4), ("warmup", 2), ("tokens_per_batch", 1024)):
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)
 START = time.monotonic()
 
 import torch  # noqa: E402

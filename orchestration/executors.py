@@ -57,8 +57,9 @@ IN_JOB_ENV = "LMFORGE_IN_RAY_JOB"
 
 
 #: Longest Ray temp dir kept under the work dir: Ray's Unix sockets live below it, and a socket path may
-#: not exceed 107 bytes.
-_MAX_RAY_TEMP = 48
+#: not exceed 107 bytes. The longest is TEMP/session_YYYY-MM-DD_HH-MM-SS_ffffff_PID/sockets/plasma_store:
+#: 64 bytes past TEMP with a 7-digit pid (Linux's largest pid_max).
+_MAX_RAY_TEMP = 43
 
 
 def ensure_ray(

@@ -132,6 +132,9 @@ def copy_of(src: Path, dest: Path) -> Path:
     return dest
 
 
+#: The keys of a benchmark's result line, as ../shared/BENCHMARKS.md names them.
+BENCHMARK_RESULT_KEYS = {"bench", "unit", "ours", "peer", "peer_value", "ratio", "goal", "ok"}
+
 #: The shared corpus the token shards are made of.
 SHARD_CORPUS = {"n": 300, "seed": 2}
 

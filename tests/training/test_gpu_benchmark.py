@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.unit
+from tests.fixtures import BENCHMARK_RESULT_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,6 +19,7 @@ def has_nvidia_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None and subprocess.run(["nvidia-smi", "-L"]).returncode == 0
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(has_nvidia_gpu(), reason="this machine has a GPU: the check would run for minutes")
 def test_gpu_check_skips_cleanly_without_a_gpu(tmp_path):
     done = subprocess.run(
@@ -31,6 +32,7 @@ def test_gpu_check_skips_cleanly_without_a_gpu(tmp_path):
     ]
 
 
+@pytest.mark.integration
 def test_train_gpu_smoke_runs_ours_and_the_peer(tmp_path):
     out = tmp_path / "lines.jsonl"
     args = ["--smoke", "--steps", "4", "--warmup", "1", "--tokens-per-batch", "256", "--out", str(out)]
@@ -48,6 +50,7 @@ def test_train_gpu_smoke_runs_ours_and_the_peer(tmp_path):
     last = json.loads(done.stdout.strip().splitlines()[-1])
     assert last["bench"] == "train_gpu" and len(last["results"]) == 1
     (line,) = last["results"]
+    assert line.keys() >= BENCHMARK_RESULT_KEYS
     assert line["smoke"] is True and line["ours"] > 0 and line["peer_value"] > 0
     assert line["ratio"] == pytest.approx(line["ours"] / line["peer_value"], rel=1e-2)
     assert line["ok"] == (line["ratio"] >= 0.95 and line["mfu_pct"] >= line["mfu_goal_pct"])
