@@ -4,8 +4,9 @@ per objective) lives in tests/fixtures.py.
 
 Every test carries exactly one tier marker (its own, or its module's ``pytestmark``):
 - ``unit``: no Ray, no DeepSpeed engine, no shared trained model: seconds;
-- ``integration``: the session's Ray, the DeepSpeed engine, the shared fixtures;
-- ``system``: clusters and jobs of their own, S3, browsers, kill-and-resume, whole demo runs.
+- ``integration``: the session's Ray, the DeepSpeed engine in this process, the shared data fixtures;
+- ``system``: Ray Train launches (the shared trained models too), clusters and jobs of their own, S3 stages,
+  browsers, kill-and-resume, whole pipelines.
 ``make test`` runs all three, ``make test-fast`` the first two.
 """
 
@@ -40,8 +41,11 @@ def tiers_of(item: pytest.Item) -> set[str]:
 def pytest_configure(config: pytest.Config) -> None:
     for tier, what in (
         ("unit", "no Ray, no DeepSpeed engine: seconds"),
-        ("integration", "the session's Ray, the DeepSpeed engine, the shared fixtures"),
-        ("system", "clusters, jobs, S3, browsers, kill-and-resume, whole demo runs"),
+        ("integration", "the session's Ray, the DeepSpeed engine in this process, the shared data fixtures"),
+        (
+            "system",
+            "Ray Train launches, clusters, jobs, S3 stages, browsers, kill-and-resume, whole pipelines",
+        ),
     ):
         config.addinivalue_line("markers", f"{tier}: {what}")
 

@@ -43,7 +43,7 @@ def test_the_shared_token_shards_hold_the_corpus_and_match_their_index(token_sha
     assert all(special.token_to_id(t) is not None for t in special_tokens_for("masked_lm"))
 
 
-@pytest.mark.integration
+@pytest.mark.system  # three Ray Train launches
 @pytest.mark.parametrize("objective,drop", [("causal_lm", 0.5), ("masked_lm", 1.0), ("span_corruption", 1.0)])
 def test_each_shared_model_learned(trained, objective, drop):
     run = trained(objective)

@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 from evaluation.harness import evaluate
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.system  # trains the shared causal LM (Ray Train) on first use
 
 
 def test_periodic_eval_on_zero3_workers_matches_the_exported_model(trained):

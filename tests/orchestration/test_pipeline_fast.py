@@ -20,8 +20,6 @@ from orchestration.config import parse_config
 from orchestration.pipeline import Pipeline
 from tests.fixtures import prose
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -32,7 +30,7 @@ def corpus(tmp_path_factory):
     texts["copy00"] = texts["doc00"]
     lines = [json.dumps({"id": i, "text": t, "url": f"https://example.org/{i}"}) for i, t in texts.items()]
     lines.insert(5, "{not json")
-    (root / "dump.jsonl").writeprose("\n".join(lines) + "\n")
+    (root / "dump.jsonl").write_text("\n".join(lines) + "\n")
     return root / "dump.jsonl", texts
 
 
@@ -53,13 +51,14 @@ def fast_run(ray_session, corpus, tmp_path_factory):
     return cfg, Pipeline(cfg).run(until="tokenize")
 
 
+@pytest.mark.integration
 def test_read_only_run_reports_every_document_and_passes_its_checks(fast_run, corpus):
     cfg, result = fast_run
     _, texts = corpus
     # No crawl seeds: no crawl stage starts.
     assert list(result.stages) == ["clean", "dedup", "tokenize"]
     assert not (cfg.workdir / "crawl").exists()
-    report = json.loads(result.report_path.readprose())
+    report = json.loads(result.report_path.read_text())
     assert report["ok"], report["checks"]
     # Every record of read.paths reached clean.
     clean = result.stages["clean"].index["counters"]
@@ -90,6 +89,7 @@ def test_read_only_run_reports_every_document_and_passes_its_checks(fast_run, co
     assert sum(": input " in name for name in report["checks"]) == 2  # dedup<-clean, tokenize<-dedup
 
 
+@pytest.mark.integration
 def test_each_stage_is_a_nested_mlflow_run_of_the_pipeline_run(fast_run, tmp_path):
     cfg, result = fast_run
     client = mlflow.MlflowClient(cfg.tracking_uri)
@@ -100,13 +100,13 @@ def test_each_stage_is_a_nested_mlflow_run_of_the_pipeline_run(fast_run, tmp_pat
     by_stage = {r.data.tags["lmforge.stage"]: r for r in children}
     assert set(by_stage) == {"clean", "dedup", "tokenize"}
     assert by_stage["dedup"].data.metrics["rejected"] == 1
-    assert json.loads((cfg.workdir / "run.json").readprose())["mlflow_run_id"] == result.parent_run_id
+    assert json.loads((cfg.workdir / "run.json").read_text())["mlflow_run_id"] == result.parent_run_id
     # The report's tables are on the parent run, the funnel with the manifests' numbers.
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
     names = ("funnel", "rejections", "signals", "languages")
     assert {f"report/{n}.json" for n in names} <= artifacts
     path = client.download_artifacts(result.parent_run_id, "report/funnel.json", str(tmp_path))
-    funnel = json.loads(Path(path).readprose())  # mlflow.log_table's {"columns": [...], "data": [[...]]}
+    funnel = json.loads(Path(path).read_text())  # mlflow.log_table's {"columns": [...], "data": [[...]]}
     rows = [dict(zip(funnel["columns"], row)) for row in funnel["data"]]
     table = {r["step"]: r["documents"] for r in rows}
     clean = result.stages["clean"].index["counters"]
@@ -135,35 +135,41 @@ def test_each_stage_is_a_nested_mlflow_run_of_the_pipeline_run(fast_run, tmp_pat
         )
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    code = "import sys; from orchestration.cli import main; sys.argv[0] = 'lmforge'; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+def _cli(*args: str):
+    """The lmforge command line in this process (a fresh interpreter imports torch again: ~10 s a call)."""
+    from typer.testing import CliRunner
+
+    from orchestration.cli import app
+
+    return CliRunner().invoke(app, list(args))
 
 
+@pytest.mark.integration
 def test_lmforge_report_rebuilds_the_report_from_the_manifests(fast_run, tmp_path):
     cfg, result = fast_run
-    before = json.loads(result.report_path.readprose())
+    before = json.loads(result.report_path.read_text())
     result.report_path.unlink()
     result.report_path.with_suffix(".md").unlink()
     done = _cli("report", str(cfg.workdir))
-    assert done.returncode == 0, done.stderr
-    assert json.loads(result.report_path.readprose()) == before
-    assert "documents in = kept + rejected" in result.report_path.with_suffix(".md").readprose()
+    assert done.exit_code == 0, done.output
+    assert json.loads(result.report_path.read_text()) == before
+    assert "documents in = kept + rejected" in result.report_path.with_suffix(".md").read_text()
     # A manifest that no longer adds up fails its check, and the command says so.
     index_path = cfg.workdir / "dedup" / "index.json"
-    original = index_path.readprose()
+    original = index_path.read_text()
     index = json.loads(original)
     index["counters"]["rejected"] += 1
-    index_path.writeprose(json.dumps(index))
+    index_path.write_text(json.dumps(index))
     try:
         done = _cli("report", str(cfg.workdir))
-        assert done.returncode == 1
-        assert "✗ dedup: documents in = kept + rejected" in done.stdout + done.stderr
+        assert done.exit_code == 1
+        assert "✗ dedup: documents in = kept + rejected" in done.output
     finally:
-        index_path.writeprose(original)
-    assert _cli("report", str(tmp_path)).returncode == 2  # no run there
+        index_path.write_text(original)
+    assert _cli("report", str(tmp_path)).exit_code == 2  # no run there
 
 
+@pytest.mark.integration
 def test_an_output_that_no_longer_matches_its_manifest_is_rebuilt(fast_run):
     """A token shard changed in place with its mtime put back, and a clean file cut short: a plain rerun
     rebuilds exactly those stages, and their files match their manifests again."""
@@ -188,7 +194,7 @@ def test_an_output_that_no_longer_matches_its_manifest_is_rebuilt(fast_run):
     }
     assert file_sha256(shard) == shard_entry["sha256"]
     assert pq.read_table(clean_file).num_rows == table.num_rows
-    assert json.loads(again.report_path.readprose())["ok"]
+    assert json.loads(again.report_path.read_text())["ok"]
 
 
 RUN_IN_A_FRESH_PROCESS = """
@@ -207,6 +213,7 @@ def _tmp_entries() -> set[str]:
     return {p.name for p in Path("/tmp").iterdir()} | ray_sessions
 
 
+@pytest.mark.system  # a whole run in a fresh process
 def test_an_embedded_run_leaves_nothing_in_tmp(corpus, tmp_path):
     """Ray's session files and the workers' temporary files go to a private directory that is removed
     when the run's process exits (the work dir here is too long a path for Ray's sockets)."""
@@ -232,6 +239,7 @@ def test_an_embedded_run_leaves_nothing_in_tmp(corpus, tmp_path):
     assert left == set(), left
 
 
+@pytest.mark.integration
 def test_a_short_work_dir_keeps_ray_files_beside_the_outputs(tmp_path):
     from orchestration.executors import _embedded_temp_dir
 
@@ -241,6 +249,7 @@ def test_a_short_work_dir_keeps_ray_files_beside_the_outputs(tmp_path):
     assert _embedded_temp_dir(long).parent == Path(tempfile.gettempdir())
 
 
+@pytest.mark.integration
 def test_html_report_of_a_data_only_read_paths_run_shows_raw_records(ray_session, tmp_path):
     """A run that stops at dedup on a WARC file and a directory of HTML pages (no crawl): the report has
     the data sections only, and each rejected example carries the raw HTML it was extracted from."""
@@ -269,8 +278,8 @@ def test_html_report_of_a_data_only_read_paths_run_shows_raw_records(ray_session
             )
     site = tmp_path / "in" / "site"
     site.mkdir()
-    (site / "good.html").writeprose(page.format("good", prose(rng, 12)))
-    (site / "tiny.html").writeprose(page.format("tiny", "Two words."))
+    (site / "good.html").write_text(page.format("good", prose(rng, 12)))
+    (site / "tiny.html").write_text(page.format("tiny", "Two words."))
     cfg = parse_config(
         {
             "name": "data-only",
@@ -293,6 +302,6 @@ def test_html_report_of_a_data_only_read_paths_run_shows_raw_records(ray_session
     assert figures["metrics"]["report.documents.after_quality_filters"] == 4
     raw = re.findall(r'<details class="raw">.*?<pre>(.*?)</pre></details>', html_page, re.S)
     assert sorted(html.unescape(r) for r in raw) == sorted(
-        [pages["http://site.test/short"], (site / "tiny.html").readprose()]
+        [pages["http://site.test/short"], (site / "tiny.html").read_text()]
     )
     assert "pages.warc.gz, record at byte" in html_page

@@ -3,14 +3,14 @@ pipeline over a small corpus read from ``read.paths`` (local Ray, no training)."
 
 import json
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from orchestration.cli import app
 from orchestration.config import ConfigError, parse_config
 from orchestration.pipeline import Pipeline
 from orchestration.plan import PARTS_FILE, Selection, changes, code_digests, key_of, module_closure
@@ -211,13 +211,11 @@ def test_lmforge_run_dry_run_prints_the_plan_and_runs_nothing(planned, tmp_path)
     config.write_text(yaml.safe_dump(raw))
     index = cfg.workdir / "clean" / "index.json"
     before = (sorted(p.name for p in cfg.workdir.iterdir()), index.stat().st_mtime_ns)
-    code = "import sys; from orchestration.cli import main; sys.argv[0] = 'lmforge'; main()"
-    done = subprocess.run(
-        [sys.executable, "-c", code, "run", str(config), "--dry-run", "--until", "tokenize"],
-        capture_output=True,
-        text=True,
+    # The command line in this process (a fresh interpreter imports torch again), as wide as a terminal.
+    done = CliRunner().invoke(
+        app, ["run", str(config), "--dry-run", "--until", "tokenize"], env={"COLUMNS": "160"}
     )
-    assert done.returncode == 0, done.stderr
+    assert done.exit_code == 0, done.output
     rows = {line.split("│")[1].strip(): line for line in done.stdout.splitlines() if line.count("│") == 4}
     assert "run" in rows["clean"] and "file clean.url_blocklist.path" in rows["clean"]
     assert "its input clean is rebuilt first" in rows["dedup"]

@@ -104,7 +104,7 @@ def _run(uri, out, options=None):
     return run_document_stage("clean", stages, partitions, out, cache_key="k", inputs={}, options=options)
 
 
-@pytest.mark.integration
+@pytest.mark.system
 def test_a_document_stage_on_ray_reads_and_commits_on_s3_the_bytes_a_local_run_does(
     ray_session, bucket, tmp_path
 ):

@@ -25,6 +25,7 @@ from tests.conftest import free_port
 from tests.fixtures import ARCH, OBJECTIVES, train_config
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.system  # whole Ray Train launches: 20-40 s each on 2 CPUs
 
 
 def launch(cfg, tokens, out):
@@ -33,7 +34,6 @@ def launch(cfg, tokens, out):
     return launch_training(cfg, tokens, out, run_name=out.name)
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("stage", [0, 2])
 def test_zero_stage_trains_on_two_workers(ray_session, token_shards, tmp_path, stage):
     summary = launch(train_config(zero_stage=stage), token_shards, tmp_path / f"zero{stage}")
@@ -42,7 +42,6 @@ def test_zero_stage_trains_on_two_workers(ray_session, token_shards, tmp_path, s
     assert np.mean(losses[-3:]) < losses[0] - 0.5
 
 
-@pytest.mark.integration
 def test_zero3_trains_and_the_same_seed_gives_the_same_losses(trained, tmp_path):
     run = trained("causal_lm")  # ZeRO-3, two workers; tests/test_fixtures.py checks that its loss fell
     assert run.config.zero_stage == 3 and run.summary["world_size"] == 2
@@ -50,7 +49,6 @@ def test_zero3_trains_and_the_same_seed_gives_the_same_losses(trained, tmp_path)
     assert again["losses"] == run.summary["losses"]
 
 
-@pytest.mark.integration
 def test_exported_model_loads_and_generates_with_transformers(trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,7 +79,6 @@ def test_exported_model_loads_and_generates_with_transformers(trained):
     assert tok.decode(generated[0]).startswith("river stone")  # byte-level BPE round-trips the prompt
 
 
-@pytest.mark.integration
 def test_fine_tuning_freezes_the_first_layers(trained, tmp_path):
     run = trained("causal_lm")
     base_dir = run.model_dir
@@ -142,7 +139,6 @@ def _checkpointed(out: Path, alive, deadline: float) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.system
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_resume_after_a_kill_reproduces_the_uninterrupted_losses(objective, request, uninterrupted, tmp_path):
     """Masks, spans and NSP partners are drawn from (seed, step, rank, micro-batch): resume stays exact, and
@@ -197,7 +193,6 @@ def _ray_train_workers() -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.system
 def test_ray_train_restarts_a_killed_worker_and_resumes_from_storage(uninterrupted, token_shards, tmp_path):
     cfg = _resume_config("causal_lm")
     expected = uninterrupted("causal_lm")
@@ -228,7 +223,6 @@ def test_ray_train_restarts_a_killed_worker_and_resumes_from_storage(uninterrupt
     assert again["resumed_from"] == cfg.steps and again["losses"] == expected
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("objective", ["masked_lm", "span_corruption"])
 def test_masked_and_span_corruption_pretraining_learn_and_export(trained, tmp_path, objective):
     from transformers import (
