@@ -59,7 +59,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             problems.append(f"{item.nodeid}: tier markers {sorted(tiers)}; needs exactly one of {TIERS}")
         elif tiers == {"unit"} and HEAVY_FIXTURES & set(item.fixturenames):
             heavy = ", ".join(sorted(HEAVY_FIXTURES & set(item.fixturenames)))
-            problems.append(f"{item.nodeid}: marked unit but uses {heavy} (mark it integration)")
+            problems.append(f"{item.nodeid}: marked unit but uses {heavy} (mark it integration or system)")
     if problems:
         raise pytest.UsageError("test tiers:\n  " + "\n  ".join(problems))
 
@@ -74,7 +74,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if _slow_outside_system:
-        terminalreporter.section("tests over 60 s outside the system tier (move them, or make them faster)")
+        terminalreporter.section(
+            f"tests over {SYSTEM_SECONDS:.0f} s outside the system tier (move them, or make them faster)"
+        )
         for nodeid, seconds in _slow_outside_system:
             terminalreporter.write_line(f"{seconds:7.1f} s  {nodeid}")
 

@@ -179,6 +179,11 @@ OBJECTIVES = {
 ARCH = {"causal_lm": "gpt2", "masked_lm": "bert", "span_corruption": "t5"}
 
 
+def shards_fixture(objective: str) -> str:
+    """The name of the token-shard fixture an objective trains on (masked and span need special tokens)."""
+    return "token_shards" if objective == "causal_lm" else "special_token_shards"
+
+
 def train_config(**fields):
     """A 2-layer model of width 32, 12 steps of 4 x 32 tokens on two workers: loss falls in seconds."""
     from training.config import TrainConfig
@@ -210,12 +215,11 @@ def word_task(path: Path) -> Path:
 
 @dataclass(frozen=True)
 class Trained:
-    """One shared training run: its config, rank 0's summary, the exported model, the shards it read and
-    (causal LM) the MLflow run its periodic evaluation logged to."""
+    """One shared training run: its config, rank 0's summary (the exported model's directory), the shards it
+    read and (causal LM) the MLflow run its periodic evaluation logged to, and the task file it scored."""
 
     config: object
     summary: dict
-    out: Path
     tokens: Path
     tracking_uri: str | None = None
     run_id: str | None = None
@@ -232,8 +236,7 @@ def _train(objective: str, root: Path, shards: Path) -> Trained:
     if objective != "causal_lm":
         model = {"arch": ARCH[objective], "preset": "debug", "n_embd": 64, "n_head": 2}
         cfg = train_config(model=model, steps=20, **OBJECTIVES[objective])
-        return Trained(cfg, launch_training(cfg, shards, root / "train", run_name=objective), root / "train",
-                       shards)  # fmt: skip
+        return Trained(cfg, launch_training(cfg, shards, root / "train", run_name=objective), shards)
     import mlflow
 
     from orchestration.tracking import RunMetricsLogger
@@ -247,7 +250,7 @@ def _train(objective: str, root: Path, shards: Path) -> Trained:
     cfg = train_config(zero_stage=3, seq_len=64, eval_every=6, eval_tasks=[str(task), "copa"], eval_limit=24)
     logger = RunMetricsLogger(uri, run.info.run_id)
     summary = launch_training(cfg, shards, root / "train", run_name="causal", metrics_logger=logger)
-    return Trained(cfg, summary, root / "train", shards, uri, run.info.run_id, task)
+    return Trained(cfg, summary, shards, uri, run.info.run_id, task)
 
 
 @pytest.fixture(scope="session")
@@ -257,9 +260,8 @@ def trained(ray_session, request, tmp_path_factory):
 
     def get(objective: str) -> Trained:
         if objective not in done:
-            shards = "token_shards" if objective == "causal_lm" else "special_token_shards"
             root = tmp_path_factory.mktemp(f"trained-{objective}")
-            done[objective] = _train(objective, root, request.getfixturevalue(shards))
+            done[objective] = _train(objective, root, request.getfixturevalue(shards_fixture(objective)))
         return done[objective]
 
     return get

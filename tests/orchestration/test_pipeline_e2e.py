@@ -309,8 +309,7 @@ def test_a_warc_cut_at_a_record_boundary_is_recrawled_not_half_read(demo_run, tm
     """The crawl output no longer matches its manifest: the crawl is not cached but redone, and clean
     reads every page again (before: crawl stayed cached and clean read what was left)."""
     cfg, result = demo_run
-    copy = tmp_path / "copy"
-    shutil.copytree(cfg.workdir, copy, ignore=shutil.ignore_patterns(".ray"))
+    copy = copy_of(cfg.workdir, tmp_path / "copy")
     crawl = copy / "crawl"
     warc = crawl / max(result.stages["crawl"].index["files"], key=lambda f: f["rows"])["path"]
     _cut_last_record(warc)

@@ -22,7 +22,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import free_port
-from tests.fixtures import ARCH, OBJECTIVES, train_config
+from tests.fixtures import ARCH, OBJECTIVES, shards_fixture, train_config
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.system  # whole Ray Train launches: 20-40 s each on 2 CPUs
@@ -122,9 +122,7 @@ def uninterrupted(ray_session, request, tmp_path_factory):
 
     def get(objective: str) -> list[float]:
         if objective not in done:
-            shards = request.getfixturevalue(
-                "token_shards" if objective == "causal_lm" else "special_token_shards"
-            )
+            shards = request.getfixturevalue(shards_fixture(objective))
             out = tmp_path_factory.mktemp(f"straight-{objective}")
             done[objective] = launch(_resume_config(objective), shards, out)["losses"]
         return done[objective]
@@ -143,7 +141,7 @@ def _checkpointed(out: Path, alive, deadline: float) -> None:
 def test_resume_after_a_kill_reproduces_the_uninterrupted_losses(objective, request, uninterrupted, tmp_path):
     """Masks, spans and NSP partners are drawn from (seed, step, rank, micro-batch): resume stays exact, and
     torchrun's ranks reproduce Ray Train's uninterrupted run of the same config bit for bit."""
-    tokens = request.getfixturevalue("token_shards" if objective == "causal_lm" else "special_token_shards")
+    tokens = request.getfixturevalue(shards_fixture(objective))
     config = tmp_path / "train.yaml"
     cfg = _resume_config(objective)
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
