@@ -215,16 +215,19 @@ def test_a_whole_pipeline_runs_and_reruns_from_its_cache_with_the_workdir_on_s3(
 
 @pytest.mark.system
 def test_pretraining_then_finetuning_with_the_workdir_on_s3_commits_what_a_local_run_does(
-    s3_server, tmp_path
+    s3_server, ray_session, tmp_path
 ):
     """A BERT pretrained, evaluated, then fine-tuned on labeled data from its own output, with the work dir
     on S3 (the labeled splits and the base model reach the workers as node-local copies): the labeled data,
-    the fine-tuned model and its scores are a local run's, bit for bit."""
+    the fine-tuned model and its scores are a local run's, bit for bit. The local run is this process's
+    (the session's Ray), the S3 run `lmforge run`'s own embedded Ray."""
     import random
 
     import yaml
 
     from core.manifest import index_digest
+    from orchestration.config import parse_config
+    from orchestration.pipeline import Pipeline
     from tests.fixtures import finetune_section, labeled_rows, prose
 
     rng = random.Random(3)
@@ -250,7 +253,7 @@ def test_pretraining_then_finetuning_with_the_workdir_on_s3_commits_what_a_local
     env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     lmforge(["run", config, "--set", f"workdir={workdir.uri}"], env, tmp_path)
-    lmforge(["run", config, "--set", f"workdir={tmp_path / 'local'}"], env, tmp_path)
+    Pipeline(parse_config({**raw, "workdir": str(tmp_path / "local")}, "test")).run()
 
     for stage in ("train", "evaluate", "labeled", "finetune"):
         remote, local = read_index(workdir / stage), read_index(tmp_path / "local" / stage)
