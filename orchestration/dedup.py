@@ -35,6 +35,7 @@ from __future__ import annotations
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,7 @@ def _poison_rows(
     for batch in batches:
         try:
             signatures([batch], index, cfg)
-            quarantine.passed(batch.num_rows)
+            quarantine.passed(batch.num_rows, retry=partial(signatures, [batch.slice(0, 1)], index, cfg))
         except USER_ERRORS:
             raise
         except Exception:
@@ -126,12 +127,13 @@ def _poison_rows(
                 doc = batch.slice(i, 1)
                 try:
                     signatures([doc], index, cfg)
-                    quarantine.passed()
+                    quarantine.passed(retry=partial(signatures, [doc], index, cfg))
                 except USER_ERRORS:
                     raise
                 except Exception as e:
                     poison[row + i] = quarantine.crashed(doc.column("id")[0].as_py(), e)
         row += batch.num_rows
+    quarantine.finish()
     return poison
 
 

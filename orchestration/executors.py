@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 from core.files import write_parquet
 from core.manifest import ManifestError, dataset_files, write_index
 from core.partitions import Partition, plan_partitions
-from core.quarantine import Quarantine
+from core.quarantine import FAULT_RETRIES, InfrastructureFault, Quarantine
 from core.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA, document_id, document_table
 from core.stage import Stage, StageContext, run_chain
 from core.storage import Store, open_input_file
@@ -196,8 +196,14 @@ def _counting(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
 def _isolating(
     stages: list[Stage], batches: Iterable[pa.RecordBatch], ctx: StageContext, part: str
 ) -> Iterable[pa.RecordBatch]:
-    """The chain over one document at a time; a document it raises on is quarantined with the traceback."""
+    """The chain over one document at a time; a document it raises on is quarantined with the traceback,
+    unless the machine is at fault (core/quarantine.py): the last document that went through is run again
+    to tell."""
     quarantine = Quarantine(ctx.stage, part)
+
+    def again(doc: pa.RecordBatch) -> Callable[[], object]:
+        return lambda: list(run_chain(stages, [doc], StageContext(ctx.stage, ctx.rank, ctx.world_size)))
+
     for batch in batches:
         for i in range(batch.num_rows):
             doc = batch.slice(i, 1)
@@ -214,10 +220,11 @@ def _isolating(
                     doc = doc.rename_columns(["text" if n == "html" else n for n in doc.schema.names])
                 ctx.reject(doc, filter="quarantined", signal=trace)
                 continue
-            quarantine.passed()
+            quarantine.passed(retry=again(doc))
             ctx.counters.update(one.counters)
             ctx.rejected += one.rejected
             yield from out
+    quarantine.finish()
 
 
 #: How often a running task sends what it has done so far (documents, tokens) to the driver.
@@ -285,7 +292,7 @@ def restart_count() -> None:
         _COUNTS.counts.clear()
 
 
-@ray.remote(num_cpus=1)
+@ray.remote(num_cpus=1, max_retries=FAULT_RETRIES, retry_exceptions=[InfrastructureFault])
 def _remote_task(
     fn: TaskFn, task: TaskId, root: str, markers: str, args: tuple, tally: tuple[Any, str] | None = None
 ) -> dict[str, Any]:
@@ -366,7 +373,9 @@ def run_tasks(
                 try:
                     results[task] = ray.get(done[0])
                 except ray.exceptions.RayTaskError as e:
-                    if isinstance(e.cause, USER_ERRORS):  # it names the file and the fix: say just that
+                    # A user error names the file and the fix, a fault its cause (after Ray's retries):
+                    # say just that.
+                    if isinstance(e.cause, (*USER_ERRORS, InfrastructureFault)):
                         raise e.cause from None
                     raise
             if tally:  # first the counts, then the task count: a line printed at the end has both

@@ -21,6 +21,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -210,7 +211,8 @@ def tokenize_partition(
                     continue
             else:
                 if quarantine is not None:
-                    quarantine.passed(len(chunk_ids))
+                    again = partial(encode_documents, tokenizer, chunk[:1], prepared.eos_id, prepared.dtype)
+                    quarantine.passed(len(chunk_ids), retry=again)
             is_val = np.array(
                 [d == prepared.forced_val or split_of(d, config.val_fraction) == "val" for d in chunk_ids]
             )
@@ -226,6 +228,8 @@ def tokenize_partition(
             documents += len(chunk_ids)
             if on_chunk is not None:
                 on_chunk(len(chunk_ids), int(lengths.sum()))
+    if quarantine is not None:
+        quarantine.finish()
     return {"part": part, "documents": documents, "shards": {s: w.close() for s, w in writers.items()}}
 
 
@@ -241,7 +245,7 @@ def _encode_each(
         except Exception as e:
             quarantine.crashed(doc_id, e)
             continue
-        quarantine.passed()
+        quarantine.passed(retry=partial(encode_documents, tokenizer, [text], prepared.eos_id, prepared.dtype))
         kept.append(doc_id)
         flats.append(flat)
         lengths.append(length)
