@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 from functools import partial
@@ -11,7 +13,7 @@ from typing import Any
 
 import torch
 
-from core.files import atomic_path, atomic_write_bytes
+from core.files import atomic_path, atomic_write_bytes, file_sha256
 from core.mappings import deep_merge
 from training.config import EngineConfig
 from training.schedule import warmup_cosine_scheduler
@@ -97,19 +99,46 @@ def initialize(model: torch.nn.Module, cfg: EngineConfig, param_groups: list[dic
 
 
 _META = "lmforge.json"
+#: Where a checkpoint that failed its manifest goes (not ``step*``: pruning and loading never see it).
+SET_ASIDE_PREFIX = "corrupt-"
+
+_log = logging.getLogger(__name__)
+
+
+def _all_ranks(value: Any) -> list[Any]:
+    """``value`` from every rank, in rank order (this rank's alone outside torch.distributed)."""
+    if not torch.distributed.is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], keep: int) -> Path:
     """DeepSpeed checkpoint tagged ``step{N}`` plus client state; older ones beyond ``keep`` are removed.
 
-    Returns the checkpoint's directory (once every rank has written its part).
+    Each rank hashes the files it wrote; rank 0 writes them all (name, bytes, sha256) with the world size
+    and ZeRO stage into ``lmforge.json``, last: a checkpoint without it was never finished, one whose
+    files differ from it is not loaded (:func:`load_latest_checkpoint`). Returns the checkpoint's
+    directory (once every rank has written its part).
     """
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step:08d}"
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    mine = {
+        f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+        for f in rank_files(ckpt_dir / tag, engine.global_rank)
+        if f.name != _META
+    }
+    files = {name: entry for part in _all_ranks(mine) for name, entry in part.items()}
     if engine.global_rank == 0:
-        meta = {"world_size": engine.world_size, "zero_stage": engine.zero_optimization_stage(), "step": step}
-        atomic_write_bytes(ckpt_dir / tag / _META, json.dumps(meta).encode())
+        meta = {
+            "world_size": engine.world_size,
+            "zero_stage": engine.zero_optimization_stage(),
+            "step": step,
+            "files": dict(sorted(files.items())),
+        }
+        atomic_write_bytes(ckpt_dir / tag / _META, json.dumps(meta, indent=1).encode())
         tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -135,29 +164,81 @@ def install_checkpoint(source: Path, ckpt_dir: Path, tag: str) -> None:
     atomic_write_bytes(ckpt_dir / "latest", tag.encode())
 
 
-def load_latest_checkpoint(engine, ckpt_dir: str | Path, cfg: EngineConfig) -> dict[str, Any] | None:
-    """Load the newest checkpoint (DeepSpeed's ``latest`` file) and return its client state, or None.
+def verify_checkpoint(tag_dir: Path) -> str | None:
+    """What is wrong with a checkpoint against its manifest (the first file missing, of another size or
+    another sha256), or None. A checkpoint written before manifests listed files cannot be checked: None."""
+    meta_path = tag_dir / _META
+    if not meta_path.is_file():
+        return f"{tag_dir} has no {_META}: it was never finished"
+    try:
+        files = json.loads(meta_path.read_text()).get("files")
+    except (OSError, ValueError) as e:
+        return f"{meta_path} cannot be read: {e}"
+    for name, entry in (files or {}).items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{path} has {path.stat().st_size} bytes, {entry['bytes']} when it was written"
+        if file_sha256(path) != entry["sha256"]:
+            return f"{path} changed after it was written (sha256 {entry['sha256'][:12]}... expected)"
+    return None
 
-    A checkpoint written with another world size or ZeRO stage fails here with what differs, before
-    DeepSpeed tries to read partitions that do not exist.
+
+def _checkpoint_to_load(ckpt_dir: Path) -> str | None:
+    """The tag to resume from: ``latest`` if it matches its manifest on every rank, else the newest earlier
+    one that does. Each that does not is set aside (renamed ``corrupt-<tag>``) with a warning naming the
+    file; with none left, ``latest`` is removed and None returned (the run starts over)."""
+    tag = (ckpt_dir / "latest").read_text().strip()
+    while True:
+        problems = [p for p in _all_ranks(verify_checkpoint(ckpt_dir / tag)) if p is not None]
+        if not problems:
+            return tag
+        aside = ckpt_dir / f"{SET_ASIDE_PREFIX}{tag}"
+        if (ckpt_dir / tag).exists():  # every rank tries: node-local disks each hold a copy
+            with contextlib.suppress(OSError):
+                os.replace(ckpt_dir / tag, aside)
+        earlier = sorted(
+            (p.name for p in ckpt_dir.glob("step*") if p.is_dir() and p.name < tag), reverse=True
+        )
+        # Agree on the next candidate: every rank sees the same names on a shared disk, the fewest decide.
+        candidates = min(_all_ranks(earlier), key=len)
+        then = f"resuming from {candidates[0]}" if candidates else "starting over from step 0"
+        _log.warning("checkpoint %s set aside as %s: %s; %s", tag, aside, problems[0], then)
+        print(f"checkpoint {tag} set aside as {aside}: {problems[0]}; {then}", flush=True)
+        if not candidates:
+            with contextlib.suppress(FileNotFoundError):
+                (ckpt_dir / "latest").unlink()
+            return None
+        tag = candidates[0]
+        atomic_write_bytes(ckpt_dir / "latest", tag.encode())
+
+
+def load_latest_checkpoint(engine, ckpt_dir: str | Path, cfg: EngineConfig) -> dict[str, Any] | None:
+    """Load the newest checkpoint that matches its manifest and return its client state, or None.
+
+    A checkpoint whose files changed after they were written is set aside and the one before it is used
+    (:func:`_checkpoint_to_load`). One written with another world size or ZeRO stage fails here with what
+    differs, before DeepSpeed tries to read partitions that do not exist.
     """
-    latest = Path(ckpt_dir) / "latest"
-    if not latest.exists():
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "latest").exists():
         return None
-    tag = latest.read_text().strip()
-    meta_path = Path(ckpt_dir) / tag / _META
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if (meta["world_size"], meta["zero_stage"]) != (engine.world_size, cfg.zero_stage):
-            raise RuntimeError(
-                f"{ckpt_dir}/{tag} was written by {meta['world_size']} workers with ZeRO-{meta['zero_stage']}; "
-                f"this run has {engine.world_size} workers with ZeRO-{cfg.zero_stage}. Resume with the same "
-                "num_workers and zero_stage, or start a fresh run (a new workdir, or delete the checkpoints)"
-            )
-    path, client_state = engine.load_checkpoint(str(ckpt_dir))
+    tag = _checkpoint_to_load(ckpt_dir)
+    if tag is None:
+        return None
+    meta_path = ckpt_dir / tag / _META
+    meta = json.loads(meta_path.read_text())
+    if (meta["world_size"], meta["zero_stage"]) != (engine.world_size, cfg.zero_stage):
+        raise RuntimeError(
+            f"{ckpt_dir}/{tag} was written by {meta['world_size']} workers with ZeRO-{meta['zero_stage']}; "
+            f"this run has {engine.world_size} workers with ZeRO-{cfg.zero_stage}. Resume with the same "
+            "num_workers and zero_stage, or start a fresh run (a new workdir, or delete the checkpoints)"
+        )
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
-        raise RuntimeError(f"{ckpt_dir}: 'latest' names a checkpoint DeepSpeed could not load")
-    return client_state
+        raise RuntimeError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")
+    return {**client_state, "checkpoint": {"tag": tag, "verified": "files" in meta}}
 
 
 def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:

@@ -292,9 +292,11 @@ def run_steps(
     ckpt_dir = out_dir / "checkpoints"
     start_step, losses, step_times = 0, [], []
     client_state = ds_engine.load_latest_checkpoint(engine, ckpt_dir, cfg)
+    resumed = None
     if client_state is not None:
         sampler.load_state_dict(client_state["sampler"])
         start_step, losses = client_state["step"], list(client_state["losses"])
+        resumed = client_state["checkpoint"]
 
     log_every, peak = max(1, cfg.steps // 10), _peak_tflops(cfg, device)
     engine.train()
@@ -309,7 +311,7 @@ def run_steps(
         losses.append(loss_value)
         step_times.append(seconds)
         if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {step + 1}; lower lr")
+            raise FloatingPointError(_nan_advice(loss_value, step + 1, resumed))
         metrics = _step_metrics(engine, cfg, loss_value, seconds, fpt, world, device, peak)
         done = step + 1
         if on_eval is not None and getattr(cfg, "eval_every", 0) and done % cfg.eval_every == 0:
@@ -389,6 +391,21 @@ def train(
     }
     atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=2).encode())
     return summary
+
+
+def _nan_advice(loss: float, step: int, resumed: dict[str, Any] | None) -> str:
+    """What a non-finite loss means: the learning rate, unless the run resumed from a checkpoint that could
+    not be checked against its manifest (one written by an older lmforge)."""
+    said = f"loss became {loss} at step {step}"
+    if resumed is None:
+        return f"{said}; lower lr"
+    if not resumed["verified"]:
+        return (
+            f"{said}, resumed from checkpoint {resumed['tag']}, which lists no file digests (an older "
+            "lmforge wrote it) and could not be verified: if it changed on disk, delete it to resume from an "
+            "earlier one; otherwise lower lr"
+        )
+    return f"{said}, resumed from checkpoint {resumed['tag']} (its files match their manifest); lower lr"
 
 
 def main(argv: list[str] | None = None) -> None:
