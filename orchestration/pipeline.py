@@ -754,7 +754,7 @@ class Pipeline:
         from training.labeled import label_names, load_labeled
 
         ft = self.cfg.finetune
-        tables, features = load_labeled(ft.data, ft.task)
+        tables, features, rejected = load_labeled(ft.data, ft.task)
         names = label_names(ft.data, tables["train"], features, ft.task)
         files, counters = [], {}
         for split, table in tables.items():
@@ -762,8 +762,22 @@ class Pipeline:
             pq.write_table(table, sink)
             files.append(_write_file(out, f"{split}.parquet", sink.getvalue().to_pybytes(), table.num_rows))
             counters[f"examples.{split}"] = table.num_rows
+        # The rows left out, with the reason: in = kept + rejected, as for documents.
+        sink = pa.BufferOutputStream()
+        pq.write_table(rejected, sink)
+        reject_file = _write_file(
+            out / REJECTED_DIR, "rows.parquet", sink.getvalue().to_pybytes(), rejected.num_rows
+        )
+        write_index(out / REJECTED_DIR, stage="labeled", kind="rejected", cache_key=key, files=[reject_file],
+                    schema=rejected.schema)  # fmt: skip
+        kept = sum(t.num_rows for t in tables.values())
+        counters |= {"examples_in": kept + rejected.num_rows, "kept": kept, "rejected": rejected.num_rows}
+        for reason in rejected.column("reason").to_pylist():
+            counters[f"rejected.{reason}"] = counters.get(f"rejected.{reason}", 0) + 1
+        left_out = f" ({rejected.num_rows} rows left out: no text or no label)" if rejected.num_rows else ""
         self.console.print(
-            f"  {', '.join(f'{t.num_rows} {s}' for s, t in tables.items())} examples", highlight=False
+            f"  {', '.join(f'{t.num_rows} {s}' for s, t in tables.items())} examples{left_out}",
+            highlight=False,
         )
         return write_index(
             out,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.config import ConfigError, PipelineConfig
-from training.labeled import resolve_path
+from training.labeled import load_labeled, resolve_path
 
 
 def file_problems(cfg: PipelineConfig) -> list[str]:
@@ -38,12 +38,20 @@ def file_problems(cfg: PipelineConfig) -> list[str]:
         ft = cfg.finetune
         if ft.init_from is not None:
             problems += _init_from_problems(Path(ft.init_from), ft.seq_len, "finetune")
-        for name, source in [
-            ("path", ft.data.path),
-            *((f"splits.{k}", v) for k, v in ft.data.splits.items()),
-        ]:
-            if source is not None and not resolve_path(source).exists():
-                problems.append(f"finetune.data.{name}: {source} does not exist")
+        missing = [
+            f"finetune.data.{name}: {source} does not exist"
+            for name, source in [
+                ("path", ft.data.path),
+                *((f"splits.{k}", v) for k, v in ft.data.splits.items()),
+            ]
+            if source is not None and not resolve_path(source).exists()
+        ]
+        problems += missing
+        if not missing:  # the columns, and every split's labels among the classes, before any training
+            try:
+                load_labeled(ft.data, ft.task)
+            except ValueError as e:
+                problems.append(f"finetune.data: {e}")
     return problems
 
 

@@ -414,8 +414,12 @@ def finetune(
 ) -> dict[str, Any]:
     """Fine-tune (resuming from ``out_dir/checkpoints``) and export to ``out_dir/model``; rank 0's summary."""
     rank, world, device, out_dir = setup(cfg, out_dir)
-    tables, features = load_labeled(cfg.data, cfg.task)
+    tables, features, rejected = load_labeled(cfg.data, cfg.task)
     names = label_names(cfg.data, tables["train"], features, cfg.task)
+    if rejected.num_rows and rank == 0 and print_progress:
+        print(f"{rejected.num_rows} labeled rows left out (no text or no label), e.g. "
+              f"{rejected.column('source')[0]} row {rejected.column('row')[0]}: {rejected.column('reason')[0]}",
+              flush=True)  # fmt: skip
     tokenizer = load_tokenizer_of(cfg.init_from)
     model = build_task_model(cfg, names)
     where = f"{cfg.data.path or cfg.data.splits['train']} (train)"

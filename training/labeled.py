@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from core.stage import StageConfig
@@ -167,28 +166,98 @@ def _check(table: pa.Table, cfg: LabeledDataConfig, task: Task, where: str) -> p
     return table
 
 
-def load_labeled(cfg: LabeledDataConfig, task: Task) -> tuple[dict[str, pa.Table], dict[str, Any]]:
-    """The train/validation/test tables (only the configured columns) and the source's HF features."""
+def _row_problem(row: dict[str, Any], cfg: LabeledDataConfig, task: Task) -> str | None:
+    """Why a labeled row cannot be trained or scored on (no text, no label), or None."""
+    texts = [cfg.text_column, cfg.text_pair_column] + ([cfg.target_column] if task == "seq2seq" else [])
+    for column in filter(None, texts):
+        value = row.get(column)
+        if value is None:
+            return f"{column} is null"
+        if not str(value).strip():
+            return f"{column} is empty" if value == "" else f"{column} is only whitespace"
+    if task != "seq2seq":
+        label = row.get(cfg.label_column)
+        if label is None:
+            return f"{cfg.label_column} is null"
+        if isinstance(label, str) and not label.strip():
+            return f"{cfg.label_column} is empty"
+    return None
+
+
+#: The columns of the rows left out of a labeled dataset (the labeled stage's rejected set).
+REJECTED_LABELED_SCHEMA = pa.schema(
+    [("split", pa.string()), ("source", pa.string()), ("row", pa.int64()), ("reason", pa.string()),
+     ("example", pa.string())]
+)  # fmt: skip
+
+
+def load_labeled(cfg: LabeledDataConfig, task: Task) -> tuple[dict[str, pa.Table], dict[str, Any], pa.Table]:
+    """The train/validation/test tables (only the configured columns), the source's HF features, and the
+    rows left out (REJECTED_LABELED_SCHEMA: a null, empty or whitespace-only text or target, a null label;
+    ``row`` counts from 1 in its source). A validation or test label the classes do not hold (the train
+    split's labels, or the configured/dataset names) is a ValueError naming the file, row and label."""
+    sources: dict[str, str] = {}
+    rows: dict[str, np.ndarray] = {}
     if cfg.splits:
         tables, features = {}, {}
         for split, source in cfg.splits.items():
             found, info = read_source(source)
             tables[split] = _check(pa.concat_tables(found.values()), cfg, task, source)
+            sources[split], rows[split] = str(source), np.arange(1, tables[split].num_rows + 1)
             features = features or info
     else:
         found, features = read_source(cfg.path)
         if set(found) & set(SPLITS) and "train" in found:  # a DatasetDict brings its own splits
             tables = {s: _check(found[s], cfg, task, f"{cfg.path}/{s}") for s in SPLITS if s in found}
+            sources = {s: f"{cfg.path}/{s}" for s in tables}
+            rows = {s: np.arange(1, t.num_rows + 1) for s, t in tables.items()}
         else:
             table = _check(pa.concat_tables(found.values()), cfg, task, cfg.path)
             columns = _columns(cfg, task)
             keys = [json.dumps(r, sort_keys=True, default=str) for r in table.select(columns).to_pylist()]
-            split = pa.array(row_split(keys, cfg.split_seed, cfg.validation_fraction, cfg.test_fraction))
-            tables = {s: table.filter(pc.equal(split, s)) for s in SPLITS}
-    out = {s: t.select(_columns(cfg, task)).combine_chunks() for s, t in tables.items()}
+            split = row_split(keys, cfg.split_seed, cfg.validation_fraction, cfg.test_fraction)
+            numbers = np.arange(1, table.num_rows + 1)
+            tables = {s: table.filter(pa.array(split == s)) for s in SPLITS}
+            sources = {s: str(cfg.path) for s in SPLITS}
+            rows = {s: numbers[split == s] for s in SPLITS}
+    out, rejected = {}, []
+    for s, t in tables.items():
+        t = t.select(_columns(cfg, task))
+        examples = t.to_pylist()
+        problems = [_row_problem(r, cfg, task) for r in examples]
+        for r, n, problem in zip(examples, rows[s], problems):
+            if problem is not None:
+                example = json.dumps(r, default=str, ensure_ascii=False)
+                rejected.append(
+                    {"split": s, "source": sources[s], "row": int(n), "reason": problem, "example": example}
+                )
+        keep = [p is None for p in problems]
+        out[s], rows[s] = t.filter(pa.array(keep, pa.bool_())).combine_chunks(), rows[s][keep]
     if not out["train"].num_rows:
         raise ValueError(f"finetune.data: the train split of {cfg.path or cfg.splits['train']} is empty")
-    return out, features
+    if task != "seq2seq":
+        _check_labels(out, rows, sources, label_names(cfg, out["train"], features, task), cfg, task)
+    return out, features, pa.Table.from_pylist(rejected, REJECTED_LABELED_SCHEMA)
+
+
+def _check_labels(
+    tables: dict[str, pa.Table],
+    rows: dict[str, np.ndarray],
+    sources: dict[str, str],
+    names: list[str],
+    cfg: LabeledDataConfig,
+    task: Task,
+) -> None:
+    """Every label of every split is one of ``names`` (the classes the model is built with)."""
+    for split, table in tables.items():
+        for n, value in zip(rows[split], table.column(cfg.label_column).to_pylist()):
+            for label in value if task == "multi_label" else [value]:
+                if _label_id(label, names) is None:
+                    known = "the train split's labels" if not cfg.label_names else "finetune.data.label_names"
+                    raise ValueError(
+                        f"{sources[split]}: row {n} ({split} split): label {label!r} is not one of {known} "
+                        f"{names}; fix the row, or list every class in finetune.data.label_names"
+                    )
 
 
 def label_names(cfg: LabeledDataConfig, train: pa.Table, features: dict[str, Any], task: Task) -> list[str]:
@@ -212,11 +281,17 @@ def label_names(cfg: LabeledDataConfig, train: pa.Table, features: dict[str, Any
 
 def label_ids(values: list[Any], names: list[str], where: str) -> list[int]:
     """Labels (ints, or names) as class ids, with an error naming the first unknown one."""
-    index = {n: i for i, n in enumerate(names)}
     out = []
     for v in values:
-        i = v if isinstance(v, int) and not isinstance(v, bool) else index.get(str(v))
-        if i is None or not 0 <= i < len(names):
+        i = _label_id(v, names)
+        if i is None:
             raise ValueError(f"{where}: label {v!r} is not one of {names}; set finetune.data.label_names")
         out.append(i)
     return out
+
+
+def _label_id(value: Any, names: list[str]) -> int | None:
+    """A label's class id (an int is one already, a name is looked up), or None if there is no such class."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if 0 <= value < len(names) else None
+    return names.index(str(value)) if str(value) in names else None

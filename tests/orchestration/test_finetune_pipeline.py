@@ -46,7 +46,7 @@ def test_finetuned_classifier_beats_majority_and_its_lineage_walks_to_base_and_d
         },
         text_column="sentence",
     )
-    tables, _ = load_labeled(test_cfg, "classification")
+    tables, _, _ = load_labeled(test_cfg, "classification")
     model_dir = tuned.out_dir / "model"
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     ft = cfg.finetune.model_copy(update={"data": test_cfg})

@@ -48,6 +48,24 @@ def test_seq_len_longer_than_the_init_from_model_positions(tmp_path):
     preflight(_config(tmp_path, train={"init_from": str(model), "seq_len": 64}))
 
 
+def test_labeled_columns_and_labels_are_checked_before_pretraining(tmp_path):
+    """A labeled file without the text column, or whose test rows hold a label the train rows lack, is
+    named before the pretraining the fine-tuning waits for (it used to fail after it)."""
+    labeled = tmp_path / "labeled.jsonl"
+    labeled.write_text("".join(json.dumps({"sentence": f"s{i}", "label": i % 2}) + "\n" for i in range(20)))
+    section = {"data": {"path": str(labeled)}}
+    with pytest.raises(ConfigError, match=r"finetune.data: .*labeled.jsonl: no column text; its columns are"):
+        preflight(_config(tmp_path, finetune=section))
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("".join(json.dumps({"text": f"s{i}", "label": "neg"}) + "\n" for i in range(10)))
+    test.write_text(
+        json.dumps({"text": "t", "label": "neg"}) + "\n" + json.dumps({"text": "u", "label": "pos"})
+    )
+    section = {"data": {"splits": {"train": str(train), "validation": str(train), "test": str(test)}}}
+    with pytest.raises(ConfigError, match=r"test.jsonl: row 2 \(test split\): label 'pos' is not one of"):
+        preflight(_config(tmp_path, finetune=section))
+
+
 def test_a_worker_group_the_cluster_can_never_place(tmp_path):
     cfg = _config(tmp_path, train={"num_workers": 8})
     (problem,) = cluster_problems(cfg, {"CPU": 2.0, "memory": 1e9})

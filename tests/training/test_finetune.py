@@ -124,7 +124,7 @@ def _accuracy(model_dir, cfg) -> tuple[float, float]:
 
     from training.finetune import encode_split, load_tokenizer_of
 
-    tables, features = load_labeled(cfg.data, cfg.task)
+    tables, features, _ = load_labeled(cfg.data, cfg.task)
     names = label_names(cfg.data, tables["train"], features, cfg.task)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     test = encode_split(tables["test"], cfg, load_tokenizer_of(model_dir), model.config, names, "test")
@@ -295,12 +295,12 @@ def test_labeled_data_reads_every_format_with_the_same_split(tmp_path, labeled):
     splits = {}
     for source in ["rows.parquet", "rows.csv"]:
         cfg = LabeledDataConfig(path=str(tmp_path / source))
-        tables, _ = load_labeled(cfg, "classification")
+        tables, _, _ = load_labeled(cfg, "classification")
         splits[source] = tables["test"].column("text").to_pylist()
         assert sum(t.num_rows for t in tables.values()) == 200
     assert splits["rows.parquet"] == splits["rows.csv"] and splits["rows.csv"]
     cfg = LabeledDataConfig(path=str(hf), text_column="sentence")
-    tables, features = load_labeled(cfg, "classification")
+    tables, features, _ = load_labeled(cfg, "classification")
     assert label_names(cfg, tables["train"], features, "classification") == ["negative", "positive"]
     # The split of a row is a function of its content and the seed only.
     assert (
@@ -319,6 +319,37 @@ def test_labeled_data_errors_name_the_file_and_column(tmp_path):
         load_labeled(LabeledDataConfig(path=str(bad)), "classification")
     with pytest.raises(ValueError, match="finetune.lora with zero_stage 3"):
         FinetuneConfig(init_from="x", data={"path": "x.jsonl"}, lora={}, zero_stage=3)
+
+
+@pytest.mark.unit
+def test_rows_without_text_or_label_are_rejected_with_the_reason_and_unknown_labels_named(tmp_path):
+    """Empty, whitespace-only, null or missing text and a null label leave the row out (in = kept +
+    rejected; no class named 'None'); a validation/test label the train split lacks is an error naming the
+    file, the row and the label before anything trains."""
+    good = [{"text": f"sentence number {i}", "label": ["neg", "pos"][i % 2]} for i in range(40)]
+    bad = [{"text": "", "label": "pos"}, {"text": "   \n", "label": "neg"}, {"text": None, "label": "pos"},
+           {"label": "neg"}, {"text": "a label is missing", "label": None}]  # fmt: skip
+    data = tmp_path / "rows.jsonl"
+    rows = good[:10] + bad + good[10:]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = LabeledDataConfig(path=str(data))
+    tables, features, rejected = load_labeled(cfg, "classification")
+    assert sum(t.num_rows for t in tables.values()) + rejected.num_rows == len(rows)
+    assert sorted(zip(rejected.column("row").to_pylist(), rejected.column("reason").to_pylist())) == [
+        (11, "text is empty"), (12, "text is only whitespace"), (13, "text is null"), (14, "text is null"),
+        (15, "label is null"),
+    ]  # fmt: skip
+    assert set(rejected.column("source").to_pylist()) == {str(data)}
+    assert label_names(cfg, tables["train"], features, "classification") == ["neg", "pos"]
+
+    splits = {s: tmp_path / f"{s}.jsonl" for s in ("train", "validation", "test")}
+    splits["train"].write_text("".join(json.dumps(r) + "\n" for r in good[:30]))
+    splits["validation"].write_text("".join(json.dumps(r) + "\n" for r in good[30:35]))
+    unseen = good[35:] + [{"text": "a class nobody trained", "label": "neutral"}]
+    splits["test"].write_text("".join(json.dumps(r) + "\n" for r in unseen))
+    split_cfg = LabeledDataConfig(splits={s: str(p) for s, p in splits.items()})
+    with pytest.raises(ValueError, match=r"test.jsonl: row 6 \(test split\): label 'neutral' is not one of"):
+        load_labeled(split_cfg, "classification")
 
 
 @pytest.mark.integration
