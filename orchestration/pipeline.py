@@ -38,6 +38,7 @@ from cleaning.langid import LanguageFilter
 from cleaning.normalize import TextNormalizer
 from cleaning.pii import PiiRedactor
 from core.files import file_entry, file_sha256
+from core.lock import WorkdirLocked, workdir_lock
 from core.manifest import IntegrityError, index_digest, read_index, verify_files, write_index
 from core.stage import Stage
 from core.storage import Store, local_copy, local_file, node_dir
@@ -259,6 +260,8 @@ class Pipeline:
         start = time.perf_counter()
         with tracker.stage_run(name, _jsonable(spec.config)):
             index = read_index(out) if entry.action != "run" else None
+            if entry.action == "use":
+                self._usable(name, out, index)
             cached = entry.action == "use" or (entry.action == "cached" and self._intact(name, out, index))
             if entry.action == "use":
                 self.console.print(f"[dim]• {name}: {entry.reason} ({out})[/dim]")
@@ -303,6 +306,18 @@ class Pipeline:
             out.rmtree()
             return False
         return True
+
+    def _usable(self, name: str, out: Store, index: dict[str, Any]) -> None:
+        """A stage used as it is (not selected) is verified as a cached one is; one that fails stops the run
+        (it cannot be rebuilt without being selected), naming the file and what to run."""
+        try:
+            verify_files(out, index, self.cfg.verify)
+            if (rejected := read_index(out / REJECTED_DIR)) is not None:
+                verify_files(out / REJECTED_DIR, rejected, self.cfg.verify)
+        except IntegrityError as e:
+            raise ConfigError(
+                f"stage {name} (not selected, used as it is): {e}; select it too (--from {name}) to rebuild it"
+            ) from None
 
     @staticmethod
     def _prepare(out: Store, key: str, config: Any, parts: dict[str, Any]) -> None:
@@ -485,7 +500,15 @@ class Pipeline:
     # -- run ----------------------------------------------------------------------------------------
     def run(self, until: str | None = None, selection: Selection | None = None) -> PipelineResult:
         """Run the selected stages (default: all of the config's, or those up to ``until``), reusing
-        cached ones, then write the report from the stage manifests."""
+        cached ones, then write the report from the stage manifests. The work dir is this run's alone
+        while it runs (core/lock.py): a second run on it is refused, naming this one."""
+        try:
+            with workdir_lock(self.store):
+                return self._run(until, selection)
+        except WorkdirLocked as e:
+            raise ConfigError(str(e)) from None
+
+    def _run(self, until: str | None, selection: Selection | None) -> PipelineResult:
         selection = selection or Selection()
         if until is not None:
             selection = replace(selection, until=until)

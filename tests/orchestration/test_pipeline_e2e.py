@@ -296,6 +296,38 @@ def test_a_forced_rerun_of_the_same_config_gives_the_same_data_and_model(demo_ru
     assert first.metrics == second.metrics
 
 
+def test_a_stage_used_as_it_is_is_verified_and_a_cached_model_is_not_registered_again(demo_run, tmp_path):
+    """`--only train` on a copy: with nothing changed, train is cached and no model version is added;
+    with a token shard changed (its mtime set back), tokenize, used as it is, fails its sha256 check and
+    the run stops naming the file, before anything trains or registers (it used to say "up to date")."""
+    from orchestration.config import ConfigError
+
+    cfg, _ = demo_run
+    copy = cfg.model_copy(update={"workdir": copy_of(cfg.workdir, tmp_path / "only")})
+    name = cfg.tracking.registered_model
+    client = MlflowClient(copy.tracking_uri)
+    before = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    again = Pipeline(copy).run(selection=Selection(only=("train",)))
+    actions = {e.stage: e.action for e in again.plan}
+    assert actions["tokenize"] == "use" and actions["train"] == "cached"
+    assert sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'")) == before
+
+    tokens = copy.workdir / "tokenize"
+    shard = tokens / next(
+        f["path"] for f in again.stages["tokenize"].index["files"] if f["path"].endswith(".arrow")
+    )
+    stat = shard.stat()
+    with open(shard, "r+b") as f:
+        f.seek(stat.st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(ConfigError, match=f"stage tokenize \\(not selected, used as it is\\): {shard}"):
+        Pipeline(copy).run(selection=Selection(only=("train",)))
+    assert sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'")) == before
+
+
 def _cut_last_record(warc: Path) -> int:
     """Truncate a gzip WARC at the start of its last record (a record boundary); returns records left."""
     with open(warc, "rb") as f:
