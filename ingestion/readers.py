@@ -40,10 +40,15 @@ from warcio.exceptions import ArchiveLoadFailed
 
 from core.schema import DOCUMENT_SCHEMA, HTML_SCHEMA, document_id
 
-_LATIN = frozenset(
+#: Encodings detection may choose for a page that declares none and is not UTF-8: those of scripts
+#: windows-1252 cannot be (CJK, Cyrillic, Greek, Hebrew, Arabic, Thai). Any other guess (a Latin code page, or
+#: one of the DOS/Mac/rare pages a short Latin text is easily mistaken for: cp775, cp1006...) means
+#: windows-1252, as browsers decode such pages.
+_OTHER_SCRIPTS = frozenset(
     codecs.lookup(name).name
-    for name in ("cp1250", "cp1252", "cp1254", "cp1257", "latin_1", "iso8859_2", "iso8859_3", "iso8859_4",
-                 "iso8859_9", "iso8859_10", "iso8859_13", "iso8859_15", "iso8859_16", "mac_roman")
+    for name in ("shift_jis", "cp932", "euc_jp", "iso2022_jp", "gb2312", "gbk", "gb18030", "big5", "big5hkscs",
+                 "euc_kr", "cp949", "johab", "koi8_r", "koi8_u", "cp1251", "iso8859_5", "cp866", "mac_cyrillic",
+                 "cp1253", "iso8859_7", "cp1255", "iso8859_8", "cp1256", "iso8859_6", "cp874", "tis_620")
 )  # fmt: skip
 
 
@@ -61,11 +66,11 @@ def decode_html(body: bytes, content_type: str) -> str:
             return body.decode(charset)
         except (LookupError, UnicodeDecodeError):
             continue
-    # Declared wrong or not at all, and not UTF-8: detect from the bytes. The Latin single-byte code
-    # pages are hard to tell apart from a sample; cp1252 (the web's Latin-1) is right for most of them.
+    # Declared wrong or not at all, and not UTF-8: windows-1252 (WHATWG's fallback for Latin-script pages),
+    # unless detection finds a script it cannot be; detection alone where windows-1252 cannot decode it.
     best = charset_normalizer.from_bytes(body[:65536]).best()
     guess = codecs.lookup(best.encoding).name if best is not None else "cp1252"
-    for charset in ("cp1252" if guess in _LATIN else guess, "cp1252"):
+    for charset in (guess, "cp1252") if guess in _OTHER_SCRIPTS else ("cp1252", guess):
         try:
             return body.decode(charset)
         except (LookupError, UnicodeDecodeError):

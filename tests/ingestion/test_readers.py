@@ -208,6 +208,34 @@ def test_html_decoding_follows_the_browsers_rules_and_distrusts_a_wrong_declarat
     assert decode_html(prose.encode("cp1252"), "text/html; charset=utf-8") == prose
 
 
+PAGES = {
+    "latin_1": "<p>Un caf\u00e9 cr\u00e8me, s'il vous pla\u00eet, et une tarte \u00e0 la fran\u00e7aise.</p>",
+    "iso8859_1": "Un caf\u00e9 cr\u00e8me",  # short: detection alone called it cp1006 (Urdu)
+    "cp1252": "<p>The caf\u00e9 served cr\u00e8me br\u00fbl\u00e9e \u2013 \u201cthe best in town\u201d, they said.</p>",
+    "utf-8": "<p>Gr\u00fc\u00dfe aus K\u00f6ln \u2013 \u201cZa\u017c\u00f3\u0142\u0107 g\u0119\u015bl\u0105 ja\u017a\u0144\u201d</p>",
+    "shift_jis": "<p>\u3053\u3093\u306b\u3061\u306f\u3001\u4e16\u754c\u3002\u65e5\u672c\u8a9e\u306e\u30da\u30fc\u30b8\u3067\u3059\u3002\u6771\u4eac\u306f\u96e8\u3067\u3059\u3002</p>",
+    "koi8_r": "<p>\u041f\u0440\u0438\u0432\u0435\u0442, \u043c\u0438\u0440! \u042d\u0442\u043e \u0441\u0442\u0440\u0430\u043d\u0438\u0446\u0430 \u043d\u0430 \u0440\u0443\u0441\u0441\u043a\u043e\u043c \u044f\u0437\u044b\u043a\u0435 \u043e \u043f\u043e\u0433\u043e\u0434\u0435 \u0432 \u041c\u043e\u0441\u043a\u0432\u0435.</p>",
+}
+
+
+@pytest.mark.parametrize("charset", list(PAGES))
+@pytest.mark.parametrize("declared", ["header", "meta", "none"])
+def test_pages_decode_as_browsers_decode_them_with_or_without_a_declaration(charset, declared):
+    """With no usable declaration: UTF-8 if the bytes are UTF-8, windows-1252 for Latin-script pages (a
+    Latin-1 page once came out as cp775: "Un caf\u0137 cr\u0136me"), detection only for the scripts windows-1252
+    cannot be (Japanese, Cyrillic)."""
+    from ingestion.readers import decode_html
+
+    text = PAGES[charset]
+    body = text.encode(charset)
+    header = f"text/html; charset={charset}" if declared == "header" else "text/html"
+    if declared == "meta":
+        page = f'<meta charset="{charset}">' + text
+        assert decode_html(page.encode(charset), header) == page
+    else:
+        assert decode_html(body, header) == text
+
+
 def test_parquet_large_string_columns_read_as_strings(tmp_path):
     table = pa.table(
         {"text": pa.array(["alpha"], pa.large_string()), "url": pa.array(["http://a/"], pa.large_string())}
