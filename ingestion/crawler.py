@@ -241,7 +241,10 @@ class HostCrawler:
         self._adapters: dict[str, requests.adapters.HTTPAdapter] = {}  # host key -> its pinned address
         self._lock = threading.RLock()  # queue, seen, counters and output, with host_concurrency > 1
         self._turn = threading.Lock()  # request starts, one at a time, spaced by the delay
-        self.slug = re.sub(r"[^A-Za-z0-9.-]", "_", urlsplit(host).netloc)  # a.com:8000 -> a.com_8000
+        # One file name per scheme + host + port: https://a.com:8000 -> https_a.com_8000 (http and https of
+        # one host are two politeness units with files of their own).
+        self.slug = re.sub(r"[^A-Za-z0-9.-]", "_", f"{urlsplit(host).scheme}_{urlsplit(host).netloc}")
+        self._beyond_depth: set[str] = set()  # in-scope links on pages at max_depth, never queued
         self.allowed = config.hosts_allowed()
         self.fetched = 0
         self.retries = 0
@@ -379,6 +382,12 @@ class HostCrawler:
         raise AssertionError("unreachable")
 
     def _get_once(self, url: str) -> tuple[int, str, bytes, requests.Response]:
+        try:
+            return self._read_response(url)
+        finally:  # the delay runs from the end of every fetch, whatever its outcome: never closer
+            self._last_request = time.monotonic()
+
+    def _read_response(self, url: str) -> tuple[int, str, bytes, requests.Response]:
         cfg = self.config
         start = time.monotonic()
         resp = self.session.get(
@@ -404,7 +413,6 @@ class HostCrawler:
                 if time.monotonic() - start > cfg.total_timeout_s:
                     raise FetchRefused(f"fetch exceeded total_timeout_s={cfg.total_timeout_s}")
                 chunks.append(chunk)
-        self._last_request = time.monotonic()  # the delay runs from the end of a fetch: never closer
         return resp.status_code, resp.headers.get("Content-Type", ""), b"".join(chunks), resp
 
     def _fetch(self, url: str) -> tuple[str, int, str, bytes, requests.Response]:
@@ -435,7 +443,7 @@ class HostCrawler:
             name = self._warc_name = f"{self.slug}-{self._warc_index:05d}.warc.gz"
             self._warc_index += 1
             self._warc_files[name] = 0
-            self._warc = open(self.out_dir / name, "wb")
+            self._warc = open(self.out_dir / name, "xb")  # never truncate a file that exists
         return WARCWriter(self._warc, gzip=True)
 
     def _write_records(self, url: str, resp: requests.Response, body: bytes, depth: int) -> None:
@@ -581,6 +589,7 @@ class HostCrawler:
             "pending": self.frontier.pending(),
             "external": external,
             "warc_files": dict(sorted(self._warc_files.items())),  # name -> response records
+            "beyond_max_depth": len(self._beyond_depth),  # so far, this host
         }
 
     def _visit(self, url: str, depth: int, external: list[tuple[str, int]]) -> str | None:
@@ -607,13 +616,17 @@ class HostCrawler:
             error = f"http {status}" if status != 200 else f"content-type {mime!r} not allowed"
             self._record(final_url, status, len(body), elapsed, error)
             return f"http_{status}" if status != 200 else "content_type"
-        links = extract_links(final_url, body) if depth < self.config.max_depth else []
+        links = extract_links(final_url, body)
         with self._lock:
             self._write_records(final_url, resp, body, depth)
             self._record(final_url, status, len(body), elapsed, None)
             self.fetched += 1
             for link in links:
                 if not self.config.in_scope(link, self.allowed):
+                    continue
+                if depth >= self.config.max_depth:  # counted (once), not followed
+                    if link not in self.frontier:
+                        self._beyond_depth.add(link)
                     continue
                 if host_key(link) == self.host:
                     self.frontier.add(link, depth + 1)

@@ -117,6 +117,7 @@ def run_crawl(
     counters["pages_fetched"] = 0
     waiting: set[str] = {h for h, s in hosts.items() if s["pending"] is None or s["pending"] > 0}
     deferred: dict[str, float] = {}  # host -> when its unreachable robots.txt may be asked again
+    beyond: dict[str, int] = {}  # host -> in-scope links seen on its pages at max_depth, not followed
     unreachable: set[str] = set()  # hosts whose robots.txt stayed unreachable: their URLs wait
     book = RouteBook(out_dir / ROUTES)  # links to hand to each host, on disk; seeds are routed like links
     book.route((seed, host_key(seed), 0) for seed in config.all_seeds())
@@ -185,6 +186,8 @@ def run_crawl(
             counters["pages_fetched"] += result["fetched"]
             counters["retries"] += result["retries"]
             counters["fetch_failures"] += result["failures"]
+            beyond[host] = result["beyond_max_depth"]
+            counters["urls_not_fetched_max_depth"] = sum(beyond.values())
             counters.update({f"failed.{k}": v for k, v in result["failure_reasons"].items()})
             if "robots_unreachable" in result:  # nothing fetched: RFC 9309 disallows the host meanwhile
                 if result["robots_unreachable"] < config.robots_attempts:

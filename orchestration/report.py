@@ -27,7 +27,9 @@ def stage_line(index: dict[str, Any]) -> str:
     if "documents_in" in c:
         return f"({c['documents_in']} in, {c['kept']} kept, {c['rejected']} rejected)"
     if "pages_fetched" in c:
-        return f"({c['pages_fetched']} pages, {c.get('fetch_failures', 0)} failed/refused URLs)"
+        deeper = c.get("urls_not_fetched_max_depth", 0)
+        beyond = f", {deeper} URLs beyond crawl.max_depth not fetched" if deeper else ""
+        return f"({c['pages_fetched']} pages, {c.get('fetch_failures', 0)} failed/refused URLs{beyond})"
     if "tokens" in c and "vocab_size" in c:
         return f"({c['tokens']} tokens, {c['documents']} documents, vocab {c['vocab_size']})"
     if "final_loss" in c:

@@ -178,7 +178,7 @@ def _nth_call(*responses):
 
 
 def _crawl(base, tmp_path, budget=50, **cfg):
-    config = CrawlConfig(seeds=[base + "/"], min_delay_s=0.0, allow_private_addresses=True, **cfg)
+    config = CrawlConfig(seeds=[base + "/"], allow_private_addresses=True, **{"min_delay_s": 0.0, **cfg})
     crawler = HostCrawler(host_key(config.seeds[0]), config, str(tmp_path))
     result = crawler.crawl([(config.seeds[0], 0)], budget=budget)
     files = crawler.close()
@@ -389,7 +389,7 @@ def test_killed_crawl_resumes_without_refetching_or_losing_urls(site, tmp_path):
         "crawler.crawl([(cfg.seeds[0], 0)], budget=1000)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd())
-    frontier = out / f"frontier-{base.split('//')[1].replace(':', '_')}.sqlite"
+    frontier = out / f"frontier-http_{base.split('//')[1].replace(':', '_')}.sqlite"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if frontier.exists() and _urls_done(frontier) >= 15:
@@ -412,6 +412,42 @@ def test_killed_crawl_resumes_without_refetching_or_losing_urls(site, tmp_path):
     assert result["fetched"] == 40 - len(before)
     refetched = [p for p, _ in handler.hits[hits_before:] if p != "/sitemap.xml"]
     assert len(refetched) <= result["fetched"] + 1  # at most the page cut mid-write again
+
+
+@pytest.mark.unit
+def test_the_delay_runs_from_the_end_of_a_failed_fetch_too(site, tmp_path):
+    """A fetch cut at total_timeout_s (or refused for its size) still spaces the next request by the
+    delay; it used to follow 2-55 ms after a failure."""
+    handler, base = site
+    handler.pages.update(
+        {
+            "/": (200, "text/html", html_page("/drip.html", "/after.html")),
+            "/drip.html": _drip,
+            "/after.html": (200, "text/html", html_page()),
+        }
+    )
+    _crawl(base, tmp_path, total_timeout_s=0.6, min_delay_s=0.4, sitemaps=False, host_concurrency=1)
+    (drip,), (after,) = _times(handler, "/drip.html"), _times(handler, "/after.html")
+    assert after - drip >= 0.6 + 0.4 - 0.02, after - drip  # the cut fetch's end, then the whole delay
+
+
+@pytest.mark.unit
+def test_links_beyond_max_depth_are_counted_not_lost_silently(site, tmp_path):
+    handler, base = site
+    _chain_site(handler, 6)  # depth 0: /; 1: p1, p2; 2: p3, p4, which link to p5
+    result, files, _ = _crawl(base, tmp_path, max_depth=2, sitemaps=False)
+    assert sum(files.values()) == 5 and result["beyond_max_depth"] == 1
+
+
+@pytest.mark.unit
+def test_http_and_https_of_one_host_write_files_of_their_own(tmp_path):
+    config = CrawlConfig(seeds=["http://127.0.0.1:8443/"], allow_private_addresses=True)
+    plain = HostCrawler("http://127.0.0.1:8443", config, str(tmp_path))
+    secure = HostCrawler("https://127.0.0.1:8443", config, str(tmp_path))
+    assert plain.slug != secure.slug
+    plain._writer(), secure._writer()
+    assert plain._warc_name != secure._warc_name and len(list(tmp_path.glob("*.warc.gz"))) == 2
+    plain.close(), secure.close()
 
 
 @pytest.mark.integration
