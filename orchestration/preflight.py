@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ingestion.readers import ReadConfig
 from orchestration.config import ConfigError, PipelineConfig
 from training.labeled import load_labeled, resolve_path
 
@@ -19,7 +20,7 @@ def file_problems(cfg: PipelineConfig) -> list[str]:
     """Problems with the files and directories the config names (no cluster needed)."""
     problems = []
     try:
-        cfg.read.inputs()
+        problems += _parquet_column_problems(cfg.read, cfg.read.inputs())
     except (FileNotFoundError, ValueError) as e:  # its message names read.paths and the pattern
         problems.append(str(e))
     if cfg.crawl.seeds_file is not None and not Path(cfg.crawl.seeds_file).is_file():
@@ -52,6 +53,31 @@ def file_problems(cfg: PipelineConfig) -> list[str]:
                 load_labeled(ft.data, ft.task)
             except ValueError as e:
                 problems.append(f"finetune.data: {e}")
+    return problems
+
+
+#: How many Parquet inputs the pre-flight opens to check their columns.
+PARQUET_CHECKED = 64
+
+
+def _parquet_column_problems(read: ReadConfig, inputs: list[str]) -> list[str]:
+    """The Parquet inputs must hold ``read.text_field`` (their footers are read, no data; the first
+    PARQUET_CHECKED of them, a second each at most on an object store): the stage would otherwise fail
+    in its first task."""
+    import pyarrow.parquet as pq
+
+    from core.storage import open_input_file
+
+    problems = []
+    parquet = [uri for uri in inputs if uri.split("?")[0].endswith(".parquet")]
+    for uri in parquet[:PARQUET_CHECKED]:
+        with open_input_file(uri) as f:
+            names = pq.ParquetFile(f).schema_arrow.names
+        if read.text_field not in names:
+            problems.append(
+                f"read.text_field: {uri} has no column {read.text_field!r} (its columns: {', '.join(names)}); "
+                "set read.text_field to the one holding the text"
+            )
     return problems
 
 

@@ -66,6 +66,20 @@ def test_labeled_columns_and_labels_are_checked_before_pretraining(tmp_path):
         preflight(_config(tmp_path, finetune=section))
 
 
+def test_a_parquet_input_without_the_text_column_is_named_with_read_text_field(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "dump.parquet"
+    pq.write_table(pa.table({"id": ["a"], "content": ["some text"]}), data)
+    with pytest.raises(
+        ConfigError,
+        match=r"read.text_field: .*dump.parquet has no column 'text' \(its columns: id, content\)",
+    ):
+        preflight(_config(tmp_path, read={"paths": [str(data)]}))
+    preflight(_config(tmp_path, read={"paths": [str(data)], "text_field": "content"}))
+
+
 def test_a_worker_group_the_cluster_can_never_place(tmp_path):
     cfg = _config(tmp_path, train={"num_workers": 8})
     (problem,) = cluster_problems(cfg, {"CPU": 2.0, "memory": 1e9})
