@@ -99,6 +99,10 @@ def ensure_ray(
         log_to_driver=True,
         _temp_dir=str(temp),
     )
+    # What this process (and anything it starts: Ray Train's placement-group cleanup) connects to later is
+    # this cluster, named: never a guess among the Ray instances of the machine ("Found multiple active
+    # Ray instances" with another user's or another run's Ray).
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def _embedded_temp_dir(workdir: Path | None) -> Path:

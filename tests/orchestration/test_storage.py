@@ -177,7 +177,9 @@ def test_a_whole_pipeline_runs_and_reruns_from_its_cache_with_the_workdir_on_s3(
     overrides = {"workdir": workdir.uri, **SMALL_DEMO, "train.checkpoint_every": 2, "evaluate.task_limit": 10}
     sets = set_args(overrides)
     config = REPO / "configs" / "demo.yaml"
-    lmforge(["run", config, *sets], env, tmp_path)
+    first = lmforge(["run", config, *sets], env, tmp_path)
+    # The session's Ray runs beside this one: nothing in the run guessed which to connect to.
+    assert "Found multiple active Ray instances" not in first.stdout + first.stderr
 
     stages = ("crawl", "clean", "dedup", "tokenize", "train", "evaluate")
     for stage in stages:
