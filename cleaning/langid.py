@@ -16,7 +16,7 @@ from functools import cache
 import numba
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from core.stage import Stage, StageConfig, StageContext
 
@@ -90,6 +90,9 @@ def identify(text: str, max_chars: int = 10_000, merge_varieties: bool = True) -
     return lang, float(score)
 
 
+_ISO_639 = re.compile(r"[a-z]{2,3}")
+
+
 class LanguageFilterConfig(StageConfig):
     """Which languages to keep and how sure the model must be."""
 
@@ -99,6 +102,17 @@ class LanguageFilterConfig(StageConfig):
     min_score: float = Field(0.65, ge=0, le=1, description="Probability the language must exceed (FineWeb).")
     max_chars: int = Field(10_000, ge=100, description="Characters of each document the model reads.")
     merge_varieties: bool = Field(True, description="Report yue/wuu/cmn as zh and nb/nn as no.")
+
+    @field_validator("languages")
+    @classmethod
+    def _iso_codes(cls, languages: list[str] | None) -> list[str] | None:
+        """A name (``english``) instead of a code would reject every document: refused here."""
+        for lang in languages or []:
+            if not _ISO_639.fullmatch(lang):
+                raise ValueError(
+                    f"{lang!r} is not an ISO 639 language code (two or three lowercase letters: en, de, zh, yue)"
+                )
+        return languages
 
     def thresholds(self) -> dict[str, list[float]]:
         return {} if self.languages is None else {"lang_score": [self.min_score]}

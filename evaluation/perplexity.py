@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from tokenizers import Tokenizer
 
 from core.stage import StageConfig
@@ -43,6 +43,21 @@ class EvalConfig(StageConfig):
         "lambada_openai, ...) or .jsonl/.yaml task files; scored as lm-evaluation-harness does.",
     )
     task_limit: int | None = Field(None, ge=1, description="First N examples of each task (None: all).")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        """An unknown name is refused with the config, not after training."""
+        from evaluation.tasks import BUILTIN_TASKS, TASK_FILE_SUFFIXES
+
+        for name in tasks:
+            if name not in BUILTIN_TASKS and Path(name).suffix not in TASK_FILE_SUFFIXES:
+                raise ValueError(
+                    f"unknown task {name!r}: use one of {', '.join(BUILTIN_TASKS)} or a "
+                    f"{'/'.join(TASK_FILE_SUFFIXES)} task file"
+                )
+        return tasks
+
     pseudo_perplexity_sequences: int = Field(
         16,
         ge=0,

@@ -234,6 +234,8 @@ def _builtin(name: str) -> Task:
 
 
 BUILTIN_TASKS = (*_ROWS, "lambada_openai")
+#: What a user's task file may be.
+TASK_FILE_SUFFIXES = (".jsonl", ".json", ".yaml", ".yml")
 
 
 # lm-eval's own task YAML for each built-in (prompts and metrics are lm-eval's; only the data is local).
@@ -350,7 +352,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
 def resolve_task(name_or_path: str) -> Task:
     if name_or_path in BUILTIN_TASKS:
         return _builtin(name_or_path)
-    if Path(name_or_path).suffix in (".jsonl", ".json", ".yaml", ".yml"):
+    if Path(name_or_path).suffix in TASK_FILE_SUFFIXES:
         return load_user_task(name_or_path)
     raise ValueError(
         f"unknown task {name_or_path!r}: use one of {', '.join(BUILTIN_TASKS)} or a .jsonl/.yaml task file"

@@ -25,6 +25,16 @@ def test_demo_config_is_valid():
         ({"dedup": {"minhash": {"threshold": 1.5}}}, "dedup.minhash.threshold: Input should be less than 1"),
         ({"tokenize": {"vocab_size": 10}}, "tokenize.vocab_size: Extra inputs are not permitted"),
         ({"train": {"steps": "many"}}, "train.steps: Input should be a valid integer"),
+        # A language name kept nothing (every document rejected, then "every document was filtered").
+        (
+            {"clean": {"language": {"languages": ["english"]}}},
+            "clean.language.languages: 'english' is not an ISO 639",
+        ),
+        # An unknown task used to fail after training, without the field.
+        (
+            {"evaluate": {"tasks": ["arc_eazy"]}},
+            "evaluate.tasks: unknown task 'arc_eazy': use one of arc_easy",
+        ),
     ],
 )
 def test_bad_values_name_the_field_value_and_what_is_allowed(override, expected):
