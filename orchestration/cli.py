@@ -197,10 +197,14 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Check a config without running anything; prints the full config with defaults filled in."""
     cfg = _load(config, set_)
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    from orchestration.preflight import preflight
+    from orchestration.preflight import embedded_resources, preflight
 
     try:
-        preflight(cfg)  # the files it names; the cluster is checked when the run starts
+        preflight(cfg)  # the files it names
+        if (
+            cfg.ray.address is None
+        ):  # the cluster it will start, as `run` checks it; a remote one when it runs
+            preflight(cfg, embedded_resources(cfg))
     except ConfigError as e:
         console.print(f"[bold red]{config}:[/bold red] {e}")
         raise typer.Exit(2) from None

@@ -8,6 +8,7 @@ shorter than ``seq_len``) or waits forever for workers the cluster can never pla
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,24 @@ def cluster_problems(cfg: PipelineConfig, resources: dict[str, float], train: bo
         + f" each need {wants}; the Ray cluster has {has} in all, so the worker group could never be "
         "placed: lower train.num_workers / train.cpus_per_worker or add nodes"
     ]
+
+
+def embedded_resources(cfg: PipelineConfig) -> dict[str, float]:
+    """What an embedded Ray of this config will have, without starting it: ``ray.num_cpus`` (else the
+    machine's CPUs), its GPUs (asked only when the config trains on GPUs), and at most the machine's
+    memory. ``lmforge validate`` checks these as ``lmforge run`` checks ray.cluster_resources()."""
+    import psutil
+
+    gpus = 0
+    if cfg.train.use_gpu:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    return {
+        "CPU": cfg.ray.num_cpus or os.cpu_count() or 1,
+        "GPU": gpus,
+        "memory": psutil.virtual_memory().total,
+    }
 
 
 def preflight(cfg: PipelineConfig, resources: dict[str, float] | None = None, train: bool = True) -> None:

@@ -2,6 +2,7 @@
 and fix."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -78,6 +79,23 @@ def test_a_parquet_input_without_the_text_column_is_named_with_read_text_field(t
     ):
         preflight(_config(tmp_path, read={"paths": [str(data)]}))
     preflight(_config(tmp_path, read={"paths": [str(data)], "text_field": "content"}))
+
+
+def test_validate_runs_the_cluster_pre_flight_run_does():
+    """`lmforge validate` said "valid" for a worker group the embedded Ray could never place; `run`
+    refused it. Both check it now (cluster_problems, with what the embedded Ray will have)."""
+    from typer.testing import CliRunner
+
+    from orchestration.cli import app
+
+    demo = str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
+    sets = ["--set", "ray.num_cpus=2", "--set", "train.cpus_per_worker=4"]
+    refused = CliRunner().invoke(app, ["validate", demo, *sets])
+    assert refused.exit_code == 2, refused.output
+    assert "train.num_workers: 2 workers x 4 CPU(s) each need 8 CPUs; the Ray cluster has 2 CPUs" in " ".join(
+        refused.output.split()
+    )
+    assert CliRunner().invoke(app, ["validate", demo, "--set", "ray.num_cpus=2"]).exit_code == 0
 
 
 def test_a_worker_group_the_cluster_can_never_place(tmp_path):
