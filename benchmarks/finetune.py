@@ -122,7 +122,7 @@ def plain(cfg: FinetuneConfig, test: bool = False) -> tuple[float, list[float], 
     Returns the median step seconds, the losses and (with ``test``) the test accuracy."""
     from transformers import AutoModelForSequenceClassification
 
-    tables, features = load_labeled(cfg.data, cfg.task)
+    tables, features, _ = load_labeled(cfg.data, cfg.task)
     names = label_names(cfg.data, tables["train"], features, cfg.task)
     torch.manual_seed(cfg.seed)
     model = AutoModelForSequenceClassification.from_pretrained(cfg.init_from, num_labels=len(names))

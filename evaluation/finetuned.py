@@ -48,7 +48,7 @@ def evaluate_finetuned(
 ) -> dict[str, dict[str, Any]]:
     """Metrics per split (the splits the labeled data has); class names come from the model's id2label."""
     transformers.logging.disable_progress_bar()
-    tables, _ = load_labeled(cfg.data, cfg.task)
+    tables, _, _ = load_labeled(cfg.data, cfg.task)
     tokenizer = load_tokenizer_of(model_dir)
     out: dict[str, dict[str, Any]] = {}
     if cfg.task == "seq2seq":

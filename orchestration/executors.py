@@ -99,10 +99,14 @@ def ensure_ray(
         log_to_driver=True,
         _temp_dir=str(temp),
     )
-    # What this process (and anything it starts: Ray Train's placement-group cleanup) connects to later is
-    # this cluster, named: never a guess among the Ray instances of the machine ("Found multiple active
-    # Ray instances" with another user's or another run's Ray).
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    # Whatever in the run looks for "the" cluster later finds this one, never a guess among the machine's
+    # Ray instances (another user's, another run's: "ConnectionError: Found multiple active Ray instances"
+    # from Ray Train's placement-group cleaner). This process: RAY_ADDRESS. Ray's own processes, started
+    # with TMPDIR above, read the address file Ray keeps in the default temp dir (TMPDIR/ray).
+    address = ray.get_runtime_context().gcs_address
+    os.environ["RAY_ADDRESS"] = address
+    (temp / "tmp" / "ray").mkdir(exist_ok=True)
+    (temp / "tmp" / "ray" / "ray_current_cluster").write_text(address)
 
 
 def _embedded_temp_dir(workdir: Path | None) -> Path:
