@@ -131,7 +131,7 @@ def test_a_redirect_to_another_host_in_scope_lands_in_that_hosts_warc(ray_sessio
         with gzip.open(tmp_path / f["path"]) as stream:
             by_file[f["path"]] = [r.rec_headers.get_header("WARC-Target-URI") for r in ArchiveIterator(stream)
                                   if r.rec_type == "response"]  # fmt: skip
-    slug_b = b_url.split("//")[1].replace(":", "_")
+    slug_b = "http_" + b_url.split("//")[1].replace(":", "_")  # files are named by scheme, host and port
     (b_file,) = [name for name in by_file if name.startswith(slug_b)]
     assert by_file[b_file] == [b_url + "/landing"]
     assert [p for p, _ in b.hits] == ["/robots.txt", "/landing"]  # b's crawler fetched it, after its robots
