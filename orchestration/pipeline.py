@@ -677,10 +677,12 @@ class Pipeline:
         config_hash: str,
         index: dict[str, Any],
     ) -> None:
-        """Log (and register) the trained model in MLflow once; a cached stage reuses the logged model."""
+        """Log (and register) the trained model in MLflow once; a cached stage reuses the logged model
+        wherever this store holds it (a work dir copied with its store, or reached by another URI, logs
+        and registers nothing new: a stage that did not run adds no model version)."""
         cfg, out = self.cfg, index["out_dir"]
         record = out.read_json(report.MODEL_RECORD)
-        if record.get("tracking_uri") == tracker.tracking_uri and tracker.find_model(record["model_id"]):
+        if record.get("model_id") and tracker.find_model(record["model_id"]):
             result.model_id, result.model_version = record["model_id"], record["version"]
             return
         model_tags = {

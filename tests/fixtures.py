@@ -244,9 +244,11 @@ def _train(objective: str, root: Path, shards: Path) -> Trained:
     # ZeRO-3 (partitions gathered at export) with evaluation every 6 steps logged to MLflow at the step.
     task = word_task(root / "next_word.jsonl")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run() as run:
-        pass
+    # A run of its own experiment, through a client: no global MLflow state (an earlier in-process pipeline
+    # leaves its experiment active, which this new store does not have).
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("shared-causal-model"))
+    client.set_terminated(run.info.run_id)
     cfg = train_config(zero_stage=3, seq_len=64, eval_every=6, eval_tasks=[str(task), "copa"], eval_limit=24)
     logger = RunMetricsLogger(uri, run.info.run_id)
     summary = launch_training(cfg, shards, root / "train", run_name="causal", metrics_logger=logger)
