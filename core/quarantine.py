@@ -103,11 +103,10 @@ class Quarantine:
         )  # fmt: skip
         return trace
 
-    def _fault(self, doc_id: str | None, error: BaseException, why: str = "") -> InfrastructureFault:
-        """The InfrastructureFault to raise for ``error`` (on document ``doc_id``, when one is known)."""
-        on = f" on document {doc_id}" if doc_id is not None else ""
+    def _fault(self, doc_id: str, error: BaseException, why: str = "") -> InfrastructureFault:
+        """The InfrastructureFault to raise for ``error`` on document ``doc_id``."""
         return InfrastructureFault(
-            f"stage {self.stage}, partition {self.part}: {_named(error)}{on}{why}: a fault of the machine, not "
+            f"stage {self.stage}, partition {self.part}: {_named(error)} on document {doc_id}{why}: a fault of the machine, not "
             "of the document; nothing is quarantined or committed, the task is run again and the stage fails "
             "if the fault stays"
         )

@@ -201,9 +201,8 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
 
     try:
         preflight(cfg)  # the files it names
-        if (
-            cfg.ray.address is None
-        ):  # the cluster it will start, as `run` checks it; a remote one when it runs
+        # The cluster it will start, as `run` checks it; a remote cluster is checked when the run starts.
+        if cfg.ray.address is None:
             preflight(cfg, embedded_resources(cfg))
     except ConfigError as e:
         console.print(f"[bold red]{config}:[/bold red] {e}")

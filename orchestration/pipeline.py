@@ -298,22 +298,24 @@ class Pipeline:
         """Whether a committed output still matches its manifests (sha256 per ``verify``); one that does
         not is wiped, so the stage is rebuilt from scratch instead of resumed."""
         try:
-            verify_files(out, index, self.cfg.verify)
-            if (rejected := read_index(out / REJECTED_DIR)) is not None:
-                verify_files(out / REJECTED_DIR, rejected, self.cfg.verify)
+            self._verify(out, index)
         except IntegrityError as e:
             self.console.print(f"[yellow]• {name}: {e}; rebuilding the stage[/yellow]")
             out.rmtree()
             return False
         return True
 
+    def _verify(self, out: Store, index: dict[str, Any]) -> None:
+        """A stage output and its rejected set against their manifests (IntegrityError naming the file)."""
+        verify_files(out, index, self.cfg.verify)
+        if (rejected := read_index(out / REJECTED_DIR)) is not None:
+            verify_files(out / REJECTED_DIR, rejected, self.cfg.verify)
+
     def _usable(self, name: str, out: Store, index: dict[str, Any]) -> None:
         """A stage used as it is (not selected) is verified as a cached one is; one that fails stops the run
         (it cannot be rebuilt without being selected), naming the file and what to run."""
         try:
-            verify_files(out, index, self.cfg.verify)
-            if (rejected := read_index(out / REJECTED_DIR)) is not None:
-                verify_files(out / REJECTED_DIR, rejected, self.cfg.verify)
+            self._verify(out, index)
         except IntegrityError as e:
             raise ConfigError(
                 f"stage {name} (not selected, used as it is): {e}; select it too (--from {name}) to rebuild it"

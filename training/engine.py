@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 from functools import partial
@@ -102,8 +101,6 @@ _META = "lmforge.json"
 #: Where a checkpoint that failed its manifest goes (not ``step*``: pruning and loading never see it).
 SET_ASIDE_PREFIX = "corrupt-"
 
-_log = logging.getLogger(__name__)
-
 
 def _all_ranks(value: Any) -> list[Any]:
     """``value`` from every rank, in rank order (this rank's alone outside torch.distributed)."""
@@ -178,8 +175,8 @@ def verify_checkpoint(tag_dir: Path) -> str | None:
         path = tag_dir / name
         if not path.is_file():
             return f"{path} is missing"
-        if path.stat().st_size != entry["bytes"]:
-            return f"{path} has {path.stat().st_size} bytes, {entry['bytes']} when it was written"
+        if (size := path.stat().st_size) != entry["bytes"]:
+            return f"{path} has {size} bytes, {entry['bytes']} when it was written"
         if file_sha256(path) != entry["sha256"]:
             return f"{path} changed after it was written (sha256 {entry['sha256'][:12]}... expected)"
     return None
@@ -204,7 +201,6 @@ def _checkpoint_to_load(ckpt_dir: Path) -> str | None:
         # Agree on the next candidate: every rank sees the same names on a shared disk, the fewest decide.
         candidates = min(_all_ranks(earlier), key=len)
         then = f"resuming from {candidates[0]}" if candidates else "starting over from step 0"
-        _log.warning("checkpoint %s set aside as %s: %s; %s", tag, aside, problems[0], then)
         print(f"checkpoint {tag} set aside as {aside}: {problems[0]}; {then}", flush=True)
         if not candidates:
             with contextlib.suppress(FileNotFoundError):
