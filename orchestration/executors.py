@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -88,6 +89,7 @@ def ensure_ray(
         return
     temp = _embedded_temp_dir(workdir)
     (temp / "tmp").mkdir(parents=True, exist_ok=True)
+    _private_auth_token(temp)
     # Ray's own processes and its workers inherit this: their temporary files (multiprocessing's pymp-*
     # directories...) stay with the session files.
     os.environ["TMPDIR"] = str(temp / "tmp")
@@ -109,6 +111,29 @@ def ensure_ray(
     (temp / "tmp" / "ray" / "ray_current_cluster").write_text(address)
 
 
+def _private_auth_token(temp: Path) -> None:
+    """Give the embedded cluster a token of its own, readable by this user only and removed at exit.
+
+    Ray 2.60 turns token authentication on for a new local cluster and keeps the token in
+    ``~/.ray/auth_token`` (mode 0644: any local user could read it and submit work). Ray's processes and
+    this driver read the token from ``RAY_AUTH_TOKEN_PATH``; they inherit the environment set here.
+    """
+    path = temp / f"auth_token-{os.getpid()}"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # it would win over the path
+    # The token mode and the token are cached when ray is imported: read them again.
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    atexit.register(_remove_after_shutdown, path)
+
+
 def _embedded_temp_dir(workdir: Path | None) -> Path:
     if workdir is not None and len(str(workdir.resolve() / ".ray")) <= _MAX_RAY_TEMP:
         return workdir.resolve() / ".ray"
@@ -117,10 +142,13 @@ def _embedded_temp_dir(workdir: Path | None) -> Path:
     return temp
 
 
-def _remove_after_shutdown(temp: Path) -> None:
+def _remove_after_shutdown(path: Path) -> None:
     if ray.is_initialized():
         ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
 """What an embedded run listens on: lmforge's own servers on loopback only, and beyond it nothing but the
-Ray servers the README's security section names (Ray 2.60 cannot bind those to loopback)."""
+Ray servers the README's security section names (Ray 2.60 cannot bind those to loopback), which refuse a
+client without the run's own token."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +29,18 @@ with DemoSiteServer(site) as server:
     found = sorted({(c.laddr.ip, c.laddr.port, names[c.pid]) for c in psutil.net_connections("inet")
                     if c.status == "LISTEN" and c.pid in names})
     dashboard = ray._private.worker.global_worker.node.address_info["webui_url"]
-    print(json.dumps({"listeners": found, "dashboard": dashboard, "site": server.url}))
+    token = os.environ["RAY_AUTH_TOKEN_PATH"]
+    print(json.dumps({"listeners": found, "dashboard": dashboard, "site": server.url, "token": token,
+                      "token_mode": os.stat(token).st_mode & 0o777, "gcs": ray.get_runtime_context().gcs_address}))
+    sys.stdout.flush()
+    sys.stdin.readline()  # the test tries its clients meanwhile
+"""
+
+# A client holding only the machine-wide token (~/.ray/auth_token), or none.
+OUTSIDER = """
+import sys, ray
+ray.init(address=sys.argv[1])
+print("CONNECTED")
 """
 
 # Ray's own servers that listen beyond loopback (README, "Security and what a run leaves behind").
@@ -34,12 +48,34 @@ RAY_EXPOSED = {"gcs_server", "raylet", "ray::IDLE", "ray::DashboardAgent", "ray:
 RAY_METRICS_PORTS = {44217, 44227}  # autoscaler and dashboard Prometheus exporters
 
 
-def test_only_the_servers_the_readme_names_listen_beyond_loopback(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-c", LISTENERS, str(tmp_path / "site")], capture_output=True, text=True, timeout=180
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+def test_only_the_servers_the_readme_names_listen_beyond_loopback_and_refuse_other_tokens(tmp_path):
+    machine_token = Path.home() / ".ray" / "auth_token"
+    before = machine_token.read_bytes() if machine_token.exists() else None
+    run = subprocess.Popen(
+        [sys.executable, "-c", LISTENERS, str(tmp_path / "site")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = run.stdout.readline()
+        assert line, run.communicate(timeout=60)[1][-3000:]
+        out = json.loads(line)
+        # The run's own token: readable by its owner only; the machine-wide one neither written nor used.
+        assert out["token_mode"] == 0o600
+        assert (machine_token.read_bytes() if machine_token.exists() else None) == before
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")} | {
+            "RAY_AUTH_MODE": "token"
+        }
+        if before is None:
+            env["RAY_AUTH_TOKEN"] = "0" * 64
+        outsider = subprocess.run(
+            [sys.executable, "-c", OUTSIDER, out["gcs"]], capture_output=True, text=True, timeout=120, env=env
+        )
+        assert outsider.returncode != 0 and "CONNECTED" not in outsider.stdout
+        assert "Failed to connect to Ray cluster" in outsider.stderr, outsider.stderr[-2000:]
+    finally:
+        stderr = run.communicate("\n", timeout=120)[1]
+    assert run.returncode == 0, stderr[-3000:]
+    assert not Path(out["token"]).exists()  # removed at exit
     listeners = [tuple(x) for x in out["listeners"]]
     loopback = {"127.0.0.1", "::1"}
     site_port = int(out["site"].rsplit(":", 1)[1].strip("/"))
