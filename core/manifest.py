@@ -67,15 +67,13 @@ def read_index(out_dir: str | Path | Store, kind: str | None = None) -> dict[str
     ``kind``) of another kind.
     """
     store = Store(out_dir)
-    path = store.uri_of(INDEX)
+    path = store / INDEX  # shown in messages (credentials masked)
     try:
         index = json.loads(store.read_bytes(INDEX))
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ManifestError(
-            f"{path}: not a readable manifest ({e}); delete {out_dir} to rebuild it"
-        ) from None
+        raise ManifestError(f"{path}: not a readable manifest ({e}); delete {store} to rebuild it") from None
     found = f"kind={index.get('kind')!r} format_version={index.get('format_version')!r}"
     if index.get("format_version") != FORMAT_VERSION:
         raise ManifestError(
@@ -190,7 +188,7 @@ def _verify_remote(store: Store, index: dict[str, Any], policy: Verify) -> None:
     record = store.read_json(VERIFIED) if policy == "first_open" else {}
     changed = False
     for entry in index["files"]:
-        name, where = entry["path"], store.uri_of(entry["path"])
+        name, where = entry["path"], store / entry["path"]  # where: shown in messages
         if name not in stats:
             raise IntegrityError(f"{where}: listed in {INDEX} but missing")
         size, mtime_ns = stats[name]
@@ -218,7 +216,7 @@ def _verify_remote(store: Store, index: dict[str, Any], policy: Verify) -> None:
             store.write_bytes(VERIFIED, json.dumps(record).encode())
 
 
-def _parquet_rows(path: Path | pa.NativeFile, name: str | Path | None = None) -> int:
+def _parquet_rows(path: Path | pa.NativeFile, name: str | Path | Store | None = None) -> int:
     try:
         return pq.ParquetFile(path).metadata.num_rows
     except (pa.ArrowInvalid, OSError) as e:

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from core.files import atomic_write_bytes, file_sha256, read_ipc
+from core.redact import redact
 
 _URI = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?P<rest>[^?]*)(?P<query>\?.*)?$")
 
@@ -37,22 +38,36 @@ class Store:
         if match is None or match["scheme"] == "file":
             local = Path(match["rest"] if match else text).resolve()
             self.fs: pafs.FileSystem = pafs.LocalFileSystem()
-            self.root, self._scheme, self._query, self.local = str(local), "", "", local
+            self.root, self._scheme, self._query, self._auth, self.local = str(local), "", "", "", local
         else:
             self.fs, root = pafs.FileSystem.from_uri(text)
             self.root, self._scheme, self._query = root.rstrip("/"), match["scheme"], match["query"] or ""
+            # Credentials in the URI (s3://KEY:SECRET@bucket) travel with it to every process that opens
+            # it; str() and repr() mask them.
+            head = match["rest"].split("/", 1)[0]
+            self._auth = head.rsplit("@", 1)[0] + "@" if "@" in head else ""
             self.local = None
 
     @property
     def uri(self) -> str:
-        """The URI (a plain path for a local directory) that names this directory anywhere."""
-        return self.root if self.local is not None else f"{self._scheme}://{self.root}{self._query}"
+        """The URI (a plain path for a local directory) that names this directory anywhere, credentials
+        included: never print it, print the Store (``str()`` masks them)."""
+        if self.local is not None:
+            return self.root
+        return f"{self._scheme}://{self._auth}{self.root}{self._query}"
+
+    @property
+    def address(self) -> str:
+        """The URI without its user info: where the directory is, whoever reads it."""
+        if self.local is not None:
+            return self.root
+        return f"{self._scheme}://{self.root}{self._query}"
 
     def __str__(self) -> str:
-        return self.uri
+        return redact(self.uri)
 
     def __repr__(self) -> str:
-        return f"Store({self.uri!r})"
+        return f"Store({redact(self.uri)!r})"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Store) and other.uri == self.uri
@@ -66,7 +81,7 @@ class Store:
     def __truediv__(self, name: str) -> Store:
         if self.local is not None:
             return Store(self.local / name)
-        return Store(f"{self._scheme}://{self.root}/{name.strip('/')}{self._query}")
+        return Store(f"{self._scheme}://{self._auth}{self.root}/{name.strip('/')}{self._query}")
 
     def path(self, rel: str = "") -> str:
         """The filesystem path of ``rel`` below this directory."""
@@ -87,13 +102,13 @@ class Store:
         """(size, mtime in ns) of one file."""
         info = self.fs.get_file_info(self.path(rel))
         if info.type != pafs.FileType.File:
-            raise FileNotFoundError(f"{self.uri_of(rel)}: no such file")
+            raise FileNotFoundError(f"{self / rel}: no such file")
         return info.size, info.mtime_ns or 0
 
     def size(self, rel: str) -> int:
         info = self.fs.get_file_info(self.path(rel))
         if info.type != pafs.FileType.File:
-            raise FileNotFoundError(f"{self.uri_of(rel)}: no such file")
+            raise FileNotFoundError(f"{self / rel}: no such file")
         return info.size
 
     def read_bytes(self, rel: str) -> bytes:
@@ -104,7 +119,7 @@ class Store:
                 return f.read()
         except OSError:
             if not self.is_file(rel):
-                raise FileNotFoundError(f"{self.uri_of(rel)}: no such file") from None
+                raise FileNotFoundError(f"{self / rel}: no such file") from None
             raise
 
     def read_text(self, rel: str) -> str:
@@ -239,7 +254,7 @@ def node_dir(where: str | Path | Store, kind: str) -> Path:
     store = Store(where)
     if store.local is not None:
         return store.local
-    return node_cache() / kind / hashlib.sha256(store.uri.encode()).hexdigest()[:16]
+    return node_cache() / kind / hashlib.sha256(store.address.encode()).hexdigest()[:16]
 
 
 def local_copy(where: str | Path | Store, rel: str = "") -> Path:
@@ -255,7 +270,7 @@ def local_copy(where: str | Path | Store, rel: str = "") -> Path:
         return store.local
     remote = store.stats()
     if not remote and not store.exists():
-        raise FileNotFoundError(f"{store.uri}: no such directory")
+        raise FileNotFoundError(f"{store}: no such directory")
     mirror = _mirror(store, node_dir(store, "mirror"), remote)
     for old in [p for p in mirror.rglob("*") if p.is_file()]:
         if old.relative_to(mirror).as_posix() not in remote and ".part-" not in old.name:
@@ -294,7 +309,7 @@ def local_file(where: str | Path) -> Path:
     if store.local is not None:
         return Path(where)
     if not store.is_file(name):
-        raise FileNotFoundError(f"{where}: no such file")
+        raise FileNotFoundError(f"{redact(str(where))}: no such file")
     return _mirror(store, node_dir(text, "mirror"), {name: store.stats_of(name)}) / name
 
 

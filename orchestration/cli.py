@@ -16,6 +16,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from core.redact import redact, redact_console
 from orchestration.config import ConfigError, PipelineConfig, dotted_overrides, load_config, parse_config
 from orchestration.report import stage_line
 
@@ -124,7 +125,7 @@ def run(
             missing = [e.stage for e in plan if e.action == "missing"]
             if missing:
                 console.print(
-                    f"[bold red]cannot run:[/bold red] {', '.join(missing)} never ran in {cfg.workdir}"
+                    f"[bold red]cannot run:[/bold red] {', '.join(missing)} never ran in {redact(str(cfg.workdir))}"
                 )
                 raise typer.Exit(2)
             return
@@ -141,7 +142,7 @@ def _names(values: list[str] | None) -> tuple[str, ...]:
 
 
 def _print_plan(cfg: PipelineConfig, plan) -> None:
-    table = Table(title=f"lmforge run '{cfg.name}' --dry-run: the plan ({cfg.workdir})")
+    table = Table(title=f"lmforge run '{cfg.name}' --dry-run: the plan ({redact(str(cfg.workdir))})")
     table.add_column("stage")
     table.add_column("action")
     table.add_column("why")
@@ -278,7 +279,7 @@ def submit(
             },
             metadata={
                 "lmforge.config": cfg.name,
-                "lmforge.workdir": str(cfg.workdir),
+                "lmforge.workdir": redact(str(cfg.workdir)),
                 "lmforge.attempt": str(attempt),
                 "lmforge.stages": " ".join(flags) or "all",
                 "lmforge.requirements": requirements or "",
@@ -297,7 +298,7 @@ def submit(
             raise typer.Exit(1)
         console.print(
             f"[yellow]resubmitting (attempt {attempt + 2} of {retries + 1}): the finished tasks and stages in "
-            f"{cfg.workdir} are kept[/yellow]"
+            f"{redact(str(cfg.workdir))} are kept[/yellow]"
         )
 
 
@@ -648,6 +649,7 @@ def schema() -> None:
 
 
 def main() -> None:
+    redact_console()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     app()

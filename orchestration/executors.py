@@ -402,7 +402,7 @@ def run_tasks(
             while todo and len(pending) < max_in_flight:
                 task = todo.pop()
                 fn, args = plan(task)
-                pending[remote.remote(fn, task, str(root), str(markers), args, tally)] = task
+                pending[remote.remote(fn, task, root.uri, markers.uri, args, tally)] = task
             done, _ = ray.wait(list(pending), num_returns=1, timeout=REPORT_EVERY_S if tally else None)
             if done:
                 task = pending.pop(done[0])
@@ -594,7 +594,7 @@ def run_tokenize_stage(
     results = run_tasks(
         out,
         list(parts),
-        lambda task: (_tokenize_task, (parts[task], str(out), prepared, config)),
+        lambda task: (_tokenize_task, (parts[task], out.uri, prepared, config)),
         on_progress,
         max_in_flight,
         options=options,

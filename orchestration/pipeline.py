@@ -40,6 +40,7 @@ from cleaning.pii import PiiRedactor
 from core.files import file_entry, file_sha256
 from core.lock import WorkdirLocked, workdir_lock
 from core.manifest import IntegrityError, index_digest, read_index, verify_files, write_index
+from core.redact import redact
 from core.stage import Stage
 from core.storage import Store, local_copy, local_file, node_dir
 from evaluation.finetuned import evaluate_finetuned
@@ -533,7 +534,7 @@ class Pipeline:
         tags = {**self._code, "lmforge.config_hash": config_hash}
         with tracker.pipeline_run(cfg.name, cfg.model_dump(mode="json"), tags) as parent_id:
             result = PipelineResult(self.workdir, cfg.tracking_uri, parent_id)
-            record = {"name": cfg.name, "mlflow_run_id": parent_id, "tracking_uri": cfg.tracking_uri}
+            record = {"name": cfg.name, "mlflow_run_id": parent_id, "tracking_uri": redact(cfg.tracking_uri)}
             self.store.write_bytes(report.RUN_RECORD, json.dumps(record).encode())
             specs, selected, needed = self._specs(result, tracker, selection, config_hash)
             # The stages' tasks and the training worker group against the cluster.
@@ -706,7 +707,7 @@ class Pipeline:
             model_type=MODEL_TYPES[cfg.train.objective],
         )
         record = {
-            "tracking_uri": tracker.tracking_uri,
+            "tracking_uri": redact(tracker.tracking_uri),
             "model_id": result.model_id,
             "version": result.model_version,
         }
@@ -872,7 +873,7 @@ class Pipeline:
         its metrics per split against that dataset, the confusion matrices as tables and figures."""
         out, ft = index["out_dir"], self.cfg.finetune
         record = out.read_json(report.MODEL_RECORD)
-        if record.get("tracking_uri") == tracker.tracking_uri and tracker.find_model(record["model_id"]):
+        if record.get("model_id") and tracker.find_model(record["model_id"]):
             result.finetuned_model_id = record["model_id"]
             return
         labeled_digest = index_digest(labeled.index)
@@ -904,7 +905,7 @@ class Pipeline:
                 tracker.log_confusion_matrix(
                     m["confusion_matrix"], m.get("label_names", []), f"finetune/{split}_confusion"
                 )
-        record = {"tracking_uri": tracker.tracking_uri, "model_id": model_id}
+        record = {"tracking_uri": redact(tracker.tracking_uri), "model_id": model_id}
         out.write_bytes(report.MODEL_RECORD, json.dumps(record).encode())
 
 

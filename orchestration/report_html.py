@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core.manifest import dataset_files, index_digest
+from core.redact import redact
 from core.storage import Store, open_input_file
 from ingestion.readers import ReadConfig, corpus_format, decode_html, find_htmls
 from orchestration.config import CleanConfig
@@ -401,7 +402,7 @@ def _raw_record(row: dict[str, Any], raw: dict[str, tuple[str, str]]) -> str:
         return ""
     path, page = raw[row["id"]]
     name = Path(path.split("?")[0]).name
-    link = path if "://" in path else Path(path).as_uri()
+    link = redact(path) if "://" in path else Path(path).as_uri()
     offset = dict(row.get("meta") or []).get("warc_offset")
     where = f"{name}, record at byte {int(offset):,} of the decompressed WARC" if offset is not None else name
     cut = f", first {_RAW_HTML:,} shown" if len(page) > _RAW_HTML else ""

@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.types.schema import Array, ColSpec, DataType, Map, Schema  # noqa: E402
 
 from core.mappings import flatten  # noqa: E402
+from core.redact import redact  # noqa: E402
 from core.storage import Store  # noqa: E402
 
 _MAX_PARAM = 6000
@@ -64,7 +65,11 @@ def code_version(version: str, repo: Path = _REPO) -> dict[str, str]:
 
 
 def _params(mapping: dict[str, Any]) -> dict[str, str]:
-    return {k: str(v)[:_MAX_PARAM] for k, v in flatten(mapping).items()}
+    return {k: redact(str(v))[:_MAX_PARAM] for k, v in flatten(mapping).items()}
+
+
+def _tags(tags: dict[str, str]) -> dict[str, str]:
+    return {k: redact(v) for k, v in tags.items()}
 
 
 class Tracker:
@@ -92,7 +97,7 @@ class Tracker:
 
     @contextmanager
     def pipeline_run(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[str]:
-        with mlflow.start_run(run_name=name, experiment_id=self.experiment_id, tags=tags) as run:
+        with mlflow.start_run(run_name=name, experiment_id=self.experiment_id, tags=_tags(tags)) as run:
             self.parent_run_id = run.info.run_id
             mlflow.log_params(_params(params))
             yield run.info.run_id
@@ -113,7 +118,7 @@ class Tracker:
 
     @staticmethod
     def set_tag(key: str, value: str) -> None:
-        mlflow.set_tag(key, value)
+        mlflow.set_tag(key, redact(value))
 
     @staticmethod
     def log_artifact(path: str | Path) -> None:
@@ -167,7 +172,7 @@ class Tracker:
         with warnings.catch_warnings():  # local paths match two equivalent source types; either is right
             warnings.simplefilter("ignore", UserWarning)
             uri = path if isinstance(path, str) and "://" in path else Store(path).uri
-            source = resolve_dataset_source(uri)
+            source = resolve_dataset_source(redact(uri))
         if index is None:
             return MetaDataset(source=source, name=name, digest=digest)
         return StageDataset(source, name, digest, _data_schema(uri, index), dataset_profile(index))
@@ -202,7 +207,7 @@ class Tracker:
         """
         run_id = mlflow.active_run().info.run_id
         model = mlflow.initialize_logged_model(
-            name=name, source_run_id=run_id, tags=tags, params=_params(params), model_type=model_type
+            name=name, source_run_id=run_id, tags=_tags(tags), params=_params(params), model_type=model_type
         )
         try:
             self.client.log_model_artifacts(model.model_id, str(model_dir))
@@ -213,7 +218,9 @@ class Tracker:
         mlflow.log_outputs(models=[LoggedModelOutput(model.model_id, step)])
         version = None
         if register_as:
-            version = mlflow.register_model(f"models:/{model.model_id}", register_as, tags=tags).version
+            version = mlflow.register_model(
+                f"models:/{model.model_id}", register_as, tags=_tags(tags)
+            ).version
         return model.model_id, version
 
     def log_checkpoint(self, name: str, step: int, path: Path | str, tags: dict[str, str]) -> str:
@@ -221,7 +228,9 @@ class Tracker:
         where training wrote it (optimizer and ZeRO partitions, several times the model): the model records
         its path, step and the lineage tags of the final model."""
         run_id = mlflow.active_run().info.run_id
-        tags = {**tags, "lmforge.checkpoint_step": str(step), "lmforge.checkpoint_path": Store(path).uri}
+        tags = _tags(
+            {**tags, "lmforge.checkpoint_step": str(step), "lmforge.checkpoint_path": str(Store(path))}
+        )
         model = mlflow.initialize_logged_model(
             name=name, source_run_id=run_id, tags=tags, params={"step": str(step)}, model_type="checkpoint"
         )
@@ -233,7 +242,7 @@ class Tracker:
         self.client.set_registered_model_alias(name, alias, version)
 
     def tag_version(self, name: str, version: str, key: str, value: str) -> None:
-        self.client.set_model_version_tag(name, version, key, value)
+        self.client.set_model_version_tag(name, version, key, redact(value))
 
     def find_model(self, model_id: str) -> bool:
         """Whether this tracking store holds a READY logged model with this id."""

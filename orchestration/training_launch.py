@@ -250,8 +250,8 @@ def _launch(
     summary = out.read_json("summary.json")
     if not summary:
         raise RuntimeError(
-            f"training finished without writing {out.uri_of('summary.json')}; see the Ray worker logs above"
+            f"training finished without writing {out / 'summary.json'}; see the Ray worker logs above"
         )
     if out.local is None:
-        summary["model_dir"] = out.uri_of("model")
+        summary["model_dir"] = str(out / "model")  # a record: credentials masked
     return summary

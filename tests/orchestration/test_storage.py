@@ -169,10 +169,13 @@ def test_a_document_stage_on_ray_reads_and_commits_on_s3_the_bytes_a_local_run_d
 def test_a_whole_pipeline_runs_and_reruns_from_its_cache_with_the_workdir_on_s3(s3_server, tmp_path):
     """`lmforge run` of the demo (crawl of the demo site, clean, dedup, tokenize, 2-worker training,
     evaluation, report) with ``workdir: s3://...``: every output lands on the store, verified against its
-    manifest; the only local files are the node cache's; a rerun is all cached."""
+    manifest; the only local files are the node cache's; a rerun is all cached. The work dir URI carries
+    credentials (``s3://KEY:SECRET@bucket``): the secret is in no output, record, report, log or MLflow
+    entry, where the URI shows it is masked."""
     prefix, query = s3_server(f"pipeline-{time.monotonic_ns()}")
-    workdir = Store(f"{prefix}/runs/demo{query}")
-    env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled"}
+    secret = "SeCrEtLmForge42"
+    workdir = Store(f"s3://AKIDLMFORGE:{secret}@{prefix.removeprefix('s3://')}/runs/demo{query}")
+    env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache")}
     env.pop("RAY_ADDRESS", None)
     overrides = {"workdir": workdir.uri, **SMALL_DEMO, "train.checkpoint_every": 2, "evaluate.task_limit": 10}
     sets = set_args(overrides)
@@ -213,6 +216,21 @@ def test_a_whole_pipeline_runs_and_reruns_from_its_cache_with_the_workdir_on_s3(
     assert {s: (workdir / s).read_bytes("index.json") for s in stages} == before
     assert "▶" not in again.stderr
     print([line.strip() for line in again.stderr.splitlines() if "finished in" in line])  # the rerun's time
+
+    # The secret: in no console output, no object of the store, no file of the node cache (MLflow's
+    # database and artifacts, Ray's session logs); MLflow shows the work dir masked.
+    for out in (first, plan, again):
+        assert secret not in out.stdout + out.stderr
+    for rel in workdir.files():
+        assert secret.encode() not in workdir.read_bytes(rel), rel
+    for path in (tmp_path / "cache").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    run = client.get_run(json.loads(workdir.read_bytes("run.json"))["mlflow_run_id"])
+    assert run.data.params["workdir"] == f"s3://***@{prefix.removeprefix('s3://')}/runs/demo{query}"
 
 
 @pytest.mark.system
