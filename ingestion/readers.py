@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from w3lib.encoding import html_body_declared_encoding, http_content_type_encoding, read_bom
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
+from warcio.recordloader import ArcWarcRecord
 
 from core.schema import DOCUMENT_SCHEMA, HTML_SCHEMA, document_id
 
@@ -183,42 +184,101 @@ class _Batches:
         return batch
 
 
+#: The first line of a WARC record (WARC 1.0 and 1.1), where a reader picks up after a malformed record.
+_WARC_START = re.compile(rb"\nWARC/1\.[01]\r?\n")
+_SCAN_CHUNK = 1 << 20
+
+
+def warc_records(path: str | Path, report: ReadReport) -> Iterator[tuple[ArcWarcRecord, int]]:
+    """Each record of a WARC/WARC.gz file with its byte offset in the decompressed stream, its content
+    to be read before the next one is asked for.
+
+    A record whose header cannot be parsed (warcio's ``ArchiveLoadFailed``) is reported as malformed,
+    with its offset and its first bytes, and reading resumes at the next line that starts a record
+    ("WARC/1.0" or "WARC/1.1"), as a reader of a damaged archive would: the good records before and after
+    it are kept. A stream that cannot be decompressed (a truncated gzip member) is not resynchronised:
+    that error ends the file (``CorruptInputError``, through the reader that calls this)."""
+    source = Path(str(path)).name
+    fs, where = _filesystem(path)
+    start = 0
+    while start is not None:
+        with fs.open_input_stream(where) as stream:
+            _skip(stream, start)
+            records = ArchiveIterator(stream)
+            try:
+                for record in records:
+                    yield record, start + records.offset  # the start of this record
+                return
+            except ArchiveLoadFailed as e:
+                bad = start + records.offset
+                error = str(e).strip()
+        start, raw = _next_record_start(fs, where, bad)
+        report.bad(source, f"offset {bad}", f"ArchiveLoadFailed: {error}", raw)
+
+
+def _skip(stream: pa.NativeFile, n: int) -> None:
+    while n > 0:
+        chunk = stream.read(min(n, _SCAN_CHUNK))
+        if not chunk:
+            return
+        n -= len(chunk)
+
+
+def _next_record_start(fs: pafs.FileSystem, where: str, bad: int) -> tuple[int | None, bytes]:
+    """The offset of the first record start after ``bad`` (None at the end of the file) and the first
+    bytes of what lies between."""
+    with fs.open_input_stream(where) as stream:
+        _skip(stream, bad)
+        seen, tail, raw = bad, b"", b""
+        while chunk := stream.read(_SCAN_CHUNK):
+            window = tail + chunk
+            if len(raw) < RAW_PREFIX:
+                raw += chunk[: RAW_PREFIX - len(raw)]
+            # A match must start after the malformed record's own first byte (its line may be "WARC/1.0").
+            found = _WARC_START.search(window, 1 if seen == bad else 0)
+            if found:
+                at = seen - len(tail) + found.start() + 1
+                return at, raw[: at - bad]
+            tail = window[-16:]
+            seen += len(chunk)
+    return None, raw
+
+
 @_names_its_file
 def read_warc(
-    path: str | Path, batch_size: int = 256, counters: Counter | None = None
+    path: str | Path, batch_size: int = 256, report: ReadReport | None = None
 ) -> Iterator[pa.RecordBatch]:
     """Stream HTML responses (status 200) from a WARC/WARC.gz file as document batches; ``meta`` holds
     the response's size (``http_bytes``) and the record's byte offset in the decompressed WARC stream
     (``warc_offset``). pyarrow decompresses (a truncated gzip member is an error here, where warcio's
-    own reader ends the file silently), so offsets count uncompressed bytes."""
-    counters = counters if counters is not None else Counter()
+    own reader ends the file silently), so offsets count uncompressed bytes. A malformed record goes to
+    ``report`` (``warc_records``); the reading goes on after it."""
+    report = report if report is not None else ReadReport()
+    counters = report.counters
     out = _Batches(HTML_SCHEMA, batch_size)
     source = Path(str(path)).name
-    fs, where = _filesystem(path)
-    with fs.open_input_stream(where) as stream:
-        records = ArchiveIterator(stream)
-        for record in records:
-            if record.rec_type != "response":
-                continue
-            counters["warc.responses"] += 1
-            status = record.http_headers.get_statuscode() if record.http_headers else None
-            if status != "200":
-                counters["warc.skipped_status"] += 1
-                continue
-            url = record.rec_headers.get_header("WARC-Target-URI")
-            body = record.content_stream().read()
-            ctype = record.http_headers.get_header("Content-Type") or ""
-            fetched = record.rec_headers.get_header("WARC-Date")
-            batch = out.add(
-                id=document_id(url, body),
-                url=url,
-                html=decode_html(body, ctype),
-                source=source,
-                fetched_at=datetime.fromisoformat(fetched.replace("Z", "+00:00")) if fetched else None,
-                meta=[("http_bytes", float(len(body))), ("warc_offset", float(records.get_record_offset()))],
-            )
-            if batch:
-                yield batch
+    for record, offset in warc_records(path, report):
+        if record.rec_type != "response":
+            continue
+        counters["warc.responses"] += 1
+        status = record.http_headers.get_statuscode() if record.http_headers else None
+        if status != "200":
+            counters["warc.skipped_status"] += 1
+            continue
+        url = record.rec_headers.get_header("WARC-Target-URI")
+        body = record.content_stream().read()
+        ctype = record.http_headers.get_header("Content-Type") or ""
+        fetched = record.rec_headers.get_header("WARC-Date")
+        batch = out.add(
+            id=document_id(url, body),
+            url=url,
+            html=decode_html(body, ctype),
+            source=source,
+            fetched_at=datetime.fromisoformat(fetched.replace("Z", "+00:00")) if fetched else None,
+            meta=[("http_bytes", float(len(body))), ("warc_offset", float(offset))],
+        )
+        if batch:
+            yield batch
     if batch := out.flush():
         yield batch
 
@@ -262,25 +322,23 @@ def read_wet(
     report = report if report is not None else ReadReport()
     source = Path(str(path)).name
     out = _Batches(DOCUMENT_SCHEMA, batch_size)
-    fs, where = _filesystem(path)
-    with fs.open_input_stream(where) as stream:
-        for record in ArchiveIterator(stream):
-            if record.rec_type != "conversion":
-                continue
-            url = record.rec_headers.get_header("WARC-Target-URI")
-            body = record.content_stream().read()
-            try:
-                text = body.decode("utf-8")
-            except UnicodeDecodeError as e:
-                report.bad(source, url or "?", f"not UTF-8: {e}", body)
-                continue
-            report.counters["wet.records"] += 1
-            fetched = record.rec_headers.get_header("WARC-Date")
-            date = datetime.fromisoformat(fetched.replace("Z", "+00:00")) if fetched else None
-            if batch := out.add(
-                id=document_id(url or "", text), url=url, text=text, source=source, fetched_at=date
-            ):
-                yield batch
+    for record, _ in warc_records(path, report):
+        if record.rec_type != "conversion":
+            continue
+        url = record.rec_headers.get_header("WARC-Target-URI")
+        body = record.content_stream().read()
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            report.bad(source, url or "?", f"not UTF-8: {e}", body)
+            continue
+        report.counters["wet.records"] += 1
+        fetched = record.rec_headers.get_header("WARC-Date")
+        date = datetime.fromisoformat(fetched.replace("Z", "+00:00")) if fetched else None
+        if batch := out.add(
+            id=document_id(url or "", text), url=url, text=text, source=source, fetched_at=date
+        ):
+            yield batch
     if batch := out.flush():
         yield batch
 
@@ -491,7 +549,7 @@ def read_corpus(
     if kind == "wet":
         yield from read_wet(uri, batch_size, report)
     elif kind == "warc":
-        yield from read_warc(uri, batch_size, report.counters)
+        yield from read_warc(uri, batch_size, report)
     elif kind == "jsonl":
         yield from read_jsonl(uri, batch_size, report, **fields)
     elif kind == "parquet":

@@ -162,11 +162,11 @@ class Source:
     read: ReadConfig | None = None
 
     def batches(self, ctx: StageContext) -> Iterable[pa.RecordBatch]:
+        report = ReadReport(counters=ctx.counters, sink=partial(reject_malformed, ctx))
         if self.read is None:
-            return read_warc(self.uri, counters=ctx.counters)
+            return read_warc(self.uri, report=report)
         r = self.read
         fields = {"text_field": r.text_field, "id_field": r.id_field, "url_field": r.url_field}
-        report = ReadReport(counters=ctx.counters, sink=partial(reject_malformed, ctx))
         return read_corpus(self.uri, r.batch_size, report, **fields)
 
 

@@ -109,3 +109,56 @@ def test_faults_are_named_or_accounted_for(tmp_path, name):
             assert rows + malformed == len(lines), what
         if name == "corpus.parquet":
             assert rows == N, what  # a Parquet file that still reads has every row
+
+
+def _plain_warc(kind: str, n: int = 6) -> tuple[bytes, list[int]]:
+    """An uncompressed WARC (or WET) of ``n`` records and each record's offset (found by hand: where each
+    line "WARC/1.0" begins)."""
+    out = io.BytesIO()
+    writer = WARCWriter(out, gzip=False)
+    for i in range(n):
+        body = f"<html><body><p>{TEXT} {i}</p></body></html>".encode()
+        if kind == "warc":
+            headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html")], protocol="HTTP/1.1")
+            record = writer.create_warc_record(
+                f"http://x/{i}", "response", payload=io.BytesIO(body), http_headers=headers
+            )
+        else:
+            record = writer.create_warc_record(
+                f"http://x/{i}", "conversion", payload=io.BytesIO(body), warc_content_type="text/plain"
+            )
+        writer.write_record(record)
+    data = out.getvalue()
+    starts = [
+        i for i in range(len(data)) if data.startswith(b"WARC/1.0\r\n", i) and (i == 0 or data[i - 1] == 10)
+    ]
+    assert len(starts) == n
+    return data, starts
+
+
+@pytest.mark.parametrize("kind", ["warc", "wet"])
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+@pytest.mark.parametrize("bad", [(2,), (2, 3), (5,), (0,)], ids=["one", "two-in-a-row", "last", "first"])
+def test_a_malformed_warc_record_is_reported_with_its_offset_and_the_others_are_kept(tmp_path, kind, gz, bad):
+    data, starts = _plain_warc(kind)
+    damaged = bytearray(data)
+    for i in bad:  # the record's first line no longer says WARC/1.0
+        damaged[starts[i] : starts[i] + 4] = b"XARC"
+    name = "corpus.warc" + (".wet" if kind == "wet" else "") + (".gz" if gz else "")
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(bytes(damaged), mtime=0) if gz else bytes(damaged))
+    sink = []
+    report = ReadReport(sink=sink.append)
+    docs = [r for b in read_corpus(str(path), 4, report) for r in b.to_pylist()]
+    kept = [i for i in range(len(starts)) if i not in bad]
+    assert [d["url"] for d in docs] == [f"http://x/{i}" for i in kept]
+    if kind == "warc":  # offsets in the decompressed stream: those found by hand
+        assert [dict(d["meta"])["warc_offset"] for d in docs] == [float(starts[i]) for i in kept]
+    # Adjacent bad records are one damaged stretch, reported once, at its start.
+    stretches = [i for i in bad if i - 1 not in bad]
+    assert report.counters["malformed"] == len(stretches)
+    assert [(m.source, m.where) for m in sink] == [(name, f"offset {starts[i]}") for i in stretches]
+    for m, i in zip(sink, stretches):
+        assert m.raw.startswith(b"XARC/1.0") and "ArchiveLoadFailed" in m.error
+        end = next((starts[j] for j in range(i + 1, len(starts)) if j not in bad), len(data))
+        assert len(m.raw) == min(end - starts[i], 4096)
