@@ -69,7 +69,7 @@ from orchestration.plan import (
     read_parts,
     summarize,
 )
-from orchestration.preflight import preflight
+from orchestration.preflight import check_reachable, preflight
 from orchestration.progress import StageProgress
 from orchestration.report_html import write_html_report
 from orchestration.tracking import RunMetricsLogger, Tracker, code_version
@@ -505,6 +505,7 @@ class Pipeline:
         """Run the selected stages (default: all of the config's, or those up to ``until``), reusing
         cached ones, then write the report from the stage manifests. The work dir is this run's alone
         while it runs (core/lock.py): a second run on it is refused, naming this one."""
+        check_reachable(self.cfg)
         try:
             with workdir_lock(self.store):
                 return self._run(until, selection)

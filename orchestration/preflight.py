@@ -12,14 +12,73 @@ import os
 from pathlib import Path
 from typing import Any
 
+from core.redact import redact
 from ingestion.readers import ReadConfig
 from orchestration.config import ConfigError, PipelineConfig
 from training.labeled import load_labeled, resolve_path
 
+#: How long the pre-flight waits for the work dir's filesystem or the tracking server to answer.
+REACH_TIMEOUT_S = 20.0
+
+
+def reach_problems(cfg: PipelineConfig) -> list[str]:
+    """A remote work dir whose filesystem, or a tracking server that, does not answer within
+    REACH_TIMEOUT_S (an unreachable endpoint otherwise fails late with a raw OSError, or retries
+    silently for minutes). Any answer counts, an error status included: it is reachable."""
+    problems = []
+    if "://" in str(cfg.workdir) and (error := _filesystem_answers(str(cfg.workdir))) is not None:
+        problems.append(_unreachable("workdir", str(cfg.workdir), error))
+    uri = cfg.tracking.uri or ""
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri, timeout=REACH_TIMEOUT_S).close()
+        except urllib.error.HTTPError:  # an error status is an answer
+            pass
+        except (OSError, ValueError) as e:
+            timed_out = isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError)
+            error = f"no answer within {REACH_TIMEOUT_S:g} s" if timed_out else f"{type(e).__name__}: {e}"
+            problems.append(_unreachable("tracking.uri", uri, error))
+    return problems
+
+
+def _unreachable(field: str, address: str, error: str) -> str:
+    return redact(
+        f"{field}: {address} cannot be reached ({error}); check the address, the network and the "
+        "credentials, or start the service"
+    )
+
+
+#: Lists the work dir's filesystem in a child process: a blocked pyarrow call holds the interpreter (a
+#: thread waiting on it could not give up), a process can be killed. The URI comes on stdin, not argv.
+_LIST = "import sys; from core.storage import Store; Store(sys.stdin.read()).exists()"
+
+
+def _filesystem_answers(uri: str) -> str | None:
+    """None when the filesystem of ``uri`` answers a listing within REACH_TIMEOUT_S, else why not."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _LIST], input=uri, capture_output=True, text=True,
+            timeout=REACH_TIMEOUT_S, cwd=repo,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return f"no answer within {REACH_TIMEOUT_S:g} s"
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        return lines[-1] if lines else f"exit status {done.returncode}"
+    return None
+
 
 def file_problems(cfg: PipelineConfig) -> list[str]:
-    """Problems with the files and directories the config names (no cluster needed)."""
-    problems = []
+    """Problems with the files and directories the config names (no cluster needed), and with the
+    services it names (a remote work dir, a tracking server)."""
+    problems = reach_problems(cfg)
     try:
         problems += _parquet_column_problems(cfg.read, cfg.read.inputs())
     except (FileNotFoundError, ValueError) as e:  # its message names read.paths and the pattern
@@ -40,6 +99,13 @@ def file_problems(cfg: PipelineConfig) -> list[str]:
         ft = cfg.finetune
         if ft.init_from is not None:
             problems += _init_from_problems(Path(ft.init_from), ft.seq_len, "finetune")
+        elif cfg.train.init_from is None and cfg.train.model.arch != "t5" and ft.seq_len > cfg.train.seq_len:
+            # The base is the train stage's model, made with train.seq_len positions (T5's are relative).
+            problems.append(
+                f"finetune.seq_len: {ft.seq_len} is longer than the {cfg.train.seq_len} positions of the model "
+                f"the train stage makes (train.seq_len); set finetune.seq_len <= {cfg.train.seq_len} "
+                "or train with a longer train.seq_len"
+            )
         missing = [
             f"finetune.data.{name}: {source} does not exist"
             for name, source in [
@@ -94,6 +160,8 @@ def _init_from_problems(model_dir: Path, seq_len: int, section: str = "train") -
         )
     config: dict[str, Any] = json.loads(config_file.read_text())
     positions = config.get("n_positions") or config.get("max_position_embeddings")
+    if positions is not None and config.get("model_type") == "roberta":
+        positions -= 2  # RoBERTa's first two positions are the padding offset
     if positions is not None and seq_len > positions:
         problems.append(
             f"{section}.seq_len: {seq_len} is longer than the {positions} positions of {model_dir}; "
@@ -163,7 +231,16 @@ def preflight(cfg: PipelineConfig, resources: dict[str, float] | None = None, tr
     """Raise ConfigError naming every problem (field, value, fix) before any stage runs: the files the
     config names, or, given the cluster's ``resources``, whether the stages' tasks and (when ``train``)
     the training worker group fit them."""
-    problems = file_problems(cfg) if resources is None else cluster_problems(cfg, resources, train)
+    _raise(file_problems(cfg) if resources is None else cluster_problems(cfg, resources, train))
+
+
+def check_reachable(cfg: PipelineConfig) -> None:
+    """Raise ConfigError when the work dir's filesystem or the tracking server does not answer: before a
+    run takes the work dir's lock (on an object store, a request that would wait on it)."""
+    _raise(reach_problems(cfg))
+
+
+def _raise(problems: list[str]) -> None:
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise ConfigError(f"pre-flight found {len(problems)} problem(s) before any stage ran:\n{lines}")

@@ -132,3 +132,101 @@ def test_the_pipeline_stops_before_its_first_stage(ray_session, tmp_path):
     missing = _config(tmp_path, read={"paths": [str(tmp_path / "absent.jsonl")]})
     with pytest.raises(ConfigError, match="read.paths"):
         Pipeline(missing).run(until="clean")
+
+
+def test_finetune_seq_len_longer_than_the_positions_of_its_base(tmp_path):
+    import random
+
+    from tests.fixtures import finetune_section, labeled_rows
+
+    labeled = tmp_path / "labeled.jsonl"
+    labeled.write_text("\n".join(json.dumps(r) for r in labeled_rows(random.Random(0), 40)))
+
+    def config(train, **ft):
+        return _config(tmp_path, train=train, finetune=finetune_section(data={"path": str(labeled)}, **ft))
+
+    # The train stage's own model has train.seq_len positions (a learned-position arch).
+    bert = {"objective": "masked_lm", "model": {"arch": "bert"}, "seq_len": 32}
+    with pytest.raises(
+        ConfigError, match=r"finetune.seq_len: 64 is longer than the 32 positions of the model the"
+    ):
+        preflight(config(bert, seq_len=64))
+    preflight(config(bert, seq_len=32))
+    preflight(config({"objective": "span_corruption", "model": {"arch": "t5"}, "seq_len": 32}, seq_len=64))
+    # A RoBERTa directory: two of its max_position_embeddings are the padding offset.
+    model = tmp_path / "roberta"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "roberta", "max_position_embeddings": 66}))
+    (model / "tokenizer.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"finetune.seq_len: 65 is longer than the 64 positions"):
+        preflight(config(bert, init_from=str(model), seq_len=65))
+    preflight(config(bert, init_from=str(model), seq_len=64))
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP server on 127.0.0.1 that accepts connections and never answers (a black-holed endpoint)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held, stop = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_an_unreachable_work_dir_or_tracking_server_is_named_within_a_bounded_time(
+    tmp_path, silent_server, monkeypatch
+):
+    import time
+
+    import orchestration.preflight as pre
+    from tests.conftest import free_port
+
+    monkeypatch.setattr(pre, "REACH_TIMEOUT_S", 3.0)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask the instance metadata address
+    query = f"?endpoint_override=127.0.0.1:{silent_server}&scheme=http&region=us-east-1"
+    cfg = _config(
+        tmp_path,
+        workdir=f"s3://AKIDX:SeCrEt42@bucket/run{query}",
+        tracking={"uri": f"http://127.0.0.1:{silent_server}"},
+    )
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        preflight(cfg)
+    assert time.monotonic() - start < 2 * 3.0 + 3
+    message = str(err.value)
+    assert f"workdir: s3://***@bucket/run{query} cannot be reached (no answer within 3 s)" in message
+    assert (
+        f"tracking.uri: http://127.0.0.1:{silent_server} cannot be reached (no answer within 3 s)" in message
+    )
+    assert "SeCrEt42" not in message
+    # `run` gives up as soon, before it takes the work dir's lock (a request to the same endpoint).
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        Pipeline(cfg).run()
+    assert time.monotonic() - start < 2 * 3.0 + 3
+    # Nothing listens: refused, with the error, at once.
+    closed = free_port()
+    refused = _config(tmp_path, tracking={"uri": f"http://127.0.0.1:{closed}"})
+    with pytest.raises(
+        ConfigError, match=rf"tracking.uri: http://127.0.0.1:{closed} cannot be reached \(URLError"
+    ):
+        preflight(refused)
