@@ -63,6 +63,11 @@ class Quarantine:
     crashes: int = 0  # every document that raised (two may share an id)
     traces: dict[str, str] = field(default_factory=dict)
     retry_good: Callable[[], object] | None = field(default=None, repr=False)
+    # Documents that raised before any document went through (nothing known good to tell a fault from
+    # poison yet): (id, error, run it again), tried again when the partition ends.
+    unconfirmed: list[tuple[str, BaseException, Callable[[], object]]] = field(
+        default_factory=list, repr=False
+    )
 
     def passed(self, documents: int = 1, retry: Callable[[], object] | None = None) -> None:
         """Count documents that went through; ``retry`` runs one of them again (the known-good document
@@ -71,12 +76,13 @@ class Quarantine:
         if retry is not None:
             self.retry_good = retry
 
-    def crashed(self, doc_id: str, error: BaseException) -> str:
+    def crashed(self, doc_id: str, error: BaseException, retry: Callable[[], object] | None = None) -> str:
         """Record the document ``error`` (being handled) was raised on and return its traceback.
 
         Raise InfrastructureFault, chained to it, when the error comes from the machine or when the last
         known-good document (``passed(retry=...)``) raises too when run again; raise StageCrash when so many
-        documents crashed that the stage has a bug."""
+        documents crashed that the stage has a bug. With no known-good document yet, ``retry`` (this
+        document run again) is kept for ``finish``."""
         if is_machine_error(error):
             raise self._fault(doc_id, error) from error
         if self.retry_good is not None:
@@ -86,6 +92,8 @@ class Quarantine:
                 raise self._fault(
                     doc_id, error, f"; a document that went through before now raises too ({_named(again)})"
                 ) from error
+        elif retry is not None:
+            self.unconfirmed.append((doc_id, error, retry))
         self.seen += 1
         self.crashes += 1
         trace = "".join(traceback.format_exception(error))
@@ -114,9 +122,22 @@ class Quarantine:
     def finish(self) -> None:
         """At the partition's end: raise InfrastructureFault when two or more documents raised and none
         went through. No document was known good to tell a fault from poison, and a partition of nothing but
-        poison is not believable: the task fails (and is retried) instead of committing only rejects."""
+        poison is not believable: the task fails (and is retried) instead of committing only rejects.
+
+        A document that raised before any went through is run again now: if it goes through, what it met
+        was a passing fault (a service that came back), not poison; the task fails and is run again, so the
+        document is kept where it belongs. If it raises again, it stays quarantined."""
         if self.crashes >= 2 and self.crashes == self.seen:
             raise self._none_went_through("")
+        for doc_id, error, retry in self.unconfirmed:
+            try:
+                retry()
+            except Exception:  # noqa: S112 - raised again: poison, as quarantined
+                continue
+            raise self._fault(
+                doc_id, error, "; it raised before any document went through and goes through when run again"
+            ) from error
+        self.unconfirmed.clear()
 
     def _none_went_through(self, why: str) -> InfrastructureFault:
         return InfrastructureFault(

@@ -131,7 +131,8 @@ def _poison_rows(
                 except USER_ERRORS:
                     raise
                 except Exception as e:
-                    poison[row + i] = quarantine.crashed(doc.column("id")[0].as_py(), e)
+                    again = partial(signatures, [doc], index, cfg)
+                    poison[row + i] = quarantine.crashed(doc.column("id")[0].as_py(), e, retry=again)
         row += batch.num_rows
     quarantine.finish()
     return poison

@@ -249,7 +249,7 @@ def _isolating(
             except USER_ERRORS:
                 raise
             except Exception as e:
-                trace = quarantine.crashed(doc.column("id")[0].as_py(), e)
+                trace = quarantine.crashed(doc.column("id")[0].as_py(), e, retry=again(doc))
                 ctx.counters[f"{stages[0].name}.in"] += 1
                 ctx.counters["quarantined"] += 1
                 if "html" in doc.schema.names:  # before extraction: its raw HTML is what is kept

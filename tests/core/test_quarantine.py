@@ -94,3 +94,51 @@ def test_many_crashes_fail_the_stage_as_a_bug_or_as_a_fault_if_none_went_through
         InfrastructureFault, match="11 of 11 documents raised, too many to quarantine, and none"
     ):
         none.crashed("dx", _raise(KeyError("meta")))
+
+
+class Once:
+    """Raises ``error`` on its first call only (a service that blinked), then returns None."""
+
+    def __init__(self, error: BaseException):
+        self.error, self.calls = error, 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.calls == 1:
+            raise self.error
+
+
+def test_a_document_that_raised_before_any_went_through_is_tried_again_at_the_end():
+    # It goes through when run again: the error was a passing fault, not poison.
+    q = Quarantine("clean", "p0")
+    blink = Once(RuntimeError("the language service is restarting"))
+    try:
+        blink()
+    except RuntimeError as e:
+        q.crashed("d0", e, retry=blink)
+    q.passed(4, retry=lambda: None)
+    with pytest.raises(InfrastructureFault, match="on document d0") as raised:
+        q.finish()
+    assert "goes through when run again" in str(raised.value) and blink.calls == 2
+
+    # It raises again: poison, quarantined as it was.
+    q = Quarantine("clean", "p1")
+    error = _raise(ValueError("cannot parse this table"))
+
+    def poison():
+        raise ValueError("cannot parse this table")
+
+    q.crashed("d0", error, retry=poison)
+    q.passed(4, retry=lambda: None)
+    q.finish()
+    assert list(q.traces) == ["d0"]
+
+    # A partition of one document that blinked: the same.
+    q = Quarantine("tokenize", "p2")
+    blink = Once(RuntimeError("blink"))
+    try:
+        blink()
+    except RuntimeError as e:
+        q.crashed("only", e, retry=blink)
+    with pytest.raises(InfrastructureFault, match="on document only"):
+        q.finish()

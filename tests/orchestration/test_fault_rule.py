@@ -65,3 +65,28 @@ def test_tokenize_does_not_quarantine_what_a_fault_makes_fail(error, said):
         _encode_each(Flaky(), ids, kept_texts, prepared, quarantine)
     assert f"on document {ids[4]}" in str(raised.value) and said in str(raised.value)
     assert quarantine.traces == {}
+
+
+def test_tokenize_runs_again_a_document_that_failed_before_any_went_through():
+    """The tokenizer fails on its first call only (a fault that passed): the first document is not poison,
+    the partition fails as a fault and is run again whole by Ray."""
+    texts = corpus(6, seed=4)
+    tokenizer = train_bpe(list(texts.values()), TokenizerConfig(vocab_size=300, min_frequency=1))
+    calls = []
+
+    class Blinks:  # the real tokenizer, failing on its first call
+        @staticmethod
+        def encode_batch(batch, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("the tokenizer service is restarting")
+            return tokenizer.encode_batch(batch, *args, **kwargs)
+
+    prepared = SimpleNamespace(eos_id=0, dtype=np.dtype(np.uint16))
+    quarantine = Quarantine("tokenize", "p0")
+    ids = list(texts)
+    kept, _, _ = _encode_each(Blinks(), ids, list(texts.values()), prepared, quarantine)
+    assert kept == ids[1:]  # the first raised, the others went through
+    with pytest.raises(InfrastructureFault, match=f"on document {ids[0]}.*goes through when run again"):
+        quarantine.finish()
+    assert list(quarantine.traces) == [ids[0]] and len(calls) == len(ids) + 1

@@ -240,12 +240,13 @@ def _encode_each(
     others go to ``quarantine``."""
     kept, flats, lengths = [], [], []
     for doc_id, text in zip(ids, texts):
+        again = partial(encode_documents, tokenizer, [text], prepared.eos_id, prepared.dtype)
         try:
-            flat, length = encode_documents(tokenizer, [text], prepared.eos_id, prepared.dtype)
+            flat, length = again()
         except Exception as e:
-            quarantine.crashed(doc_id, e)
+            quarantine.crashed(doc_id, e, retry=again)
             continue
-        quarantine.passed(retry=partial(encode_documents, tokenizer, [text], prepared.eos_id, prepared.dtype))
+        quarantine.passed(retry=again)
         kept.append(doc_id)
         flats.append(flat)
         lengths.append(length)
