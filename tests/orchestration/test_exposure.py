@@ -4,6 +4,7 @@ client without the run's own token."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.system
 
 LISTENERS = """
-import json, os, sys, psutil, ray
+import json, os, subprocess, sys, psutil, ray
 from pathlib import Path
 from ingestion.demo_site import DemoSiteServer
 from orchestration.executors import ensure_ray
@@ -28,9 +29,10 @@ with DemoSiteServer(site) as server:
     names = {p.pid: p.name() for p in me.children(recursive=True)} | {me.pid: "driver"}
     found = sorted({(c.laddr.ip, c.laddr.port, names[c.pid]) for c in psutil.net_connections("inet")
                     if c.status == "LISTEN" and c.pid in names})
+    ss = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout  # the same moment
     dashboard = ray._private.worker.global_worker.node.address_info["webui_url"]
     token = os.environ["RAY_AUTH_TOKEN_PATH"]
-    print(json.dumps({"listeners": found, "dashboard": dashboard, "site": server.url, "token": token,
+    print(json.dumps({"listeners": found, "pids": sorted(names), "ss": ss, "dashboard": dashboard, "site": server.url, "token": token,
                       "token_mode": os.stat(token).st_mode & 0o777, "gcs": ray.get_runtime_context().gcs_address}))
     sys.stdout.flush()
     sys.stdin.readline()  # the test tries its clients meanwhile
@@ -72,6 +74,21 @@ def test_only_the_servers_the_readme_names_listen_beyond_loopback_and_refuse_oth
         )
         assert outsider.returncode != 0 and "CONNECTED" not in outsider.stdout
         assert "Failed to connect to Ray cluster" in outsider.stderr, outsider.stderr[-2000:]
+        # `ss -ltnp`, the kernel's own table, lists the same listening sockets for the run's processes.
+        table = subprocess.run(
+            ["ss", "-ltnpH"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+        pids = set(out["pids"])
+        seen = {
+            (local.rsplit(":", 1)[0].strip("[]"), int(local.rsplit(":", 1)[1]))
+            for line in table.splitlines()
+            for local in [line.split()[3]]
+            if pids & {int(x) for x in re.findall(r"pid=(\d+)", line)}
+        }
+        wildcard = {"*": "::"}  # ss writes the dual-stack wildcard [::] as *; psutil as ::
+        assert {(wildcard.get(ip, ip), port) for ip, port in seen} == {
+            (ip, port) for ip, port, _ in out["listeners"]
+        }
     finally:
         stderr = run.communicate("\n", timeout=120)[1]
     assert run.returncode == 0, stderr[-3000:]
