@@ -108,14 +108,20 @@ class Once:
             raise self.error
 
 
+def _crashed_once(q: Quarantine, doc_id: str, error: BaseException) -> Once:
+    """``doc_id`` raised ``error`` in ``q``, with a retry that goes through."""
+    blink = Once(error)
+    try:
+        blink()
+    except type(error) as e:
+        q.crashed(doc_id, e, retry=blink)
+    return blink
+
+
 def test_a_document_that_raised_before_any_went_through_is_tried_again_at_the_end():
     # It goes through when run again: the error was a passing fault, not poison.
     q = Quarantine("clean", "p0")
-    blink = Once(RuntimeError("the language service is restarting"))
-    try:
-        blink()
-    except RuntimeError as e:
-        q.crashed("d0", e, retry=blink)
+    blink = _crashed_once(q, "d0", RuntimeError("the language service is restarting"))
     q.passed(4, retry=lambda: None)
     with pytest.raises(InfrastructureFault, match="on document d0") as raised:
         q.finish()
@@ -135,10 +141,6 @@ def test_a_document_that_raised_before_any_went_through_is_tried_again_at_the_en
 
     # A partition of one document that blinked: the same.
     q = Quarantine("tokenize", "p2")
-    blink = Once(RuntimeError("blink"))
-    try:
-        blink()
-    except RuntimeError as e:
-        q.crashed("only", e, retry=blink)
+    _crashed_once(q, "only", RuntimeError("blink"))
     with pytest.raises(InfrastructureFault, match="on document only"):
         q.finish()

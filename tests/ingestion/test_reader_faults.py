@@ -26,11 +26,11 @@ def _jsonl() -> bytes:
     )
 
 
-def _warc(kind: str) -> bytes:
+def _warc(kind: str, n: int = N, gz: bool = True, repeat: int = 3) -> bytes:
     out = io.BytesIO()
-    writer = WARCWriter(out, gzip=True)
-    for i in range(N):
-        body = f"<html><body><p>{TEXT * 3} {i}</p></body></html>".encode()
+    writer = WARCWriter(out, gzip=gz)
+    for i in range(n):
+        body = f"<html><body><p>{TEXT * repeat} {i}</p></body></html>".encode()
         if kind == "warc":
             headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html")], protocol="HTTP/1.1")
             record = writer.create_warc_record(
@@ -114,21 +114,7 @@ def test_faults_are_named_or_accounted_for(tmp_path, name):
 def _plain_warc(kind: str, n: int = 6) -> tuple[bytes, list[int]]:
     """An uncompressed WARC (or WET) of ``n`` records and each record's offset (found by hand: where each
     line "WARC/1.0" begins)."""
-    out = io.BytesIO()
-    writer = WARCWriter(out, gzip=False)
-    for i in range(n):
-        body = f"<html><body><p>{TEXT} {i}</p></body></html>".encode()
-        if kind == "warc":
-            headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html")], protocol="HTTP/1.1")
-            record = writer.create_warc_record(
-                f"http://x/{i}", "response", payload=io.BytesIO(body), http_headers=headers
-            )
-        else:
-            record = writer.create_warc_record(
-                f"http://x/{i}", "conversion", payload=io.BytesIO(body), warc_content_type="text/plain"
-            )
-        writer.write_record(record)
-    data = out.getvalue()
+    data = _warc(kind, n, gz=False, repeat=1)
     starts = [
         i for i in range(len(data)) if data.startswith(b"WARC/1.0\r\n", i) and (i == 0 or data[i - 1] == 10)
     ]
