@@ -1,8 +1,8 @@
 """A two-node Ray cluster on 127.0.0.1 (a head and a worker node, each with its own temp dir and one CPU,
-stopped by their recorded PIDs) runs the data stages with the corpus and every output on a local S3
-server (moto's server mode: there is no real S3 here); the tasks run on both nodes and the outputs are
-the bytes an embedded Ray writes from the same corpus. `lmforge submit` runs the pipeline there as a Ray
-job, and the job commands (status, logs, jobs, stop, --retries, --requirements) act on the cluster's jobs."""
+stopped by their recorded PIDs). `lmforge submit` runs the pipeline there as a Ray job with the corpus and
+every output on a local S3 server (moto's server mode: there is no real S3 here); the data stages' tasks
+run on both nodes and the outputs are the bytes an embedded Ray writes from the same corpus. The job
+commands (status, logs, jobs, stop, --retries, --requirements) act on the cluster's jobs."""
 
 import json
 import os
@@ -10,7 +10,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,16 +22,6 @@ from tests.ray_nodes import BIN, cluster, lmforge
 pytestmark = pytest.mark.system
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _stages(corpus: str, out: str, env: dict | None = None, address: str | None = None) -> dict:
-    args = [sys.executable, "-m", "tests.orchestration.cluster_stages", corpus, out]
-    proc = subprocess.run(
-        args + (["--address", address] if address else []),
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +37,19 @@ def _mirrored(cache: Path) -> set[Path]:
     return set((cache / "mirror").glob("*/index.json"))
 
 
-def test_two_nodes_run_the_data_stages_with_the_corpus_and_outputs_on_s3(two_nodes, s3_server):
-    prefix, query = s3_server(f"cluster-{time.monotonic_ns()}")
+def test_submit_to_two_nodes_without_a_shared_disk_runs_the_pipeline_a_local_run_does(
+    two_nodes, s3_server, tmp_path
+):
+    """`lmforge submit` to a head and a worker node whose only common storage is the S3 server (each node
+    has a cache of its own) runs clean, dedup, tokenize, a 2-worker training (one worker per node: a CPU
+    each) and the evaluation with the corpus and the workdir on S3: the data stages' tasks run on both
+    nodes, and each output's digest and counters are a local run's (an embedded Ray: one node)."""
+    import yaml
+
+    from core.manifest import index_digest, read_index
+    from core.storage import Store
+
+    prefix, query = s3_server(f"submit-{time.monotonic_ns()}")
     fs, bucket = pafs.FileSystem.from_uri(prefix + query)
     rng = random.Random(11)
     texts = [prose(rng) for _ in range(160)]
@@ -61,46 +61,14 @@ def test_two_nodes_run_the_data_stages_with_the_corpus_and_outputs_on_s3(two_nod
         ]
         with fs.open_output_stream(f"{bucket}/corpus/part-{f}.jsonl") as out:
             out.write(("\n".join(lines) + "\n").encode())
-    corpus = f"{prefix}/corpus{query}"
-
-    local = _stages(corpus, f"{prefix}/local{query}")  # an embedded Ray, same corpus, same code
-    address, _, env, nodes, _ = two_nodes
-    remote = _stages(corpus, f"{prefix}/cluster{query}", env, address)
-    assert all(node.proc.poll() is None for node in nodes)
-
-    assert remote["digests"] == local["digests"] and remote["counters"] == local["counters"]
-    assert remote["counters"]["dedup"]["rejected"] >= 16 and remote["counters"]["tokenize"]["documents"] > 0
-    assert len(remote["nodes"]["clean"]) == 2 and len(remote["nodes"]["dedup"]) == 2
-    assert set(remote["nodes"]["tokenize"]) <= set(remote["nodes"]["clean"])
-    assert len(set(local["nodes"]["clean"])) == 1  # the embedded Ray is one node
-
-
-def test_submit_to_two_nodes_without_a_shared_disk_runs_the_pipeline_a_local_run_does(
-    two_nodes, s3_server, tmp_path
-):
-    """`lmforge submit` to a head and a worker node whose only common storage is the S3 server (each node
-    has a cache of its own) runs clean, dedup, tokenize, a 2-worker training (one worker per node: a CPU
-    each) and the evaluation with the workdir on S3; each output's digest is a local run's."""
-    import yaml
-
-    from core.manifest import index_digest, read_index
-    from core.storage import Store
-
-    prefix, query = s3_server(f"submit-{time.monotonic_ns()}")
-    fs, bucket = pafs.FileSystem.from_uri(prefix + query)
-    rng = random.Random(3)
-    texts = [prose(rng) for _ in range(120)]
-    texts += texts[:12]
-    for f in range(2):
-        lines = [json.dumps({"id": f"f{f}-{i}", "text": t}) for i, t in enumerate(texts[f::2])]
-        with fs.open_output_stream(f"{bucket}/corpus/part-{f}.jsonl") as out:
-            out.write(("\n".join(lines) + "\n").encode())
     raw = {
         "name": "two-nodes",
         "read": {"paths": [f"{prefix}/corpus{query}"]},
         "clean": {"gopher_repetition": None},
-        "dedup": {"shards": 2},
-        "tokenize": {"tokenizer": {"vocab_size": 300, "min_frequency": 1}, "val_fraction": 0.2},
+        "dedup": {"shards": 2, "partition_mb": 0.004},  # several partitions: tasks for both nodes
+        "tokenize": {
+            "tokenizer": {"vocab_size": 300, "min_frequency": 1}, "val_fraction": 0.2, "partition_mb": 0.004
+        },
         "train": {
             "model": {"arch": "gpt2", "preset": "debug", "n_embd": 32, "n_head": 2},
             "seq_len": 32, "micro_batch_size": 2, "num_workers": 2, "steps": 4, "warmup_steps": 1,
@@ -135,7 +103,28 @@ def test_submit_to_two_nodes_without_a_shared_disk_runs_the_pipeline_a_local_run
     for stage in ("clean", "dedup", "tokenize", "train", "evaluate"):
         remote, local = read_index(workdir / stage), read_index(tmp_path / "local" / stage)
         assert index_digest(remote) == index_digest(local), stage
-    assert read_index(workdir / "train")["counters"] == read_index(tmp_path / "local" / "train")["counters"]
+        assert remote["counters"] == local["counters"], stage
+    assert read_index(workdir / "dedup")["counters"]["rejected"] >= 16
+    assert read_index(workdir / "tokenize")["counters"]["documents"] > 0
+    # The data stages' tasks ran on both nodes (each task's completion marker names its node); the local
+    # run's on its one.
+    remote_nodes, local_nodes = _task_nodes(workdir), _task_nodes(Store(tmp_path / "local"))
+    assert len(remote_nodes["clean"]) == 2 and len(remote_nodes["dedup"]) == 2, remote_nodes
+    assert remote_nodes["tokenize"] <= remote_nodes["clean"]
+    assert len(local_nodes["clean"]) == 1
+
+
+def _task_nodes(workdir) -> dict[str, set[str]]:
+    """The Ray nodes that ran each data stage's tasks, from their completion markers."""
+    markers = {"clean": "clean/_done", "dedup": "dedup/_work/_done", "tokenize": "tokenize/_done"}
+    return {
+        stage: {
+            json.loads(workdir.read_bytes(f)).get("node", "")
+            for f in workdir.files(where)
+            if f.endswith(".json")
+        }
+        for stage, where in markers.items()
+    }
 
 
 def _wheel(dest: Path, name: str, version: str) -> Path:

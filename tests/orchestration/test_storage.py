@@ -235,52 +235,33 @@ def test_a_whole_pipeline_runs_and_reruns_from_its_cache_with_the_workdir_on_s3(
 
 @pytest.mark.system
 def test_pretraining_then_finetuning_with_the_workdir_on_s3_commits_what_a_local_run_does(
-    s3_server, ray_session, tmp_path
+    s3_server, masked_pipeline, tmp_path
 ):
     """A BERT pretrained, evaluated, then fine-tuned on labeled data from its own output, with the work dir
     on S3 (the labeled splits and the base model reach the workers as node-local copies): the labeled data,
-    the fine-tuned model and its scores are a local run's, bit for bit. The local run is this process's
-    (the session's Ray), the S3 run `lmforge run`'s own embedded Ray."""
-    import random
-
+    the fine-tuned model and its scores are a local run's, bit for bit. The local run is the shared
+    ``masked_pipeline`` (the session's Ray, in this process), the S3 run `lmforge run`'s own embedded Ray
+    with the same config."""
     import yaml
 
     from core.manifest import index_digest
-    from orchestration.config import parse_config
-    from orchestration.pipeline import Pipeline
-    from tests.fixtures import finetune_section, labeled_rows, prose
 
-    rng = random.Random(3)
-    docs, labeled = tmp_path / "docs.jsonl", tmp_path / "labeled.jsonl"
-    docs.write_text("\n".join(json.dumps({"id": f"d{i}", "text": prose(rng, 12)}) for i in range(40)))
-    labeled.write_text("\n".join(json.dumps(r) for r in labeled_rows(rng, 120)))
-    raw = {
-        "name": "ft-remote",
-        "read": {"paths": [str(docs)]},
-        "clean": {"gopher_repetition": None},
-        "tokenize": {"tokenizer": {"vocab_size": 400, "min_frequency": 1}, "val_fraction": 0.2},
-        "train": {
-            "objective": "masked_lm", "model": {"arch": "bert", "n_embd": 32, "n_head": 2},
-            "seq_len": 32, "micro_batch_size": 4, "steps": 6, "warmup_steps": 1,
-        },
-        "evaluate": {"pseudo_perplexity_sequences": 2},
-        "finetune": finetune_section(data={"path": str(labeled)}, steps=12),
-    }  # fmt: skip
+    raw, _, _ = masked_pipeline
+    local = Path(raw["workdir"])
     config = tmp_path / "ft.yaml"
-    config.write_text(yaml.safe_dump(raw))
+    config.write_text(yaml.safe_dump({k: v for k, v in raw.items() if k != "workdir"}))
     prefix, query = s3_server(f"finetune-{time.monotonic_ns()}")
     workdir = Store(f"{prefix}/ft{query}")
-    env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache"), "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache")}
     env.pop("RAY_ADDRESS", None)
     lmforge(["run", config, "--set", f"workdir={workdir.uri}"], env, tmp_path)
-    Pipeline(parse_config({**raw, "workdir": str(tmp_path / "local")}, "test")).run()
 
     for stage in ("train", "evaluate", "labeled", "finetune"):
-        remote, local = read_index(workdir / stage), read_index(tmp_path / "local" / stage)
-        assert index_digest(remote) == index_digest(local), stage
+        remote, here = read_index(workdir / stage), read_index(local / stage)
+        assert index_digest(remote) == index_digest(here), stage
         verify_files(workdir / stage, remote, "always")
     metrics = json.loads(workdir.read_bytes("finetune/metrics.json"))
-    assert metrics == json.loads((tmp_path / "local" / "finetune" / "metrics.json").read_text())
+    assert metrics == json.loads((local / "finetune" / "metrics.json").read_text())
     assert {"validation", "test"} <= set(metrics) and "model/model.safetensors" in (
         workdir / "finetune"
     ).files()
