@@ -188,9 +188,8 @@ def _print_summary(cfg: PipelineConfig, result, seconds: float) -> None:
             + ")"
         )
     console.print(f"  report: {result.report_path.with_suffix('.md')}")
-    uri = cfg.tracking_uri
-    console.print("  browse runs and models (then open http://127.0.0.1:5000):")
-    sys.stderr.write(f"    mlflow ui --backend-store-uri {uri}\n")
+    console.print("  browse runs and models in the MLflow UI (it prints the links to open):")
+    sys.stderr.write(f"    lmforge ui --tracking-uri {shlex.quote(cfg.tracking_uri)}\n")  # never wrapped
 
 
 @app.command()

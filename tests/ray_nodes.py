@@ -52,9 +52,12 @@ class Node:
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
 
-    def stop(self) -> None:
+    def terminate(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def reap(self) -> None:
+        """Wait for the node after ``terminate``; kill it when it lingers; remove its temp dir."""
         try:  # `ray start --block` often outlives SIGTERM by half a minute: its temp dir goes anyway
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -94,8 +97,10 @@ def cluster(
         _wait_alive(address, nodes, env, started)
         yield address, f"http://127.0.0.1:{dash}", env, started
     finally:
+        for node in reversed(started):  # all at once: each may take its grace period
+            node.terminate()
         for node in reversed(started):
-            node.stop()
+            node.reap()
 
 
 def _wait_alive(address: str, nodes: int, env: dict[str, str], started: list[Node]) -> None:
