@@ -137,7 +137,6 @@ class Quarantine:
             raise self._fault(
                 doc_id, error, "; it raised before any document went through and goes through when run again"
             ) from error
-        self.unconfirmed.clear()
 
     def _none_went_through(self, why: str) -> InfrastructureFault:
         return InfrastructureFault(

@@ -30,17 +30,6 @@ def redact(text: str) -> str:
     return _SECRET_QUERY.sub(lambda m: f"{m['key']}{MASK}", text)
 
 
-def redact_all(value: Any) -> Any:
-    """``value`` (strings in dicts and lists, as JSON holds them) with every string redacted."""
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, dict):
-        return {k: redact_all(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact_all(v) for v in value]
-    return value
-
-
 class RedactingStream:
     """A text stream that masks secrets in what is written to it and forwards everything else
     (``isatty``, ``fileno``, ``encoding``...) to the stream it wraps."""

@@ -69,7 +69,7 @@ from orchestration.plan import (
     read_parts,
     summarize,
 )
-from orchestration.preflight import check_reachable, preflight
+from orchestration.preflight import preflight
 from orchestration.progress import StageProgress
 from orchestration.report_html import write_html_report
 from orchestration.tracking import RunMetricsLogger, Tracker, code_version
@@ -505,7 +505,7 @@ class Pipeline:
         """Run the selected stages (default: all of the config's, or those up to ``until``), reusing
         cached ones, then write the report from the stage manifests. The work dir is this run's alone
         while it runs (core/lock.py): a second run on it is refused, naming this one."""
-        check_reachable(self.cfg)
+        preflight(self.cfg)  # the files and services the config names, before the lock is taken
         try:
             with workdir_lock(self.store):
                 return self._run(until, selection)
@@ -518,8 +518,8 @@ class Pipeline:
             selection = replace(selection, until=until)
         cfg = self.cfg
         self.local.mkdir(parents=True, exist_ok=True)
-        # The files the config names, the selection, and the outputs it reads, before Ray starts.
-        missing = [e for e in self.plan(selection) if e.action == "missing"]  # ("blocked" follows)
+        # The selection and the outputs it reads, before Ray starts.
+        missing = [e for e in self._plan(selection) if e.action == "missing"]  # ("blocked" follows)
         if missing:
             raise ConfigError("; ".join(f"stage {e.stage}: {e.reason}" for e in missing))
         ray_cfg = cfg.ray
@@ -556,6 +556,10 @@ class Pipeline:
         """What :meth:`run` would do with each stage, and why, without running anything (no Ray, no
         MLflow): a stage after one that would run is planned to run too, since its input changes."""
         preflight(self.cfg)
+        return self._plan(selection)
+
+    def _plan(self, selection: Selection | None) -> list[PlanEntry]:
+        """:meth:`plan` without the pre-flight (``run`` has made it before taking the lock)."""
         result = PipelineResult(self.workdir, self.cfg.tracking_uri, "")
         specs, selected, needed = self._specs(result, None, selection or Selection())
         self._walk(result, None, specs, selected, needed, selection.force if selection else ())

@@ -234,12 +234,6 @@ def preflight(cfg: PipelineConfig, resources: dict[str, float] | None = None, tr
     _raise(file_problems(cfg) if resources is None else cluster_problems(cfg, resources, train))
 
 
-def check_reachable(cfg: PipelineConfig) -> None:
-    """Raise ConfigError when the work dir's filesystem or the tracking server does not answer: before a
-    run takes the work dir's lock (on an object store, a request that would wait on it)."""
-    _raise(reach_problems(cfg))
-
-
 def _raise(problems: list[str]) -> None:
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
