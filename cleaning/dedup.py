@@ -15,7 +15,6 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
-from scipy.integrate import quad
 
 from cleaning.minhash import MinHasher, ShingleHashName, dedup_normal_form
 from core.stage import Stage, StageConfig, StageContext
@@ -381,6 +380,8 @@ def lsh_bands(threshold: float, num_perm: int, miss_weight: float = 0.5) -> tupl
     and above 1 minus it above the threshold (false negatives) are integrated for every b * r <= num_perm;
     ties keep the smallest b, then r, as datasketch does.
     """
+    from scipy.integrate import quad  # here, not with the config: scipy takes a second to import
+
     best, choice = float("inf"), (0, 0)
     for b in range(1, num_perm + 1):
         for r in range(1, num_perm // b + 1):

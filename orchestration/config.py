@@ -27,13 +27,12 @@ from core.manifest import Verify
 from core.mappings import deep_merge
 from core.stage import StageConfig
 from core.storage import Store, node_dir
-from evaluation.perplexity import EvalConfig
+from evaluation.config import EvalConfig
 from ingestion.crawler import CrawlConfig
 from ingestion.readers import ReadConfig
-from training.config import TrainConfig
+from training.config import FinetuneConfig, TrainConfig
 from training.data.tokenize import TokenizeConfig
 from training.data.tokenizer import EOS_TOKEN
-from training.finetune import FinetuneConfig
 from training.objectives import special_tokens_for
 
 

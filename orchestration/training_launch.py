@@ -35,7 +35,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     config = _on_this_node(config, context.get_local_rank() == 0)
     if config["kind"] == "finetune":
-        from training.finetune import FinetuneConfig
+        from training.config import FinetuneConfig
 
         cfg = FinetuneConfig.model_validate(config["train"])
     else:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from core.stage import StageConfig
+from training.labeled import LabeledDataConfig, Task
 from training.model import OBJECTIVE_OF, ModelConfig
 from training.objectives import MaskingConfig, Objective, SpanCorruptionConfig
 
@@ -220,4 +221,71 @@ class TrainConfig(EngineConfig):
                 )
             if self.seq_len < 8:
                 raise ValueError("next-sentence prediction needs seq_len >= 8")
+        return self
+
+
+class LoraConfig(StageConfig):
+    """LoRA adapters (defaults: peft's LoraConfig; target modules: peft's per-architecture mapping)."""
+
+    r: int = Field(8, ge=1, description="Adapter rank.")
+    alpha: int = Field(8, ge=1, description="Scaling numerator: updates are scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module names to adapt (default: peft's choice for the architecture, e.g. query/value).",
+    )
+
+
+class FinetuneConfig(EngineConfig):
+    """A fine-tuning run: task, base model, labeled data, strategy; optimization as in pretraining.
+
+    Defaults for the optimizer follow Hugging Face Trainer / BERT fine-tuning (lr 5e-5, AdamW betas 0.9/0.999,
+    weight decay 0.01, no warmup) with lmforge's cosine decay.
+    """
+
+    task: Task = Field("classification", description="classification, multi_label or seq2seq.")
+    init_from: str | None = Field(
+        None,
+        description="Base model: a Hugging Face model directory (default in a pipeline: the model its train "
+        "stage exported).",
+    )
+    data: LabeledDataConfig = Field(description="The labeled examples: source, columns, split.")
+    seq_len: int = Field(128, ge=8, description="Input tokens per example (truncated, padded).")
+    target_len: int = Field(64, ge=2, description="seq2seq: target tokens per example (truncated).")
+    micro_batch_size: int = Field(16, ge=1, description="Examples per worker per forward pass.")
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate (of the head, with layer_decay).")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    freeze_embeddings: bool = Field(False, description="Keep the token (and position) embeddings fixed.")
+    freeze_layers: int = Field(0, ge=0, description="Keep the first K transformer blocks fixed.")
+    freeze: Literal["none", "encoder", "decoder"] = Field(
+        "none", description="Encoder-decoders: keep the whole encoder or decoder fixed."
+    )
+    layer_decay: float = Field(
+        1.0, gt=0, le=1, description="Layer-wise lr decay per block from the top (1: off)."
+    )
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of the weights.")
+    class_weights: Literal["none", "balanced"] | list[float] = Field(
+        "none",
+        description="Loss weights per class: balanced (n / (classes * count), scikit-learn's rule; multi_label: "
+        "positive weight negatives / positives per label) or one weight per class.",
+    )
+    threshold: float = Field(
+        0.5, gt=0, lt=1, description="multi_label: a label is predicted above this probability."
+    )
+    max_new_tokens: int = Field(64, ge=1, description="seq2seq evaluation: greedy decoding length.")
+
+    @model_validator(mode="after")
+    def _strategy_fits(self) -> FinetuneConfig:
+        if self.lora is not None and self.zero_stage == 3:
+            raise ValueError(
+                "finetune.lora with zero_stage 3 is not supported: use zero_stage 0-2 (adapters are small)"
+            )
+        if self.lora is not None and (self.freeze_layers or self.freeze_embeddings or self.freeze != "none"):
+            raise ValueError("finetune.lora already freezes every base weight: drop freeze_* / freeze")
+        if self.task == "seq2seq" and self.class_weights != "none":
+            raise ValueError("finetune.class_weights applies to classification tasks, not seq2seq")
         return self

@@ -7,27 +7,16 @@ The model is a plain Hugging Face ``PreTrainedModel`` so that export is ``save_p
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field, model_validator
-from transformers import (
-    BertConfig,
-    BertForMaskedLM,
-    BertForPreTraining,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    RobertaConfig,
-    RobertaForMaskedLM,
-    T5Config,
-    T5ForConditionalGeneration,
-)
 
 from core.stage import StageConfig
 from training.objectives import Objective, SpecialIds
+
+if TYPE_CHECKING:  # torch and transformers load where a model is built, not with the config
+    import torch
+    from transformers import PreTrainedModel
 
 Arch = Literal["gpt2", "llama", "bert", "roberta", "t5"]
 #: The objective each architecture family pretrains with.
@@ -99,6 +88,9 @@ def build_model(
     generation from the exported model stops where training documents ended. Encoders and encoder-decoders
     take their pad/cls/sep ids from ``special``; T5's decoder starts from pad, as in the reference.
     """
+    import torch
+    import transformers
+
     n_layer, n_head, n_embd = config.dims()
     torch.manual_seed(seed)
     if config.arch in ("bert", "roberta", "t5") and special is None:
@@ -109,7 +101,7 @@ def build_model(
             "eos_token_id": eos_token_id,
             "pad_token_id": eos_token_id,
         }
-        hf_config = GPT2Config(
+        hf_config = transformers.GPT2Config(
             vocab_size=vocab_size,
             n_positions=seq_len,
             n_layer=n_layer,
@@ -120,7 +112,7 @@ def build_model(
             attn_pdrop=config.dropout,
             **special_ids,
         )
-        model = GPT2LMHeadModel(hf_config)
+        model = transformers.GPT2LMHeadModel(hf_config)
     elif config.arch == "llama":
         special_ids = {
             "bos_token_id": eos_token_id,
@@ -128,7 +120,7 @@ def build_model(
             "pad_token_id": eos_token_id,
         }
         hidden = 256 * ((8 * n_embd // 3 + 255) // 256)  # SwiGLU width, rounded as in Llama
-        hf_config = LlamaConfig(
+        hf_config = transformers.LlamaConfig(
             vocab_size=vocab_size,
             max_position_embeddings=seq_len,
             num_hidden_layers=n_layer,
@@ -138,7 +130,7 @@ def build_model(
             attention_dropout=config.dropout,
             **special_ids,
         )
-        model = LlamaForCausalLM(hf_config)
+        model = transformers.LlamaForCausalLM(hf_config)
     elif config.arch in ("bert", "roberta"):
         roberta = config.arch == "roberta"
         common = dict(
@@ -154,14 +146,18 @@ def build_model(
             eos_token_id=special.sep,
         )
         if roberta:  # positions start after padding_idx, as in fairseq's RoBERTa
-            model = RobertaForMaskedLM(
-                RobertaConfig(max_position_embeddings=seq_len + 2, type_vocab_size=1, **common)
+            model = transformers.RobertaForMaskedLM(
+                transformers.RobertaConfig(max_position_embeddings=seq_len + 2, type_vocab_size=1, **common)
             )
         else:
-            hf_config = BertConfig(max_position_embeddings=seq_len, type_vocab_size=2, **common)
-            model = BertForPreTraining(hf_config) if next_sentence_prediction else BertForMaskedLM(hf_config)
+            hf_config = transformers.BertConfig(max_position_embeddings=seq_len, type_vocab_size=2, **common)
+            model = (
+                transformers.BertForPreTraining(hf_config)
+                if next_sentence_prediction
+                else transformers.BertForMaskedLM(hf_config)
+            )
     else:
-        hf_config = T5Config(
+        hf_config = transformers.T5Config(
             vocab_size=vocab_size,
             d_model=n_embd,
             d_kv=n_embd // n_head,
@@ -174,7 +170,7 @@ def build_model(
             eos_token_id=special.eos,
             decoder_start_token_id=special.pad,
         )
-        model = T5ForConditionalGeneration(hf_config)
+        model = transformers.T5ForConditionalGeneration(hf_config)
     return apply_model_switches(model, config)
 
 
@@ -199,6 +195,8 @@ def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = True) ->
     Embeddings are lookups and are left out, except an input embedding tied to the output head, whose
     matmul it is (nanoGPT's and llm-foundry's count: GPT-2 124M has 123.65M). Shared tensors count once.
     """
+    import torch
+
     total = sum(p.numel() for p in model.parameters())
     if not exclude_embeddings:
         return total
@@ -216,6 +214,7 @@ def load_pretrained(
     path: str, vocab_size: int, objective: Objective = "causal_lm", next_sentence_prediction: bool = False
 ) -> PreTrainedModel:
     """A Hugging Face model directory to continue training (fp32 weights; the shards' vocab must fit)."""
+    import torch
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForMaskedLM,
