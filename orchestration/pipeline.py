@@ -72,7 +72,8 @@ from orchestration.plan import (
 from orchestration.preflight import preflight
 from orchestration.progress import StageProgress
 from orchestration.report_html import write_html_report
-from orchestration.tracking import RunMetricsLogger, Tracker, code_version
+from orchestration.run_metrics import RunMetricsLogger
+from orchestration.tracking import Tracker, code_version
 from orchestration.training_launch import launch_finetuning, launch_training
 from training.labeled import resolve_path
 

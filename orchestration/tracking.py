@@ -1,7 +1,7 @@
 """MLflow tracking and lineage: one parent run per pipeline, a nested run per stage, datasets, models.
 
-Only orchestration/ imports MLflow. Workers log through ``RunMetricsLogger``, a small picklable object
-that writes to a run by id, so training code stays free of MLflow.
+Only orchestration/ imports MLflow. Workers log through ``RunMetricsLogger`` (orchestration/run_metrics.py),
+a small picklable object that writes to a run by id, so training code stays free of MLflow.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from mlflow.data.dataset_source_registry import resolve_dataset_source  # noqa: E402
 from mlflow.data.meta_dataset import MetaDataset  # noqa: E402
-from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric  # noqa: E402
+from mlflow.entities import LoggedModelOutput, LoggedModelStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.types.schema import Array, ColSpec, DataType, Map, Schema  # noqa: E402
 
@@ -327,26 +327,6 @@ def _data_schema(out_dir: str | Path, index: dict[str, Any]) -> Schema | None:
         except (OSError, pa.ArrowInvalid):
             return None
     return None
-
-
-class RunMetricsLogger:
-    """Picklable sink that logs step metrics to one run (used by training rank 0 inside a Ray worker)."""
-
-    def __init__(self, tracking_uri: str, run_id: str):
-        self.tracking_uri = tracking_uri
-        self.run_id = run_id
-        self._client: MlflowClient | None = None
-
-    def __call__(self, metrics: dict[str, float], step: int) -> None:
-        if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
-        now = int(time.time() * 1000)
-        self._client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
-        )
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "_client": None}
 
 
 class ModelNotFound(LookupError):

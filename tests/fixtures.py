@@ -239,7 +239,7 @@ def _train(objective: str, root: Path, shards: Path) -> Trained:
         return Trained(cfg, launch_training(cfg, shards, root / "train", run_name=objective), shards)
     import mlflow
 
-    from orchestration.tracking import RunMetricsLogger
+    from orchestration.run_metrics import RunMetricsLogger
 
     # ZeRO-3 (partitions gathered at export) with evaluation every 6 steps logged to MLflow at the step.
     task = word_task(root / "next_word.jsonl")

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,31 @@ from training.schedule import warmup_cosine_scheduler
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set first)
+
+def _import_deepspeed():
+    """DeepSpeed, imported without MLflow: its autotuner (never used here) imports MLflow when it is installed,
+    a second of CPU in every training worker. MLflow imports normally afterwards."""
+    blocked = "mlflow" not in sys.modules
+    if blocked:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError meanwhile
+    try:
+        import deepspeed
+    finally:
+        if blocked and sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
+deepspeed = _import_deepspeed()  # DS_ACCELERATOR must be set first
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
+
+_ds_torch_backend = sys.modules.get("deepspeed.comm.torch")
+if not torch.cuda.is_available() and hasattr(_ds_torch_backend, "build_shm_op"):
+    # On CPU, DeepSpeed's torch backend JIT-compiles a shared-memory all-reduce (deepspeed_shm_comm) when it
+    # starts: 40-80 s of C++ on a fresh machine (and again whenever the environment's path changes), then a
+    # "built successfully" line per worker. Only inference_all_reduce (tensor-parallel inference) uses it;
+    # training's collectives go through torch.distributed (gloo) and are unchanged without it.
+    _ds_torch_backend.build_shm_op = lambda: None
 
 
 def build_ds_config(cfg: EngineConfig) -> dict[str, Any]:
