@@ -17,17 +17,24 @@ $(STAMP): pyproject.toml .ci/install.sh
 demo: $(STAMP)
 	$(VENV)/bin/lmforge run configs/demo.yaml
 
-# The unit tier runs on two xdist workers (no Ray, no shared state); the tiers that use Ray run in one
-# process, so the session's Ray and the shared fixtures start once. Both runs report; either failing fails
-# the target (pytest's 5, "no test selected", is not a failure: PYTEST_ARGS may name one tier's files).
+# Every tier runs on two xdist workers. The unit tier's tests are independent; in the tiers that use Ray
+# each worker starts a Ray of its own and the work units are tests, modules or the users of one shared
+# fixture (tests/conftest.py), the longest handed out first; tests marked serial run alone afterwards.
+# Each run reports; any failing fails the target (pytest's 5, "no test selected", is not a failure:
+# PYTEST_ARGS may name one tier's files).
 PYTEST := $(VENV)/bin/python -m pytest
 RUN = $(PYTEST) $(1) $(PYTEST_ARGS) || [ $$? -eq 5 ] || rc=1
+RAY_TIERS = -n 2 --dist loadgroup
 
 test: $(STAMP)
-	@rc=0; $(call RUN,-m unit -n 2 --durations=10); $(call RUN,-m "integration or system" --durations=25); exit $$rc
+	@rc=0; $(call RUN,-m unit -n 2 --durations=10); \
+	$(call RUN,-m "(integration or system) and not serial" $(RAY_TIERS) --durations=25); \
+	$(call RUN,-m "(integration or system) and serial" --durations=5); exit $$rc
 
 test-fast: $(STAMP)
-	@rc=0; $(call RUN,-m unit -n 2 --durations=10); $(call RUN,-m integration --durations=10); exit $$rc
+	@rc=0; $(call RUN,-m unit -n 2 --durations=10); \
+	$(call RUN,-m "integration and not serial" $(RAY_TIERS) --durations=10); \
+	$(call RUN,-m "integration and serial" --durations=5); exit $$rc
 
 test-unit: $(STAMP)
 	@rc=0; $(call RUN,-m unit -n 2); exit $$rc

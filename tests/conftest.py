@@ -8,6 +8,12 @@ Every test carries exactly one tier marker (its own, or its module's ``pytestmar
 - ``system``: Ray Train launches (the shared trained models too), clusters and jobs of their own, S3 stages,
   browsers, kill-and-resume, whole pipelines.
 ``make test`` runs all three, ``make test-fast`` the first two.
+
+The Ray tiers run on two xdist workers (``--dist loadgroup``), each with a Ray of its own: a test is its own
+work unit unless it shares a module-scoped fixture (then its module is one unit, built once) or the shared
+``masked_pipeline`` (its users are one unit); the system tier's units are handed out first, the longest
+first among them. A test that looks at what the whole machine holds (its /tmp, its listening sockets) is
+marked ``serial`` and runs alone, after the others.
 """
 
 from __future__ import annotations
@@ -20,6 +26,14 @@ import pytest
 pytest_plugins = ["tests.fixtures"]
 
 TIERS = ("unit", "integration", "system")
+#: Session fixtures too costly to build on both xdist workers: the tests that use one are one work unit.
+GROUPED_FIXTURES = ("masked_pipeline",)
+#: Work units known to take minutes: handed out first, so that they do not end the run alone.
+LONG_UNITS = (
+    "tests/orchestration/test_cluster.py",
+    "masked_pipeline",
+    "tests/orchestration/test_pipeline_e2e.py",
+)
 #: Fixtures a unit test may not use, directly or through another fixture: they start Ray, a process
 #: group for the DeepSpeed engine, or train a model.
 HEAVY_FIXTURES = {"ray_session", "single_process_dist", "trained", "masked_pipeline"}
@@ -48,8 +62,10 @@ def pytest_configure(config: pytest.Config) -> None:
         ),
     ):
         config.addinivalue_line("markers", f"{tier}: {what}")
+    config.addinivalue_line("markers", "serial: looks at machine-wide state; runs alone, after the others")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist names each test's group from its xdist_group marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Refuse a test without a tier, or a unit test that reaches for Ray or the DeepSpeed engine."""
     problems = []
@@ -62,6 +78,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             problems.append(f"{item.nodeid}: marked unit but uses {heavy} (mark it integration or system)")
     if problems:
         raise pytest.UsageError("test tiers:\n  " + "\n  ".join(problems))
+    if config.getoption("dist", "no") == "loadgroup":
+        for item in items:
+            item.add_marker(pytest.mark.xdist_group(work_unit(item)))
+        items.sort(key=lambda item: _start_order(item))
+
+
+def work_unit(item: pytest.Item) -> str:
+    """The xdist work unit of a test: the shared fixture it needs, its module when it uses a module-scoped
+    fixture, else itself."""
+    for name in GROUPED_FIXTURES:
+        if name in item.fixturenames:
+            return name
+    defs = getattr(item, "_fixtureinfo", None)
+    scopes = {d.scope for defs_ in (defs.name2fixturedefs.values() if defs else ()) for d in defs_}
+    module = item.nodeid.split("::")[0]
+    return module if scopes & {"module", "package", "class"} else item.nodeid
+
+
+def _start_order(item: pytest.Item) -> tuple[int, int]:
+    """Long units first, then the rest of the system tier, then the integration tier (a stable sort keeps
+    the collection order within each)."""
+    unit = work_unit(item)
+    if unit in LONG_UNITS:
+        return (0, LONG_UNITS.index(unit))
+    return (1 if "system" in tiers_of(item) else 2, 0)
 
 
 _slow_outside_system: list[tuple[str, float]] = []

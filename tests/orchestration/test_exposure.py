@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.system
+pytestmark = [pytest.mark.system, pytest.mark.serial]  # Ray's fixed metrics ports: one run at a time
 
 LISTENERS = """
 import json, os, subprocess, sys, psutil, ray

@@ -214,6 +214,7 @@ def _tmp_entries() -> set[str]:
 
 
 @pytest.mark.system  # a whole run in a fresh process
+@pytest.mark.serial  # compares /tmp before and after: nothing else may run meanwhile
 def test_an_embedded_run_leaves_nothing_in_tmp(corpus, tmp_path):
     """Ray's session files and the workers' temporary files go to a private directory that is removed
     when the run's process exits (the work dir here, 150 characters or more, is too long a path for Ray's
