@@ -24,7 +24,7 @@ demo: $(STAMP)
 # PYTEST_ARGS may name one tier's files).
 PYTEST := $(VENV)/bin/python -m pytest
 RUN = $(PYTEST) $(1) $(PYTEST_ARGS) || [ $$? -eq 5 ] || rc=1
-RAY_TIERS = -n 2 --dist loadgroup
+RAY_TIERS = -n 2 --dist loadgroup --no-loadscope-reorder
 
 test: $(STAMP)
 	@rc=0; $(call RUN,-m unit -n 2 --durations=10); \

@@ -93,6 +93,9 @@ def ensure_ray(
     # Ray's own processes and its workers inherit this: their temporary files (multiprocessing's pymp-*
     # directories...) stay with the session files.
     os.environ["TMPDIR"] = str(temp / "tmp")
+    # One node, started and stopped by this run: nothing drains it, so Ray Train's preemption watcher (an
+    # actor process per training run, polling every 5 s, with error lines at shutdown) has nothing to watch.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(
         num_cpus=num_cpus,
         object_store_memory=object_store_memory_mb * 2**20,

@@ -9,17 +9,21 @@ Every test carries exactly one tier marker (its own, or its module's ``pytestmar
   browsers, kill-and-resume, whole pipelines.
 ``make test`` runs all three, ``make test-fast`` the first two.
 
-The Ray tiers run on two xdist workers (``--dist loadgroup``), each with a Ray of its own: a test is its own
-work unit unless it shares a module-scoped fixture (then its module is one unit, built once) or the shared
-``masked_pipeline`` (its users are one unit); the system tier's units are handed out first, the longest
-first among them. A test that looks at what the whole machine holds (its /tmp, its listening sockets) is
+The Ray tiers run on two xdist workers (``--dist loadgroup``, scheduled by ``pytest_xdist_make_scheduler``
+below), each with a Ray of its own: a test is its own work unit unless it shares a module-scoped fixture
+(then its module is one unit, built once) or the shared ``masked_pipeline`` (its users are one unit); the
+system tier's units are handed out first, the longest first among them. A test that looks at what the whole machine holds (its /tmp, its listening sockets) is
 marked ``serial`` and runs alone, after the others.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -44,12 +48,40 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as an embedded run's Ray (executors.py)
 
 
 def tiers_of(item: pytest.Item) -> set[str]:
     """The tier markers of a test: its own and its module's (``-m`` selects on all of them, so a module
     with tests of two tiers marks each test, not the module)."""
     return {m.name for m in item.iter_markers() if m.name in TIERS}
+
+
+#: Where the xdist workers leave each test's work unit for the controller's scheduler (WorkUnits).
+UNITS_ENV = "LMFORGE_TEST_UNITS_DIR"
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadgroup`` by work unit (``work_unit``), in the order the workers collected the tests.
+
+    xdist's own loadgroup reads ``xdist_group`` marks through a node id suffix that pytest 9.2 no longer
+    shows, so every test became a unit of its own (module fixtures built twice). The units come from the
+    workers' collection instead, which knows each test's fixtures."""
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnits(LoadScopeScheduling):
+        _units: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self._units is None:
+                self._units = {}
+                for f in Path(os.environ[UNITS_ENV]).glob("*.json"):
+                    self._units.update(json.loads(f.read_text()))
+            return self._units.get(nodeid, nodeid)
+
+    return WorkUnits(config, log)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -63,6 +95,14 @@ def pytest_configure(config: pytest.Config) -> None:
     ):
         config.addinivalue_line("markers", f"{tier}: {what}")
     config.addinivalue_line("markers", "serial: looks at machine-wide state; runs alone, after the others")
+    if config.getoption("dist", "no") == "loadgroup" and not hasattr(config, "workerinput"):
+        # The controller of a `--dist loadgroup` run, before its workers start (they inherit the variable).
+        os.environ[UNITS_ENV] = tempfile.mkdtemp(prefix="lmforge-test-units-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput") and os.environ.get(UNITS_ENV):
+        shutil.rmtree(os.environ.pop(UNITS_ENV), ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist names each test's group from its xdist_group marker
@@ -78,10 +118,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             problems.append(f"{item.nodeid}: marked unit but uses {heavy} (mark it integration or system)")
     if problems:
         raise pytest.UsageError("test tiers:\n  " + "\n  ".join(problems))
-    if config.getoption("dist", "no") == "loadgroup":
-        for item in items:
-            item.add_marker(pytest.mark.xdist_group(work_unit(item)))
+    units_dir = os.environ.get(UNITS_ENV)
+    if units_dir and hasattr(config, "workerinput"):  # an xdist worker of a `--dist loadgroup` run
         items.sort(key=lambda item: _start_order(item))
+        units = {item.nodeid: work_unit(item) for item in items}
+        (Path(units_dir) / f"{config.workerinput['workerid']}.json").write_text(json.dumps(units))
 
 
 def work_unit(item: pytest.Item) -> str:

@@ -35,6 +35,7 @@ def _own_ports() -> list[str]:
 def node_env() -> dict[str, str]:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", None)  # a cluster's default: nodes may be drained
     return env
 
 

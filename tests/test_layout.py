@@ -60,6 +60,19 @@ def test_stage_packages_load_without_ray():
     assert json.loads(out.stdout.strip().splitlines()[-1]) is False
 
 
+def test_the_command_line_and_the_config_load_without_the_heavy_libraries():
+    """`lmforge --help` / `validate` start in about a second: the CLI and every config model import without
+    torch, transformers, DeepSpeed, MLflow or Ray (each loads where it is used: 7 s of imports before)."""
+    code = (
+        "import json, sys\n"
+        "import orchestration.cli, orchestration.config, training.config, evaluation.config\n"
+        "heavy = ('torch', 'transformers', 'deepspeed', 'mlflow', 'ray')\n"
+        "print(json.dumps(sorted(m for m in heavy if m in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
 LAYERS = ["orchestration", "evaluation", "training", "cleaning", "ingestion", "core"]
 
 
