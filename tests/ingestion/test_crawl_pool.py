@@ -2,6 +2,7 @@
 processes, every page fetched once, never more than 4 crawl workers alive; a redirect to another host in
 scope lands in that host's WARC file; a crawl started again opens only the hosts with URLs waiting."""
 
+import contextlib
 import gzip
 import threading
 import time
@@ -42,11 +43,12 @@ def loopback_hosts():
 
 
 def crawl_workers_alive() -> int:
-    """Processes Ray titled after the crawl worker actor (ray::CrawlWorker, ray::CrawlWorker.crawl)."""
+    """Processes of this session's Ray (this process started it: its descendants; other test processes
+    have their own) titled after the crawl worker actor (ray::CrawlWorker, ray::CrawlWorker.crawl)."""
     count = 0
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        count += cmd.startswith("ray::CrawlWorker")
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            count += " ".join(p.cmdline()).startswith("ray::CrawlWorker")
     return count
 
 

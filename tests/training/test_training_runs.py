@@ -188,10 +188,12 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_losses(objective, requ
 
 
 def _ray_train_workers() -> list[psutil.Process]:
+    """This session's Ray Train workers: descendants of this process, which started the session's Ray (another
+    test process on the machine has workers of its own)."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error, IndexError, TypeError):
-            if "RayTrainWorker" in proc.info["cmdline"][0]:
+            if "RayTrainWorker" in proc.cmdline()[0]:
                 found.append(proc)
     return found
 
