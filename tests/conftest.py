@@ -12,8 +12,8 @@ Every test carries exactly one tier marker (its own, or its module's ``pytestmar
 The Ray tiers run on two xdist workers (``--dist loadgroup``, scheduled by ``pytest_xdist_make_scheduler``
 below), each with a Ray of its own: a test is its own work unit unless it shares a module-scoped fixture
 (then its module is one unit, built once) or the shared ``masked_pipeline`` (its users are one unit); the
-system tier's units are handed out first, the longest first among them. A test that looks at what the whole machine holds (its /tmp, its listening sockets) is
-marked ``serial`` and runs alone, after the others.
+system tier's units are handed out first, the longest first among them. A test that looks at what the
+whole machine holds (its /tmp, its listening sockets) is marked ``serial`` and runs alone, after the others.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(os.environ.pop(UNITS_ENV), ignore_errors=True)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist names each test's group from its xdist_group marker
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: every collected test is checked and given its unit
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Refuse a test without a tier, or a unit test that reaches for Ray or the DeepSpeed engine."""
     problems = []
