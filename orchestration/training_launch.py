@@ -11,7 +11,7 @@ import shutil
 import threading
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -20,10 +20,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from core.storage import Store, node_dir
+from orchestration.run_metrics import RunMetricsLogger  # light: MLflow loads where rank 0 logs
 from training.config import PROGRESS_FILE, EngineConfig, TrainConfig
-
-if TYPE_CHECKING:  # MLflow loads in rank 0 only, where it logs; not in every worker and the controller
-    from orchestration.run_metrics import RunMetricsLogger
 
 
 def _worker_loop(config: dict[str, Any]) -> None:

@@ -120,8 +120,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError("test tiers:\n  " + "\n  ".join(problems))
     units_dir = os.environ.get(UNITS_ENV)
     if units_dir and hasattr(config, "workerinput"):  # an xdist worker of a `--dist loadgroup` run
-        items.sort(key=lambda item: _start_order(item))
         units = {item.nodeid: work_unit(item) for item in items}
+        items.sort(key=lambda item: _start_order(item, units[item.nodeid]))
         (Path(units_dir) / f"{config.workerinput['workerid']}.json").write_text(json.dumps(units))
 
 
@@ -137,10 +137,9 @@ def work_unit(item: pytest.Item) -> str:
     return module if scopes & {"module", "package", "class"} else item.nodeid
 
 
-def _start_order(item: pytest.Item) -> tuple[int, int]:
+def _start_order(item: pytest.Item, unit: str) -> tuple[int, int]:
     """Long units first, then the rest of the system tier, then the integration tier (a stable sort keeps
     the collection order within each)."""
-    unit = work_unit(item)
     if unit in LONG_UNITS:
         return (0, LONG_UNITS.index(unit))
     return (1 if "system" in tiers_of(item) else 2, 0)
