@@ -19,8 +19,8 @@ Held out: every 8th English handbook chapter file (demo: module page); the serve
 file name everywhere, so neither corpus contains any copy of it. The held-out text is those English pages
 through the clean pipeline's own stages (the same filters as "clean"), so it is clean text.
 
-Two pipeline runs (``lmforge run``, embedded Ray, each in its own process) share everything but the
-cleaning: "raw" extracts and normalizes only (no language, Gopher or PII step, no dedup); "clean" runs
+Two pipeline runs (in this process, on one embedded Ray) share everything but the cleaning, the crawl
+included (fetched once: the second run finds the first's linked into its work dir, cached): "raw" extracts and normalizes only (no language, Gopher or PII step, no dedup); "clean" runs
 the filters (language en, Gopher quality and repetition, PII; ``--filters docs`` relaxes Gopher for
 technical documentation as configs/demo.yaml does) and exact + MinHash dedup. Both use one tokenizer (a
 BPE fit on the raw corpus) and train the same GPT-2 (4 layers, width 256) for the same steps of 4,096
@@ -45,7 +45,7 @@ import html  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
-import subprocess  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -224,7 +224,8 @@ def config(name: str, work: Path, seeds: list[str], cleaned: bool, tokenizer: st
         "dedup": dedup,
         "tokenize": {
             "tokenizer": {"path": tokenizer} if tokenizer else {"vocab_size": vocab},
-            "val_fraction": 0.02,
+            # the demo's 13 pages: a fifth, so the split holds whole pages whatever the port makes the ids
+            "val_fraction": 0.2 if args.smoke else 0.02,
         },
         "train": {
             "model": {"arch": "gpt2", "preset": "debug", **model},
@@ -241,20 +242,21 @@ def config(name: str, work: Path, seeds: list[str], cleaned: bool, tokenizer: st
     }
 
 
-def run(cfg: dict, work: Path) -> dict:
+def run(cfg: dict, work: Path, crawl_from: Path | None = None) -> dict:
+    """One arm: the pipeline in this process (the arms share one embedded Ray), its config kept beside its
+    work dir. ``crawl_from``: a work dir whose crawl this arm's equals (same config and code): its files are
+    linked in, so the pipeline finds the crawl cached instead of fetching the site again."""
+    from orchestration.config import load_config
+    from orchestration.pipeline import Pipeline
+
     path = work / f"{cfg['name']}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "orchestration.cli", "run", str(path)],
-        cwd=REPO,
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"{cfg['name']} pipeline failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     workdir = Path(cfg["workdir"])
+    if crawl_from is not None and not (workdir / "crawl").exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(crawl_from / "crawl", workdir / "crawl", copy_function=os.link)
+    start = time.perf_counter()
+    Pipeline(load_config(path)).run()
 
     def index(stage: str) -> dict:
         return json.loads((workdir / stage / "index.json").read_text())
@@ -269,6 +271,7 @@ def run(cfg: dict, work: Path) -> dict:
         "documents": index("tokenize")["counters"]["documents"],
         "train_tokens": index("tokenize")["counters"]["train_tokens"],
         "crawled": index("crawl")["rows"],
+        "crawl_cached": crawl_from is not None,
     }
 
 
@@ -316,6 +319,7 @@ def main() -> None:
         raise SystemExit(
             f"{RUST}: install the rust-doc package (apt-get install rust-doc), or use --site handbook"
         )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # Ray's workers fork after the tokenizer ran
     work = args.work or Path(tempfile.mkdtemp(prefix="lmf-bench-ablation-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.site == "demo":
@@ -359,11 +363,15 @@ def main() -> None:
                 tokenizer=raw["tokenizer"],
             ),
             work,
+            crawl_from=Path(raw["model_dir"]).parents[1],
         )
         print(
             f"clean: {clean['documents']} documents, {clean['train_tokens']:,} tokens ({clean['seconds']:.0f}s)",
             flush=True,
         )
+        import ray
+
+        ray.shutdown()  # before the result line: no worker log line printed after it
         tasks = [t for t in args.tasks.split(",") if t]
         scores = {}
         for name, run_ in (("raw", raw), ("clean", clean)):
@@ -408,9 +416,10 @@ def main() -> None:
         summary("ablation", [line])
     finally:
         server.shutdown()
-        if not (args.keep or args.work):
-            import shutil
+        import ray
 
+        ray.shutdown()  # (after a failure) its session files are under the first arm's work dir
+        if not (args.keep or args.work):
             shutil.rmtree(work, ignore_errors=True)
 
 

@@ -22,14 +22,16 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import yaml
 
 from core.files import file_sha256
-from evaluation.loglikelihood import CausalScorer, Progress
+
+if TYPE_CHECKING:  # torch loads where a model is scored, not where tasks are listed or read
+    from evaluation.loglikelihood import CausalScorer, Progress
 
 
 @dataclass(frozen=True)

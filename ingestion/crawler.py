@@ -74,8 +74,8 @@ class CrawlConfig(StageConfig):
     workers: int | None = Field(
         None,
         ge=1,
-        description="Crawl worker processes serving all hosts, one host at a time each (null: 4 per CPU of "
-        "the cluster, at most max_concurrent_hosts).",
+        description="The most crawl worker processes serving all hosts, one host at a time each, started as "
+        "hosts become ready (null: 4 per CPU of the cluster, at most max_concurrent_hosts).",
     )
     robots_attempts: int = Field(
         3,

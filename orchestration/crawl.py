@@ -1,6 +1,7 @@
 """Distributed crawl: a bounded pool of crawl workers serves any number of hosts, one host at a time each.
 
-Hosts wait in the driver's queue; a free worker takes one, crawls it for a share of the page budget
+Hosts wait in the driver's queue; a free worker takes one (workers start as hosts become ready, up to
+the cap: a crawl of one site runs one worker), crawls it for a share of the page budget
 (reserved up front, so ``max_pages`` is never exceeded) and reports back the links to other hosts, which
 the driver routes to their host's queue. A host is only ever in one worker's hands, so per-host politeness
 holds across the cluster; a worker keeps the last few hosts it crawled open and gets them back first.
@@ -74,7 +75,8 @@ _CrawlWorkerActor = ray.remote(num_cpus=0)(CrawlWorker)
 
 
 def default_workers(config: CrawlConfig) -> int:
-    """``crawl.workers``, else 4 per CPU of the cluster; never more than ``max_concurrent_hosts``."""
+    """The most crawl workers: ``crawl.workers``, else 4 per CPU of the cluster; never more than
+    ``max_concurrent_hosts``."""
     workers = config.workers or 4 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     return max(1, min(workers, config.max_concurrent_hosts))
 
@@ -127,9 +129,9 @@ def run_crawl(
     if on_this_node:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         actor = actor.options(scheduling_strategy=here)
-    workers = [actor.remote(config, str(out_dir)) for _ in range(n_workers)]
-    counters["crawl_workers"] = n_workers
-    free = list(range(n_workers))
+    # Workers start as hosts become ready, up to the cap: a crawl of one site starts one.
+    workers: list[Any] = []
+    free: list[int] = []
     owner: dict[str, int] = {}  # host -> the worker that holds it open
     unreserved = config.max_pages - counters["pages_restored"]
     running: dict[ray.ObjectRef, tuple[str, int, int, int]] = {}  # call -> (host, worker, grant, last route)
@@ -146,11 +148,16 @@ def run_crawl(
                 time.sleep(max(0.0, min(deferred.values()) - now))
                 continue
             for host in ready:
-                if unreserved <= 0 or not free:
+                if unreserved <= 0:
                     break
                 # A host open on a worker goes back to it (never to two workers at once).
                 if host in owner and owner[host] not in free:
                     continue
+                if host not in owner and not free:
+                    if len(workers) == n_workers:
+                        break
+                    workers.append(actor.remote(config, str(out_dir)))
+                    free.append(len(workers) - 1)
                 worker = owner.get(host, free[-1])
                 free.remove(worker)
                 owner[host] = worker
@@ -201,6 +208,7 @@ def run_crawl(
                 on_progress(counters["pages_restored"] + counters["pages_fetched"])
     finally:
         log.close()
+        counters["crawl_workers"] = len(workers)
         ray.get([w.close.remote() for w in workers])
         for w in workers:
             ray.kill(w)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from pydantic import BaseModel
@@ -43,8 +43,6 @@ from core.manifest import IntegrityError, index_digest, read_index, verify_files
 from core.redact import redact
 from core.stage import Stage
 from core.storage import Store, local_copy, local_file, node_dir
-from evaluation.finetuned import evaluate_finetuned
-from evaluation.perplexity import evaluate_model_dir
 from evaluation.tasks import resolve_task, task_metric_names
 from ingestion.demo_site import DemoSiteServer, build_demo_site
 from orchestration import report
@@ -73,9 +71,10 @@ from orchestration.preflight import preflight
 from orchestration.progress import StageProgress
 from orchestration.report_html import write_html_report
 from orchestration.run_metrics import RunMetricsLogger
-from orchestration.tracking import Tracker, code_version
-from orchestration.training_launch import launch_finetuning, launch_training
 from training.labeled import resolve_path
+
+if TYPE_CHECKING:  # MLflow, Ray Train, torch and transformers load where a run tracks, trains or scores
+    from orchestration.tracking import Tracker
 
 try:
     LMFORGE_VERSION = importlib.metadata.version("lmforge")
@@ -190,6 +189,8 @@ class Pipeline:
         self.workdir = self.store.local if self.store.local is not None else self.store.uri
         self.local = config.local_dir  # this machine's state of the run: all of it for a local work dir
         self._code: dict[str, str] = {}
+        self._train_selected = False  # what the resources check covers (set by run)
+        self._on_cluster = False  # Ray started or connected and the resources checked, this run
 
     # -- stage bookkeeping --------------------------------------------------------------------------
     def _decide(
@@ -274,6 +275,7 @@ class Pipeline:
                     entry.action, entry.reason = "run", "its output failed verification"
                 if force:
                     out.rmtree()
+                self._start_ray()
                 self._prepare(out, entry.key, _jsonable(spec.config), parts)
                 self.console.print(f"[bold cyan]▶ {name}[/bold cyan] [dim]({entry.reason})[/dim]")
                 index = spec.build(out, entry.key, input_digests)
@@ -295,6 +297,16 @@ class Pipeline:
         if not cached:
             self.console.print(f"  [green]✓ {name}[/green] in {seconds:.1f}s {report.stage_line(index)}")
         return outcome
+
+    def _start_ray(self) -> None:
+        """Start the embedded Ray or connect to the cluster, once, before the first stage that runs; then
+        check the stages' tasks and the training worker group against the cluster's resources."""
+        if self._on_cluster:
+            return
+        r = self.cfg.ray
+        ensure_ray(r.address, r.num_cpus, r.object_store_memory_mb, r.dashboard, self.local)
+        preflight(self.cfg, ray.cluster_resources(), train=self._train_selected)
+        self._on_cluster = True
 
     def _intact(self, name: str, out: Store, index: dict[str, Any]) -> bool:
         """Whether a committed output still matches its manifests (sha256 per ``verify``); one that does
@@ -445,6 +457,8 @@ class Pipeline:
             f"{cfg.tokens_per_step} tokens/step",
             highlight=False,
         )
+        from orchestration.training_launch import launch_training
+
         summary = launch_training(
             cfg,
             tokens.store,
@@ -523,12 +537,13 @@ class Pipeline:
         missing = [e for e in self._plan(selection) if e.action == "missing"]  # ("blocked" follows)
         if missing:
             raise ConfigError("; ".join(f"stage {e.stage}: {e.reason}" for e in missing))
-        ray_cfg = cfg.ray
-        ensure_ray(
-            ray_cfg.address, ray_cfg.num_cpus, ray_cfg.object_store_memory_mb, ray_cfg.dashboard, self.local
-        )
+        # Ray starts (or is connected to) when the first stage runs: a run whose stages are all cached
+        # reads their manifests, logs and reports without a cluster.
+        self._on_cluster = False
         # With the default sqlite store, artifacts (models, reports) live beside it: in the work dir, or for
         # a remote work dir in its directory of the node cache.
+        from orchestration.tracking import Tracker, code_version
+
         artifacts = None if cfg.tracking.uri else (self.local / "mlartifacts").as_uri()
         tracker = Tracker(cfg.tracking_uri, cfg.tracking.experiment, artifacts)
         config_hash = cache_key("pipeline", cfg, {})
@@ -539,8 +554,7 @@ class Pipeline:
             record = {"name": cfg.name, "mlflow_run_id": parent_id, "tracking_uri": redact(cfg.tracking_uri)}
             self.store.write_bytes(report.RUN_RECORD, json.dumps(record).encode())
             specs, selected, needed = self._specs(result, tracker, selection, config_hash)
-            # The stages' tasks and the training worker group against the cluster.
-            preflight(cfg, ray.cluster_resources(), train="train" in selected)
+            self._train_selected = "train" in selected
             self._walk(result, tracker, specs, selected, needed, selection.force)
             if "evaluate" in selected:
                 self._aliases(result, tracker)
@@ -853,6 +867,8 @@ class Pipeline:
             f"  {ft.task} from {base}, {ft.num_workers} worker(s), ZeRO-{ft.zero_stage}, {ft.steps} steps",
             highlight=False,
         )
+        from orchestration.training_launch import launch_finetuning
+
         logger = RunMetricsLogger(tracker.tracking_uri, tracker.active_run_id())
         summary = launch_finetuning(
             ft, out, run_name=f"{self.cfg.name}-finetune-{key}", metrics_logger=logger, console=self.console
@@ -967,11 +983,15 @@ def _checkpoints(out: Store) -> list[tuple[int, Path | str]]:
 
 def _evaluate_on_node(model: Store, tokens: Store, *args: Any) -> dict[str, Any]:
     """evaluate_model_dir on local copies of the model and the token shards (themselves when local)."""
+    from evaluation.perplexity import evaluate_model_dir
+
     return evaluate_model_dir(str(local_copy(model)), str(local_copy(tokens)), *args)
 
 
 def _evaluate_finetuned_on_node(out: Store, ft: Any) -> dict[str, Any]:
     """evaluate_finetuned on local copies of the fine-tuned model and of the labeled splits."""
+    from evaluation.finetuned import evaluate_finetuned
+
     data = ft.data.model_copy(update={"splits": {k: str(local_file(v)) for k, v in ft.data.splits.items()}})
     return evaluate_finetuned(str(local_copy(out, "model")), ft.model_copy(update={"data": data}))
 

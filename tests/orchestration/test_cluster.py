@@ -65,9 +65,9 @@ def test_submit_to_two_nodes_without_a_shared_disk_runs_the_pipeline_a_local_run
         "name": "two-nodes",
         "read": {"paths": [f"{prefix}/corpus{query}"]},
         "clean": {"gopher_repetition": None},
-        "dedup": {"shards": 2, "partition_mb": 0.004},  # several partitions: tasks for both nodes
+        "dedup": {"shards": 2, "partition_mb": 0.02},  # several partitions: tasks for both nodes
         "tokenize": {
-            "tokenizer": {"vocab_size": 300, "min_frequency": 1}, "val_fraction": 0.2, "partition_mb": 0.004
+            "tokenizer": {"vocab_size": 300, "min_frequency": 1}, "val_fraction": 0.2, "partition_mb": 0.02
         },
         "train": {
             "model": {"arch": "gpt2", "preset": "debug", "n_embd": 32, "n_head": 2},

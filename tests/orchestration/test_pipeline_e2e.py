@@ -84,6 +84,7 @@ def test_crawl_fetched_every_page_the_site_served(demo_run):
     crawl = result.stages["crawl"].index["counters"]
     assert crawl["pages_fetched"] == crawl["demo_pages_served"] == len(manifest["pages"])
     assert crawl["failed.robots_disallowed"] == len(manifest["disallowed"])
+    assert crawl["crawl_workers"] == 1  # one host: one crawl worker started, not the pool's cap
     assert result.stages["clean"].index["counters"]["documents_in"] == crawl["pages_fetched"]
 
 

@@ -20,6 +20,7 @@ from ingestion.readers import ReadConfig
 from orchestration.config import DedupConfig
 from orchestration.dedup import run_dedup_stage
 from orchestration.executors import corpus_source, run_document_stage, run_tokenize_stage
+from tests.conftest import free_port
 from tests.fixtures import exploding_stage
 from tests.ray_nodes import SMALL_DEMO, lmforge, set_args
 from training.data.tokenize import TokenizeConfig
@@ -207,11 +208,12 @@ def test_a_whole_pipeline_runs_and_reruns_from_its_cache_with_the_workdir_on_s3(
     assert (run_dir / "mlflow.db").is_file() and (run_dir / "report.html").is_file()
     assert json.loads(workdir.read_bytes("run.json"))["tracking_uri"] == f"sqlite:///{run_dir / 'mlflow.db'}"
 
-    # A rerun with nothing changed plans nothing and runs nothing.
+    # A rerun with nothing changed plans nothing and runs nothing: it needs no Ray (here an address nothing
+    # listens on: connecting would fail the run).
     plan = lmforge(["run", config, *sets, "--dry-run"], env, tmp_path)
     assert "nothing to run: all cached" in plan.stdout, plan.stdout
     before = {s: (workdir / s).read_bytes("index.json") for s in stages}
-    again = lmforge(["run", config, *sets], env, tmp_path)
+    again = lmforge(["run", config, *sets, "--address", f"127.0.0.1:{free_port()}"], env, tmp_path)
     assert all(f"• {s}: cached" in again.stderr for s in stages), again.stderr[-3000:]
     assert {s: (workdir / s).read_bytes("index.json") for s in stages} == before
     assert "▶" not in again.stderr
