@@ -168,6 +168,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def lasting_port() -> int:
+    """A free port below the kernel's ephemeral range, for a server that must listen on the same port again
+    later (its URLs are in document ids): a port from ``free_port`` may meanwhile be given to an outgoing
+    connection (Ray's, another test's), and the second listen then fails with EADDRINUSE."""
+    import random
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(20000, low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and the ephemeral range")
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray started once per session (two Ray instances in one process tree break Ray Train)."""

@@ -28,7 +28,7 @@ from orchestration.lineage import walk
 from orchestration.pipeline import Pipeline, run_pipeline
 from orchestration.plan import Selection
 from orchestration.tracking import start_mlflow_ui, wait_until_ready
-from tests.conftest import free_port
+from tests.conftest import free_port, lasting_port
 from tests.fixtures import copy_of
 from training.data.tokenizer import load_tokenizer
 
@@ -38,7 +38,7 @@ DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 STAGES = ["crawl", "clean", "dedup", "tokenize", "train", "evaluate"]
 
 
-PORT = free_port()  # one port for both runs: page URLs, and so document ids, must not differ
+PORT = lasting_port()  # one port for every run: page URLs, and so document ids, must not differ
 
 
 def _demo(workdir):
