@@ -283,7 +283,7 @@ def held_out_texts(english: Path, names: list[str]) -> list[str]:
     from core.schema import HTML_SCHEMA
     from core.stage import StageContext
     from orchestration.config import CleanConfig
-    from orchestration.pipeline import clean_stages
+    from orchestration.stages.clean import clean_stages
 
     pages = [(english / n).read_text(encoding="utf-8") for n in names]
     n = len(pages)

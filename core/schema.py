@@ -1,4 +1,4 @@
-"""The document data contract shared by every stage (DESIGN.md, "Data contracts").
+"""The document data contract shared by every stage (docs/ARCHITECTURE.md, "Data contracts").
 
 A document batch is an Arrow record batch. Before extraction it carries ``html``; after, ``text``.
 Rejected documents carry the document columns plus the reason they were removed.

@@ -30,6 +30,7 @@ from core.storage import Store, node_dir
 from evaluation.config import EvalConfig
 from ingestion.crawler import CrawlConfig
 from ingestion.readers import ReadConfig
+from orchestration.errors import ConfigError
 from training.config import FinetuneConfig, TrainConfig
 from training.data.tokenize import TokenizeConfig
 from training.data.tokenizer import EOS_TOKEN
@@ -348,10 +349,6 @@ def _is_private_ip(host: str) -> bool:
     except ValueError:
         return False
     return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved
-
-
-class ConfigError(ValueError):
-    """A config file that cannot be used, with every problem named."""
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

@@ -17,18 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
-from tokenizers import Tokenizer
 
 from core.files import write_parquet
-from core.manifest import ManifestError, dataset_files, write_index
-from core.partitions import Partition, plan_partitions
+from core.manifest import ManifestError, write_index
 from core.quarantine import FAULT_RETRIES, InfrastructureFault, Quarantine
 from core.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA, document_id, document_table
 from core.stage import Stage, StageContext, run_chain
-from core.storage import Store, open_input_file
+from core.storage import Store
 from core.tasks import DONE_DIR, STAGING_DIR, TaskFn, TaskId, read_marker, run_task
 from ingestion.readers import (
     CorruptInputError,
@@ -38,15 +34,6 @@ from ingestion.readers import (
     decode_utf8,
     read_corpus,
     read_warc,
-)
-from training.data.tokenize import (
-    Prepared,
-    TokenizeConfig,
-    load_prepared,
-    prepare_tokenizer,
-    sequential_encoding,
-    tokenize_partition,
-    write_token_index,
 )
 
 REJECTED_DIR = "rejected"
@@ -503,127 +490,4 @@ def run_document_stage(
         schema=DOCUMENT_SCHEMA,
         inputs=inputs,
         counters=dict(counters),
-    )
-
-
-# -- tokenization ---------------------------------------------------------------------------------------
-
-
-def _column_reader(files: list[str], column: str) -> Callable[[], Iterable[str]]:
-    def read() -> Iterable[str]:
-        for path in files:
-            with open_input_file(path) as f:
-                for batch in pq.ParquetFile(f).iter_batches(columns=[column]):
-                    yield from batch.column(0).to_pylist()
-
-    return read
-
-
-def _prepare_tokenizer_task(staging: Path, files: list[str], config: TokenizeConfig) -> dict[str, Any]:
-    texts, ids = _column_reader(files, "text"), _column_reader(files, "id")
-    return prepare_tokenizer(texts, ids, staging, config, _column_bytes(files, "text")).__dict__
-
-
-def _column_bytes(files: list[str], column: str) -> int:
-    """A column's uncompressed size from the Parquet footers (no data read)."""
-    total = 0
-    for path in files:
-        with open_input_file(path) as f:
-            meta = pq.ParquetFile(f).metadata
-        index = meta.schema.to_arrow_schema().get_field_index(column)
-        total += sum(
-            meta.row_group(g).column(index).total_uncompressed_size for g in range(meta.num_row_groups)
-        )
-    return total
-
-
-def _tokenize_task(
-    staging: Path, part: Partition, out_dir: str, prepared: Prepared, config: TokenizeConfig
-) -> dict[str, Any]:
-    sequential_encoding()  # one task, one CPU: parallelism comes from running partitions side by side
-    tokenizer = Tokenizer.from_str(Store(out_dir).read_text(prepared.path))
-    quarantine = Quarantine("tokenize", part.name)
-    result = tokenize_partition(
-        part.batches(["id", "text"]),
-        staging,
-        prepared,
-        config,
-        part.name,
-        tokenizer,
-        quarantine,
-        on_chunk=lambda documents, tokens: count(documents=documents, tokens=tokens),
-    )
-    ctx = StageContext("tokenize")
-    if quarantine.traces:  # the whole documents, as they came in, with the traceback as the signal
-        wanted = pa.array(list(quarantine.traces), pa.string())
-        for batch in part.batches():
-            docs = batch.filter(pc.is_in(batch.column("id"), value_set=wanted))
-            for i, doc_id in enumerate(docs.column("id").to_pylist()):
-                ctx.reject(docs.slice(i, 1), filter="quarantined", signal=quarantine.traces[doc_id])
-    rejected = staging / REJECTED_DIR / f"{part.name}.parquet"
-    return result | {
-        "rejected": write_parquet(rejected, ctx.rejected, REJECTED_SCHEMA),
-        "quarantined": len(quarantine.traces),
-    }
-
-
-def run_tokenize_stage(
-    docs_dir: str | Path,
-    out_dir: str | Path,
-    config: TokenizeConfig,
-    *,
-    cache_key: str = "",
-    inputs: dict[str, str] | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
-    options: dict[str, Any] | None = None,
-    max_in_flight: int | None = None,
-    on_counts: Callable[[dict[str, int]], None] | None = None,
-) -> dict[str, Any]:
-    """Tokenizer pass in one task, then one task per partition; resumes from completed partitions. With
-    ``on_counts``, the documents and tokens written so far are reported as the partitions' tasks run.
-
-    The partitions are planned from the input's row groups and the config alone, so the shards are the
-    same whatever the number of workers.
-    """
-    docs, paths = dataset_files(docs_dir)
-    files = [str(p) for p in paths]
-    out = Store(out_dir)
-    if load_prepared(out) is None:
-        out.rmtree(DONE_DIR)  # partitions of another tokenizer are void
-    pass_ = TaskId("tokenizer")
-    result = run_tasks(out, [pass_], lambda _: (_prepare_tokenizer_task, (files, config)), options=options)
-    prepared = Prepared.from_result(result[pass_])
-    parts = {TaskId(part=p.name): p for p in plan_partitions(files, config.partition_mb)}
-    results = run_tasks(
-        out,
-        list(parts),
-        lambda task: (_tokenize_task, (parts[task], out.uri, prepared, config)),
-        on_progress,
-        max_in_flight,
-        options=options,
-        on_counts=on_counts,
-    )
-    documents_in = docs["rows"]
-    documents_out = sum(r["documents"] for r in results.values())
-    quarantined = sum(r.get("quarantined", 0) for r in results.values())
-    if documents_in != documents_out + quarantined:
-        raise RuntimeError(
-            f"tokenize: {documents_in} documents in but {documents_out} tokenized and {quarantined} quarantined"
-        )
-    write_index(
-        out / REJECTED_DIR,
-        stage="tokenize",
-        cache_key=cache_key,
-        files=[r["rejected"] for r in results.values() if "rejected" in r],
-        schema=REJECTED_SCHEMA,
-        inputs=inputs,
-    )
-    return write_token_index(
-        out,
-        prepared,
-        config,
-        [results[t] for t in parts],
-        cache_key=cache_key,
-        inputs=inputs,
-        quarantined=quarantined,
     )

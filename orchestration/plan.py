@@ -17,14 +17,16 @@ import ast
 import hashlib
 import importlib.util
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from core.files import file_sha256
+from core.manifest import read_index
 from core.storage import Store
+from orchestration.stage_files import key_of_output
 
 #: The lmforge packages whose source is part of a stage's code version.
 PACKAGES = ("core", "ingestion", "cleaning", "training", "evaluation", "orchestration")
@@ -107,12 +109,13 @@ def _module_file(name: str) -> Path | None:
 
 @cache
 def _imports(name: str) -> tuple[str, ...]:
-    """The lmforge modules that module ``name`` imports anywhere in its source (function-level too)."""
+    """The lmforge modules that module ``name`` imports anywhere in its source (function-level too; not
+    those imported for type annotations only)."""
     path = _module_file(name)
     if path is None:
         return ()
     found = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -120,6 +123,25 @@ def _imports(name: str) -> tuple[str, ...]:
             found += [f"{node.module}.{a.name}" for a in node.names]  # ``from pkg import module``
     return tuple(
         n for n in dict.fromkeys(found) if n.split(".")[0] in PACKAGES and _module_file(n) is not None
+    )
+
+
+def _runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
+    """Every node of ``tree`` but those under ``if TYPE_CHECKING:`` (imports for annotations only: they
+    never run, so they are not the module's code)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            todo += node.orelse
+        else:
+            todo += ast.iter_child_nodes(node)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
     )
 
 
@@ -187,3 +209,49 @@ def summarize(items: list[str], limit: int = 3) -> str:
 
 def format_plan(entries: list[PlanEntry]) -> str:
     return "\n".join(e.line() for e in entries)
+
+
+# -- decisions --------------------------------------------------------------------------------------
+def decide(
+    out: Store, parts: dict[str, Any], inputs: dict[str, Any], selected: bool, force: bool
+) -> PlanEntry:
+    """What a run does with the stage whose output is ``out`` and whose new key parts are ``parts``, and why.
+    ``inputs``: the outcomes of the stages it reads (``index`` None: rebuilt first; ``missing``: absent)."""
+    name = parts["stage"]
+    pending = [k for k, v in inputs.items() if v.index is None]
+    absent = [k for k, v in inputs.items() if v.missing]
+    key = key_of(parts)
+    index = read_index(out)
+    found = changes(read_parts(out), parts) if index is not None and index.get("cache_key") != key else []
+    if not selected:
+        if index is None:
+            reason = f"not selected and {out} holds no finished output; run it first (widen --only/--from)"
+            return PlanEntry(name, "missing", reason)
+        if pending:
+            reason = f"not selected: used as it is, though {_inputs(pending)} rebuilt"
+        elif found:
+            reason = f"not selected: used as it is, stale ({summarize(found)} changed since it ran)"
+        else:
+            reason = "not selected: used as it is (up to date)"
+        return PlanEntry(name, "use", reason, key, found)
+    if absent:
+        return PlanEntry(name, "blocked", f"{_inputs(absent)} missing", key)
+    if force:
+        return PlanEntry(name, "run", "forced (--force)", key)
+    if pending:
+        return PlanEntry(name, "run", f"{_inputs(pending)} rebuilt first", key)
+    if index is not None and index.get("cache_key") == key:
+        return PlanEntry(name, "cached", "unchanged", key)
+    if index is None:
+        resumes = key_of_output(out) == key
+        reason = (
+            "resumes an interrupted run (its finished tasks are kept)"
+            if resumes
+            else "no finished output yet"
+        )
+        return PlanEntry(name, "run", reason, key)
+    return PlanEntry(name, "run", f"changed: {summarize(found)}", key, found)
+
+
+def _inputs(names: list[str]) -> str:
+    return f"its input {names[0]} is" if len(names) == 1 else f"its inputs {' and '.join(names)} are"

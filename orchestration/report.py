@@ -11,12 +11,11 @@ import pyarrow.parquet as pq
 
 from core.manifest import index_digest, read_index, read_table
 from core.storage import Store, node_dir, open_input_file
+from orchestration.stage_files import MODEL_RECORD
 
 STAGES = ("crawl", "clean", "dedup", "tokenize", "train", "evaluate", "labeled", "finetune")
 #: The pipeline run's MLflow identity, written in the work dir beside the stage outputs.
 RUN_RECORD = "run.json"
-#: The trained model's MLflow identity, written in the train stage's directory.
-MODEL_RECORD = "mlflow_model.json"
 #: Each stage's config as its cache key hashed it, written beside its output (the report's thresholds).
 STAGE_CONFIG = "stage_config.json"
 

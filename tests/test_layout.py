@@ -1,4 +1,4 @@
-"""The architecture rules of DESIGN.md, checked on the real source and import graph."""
+"""The architecture rules of docs/ARCHITECTURE.md ("Layers"), checked on the real source and import graph."""
 
 import ast
 import json

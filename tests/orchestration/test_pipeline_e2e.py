@@ -509,6 +509,40 @@ def test_lmforge_ui_shows_the_runs_models_datasets_and_report(demo_run, tmp_path
         proc.wait(timeout=60)
 
 
+def test_a_code_edit_reruns_its_stage_and_what_follows_never_what_comes_before(demo_run, tmp_path):
+    """A stage's code, in its cache key, is its component module's import closure (docs/ARCHITECTURE.md):
+    `lmforge run --dry-run` on a copy of the source with the tokenizer's module edited plans crawl, clean
+    and dedup cached; with the quality filters' module edited, the crawl cached and clean on rerun."""
+    from orchestration.plan import PACKAGES
+
+    cfg, _ = demo_run
+    config = tmp_path / "demo.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    repo = Path(__file__).resolve().parents[2]
+
+    def plan(edited: str) -> dict[str, tuple[str, str]]:
+        src = tmp_path / edited.replace("/", "-")
+        for package in PACKAGES:
+            shutil.copytree(repo / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+        with open(src / edited, "a") as f:
+            f.write("\n# an edit\n")
+        done = subprocess.run(
+            [sys.executable, "-m", "orchestration.cli", "run", str(config), "--dry-run"],
+            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(src), "COLUMNS": "240"},
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        cells = (line.split("│") for line in done.stdout.splitlines() if line.count("│") == 4)
+        return {c[1].strip(): (c[2].strip(), c[3].strip()) for c in cells}
+
+    tokenizer = plan("training/data/tokenizer.py")
+    assert [tokenizer[s][0] for s in STAGES] == ["cached", "cached", "cached", "run", "run", "run"], tokenizer
+    assert "code training/data/tokenizer.py" in tokenizer["tokenize"][1]
+    filters = plan("cleaning/filters.py")
+    assert [filters[s][0] for s in STAGES] == ["cached", "run", "run", "run", "run", "run"], filters
+    assert "code cleaning/filters.py" in filters["clean"][1]
+
+
 def test_a_changed_cleaning_threshold_makes_a_new_chain_and_keeps_the_old(demo_run):
     """Runs last in this module: it rebuilds the work dir from clean on."""
     cfg, first = demo_run

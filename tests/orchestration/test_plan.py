@@ -10,10 +10,15 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from core.manifest import read_table, write_index
+from core.stage import StageConfig
 from orchestration.cli import app
-from orchestration.config import ConfigError, parse_config
+from orchestration.component import StageComponent, last
+from orchestration.config import ConfigError, PipelineConfig, parse_config
 from orchestration.pipeline import Pipeline
 from orchestration.plan import PARTS_FILE, Selection, changes, code_digests, key_of, module_closure
+from orchestration.stage_files import write_json
+from orchestration.stages import register, stage_names, unregister
 from tests.fixtures import copy_of, prose
 
 pytestmark = pytest.mark.integration
@@ -52,13 +57,28 @@ def test_selection_picks_a_range_a_subset_and_the_outputs_they_read():
         Selection(only=("crawl",)).resolve(ORDER[1:], DEPS, ORDER)
 
 
-def test_a_stage_code_is_the_import_closure_of_its_entry_modules():
-    crawl = module_closure(["orchestration.crawl"])
-    assert {"orchestration.crawl", "ingestion.crawler", "core.files"} <= set(crawl)
+def test_a_stage_code_is_its_module_import_closure_and_no_wider():
+    """Each stage's code (in its cache key) is its component module's import closure: the crawl's holds no
+    cleaning, training or evaluation code; clean's holds the filters but not the tokenizer; a module
+    imported for type annotations only (``if TYPE_CHECKING:``) is in no closure."""
+    crawl = module_closure(["orchestration.stages.crawl"])
+    assert {"orchestration.stages.crawl", "orchestration.crawl", "ingestion.crawler", "core.files"} <= set(
+        crawl
+    )
     assert not any(m.startswith(("cleaning.", "training.", "evaluation.")) for m in crawl)
-    dedup = code_digests(["orchestration.dedup"])
+    clean = module_closure(["orchestration.stages.clean"])
+    assert {"cleaning.filters", "cleaning.extract", "orchestration.executors"} <= set(clean)
+    # No training code, no other stage (the crawl's output is read through its manifest, not its code).
+    assert [m for m in clean if m.startswith(("training.", "orchestration.stages."))] == [
+        "orchestration.stages.clean"
+    ]
+    assert "orchestration.crawl" not in clean
+    dedup = code_digests(["orchestration.stages.dedup"])
     assert {"cleaning/dedup_phases.py", "cleaning/minhash.py", "orchestration/executors.py"} <= set(dedup)
-    assert "ingestion/crawler.py" not in dedup  # a crawler change does not rerun dedup
+    assert "ingestion/crawler.py" not in dedup and "training/data/tokenizer.py" not in dedup
+    assert "training/data/tokenizer.py" in code_digests(["orchestration.stages.tokenize"])
+    assert "evaluation.loglikelihood" not in module_closure(["evaluation.tasks"])  # TYPE_CHECKING only
+    assert "evaluation.loglikelihood" in module_closure(["evaluation.perplexity"])
 
 
 def test_changes_name_the_config_fields_files_inputs_and_modules_that_differ():
@@ -221,3 +241,90 @@ def test_lmforge_run_dry_run_prints_the_plan_and_runs_nothing(planned, tmp_path)
     assert "its input clean is rebuilt first" in rows["dedup"]
     assert "3 stage(s) would run: clean, dedup, tokenize" in done.stdout
     assert (sorted(p.name for p in cfg.workdir.iterdir()), index.stat().st_mtime_ns) == before
+
+
+# -- a stage from outside the package: one component plus its config field --------------------------
+class CountConfig(StageConfig):
+    min_words: int = 20
+
+
+class CountingConfig(PipelineConfig):
+    count: CountConfig | None = None
+
+
+class Count(StageComponent):
+    """Counts the words of the last document stage's output (dedup's here) and its documents of at least
+    ``min_words`` words; a side branch of the DAG: tokenize still reads dedup."""
+
+    name = "count"
+    produces = "counts"
+
+    def enabled(self, cfg):
+        return getattr(cfg, "count", None) is not None
+
+    def reads(self, cfg, before):
+        return last(before, "documents")
+
+    def key_config(self, cfg):
+        return cfg.count
+
+    def build(self, ctx, out, key, inputs):
+        (docs,) = inputs
+        words = [len(t.split()) for t in read_table(ctx.outcome(docs).store).column("text").to_pylist()]
+        counters = {
+            "documents_in": len(words),
+            "words": sum(words),
+            "long_documents": sum(w >= ctx.cfg.count.min_words for w in words),
+        }
+        files = [write_json(out, "counts.json", counters)]
+        return write_index(
+            out, stage="count", kind="counts", cache_key=key, files=files, inputs=inputs, counters=counters
+        )
+
+
+@pytest.fixture
+def counting():
+    register(Count(), after="dedup")
+    yield
+    unregister("count")
+
+
+def test_a_stage_registered_from_outside_runs_caches_and_plans_as_the_built_in_ones(planned, counting):
+    from mlflow.tracking import MlflowClient
+
+    raw, _, _, first = planned
+    assert stage_names()[:4] == ("crawl", "clean", "dedup", "count")
+    cfg = CountingConfig.model_validate({**raw, "count": {"min_words": 20}})
+    result = Pipeline(cfg).run(until="count")
+    assert [(e.stage, e.action) for e in result.plan] == [
+        ("clean", "cached"),
+        ("dedup", "cached"),
+        ("count", "run"),
+    ]
+    texts = read_table(first.stages["dedup"].out_dir).column("text").to_pylist()  # by hand, from its input
+    counters = result.stages["count"].index["counters"]
+    assert counters["words"] == sum(len(t.split()) for t in texts) > 0
+    assert counters["long_documents"] == sum(len(t.split()) >= 20 for t in texts)
+    assert json.loads((cfg.workdir / "count" / "counts.json").read_text()) == counters
+    # Its MLflow run, nested in the pipeline's, as every stage's: its counters and its dataset in.
+    client = MlflowClient(cfg.tracking_uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+        f"tags.mlflow.parentRunId = '{result.parent_run_id}' and tags.lmforge.stage = 'count'",
+    )
+    assert (
+        run.data.metrics["words"] == counters["words"]
+        and run.inputs.dataset_inputs[0].dataset.name == "dedup"
+    )
+    # A rerun finds it cached; its own config change reruns it alone (tokenize reads dedup, not it); its
+    # code is this module's (its key's code part), and --only names it.
+    assert {e.stage: e.action for e in Pipeline(cfg).plan(Selection(until="tokenize"))} == {
+        "clean": "cached", "dedup": "cached", "count": "cached", "tokenize": "cached"
+    }  # fmt: skip
+    changed = CountingConfig.model_validate({**raw, "count": {"min_words": 5}})
+    plan = {e.stage: (e.action, e.reason) for e in Pipeline(changed).plan(Selection(until="tokenize"))}
+    assert plan["count"] == ("run", "changed: config min_words") and plan["tokenize"][0] == "cached"
+    parts = json.loads((cfg.workdir / "count" / PARTS_FILE).read_text())
+    assert "tests/orchestration/test_plan.py" in parts["code"]
+    only = Pipeline(changed).plan(Selection(only=("count",)))
+    assert [(e.stage, e.action) for e in only] == [("clean", "use"), ("dedup", "use"), ("count", "run")]

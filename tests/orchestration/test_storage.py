@@ -19,7 +19,8 @@ from core.storage import Store
 from ingestion.readers import ReadConfig
 from orchestration.config import DedupConfig
 from orchestration.dedup import run_dedup_stage
-from orchestration.executors import corpus_source, run_document_stage, run_tokenize_stage
+from orchestration.executors import corpus_source, run_document_stage
+from orchestration.stages.tokenize import run_tokenize_stage
 from tests.conftest import free_port
 from tests.fixtures import exploding_stage
 from tests.ray_nodes import SMALL_DEMO, lmforge, set_args

@@ -10,7 +10,7 @@ from core.files import file_entry, write_parquet
 from core.manifest import read_index, read_table, write_index
 from core.partitions import plan_partitions
 from core.schema import DOCUMENT_SCHEMA
-from orchestration.executors import run_tokenize_stage
+from orchestration.stages.tokenize import run_tokenize_stage
 from tests.fixtures import batches, corpus
 from training.data.tokenize import TokenizeConfig, tokenize_documents
 from training.data.tokenizer import TokenizerConfig

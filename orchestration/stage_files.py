@@ -1,0 +1,78 @@
+"""Files of stage outputs that the engine and several stages share: the key file of a prepared output, small
+files written whole with their manifest entry, an exported model's manifest entries, a stage's scratch
+directory on this node, and the content digest of the files a config field names."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from core.files import file_entry, file_sha256, resolve_path
+from core.storage import Store, local_copy, node_dir
+
+#: The key of the run that last prepared a stage output, finished or not.
+KEY_FILE = ".cache_key"
+#: The MLflow LoggedModel (and registered version) of a model output, once logged.
+MODEL_RECORD = "mlflow_model.json"
+
+
+def key_of_output(out: Store) -> str | None:
+    """The key of the run that last prepared a stage output (finished or not), if any."""
+    try:
+        return out.read_text(KEY_FILE)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def scratch(out: Store, key: str) -> Path:
+    """This machine's directory for a stage that works on a local disk: the output itself, or for a remote
+    one a node-cache directory, kept for a resumed run of the same key and emptied for any other."""
+    if out.local is not None:
+        return out.local
+    work = node_dir(out, "stages")
+    if not (work / KEY_FILE).is_file() or (work / KEY_FILE).read_text() != key:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        (work / KEY_FILE).write_text(key)
+    return work
+
+
+def write_file(out: Store, name: str, data: bytes, rows: int = 0) -> dict[str, Any]:
+    """Write one small file of a stage output; its manifest entry."""
+    out.write_bytes(name, data)
+    return {"path": name, "rows": rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_json(out: Store, name: str, value: Any) -> dict[str, Any]:
+    return write_file(out, name, json.dumps(value, indent=2).encode())
+
+
+def model_files(out: Store) -> list[dict[str, Any]]:
+    """The manifest entries of the exported model under ``out/model`` (read from a local copy)."""
+    model_dir = local_copy(out, "model")
+    return [
+        {**file_entry(p, 0), "path": f"model/{p.name}"} for p in sorted(model_dir.iterdir()) if p.is_file()
+    ]
+
+
+def tree_digest(paths: list[str]) -> str:
+    """sha256 over the files under ``paths`` (names and contents): keys a stage by what the files hold."""
+    h = hashlib.sha256()
+    for root in paths:
+        root_path = resolve_path(root)
+        files = sorted(f for f in root_path.rglob("*") if f.is_file()) if root_path.is_dir() else [root_path]
+        for f in files:
+            h.update(
+                f"{f.relative_to(root_path) if root_path.is_dir() else f.name}\0{file_sha256(f)}\n".encode()
+            )
+    return h.hexdigest()[:16]
+
+
+def numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of a metrics mapping, as floats (booleans left out)."""
+    return {
+        k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }

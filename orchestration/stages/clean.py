@@ -1,0 +1,108 @@
+"""clean: extract, normalize, filter and redact the crawl's pages and the read corpora into documents, each
+rejected one kept with the filter, signal and threshold that removed it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from core.stage import Stage
+from core.storage import Store
+from orchestration.component import RunContext, StageComponent, last
+
+if TYPE_CHECKING:
+    from cleaning.decontaminate import DecontaminateConfig, NgramIndex
+    from orchestration.config import CleanConfig, PipelineConfig
+
+
+def clean_stages(c: CleanConfig) -> list[Stage]:
+    """Extraction, normalization and the configured filters, in the clean stage's order (decontamination,
+    which needs the tasks' n-gram index, is inserted after normalization by the stage)."""
+    from cleaning.extract import HtmlExtractor
+    from cleaning.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+        UrlBlocklistFilter,
+    )
+    from cleaning.langid import LanguageFilter
+    from cleaning.normalize import TextNormalizer
+    from cleaning.pii import PiiRedactor
+
+    stages: list[Stage] = [HtmlExtractor(c.extract), TextNormalizer(c.normalize)]
+    optional = [
+        (UrlBlocklistFilter, c.url_blocklist),
+        (LanguageFilter, c.language),
+        (GopherRepetitionFilter, c.gopher_repetition),
+        (GopherQualityFilter, c.gopher),
+        (C4QualityFilter, c.c4),
+        (FineWebQualityFilter, c.fineweb),
+        (PiiRedactor, c.pii),
+    ]
+    return stages + [stage(config) for stage, config in optional if config is not None]
+
+
+class Clean(StageComponent):
+    name = "clean"
+    produces = "documents"
+
+    def enabled(self, cfg: PipelineConfig) -> bool:
+        return cfg.has_corpus
+
+    def reads(self, cfg: PipelineConfig, before: list[StageComponent]) -> tuple[str, ...]:
+        return last(before, "warc")
+
+    def key_config(self, cfg: PipelineConfig) -> Any:
+        return {"clean": cfg.clean, "read": cfg.read, "read_files": cfg.read.fingerprint()}
+
+    def key_files(self, cfg: PipelineConfig) -> dict[str, list[str]]:
+        blocklist = cfg.clean.url_blocklist
+        if blocklist is None or blocklist.path is None:
+            return {}
+        return {"clean.url_blocklist.path": [str(blocklist.path)]}
+
+    def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
+        from cleaning.decontaminate import Decontaminator
+        from orchestration.executors import corpus_source, run_document_stage, warc_source
+        from orchestration.progress import StageProgress
+
+        c = ctx.cfg.clean
+        stages = clean_stages(c)
+        if c.decontaminate is not None:
+            stages.insert(2, Decontaminator(c.decontaminate, _task_ngrams(ctx, c.decontaminate)))
+        parts = [
+            (Path(f["path"]).name.split(".")[0], warc_source(crawl.store.uri_of(f["path"])))
+            for name in inputs
+            for crawl in [ctx.outcome(name)]
+            for f in crawl.index["files"]
+        ]
+        parts += [
+            (f"read-{i:05d}", corpus_source(uri, ctx.cfg.read)) for i, uri in enumerate(ctx.cfg.read.inputs())
+        ]
+        with StageProgress(ctx.console, "clean", "input files", total=len(parts)) as progress:
+            return run_document_stage(
+                "clean",
+                stages,
+                parts,
+                out,
+                cache_key=key,
+                inputs=inputs,
+                on_progress=progress.update,
+                on_counts=progress.count,
+                **ctx.task_resources("clean"),
+            )
+
+
+def _task_ngrams(ctx: RunContext, cfg: DecontaminateConfig) -> NgramIndex:
+    """The n-grams of every request (context + continuation) of the tasks to decontaminate against."""
+    from cleaning.decontaminate import NgramIndex
+    from evaluation.tasks import resolve_task
+
+    names = cfg.tasks or []  # the config filled them from evaluate.tasks when unset
+    index = NgramIndex(cfg.n)
+    for name in names:
+        task = resolve_task(name)
+        index.add(task.name, (c + x for e in task.load() for c, x in e.requests()))
+    ctx.console.print(f"  decontaminating against {len(index)} {cfg.n}-grams of {', '.join(names)}")
+    return index

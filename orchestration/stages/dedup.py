@@ -1,0 +1,42 @@
+"""dedup: exact, MinHash near-duplicate and repeated-line removal over the documents (orchestration/dedup.py
+runs its phases as Ray tasks)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from core.storage import Store
+from orchestration.component import RunContext, StageComponent, last
+
+if TYPE_CHECKING:
+    from orchestration.config import PipelineConfig
+
+
+class Dedup(StageComponent):
+    name = "dedup"
+    produces = "documents"
+
+    def enabled(self, cfg: PipelineConfig) -> bool:
+        return cfg.has_corpus and bool(cfg.dedup.exact or cfg.dedup.minhash)
+
+    def reads(self, cfg: PipelineConfig, before: list[StageComponent]) -> tuple[str, ...]:
+        return last(before, "documents")
+
+    def key_config(self, cfg: PipelineConfig) -> Any:
+        return cfg.dedup
+
+    def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
+        from orchestration.dedup import run_dedup_stage
+        from orchestration.progress import StageProgress
+
+        (docs,) = inputs
+        with StageProgress(ctx.console, "dedup", "tasks") as progress:
+            return run_dedup_stage(
+                ctx.outcome(docs).store,
+                out,
+                ctx.cfg.dedup,
+                cache_key=key,
+                inputs=inputs,
+                on_progress=lambda phase, done, total: progress.update(done, total, phase),
+                **ctx.task_resources("dedup"),
+            )

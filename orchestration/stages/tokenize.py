@@ -1,0 +1,190 @@
+"""tokenize: fit (or load) the tokenizer in one task, then encode each partition of the documents into token
+shards in its own task; the shards and their index are the same whatever the number of workers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer
+
+from core.files import write_parquet
+from core.manifest import dataset_files, write_index
+from core.partitions import Partition, plan_partitions
+from core.quarantine import Quarantine
+from core.schema import REJECTED_SCHEMA
+from core.stage import StageContext
+from core.storage import Store, open_input_file
+from core.tasks import DONE_DIR, TaskId
+from orchestration.component import RunContext, StageComponent, last
+from orchestration.executors import REJECTED_DIR, count, run_tasks
+from training.data.tokenize import (
+    Prepared,
+    TokenizeConfig,
+    load_prepared,
+    prepare_tokenizer,
+    sequential_encoding,
+    tokenize_partition,
+    write_token_index,
+)
+
+if TYPE_CHECKING:
+    from orchestration.config import PipelineConfig
+
+
+class Tokenize(StageComponent):
+    name = "tokenize"
+    produces = "tokens"
+
+    def enabled(self, cfg: PipelineConfig) -> bool:
+        return cfg.has_corpus
+
+    def reads(self, cfg: PipelineConfig, before: list[StageComponent]) -> tuple[str, ...]:
+        return last(before, "documents")
+
+    def key_config(self, cfg: PipelineConfig) -> Any:
+        return cfg.tokenize
+
+    def key_files(self, cfg: PipelineConfig) -> dict[str, list[str]]:
+        path = cfg.tokenize.tokenizer.path
+        return {"tokenize.tokenizer.path": [str(path)]} if path is not None else {}
+
+    def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
+        from orchestration.progress import StageProgress
+
+        (name,) = inputs
+        docs = ctx.outcome(name)
+        with StageProgress(ctx.console, "tokenize", "documents", total=docs.index["rows"]) as progress:
+            return run_tokenize_stage(
+                docs.store,
+                out,
+                ctx.cfg.tokenize,
+                cache_key=key,
+                inputs=inputs,
+                on_counts=progress.count,
+                **ctx.task_resources("tokenize"),
+            )
+
+
+def _column_reader(files: list[str], column: str) -> Callable[[], Iterable[str]]:
+    def read() -> Iterable[str]:
+        for path in files:
+            with open_input_file(path) as f:
+                for batch in pq.ParquetFile(f).iter_batches(columns=[column]):
+                    yield from batch.column(0).to_pylist()
+
+    return read
+
+
+def _prepare_tokenizer_task(staging: Path, files: list[str], config: TokenizeConfig) -> dict[str, Any]:
+    texts, ids = _column_reader(files, "text"), _column_reader(files, "id")
+    return prepare_tokenizer(texts, ids, staging, config, _column_bytes(files, "text")).__dict__
+
+
+def _column_bytes(files: list[str], column: str) -> int:
+    """A column's uncompressed size from the Parquet footers (no data read)."""
+    total = 0
+    for path in files:
+        with open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+        index = meta.schema.to_arrow_schema().get_field_index(column)
+        total += sum(
+            meta.row_group(g).column(index).total_uncompressed_size for g in range(meta.num_row_groups)
+        )
+    return total
+
+
+def _tokenize_task(
+    staging: Path, part: Partition, out_dir: str, prepared: Prepared, config: TokenizeConfig
+) -> dict[str, Any]:
+    sequential_encoding()  # one task, one CPU: parallelism comes from running partitions side by side
+    tokenizer = Tokenizer.from_str(Store(out_dir).read_text(prepared.path))
+    quarantine = Quarantine("tokenize", part.name)
+    result = tokenize_partition(
+        part.batches(["id", "text"]),
+        staging,
+        prepared,
+        config,
+        part.name,
+        tokenizer,
+        quarantine,
+        on_chunk=lambda documents, tokens: count(documents=documents, tokens=tokens),
+    )
+    ctx = StageContext("tokenize")
+    if quarantine.traces:  # the whole documents, as they came in, with the traceback as the signal
+        wanted = pa.array(list(quarantine.traces), pa.string())
+        for batch in part.batches():
+            docs = batch.filter(pc.is_in(batch.column("id"), value_set=wanted))
+            for i, doc_id in enumerate(docs.column("id").to_pylist()):
+                ctx.reject(docs.slice(i, 1), filter="quarantined", signal=quarantine.traces[doc_id])
+    rejected = staging / REJECTED_DIR / f"{part.name}.parquet"
+    return result | {
+        "rejected": write_parquet(rejected, ctx.rejected, REJECTED_SCHEMA),
+        "quarantined": len(quarantine.traces),
+    }
+
+
+def run_tokenize_stage(
+    docs_dir: str | Path,
+    out_dir: str | Path,
+    config: TokenizeConfig,
+    *,
+    cache_key: str = "",
+    inputs: dict[str, str] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    options: dict[str, Any] | None = None,
+    max_in_flight: int | None = None,
+    on_counts: Callable[[dict[str, int]], None] | None = None,
+) -> dict[str, Any]:
+    """Tokenizer pass in one task, then one task per partition; resumes from completed partitions. With
+    ``on_counts``, the documents and tokens written so far are reported as the partitions' tasks run.
+
+    The partitions are planned from the input's row groups and the config alone, so the shards are the
+    same whatever the number of workers.
+    """
+    docs, paths = dataset_files(docs_dir)
+    files = [str(p) for p in paths]
+    out = Store(out_dir)
+    if load_prepared(out) is None:
+        out.rmtree(DONE_DIR)  # partitions of another tokenizer are void
+    pass_ = TaskId("tokenizer")
+    result = run_tasks(out, [pass_], lambda _: (_prepare_tokenizer_task, (files, config)), options=options)
+    prepared = Prepared.from_result(result[pass_])
+    parts = {TaskId(part=p.name): p for p in plan_partitions(files, config.partition_mb)}
+    results = run_tasks(
+        out,
+        list(parts),
+        lambda task: (_tokenize_task, (parts[task], out.uri, prepared, config)),
+        on_progress,
+        max_in_flight,
+        options=options,
+        on_counts=on_counts,
+    )
+    documents_in = docs["rows"]
+    documents_out = sum(r["documents"] for r in results.values())
+    quarantined = sum(r.get("quarantined", 0) for r in results.values())
+    if documents_in != documents_out + quarantined:
+        raise RuntimeError(
+            f"tokenize: {documents_in} documents in but {documents_out} tokenized and {quarantined} quarantined"
+        )
+    write_index(
+        out / REJECTED_DIR,
+        stage="tokenize",
+        cache_key=cache_key,
+        files=[r["rejected"] for r in results.values() if "rejected" in r],
+        schema=REJECTED_SCHEMA,
+        inputs=inputs,
+    )
+    return write_token_index(
+        out,
+        prepared,
+        config,
+        [results[t] for t in parts],
+        cache_key=cache_key,
+        inputs=inputs,
+        quarantined=quarantined,
+    )

@@ -1,0 +1,126 @@
+"""train: pretrain the model on the token shards (DeepSpeed ZeRO on a Ray Train worker group), then log it,
+its checkpoints and its lineage to MLflow and register it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from core.manifest import index_digest, write_index
+from core.redact import redact
+from core.storage import Store, local_copy
+from orchestration.component import RunContext, StageComponent, last
+from orchestration.stage_files import MODEL_RECORD, model_files
+
+if TYPE_CHECKING:
+    from orchestration.config import PipelineConfig
+
+#: The MLflow LoggedModel type of each pretraining objective's model.
+MODEL_TYPES = {"causal_lm": "causal-lm", "masked_lm": "masked-lm", "span_corruption": "seq2seq-lm"}
+
+
+class Train(StageComponent):
+    name = "train"
+    produces = "model"
+
+    def enabled(self, cfg: PipelineConfig) -> bool:
+        return cfg.has_corpus
+
+    def reads(self, cfg: PipelineConfig, before: list[StageComponent]) -> tuple[str, ...]:
+        return last(before, "tokens")
+
+    def key_config(self, cfg: PipelineConfig) -> Any:
+        return cfg.train
+
+    def key_files(self, cfg: PipelineConfig) -> dict[str, list[str]]:
+        return {"train.init_from": [cfg.train.init_from]} if cfg.train.init_from else {}
+
+    def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
+        from orchestration.run_metrics import RunMetricsLogger
+        from orchestration.training_launch import launch_training
+
+        cfg = ctx.cfg.train
+        (tokens,) = inputs
+        logger = RunMetricsLogger(ctx.tracker.tracking_uri, ctx.tracker.active_run_id())
+        ctx.console.print(
+            f"  {cfg.num_workers} worker(s), ZeRO-{cfg.zero_stage}, {cfg.precision}, {cfg.steps} steps, "
+            f"{cfg.tokens_per_step} tokens/step",
+            highlight=False,
+        )
+        summary = launch_training(
+            cfg,
+            ctx.outcome(tokens).store,
+            out,
+            run_name=f"{ctx.cfg.name}-{key}",
+            metrics_logger=logger,
+            console=ctx.console,
+        )
+        losses = summary["losses"]
+        counters = {
+            "steps": summary["steps"],
+            "tokens_seen": summary["tokens_seen"],
+            "first_loss": losses[0],
+            "final_loss": losses[-1],
+        }
+        return write_index(
+            out,
+            stage="train",
+            kind="model",
+            cache_key=key,
+            files=model_files(out),
+            inputs=inputs,
+            counters=counters,
+            extra={"summary": summary},
+        )
+
+    def track(self, ctx: RunContext, index: dict[str, Any], selected: bool) -> None:
+        """Log (and register) the trained model in MLflow once; a cached stage reuses the logged model
+        wherever this store holds it (a work dir copied with its store, or reached by another URI, logs
+        and registers nothing new: a stage that did not run adds no model version)."""
+        cfg, out, tracker, result = ctx.cfg, index["out_dir"], ctx.tracker, ctx.result
+        record = out.read_json(MODEL_RECORD)
+        if record.get("model_id") and tracker.find_model(record["model_id"]):
+            result.model_id, result.model_version = record["model_id"], record["version"]
+            return
+        (tokens,) = index["inputs"]
+        tokens_index = ctx.outcome(tokens).index
+        model_tags = {
+            "lmforge.shards_digest": index_digest(tokens_index),
+            "lmforge.tokenizer_id": tokens_index["tokenizer"]["id"],
+            "lmforge.config_hash": ctx.config_hash,
+            **ctx.code,
+            "lmforge.train_cache_key": index["cache_key"],
+        }
+        for step, where in _checkpoints(out):
+            tracker.log_checkpoint(f"{cfg.name}-checkpoint", step, where, model_tags)
+        result.model_id, result.model_version = tracker.log_model(
+            local_copy(out, "model"),
+            f"{cfg.name}-model",
+            {"train": cfg.train.model_dump(mode="json")},
+            model_tags,
+            step=cfg.train.steps,
+            register_as=cfg.tracking.registered_model,
+            model_type=MODEL_TYPES[cfg.train.objective],
+        )
+        record = {
+            "tracking_uri": redact(tracker.tracking_uri),
+            "model_id": result.model_id,
+            "version": result.model_version,
+        }
+        out.write_bytes(MODEL_RECORD, json.dumps(record).encode())
+
+
+def _checkpoints(out: Store) -> list[tuple[int, Path | str]]:
+    """(step, where) of each checkpoint of a training output: DeepSpeed's directories in a local work
+    dir; in a remote one, those Ray Train uploaded (training/engine.py's ``step<N>`` names)."""
+    if out.local is not None:
+        found = [p for p in (out.local / "checkpoints").glob("step*") if p.is_dir()]
+        return sorted((int(p.name[4:]), p) for p in found if p.name[4:].isdigit())
+    dirs = {
+        "/".join(parts[: i + 1])
+        for parts in (name.split("/") for name in out.files("ray_train"))
+        for i, part in enumerate(parts[:-1])
+        if part.startswith("step") and part[4:].isdigit()
+    }
+    return sorted((int(d.rsplit("/", 1)[-1][4:]), out.uri_of(d)) for d in dirs)
