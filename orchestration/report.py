@@ -23,7 +23,7 @@ STAGE_CONFIG = "stage_config.json"
 def stage_line(index: dict[str, Any]) -> str:
     """One-line summary of a stage's counters for the console."""
     c = index.get("counters", {})
-    if "documents_in" in c:
+    if {"documents_in", "kept", "rejected"} <= c.keys():
         return f"({c['documents_in']} in, {c['kept']} kept, {c['rejected']} rejected)"
     if "pages_fetched" in c:
         deeper = c.get("urls_not_fetched_max_depth", 0)
