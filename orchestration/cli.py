@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -256,49 +256,63 @@ def submit(
     flags = [f"--only={','.join(_names(only))}"] if only else []
     flags += [f"--from={from_}"] * bool(from_) + [f"--until={until}"] * bool(until)
     flags += [f"--force={name}" for name in _names(force)]
-    repo = Path(__file__).resolve().parent.parent
     client = _client(address)
     base_id = submission_id or f"lmforge-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     for attempt in range(retries + 1):
         job_id = f"{base_id}-r{attempt}" if attempt else base_id
-        # The validated config travels in the job's environment: nothing is written into the repository.
-        _submit_with_retry(
-            client,
-            submission_id=job_id,
-            entrypoint=" ".join(
-                ["python -m orchestration.cli run --config-env", _CONFIG_ENV, "--address auto"]
-                + [shlex.quote(f) for f in flags]
-            ),
-            runtime_env={
-                "working_dir": str(repo),
-                "excludes": [".venv/", "work/", ".git/", "*.warc.gz"],
-                "env_vars": {_CONFIG_ENV: config_yaml, "LMFORGE_IN_RAY_JOB": "1"},
-                **({"pip": pip} if pip else {}),
-            },
-            metadata={
-                "lmforge.config": cfg.name,
-                "lmforge.workdir": redact(str(cfg.workdir)),
-                "lmforge.attempt": str(attempt),
-                "lmforge.stages": " ".join(flags) or "all",
-                "lmforge.requirements": requirements or "",
-            },
-        )
+        _submit_with_retry(client, submission_id=job_id, **_job(cfg, flags, pip, requirements, attempt))
         console.print(f"submitted job [bold]{job_id}[/bold] to {address}")
-        if not wait:
+        if not wait or _ended(client, job_id, requirements, attempt, retries, cfg):
             return
-        status = _follow(client, job_id)
-        console.print(f"job {job_id}: {status}")
-        if status == "SUCCEEDED":
-            return
-        if hint := _missing_module_hint(client.get_job_logs(job_id), requirements):
-            console.print(f"[yellow]{hint}[/yellow]")
-        if status != "FAILED" or attempt == retries:
-            raise typer.Exit(1)
-        console.print(
-            f"[yellow]resubmitting (attempt {attempt + 2} of {retries + 1}): the finished tasks and stages in "
-            f"{redact(str(cfg.workdir))} are kept[/yellow]"
-        )
+
+
+def _job(
+    cfg: PipelineConfig, flags: list[str], pip: dict | None, requirements: str | None, attempt: int
+) -> dict[str, Any]:
+    """The job's entrypoint, runtime environment (the repository as its working dir; the validated config in
+    its environment: nothing is written into the repository) and metadata."""
+    return {
+        "entrypoint": " ".join(
+            ["python -m orchestration.cli run --config-env", _CONFIG_ENV, "--address auto"]
+            + [shlex.quote(f) for f in flags]
+        ),
+        "runtime_env": {
+            "working_dir": str(Path(__file__).resolve().parent.parent),
+            "excludes": [".venv/", "work/", ".git/", "*.warc.gz"],
+            "env_vars": {
+                _CONFIG_ENV: yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
+                "LMFORGE_IN_RAY_JOB": "1",
+            },
+            **({"pip": pip} if pip else {}),
+        },
+        "metadata": {
+            "lmforge.config": cfg.name,
+            "lmforge.workdir": redact(str(cfg.workdir)),
+            "lmforge.attempt": str(attempt),
+            "lmforge.stages": " ".join(flags) or "all",
+            "lmforge.requirements": requirements or "",
+        },
+    }
+
+
+def _ended(
+    client: Any, job_id: str, requirements: str | None, attempt: int, retries: int, cfg: PipelineConfig
+) -> bool:
+    """Follow the job to its end: True when it succeeded; False when it failed and is to be resubmitted;
+    exit 1 when it failed (or stopped) with no attempt left."""
+    status = _follow(client, job_id)
+    console.print(f"job {job_id}: {status}")
+    if status == "SUCCEEDED":
+        return True
+    if hint := _missing_module_hint(client.get_job_logs(job_id), requirements):
+        console.print(f"[yellow]{hint}[/yellow]")
+    if status != "FAILED" or attempt == retries:
+        raise typer.Exit(1)
+    console.print(
+        f"[yellow]resubmitting (attempt {attempt + 2} of {retries + 1}): the finished tasks and stages in "
+        f"{redact(str(cfg.workdir))} are kept[/yellow]"
+    )
+    return False
 
 
 def _pip_requirements(requirements: str | None) -> dict | None:
@@ -560,6 +574,11 @@ def eval_(
     if logged is not None and log:
         run_id = log_evaluation(tracking_uri or "", logged, results, {"model": model, "limit": limit})
         console.print(f"logged to MLflow run {run_id} against model {logged.model_id}")
+    _print_evaluation(results, as_json)
+
+
+def _print_evaluation(results: dict[str, Any], as_json: bool) -> None:
+    """``lmforge eval``'s results: JSON, or a table of each task's metrics with their standard errors."""
     if as_json:
         typer.echo(
             json.dumps(

@@ -113,112 +113,146 @@ def run_crawl(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    hosts = _replay(out_dir)  # host -> its last report
-    counters: Counter = Counter()
-    counters["pages_restored"] = sum(h["fetched"] for h in hosts.values())
-    counters["pages_fetched"] = 0
-    waiting: set[str] = {h for h, s in hosts.items() if s["pending"] is None or s["pending"] > 0}
-    deferred: dict[str, float] = {}  # host -> when its unreachable robots.txt may be asked again
-    beyond: dict[str, int] = {}  # host -> in-scope links seen on its pages at max_depth, not followed
-    unreachable: set[str] = set()  # hosts whose robots.txt stayed unreachable: their URLs wait
-    book = RouteBook(out_dir / ROUTES)  # links to hand to each host, on disk; seeds are routed like links
-    book.route((seed, host_key(seed), 0) for seed in config.all_seeds())
-
-    n_workers = default_workers(config)
-    actor = _CrawlWorkerActor
-    if on_this_node:
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        actor = actor.options(scheduling_strategy=here)
-    # Workers start as hosts become ready, up to the cap: a crawl of one site starts one.
-    workers: list[Any] = []
-    free: list[int] = []
-    owner: dict[str, int] = {}  # host -> the worker that holds it open
-    unreserved = config.max_pages - counters["pages_restored"]
-    running: dict[ray.ObjectRef, tuple[str, int, int, int]] = {}  # call -> (host, worker, grant, last route)
+    driver = _Driver(config, out_dir, on_this_node)
     log = open(out_dir / HOSTS_LOG, "a", encoding="utf-8")
     try:
-        while running or (unreserved > 0 and (book.hosts or waiting or deferred)):
-            now = time.monotonic()
-            for host in [h for h, at in deferred.items() if at <= now]:
-                del deferred[host]
-                waiting.add(host)
-            busy = {host for host, *_ in running.values()}
-            ready = sorted(h for h in book.hosts | waiting if h not in busy)
-            if not running and not ready:  # only hosts waiting for their robots.txt
-                time.sleep(max(0.0, min(deferred.values()) - now))
+        while driver.running or (
+            driver.unreserved > 0 and (driver.book.hosts or driver.waiting or driver.deferred)
+        ):
+            if not driver.dispatch():
                 continue
-            for host in ready:
-                if unreserved <= 0:
-                    break
-                # A host open on a worker goes back to it (never to two workers at once).
-                if host in owner and owner[host] not in free:
-                    continue
-                if host not in owner and not free:
-                    if len(workers) == n_workers:
-                        break
-                    workers.append(actor.remote(config, str(out_dir)))
-                    free.append(len(workers) - 1)
-                worker = owner.get(host, free[-1])
-                free.remove(worker)
-                owner[host] = worker
-                grant = max(1, min(PAGES_PER_CALL, unreserved // max(1, len(ready))))
-                unreserved -= grant
-                urls, last = book.waiting(host)
-                call = workers[worker].crawl.remote(host, urls, grant)
-                running[call] = (host, worker, grant, last)
-                waiting.discard(host)
-            if not running:
-                time.sleep(0.05)  # every ready host waits for its busy owner
-                continue
-            (done,), _ = ray.wait(list(running), num_returns=1)
-            host, worker, grant, last = running.pop(done)
-            free.append(worker)
-            result = ray.get(done)
-            book.handed(host, last)  # in the host's frontier now
-            for closed in result["closed"]:
-                owner.pop(closed, None)
-            if result["restored"] is not None:  # opened: its files are the truth, the log may lag a kill
-                lag = result["restored"] - hosts.get(host, {}).get("fetched", 0)
-                counters["pages_restored"] += lag
-                unreserved -= lag
-            hosts[host] = {
-                "host": host,
-                "fetched": result["total_fetched"],
-                "pending": result["pending"],
-                "files": result["warc_files"],
-            }
-            log.write(json.dumps(hosts[host]) + "\n")
+            (done,), _ = ray.wait(list(driver.running), num_returns=1)
+            log.write(json.dumps(driver.take(done)) + "\n")
             log.flush()
-            unreserved += grant - result["fetched"]
-            counters["pages_fetched"] += result["fetched"]
-            counters["retries"] += result["retries"]
-            counters["fetch_failures"] += result["failures"]
-            beyond[host] = result["beyond_max_depth"]
-            counters["urls_not_fetched_max_depth"] = sum(beyond.values())
-            counters.update({f"failed.{k}": v for k, v in result["failure_reasons"].items()})
-            if "robots_unreachable" in result:  # nothing fetched: RFC 9309 disallows the host meanwhile
-                if result["robots_unreachable"] < config.robots_attempts:
-                    deferred[host] = time.monotonic() + result["robots_retry_in"]
-                else:
-                    unreachable.add(host)
-            elif result["pending"]:
-                waiting.add(host)
-            book.route((url, host_key(url), depth) for url, depth in result["external"])
             if on_progress:
-                on_progress(counters["pages_restored"] + counters["pages_fetched"])
+                on_progress(driver.counters["pages_restored"] + driver.counters["pages_fetched"])
     finally:
         log.close()
-        counters["crawl_workers"] = len(workers)
-        ray.get([w.close.remote() for w in workers])
-        for w in workers:
+        driver.close()
+    return driver.finish()
+
+
+class _Driver:
+    """The driver's side of a crawl: the hosts waiting, the workers (started as hosts become ready, up to
+    ``default_workers``), which worker holds which host open, and the page budget not yet handed out."""
+
+    def __init__(self, config: CrawlConfig, out_dir: Path, on_this_node: bool):
+        self.config, self.out_dir = config, out_dir
+        self.hosts = _replay(out_dir)  # host -> its last report
+        self.counters: Counter = Counter()
+        self.counters["pages_restored"] = sum(h["fetched"] for h in self.hosts.values())
+        self.counters["pages_fetched"] = 0
+        self.waiting = {h for h, s in self.hosts.items() if s["pending"] is None or s["pending"] > 0}
+        self.deferred: dict[str, float] = {}  # host -> when its unreachable robots.txt may be asked again
+        self.beyond: dict[
+            str, int
+        ] = {}  # host -> in-scope links seen on its pages at max_depth, not followed
+        self.unreachable: set[str] = set()  # hosts whose robots.txt stayed unreachable: their URLs wait
+        # Links to hand to each host, on disk; seeds are routed like links.
+        self.book = RouteBook(out_dir / ROUTES)
+        self.book.route((seed, host_key(seed), 0) for seed in config.all_seeds())
+        self.n_workers = default_workers(config)
+        self.actor = _CrawlWorkerActor
+        if on_this_node:
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            self.actor = self.actor.options(scheduling_strategy=here)
+        self.workers: list[Any] = []
+        self.free: list[int] = []
+        self.owner: dict[str, int] = {}  # host -> the worker that holds it open
+        self.unreserved = config.max_pages - self.counters["pages_restored"]
+        self.running: dict[
+            ray.ObjectRef, tuple[str, int, int, int]
+        ] = {}  # call -> (host, worker, grant, route)
+
+    def dispatch(self) -> bool:
+        """Hand each ready host (up to the free workers and the budget) to a worker; False when nothing
+        runs yet (after waiting a little: the caller loops)."""
+        now = time.monotonic()
+        for host in [h for h, at in self.deferred.items() if at <= now]:
+            del self.deferred[host]
+            self.waiting.add(host)
+        busy = {host for host, *_ in self.running.values()}
+        ready = sorted(h for h in self.book.hosts | self.waiting if h not in busy)
+        if not self.running and not ready:  # only hosts waiting for their robots.txt
+            time.sleep(max(0.0, min(self.deferred.values()) - now))
+            return False
+        for host in ready:
+            if self.unreserved <= 0:
+                break
+            # A host open on a worker goes back to it (never to two workers at once).
+            if host in self.owner and self.owner[host] not in self.free:
+                continue
+            if host not in self.owner and not self.free:
+                if len(self.workers) == self.n_workers:
+                    break
+                self.workers.append(self.actor.remote(self.config, str(self.out_dir)))
+                self.free.append(len(self.workers) - 1)
+            worker = self.owner.get(host, self.free[-1])
+            self.free.remove(worker)
+            self.owner[host] = worker
+            grant = max(1, min(PAGES_PER_CALL, self.unreserved // max(1, len(ready))))
+            self.unreserved -= grant
+            urls, last = self.book.waiting(host)
+            self.running[self.workers[worker].crawl.remote(host, urls, grant)] = (host, worker, grant, last)
+            self.waiting.discard(host)
+        if not self.running:
+            time.sleep(0.05)  # every ready host waits for its busy owner
+            return False
+        return True
+
+    def take(self, done: ray.ObjectRef) -> dict[str, Any]:
+        """Account for one finished call: the host's new report (returned, for the hosts log), the budget
+        it left, its counters, its links to other hosts routed."""
+        host, worker, grant, last = self.running.pop(done)
+        self.free.append(worker)
+        result = ray.get(done)
+        self.book.handed(host, last)  # in the host's frontier now
+        for closed in result["closed"]:
+            self.owner.pop(closed, None)
+        if result["restored"] is not None:  # opened: its files are the truth, the log may lag a kill
+            lag = result["restored"] - self.hosts.get(host, {}).get("fetched", 0)
+            self.counters["pages_restored"] += lag
+            self.unreserved -= lag
+        self.hosts[host] = {
+            "host": host,
+            "fetched": result["total_fetched"],
+            "pending": result["pending"],
+            "files": result["warc_files"],
+        }
+        self.unreserved += grant - result["fetched"]
+        counters = self.counters
+        counters["pages_fetched"] += result["fetched"]
+        counters["retries"] += result["retries"]
+        counters["fetch_failures"] += result["failures"]
+        self.beyond[host] = result["beyond_max_depth"]
+        counters["urls_not_fetched_max_depth"] = sum(self.beyond.values())
+        counters.update({f"failed.{k}": v for k, v in result["failure_reasons"].items()})
+        if "robots_unreachable" in result:  # nothing fetched: RFC 9309 disallows the host meanwhile
+            if result["robots_unreachable"] < self.config.robots_attempts:
+                self.deferred[host] = time.monotonic() + result["robots_retry_in"]
+            else:
+                self.unreachable.add(host)
+        elif result["pending"]:
+            self.waiting.add(host)
+        self.book.route((url, host_key(url), depth) for url, depth in result["external"])
+        return self.hosts[host]
+
+    def close(self) -> None:
+        self.counters["crawl_workers"] = len(self.workers)
+        ray.get([w.close.remote() for w in self.workers])
+        for w in self.workers:
             ray.kill(w)
-    dead = unreachable | set(deferred)
-    left = sum(s["pending"] or 0 for h, s in hosts.items() if h not in dead)
-    counters["urls_not_fetched_max_pages"] = left + book.count_waiting()
-    book.close()
-    if dead:
-        counters["hosts_robots_unreachable"] = len(dead)
-        counters["urls_not_fetched_robots_unreachable"] = sum(hosts[h]["pending"] or 0 for h in dead)
-    counters["hosts"] = len(hosts)
-    files = {name: n for s in hosts.values() for name, n in s["files"].items()}
-    return [file_entry(out_dir / name, rows=n) for name, n in sorted(files.items())], dict(counters)
+
+    def finish(self) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """The WARC files' entries and the counters, with the URLs left and why."""
+        hosts, counters = self.hosts, self.counters
+        dead = self.unreachable | set(self.deferred)
+        left = sum(s["pending"] or 0 for h, s in hosts.items() if h not in dead)
+        counters["urls_not_fetched_max_pages"] = left + self.book.count_waiting()
+        self.book.close()
+        if dead:
+            counters["hosts_robots_unreachable"] = len(dead)
+            counters["urls_not_fetched_robots_unreachable"] = sum(hosts[h]["pending"] or 0 for h in dead)
+        counters["hosts"] = len(hosts)
+        files = {name: n for s in hosts.values() for name, n in s["files"].items()}
+        return [file_entry(self.out_dir / name, rows=n) for name, n in sorted(files.items())], dict(counters)

@@ -452,6 +452,31 @@ def run_dedup_stage(
         [TaskId("map", part=n) for n in names],
         lambda t: (_map_task, (index_of[t.part], by_name[t.part], cfg)),
     )
+    counters = _cluster(phases, names, out, cfg)
+    if cfg.lines:
+        spans = phases.run(
+            "line spans",
+            phases.shard_tasks("lines"),
+            lambda t: (_lines_task, (t.shard, names, out, cfg.shards)),
+        )
+        counters["line_spans"] = sum(r["spans"] for r in spans.values())
+        counters["line_spans_cut"] = sum(r["cut"] for r in spans.values())
+    applied = phases.run(
+        "write",
+        [TaskId("apply", part=n) for n in names],
+        lambda t: (
+            _apply_task,
+            (by_name[t.part], out, cfg, maps[TaskId("map", part=t.part)].get("quarantined", {})),
+        ),
+    )
+    results = [applied[TaskId("apply", part=n)] for n in names]
+    docs_in = sum(m["documents"] for m in maps.values())
+    return _commit(out, results, docs_in, counters, cfg, cache_key, inputs)
+
+
+def _cluster(phases: _Phases, names: list[str], out: Store, cfg: DedupConfig) -> Counter:
+    """The shuffle phases after the signatures: document ids, candidate pairs, their verification, the
+    connected components and the clusters they decide; their counters."""
     collisions = phases.run(
         "document ids", phases.shard_tasks("ids"), lambda t: (_ids_task, (t.shard, names, out))
     )
@@ -472,25 +497,7 @@ def run_dedup_stage(
         "clusters", phases.shard_tasks("decide"), lambda t: (_decide_task, (t.shard, step, names, out, cfg))
     )
     counters["clusters"] = sum(r["clusters"] for r in decided.values())
-    if cfg.lines:
-        spans = phases.run(
-            "line spans",
-            phases.shard_tasks("lines"),
-            lambda t: (_lines_task, (t.shard, names, out, cfg.shards)),
-        )
-        counters["line_spans"] = sum(r["spans"] for r in spans.values())
-        counters["line_spans_cut"] = sum(r["cut"] for r in spans.values())
-    applied = phases.run(
-        "write",
-        [TaskId("apply", part=n) for n in names],
-        lambda t: (
-            _apply_task,
-            (by_name[t.part], out, cfg, maps[TaskId("map", part=t.part)].get("quarantined", {})),
-        ),
-    )
-    results = [applied[TaskId("apply", part=n)] for n in names]
-    docs_in = sum(m["documents"] for m in maps.values())
-    return _commit(out, results, docs_in, counters, cfg, cache_key, inputs)
+    return counters
 
 
 def _commit(

@@ -372,14 +372,9 @@ def run_tasks(
     if max_in_flight is None:
         max_in_flight = max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
     remote = _remote_task.options(**options) if options else _remote_task
-    results: dict[TaskId, dict[str, Any]] = {}
-    todo = []
-    for task in tasks:
-        result = read_marker(markers, task)
-        if result is not None:
-            results[task] = result
-        else:
-            todo.append(task)
+    finished = {task: read_marker(markers, task) for task in tasks}
+    results: dict[TaskId, dict[str, Any]] = {t: r for t, r in finished.items() if r is not None}
+    todo = [t for t in tasks if t not in results]
     if on_progress:
         on_progress(len(results), len(tasks))
     tally = (_tally(), uuid.uuid4().hex) if on_counts else None
@@ -395,15 +390,7 @@ def run_tasks(
                 pending[remote.remote(fn, task, root.uri, markers.uri, args, tally)] = task
             done, _ = ray.wait(list(pending), num_returns=1, timeout=REPORT_EVERY_S if tally else None)
             if done:
-                task = pending.pop(done[0])
-                try:
-                    results[task] = ray.get(done[0])
-                except ray.exceptions.RayTaskError as e:
-                    # A user error names the file and the fix, a fault its cause (after Ray's retries):
-                    # say just that.
-                    if isinstance(e.cause, (*USER_ERRORS, InfrastructureFault)):
-                        raise e.cause from None
-                    raise
+                results[pending.pop(done[0])] = _result(done[0])
             if tally:  # first the counts, then the task count: a line printed at the end has both
                 live = ray.get(tally[0].read.remote(tally[1]))
                 on_counts(_counted(results, {t.name for t in pending.values()}, live))
@@ -415,6 +402,17 @@ def run_tasks(
     if root.local is not None:
         shutil.rmtree(root.local / STAGING_DIR, ignore_errors=True)  # what killed tasks left
     return results
+
+
+def _result(ref: ray.ObjectRef) -> dict[str, Any]:
+    """A finished task's result. A user error names the file and the fix, a fault its cause (after Ray's
+    retries): either is raised as it is, not wrapped in Ray's traceback."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, (*USER_ERRORS, InfrastructureFault)):
+            raise e.cause from None
+        raise
 
 
 def _counted(
@@ -459,21 +457,7 @@ def run_document_stage(
         options=options,
         on_counts=on_counts,
     )
-
-    counters: Counter = Counter()
-    for task, r in results.items():
-        counters.update(r["counters"])
-        read = r["counters"].get(f"{stages[0].name}.in", 0) + r["counters"].get("malformed", 0)
-        counters[f"documents_in.{sources[task.part].origin}"] += read
-    kept = sum(r["kept"]["rows"] for r in results.values())
-    rejected = sum(r["rejected"]["rows"] for r in results.values())
-    # Records the readers could not make documents of are in the rejected dataset too.
-    docs_in = counters.get(f"{stages[0].name}.in", 0) + counters.get("malformed", 0)
-    if docs_in != kept + rejected:
-        raise RuntimeError(
-            f"stage {stage_name}: {docs_in} documents in but {kept} kept + {rejected} rejected; documents were lost"
-        )
-    counters.update({"documents_in": docs_in, "kept": kept, "rejected": rejected})
+    counters = _document_counters(stage_name, stages[0].name, results, {p: s.origin for p, s in partitions})
     write_index(
         out / REJECTED_DIR,
         stage=stage_name,
@@ -489,5 +473,27 @@ def run_document_stage(
         files=[r["kept"] for r in results.values()],
         schema=DOCUMENT_SCHEMA,
         inputs=inputs,
-        counters=dict(counters),
+        counters=counters,
     )
+
+
+def _document_counters(
+    stage_name: str, first: str, results: dict[TaskId, dict[str, Any]], origins: dict[str, str]
+) -> dict[str, int]:
+    """A document stage's counters summed over its tasks, with documents in (by origin), kept and rejected,
+    after checking that every document in was kept or rejected (``first``: the chain's first stage)."""
+    counters: Counter = Counter()
+    for task, r in results.items():
+        counters.update(r["counters"])
+        read = r["counters"].get(f"{first}.in", 0) + r["counters"].get("malformed", 0)
+        counters[f"documents_in.{origins[task.part]}"] += read
+    kept = sum(r["kept"]["rows"] for r in results.values())
+    rejected = sum(r["rejected"]["rows"] for r in results.values())
+    # Records the readers could not make documents of are in the rejected dataset too.
+    docs_in = counters.get(f"{first}.in", 0) + counters.get("malformed", 0)
+    if docs_in != kept + rejected:
+        raise RuntimeError(
+            f"stage {stage_name}: {docs_in} documents in but {kept} kept + {rejected} rejected; documents were lost"
+        )
+    counters.update({"documents_in": docs_in, "kept": kept, "rejected": rejected})
+    return dict(counters)

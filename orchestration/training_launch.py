@@ -10,6 +10,7 @@ import os
 import shutil
 import threading
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     # Imported in the worker: DeepSpeed loads there, not in the driver.
     import torch.distributed as dist
 
-    from training.engine import install_checkpoint, rank_files
+    from training.engine import install_checkpoint
     from training.trainer import train
 
     context = ray.train.get_context()
@@ -50,29 +51,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
             install_checkpoint(Path(local), ckpt_dir, Path(reported.path).name)
     if dist.is_initialized():
         dist.barrier()
-
-    def report(tag_dir: Path, step: int, metrics: dict[str, float]) -> None:
-        """Every rank uploads the files it wrote; Ray Train merges them into one checkpoint in storage."""
-        staging = ckpt_dir / ".upload" / f"{tag_dir.name}-rank{rank}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        for f in rank_files(tag_dir, rank):
-            os.link(f, staging / f.name)
-        try:
-            ray.train.report(
-                {"step": step, **metrics},
-                checkpoint=Checkpoint.from_directory(str(staging)),
-                checkpoint_dir_name=tag_dir.name,
-            )
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-    # One line per checkpoint upload otherwise; Ray Train v2 names some loggers by their file path.
-    for name in ["ray.train", *logging.Logger.manager.loggerDict]:
-        if name.startswith("ray.train") or "/ray/train/" in name:
-            logging.getLogger(name).setLevel(logging.WARNING)
-    # DeepSpeed 0.19 still calls the renamed collective; nothing a user can act on.
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    report = partial(_report_checkpoint, ckpt_dir, rank)
+    _quiet_worker()
     if config["kind"] == "finetune":
         from training.finetune import finetune
 
@@ -100,6 +80,37 @@ def _worker_loop(config: dict[str, Any]) -> None:
         on_eval=on_eval,
     )
     _publish(config, rank)
+
+
+def _report_checkpoint(
+    ckpt_dir: Path, rank: int, tag_dir: Path, step: int, metrics: dict[str, float]
+) -> None:
+    """Every rank uploads the checkpoint files it wrote; Ray Train merges them into one checkpoint in
+    storage."""
+    from training.engine import rank_files
+
+    staging = ckpt_dir / ".upload" / f"{tag_dir.name}-rank{rank}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for f in rank_files(tag_dir, rank):
+        os.link(f, staging / f.name)
+    try:
+        ray.train.report(
+            {"step": step, **metrics},
+            checkpoint=Checkpoint.from_directory(str(staging)),
+            checkpoint_dir_name=tag_dir.name,
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _quiet_worker() -> None:
+    """No line per checkpoint upload (Ray Train v2 names some loggers by their file path), no warning about
+    the collective DeepSpeed 0.19 still calls by its old name: nothing a user can act on."""
+    for name in ["ray.train", *logging.Logger.manager.loggerDict]:
+        if name.startswith("ray.train") or "/ray/train/" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 
 def _on_this_node(config: dict[str, Any], first: bool) -> dict[str, Any]:

@@ -99,3 +99,24 @@ def test_a_back_import_breaks_the_contract(tmp_path):
     done = _lint_imports(tmp_path)
     assert done.returncode == 1
     assert "training.back -> orchestration.config" in done.stdout
+
+
+def test_the_engine_stays_small_and_no_orchestration_function_is_long():
+    """docs/ARCHITECTURE.md, "The engine": orchestration/pipeline.py under 300 lines, knowing no stage by name
+    (no stage name as a string in it); no function of orchestration/ over 60 lines."""
+    engine = (ROOT / "orchestration" / "pipeline.py").read_text()
+    assert len(engine.splitlines()) < 300
+    strings = {
+        n.value
+        for n in ast.walk(ast.parse(engine))
+        if isinstance(n, ast.Constant) and isinstance(n.value, str)
+    }
+    stages = {"crawl", "clean", "dedup", "tokenize", "train", "evaluate", "labeled", "finetune"}
+    assert not strings & stages, strings & stages
+    long = [
+        f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in sorted((ROOT / "orchestration").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 60
+    ]
+    assert long == []
