@@ -110,6 +110,11 @@ class StageComponent:
         """Config field -> the files or directories it names whose content the output depends on."""
         return {}
 
+    def preflight(self, cfg: PipelineConfig) -> list[str]:
+        """Problems with the files the stage's config names, each naming the field, the value and the fix,
+        found before any stage runs (``lmforge validate`` and ``lmforge run``)."""
+        return []
+
     def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         """Write the output under ``out`` and return its committed index (core/manifest.py).
         ``inputs``: the digest of each stage it reads; their outcomes are ``ctx.outcome(name)``."""

@@ -7,15 +7,11 @@ shorter than ``seq_len``) or waits forever for workers the cluster can never pla
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 from core.redact import redact
-from ingestion.readers import ReadConfig
 from orchestration.config import ConfigError, PipelineConfig
-from training.labeled import load_labeled, resolve_path
 
 #: How long the pre-flight waits for the work dir's filesystem or the tracking server to answer.
 REACH_TIMEOUT_S = 20.0
@@ -76,98 +72,11 @@ def _filesystem_answers(uri: str) -> str | None:
 
 
 def file_problems(cfg: PipelineConfig) -> list[str]:
-    """Problems with the files and directories the config names (no cluster needed), and with the
-    services it names (a remote work dir, a tracking server)."""
-    problems = reach_problems(cfg)
-    try:
-        problems += _parquet_column_problems(cfg.read, cfg.read.inputs())
-    except (FileNotFoundError, ValueError) as e:  # its message names read.paths and the pattern
-        problems.append(str(e))
-    if cfg.crawl.seeds_file is not None and not Path(cfg.crawl.seeds_file).is_file():
-        problems.append(f"crawl.seeds_file: {cfg.crawl.seeds_file} does not exist")
-    tokenizer = cfg.tokenize.tokenizer.path
-    if tokenizer is not None:
-        path = Path(tokenizer)
-        if not (path / "tokenizer.json" if path.is_dir() else path).is_file():
-            problems.append(
-                f"tokenize.tokenizer.path: {tokenizer!r} is neither a tokenizer.json file nor a directory "
-                "holding one; point it at an existing tokenizer or remove it to train one"
-            )
-    if cfg.train.init_from is not None and cfg.has_corpus:
-        problems += _init_from_problems(Path(cfg.train.init_from), cfg.train.seq_len)
-    if cfg.finetune is not None:
-        ft = cfg.finetune
-        if ft.init_from is not None:
-            problems += _init_from_problems(Path(ft.init_from), ft.seq_len, "finetune")
-        elif cfg.train.init_from is None and cfg.train.model.arch != "t5" and ft.seq_len > cfg.train.seq_len:
-            # The base is the train stage's model, made with train.seq_len positions (T5's are relative).
-            problems.append(
-                f"finetune.seq_len: {ft.seq_len} is longer than the {cfg.train.seq_len} positions of the model "
-                f"the train stage makes (train.seq_len); set finetune.seq_len <= {cfg.train.seq_len} "
-                "or train with a longer train.seq_len"
-            )
-        missing = [
-            f"finetune.data.{name}: {source} does not exist"
-            for name, source in [
-                ("path", ft.data.path),
-                *((f"splits.{k}", v) for k, v in ft.data.splits.items()),
-            ]
-            if source is not None and not resolve_path(source).exists()
-        ]
-        problems += missing
-        if not missing:  # the columns, and every split's labels among the classes, before any training
-            try:
-                load_labeled(ft.data, ft.task)
-            except ValueError as e:
-                problems.append(f"finetune.data: {e}")
-    return problems
+    """Problems with the files and directories the config names (no cluster needed: each stage checks its
+    own, orchestration/stages/), and with the services it names (a remote work dir, a tracking server)."""
+    from orchestration.stages import STAGES
 
-
-#: How many Parquet inputs the pre-flight opens to check their columns.
-PARQUET_CHECKED = 64
-
-
-def _parquet_column_problems(read: ReadConfig, inputs: list[str]) -> list[str]:
-    """The Parquet inputs must hold ``read.text_field`` (their footers are read, no data; the first
-    PARQUET_CHECKED of them, a second each at most on an object store): the stage would otherwise fail
-    in its first task."""
-    import pyarrow.parquet as pq
-
-    from core.storage import open_input_file
-
-    problems = []
-    parquet = [uri for uri in inputs if uri.split("?")[0].endswith(".parquet")]
-    for uri in parquet[:PARQUET_CHECKED]:
-        with open_input_file(uri) as f:
-            names = pq.ParquetFile(f).schema_arrow.names
-        if read.text_field not in names:
-            problems.append(
-                f"read.text_field: {uri} has no column {read.text_field!r} (its columns: {', '.join(names)}); "
-                "set read.text_field to the one holding the text"
-            )
-    return problems
-
-
-def _init_from_problems(model_dir: Path, seq_len: int, section: str = "train") -> list[str]:
-    field = f"{section}.init_from: {str(model_dir)!r}"
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        return [f"{field} is not a Hugging Face model directory (no config.json there)"]
-    problems = []
-    if not (model_dir / "tokenizer.json").is_file():
-        problems.append(
-            f"{field} has no tokenizer.json; fine-tuning tokenizes with the model's own tokenizer"
-        )
-    config: dict[str, Any] = json.loads(config_file.read_text())
-    positions = config.get("n_positions") or config.get("max_position_embeddings")
-    if positions is not None and config.get("model_type") == "roberta":
-        positions -= 2  # RoBERTa's first two positions are the padding offset
-    if positions is not None and seq_len > positions:
-        problems.append(
-            f"{section}.seq_len: {seq_len} is longer than the {positions} positions of {model_dir}; "
-            f"set {section}.seq_len <= {positions}"
-        )
-    return problems
+    return reach_problems(cfg) + [p for stage in STAGES if stage.enabled(cfg) for p in stage.preflight(cfg)]
 
 
 def task_problems(cfg: PipelineConfig, resources: dict[str, float]) -> list[str]:

@@ -76,3 +76,27 @@ def numbers(metrics: dict[str, Any]) -> dict[str, float]:
     return {
         k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
+
+
+def init_from_problems(model_dir: Path, seq_len: int, section: str = "train") -> list[str]:
+    """Problems of a base model directory ``section.init_from``: a Hugging Face directory with a tokenizer and
+    at least ``seq_len`` positions."""
+    field = f"{section}.init_from: {str(model_dir)!r}"
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        return [f"{field} is not a Hugging Face model directory (no config.json there)"]
+    problems = []
+    if not (model_dir / "tokenizer.json").is_file():
+        problems.append(
+            f"{field} has no tokenizer.json; fine-tuning tokenizes with the model's own tokenizer"
+        )
+    config: dict[str, Any] = json.loads(config_file.read_text())
+    positions = config.get("n_positions") or config.get("max_position_embeddings")
+    if positions is not None and config.get("model_type") == "roberta":
+        positions -= 2  # RoBERTa's first two positions are the padding offset
+    if positions is not None and seq_len > positions:
+        problems.append(
+            f"{section}.seq_len: {seq_len} is longer than the {positions} positions of {model_dir}; "
+            f"set {section}.seq_len <= {positions}"
+        )
+    return problems

@@ -12,6 +12,7 @@ from orchestration.component import RunContext, StageComponent, last
 
 if TYPE_CHECKING:
     from cleaning.decontaminate import DecontaminateConfig, NgramIndex
+    from ingestion.readers import ReadConfig
     from orchestration.config import CleanConfig, PipelineConfig
 
 
@@ -62,6 +63,13 @@ class Clean(StageComponent):
             return {}
         return {"clean.url_blocklist.path": [str(blocklist.path)]}
 
+    def preflight(self, cfg: PipelineConfig) -> list[str]:
+        """The read inputs exist (their pattern matches), and Parquet ones hold ``read.text_field``."""
+        try:
+            return _parquet_column_problems(cfg.read, cfg.read.inputs())
+        except (FileNotFoundError, ValueError) as e:  # its message names read.paths and the pattern
+            return [str(e)]
+
     def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         from cleaning.decontaminate import Decontaminator
         from orchestration.executors import corpus_source, run_document_stage, warc_source
@@ -106,3 +114,28 @@ def _task_ngrams(ctx: RunContext, cfg: DecontaminateConfig) -> NgramIndex:
         index.add(task.name, (c + x for e in task.load() for c, x in e.requests()))
     ctx.console.print(f"  decontaminating against {len(index)} {cfg.n}-grams of {', '.join(names)}")
     return index
+
+
+#: How many Parquet inputs the pre-flight opens to check their columns.
+PARQUET_CHECKED = 64
+
+
+def _parquet_column_problems(read: ReadConfig, inputs: list[str]) -> list[str]:
+    """The Parquet inputs must hold ``read.text_field`` (their footers are read, no data; the first
+    PARQUET_CHECKED of them, a second each at most on an object store): the stage would otherwise fail
+    in its first task."""
+    import pyarrow.parquet as pq
+
+    from core.storage import open_input_file
+
+    problems = []
+    parquet = [uri for uri in inputs if uri.split("?")[0].endswith(".parquet")]
+    for uri in parquet[:PARQUET_CHECKED]:
+        with open_input_file(uri) as f:
+            names = pq.ParquetFile(f).schema_arrow.names
+        if read.text_field not in names:
+            problems.append(
+                f"read.text_field: {uri} has no column {read.text_field!r} (its columns: {', '.join(names)}); "
+                "set read.text_field to the one holding the text"
+            )
+    return problems

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.manifest import write_index
@@ -29,6 +30,14 @@ class Crawl(StageComponent):
 
     def key_files(self, cfg: PipelineConfig) -> dict[str, list[str]]:
         return {"crawl.seeds_file": [str(cfg.crawl.seeds_file)]} if cfg.crawl.seeds_file is not None else {}
+
+    def preflight(self, cfg: PipelineConfig) -> list[str]:
+        seeds = cfg.crawl.seeds_file
+        return (
+            [f"crawl.seeds_file: {seeds} does not exist"]
+            if seeds is not None and not Path(seeds).is_file()
+            else []
+        )
 
     def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         """The crawl runs on this machine's disk (its frontiers are SQLite files): in the work dir, or for

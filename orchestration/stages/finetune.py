@@ -12,7 +12,14 @@ from core.manifest import index_digest, write_index
 from core.redact import redact
 from core.storage import Store, local_copy, local_file
 from orchestration.component import RunContext, StageComponent, StageOutcome, last
-from orchestration.stage_files import MODEL_RECORD, model_files, numbers, tree_digest, write_file
+from orchestration.stage_files import (
+    MODEL_RECORD,
+    init_from_problems,
+    model_files,
+    numbers,
+    tree_digest,
+    write_file,
+)
 
 if TYPE_CHECKING:
     from orchestration.config import PipelineConfig
@@ -35,6 +42,20 @@ class Finetune(StageComponent):
     def key_files(self, cfg: PipelineConfig) -> dict[str, list[str]]:
         """Its base model's content, when ``init_from`` names it (the train stage's is an input)."""
         return {"finetune.init_from": [cfg.finetune.init_from]} if cfg.finetune.init_from else {}
+
+    def preflight(self, cfg: PipelineConfig) -> list[str]:
+        """The base model: ``init_from``'s directory, or the train stage's model, made with train.seq_len
+        positions (T5's are relative), long enough for finetune.seq_len."""
+        ft, train = cfg.finetune, cfg.train
+        if ft.init_from is not None:
+            return init_from_problems(Path(ft.init_from), ft.seq_len, "finetune")
+        if train.init_from is None and train.model.arch != "t5" and ft.seq_len > train.seq_len:
+            return [
+                f"finetune.seq_len: {ft.seq_len} is longer than the {train.seq_len} positions of the model "
+                f"the train stage makes (train.seq_len); set finetune.seq_len <= {train.seq_len} "
+                "or train with a longer train.seq_len"
+            ]
+        return []
 
     def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         import ray

@@ -30,6 +30,25 @@ class Labeled(StageComponent):
         data = cfg.finetune.data
         return {"finetune.data": [data.path] if data.path else list(data.splits.values())}
 
+    def preflight(self, cfg: PipelineConfig) -> list[str]:
+        """The labeled files exist, hold the columns, and every split's labels are among the classes."""
+        from core.files import resolve_path
+        from training.labeled import load_labeled
+
+        data = cfg.finetune.data
+        missing = [
+            f"finetune.data.{name}: {source} does not exist"
+            for name, source in [("path", data.path), *((f"splits.{k}", v) for k, v in data.splits.items())]
+            if source is not None and not resolve_path(source).exists()
+        ]
+        if missing:
+            return missing
+        try:
+            load_labeled(data, cfg.finetune.task)
+        except ValueError as e:
+            return [f"finetune.data: {e}"]
+        return []
+
     def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         import pyarrow as pa
         import pyarrow.parquet as pq

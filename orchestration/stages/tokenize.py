@@ -53,6 +53,18 @@ class Tokenize(StageComponent):
         path = cfg.tokenize.tokenizer.path
         return {"tokenize.tokenizer.path": [str(path)]} if path is not None else {}
 
+    def preflight(self, cfg: PipelineConfig) -> list[str]:
+        tokenizer = cfg.tokenize.tokenizer.path
+        if tokenizer is None:
+            return []
+        path = Path(tokenizer)
+        if (path / "tokenizer.json" if path.is_dir() else path).is_file():
+            return []
+        return [
+            f"tokenize.tokenizer.path: {tokenizer!r} is neither a tokenizer.json file nor a directory "
+            "holding one; point it at an existing tokenizer or remove it to train one"
+        ]
+
     def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         from orchestration.progress import StageProgress
 

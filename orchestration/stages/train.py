@@ -11,7 +11,7 @@ from core.manifest import index_digest, write_index
 from core.redact import redact
 from core.storage import Store, local_copy
 from orchestration.component import RunContext, StageComponent, last
-from orchestration.stage_files import MODEL_RECORD, model_files
+from orchestration.stage_files import MODEL_RECORD, init_from_problems, model_files
 
 if TYPE_CHECKING:
     from orchestration.config import PipelineConfig
@@ -35,6 +35,9 @@ class Train(StageComponent):
 
     def key_files(self, cfg: PipelineConfig) -> dict[str, list[str]]:
         return {"train.init_from": [cfg.train.init_from]} if cfg.train.init_from else {}
+
+    def preflight(self, cfg: PipelineConfig) -> list[str]:
+        return init_from_problems(Path(cfg.train.init_from), cfg.train.seq_len) if cfg.train.init_from else []
 
     def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         from orchestration.run_metrics import RunMetricsLogger
