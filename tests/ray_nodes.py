@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tests.conftest import free_port
+from tests.conftest import lasting_port
 
 BIN = Path(sys.executable).parent
 
@@ -29,7 +29,7 @@ def _own_ports() -> list[str]:
         "metrics-export-port",
         "runtime-env-agent-port",
     )
-    return [f"--{flag}={free_port()}" for flag in flags]
+    return [f"--{flag}={lasting_port()}" for flag in flags]
 
 
 def node_env() -> dict[str, str]:
@@ -75,33 +75,47 @@ def cluster(
     """A head node plus ``nodes - 1`` worker nodes, one CPU each: (GCS address, dashboard address, env
     to run drivers and the CLI in, the nodes), once every node is alive. ``own_env(i)`` adds variables
     to node i's environment (0: the head), which its workers inherit."""
-    port, dash = free_port(), free_port()
     env = node_env()
     own_env = own_env or (lambda i: {})
-    started: list[Node] = []
-    try:
-        started.append(
-            Node(
-                [
-                    "--head",
-                    f"--port={port}",
-                    f"--dashboard-port={dash}",
-                    "--dashboard-host=127.0.0.1",
-                    f"--ray-client-server-port={free_port()}",
-                ],
-                {**env, **own_env(0)},
-            )  # fmt: skip
-        )
-        address = f"127.0.0.1:{port}"
-        for i in range(1, nodes):
-            started.append(Node([f"--address={address}"], {**env, **own_env(i)}))
-        _wait_alive(address, nodes, env, started)
-        yield address, f"http://127.0.0.1:{dash}", env, started
-    finally:
-        for node in reversed(started):  # all at once: each may take its grace period
-            node.terminate()
-        for node in reversed(started):
-            node.reap()
+    for attempt in range(3):
+        # Every port is chosen below the kernel's ephemeral range, where no outgoing connection (Ray's own,
+        # the other test process's) can take it between the choice and the node's listen; a node that
+        # exits while starting all the same (a port taken by a listener) makes the cluster start again.
+        port, dash = lasting_port(), lasting_port()
+        started: list[Node] = []
+        try:
+            started.append(
+                Node(
+                    [
+                        "--head",
+                        f"--port={port}",
+                        f"--dashboard-port={dash}",
+                        "--dashboard-host=127.0.0.1",
+                        f"--ray-client-server-port={lasting_port()}",
+                    ],
+                    {**env, **own_env(0)},
+                )  # fmt: skip
+            )
+            address = f"127.0.0.1:{port}"
+            for i in range(1, nodes):
+                started.append(Node([f"--address={address}"], {**env, **own_env(i)}))
+            try:
+                _wait_alive(address, nodes, env, started)
+            except NodeExited:
+                if attempt == 2:
+                    raise
+                continue
+            yield address, f"http://127.0.0.1:{dash}", env, started
+            return
+        finally:
+            for node in reversed(started):  # all at once: each may take its grace period
+                node.terminate()
+            for node in reversed(started):
+                node.reap()
+
+
+class NodeExited(RuntimeError):
+    """A Ray node exited while the cluster started."""
 
 
 def _wait_alive(address: str, nodes: int, env: dict[str, str], started: list[Node]) -> None:
@@ -110,7 +124,7 @@ def _wait_alive(address: str, nodes: int, env: dict[str, str], started: list[Nod
     while True:
         dead = [n for n in started if n.proc.poll() is not None]
         if dead:
-            raise RuntimeError(f"a Ray node exited with {dead[0].proc.returncode} while starting")
+            raise NodeExited(f"a Ray node exited with {dead[0].proc.returncode} while starting")
         out = subprocess.run(
             [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120
         )
