@@ -260,13 +260,13 @@ def submit(
     base_id = submission_id or f"lmforge-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     for attempt in range(retries + 1):
         job_id = f"{base_id}-r{attempt}" if attempt else base_id
-        _submit_with_retry(client, submission_id=job_id, **_job(cfg, flags, pip, requirements, attempt))
+        _submit_with_retry(client, submission_id=job_id, **_job_spec(cfg, flags, pip, requirements, attempt))
         console.print(f"submitted job [bold]{job_id}[/bold] to {address}")
         if not wait or _ended(client, job_id, requirements, attempt, retries, cfg):
             return
 
 
-def _job(
+def _job_spec(
     cfg: PipelineConfig, flags: list[str], pip: dict | None, requirements: str | None, attempt: int
 ) -> dict[str, Any]:
     """The job's entrypoint, runtime environment (the repository as its working dir; the validated config in
