@@ -35,9 +35,7 @@ from ingestion.readers import (
     read_corpus,
     read_warc,
 )
-
-REJECTED_DIR = "rejected"
-
+from orchestration.stage_files import REJECTED_DIR
 
 # Set by `lmforge submit` in the job's environment: the job already ships the repository as its working dir,
 # and a driver inside a job may not pass a runtime_env of its own.

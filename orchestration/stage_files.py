@@ -15,6 +15,8 @@ from core.storage import Store, local_copy, node_dir
 
 #: The key of the run that last prepared a stage output, finished or not.
 KEY_FILE = ".cache_key"
+#: A stage output's rejected documents (or rows), a dataset with its own index, beside the kept ones.
+REJECTED_DIR = "rejected"
 #: The MLflow LoggedModel (and registered version) of a model output, once logged.
 MODEL_RECORD = "mlflow_model.json"
 

@@ -8,12 +8,10 @@ from typing import TYPE_CHECKING, Any
 from core.manifest import write_index
 from core.storage import Store
 from orchestration.component import RunContext, StageComponent
-from orchestration.stage_files import write_file
+from orchestration.stage_files import REJECTED_DIR, write_file
 
 if TYPE_CHECKING:
     from orchestration.config import PipelineConfig
-
-REJECTED_DIR = "rejected"
 
 
 class Labeled(StageComponent):
