@@ -361,9 +361,13 @@ class Clusters:
     removed: int
 
 
-def decide_clusters(labels: pa.Table, info: dict[int, dict[str, Any]], cfg: DedupConfig) -> Clusters:
+def decide_clusters(
+    labels: pa.Table, info: dict[int, dict[str, Any]], cfg: DedupConfig, priority: list[int] | None = None
+) -> Clusters:
     """Phase 4 over the labels (node, root, best) of the components one shard owns; ``info`` holds each
-    node's ``id``, ``length``, ``exact``, ``exact_hi`` (and ``score``)."""
+    node's ``id``, ``length``, ``exact``, ``exact_hi`` (and ``score``). ``priority``: a rank per input
+    partition (node >> 32) that comes before the keep rule (across sources: the earlier source's copy
+    survives)."""
     labels = labels.sort_by([("root", "ascending"), ("node", "ascending")])
     node, root = labels.column("node").to_numpy(), labels.column("root").to_numpy()
     best = labels.column("best").to_numpy()
@@ -374,7 +378,10 @@ def decide_clusters(labels: pa.Table, info: dict[int, dict[str, Any]], cfg: Dedu
     for start, end in zip(starts.tolist(), np.r_[starts[1:], root.size].tolist()):
         members = node[start:end].tolist()
         rows = [info[m] for m in members]
-        ranks = [survivor_rank(keep, r["id"], r["length"], r.get("score")) for r in rows]
+        ranks = [
+            (priority[m >> 32] if priority else 0, *survivor_rank(keep, r["id"], r["length"], r.get("score")))
+            for m, r in zip(members, rows)
+        ]
         kept = min(range(len(members)), key=ranks.__getitem__)
         kept_id = rows[kept]["id"]
         # A removed document with an exact-text twin in its cluster is an exact duplicate; else a near one.

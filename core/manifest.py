@@ -106,6 +106,17 @@ def dataset_files(out_dir: str | Path | Store) -> tuple[dict[str, Any], list[Pat
     return index, [store.uri_of(name) for name in named]
 
 
+def source_files(out_dir: str | Path | Store) -> tuple[dict[str, Any], dict[str | None, list[Path]]]:
+    """A documents dataset's index and its Parquet files by source: a dataset may hold several sources'
+    (``index["sources"]``: source -> its files, as dedup across sources writes them); else they are all
+    the one source None."""
+    index, paths = dataset_files(out_dir)
+    if "sources" not in index:
+        return index, {None: paths}
+    full = dict(zip([f["path"] for f in index["files"] if f["path"].endswith(".parquet")], paths))
+    return index, {source: [full[name] for name in names] for source, names in index["sources"].items()}
+
+
 def iter_parquet(out_dir: str | Path | Store, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
     """Stream record batches of every Parquet file named in a committed index, in index order."""
     for path in dataset_files(out_dir)[1]:

@@ -32,7 +32,7 @@ DEFAULT_MODULES = (
 
 PRIVATE_DIR = "private"
 #: Memory addresses in the reprs pydoc prints for default values ("at 0x7fe1095a4160", "at&nbsp;0x...").
-_ADDRESS = re.compile(r"(\bat(?:\s|&nbsp;)+)0x[0-9a-fA-F]+")
+MEMORY_ADDRESS = re.compile(r"(\bat(?:\s|&nbsp;)+)0x[0-9a-fA-F]+")
 MIRROR_DIR = "mirror"
 NEAR_DIR = "v2"
 
@@ -69,7 +69,7 @@ def build_demo_site(
     for name in names:
         module = importlib.import_module(name)
         page = pydoc.html.page(pydoc.describe(module), pydoc.html.document(module, name))
-        page = _ADDRESS.sub(r"\g<1>0x0", page)  # '<object object at 0x7f...>' differs on every run
+        page = MEMORY_ADDRESS.sub(r"\g<1>0x0", page)  # '<object object at 0x7f...>' differs on every run
         (root / f"{name}.html").write_text(page, encoding="utf-8")
         manifest.pages.append(f"/{name}.html")
 

@@ -15,6 +15,7 @@ import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from core.redact import redact, redact_console
 from orchestration.config import ConfigError, PipelineConfig, dotted_overrides, load_config, parse_config
@@ -148,7 +149,7 @@ def _print_plan(cfg: PipelineConfig, plan) -> None:
     table.add_column("why")
     styles = {"run": "bold cyan", "cached": "dim", "use": "dim", "missing": "bold red", "blocked": "red"}
     for entry in plan:
-        table.add_row(entry.stage, f"[{styles[entry.action]}]{entry.action}[/]", entry.reason)
+        table.add_row(Text(entry.stage), f"[{styles[entry.action]}]{entry.action}[/]", Text(entry.reason))
     Console(width=200).print(table)
     runs = [e.stage for e in plan if e.action == "run"]
     if runs:
@@ -166,7 +167,8 @@ def _print_summary(cfg: PipelineConfig, result, seconds: float) -> None:
     table.add_column("result")
     for name, stage in result.stages.items():
         line = stage_line(stage.index or {}).strip("()")
-        table.add_row(name, str(stage.out_dir), "yes" if stage.cached else "", f"{stage.seconds:.1f}", line)
+        cells = (name, str(stage.out_dir), "yes" if stage.cached else "", f"{stage.seconds:.1f}", line)
+        table.add_row(*map(Text, cells))  # clean[web] is a name, not console markup
     console.print(table)
     for key, value in result.metrics.items():
         console.print(f"  {key}: {value:.4f}")

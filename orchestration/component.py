@@ -75,6 +75,10 @@ class RunContext:
     tracker: Tracker | None = None
     code: dict[str, str] = field(default_factory=dict)
     config_hash: str = ""
+    #: The stage instance being built (``clean[web]``) and its source (None: the one corpus, or a pooled
+    #: stage); ``cfg`` is then that source's view of the config (PipelineConfig.source_views).
+    stage: str = ""
+    source: str | None = None
 
     def outcome(self, stage: str) -> StageOutcome:
         return self.result.stages[stage]
@@ -93,13 +97,17 @@ class StageComponent:
     name: ClassVar[str]
     #: What its output is (``index.json``'s kind): stages read their inputs by kind (:func:`last`).
     produces: ClassVar[str]
+    #: One instance per source (``clean[web]``, ``clean[docs]``), each seeing its source's view of the
+    #: config; else one instance reading every source's outputs (a pooled stage: tokenize, train).
+    per_source: ClassVar[bool] = False
 
     def enabled(self, cfg: PipelineConfig) -> bool:
         """Whether the config's DAG has this stage."""
         return True
 
-    def reads(self, cfg: PipelineConfig, before: list[StageComponent]) -> tuple[str, ...]:
-        """The stages whose outputs it reads, among the enabled ones ``before`` it."""
+    def reads(self, cfg: PipelineConfig, before: list[StageInstance]) -> tuple[str, ...]:
+        """The stage instances whose outputs it reads, among those ``before`` it (a per-source stage sees
+        its own source's only)."""
         return ()
 
     def key_config(self, cfg: PipelineConfig) -> Any:
@@ -125,6 +133,49 @@ class StageComponent:
         (``index['out_dir']`` is its Store); ``selected``: the run selected it (not only read it)."""
 
 
-def last(before: list[StageComponent], kind: str) -> tuple[str, ...]:
-    """The name of the last stage in ``before`` whose output is ``kind`` (empty when none is)."""
-    return tuple(c.name for c in before if c.produces == kind)[-1:]
+@dataclass(frozen=True)
+class StageInstance:
+    """A stage of one config's DAG: its component, its source (None: the one corpus, or pooled) and the
+    instances it reads. Its name is the component's, with the source in brackets: ``clean[web]``."""
+
+    component: StageComponent
+    source: str | None = None
+    reads: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return instance_name(self.component.name, self.source)
+
+    @property
+    def produces(self) -> str:
+        return self.component.produces
+
+
+def instance_name(stage: str, source: str | None) -> str:
+    return stage if source is None else f"{stage}[{source}]"
+
+
+def output_path(name: str) -> str:
+    """Where a stage instance writes in the work dir: ``clean`` for the one corpus's, ``sources/web/clean``
+    for ``clean[web]`` (a source's chain in a directory of its own)."""
+    stage, source = split_instance(name)
+    return stage if source is None else f"sources/{source}/{stage}"
+
+
+def split_instance(name: str) -> tuple[str, str | None]:
+    """``clean[web]`` -> (``clean``, ``web``); ``tokenize`` -> (``tokenize``, None)."""
+    stage, _, rest = name.partition("[")
+    return (stage, rest[:-1]) if rest.endswith("]") else (name, None)
+
+
+def last(before: list[StageInstance], kind: str) -> tuple[str, ...]:
+    """The outputs of ``kind`` a stage reads: the last instance in ``before`` producing it, or after
+    per-source chains, the last one of each source (in source order) unless a pooled stage producing
+    ``kind`` comes after them (empty when none does)."""
+    current: dict[str | None, str] = {}
+    for instance in before:
+        if instance.produces == kind:
+            if instance.source is None:
+                current = {}
+            current[instance.source] = instance.name
+    return tuple(current.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -173,8 +174,43 @@ class CleanConfig(_Section):
         return cuts
 
 
+#: The sections a source may set for itself; the top-level ones are their defaults (docs/ARCHITECTURE.md,
+#: "Sources").
+SOURCE_SECTIONS = ("demo_site", "crawl", "read", "clean", "dedup")
+#: The fields that say where a corpus comes from: a source's own, never a default for the others.
+CORPUS_FIELDS = ("demo_site", "crawl.seeds", "crawl.seeds_file", "read.paths")
+
+
+class SourceConfig(_Section):
+    """One corpus of a multi-source run: its crawl (or the demo site) or its files to read, and its own
+    clean and dedup settings. Each section is the top-level one with the source's fields laid over it, so a
+    source names only what differs (``clean: {c4: null}`` switches C4's rules off for it alone)."""
+
+    demo_site: DemoSiteConfig | None = None
+    crawl: CrawlConfig = Field(default_factory=CrawlConfig)
+    read: ReadConfig = Field(default_factory=ReadConfig)
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+
+    @property
+    def has_corpus(self) -> bool:
+        return _names_corpus(self.demo_site, self.crawl, self.read)
+
+
+class DedupAcrossConfig(_Section):
+    """Deduplication across sources, after each source's own (FineWeb dedups each snapshot alone; this is
+    the global pass over all of them): the top-level ``dedup`` settings, over every source's documents."""
+
+    order: list[str] = Field(
+        default_factory=list,
+        description="Sources by precedence: of copies in several sources, the first listed source's survives "
+        "(sources not listed follow, in the order of `sources`).",
+    )
+
+
 class PipelineConfig(_Section):
-    """A whole pipeline run: crawl -> clean -> dedup -> tokenize -> train -> evaluate."""
+    """A whole pipeline run: crawl -> clean -> dedup -> tokenize -> train -> evaluate, for one corpus or
+    for each of ``sources``."""
 
     name: str = Field("lmforge", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$", description="Run name.")
     workdir: Path | str = Field(
@@ -204,6 +240,17 @@ class PipelineConfig(_Section):
         description="Fine-tune on labeled data after training (the trained model, or finetune.init_from alone "
         "with no data source), then score the validation and test splits.",
     )
+    sources: dict[str, SourceConfig] = Field(
+        default_factory=dict,
+        description="Corpora processed each by its own crawl/read, clean and dedup (stages clean[NAME], ...), "
+        "then tokenized with one tokenizer and trained on as one pool; each source's sections override the "
+        "top-level ones, which are the defaults. Empty: one corpus, from the top-level sections.",
+    )
+    dedup_across: DedupAcrossConfig | None = Field(
+        None,
+        description="Deduplicate across sources after each source's own dedup ({} to switch on; stage "
+        "dedup_across), the earlier source's copy surviving.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -225,28 +272,37 @@ class PipelineConfig(_Section):
         train = data.get("train")
         if isinstance(train, dict) and train.get("eval_every") and not train.get("eval_tasks") and tasks:
             data = {**data, "train": {**train, "eval_tasks": list(tasks)}}
-        return _with_objective_tokens(data)
+        return _with_objective_tokens(_sources_over_defaults(data))
 
     @model_validator(mode="after")
     def _has_a_source(self) -> PipelineConfig:
         if not self.has_corpus and not (self.finetune is not None and self.finetune.init_from):
             raise ValueError(
                 "no data source: set crawl.seeds (or crawl.seeds_file) to the URLs to crawl, read.paths to corpora "
-                "you have, demo_site: {} for the demo, or finetune.init_from to fine-tune a model you have"
+                "you have, demo_site: {} for the demo, sources: {NAME: {read: {paths: [...]}}, ...}, or "
+                "finetune.init_from to fine-tune a model you have"
             )
-        if self.demo_site is not None and not self.crawl.allow_private_addresses:
-            raise ValueError(
-                "demo_site is served on 127.0.0.1, which the crawler refuses by default: "
-                "set crawl.allow_private_addresses: true"
-            )
-        if not self.crawl.allow_private_addresses:
-            for seed in self.crawl.seeds:
-                host = urlsplit(seed).hostname or ""
-                if host == "localhost" or _is_private_ip(host):
-                    raise ValueError(
-                        f"crawl.seeds: {seed!r} is a local/private address, refused by default; "
-                        "set crawl.allow_private_addresses: true to crawl it"
-                    )
+        for name, source in self.source_views().items():
+            prefix = f"sources.{name}." if name else ""
+            if self.sources and not source.has_corpus:
+                raise ValueError(
+                    f"sources.{name} names no corpus: set its read.paths, crawl.seeds (or crawl.seeds_file) "
+                    "or demo_site"
+                )
+            _check_crawl_scope(source.demo_site, source.crawl, prefix)
+        if self.dedup_across is not None:
+            if len(self.sources) < 2:
+                raise ValueError(
+                    "dedup_across needs two sources or more in sources (a single corpus: use dedup)"
+                )
+            unknown = [s for s in self.dedup_across.order if s not in self.sources]
+            if unknown:
+                raise ValueError(
+                    f"dedup_across.order: no source {', '.join(unknown)} (sources: {', '.join(self.sources)})"
+                )
+        ports = [s.demo_site.port for s in self.sources.values() if s.demo_site and s.demo_site.port]
+        if len(ports) != len(set(ports)):
+            raise ValueError("sources: two demo sites on one demo_site.port; give each its own (or 0: any)")
         return self
 
     @model_validator(mode="after")
@@ -292,12 +348,26 @@ class PipelineConfig(_Section):
     @property
     def has_corpus(self) -> bool:
         """Whether the config names text to crawl or read (else only fine-tuning runs)."""
-        return bool(
-            self.demo_site is not None
-            or self.crawl.seeds
-            or self.crawl.seeds_file is not None
-            or self.read.paths
-        )
+        return bool(self.sources) or _names_corpus(self.demo_site, self.crawl, self.read)
+
+    def source_views(self) -> dict[str | None, PipelineConfig]:
+        """Each source's config as its per-source stages see it: this config with the source's sections in
+        place of the top-level ones (a single-corpus config: itself, as the one source ``None``)."""
+        if not self.sources:
+            return {None: self}
+        return {
+            name: self.model_copy(update={**{f: getattr(s, f) for f in SOURCE_SECTIONS}, "sources": {}})
+            for name, s in self.sources.items()
+        }
+
+    def source_order(self) -> list[str]:
+        """The sources by precedence across them: dedup_across.order, then the others in config order."""
+        first = list(self.dedup_across.order) if self.dedup_across is not None else []
+        return first + [s for s in self.sources if s not in first]
+
+    def view(self, source: str | None) -> PipelineConfig:
+        """The config a stage instance of ``source`` sees (None: a pooled stage, or the one corpus)."""
+        return self if source is None else self.source_views()[source]
 
     @field_validator("workdir", mode="before")
     @classmethod
@@ -326,6 +396,81 @@ class PipelineConfig(_Section):
     @property
     def tracking_uri(self) -> str:
         return self.tracking.uri or f"sqlite:///{self.local_dir / 'mlflow.db'}"
+
+
+def _sources_over_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """Each source's sections laid over the top-level ones (nested fields merge, others replace). Where a
+    corpus comes from is a source's own: with sources, the top level may not name one."""
+    sources = data.get("sources")
+    if not sources or not isinstance(sources, dict):
+        return data
+    for field in CORPUS_FIELDS:
+        section, _, key = field.partition(".")
+        value = data.get(section)
+        if key:
+            value = _mapping(value).get(key) if isinstance(_mapping(value), dict) else None
+        if value is not None and value != []:
+            raise ValueError(
+                f"{field} is set beside sources: a corpus belongs to a source; move it into one "
+                f"(sources.NAME.{field})"
+            )
+    merged = {}
+    for name, source in sources.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+            raise ValueError(
+                f"sources.{name}: a source name is letters, digits, _ and - (it names directories)"
+            )
+        if not isinstance(source, dict):
+            merged[name] = source  # the model's validation names what is wrong with it
+            continue
+        merged[name] = {
+            **source,
+            **{
+                section: deep_merge(_mapping(data.get(section)), _mapping(source.get(section)))
+                for section in SOURCE_SECTIONS[1:]
+                if isinstance(_mapping(source.get(section)), dict)
+                and isinstance(_mapping(data.get(section)), dict)
+            },
+        }
+        clean = merged[name].get("clean")
+        d = clean.get("decontaminate") if isinstance(clean, dict) else None
+        if isinstance(d, dict) and d.get("tasks") is None:  # evaluate.tasks, as for the top level's
+            evaluate = data.get("evaluate")
+            tasks = evaluate.get("tasks") if isinstance(evaluate, dict) else None
+            if not tasks:
+                raise ValueError(
+                    f"sources.{name}.clean.decontaminate names no tasks: set its tasks or evaluate.tasks"
+                )
+            merged[name]["clean"] = {**clean, "decontaminate": {**d, "tasks": list(tasks)}}
+    return {**data, "sources": merged}
+
+
+def _mapping(value: Any) -> Any:
+    """A section as a mapping: a model's fields, {} for none, anything else as it is (validation names it)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump()
+    return {} if value is None else value
+
+
+def _names_corpus(demo_site: DemoSiteConfig | None, crawl: CrawlConfig, read: ReadConfig) -> bool:
+    return bool(demo_site is not None or crawl.seeds or crawl.seeds_file is not None or read.paths)
+
+
+def _check_crawl_scope(demo_site: DemoSiteConfig | None, crawl: CrawlConfig, prefix: str) -> None:
+    """The demo site and local seeds need ``crawl.allow_private_addresses`` (``prefix``: the source's)."""
+    if demo_site is not None and not crawl.allow_private_addresses:
+        raise ValueError(
+            f"{prefix}demo_site is served on 127.0.0.1, which the crawler refuses by default: "
+            f"set {prefix}crawl.allow_private_addresses: true"
+        )
+    if not crawl.allow_private_addresses:
+        for seed in crawl.seeds:
+            host = urlsplit(seed).hostname or ""
+            if host == "localhost" or _is_private_ip(host):
+                raise ValueError(
+                    f"{prefix}crawl.seeds: {seed!r} is a local/private address, refused by default; "
+                    f"set {prefix}crawl.allow_private_addresses: true to crawl it"
+                )
 
 
 def _with_objective_tokens(data: dict[str, Any]) -> dict[str, Any]:

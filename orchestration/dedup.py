@@ -35,6 +35,7 @@ from __future__ import annotations
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -317,13 +318,19 @@ def _node_info(
 
 
 def _decide_task(
-    staging: Path, shard: int, step: int, names: list[str], out: Store, cfg: DedupConfig
+    staging: Path,
+    shard: int,
+    step: int,
+    names: list[str],
+    out: Store,
+    cfg: DedupConfig,
+    priority: list[int] | None = None,
 ) -> dict[str, Any]:
     labels = pa.concat_tables(
         [read_arrow(_cc_dir(out, step) / f"labels-{src:04d}-{shard:04d}.arrow") for src in range(cfg.shards)]
     )
     info = _node_info(out / WORK, names, labels.column("node").to_numpy(), cfg)
-    clusters = decide_clusters(labels, info, cfg)
+    clusters = decide_clusters(labels, info, cfg, priority)
     for index, name in enumerate(names):
         table = clusters.decisions.get(index, EMPTY_DECISIONS.empty_table())
         write_ipc(staging / WORK / "decisions" / f"{name}-{shard:04d}.arrow", table)
@@ -422,7 +429,7 @@ class _Phases:
 
 
 def run_dedup_stage(
-    docs_dir: str | Path,
+    docs_dir: str | Path | Store | dict[str, str | Path | Store],
     out_dir: str | Path,
     cfg: DedupConfig,
     *,
@@ -433,14 +440,24 @@ def run_dedup_stage(
     max_in_flight: int | None = None,
 ) -> dict[str, Any]:
     """Deduplicate the documents of ``docs_dir`` into ``out_dir`` (kept, ``rejected/``, index); tasks with
-    Ray ``options``, at most ``max_in_flight`` (default ``cfg.workers``) at once."""
-    docs_index, files = dataset_files(docs_dir)
-    # The shard count follows the corpus (and memory_mb), so a shard task's peak does not.
-    documents = sum(f.get("rows", 0) for f in docs_index["files"] if f["path"].endswith(".parquet"))
+    Ray ``options``, at most ``max_in_flight`` (default ``cfg.workers``) at once.
+
+    ``docs_dir`` may be source -> documents dataset (dedup across sources): their partitions are named
+    after their source (``web-p00000``), a cluster's survivor is the copy of the first source in that
+    order (then the keep rule), and the index lists each source's files (``sources``)."""
+    sources = docs_dir if isinstance(docs_dir, dict) else {None: docs_dir}
+    parts, priority, documents = [], [], 0
+    for rank, (source, where) in enumerate(sources.items()):
+        docs_index, files = dataset_files(where)
+        # The shard count follows the corpus (and memory_mb), so a shard task's peak does not.
+        documents += sum(f.get("rows", 0) for f in docs_index["files"] if f["path"].endswith(".parquet"))
+        for part in plan_partitions(files, cfg.partition_mb):
+            parts.append(part if source is None else replace(part, name=f"{source}-{part.name}"))
+            priority.append(rank)
     cfg = cfg.model_copy(update={"shards": cfg.shards_for(documents)})
     out = Store(out_dir)
-    parts = plan_partitions(files, cfg.partition_mb)
     names = [p.name for p in parts]
+    ranked = priority if len(sources) > 1 else None
     index_of = {p.name: i for i, p in enumerate(parts)}
     by_name = {p.name: p for p in parts}
     phases = _Phases(out, cfg, on_progress, options, max_in_flight)
@@ -452,7 +469,7 @@ def run_dedup_stage(
         [TaskId("map", part=n) for n in names],
         lambda t: (_map_task, (index_of[t.part], by_name[t.part], cfg)),
     )
-    counters = _cluster(phases, names, out, cfg)
+    counters = _cluster(phases, names, out, cfg, ranked)
     if cfg.lines:
         spans = phases.run(
             "line spans",
@@ -471,10 +488,15 @@ def run_dedup_stage(
     )
     results = [applied[TaskId("apply", part=n)] for n in names]
     docs_in = sum(m["documents"] for m in maps.values())
-    return _commit(out, results, docs_in, counters, cfg, cache_key, inputs)
+    by_source = None
+    if None not in sources:
+        by_source = {s: [r for r, p in zip(results, parts) if p.name.startswith(f"{s}-p")] for s in sources}
+    return _commit(out, results, docs_in, counters, cfg, cache_key, inputs, by_source)
 
 
-def _cluster(phases: _Phases, names: list[str], out: Store, cfg: DedupConfig) -> Counter:
+def _cluster(
+    phases: _Phases, names: list[str], out: Store, cfg: DedupConfig, priority: list[int] | None = None
+) -> Counter:
     """The shuffle phases after the signatures: document ids, candidate pairs, their verification, the
     connected components and the clusters they decide; their counters."""
     collisions = phases.run(
@@ -494,7 +516,9 @@ def _cluster(phases: _Phases, names: list[str], out: Store, cfg: DedupConfig) ->
     step = phases.components()
     counters["components_steps"] = step + 1
     decided = phases.run(
-        "clusters", phases.shard_tasks("decide"), lambda t: (_decide_task, (t.shard, step, names, out, cfg))
+        "clusters",
+        phases.shard_tasks("decide"),
+        lambda t: (_decide_task, (t.shard, step, names, out, cfg, priority)),
     )
     counters["clusters"] = sum(r["clusters"] for r in decided.values())
     return counters
@@ -508,10 +532,18 @@ def _commit(
     cfg: DedupConfig,
     cache_key: str,
     inputs: dict[str, str],
+    by_source: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """Check that every document is kept or removed, write the cluster table and both manifests."""
+    """Check that every document is kept or removed, write the cluster table and both manifests (with
+    ``by_source``, each source's kept files and counts)."""
     for r in results:
         counters.update(r["counters"])
+    extra: dict[str, Any] = {}
+    if by_source is not None:
+        extra["sources"] = {s: [r["kept"]["path"] for r in rs] for s, rs in by_source.items()}
+        for s, rs in by_source.items():
+            counters[f"kept.{s}"] = sum(r["kept"]["rows"] for r in rs)
+            counters[f"rejected.{s}"] = sum(r["rejected"]["rows"] for r in rs)
     kept = sum(r["kept"]["rows"] for r in results)
     rejected = sum(r["rejected"]["rows"] for r in results)
     if docs_in != kept + rejected:
@@ -541,5 +573,5 @@ def _commit(
         schema=DOCUMENT_SCHEMA,
         inputs=inputs,
         counters=dict(counters),
-        extra={"clusters": {"path": CLUSTERS, "rows": clusters.num_rows}},
+        extra={"clusters": {"path": CLUSTERS, "rows": clusters.num_rows}, **extra},
     )

@@ -83,7 +83,7 @@ def walk(model_uri: str, tracking_uri: str) -> dict[str, Any]:
                 frontier.append(producer)
         chain.append(step)
     parent = client.get_run(parent_id)
-    sources = {k: v for k, v in parent.data.params.items() if k in _SOURCE_PARAMS and v not in ("[]", "None")}
+    sources = _data_params(parent.data.params)
     return {
         "model_version": version,
         "model": {
@@ -94,6 +94,23 @@ def walk(model_uri: str, tracking_uri: str) -> dict[str, Any]:
         },
         "pipeline_run": {"run_id": parent_id, "name": parent.info.run_name, "sources": sources},
         "chain": chain,
+    }
+
+
+def _data_params(params: dict[str, str]) -> dict[str, str]:
+    """The pipeline run's parameters that say where its data came from: ``read.paths``, ``crawl.seeds``...,
+    or a source's (``sources.docs.read.paths``); a crawl's page limit only where that source crawls."""
+    found = {}
+    for key, value in params.items():
+        field = key.split(".", 2)[2] if key.startswith("sources.") and key.count(".") >= 2 else key
+        if field in _SOURCE_PARAMS and value not in ("[]", "None"):
+            found[key] = value
+    crawls = {k.rsplit("crawl.", 1)[0] for k in found if k.endswith(("crawl.seeds", "crawl.seeds_file"))}
+    crawls |= {k.rsplit("demo_site.", 1)[0] for k in found if k.endswith("demo_site.modules")}
+    return {
+        k: v
+        for k, v in found.items()
+        if not k.endswith("crawl.max_pages") or k.rsplit("crawl.", 1)[0] in crawls
     }
 
 

@@ -13,24 +13,25 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 
 from core.lock import WorkdirLocked, workdir_lock
 from core.manifest import IntegrityError, index_digest, read_index, verify_files
 from core.redact import redact
 from core.storage import Store
 from orchestration import report
-from orchestration.component import PipelineResult, RunContext, StageComponent, StageOutcome
+from orchestration.component import PipelineResult, RunContext, StageInstance, StageOutcome, output_path
 from orchestration.config import ConfigError, PipelineConfig
 from orchestration.executors import REJECTED_DIR, ensure_ray
 from orchestration.plan import PARTS_FILE, PlanEntry, Selection, code_digests, decide, key_of
 from orchestration.preflight import preflight
 from orchestration.stage_files import KEY_FILE, key_of_output, tree_digest
-from orchestration.stages import STAGES
+from orchestration.stages import STAGES, dag
 
 try:
     LMFORGE_VERSION = importlib.metadata.version("lmforge")
@@ -52,18 +53,6 @@ def cache_key(stage: str, config: Any, inputs: dict[str, str]) -> str:
     """Hash of a config and its inputs (the pipeline's ``lmforge.config_hash`` tag); stage keys hash
     their full parts (orchestration/plan.py)."""
     return key_of({"stage": stage, "config": _jsonable(config), "inputs": inputs})
-
-
-@dataclass(frozen=True)
-class _Node:
-    """A stage of this config's DAG: its component and the stages it reads."""
-
-    component: StageComponent
-    reads: tuple[str, ...]
-
-    @property
-    def name(self) -> str:
-        return self.component.name
 
 
 class Pipeline:
@@ -139,19 +128,13 @@ class Pipeline:
             tracker.log_report_figures(figures)
         return result
 
-    def _dag(self, selection: Selection) -> tuple[list[_Node], list[str], set[str]]:
-        """The config's stages in order with what each reads, and which of them ``selection`` runs
-        (``selected``) or reads as they are (``needed`` adds those)."""
-        nodes: list[_Node] = []
-        enabled: list[StageComponent] = []
-        for component in STAGES:
-            if component.enabled(self.cfg):
-                nodes.append(_Node(component, component.reads(self.cfg, list(enabled))))
-                enabled.append(component)
-        order = [n.name for n in nodes]
+    def _dag(self, selection: Selection) -> tuple[list[StageInstance], list[str], set[str]]:
+        """The config's stage instances in order with what each reads (orchestration/stages.dag), and which
+        of them ``selection`` runs (``selected``) or reads as they are (``needed`` adds those)."""
+        nodes = dag(self.cfg)
         try:
             selected, needed = selection.resolve(
-                order, {n.name: n.reads for n in nodes}, [c.name for c in STAGES]
+                [n.name for n in nodes], {n.name: n.reads for n in nodes}, [c.name for c in STAGES]
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
@@ -159,32 +142,35 @@ class Pipeline:
 
     def _walk(self, ctx: RunContext, selection: Selection) -> None:
         nodes, selected, needed = self._dag(selection)
-        self._train_selected = any(n.component.produces == "model" for n in nodes if n.name in selected)
+        self._train_selected = any(n.produces == "model" for n in nodes if n.name in selected)
         for node in nodes:
             if node.name in needed:
+                here = replace(ctx, cfg=self.cfg.view(node.source), stage=node.name, source=node.source)
                 ctx.result.stages[node.name] = self._stage(
-                    ctx, node, node.name in selected, node.name in selection.force
+                    here, node, node.name in selected, selection.forces(node.name)
                 )
 
     # -- one stage ----------------------------------------------------------------------------------
-    def _parts(self, node: _Node, inputs: dict[str, StageOutcome]) -> dict[str, Any]:
-        """What the stage's cache key hashes: its config, the content of the files it names, its inputs'
-        digests and its code (its module's import closure)."""
-        component = node.component
+    @staticmethod
+    def _parts(ctx: RunContext, node: StageInstance, inputs: dict[str, StageOutcome]) -> dict[str, Any]:
+        """What the stage's cache key hashes: its config (its source's view), the content of the files it
+        names, its inputs' digests and its code (its module's import closure)."""
+        component, cfg = node.component, ctx.cfg
         return {
             "stage": node.name,
-            "config": _jsonable(component.key_config(self.cfg)),
-            "files": {field: tree_digest(paths) for field, paths in component.key_files(self.cfg).items()},
+            "config": _jsonable(component.key_config(cfg)),
+            "files": {field: tree_digest(paths) for field, paths in component.key_files(cfg).items()},
             "inputs": {k: index_digest(v.index) for k, v in inputs.items() if v.index is not None},
             "code": code_digests([type(component).__module__]),
         }
 
-    def _stage(self, ctx: RunContext, node: _Node, selected: bool, force: bool) -> StageOutcome:
+    def _stage(self, ctx: RunContext, node: StageInstance, selected: bool, force: bool) -> StageOutcome:
         """Decide, then (without a tracker: a dry run) stop, or run or reuse the stage inside its nested
         MLflow run, logging its datasets in and out and what the component tracks."""
-        name, out, tracker = node.name, self.store / node.name, ctx.tracker
+        name, out, tracker = node.name, self.store / output_path(node.name), ctx.tracker
+        shown = escape(name)  # clean[web] is not console markup
         inputs = {d: ctx.result.stages[d] for d in node.reads}
-        parts = self._parts(node, inputs)
+        parts = self._parts(ctx, node, inputs)
         entry = decide(out, parts, inputs, selected, force)
         ctx.result.plan.append(entry)
         if tracker is None:
@@ -194,15 +180,15 @@ class Pipeline:
         if entry.action == "missing":
             raise ConfigError(f"stage {name}: {entry.reason}")
         start = time.perf_counter()
-        config = _jsonable(node.component.key_config(self.cfg))
+        config = _jsonable(node.component.key_config(ctx.cfg))
         with tracker.stage_run(name, config):
             index = read_index(out) if entry.action != "run" else None
             if entry.action == "use":
                 self._usable(name, out, index)
-                self.console.print(f"[dim]• {name}: {entry.reason} ({out})[/dim]")
+                self.console.print(f"[dim]• {shown}: {escape(entry.reason)} ({out})[/dim]")
             cached = entry.action == "use" or (entry.action == "cached" and self._intact(name, out, index))
             if cached and entry.action == "cached":
-                self.console.print(f"[dim]• {name}: cached ({out})[/dim]")
+                self.console.print(f"[dim]• {shown}: cached ({out})[/dim]")
             elif not cached:
                 if entry.action == "cached":  # its output failed verification and was wiped
                     entry.action, entry.reason = "run", "its output failed verification"
@@ -210,11 +196,11 @@ class Pipeline:
                 if force:
                     out.rmtree()
                 self._prepare(out, entry.key, config, parts)
-                self.console.print(f"[bold cyan]▶ {name}[/bold cyan] [dim]({entry.reason})[/dim]")
+                self.console.print(f"[bold cyan]▶ {shown}[/bold cyan] [dim]({escape(entry.reason)})[/dim]")
                 index = node.component.build(ctx, out, entry.key, parts["inputs"])
                 if index.get("counters", {}).get("documents_in") == 0:
                     self.console.print(
-                        f"  [yellow]⚠ {name}: no input documents, so its output is empty[/yellow]"
+                        f"  [yellow]⚠ {shown}: no input documents, so its output is empty[/yellow]"
                     )
             tracker.log_counters(index.get("counters", {}))
             tracker.log_datasets(
@@ -229,7 +215,7 @@ class Pipeline:
             node.component.track(ctx, {**index, "out_dir": out}, selected)
         if not cached:
             self.console.print(
-                f"  [green]✓ {name}[/green] in {outcome.seconds:.1f}s {report.stage_line(index)}"
+                f"  [green]✓ {shown}[/green] in {outcome.seconds:.1f}s {report.stage_line(index)}"
             )
         return outcome
 
@@ -251,7 +237,7 @@ class Pipeline:
         try:
             self._verify(out, index)
         except IntegrityError as e:
-            self.console.print(f"[yellow]• {name}: {e}; rebuilding the stage[/yellow]")
+            self.console.print(f"[yellow]• {escape(name)}: {e}; rebuilding the stage[/yellow]")
             out.rmtree()
             return False
         return True

@@ -26,6 +26,7 @@ from typing import Any
 from core.files import file_sha256
 from core.manifest import read_index
 from core.storage import Store
+from orchestration.component import split_instance
 from orchestration.stage_files import key_of_output
 
 #: The lmforge packages whose source is part of a stage's code version.
@@ -49,37 +50,55 @@ class Selection:
     force: tuple[str, ...] = ()
 
     def resolve(self, order: list[str], deps: dict[str, tuple[str, ...]], all_stages: Iterable[str]):
-        """(selected, needed) stage names for a config whose stages are ``order`` with upstream ``deps``:
-        ``needed`` adds the unselected stages a selected one reads (used as they are)."""
-        known = set(all_stages)
-        for flag, names in (
-            ("--only", self.only),
-            ("--from", [self.start] if self.start else []),
-            ("--until", [self.until] if self.until else []),
-            ("--force", self.force),
-        ):
-            for name in names:
-                if name not in known:
-                    raise SelectionError(f"{flag} {name}: no such stage; stages are {', '.join(all_stages)}")
-                if name not in order:
-                    raise SelectionError(
-                        f"{flag} {name}: this config has no {name} stage (its stages: {', '.join(order)})"
-                    )
-        lo = order.index(self.start) if self.start else 0
-        hi = order.index(self.until) if self.until else len(order) - 1
-        if lo > hi:
+        """(selected, needed) stage instances of a config whose instances are ``order`` (run order) with
+        upstream ``deps``: ``needed`` adds the unselected ones a selected one reads (used as they are).
+
+        A name is an instance (``clean[web]``) or a whole stage (``clean``: all its instances). ``--from X``
+        selects X and what follows it in its source's chain and after (not the other sources' chains),
+        ``--until X`` X and what comes before it in its chain and before; both, what the two share."""
+        known = list(all_stages)
+        sources = {n: split_instance(n)[1] for n in order}
+
+        def expand(flag: str, name: str) -> list[str]:
+            found = [n for n in order if n == name or split_instance(n)[0] == name]
+            if not found:
+                if split_instance(name)[0] not in known:
+                    raise SelectionError(f"{flag} {name}: no such stage; stages are {', '.join(known)}")
+                raise SelectionError(
+                    f"{flag} {name}: this config has no {name} stage (its stages: {', '.join(order)})"
+                )
+            return found
+
+        def reach(flag: str, name: str | None, forward: bool) -> set[str]:
+            if name is None:
+                return set(order)
+            out: set[str] = set()
+            for instance in expand(flag, name):
+                i, source = order.index(instance), sources[instance]
+                span = order[i:] if forward else order[: i + 1]
+                out |= {n for n in span if source is None or sources[n] in (None, source)}
+            return out
+
+        only = {n for name in self.only for n in expand("--only", name)} or set(order)
+        window = reach("--from", self.start, True) & reach("--until", self.until, False)
+        if not window:
             raise SelectionError(f"--from {self.start} comes after --until {self.until}")
-        selected = [n for n in order[lo : hi + 1] if not self.only or n in self.only]
+        selected = [n for n in order if n in window and n in only]
         if not selected:
             raise SelectionError(f"--only {','.join(self.only)} names no stage between --from and --until")
-        for name in self.force:
-            if name not in selected:
+        for name in self.force:  # a whole stage forces those of its instances the selection runs
+            instances = expand("--force", name)
+            if not set(instances) & set(selected):
                 raise SelectionError(f"--force {name}: the selection does not run {name}")
         needed = set(selected)
         for name in reversed(order):
             if name in needed:
                 needed.update(deps[name])
         return selected, [n for n in order if n in needed]
+
+    def forces(self, instance: str) -> bool:
+        """Whether ``--force`` names this instance or its whole stage."""
+        return instance in self.force or split_instance(instance)[0] in self.force
 
 
 @dataclass

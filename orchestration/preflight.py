@@ -74,9 +74,15 @@ def _filesystem_answers(uri: str) -> str | None:
 def file_problems(cfg: PipelineConfig) -> list[str]:
     """Problems with the files and directories the config names (no cluster needed: each stage checks its
     own, orchestration/stages/), and with the services it names (a remote work dir, a tracking server)."""
-    from orchestration.stages import STAGES
+    from orchestration.config import SOURCE_SECTIONS
+    from orchestration.stages import dag
 
-    return reach_problems(cfg) + [p for stage in STAGES if stage.enabled(cfg) for p in stage.preflight(cfg)]
+    problems = reach_problems(cfg)
+    for stage in dag(cfg):
+        for problem in stage.component.preflight(cfg.view(stage.source)):
+            named = stage.source is not None and problem.split(".")[0] in SOURCE_SECTIONS
+            problems.append(f"sources.{stage.source}.{problem}" if named else problem)
+    return problems
 
 
 def task_problems(cfg: PipelineConfig, resources: dict[str, float]) -> list[str]:

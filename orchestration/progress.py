@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -40,6 +41,7 @@ class StageProgress:
     """
 
     def __init__(self, console: Console, stage: str, unit: str, total: int | None = None):
+        stage = escape(stage)  # printed as console markup: clean[web] is text
         self.console, self.stage, self.unit, self.total = console, stage, unit, total
         self.done, self.phase = 0, stage
         self.counts: dict[str, int] = {}

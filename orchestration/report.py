@@ -11,9 +11,12 @@ import pyarrow.parquet as pq
 
 from core.manifest import index_digest, read_index, read_table
 from core.storage import Store, node_dir, open_input_file
+from orchestration.component import output_path, split_instance
 from orchestration.stage_files import MODEL_RECORD
 
-STAGES = ("crawl", "clean", "dedup", "tokenize", "train", "evaluate", "labeled", "finetune")
+STAGES = ("crawl", "clean", "dedup", "dedup_across", "tokenize", "train", "evaluate", "labeled", "finetune")
+#: The stages of a source's chain: one corpus's, or each source's (``clean[web]``).
+CHAIN_STAGES = ("crawl", "clean", "dedup")
 #: The pipeline run's MLflow identity, written in the work dir beside the stage outputs.
 RUN_RECORD = "run.json"
 #: Each stage's config as its cache key hashed it, written beside its output (the report's thresholds).
@@ -64,27 +67,46 @@ def _document_stage(out_dir: Store, index: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_stages(workdir: str | Path | Store, last: str | list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """The committed manifests of a work dir's run: from ``last`` (a stage or several, e.g. evaluate and
-    finetune; default: the last stage that has one), back through each manifest's ``inputs``, in pipeline
-    order (an output the run did not use is left out)."""
+    """The committed manifests of a work dir's run, by stage instance: from ``last`` (a stage or several,
+    e.g. evaluate and finetune; default: the last stage that has one), back through each manifest's
+    ``inputs``; each source's chain first (in the order the pooled stages read them), then the pooled
+    stages, in pipeline order (an output the run did not use is left out)."""
     workdir = Store(workdir)
-    found = {name: index for name in STAGES if (index := read_index(workdir / name)) is not None}
     if last is None:
-        todo = [next((n for n in reversed(STAGES) if n in found), None)]
+        todo = [next((n for n in reversed(STAGES) if read_index(workdir / n) is not None), None)]
     else:
         todo = [last] if isinstance(last, str) else list(last)
-    used: set[str] = set()
-    while todo:
-        name = todo.pop()
-        if name in found and name not in used:
-            used.add(name)
-            todo += list(found[name].get("inputs", {}))
-    return {name: found[name] for name in STAGES if name in used}
+    used: dict[str, dict[str, Any]] = {}
+    while todo:  # breadth first: the sources come in the order the pooled stages list them
+        name = todo.pop(0)
+        if name is None or name in used or (index := read_index(workdir / output_path(name))) is None:
+            continue
+        used[name] = index
+        todo += list(index.get("inputs", {}))
+    sources = list(dict.fromkeys(s for n in used if (s := split_instance(n)[1]) is not None))
+
+    def order(name: str) -> tuple[int, int, int]:
+        stage, source = split_instance(name)
+        place = STAGES.index(stage) if stage in STAGES else len(STAGES)
+        return (0, sources.index(source), place) if source is not None else (1, 0, place)
+
+    return {name: used[name] for name in sorted(used, key=order)}
+
+
+def chains(stages: dict[str, dict[str, Any]]) -> dict[str | None, dict[str, str]]:
+    """Each source's per-source stages, stage -> instance (``{"web": {"clean": "clean[web]"}}``); a
+    single-corpus run is the one source None."""
+    out: dict[str | None, dict[str, str]] = {}
+    for name in stages:
+        stage, source = split_instance(name)
+        if source is not None or stage in CHAIN_STAGES:
+            out.setdefault(source, {})[stage] = name
+    return out
 
 
 def build_report(workdir: str | Path | Store, last: str | list[str] | None = None) -> dict[str, Any]:
     """Per-stage figures and consistency checks, from the manifests (index.json) of a work dir (of the
-    stages up to ``last``, by default all that have one)."""
+    stages up to ``last``, by default all that have one); each source's chain has its own."""
     workdir = Store(workdir)
     stages = run_stages(workdir, last)
     if not stages:
@@ -98,44 +120,93 @@ def build_report(workdir: str | Path | Store, last: str | list[str] | None = Non
                 checks[f"{name}: input {source} is the committed {source} output"] = (
                     index_digest(stages[source]) == digest
                 )
-    if "crawl" in stages:
-        crawl = rep["stages"]["crawl"] = stages["crawl"]["counters"]
-        if "demo_pages_served" in crawl:
-            checks["crawl pages fetched = pages the demo site served"] = (
-                crawl["pages_fetched"] == crawl["demo_pages_served"]
-            )
-    for name in ("clean", "dedup"):
-        if name in stages:
-            rep["stages"][name] = _document_stage(workdir / name, stages[name])
-            checks[f"{name}: documents in = kept + rejected"] = rep["stages"][name]["conserved"]
-    if "clean" in stages:
-        checks.update(_source_checks(stages["clean"]["counters"], stages.get("crawl")))
-    if "dedup" in stages:
-        checks.update(_cluster_checks(workdir / "dedup", stages["dedup"], rep["stages"]["dedup"]))
-    checks.update(_id_checks(workdir, stages))
+    sources = chains(stages)
+    for chain in sources.values():
+        checks.update(_chain_report(workdir, stages, chain, rep["stages"]))
+    if "dedup_across" in stages:
+        checks.update(_across_report(workdir, stages, sources, rep["stages"]))
     if "tokenize" in stages:
         rep["stages"]["tokenize"] = stages["tokenize"]["counters"]
-        last_docs = next((rep["stages"][n] for n in ("dedup", "clean") if n in rep["stages"]), None)
-        if last_docs is not None:
+        last_docs = [rep["stages"][name] for name in _last_documents(sources, stages)]
+        if last_docs:
             tokenized = stages["tokenize"]["counters"]
-            checks["documents tokenized + quarantined = documents kept"] = (
-                tokenized["documents"] + tokenized.get("quarantined", 0) == last_docs["kept"]
+            out = tokenized["documents"] + tokenized.get("quarantined", 0)
+            checks["documents tokenized + quarantined = documents kept"] = out == sum(
+                d["kept"] for d in last_docs
             )
+    checks.update(_tokenized_id_checks(workdir, stages, sources))
+    for name in ("train", "evaluate", "labeled", "finetune"):
+        if name in stages:
+            rep["stages"][name] = stages[name]["counters"]
     if "train" in stages:
-        train = rep["stages"]["train"] = stages["train"]["counters"]
+        train = rep["stages"]["train"]
         checks["training loss fell"] = train["final_loss"] < train["first_loss"]
-    if "evaluate" in stages:
-        rep["stages"]["evaluate"] = stages["evaluate"]["counters"]
-    if "labeled" in stages:
-        rep["stages"]["labeled"] = stages["labeled"]["counters"]
     if "finetune" in stages:
-        finetune = rep["stages"]["finetune"] = stages["finetune"]["counters"]
+        finetune = rep["stages"]["finetune"]
         checks["fine-tuning loss fell"] = finetune["final_loss"] < finetune["first_loss"]
     model = workdir.read_json(f"train/{MODEL_RECORD}")
     rep["model"] = {"model_id": model.get("model_id"), "registered_version": model.get("version")}
     rep["checks"] = checks
     rep["ok"] = all(checks.values())
     return rep
+
+
+def _last_documents(sources: dict[str | None, dict[str, str]], stages: dict[str, Any]) -> list[str]:
+    """The document stages tokenize read: dedup_across, or each source's dedup (or clean)."""
+    if "dedup_across" in stages:
+        return ["dedup_across"]
+    return [chain.get("dedup", chain["clean"]) for chain in sources.values() if "clean" in chain]
+
+
+def _across_report(
+    workdir: Store,
+    stages: dict[str, dict[str, Any]],
+    sources: dict[str | None, dict[str, str]],
+    figures: dict[str, Any],
+) -> dict[str, bool]:
+    """Dedup across sources: its figures and checks, the ids in being those the sources' chains kept."""
+    out = workdir / "dedup_across"
+    index = stages["dedup_across"]
+    figures["dedup_across"] = _document_stage(out, index)
+    checks = {"dedup_across: documents in = kept + rejected": figures["dedup_across"]["conserved"]}
+    checks.update(_cluster_checks("dedup_across", out, index, figures["dedup_across"]))
+    chains_kept = [_ids(stages[chain.get("dedup", chain["clean"])]) for chain in sources.values()]
+    kept, rejected = _ids(index), _ids(read_index(out / "rejected"))
+    if None not in (*chains_kept, kept, rejected):
+        checks["dedup_across: every document id the sources kept leaves as kept or rejected"] = (
+            sum(chains_kept) % 2**64 == (kept + rejected) % 2**64
+        )
+    return checks
+
+
+def _chain_report(
+    workdir: Store, stages: dict[str, dict[str, Any]], chain: dict[str, str], figures: dict[str, Any]
+) -> dict[str, bool]:
+    """One source's crawl, clean and dedup: their figures (into ``figures``, by instance) and checks."""
+    checks: dict[str, bool] = {}
+    crawl, clean, dedup = (chain.get(n) for n in ("crawl", "clean", "dedup"))
+    if crawl is not None:
+        counters = figures[crawl] = stages[crawl]["counters"]
+        if "demo_pages_served" in counters:
+            checks[f"{crawl} pages fetched = pages the demo site served"] = (
+                counters["pages_fetched"] == counters["demo_pages_served"]
+            )
+    for name in (clean, dedup):
+        if name is not None:
+            figures[name] = _document_stage(workdir / output_path(name), stages[name])
+            checks[f"{name}: documents in = kept + rejected"] = figures[name]["conserved"]
+    if clean is not None:
+        checks.update(_source_checks(clean, stages[clean]["counters"], crawl, stages.get(crawl or "")))
+    if dedup is not None:
+        checks.update(_cluster_checks(dedup, workdir / output_path(dedup), stages[dedup], figures[dedup]))
+        if clean is not None:
+            ins, kept = _ids(stages[clean]), _ids(stages[dedup])
+            rejected = _ids(read_index(workdir / output_path(dedup) / "rejected"))
+            if None not in (ins, kept, rejected):
+                checks[f"{dedup}: every document id kept by {clean} leaves as kept or rejected"] = (
+                    ins == (kept + rejected) % 2**64
+                )
+    return checks
 
 
 def _ids(index: dict[str, Any] | None) -> int | None:
@@ -146,49 +217,48 @@ def _ids(index: dict[str, Any] | None) -> int | None:
     return None if None in sums else sum(int(x, 16) for x in sums) % 2**64
 
 
-def _id_checks(workdir: Store, stages: dict[str, dict[str, Any]]) -> dict[str, bool]:
-    """Every document id that enters a stage leaves it, kept or rejected; the ids tokenized are those kept."""
-    checks = {}
-    if "clean" in stages and "dedup" in stages:
-        ins, kept, rejected = (
-            _ids(stages["clean"]),
-            _ids(stages["dedup"]),
-            _ids(read_index(workdir / "dedup" / "rejected")),
-        )
-        if None not in (ins, kept, rejected):
-            checks["dedup: every document id kept by clean leaves as kept or rejected"] = (
-                ins == (kept + rejected) % 2**64
-            )
-    docs = next((n for n in ("dedup", "clean") if n in stages), None)
-    if docs is not None and "tokenize" in stages:
-        kept, tokenized = _ids(stages[docs]), _ids(stages["tokenize"])
-        quarantined = _ids(read_index(workdir / "tokenize" / "rejected")) or 0
-        if None not in (kept, tokenized):
-            checks[f"tokenize: the document ids tokenized (and quarantined) are the ids {docs} kept"] = (
-                kept == (tokenized + quarantined) % 2**64
-            )
-    return checks
+def _tokenized_id_checks(
+    workdir: Store, stages: dict[str, dict[str, Any]], sources: dict[str | None, dict[str, str]]
+) -> dict[str, bool]:
+    """The ids tokenized (and quarantined) are those each source's last document stage kept."""
+    docs = _last_documents(sources, stages)
+    if not docs or "tokenize" not in stages:
+        return {}
+    kept = [_ids(stages[d]) for d in docs]
+    tokenized = _ids(stages["tokenize"])
+    quarantined = _ids(read_index(workdir / "tokenize" / "rejected")) or 0
+    if None in (*kept, tokenized):
+        return {}
+    named = docs[0] if len(docs) == 1 else " and ".join(docs)
+    return {
+        f"tokenize: the document ids tokenized (and quarantined) are the ids {named} kept": sum(kept) % 2**64
+        == (tokenized + quarantined) % 2**64
+    }
 
 
-def _source_checks(clean: dict[str, Any], crawl: dict[str, Any] | None) -> dict[str, bool]:
+def _source_checks(
+    name: str, clean: dict[str, Any], crawl_name: str | None, crawl: dict[str, Any] | None
+) -> dict[str, bool]:
     """Documents clean read = WARC records of the crawl + records read from read.paths."""
     from_crawl, from_read = clean.get("documents_in.crawl", 0), clean.get("documents_in.read", 0)
     checks = {
-        "clean: documents read = from the crawl + from read.paths": clean["documents_in"]
+        f"{name}: documents read = from the crawl + from read.paths": clean["documents_in"]
         == from_crawl + from_read
     }
     if crawl is not None:
-        checks["crawl pages fetched = documents clean read from the crawl"] = (
+        checks[f"{crawl_name} pages fetched = documents {name} read from the crawl"] = (
             crawl["counters"].get("pages_fetched", 0) == from_crawl
         )
         records = sum(f.get("rows", 0) for f in crawl["files"])
-        checks["crawl manifest records = documents clean read from the crawl + responses it skipped"] = (
-            records == from_crawl + clean.get("warc.skipped_status", 0)
-        )
+        checks[
+            f"{crawl_name} manifest records = documents {name} read from the crawl + responses it skipped"
+        ] = records == from_crawl + clean.get("warc.skipped_status", 0)
     return checks
 
 
-def _cluster_checks(out_dir: Store, index: dict[str, Any], figures: dict[str, Any]) -> dict[str, bool]:
+def _cluster_checks(
+    name: str, out_dir: Store, index: dict[str, Any], figures: dict[str, Any]
+) -> dict[str, bool]:
     clusters_file = index.get("clusters")
     if not clusters_file:
         return {}
@@ -198,7 +268,7 @@ def _cluster_checks(out_dir: Store, index: dict[str, Any], figures: dict[str, An
     # Largest first (the table is sorted so): representative id -> cluster size.
     figures["largest_clusters"] = {c["representative"]: c["size"] for c in clusters[:5]}
     return {
-        "dedup: cluster members = documents removed": sum(c["size"] - 1 for c in clusters)
+        f"{name}: cluster members = documents removed": sum(c["size"] - 1 for c in clusters)
         == figures["rejected"] - figures.get("quarantined", 0)  # quarantined: in no cluster
     }
 

@@ -28,12 +28,14 @@ from core.manifest import dataset_files, index_digest
 from core.redact import redact
 from core.storage import Store, open_input_file
 from ingestion.readers import ReadConfig, corpus_format, decode_html, find_htmls
+from orchestration.component import output_path
 from orchestration.config import CleanConfig
 from orchestration.report import (
     MODEL_RECORD,
     RUN_RECORD,
     STAGE_CONFIG,
     build_report,
+    chains,
     local_output,
     run_stages,
 )
@@ -265,6 +267,15 @@ def _funnel(
         steps.append(("after quality filters", kept.n, kept.chars, None))
     if "dedup" in facts:
         steps.append(("after deduplication", facts["dedup"].n, facts["dedup"].chars, None))
+    if "dedup_across" in stages:
+        steps.append(
+            (
+                "after deduplication across sources",
+                int(stages["dedup_across"]["counters"]["kept"]),
+                None,
+                None,
+            )
+        )
     if "tokenize" in stages:
         c = stages["tokenize"]["counters"]
         steps.append(("tokenized", int(c["documents"]), None, int(c["tokens"])))
@@ -470,10 +481,10 @@ def _texts_by_id(out_dir: Store, ids: list[str]) -> dict[str, str]:
     return found
 
 
-def _duplicates(workdir: Store, index: dict[str, Any] | None) -> str:
+def _duplicates(workdir: Store, index: dict[str, Any] | None, stage: str = "dedup") -> str:
     if index is None or not index.get("clusters"):
         return ""
-    with open_input_file((workdir / "dedup").uri_of(index["clusters"]["path"])) as f:
+    with open_input_file((workdir / stage).uri_of(index["clusters"]["path"])) as f:
         clusters = pq.read_table(f)
     if clusters.num_rows == 0:
         return "<p>No duplicate clusters.</p>"
@@ -485,8 +496,8 @@ def _duplicates(workdir: Store, index: dict[str, Any] | None) -> str:
     fig.update_yaxes(title="clusters")
     out = [_div(_layout(fig, f"{clusters.num_rows:,} duplicate clusters by size", 280))]
     top = clusters.slice(0, 3).to_pylist()  # largest first
-    kept = _texts_by_id(workdir / "dedup", [c["representative"] for c in top])
-    removed = _texts_by_id(workdir / "dedup" / "rejected", [c["members"][0] for c in top if c["members"]])
+    kept = _texts_by_id(workdir / stage, [c["representative"] for c in top])
+    removed = _texts_by_id(workdir / stage / "rejected", [c["members"][0] for c in top if c["members"]])
     differ = difflib.HtmlDiff(wrapcolumn=70)
     for c in top:
         a, b = kept.get(c["representative"], ""), removed.get(c["members"][0] if c["members"] else "", "")
@@ -616,7 +627,7 @@ def _lineage(workdir: Store, stages: dict[str, dict[str, Any]]) -> str:
     for name, index in stages.items():
         inputs = ", ".join(f"{k} <code>{_e(v)}</code>" for k, v in index.get("inputs", {}).items()) or "—"
         rows.append([f"<b>{_e(name)}</b>", f"<code>{_e(index_digest(index))}</code>", inputs,
-                     _num(index.get("rows", 0)), f"<code>{_e(workdir / name)}</code>"])  # fmt: skip
+                     _num(index.get("rows", 0)), f"<code>{_e(workdir / output_path(name))}</code>"])  # fmt: skip
     out = _table(["stage", "output digest", "read", "rows", "location"], rows, "lineage")
     facts = []
     if run.get("mlflow_run_id"):
@@ -698,22 +709,36 @@ def build_html(
     workdir = Store(workdir)
     rep = build_report(workdir, last)
     stages = run_stages(workdir, last)
-    facts: dict[str, _Docs] = {}
-    for name in ("clean", "dedup"):
-        if name in stages:
-            facts[name] = _Docs(workdir / name)
-            facts[f"{name}/rejected"] = _Docs(workdir / name / "rejected", rejected=True)
     tables: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    funnel, key_figures = _funnel(stages, facts, tables)
-    clean_config = workdir.read_json(f"clean/{STAGE_CONFIG}")
-    rejections, records = _rejections(workdir, facts, _warc_files(workdir, clean_config))
-    thresholds = _thresholds(clean_config, records)
-    body = {
-        "funnel": funnel,
-        "rejections": rejections,
-        "signals": _distributions(facts, thresholds, tables),
-        "languages": _languages_and_domains(facts, tables),
-        "duplicates": _duplicates(workdir, stages.get("dedup")),
+    body: dict[str, str] = defaultdict(str)
+    key_figures: dict[str, float] = {}
+    for source, chain in chains(stages).items():
+        view = {stage: stages[name] for stage, name in chain.items()}
+        if "dedup_across" in stages and source is not None:  # what of it survived dedup across sources
+            view["dedup_across"] = {
+                "counters": {"kept": stages["dedup_across"]["counters"].get(f"kept.{source}", 0)}
+            }
+        if "tokenize" in stages:  # a source's share of the shards
+            tokens = stages["tokenize"]
+            view["tokenize"] = (
+                tokens if source is None else {"counters": tokens.get("sources", {}).get(source, {})}
+            )
+        root = workdir if source is None else workdir / "sources" / source  # its chain's stages, by name
+        own: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        sections, figures = _corpus_sections(root, view, own)
+        for key, html_ in sections.items():
+            if html_:
+                body[key] += html_ if source is None else f"<h3>source {_e(source)}</h3>{html_}"
+        key_figures |= {
+            k if source is None else k.replace("report.", f"report.{source}.", 1): v
+            for k, v in figures.items()
+        }
+        for name, rows in own.items():
+            tables[name] += rows if source is None else [{"source": source, **row} for row in rows]
+    if "dedup_across" in stages:
+        across = _duplicates(workdir, stages["dedup_across"], "dedup_across")
+        body["duplicates"] += f"<h3>across sources</h3>{across}"
+    body |= {
         "tokens": _tokens(stages.get("tokenize")),
         "training": _training(workdir) if "train" in stages else "",
         "evaluation": _evaluation(workdir) if "evaluate" in stages else "",
@@ -743,8 +768,31 @@ def build_html(
 """
     key_figures["report.checks_passed"] = float(sum(rep["checks"].values()))
     key_figures["report.checks_failed"] = float(len(rep["checks"]) - sum(rep["checks"].values()))
-    tables["report/rejections.json"] = records
     return page, {"metrics": key_figures, "tables": {k: v for k, v in tables.items() if v}}
+
+
+def _corpus_sections(
+    root: Store, stages: dict[str, dict[str, Any]], tables: dict[str, list[dict[str, Any]]]
+) -> tuple[dict[str, str], dict[str, float]]:
+    """The sections of one corpus's chain (``stages`` by stage name, their outputs under ``root``):
+    funnel, rejections, signals, languages and duplicates; and its key figures."""
+    facts: dict[str, _Docs] = {}
+    for name in ("clean", "dedup"):
+        if name in stages:
+            facts[name] = _Docs(root / name)
+            facts[f"{name}/rejected"] = _Docs(root / name / "rejected", rejected=True)
+    funnel, key_figures = _funnel(stages, facts, tables)
+    clean_config = root.read_json(f"clean/{STAGE_CONFIG}")
+    rejections, records = _rejections(root, facts, _warc_files(root, clean_config))
+    tables["report/rejections.json"] += records
+    sections = {
+        "funnel": funnel,
+        "rejections": rejections,
+        "signals": _distributions(facts, _thresholds(clean_config, records), tables),
+        "languages": _languages_and_domains(facts, tables),
+        "duplicates": _duplicates(root, stages.get("dedup")),
+    }
+    return sections, key_figures
 
 
 def write_html_report(

@@ -6,20 +6,27 @@ place in ``STAGES``; :func:`register` adds one at run time (a plugin, a test) af
 
 from __future__ import annotations
 
-from orchestration.component import StageComponent
+from typing import TYPE_CHECKING
+
+from orchestration.component import StageComponent, StageInstance
 from orchestration.stages.clean import Clean
 from orchestration.stages.crawl import Crawl
 from orchestration.stages.dedup import Dedup
+from orchestration.stages.dedup_across import DedupAcross
 from orchestration.stages.evaluate import Evaluate
 from orchestration.stages.finetune import Finetune
 from orchestration.stages.labeled import Labeled
 from orchestration.stages.tokenize import Tokenize
 from orchestration.stages.train import Train
 
+if TYPE_CHECKING:
+    from orchestration.config import PipelineConfig
+
 STAGES: list[StageComponent] = [
     Crawl(),
     Clean(),
     Dedup(),
+    DedupAcross(),
     Tokenize(),
     Train(),
     Evaluate(),
@@ -45,3 +52,29 @@ def unregister(name: str) -> None:
 
 def stage_names() -> tuple[str, ...]:
     return tuple(c.name for c in STAGES)
+
+
+def dag(cfg: PipelineConfig) -> list[StageInstance]:
+    """The config's stage instances in run order, each with what it reads: consecutive per-source
+    components of ``STAGES`` become one chain per source (in the config's order, each seeing its source's
+    view of the config and its own chain), a pooled component one instance reading every source's."""
+    views = cfg.source_views()
+    out: list[StageInstance] = []
+    chain: list[StageComponent] = []
+
+    def add(component: StageComponent, source: str | None, view: PipelineConfig) -> None:
+        if component.enabled(view):
+            before = [i for i in out if source is None or i.source in (None, source)]
+            out.append(StageInstance(component, source, component.reads(view, before)))
+
+    for component in [*STAGES, None]:
+        if component is not None and component.per_source:
+            chain.append(component)
+            continue
+        for source, view in views.items():
+            for member in chain:
+                add(member, source, view)
+        chain = []
+        if component is not None:
+            add(component, None, cfg)
+    return out

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.stage import Stage
 from core.storage import Store
-from orchestration.component import RunContext, StageComponent, last
+from orchestration.component import RunContext, StageComponent, StageInstance, last
 
 if TYPE_CHECKING:
     from cleaning.decontaminate import DecontaminateConfig, NgramIndex
@@ -47,11 +47,12 @@ def clean_stages(c: CleanConfig) -> list[Stage]:
 class Clean(StageComponent):
     name = "clean"
     produces = "documents"
+    per_source = True
 
     def enabled(self, cfg: PipelineConfig) -> bool:
         return cfg.has_corpus
 
-    def reads(self, cfg: PipelineConfig, before: list[StageComponent]) -> tuple[str, ...]:
+    def reads(self, cfg: PipelineConfig, before: list[StageInstance]) -> tuple[str, ...]:
         return last(before, "warc")
 
     def key_config(self, cfg: PipelineConfig) -> Any:
@@ -88,7 +89,7 @@ class Clean(StageComponent):
         parts += [
             (f"read-{i:05d}", corpus_source(uri, ctx.cfg.read)) for i, uri in enumerate(ctx.cfg.read.inputs())
         ]
-        with StageProgress(ctx.console, "clean", "input files", total=len(parts)) as progress:
+        with StageProgress(ctx.console, ctx.stage, "input files", total=len(parts)) as progress:
             return run_document_stage(
                 "clean",
                 stages,

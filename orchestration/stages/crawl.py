@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 class Crawl(StageComponent):
     name = "crawl"
     produces = "warc"
+    per_source = True
 
     def enabled(self, cfg: PipelineConfig) -> bool:
         return cfg.has_corpus and (
@@ -63,7 +64,7 @@ class Crawl(StageComponent):
                     ) from None
                 crawl_cfg = crawl_cfg.model_copy(update={"seeds": [server.url, *crawl_cfg.seeds]})
                 ctx.console.print(f"  serving {len(site.pages)} demo pages at {server.url}")
-            with StageProgress(ctx.console, "crawl", "pages", total=crawl_cfg.max_pages) as progress:
+            with StageProgress(ctx.console, ctx.stage, "pages", total=crawl_cfg.max_pages) as progress:
                 files, counters = run_crawl(
                     crawl_cfg, work, on_progress=progress.update, on_this_node=out.local is None
                 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from core.storage import Store
-from orchestration.component import RunContext, StageComponent, last
+from orchestration.component import RunContext, StageComponent, StageInstance, last
 
 if TYPE_CHECKING:
     from orchestration.config import PipelineConfig
@@ -15,11 +15,12 @@ if TYPE_CHECKING:
 class Dedup(StageComponent):
     name = "dedup"
     produces = "documents"
+    per_source = True
 
     def enabled(self, cfg: PipelineConfig) -> bool:
         return cfg.has_corpus and bool(cfg.dedup.exact or cfg.dedup.minhash)
 
-    def reads(self, cfg: PipelineConfig, before: list[StageComponent]) -> tuple[str, ...]:
+    def reads(self, cfg: PipelineConfig, before: list[StageInstance]) -> tuple[str, ...]:
         return last(before, "documents")
 
     def key_config(self, cfg: PipelineConfig) -> Any:
@@ -30,7 +31,7 @@ class Dedup(StageComponent):
         from orchestration.progress import StageProgress
 
         (docs,) = inputs
-        with StageProgress(ctx.console, "dedup", "tasks") as progress:
+        with StageProgress(ctx.console, ctx.stage, "tasks") as progress:
             return run_dedup_stage(
                 ctx.outcome(docs).store,
                 out,

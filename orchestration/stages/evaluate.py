@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.manifest import index_digest, write_index
 from core.storage import Store, local_copy
-from orchestration.component import RunContext, StageComponent, last
+from orchestration.component import RunContext, StageComponent, StageInstance, last
 from orchestration.stage_files import write_file
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ class Evaluate(StageComponent):
     def enabled(self, cfg: PipelineConfig) -> bool:
         return cfg.has_corpus
 
-    def reads(self, cfg: PipelineConfig, before: list[StageComponent]) -> tuple[str, ...]:
+    def reads(self, cfg: PipelineConfig, before: list[StageInstance]) -> tuple[str, ...]:
         return last(before, "model") + last(before, "tokens")
 
     def key_config(self, cfg: PipelineConfig) -> Any:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from core.manifest import index_digest, write_index
 from core.redact import redact
 from core.storage import Store, local_copy, local_file
-from orchestration.component import RunContext, StageComponent, StageOutcome, last
+from orchestration.component import RunContext, StageComponent, StageInstance, StageOutcome, last
 from orchestration.stage_files import (
     MODEL_RECORD,
     init_from_problems,
@@ -32,7 +32,7 @@ class Finetune(StageComponent):
     def enabled(self, cfg: PipelineConfig) -> bool:
         return cfg.finetune is not None
 
-    def reads(self, cfg: PipelineConfig, before: list[StageComponent]) -> tuple[str, ...]:
+    def reads(self, cfg: PipelineConfig, before: list[StageInstance]) -> tuple[str, ...]:
         """The labeled splits, and the trained model unless ``init_from`` names the base."""
         return last(before, "labeled") + (() if cfg.finetune.init_from else last(before, "model"))
 

@@ -4,6 +4,7 @@ shards in its own task; the shards and their index are the same whatever the num
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,14 +14,14 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
 from core.files import write_parquet
-from core.manifest import dataset_files, write_index
+from core.manifest import source_files, write_index
 from core.partitions import Partition, plan_partitions
 from core.quarantine import Quarantine
 from core.schema import REJECTED_SCHEMA
 from core.stage import StageContext
 from core.storage import Store, open_input_file
 from core.tasks import DONE_DIR, TaskId
-from orchestration.component import RunContext, StageComponent, last
+from orchestration.component import RunContext, StageComponent, StageInstance, last, split_instance
 from orchestration.executors import REJECTED_DIR, count, run_tasks
 from training.data.tokenize import (
     Prepared,
@@ -43,7 +44,7 @@ class Tokenize(StageComponent):
     def enabled(self, cfg: PipelineConfig) -> bool:
         return cfg.has_corpus
 
-    def reads(self, cfg: PipelineConfig, before: list[StageComponent]) -> tuple[str, ...]:
+    def reads(self, cfg: PipelineConfig, before: list[StageInstance]) -> tuple[str, ...]:
         return last(before, "documents")
 
     def key_config(self, cfg: PipelineConfig) -> Any:
@@ -66,13 +67,14 @@ class Tokenize(StageComponent):
         ]
 
     def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
+        """One tokenizer for every source's documents; each source's shards apart (``web-p00000``...)."""
         from orchestration.progress import StageProgress
 
-        (name,) = inputs
-        docs = ctx.outcome(name)
-        with StageProgress(ctx.console, "tokenize", "documents", total=docs.index["rows"]) as progress:
+        docs = {split_instance(name)[1]: ctx.outcome(name) for name in inputs}
+        total = sum(d.index["rows"] for d in docs.values())
+        with StageProgress(ctx.console, "tokenize", "documents", total=total) as progress:
             return run_tokenize_stage(
-                docs.store,
+                {source: d.store for source, d in docs.items()},
                 out,
                 ctx.cfg.tokenize,
                 cache_key=key,
@@ -141,7 +143,7 @@ def _tokenize_task(
 
 
 def run_tokenize_stage(
-    docs_dir: str | Path,
+    docs_dir: str | Path | Store | dict[str | None, str | Path | Store],
     out_dir: str | Path,
     config: TokenizeConfig,
     *,
@@ -155,18 +157,33 @@ def run_tokenize_stage(
     """Tokenizer pass in one task, then one task per partition; resumes from completed partitions. With
     ``on_counts``, the documents and tokens written so far are reported as the partitions' tasks run.
 
-    The partitions are planned from the input's row groups and the config alone, so the shards are the
-    same whatever the number of workers.
+    ``docs_dir``: a documents dataset, or source -> documents dataset: the tokenizer is fitted on all of
+    them (in that order), each source's partitions are named after it (``web-p00000``) and their shards
+    carry its name. The partitions are planned from the inputs' row groups and the config alone, so the
+    shards are the same whatever the number of workers.
     """
-    docs, paths = dataset_files(docs_dir)
-    files = [str(p) for p in paths]
+    sources = docs_dir if isinstance(docs_dir, dict) else {None: docs_dir}
+    documents_in, by_source = 0, {}
+    for source, where in sources.items():
+        docs, held = source_files(where)  # one dataset may hold several sources (dedup across them)
+        documents_in += docs["rows"]
+        for name, paths in held.items():
+            by_source[name if name is not None else source] = [str(p) for p in paths]
+    files = [f for fs in by_source.values() for f in fs]
     out = Store(out_dir)
     if load_prepared(out) is None:
         out.rmtree(DONE_DIR)  # partitions of another tokenizer are void
     pass_ = TaskId("tokenizer")
     result = run_tasks(out, [pass_], lambda _: (_prepare_tokenizer_task, (files, config)), options=options)
     prepared = Prepared.from_result(result[pass_])
-    parts = {TaskId(part=p.name): p for p in plan_partitions(files, config.partition_mb)}
+    parts: dict[TaskId, Partition] = {}
+    source_of: dict[TaskId, str] = {}
+    for source, fs in by_source.items():
+        for part in plan_partitions(fs, config.partition_mb):
+            if source is not None:
+                part = replace(part, name=f"{source}-{part.name}")
+                source_of[TaskId(part=part.name)] = source
+            parts[TaskId(part=part.name)] = part
     results = run_tasks(
         out,
         list(parts),
@@ -176,7 +193,10 @@ def run_tokenize_stage(
         options=options,
         on_counts=on_counts,
     )
-    documents_in = docs["rows"]
+    for task, source in source_of.items():
+        for split in results[task]["shards"].values():
+            for shard in split:
+                shard["source"] = source
     documents_out = sum(r["documents"] for r in results.values())
     quarantined = sum(r.get("quarantined", 0) for r in results.values())
     if documents_in != documents_out + quarantined:

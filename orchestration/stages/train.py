@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from core.manifest import index_digest, write_index
 from core.redact import redact
 from core.storage import Store, local_copy
-from orchestration.component import RunContext, StageComponent, last
+from orchestration.component import RunContext, StageComponent, StageInstance, last
 from orchestration.stage_files import MODEL_RECORD, init_from_problems, model_files
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ class Train(StageComponent):
     def enabled(self, cfg: PipelineConfig) -> bool:
         return cfg.has_corpus
 
-    def reads(self, cfg: PipelineConfig, before: list[StageComponent]) -> tuple[str, ...]:
+    def reads(self, cfg: PipelineConfig, before: list[StageInstance]) -> tuple[str, ...]:
         return last(before, "tokens")
 
     def key_config(self, cfg: PipelineConfig) -> Any:

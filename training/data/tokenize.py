@@ -300,6 +300,9 @@ def write_token_index(
         **{f"{k}_documents": v["documents"] for k, v in splits.items()},
         "vocab_size": prepared.vocab_size,
     } | ({"quarantined": quarantined} if quarantined else {})
+    sources = _source_totals(splits)
+    for source, totals in sources.items():
+        counters |= {f"documents.{source}": totals["documents"], f"tokens.{source}": totals["tokens"]}
     extra = {
         "tokenizer": {
             "id": prepared.id,
@@ -317,7 +320,7 @@ def write_token_index(
             "val_fraction": config.val_fraction,
             "forced_val_document": prepared.forced_val,
         },
-    }
+    } | ({"sources": sources} if sources else {})
     return write_index(
         out_dir,
         stage="tokenize",
@@ -328,6 +331,20 @@ def write_token_index(
         counters=counters,
         extra=extra,
     )
+
+
+def _source_totals(splits: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Documents and tokens of each source (shards tagged with one), overall and per split."""
+    totals: dict[str, dict[str, int]] = {}
+    for split, data in splits.items():
+        for shard in data["shards"]:
+            if shard.get("source") is None:
+                continue
+            t = totals.setdefault(shard["source"], {"documents": 0, "tokens": 0})
+            for k in ("documents", "tokens"):
+                t[k] += shard[k]
+                t[f"{split}_{k}"] = t.get(f"{split}_{k}", 0) + shard[k]
+    return totals
 
 
 def tokenize_documents(batches: Batches, out_dir: str | Path, config: TokenizeConfig) -> dict[str, Any]:
