@@ -428,6 +428,21 @@ class _Phases:
                 raise RuntimeError(f"dedup components did not converge in {MAX_STAR_STEPS} steps")
 
 
+def _partitions(
+    sources: dict[str | None, Any], partition_mb: float
+) -> tuple[list[Partition], list[int], int]:
+    """The partitions of every source's documents (named after their source, ``web-p00000``), each one's
+    source rank, and the documents in."""
+    parts, priority, documents = [], [], 0
+    for rank, (source, where) in enumerate(sources.items()):
+        docs_index, files = dataset_files(where)
+        documents += sum(f.get("rows", 0) for f in docs_index["files"] if f["path"].endswith(".parquet"))
+        for part in plan_partitions(files, partition_mb):
+            parts.append(part if source is None else replace(part, name=f"{source}-{part.name}"))
+            priority.append(rank)
+    return parts, priority, documents
+
+
 def run_dedup_stage(
     docs_dir: str | Path | Store | dict[str, str | Path | Store],
     out_dir: str | Path,
@@ -446,14 +461,8 @@ def run_dedup_stage(
     after their source (``web-p00000``), a cluster's survivor is the copy of the first source in that
     order (then the keep rule), and the index lists each source's files (``sources``)."""
     sources = docs_dir if isinstance(docs_dir, dict) else {None: docs_dir}
-    parts, priority, documents = [], [], 0
-    for rank, (source, where) in enumerate(sources.items()):
-        docs_index, files = dataset_files(where)
-        # The shard count follows the corpus (and memory_mb), so a shard task's peak does not.
-        documents += sum(f.get("rows", 0) for f in docs_index["files"] if f["path"].endswith(".parquet"))
-        for part in plan_partitions(files, cfg.partition_mb):
-            parts.append(part if source is None else replace(part, name=f"{source}-{part.name}"))
-            priority.append(rank)
+    parts, priority, documents = _partitions(sources, cfg.partition_mb)
+    # The shard count follows the corpus (and memory_mb), so a shard task's peak does not.
     cfg = cfg.model_copy(update={"shards": cfg.shards_for(documents)})
     out = Store(out_dir)
     names = [p.name for p in parts]

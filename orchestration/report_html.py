@@ -710,34 +710,7 @@ def build_html(
     rep = build_report(workdir, last)
     stages = run_stages(workdir, last)
     tables: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    body: dict[str, str] = defaultdict(str)
-    key_figures: dict[str, float] = {}
-    for source, chain in chains(stages).items():
-        view = {stage: stages[name] for stage, name in chain.items()}
-        if "dedup_across" in stages and source is not None:  # what of it survived dedup across sources
-            view["dedup_across"] = {
-                "counters": {"kept": stages["dedup_across"]["counters"].get(f"kept.{source}", 0)}
-            }
-        if "tokenize" in stages:  # a source's share of the shards
-            tokens = stages["tokenize"]
-            view["tokenize"] = (
-                tokens if source is None else {"counters": tokens.get("sources", {}).get(source, {})}
-            )
-        root = workdir if source is None else workdir / "sources" / source  # its chain's stages, by name
-        own: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        sections, figures = _corpus_sections(root, view, own)
-        for key, html_ in sections.items():
-            if html_:
-                body[key] += html_ if source is None else f"<h3>source {_e(source)}</h3>{html_}"
-        key_figures |= {
-            k if source is None else k.replace("report.", f"report.{source}.", 1): v
-            for k, v in figures.items()
-        }
-        for name, rows in own.items():
-            tables[name] += rows if source is None else [{"source": source, **row} for row in rows]
-    if "dedup_across" in stages:
-        across = _duplicates(workdir, stages["dedup_across"], "dedup_across")
-        body["duplicates"] += f"<h3>across sources</h3>{across}"
+    body, key_figures = _source_sections(workdir, stages, tables)
     body |= {
         "tokens": _tokens(stages.get("tokenize")),
         "training": _training(workdir) if "train" in stages else "",
@@ -769,6 +742,42 @@ def build_html(
     key_figures["report.checks_passed"] = float(sum(rep["checks"].values()))
     key_figures["report.checks_failed"] = float(len(rep["checks"]) - sum(rep["checks"].values()))
     return page, {"metrics": key_figures, "tables": {k: v for k, v in tables.items() if v}}
+
+
+def _source_sections(
+    workdir: Store, stages: dict[str, dict[str, Any]], tables: dict[str, list[dict[str, Any]]]
+) -> tuple[dict[str, str], dict[str, float]]:
+    """The corpus sections of each source's chain (headed by its name; a single corpus's as they are),
+    then the duplicates found across sources; their key figures and tables (rows tagged by source)."""
+    body: dict[str, str] = defaultdict(str)
+    key_figures: dict[str, float] = {}
+    for source, chain in chains(stages).items():
+        view = {stage: stages[name] for stage, name in chain.items()}
+        if "dedup_across" in stages and source is not None:  # what of it survived dedup across sources
+            view["dedup_across"] = {
+                "counters": {"kept": stages["dedup_across"]["counters"].get(f"kept.{source}", 0)}
+            }
+        if "tokenize" in stages:  # a source's share of the shards
+            tokens = stages["tokenize"]
+            view["tokenize"] = (
+                tokens if source is None else {"counters": tokens.get("sources", {}).get(source, {})}
+            )
+        root = workdir if source is None else workdir / "sources" / source  # its chain's stages, by name
+        own: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        sections, figures = _corpus_sections(root, view, own)
+        for key, html_ in sections.items():
+            if html_:
+                body[key] += html_ if source is None else f"<h3>source {_e(source)}</h3>{html_}"
+        key_figures |= {
+            k if source is None else k.replace("report.", f"report.{source}.", 1): v
+            for k, v in figures.items()
+        }
+        for name, rows in own.items():
+            tables[name] += rows if source is None else [{"source": source, **row} for row in rows]
+    if "dedup_across" in stages:
+        across = _duplicates(workdir, stages["dedup_across"], "dedup_across")
+        body["duplicates"] += f"<h3>across sources</h3>{across}"
+    return body, key_figures
 
 
 def _corpus_sections(

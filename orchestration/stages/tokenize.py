@@ -142,6 +142,33 @@ def _tokenize_task(
     }
 
 
+def _inputs(sources: dict[str | None, Any]) -> tuple[int, dict[str | None, list[str]]]:
+    """The documents in, and each source's Parquet files (a dataset may hold several sources: dedup
+    across them writes one)."""
+    documents_in, by_source = 0, {}
+    for source, where in sources.items():
+        docs, held = source_files(where)
+        documents_in += docs["rows"]
+        for name, paths in held.items():
+            by_source[name if name is not None else source] = [str(p) for p in paths]
+    return documents_in, by_source
+
+
+def _partitions(
+    by_source: dict[str | None, list[str]], partition_mb: float
+) -> tuple[dict[TaskId, Partition], dict[TaskId, str]]:
+    """Each source's partitions, named after it (``web-p00000``), and the source of each task."""
+    parts: dict[TaskId, Partition] = {}
+    source_of: dict[TaskId, str] = {}
+    for source, files in by_source.items():
+        for part in plan_partitions(files, partition_mb):
+            if source is not None:
+                part = replace(part, name=f"{source}-{part.name}")
+                source_of[TaskId(part=part.name)] = source
+            parts[TaskId(part=part.name)] = part
+    return parts, source_of
+
+
 def run_tokenize_stage(
     docs_dir: str | Path | Store | dict[str | None, str | Path | Store],
     out_dir: str | Path,
@@ -162,13 +189,7 @@ def run_tokenize_stage(
     carry its name. The partitions are planned from the inputs' row groups and the config alone, so the
     shards are the same whatever the number of workers.
     """
-    sources = docs_dir if isinstance(docs_dir, dict) else {None: docs_dir}
-    documents_in, by_source = 0, {}
-    for source, where in sources.items():
-        docs, held = source_files(where)  # one dataset may hold several sources (dedup across them)
-        documents_in += docs["rows"]
-        for name, paths in held.items():
-            by_source[name if name is not None else source] = [str(p) for p in paths]
+    documents_in, by_source = _inputs(docs_dir if isinstance(docs_dir, dict) else {None: docs_dir})
     files = [f for fs in by_source.values() for f in fs]
     out = Store(out_dir)
     if load_prepared(out) is None:
@@ -176,14 +197,7 @@ def run_tokenize_stage(
     pass_ = TaskId("tokenizer")
     result = run_tasks(out, [pass_], lambda _: (_prepare_tokenizer_task, (files, config)), options=options)
     prepared = Prepared.from_result(result[pass_])
-    parts: dict[TaskId, Partition] = {}
-    source_of: dict[TaskId, str] = {}
-    for source, fs in by_source.items():
-        for part in plan_partitions(fs, config.partition_mb):
-            if source is not None:
-                part = replace(part, name=f"{source}-{part.name}")
-                source_of[TaskId(part=part.name)] = source
-            parts[TaskId(part=part.name)] = part
+    parts, source_of = _partitions(by_source, config.partition_mb)
     results = run_tasks(
         out,
         list(parts),
@@ -197,8 +211,21 @@ def run_tokenize_stage(
         for split in results[task]["shards"].values():
             for shard in split:
                 shard["source"] = source
-    documents_out = sum(r["documents"] for r in results.values())
-    quarantined = sum(r.get("quarantined", 0) for r in results.values())
+    return _commit(out, [results[t] for t in parts], documents_in, prepared, config, cache_key, inputs)
+
+
+def _commit(
+    out: Store,
+    results: list[dict[str, Any]],
+    documents_in: int,
+    prepared: Prepared,
+    config: TokenizeConfig,
+    cache_key: str,
+    inputs: dict[str, str] | None,
+) -> dict[str, Any]:
+    """Check that every document was tokenized or quarantined, then write both manifests."""
+    documents_out = sum(r["documents"] for r in results)
+    quarantined = sum(r.get("quarantined", 0) for r in results)
     if documents_in != documents_out + quarantined:
         raise RuntimeError(
             f"tokenize: {documents_in} documents in but {documents_out} tokenized and {quarantined} quarantined"
@@ -207,16 +234,10 @@ def run_tokenize_stage(
         out / REJECTED_DIR,
         stage="tokenize",
         cache_key=cache_key,
-        files=[r["rejected"] for r in results.values() if "rejected" in r],
+        files=[r["rejected"] for r in results if "rejected" in r],
         schema=REJECTED_SCHEMA,
         inputs=inputs,
     )
     return write_token_index(
-        out,
-        prepared,
-        config,
-        [results[t] for t in parts],
-        cache_key=cache_key,
-        inputs=inputs,
-        quarantined=quarantined,
+        out, prepared, config, results, cache_key=cache_key, inputs=inputs, quarantined=quarantined
     )
