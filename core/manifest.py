@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.files import atomic_write_bytes, file_sha256
-from core.storage import Store, open_input_file
+from core.storage import RecordError, Store, open_input_file
 
 FORMAT_VERSION = 1
 INDEX = "index.json"
@@ -69,11 +69,13 @@ def read_index(out_dir: str | Path | Store, kind: str | None = None) -> dict[str
     store = Store(out_dir)
     path = store / INDEX  # shown in messages (credentials masked)
     try:
-        index = json.loads(store.read_bytes(INDEX))
-    except (FileNotFoundError, NotADirectoryError):
+        index = store.read_object(INDEX)
+    except RecordError as e:
+        raise ManifestError(
+            f"{path}: not a readable manifest ({e.reason}); delete {store} to rebuild it"
+        ) from None
+    if index is None:
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path}: not a readable manifest ({e}); delete {store} to rebuild it") from None
     found = f"kind={index.get('kind')!r} format_version={index.get('format_version')!r}"
     if index.get("format_version") != FORMAT_VERSION:
         raise ManifestError(

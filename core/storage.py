@@ -27,6 +27,41 @@ from core.redact import redact
 _URI = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?P<rest>[^?]*)(?P<query>\?.*)?$")
 
 
+def uri_scheme(value: str | Path) -> str | None:
+    """The scheme of a URI (``s3``, ``file``), None for a plain path: the one test of "is it a URI"."""
+    match = _URI.match(str(value))
+    return match["scheme"] if match else None
+
+
+def is_remote(value: str | Path) -> bool:
+    """Whether ``value`` names a place on a filesystem other than this machine's (``file://`` is local)."""
+    return uri_scheme(value) not in (None, "file")
+
+
+def split_uri(uri: str) -> tuple[str, str, str]:
+    """``scheme://path?query`` as (scheme, path, ``?query`` or ''); a glob's own ``?`` is no query."""
+    scheme, rest = uri.split("://", 1)
+    query = re.search(r"\?[A-Za-z_]\w*=[^?]*$", rest)
+    if query is None:
+        return scheme, rest, ""
+    return scheme, rest[: query.start()], query.group()
+
+
+def filesystem(where: str | Path) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of a URI or local path, and the path on it."""
+    if uri_scheme(where) is None:
+        return pafs.LocalFileSystem(), str(Path(where).resolve())
+    return pafs.FileSystem.from_uri(str(where))
+
+
+class RecordError(ValueError):
+    """A JSON record that is there but damaged: names the file (credentials masked) and what is wrong."""
+
+    def __init__(self, where: Store, reason: str):
+        super().__init__(f"{where}: not readable JSON ({reason})")
+        self.where, self.reason = where, reason
+
+
 class Store:
     """A directory, local or on a pyarrow filesystem; ``store / "name"`` is the one below it."""
 
@@ -125,13 +160,30 @@ class Store:
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
 
-    def read_json(self, rel: str) -> dict:
-        """A JSON object file; ``{}`` when it is missing or not readable JSON (records beside outputs)."""
+    def read_object(self, rel: str) -> dict | None:
+        """A JSON object file: None when it is missing (the one rule for every record lmforge reads: manifests,
+        task markers, key parts, run and model records); ValueError naming the file when it is not a JSON
+        object (each caller says what a damaged one means: a manifest stops the run, a marker or a key's
+        parts are written again)."""
         try:
-            value = json.loads(self.read_bytes(rel))
-        except (FileNotFoundError, NotADirectoryError, ValueError):
+            data = self.read_bytes(rel)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            value = json.loads(data)
+        except ValueError as e:  # UnicodeDecodeError too
+            raise RecordError(self / rel, str(e)) from None
+        if not isinstance(value, dict):
+            raise RecordError(self / rel, f"a JSON {type(value).__name__}, not an object")
+        return value
+
+    def read_json(self, rel: str) -> dict:
+        """A record beside outputs (run.json, a model's record, a summary): ``{}`` when it is missing or
+        damaged, which only leaves a report's or a walk's field empty."""
+        try:
+            return self.read_object(rel) or {}
+        except ValueError:
             return {}
-        return value if isinstance(value, dict) else {}
 
     def sha256(self, rel: str, chunk: int = 1 << 20) -> str:
         """The sha256 of a file, streamed (hex)."""

@@ -57,10 +57,7 @@ class TaskId:
 
 def read_marker(markers: str | Path | Store, task: TaskId) -> dict[str, Any] | None:
     """The result of a task committed by an earlier run, or None if it never completed."""
-    try:
-        return json.loads(Store(markers).read_bytes(f"{task.name}.json"))
-    except FileNotFoundError:
-        return None
+    return Store(markers).read_object(f"{task.name}.json")
 
 
 class _Tee(io.TextIOBase):

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from training.ranks import rank_world
+
 Progress = Callable[[int, int], None]
 
 
@@ -36,12 +38,6 @@ class _Row:
 
     def length(self) -> int:
         return len(self.context) + sum(len(c) - 1 for c in self.continuations)
-
-
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def default_batch_tokens(device: torch.device) -> int:
@@ -141,7 +137,7 @@ class CausalScorer:
             row.continuations.append(cont)
             row.slots.append(slot)
         batches = self._batches(sorted([*full, *rows.values()], key=lambda r: -r.length()))
-        rank, world = _rank_world() if self.across_ranks else (0, 1)
+        rank, world = rank_world() if self.across_ranks else (0, 1)
         mine = batches[rank::world]
         results: dict[int, tuple[float, bool]] = {}
         done = 0

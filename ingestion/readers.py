@@ -40,6 +40,7 @@ from warcio.exceptions import ArchiveLoadFailed
 from warcio.recordloader import ArcWarcRecord
 
 from core.schema import DOCUMENT_SCHEMA, HTML_SCHEMA, document_id
+from core.storage import filesystem, split_uri, uri_scheme
 
 #: Encodings detection may choose for a page that declares none and is not UTF-8: those of scripts
 #: windows-1252 cannot be (CJK, Cyrillic, Greek, Hebrew, Arabic, Thai). Any other guess (a Latin code page, or
@@ -125,13 +126,6 @@ def decode_utf8(data: bytes) -> tuple[str, int]:
 _ESCAPED = re.compile("[\udc80-\udcff]")
 
 
-def _filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
-    uri = str(uri)
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), str(Path(uri).resolve())
-    return pafs.FileSystem.from_uri(uri)
-
-
 class CorruptInputError(ValueError):
     """An input file that cannot be read to its end: truncated or corrupt. Names the file and how far the
     read got."""
@@ -199,7 +193,7 @@ def warc_records(path: str | Path, report: ReadReport) -> Iterator[tuple[ArcWarc
     it are kept. A stream that cannot be decompressed (a truncated gzip member) is not resynchronised:
     that error ends the file (``CorruptInputError``, through the reader that calls this)."""
     source = Path(str(path)).name
-    fs, where = _filesystem(path)
+    fs, where = filesystem(path)
     start = 0
     while start is not None:
         with fs.open_input_stream(where) as stream:
@@ -297,7 +291,7 @@ def find_htmls(path: str | Path, wanted: dict[str, int | None]) -> dict[str, str
     by_offset = {o: i for i, o in wanted.items() if o is not None}
     scan = {i for i, o in wanted.items() if o is None}
     last = max(by_offset, default=-1)
-    fs, where = _filesystem(path)
+    fs, where = filesystem(path)
     with fs.open_input_stream(where) as stream:
         records = ArchiveIterator(stream)
         for record in records:
@@ -371,7 +365,7 @@ def read_jsonl(
     report = report if report is not None else ReadReport()
     source = Path(str(path)).name
     out = _Batches(DOCUMENT_SCHEMA, batch_size)
-    fs, where = _filesystem(path)
+    fs, where = filesystem(path)
     with fs.open_input_stream(where, compression="detect") as stream:
         for number, raw in enumerate(io.BufferedReader(stream), 1):
             line, replaced = decode_utf8(raw)
@@ -408,7 +402,7 @@ def read_parquet(
     """Stream a Parquet file's text (and id, URL) columns, row group by row group."""
     report = report if report is not None else ReadReport()
     source = Path(str(path)).name
-    fs, where = _filesystem(path)
+    fs, where = filesystem(path)
     with fs.open_input_file(where) as handle:
         parquet = pq.ParquetFile(handle)
         names = set(parquet.schema_arrow.names)
@@ -507,7 +501,7 @@ def read_directory(
     ``HTML_SCHEMA`` (charset from <meta>, else detected), text files as ``DOCUMENT_SCHEMA`` (UTF-8).
     A document's URL is ``file://`` plus its path, its id from that URL and its bytes."""
     report = report if report is not None else ReadReport()
-    fs, where = _filesystem(path)
+    fs, where = filesystem(path)
     suffixes = HTML_SUFFIXES if kind == "html" else TEXT_SUFFIXES
     infos = fs.get_file_info(pafs.FileSelector(where, recursive=True))
     files = sorted(
@@ -540,7 +534,7 @@ def read_corpus(
     """Any supported corpus, by its name: a directory (its HTML files, then its text files), WARC,
     WET, JSONL (any compression) or Parquet. ``fields`` renames text_field / id_field / url_field."""
     report = report if report is not None else ReadReport()
-    fs, where = _filesystem(uri)
+    fs, where = filesystem(uri)
     if fs.get_file_info(where).type == pafs.FileType.Directory:
         yield from read_directory(uri, "html", batch_size, report)
         yield from read_directory(uri, "text", batch_size, report)
@@ -591,7 +585,7 @@ class ReadConfig(BaseModel):
         ``?endpoint_override=...``, is kept on every file it expands to)."""
         out: list[str] = []
         for entry in self.paths:
-            out += _expand_remote(entry) if "://" in entry else _expand_local(entry)
+            out += _expand_remote(entry) if uri_scheme(entry) else _expand_local(entry)
         return list(dict.fromkeys(out))
 
     def fingerprint(self) -> list[tuple[str, int, int]]:
@@ -599,7 +593,7 @@ class ReadConfig(BaseModel):
         last-modified time): a changed file changes the clean stage's key."""
         prints = []
         for entry in self.inputs():
-            if "://" in entry:
+            if uri_scheme(entry):
                 prints.append(_remote_fingerprint(entry))
                 continue
             path = Path(entry)
@@ -641,19 +635,10 @@ def _remote_files(fs: pafs.FileSystem, where: str) -> list[pafs.FileInfo]:
     return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
 
-def _split_uri(entry: str) -> tuple[str, str, str]:
-    """``scheme://path?query`` as (scheme, path, '?query' or '')."""
-    scheme, rest = entry.split("://", 1)
-    query = re.search(r"\?[A-Za-z_]\w*=[^?]*$", rest)  # a glob's own "?" is no query
-    if query is None:
-        return scheme, rest, ""
-    return scheme, rest[: query.start()], query.group()
-
-
 def _expand_remote(entry: str) -> list[str]:
     """A filesystem URI's files, as URIs: a directory's corpus files (and the directory itself when it
     holds HTML or text files, read together), a glob's matches, or the file itself."""
-    scheme, path, query = _split_uri(entry)
+    scheme, path, query = split_uri(entry)
     if glob.has_magic(path):
         root = "/".join(
             path.split("/")[: next(i for i, p in enumerate(path.split("/")) if glob.has_magic(p))]

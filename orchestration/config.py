@@ -27,7 +27,7 @@ from cleaning.pii import PiiConfig
 from core.manifest import Verify
 from core.mappings import deep_merge
 from core.stage import StageConfig
-from core.storage import Store, node_dir
+from core.storage import Store, is_remote, node_dir
 from evaluation.config import EvalConfig
 from ingestion.crawler import CrawlConfig
 from ingestion.readers import ReadConfig
@@ -373,7 +373,7 @@ class PipelineConfig(_Section):
     @classmethod
     def _workdir(cls, value: Any) -> Any:
         """A local directory as a Path; a filesystem URI kept as the string (a Path would fold its //)."""
-        if isinstance(value, str) and "://" in value and not value.startswith("file://"):
+        if isinstance(value, str) and is_remote(value):
             return value
         if isinstance(value, str):
             if not value.strip():

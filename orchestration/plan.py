@@ -194,8 +194,8 @@ def key_of(parts: dict[str, Any]) -> str:
 
 def read_parts(out: str | Path | Store) -> dict[str, Any] | None:
     try:
-        return json.loads(Store(out).read_bytes(PARTS_FILE))
-    except (OSError, ValueError):
+        return Store(out).read_object(PARTS_FILE)
+    except ValueError:  # damaged: the plan says the key changed, without saying how
         return None
 
 

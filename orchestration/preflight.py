@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from core.redact import redact
+from core.storage import is_remote
 from orchestration.config import ConfigError, PipelineConfig
 
 #: How long the pre-flight waits for the work dir's filesystem or the tracking server to answer.
@@ -22,7 +23,7 @@ def reach_problems(cfg: PipelineConfig) -> list[str]:
     REACH_TIMEOUT_S (an unreachable endpoint otherwise fails late with a raw OSError, or retries
     silently for minutes). Any answer counts, an error status included: it is reachable."""
     problems = []
-    if "://" in str(cfg.workdir) and (error := _filesystem_answers(str(cfg.workdir))) is not None:
+    if is_remote(cfg.workdir) and (error := _filesystem_answers(str(cfg.workdir))) is not None:
         problems.append(_unreachable("workdir", str(cfg.workdir), error))
     uri = cfg.tracking.uri or ""
     if uri.startswith(("http://", "https://")):

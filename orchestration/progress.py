@@ -43,7 +43,7 @@ class StageProgress:
     def __init__(self, console: Console, stage: str, unit: str, total: int | None = None):
         stage = escape(stage)  # printed as console markup: clean[web] is text
         self.console, self.stage, self.unit, self.total = console, stage, unit, total
-        self.done, self.phase = 0, stage
+        self.done, self.phase, self.note = 0, stage, ""
         self.counts: dict[str, int] = {}
         self._counts_at_start: dict[str, int] | None = None
         self._bar: Progress | None = None
@@ -91,9 +91,14 @@ class StageProgress:
             new = n - (self._counts_at_start or {}).get(name, 0)
             rate = f" ({_amount(new / seconds)}/s)" if seconds > 0 and new > 0 else ""
             shown.append(f"{_amount(n)} {name}{rate}")
-        return ", ".join(shown)
+        return ", ".join(shown + ([self.note] if self.note else []))
 
-    def update(self, done: int, total: int | None = None, phase: str | None = None) -> None:
+    def update(
+        self, done: int, total: int | None = None, phase: str | None = None, note: str | None = None
+    ) -> None:
+        """``done`` of ``total``; ``note``: the latest figures worth showing beside it (training's loss)."""
+        if note is not None:
+            self.note = note
         if phase is not None and phase != self.phase:
             self.phase = phase
             if self._bar is not None:

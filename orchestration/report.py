@@ -13,6 +13,7 @@ from core.manifest import index_digest, read_index, read_table
 from core.storage import Store, node_dir, open_input_file
 from orchestration.component import output_path, split_instance
 from orchestration.stage_files import MODEL_RECORD
+from training.data.tokenize import validation_warning
 
 STAGES = ("crawl", "clean", "dedup", "dedup_across", "tokenize", "train", "evaluate", "labeled", "finetune")
 #: The stages of a source's chain: one corpus's, or each source's (``clean[web]``).
@@ -125,8 +126,11 @@ def build_report(workdir: str | Path | Store, last: str | list[str] | None = Non
         checks.update(_chain_report(workdir, stages, chain, rep["stages"]))
     if "dedup_across" in stages:
         checks.update(_across_report(workdir, stages, sources, rep["stages"]))
+    warnings = []
     if "tokenize" in stages:
         rep["stages"]["tokenize"] = stages["tokenize"]["counters"]
+        if (warning := validation_warning(stages["tokenize"])) is not None:
+            warnings.append(f"tokenize: {warning}")
         last_docs = [rep["stages"][name] for name in _last_documents(sources, stages)]
         if last_docs:
             tokenized = stages["tokenize"]["counters"]
@@ -147,6 +151,7 @@ def build_report(workdir: str | Path | Store, last: str | list[str] | None = Non
     model = workdir.read_json(f"train/{MODEL_RECORD}")
     rep["model"] = {"model_id": model.get("model_id"), "registered_version": model.get("version")}
     rep["checks"] = checks
+    rep["warnings"] = warnings  # not failures: the run is consistent, but a figure is not to be trusted
     rep["ok"] = all(checks.values())
     return rep
 
@@ -296,6 +301,8 @@ def render_markdown(rep: dict[str, Any]) -> str:
         lines.append("")
     lines.append("## checks")
     lines += [f"- [{'x' if ok else ' '}] {name}" for name, ok in rep["checks"].items()]
+    if rep.get("warnings"):
+        lines += ["", "## warnings", *(f"- {w}" for w in rep["warnings"])]
     return "\n".join(lines) + "\n"
 
 

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from core.manifest import dataset_files, index_digest
 from core.redact import redact
-from core.storage import Store, open_input_file
+from core.storage import Store, open_input_file, uri_scheme
 from ingestion.readers import ReadConfig, corpus_format, decode_html, find_htmls
 from orchestration.component import output_path
 from orchestration.config import CleanConfig
@@ -41,6 +41,7 @@ from orchestration.report import (
 )
 
 KEPT, REJECTED = "#2f7ed8", "#e4572e"
+_FUNNEL_COLORS = ["#c9d6df", "#b3c6d3", "#9db4c0", "#7aa6c2", KEPT, "#2968b8", "#1f5fa8", "#174a84"]
 _BATCH = 65_536
 _EXAMPLES = 3  # per rejection reason
 _SNIPPET = 700  # characters of an example's text
@@ -186,6 +187,7 @@ def _layout(fig: go.Figure, title: str, height: int = 320, **kw: Any) -> go.Figu
         margin={"l": 50, "r": 20, "t": 40, "b": 40},
         template="plotly_white",
         legend={"orientation": "h", "y": -0.2},
+        modebar={"orientation": "v"},  # down the right edge: over the title, it hid its end
         font={"family": "system-ui, -apple-system, Segoe UI, sans-serif", "size": 12},
         **kw,
     )
@@ -197,12 +199,13 @@ def _div(fig: go.Figure) -> str:
 
 
 def _histogram(name: str, kept: np.ndarray, rejected: np.ndarray, thresholds: list[float]) -> go.Figure:
-    """Kept vs rejected counts in shared bins (0.5th-99.5th percentile; outliers land in the end bins),
+    """Kept vs rejected counts in shared bins (0.5th-99.5th percentile of each side, so that a handful of
+    rejected documents stay on the axis; outliers land in the end bins),
     with the filter's thresholds drawn (a cut far outside the data, such as Gopher's 100,000 words, is
     named in the title instead of stretching the axis)."""
-    both = np.concatenate([kept, rejected]).astype(np.float64)
-    both = both[np.isfinite(both)]
-    lo, hi = np.percentile(both, [0.5, 99.5]) if len(both) else (0.0, 1.0)
+    sides = [v[np.isfinite(v)] for v in (kept.astype(np.float64), rejected.astype(np.float64))]
+    ranges = [np.percentile(v, [0.5, 99.5]) for v in sides if len(v)]  # each side's: a few rejected
+    lo, hi = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else (0.0, 1.0)  # stay on it
     if hi - lo < 1e-9:  # one value (a signal at 0 everywhere): a unit-wide axis around it
         lo, hi = lo - 0.5, hi + 0.5
     span = hi - lo
@@ -259,7 +262,11 @@ def _funnel(
 ) -> tuple[str, dict[str, float]]:
     steps: list[tuple[str, int, int | None, int | None]] = []  # (step, documents, characters, tokens)
     if "crawl" in stages:
-        steps.append(("crawled pages", int(stages["crawl"]["counters"].get("pages_fetched", 0)), None, None))
+        crawl = stages["crawl"]["counters"]
+        fetched = int(crawl.get("pages_fetched", 0))
+        if crawl.get("fetch_failures"):  # 404s, robots.txt refusals...: URLs that gave no page
+            steps.append(("URLs requested", fetched + int(crawl["fetch_failures"]), None, None))
+        steps.append(("crawled pages", fetched, None, None))
     if "clean" in facts:
         kept, rej = facts["clean"], facts["clean/rejected"]
         total = kept.n + rej.n
@@ -282,7 +289,7 @@ def _funnel(
     if not steps:
         return "", {}
     fig = go.Figure(go.Funnel(y=[s[0] for s in steps], x=[s[1] for s in steps], textinfo="value+percent initial",
-                              marker={"color": ["#9db4c0", "#7aa6c2", KEPT, "#1f5fa8", "#174a84"][: len(steps)]}))  # fmt: skip
+                              marker={"color": _FUNNEL_COLORS[-len(steps):]}))  # fmt: skip
     _layout(fig, "Documents after each stage", 300)
     rows, prev, key_figures = [], None, {}
     for name, docs, chars, tokens in steps:
@@ -303,7 +310,22 @@ def _funnel(
         )
         prev = docs
     table = _table(["step", "documents", "characters", "tokens", "removed at this step"], rows, "funnel")
-    return _div(fig) + table, key_figures
+    return _div(fig) + table + _not_fetched(stages.get("crawl")), key_figures
+
+
+def _not_fetched(crawl: dict[str, Any] | None) -> str:
+    """The crawl's URLs that gave no page, by reason (``failed.http_404``, ``failed.robots_disallowed``...)."""
+    failed = {
+        k.removeprefix("failed."): v
+        for k, v in (crawl or {}).get("counters", {}).items()
+        if k.startswith("failed.")
+    }
+    if not failed:
+        return ""
+    rows = [[_e(reason), _num(int(n))] for reason, n in sorted(failed.items(), key=lambda kv: -kv[1])]
+    return "<p>URLs the crawl requested that gave no page, by reason:</p>" + _table(
+        ["reason", "URLs"], rows, "facts"
+    )
 
 
 def _rejections(
@@ -348,7 +370,7 @@ def _rejections(
             parts.append(f'<details class="reason"><summary><b>{_e(reason)}</b> — {n:,} documents '
                          f"(examples)</summary>{''.join(items)}</details>")  # fmt: skip
     if not parts:
-        return "<p>No document was rejected.</p>", records
+        return ("<p>No document was rejected.</p>" if facts else ""), records
     return "".join(parts), records
 
 
@@ -382,7 +404,7 @@ def _warc_files(workdir: Store, clean_config: dict[str, Any]) -> dict[str, str]:
     except (ValueError, OSError):  # inputs moved or gone since the run
         inputs = []
     for entry in inputs:
-        if "://" not in entry and corpus_format(entry) == "warc":
+        if uri_scheme(entry) is None and corpus_format(entry) == "warc":
             files.setdefault(Path(entry).name, str(Path(entry).resolve()))
     return files
 
@@ -413,7 +435,7 @@ def _raw_record(row: dict[str, Any], raw: dict[str, tuple[str, str]]) -> str:
         return ""
     path, page = raw[row["id"]]
     name = Path(path.split("?")[0]).name
-    link = redact(path) if "://" in path else Path(path).as_uri()
+    link = redact(path) if uri_scheme(path) else Path(path).as_uri()
     offset = dict(row.get("meta") or []).get("warc_offset")
     where = f"{name}, record at byte {int(offset):,} of the decompressed WARC" if offset is not None else name
     cut = f", first {_RAW_HTML:,} shown" if len(page) > _RAW_HTML else ""
@@ -496,6 +518,9 @@ def _duplicates(workdir: Store, index: dict[str, Any] | None, stage: str = "dedu
     fig.update_yaxes(title="clusters")
     out = [_div(_layout(fig, f"{clusters.num_rows:,} duplicate clusters by size", 280))]
     top = clusters.slice(0, 3).to_pylist()  # largest first
+    out.append(
+        f"<p>The {len(top)} largest of {clusters.num_rows:,} clusters, the kept document beside one removed copy:</p>"
+    )
     kept = _texts_by_id(workdir / stage, [c["representative"] for c in top])
     removed = _texts_by_id(workdir / stage / "rejected", [c["members"][0] for c in top if c["members"]])
     differ = difflib.HtmlDiff(wrapcolumn=70)
@@ -621,14 +646,66 @@ def _evaluation(workdir: Store) -> str:
     return out
 
 
+def _finetuning(workdir: Store, index: dict[str, Any] | None) -> str:
+    """The fine-tuned model on each split: headline metrics, per-class precision/recall/F1 and the
+    confusion matrix (rows: true label, columns: predicted), or the seq2seq scores."""
+    metrics = workdir.read_json("finetune/metrics.json")
+    if index is None or not metrics:
+        return ""
+    c = index.get("counters", {})
+    facts = [["base model", f"<code>{_e(index.get('base_model', ''))}</code>"],
+             ["steps", _num(c.get("steps"))],
+             ["loss", f"{_num(c.get('first_loss'))} → {_num(c.get('final_loss'))}"]]  # fmt: skip
+    out = [_table(["", ""], facts, "facts")]
+    for split, m in metrics.items():
+        head = [k for k in _HEADLINE if k in m]
+        out.append(f"<h3>{_e(split)} ({_num(m.get('examples', 0))} examples)</h3>")
+        out.append(_table(["metric", "value"], [[_e(k), _num(m[k])] for k in head], "facts"))
+        names = m.get("label_names", [])
+        per_class = [
+            [_e(n), *(_num(m.get(f"{k}/{n}", "")) for k in ("precision", "recall", "f1"))] for n in names
+        ]
+        if per_class:
+            out.append(_table(["class", "precision", "recall", "F1"], per_class, "facts"))
+        matrix = m.get("confusion_matrix")
+        if matrix and names and not isinstance(matrix[0][0], list):  # single-label: classes x classes
+            fig = go.Figure(go.Heatmap(z=matrix, x=names, y=names, colorscale="Blues", text=matrix,
+                                       texttemplate="%{text}", showscale=False))  # fmt: skip
+            fig.update_xaxes(title="predicted")
+            fig.update_yaxes(title="true", autorange="reversed")
+            out.append(_div(_layout(fig, f"{split}: confusion matrix", 140 + 40 * len(names))))
+    return "".join(out)
+
+
+#: The fine-tuning metrics shown first for a split, where present.
+_HEADLINE = (
+    "accuracy", "subset_accuracy", "f1_macro", "precision_macro", "recall_macro", "f1_micro", "f1_weighted",
+    "exact_match", "bleu", "chrf", "loss",
+)  # fmt: skip
+
+
+def _records(index: dict[str, Any]) -> str:
+    """What an output holds: documents (a token dataset's once, not its shards and their id sidecars
+    both), WARC records, examples; a model or metrics: none."""
+    kind = index.get("kind")
+    if kind == "tokens":
+        return f"{_num(index.get('documents', 0))} documents"
+    if kind in ("documents", "labeled"):
+        rows = sum(f.get("rows", 0) for f in index.get("files", []) if f["path"].endswith(".parquet"))
+        return f"{_num(rows)} {'documents' if kind == 'documents' else 'examples'}"
+    if kind == "warc":
+        return f"{_num(index.get('rows', 0))} WARC records"
+    return "—"
+
+
 def _lineage(workdir: Store, stages: dict[str, dict[str, Any]]) -> str:
     run, model = workdir.read_json(RUN_RECORD), workdir.read_json(f"train/{MODEL_RECORD}")
     rows = []
     for name, index in stages.items():
         inputs = ", ".join(f"{k} <code>{_e(v)}</code>" for k, v in index.get("inputs", {}).items()) or "—"
         rows.append([f"<b>{_e(name)}</b>", f"<code>{_e(index_digest(index))}</code>", inputs,
-                     _num(index.get("rows", 0)), f"<code>{_e(workdir / output_path(name))}</code>"])  # fmt: skip
-    out = _table(["stage", "output digest", "read", "rows", "location"], rows, "lineage")
+                     _records(index), f"<code>{_e(workdir / output_path(name))}</code>"])  # fmt: skip
+    out = _table(["stage", "output digest", "read", "records", "location"], rows, "lineage")
     facts = []
     if run.get("mlflow_run_id"):
         facts.append(["pipeline run", f"<code>runs:/{_e(run['mlflow_run_id'])}</code>"])
@@ -647,7 +724,8 @@ def _checks(rep: dict[str, Any]) -> str:
         f'<li class="{"ok" if ok else "bad"}">{"✓" if ok else "✗"} {_e(name)}</li>'
         for name, ok in rep["checks"].items()
     )
-    return f'<ul class="checks">{items}</ul>'
+    warned = "".join(f'<li class="warn">⚠ {_e(w)}</li>' for w in rep.get("warnings", []))
+    return f'<ul class="checks">{items}</ul>' + (f'<ul class="warnings">{warned}</ul>' if warned else "")
 
 
 # ---- the page ---------------------------------------------------------------------------------------
@@ -680,8 +758,9 @@ details > summary { cursor: pointer; }
 .example details.raw pre { font-size: 11px; color: #333; }
 ul.checks { list-style: none; padding: 0; columns: 2; }
 ul.checks li.ok { color: #217a3c; } ul.checks li.bad { color: #b3261e; font-weight: 600; }
+ul.warnings { list-style: none; padding: 0; } ul.warnings li.warn { color: #8a5a00; font-weight: 600; }
 .badge { display: inline-block; padding: 2px 8px; border-radius: 10px; font-size: 12px; font-weight: 600; }
-.badge.ok { background: #dff3e4; color: #217a3c; } .badge.bad { background: #fde7e4; color: #b3261e; }
+.badge.ok { background: #dff3e4; color: #217a3c; } .badge.warn { background: #fff2c6; color: #8a5a00; } .badge.bad { background: #fde7e4; color: #b3261e; }
 table.diff { font: 11px ui-monospace, monospace; } .diff_header { background: var(--bg); }
 .diff_add { background: #d9f5dd; } .diff_chg { background: #fff2c6; } .diff_sub { background: #fbdcd8; }
 td.diff_next { display: none; }
@@ -696,6 +775,7 @@ _SECTIONS = [
     ("tokens", "Tokens", "Shards, the train/validation split and the tokenizer."),
     ("training", "Training", "Loss, learning rate and periodic evaluation at each step."),
     ("evaluation", "Evaluation", "The trained model on the held-out split and the benchmark tasks."),
+    ("finetuning", "Fine-tuning", "The fine-tuned model on each held-out split: its metrics, per class and as a confusion matrix."),
     ("lineage", "Lineage", "Each stage output by digest, what it read, and the MLflow run and model."),
     ("checks", "Checks", "Consistency of the manifests: every document accounted for, every input the output it names."),
 ]  # fmt: skip
@@ -715,6 +795,7 @@ def build_html(
         "tokens": _tokens(stages.get("tokenize")),
         "training": _training(workdir) if "train" in stages else "",
         "evaluation": _evaluation(workdir) if "evaluate" in stages else "",
+        "finetuning": _finetuning(workdir, stages.get("finetune")),
         "lineage": _lineage(workdir, stages),
         "checks": _checks(rep),
     }
@@ -728,6 +809,11 @@ def build_html(
     title = run.get("name", Path(workdir.root).name)
     badge = (
         '<span class="badge ok">all checks pass</span>'
+        + (
+            f' <span class="badge warn">{len(rep["warnings"])} warning(s)</span>'
+            if rep.get("warnings")
+            else ""
+        )
         if rep["ok"]
         else '<span class="badge bad">checks failed</span>'
     )

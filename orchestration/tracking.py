@@ -29,7 +29,7 @@ from mlflow.types.schema import Array, ColSpec, DataType, Map, Schema  # noqa: E
 
 from core.mappings import flatten  # noqa: E402
 from core.redact import redact  # noqa: E402
-from core.storage import Store  # noqa: E402
+from core.storage import Store, uri_scheme  # noqa: E402
 
 _MAX_PARAM = 6000
 
@@ -171,7 +171,7 @@ class Tracker:
         tokens)."""
         with warnings.catch_warnings():  # local paths match two equivalent source types; either is right
             warnings.simplefilter("ignore", UserWarning)
-            uri = path if isinstance(path, str) and "://" in path else Store(path).uri
+            uri = path if isinstance(path, str) and uri_scheme(path) else Store(path).uri
             source = resolve_dataset_source(redact(uri))
         if index is None:
             return MetaDataset(source=source, name=name, digest=digest)

@@ -18,9 +18,8 @@ import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from core.storage import Store, node_dir
+from core.storage import Store, node_dir, uri_scheme
 from orchestration.run_metrics import RunMetricsLogger  # light: MLflow loads where rank 0 logs
 from training.config import PROGRESS_FILE, EngineConfig, TrainConfig
 
@@ -127,13 +126,13 @@ def _on_this_node(config: dict[str, Any], first: bool) -> dict[str, Any]:
             if old.name != config["run_name"]:
                 shutil.rmtree(old, ignore_errors=True)
     train = dict(config["train"])
-    if "://" in (train.get("init_from") or ""):
+    if uri_scheme(train.get("init_from") or ""):
         train["init_from"] = str(local_copy(train["init_from"]))
     data = train.get("data")
     if isinstance(data, dict) and data.get("splits"):
         train["data"] = {**data, "splits": {k: str(local_file(v)) for k, v in data["splits"].items()}}
     data_dir = config["data_dir"]
-    if data_dir is not None and "://" in data_dir:
+    if data_dir is not None and uri_scheme(data_dir):
         data_dir = str(local_copy(data_dir))  # the loader checks each shard's sha256 against the index
     return {**config, "train": train, "data_dir": data_dir, "out_dir": str(runs / config["run_name"])}
 
@@ -152,7 +151,10 @@ def _publish(config: dict[str, Any], rank: int) -> None:
 
 
 def _fit_with_progress(trainer: TorchTrainer, progress_file: Path, steps: int, console: Console) -> None:
-    """Run ``trainer.fit()`` in a thread; draw rank 0's progress file as a rich progress bar meanwhile."""
+    """Run ``trainer.fit()`` in a thread; show rank 0's progress file meanwhile as every stage shows its
+    progress (orchestration/progress.py: a bar on a terminal, a line every few seconds in a log)."""
+    from orchestration.progress import StageProgress
+
     progress_file.unlink(missing_ok=True)
     outcome: dict[str, BaseException] = {}
 
@@ -163,22 +165,14 @@ def _fit_with_progress(trainer: TorchTrainer, progress_file: Path, steps: int, c
             outcome["error"] = e
 
     thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
-    columns = (
-        TextColumn("  [cyan]train[/cyan]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("train", total=steps, info="starting workers")
+    with StageProgress(console, "train", "steps", total=steps) as progress:
+        progress.update(0, note="starting workers")
         thread.start()
         while thread.is_alive():
             thread.join(timeout=0.5)
             with contextlib.suppress(FileNotFoundError, ValueError):
                 p = json.loads(progress_file.read_text())
-                info = f"loss {p['loss']:.4f}  {p['tokens_per_s']:,.0f} tok/s"
-                progress.update(task, completed=p["step"], info=info)
+                progress.update(p["step"], note=f"loss {p['loss']:.4f}, {p['tokens_per_s']:,.0f} tok/s")
     if "error" in outcome:
         raise outcome["error"]
 

@@ -11,9 +11,10 @@ Every test carries exactly one tier marker (its own, or its module's ``pytestmar
 
 The Ray tiers run on two xdist workers (``--dist loadgroup``, scheduled by ``pytest_xdist_make_scheduler``
 below), each with a Ray of its own: a test is its own work unit unless it shares a module-scoped fixture
-(then its module is one unit, built once) or the shared ``masked_pipeline`` (its users are one unit); the
-system tier's units are handed out first, the longest first among them. A test that looks at what the
-whole machine holds (its /tmp, its listening sockets) is marked ``serial`` and runs alone, after the others.
+(then its module is one unit, built once), the shared ``masked_pipeline`` or one objective's shared trained
+model (their users are one unit); the system tier's units are handed out first, the longest first among
+them. A test that looks at what the whole machine holds (its /tmp, its listening sockets) is marked
+``serial`` and runs alone, after the others.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ LONG_UNITS = (
     "tests/orchestration/test_cluster.py",
     "masked_pipeline",
     "tests/orchestration/test_pipeline_e2e.py",
+    "trained:causal_lm",
 )
 #: Fixtures a unit test may not use, directly or through another fixture: they start Ray, a process
 #: group for the DeepSpeed engine, or train a model.
@@ -126,11 +128,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def work_unit(item: pytest.Item) -> str:
-    """The xdist work unit of a test: the shared fixture it needs, its module when it uses a module-scoped
-    fixture, else itself."""
+    """The xdist work unit of a test: the shared fixture it needs (for ``trained``, the objective's model:
+    the ``objective`` it is parametrized with, else the causal one), its module when it uses a
+    module-scoped fixture, else itself."""
     for name in GROUPED_FIXTURES:
         if name in item.fixturenames:
             return name
+    if "trained" in item.fixturenames:  # each shared model trained once, on one worker
+        params = getattr(item, "callspec", None)
+        return f"trained:{params.params.get('objective', 'causal_lm') if params else 'causal_lm'}"
     defs = getattr(item, "_fixtureinfo", None)
     scopes = {d.scope for defs_ in (defs.name2fixturedefs.values() if defs else ()) for d in defs_}
     module = item.nodeid.split("::")[0]

@@ -16,6 +16,7 @@ import torch
 from core.files import atomic_path, atomic_write_bytes, file_sha256
 from core.mappings import deep_merge
 from training.config import EngineConfig
+from training.ranks import all_ranks
 from training.schedule import warmup_cosine_scheduler
 
 if not torch.cuda.is_available():
@@ -126,15 +127,6 @@ _META = "lmforge.json"
 SET_ASIDE_PREFIX = "corrupt-"
 
 
-def _all_ranks(value: Any) -> list[Any]:
-    """``value`` from every rank, in rank order (this rank's alone outside torch.distributed)."""
-    if not torch.distributed.is_initialized():
-        return [value]
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
-
-
 def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], keep: int) -> Path:
     """DeepSpeed checkpoint tagged ``step{N}`` plus client state; older ones beyond ``keep`` are removed.
 
@@ -151,7 +143,7 @@ def save_checkpoint(engine, ckpt_dir: str | Path, step: int, client_state: dict[
         for f in rank_files(ckpt_dir / tag, engine.global_rank)
         if f.name != _META
     }
-    files = {name: entry for part in _all_ranks(mine) for name, entry in part.items()}
+    files = {name: entry for part in all_ranks(mine) for name, entry in part.items()}
     if engine.global_rank == 0:
         meta = {
             "world_size": engine.world_size,
@@ -212,7 +204,7 @@ def _checkpoint_to_load(ckpt_dir: Path) -> str | None:
     file; with none left, ``latest`` is removed and None returned (the run starts over)."""
     tag = (ckpt_dir / "latest").read_text().strip()
     while True:
-        problems = [p for p in _all_ranks(verify_checkpoint(ckpt_dir / tag)) if p is not None]
+        problems = [p for p in all_ranks(verify_checkpoint(ckpt_dir / tag)) if p is not None]
         if not problems:
             return tag
         aside = ckpt_dir / f"{SET_ASIDE_PREFIX}{tag}"
@@ -223,7 +215,7 @@ def _checkpoint_to_load(ckpt_dir: Path) -> str | None:
             (p.name for p in ckpt_dir.glob("step*") if p.is_dir() and p.name < tag), reverse=True
         )
         # Agree on the next candidate: every rank sees the same names on a shared disk, the fewest decide.
-        candidates = min(_all_ranks(earlier), key=len)
+        candidates = min(all_ranks(earlier), key=len)
         then = f"resuming from {candidates[0]}" if candidates else "starting over from step 0"
         print(f"checkpoint {tag} set aside as {aside}: {problems[0]}; {then}", flush=True)
         if not candidates:

@@ -48,6 +48,7 @@ from training.objectives import (
     sentinel_token,
     word_starts,
 )
+from training.ranks import mean_across_ranks, rank_world
 
 MetricsCallback = Callable[[dict[str, float], int], None]
 #: Called on every rank after each checkpoint with its directory, the step and the last step's metrics.
@@ -55,20 +56,6 @@ CheckpointCallback = Callable[[Path, int, dict[str, float]], None]
 #: Called on every rank every ``eval_every`` steps with the (possibly ZeRO-3 sharded) module in eval mode
 #: and the step, all ranks together; rank 0's returned metrics are reported with that step's.
 EvalCallback = Callable[[torch.nn.Module, int], dict[str, float]]
-
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _mean_across_ranks(value: float) -> float:
-    if not torch.distributed.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return float(t.item()) / torch.distributed.get_world_size()
 
 
 def _write_progress(out_dir: Path, step: int, steps: int, metrics: dict[str, float]) -> None:
@@ -258,7 +245,7 @@ def _objective_batches(cfg: TrainConfig, data_dir: str | Path) -> tuple[Objectiv
 
 def setup(cfg: EngineConfig, out_dir: str | Path) -> tuple[int, int, torch.device, Path]:
     """This process's rank, the world size (checked against the config), its device and the output dir."""
-    rank, world = _dist()
+    rank, world = rank_world()
     if world != cfg.num_workers:
         raise RuntimeError(f"num_workers={cfg.num_workers} but torch.distributed has {world} ranks")
     out_dir = Path(out_dir)
@@ -287,7 +274,7 @@ def run_steps(
     the sampler's state, which checkpoints carry); ``loss_fn`` turns one into the loss (default: the
     pretraining objectives' :func:`objective_loss`). Returns (resumed-from step, losses, step seconds).
     """
-    rank, world = _dist()
+    rank, world = rank_world()
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
     ckpt_dir = out_dir / "checkpoints"
     start_step, losses, step_times = 0, [], []
@@ -302,7 +289,7 @@ def run_steps(
     engine.train()
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
-        loss_value = _mean_across_ranks(
+        loss_value = mean_across_ranks(
             _train_step(engine, cfg, partial(next_batch, step), loss_fn or objective_loss)
         )
         if device.type == "cuda":

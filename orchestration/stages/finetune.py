@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.manifest import index_digest, write_index
 from core.redact import redact
-from core.storage import Store, local_copy, local_file
+from core.storage import Store, local_copy, local_file, uri_scheme
 from orchestration.component import RunContext, StageComponent, StageInstance, StageOutcome, last
 from orchestration.stage_files import (
     MODEL_RECORD,
@@ -140,7 +140,7 @@ def _finetune_config(ctx: RunContext, labeled: StageOutcome, base: str):
     data = ft.data.model_copy(
         update={"path": None, "splits": splits, "label_names": labeled.index["label_names"] or None}
     )
-    base = base if "://" in base else str(Path(base).resolve())
+    base = base if uri_scheme(base) else str(Path(base).resolve())
     return ft.model_copy(update={"init_from": base, "data": data})
 
 

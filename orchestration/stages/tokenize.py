@@ -30,6 +30,7 @@ from training.data.tokenize import (
     prepare_tokenizer,
     sequential_encoding,
     tokenize_partition,
+    validation_warning,
     write_token_index,
 )
 
@@ -73,7 +74,7 @@ class Tokenize(StageComponent):
         docs = {split_instance(name)[1]: ctx.outcome(name) for name in inputs}
         total = sum(d.index["rows"] for d in docs.values())
         with StageProgress(ctx.console, "tokenize", "documents", total=total) as progress:
-            return run_tokenize_stage(
+            index = run_tokenize_stage(
                 {source: d.store for source, d in docs.items()},
                 out,
                 ctx.cfg.tokenize,
@@ -82,6 +83,9 @@ class Tokenize(StageComponent):
                 on_counts=progress.count,
                 **ctx.task_resources("tokenize"),
             )
+        if (warning := validation_warning(index)) is not None:
+            ctx.console.print(f"  [yellow]⚠ tokenize: {warning}[/yellow]")
+        return index
 
 
 def _column_reader(files: list[str], column: str) -> Callable[[], Iterable[str]]:

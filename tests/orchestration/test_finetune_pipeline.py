@@ -3,12 +3,13 @@ with the exported model, and log a LoggedModel whose lineage names the base mode
 then fine-tune alone (no corpus) from a Hugging Face directory on GLUE SST-2's shipped validation set."""
 
 import json
+import re
 
 import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from core.manifest import index_digest
 from orchestration.config import parse_config
@@ -63,6 +64,13 @@ def test_finetuned_classifier_beats_majority_and_its_lineage_walks_to_base_and_d
     assert m["f1_macro"] == pytest.approx(f1_score(labels, predicted, average="macro"))
     majority = np.bincount(labels).max() / labels.size
     assert m["accuracy"] >= majority + 0.25, (m["accuracy"], majority)
+    # The report's fine-tuning section: per-class F1 and the confusion matrix, as scikit-learn has them.
+    page = (cfg.workdir / "report.html").read_text()
+    section = page[page.index('<section id="finetuning">') :]
+    section = section[section.index("<h3>test") : section.index("</section>")]
+    for name, f1 in zip(["neg", "pos"], f1_score(labels, predicted, average=None)):
+        assert re.search(rf"<td>{name}</td><td>[^<]*</td><td>[^<]*</td><td>{f1:,.4g}</td>", section), name
+    assert json.dumps(confusion_matrix(labels, predicted).tolist(), separators=(",", ":")) in section
 
     mlflow.set_tracking_uri(cfg.tracking_uri)
     logged = mlflow.get_logged_model(result.finetuned_model_id)
@@ -107,6 +115,9 @@ def test_finetune_alone_from_a_model_directory_on_sst2(pretrained_then_finetuned
     metrics = json.loads((result.stages["finetune"].out_dir / "metrics.json").read_text())
     assert metrics["test"]["examples"] == result.stages["labeled"].index["counters"]["examples.test"] > 100
     assert 0 <= metrics["test"]["accuracy"] <= 1 and "f1/positive" in metrics["test"]
+    page = (tmp_path / "work" / "report.html").read_text()  # no corpus: no funnel, no rejections
+    sections = re.findall(r'<section id="(\w+)">', page)
+    assert "finetuning" in sections and not {"funnel", "rejections"} & set(sections)
     mlflow.set_tracking_uri(cfg.tracking_uri)
     logged = mlflow.get_logged_model(result.finetuned_model_id)
     assert logged.tags["lmforge.base_model_path"] == str(base.resolve())

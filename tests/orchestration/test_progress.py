@@ -69,3 +69,19 @@ def test_counts_show_documents_and_tokens_with_their_rate_and_move_a_bar_of_that
         progress.count({"documents": 0, "tokens": 0})
         progress.count({"documents": 1500, "tokens": 60_000})
     assert "1500/3000" in out.getvalue() and "60.0k tokens" in out.getvalue()  # the bar's last frame
+
+
+def test_a_note_rides_along_and_an_instance_name_is_text_not_markup():
+    """Training's progress: steps, with the latest loss and throughput as a note; a source's stage
+    (``clean[web]``) keeps its brackets (rich would take ``[web]`` for a style)."""
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=120)
+    with StageProgress(console, "train[web]", "steps", total=40) as progress:
+        progress.update(0, note="starting workers")
+        progress.update(40, note="loss 5.9016, 2,048 tok/s")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "  train[web]: 0/40 steps; starting workers"
+    assert "  train[web]: 40/40 steps; loss 5.9016, 2,048 tok/s" in lines
+    assert lines[-1].startswith("  train[web]: 40 steps in ") and lines[-1].endswith(
+        "; loss 5.9016, 2,048 tok/s"
+    )

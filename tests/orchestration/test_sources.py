@@ -205,8 +205,15 @@ def test_the_report_and_mlflow_show_each_sources_chain_and_a_change_to_one_sourc
         "tokenize: the document ids tokenized (and quarantined) are the ids dedup_across kept",
     ):
         assert rep["checks"][check]
+    # 27 documents at val_fraction 0.2: a validation split under 10 documents is named, not failed.
+    val = result.stages["tokenize"].index["counters"]["val_documents"]
+    assert val < 10 and rep["warnings"] == [
+        f"tokenize: the validation split holds {val} document(s) ({rep['stages']['tokenize']['val_tokens']:,} "
+        "tokens), fewer than 10: its loss is noise; raise tokenize.val_fraction or add documents"
+    ]
     page, figures = build_html(work)
     assert re.findall(r"<h3>source (\w+)</h3>", page)[:2] == ["docs", "code"]
+    assert "⚠ tokenize: the validation split holds" in page and "Every cluster (1), the kept document" in page
     assert figures["metrics"]["report.code.documents.after_deduplication_across_sources"] == len(code)
     assert figures["metrics"]["report.docs.documents.after_deduplication_across_sources"] == len(docs) - 1
     # Each instance is an MLflow stage run of its own, with its counters and its dataset in and out.
@@ -297,6 +304,11 @@ def test_the_sources_config_crawls_reads_trains_and_evaluates_with_each_source_i
     assert rep["ok"], [k for k, ok in rep["checks"].items() if not ok]
     page = (tmp_path / "work" / "report.html").read_text()
     assert re.findall(r"<h3>source (\w+)</h3>", page)[:3] == ["web", "docs", "code"]
+    # The funnel names the URLs that gave no page (the site's robots.txt refuses its private pages), and
+    # the lineage table counts a token dataset's documents once.
+    refused = crawl["failed.robots_disallowed"]
+    assert refused > 0 and f"<tr><td>robots_disallowed</td><td>{refused}</td></tr>" in page
+    assert f"<td>{tokens['documents']} documents</td>" in page
     # A filter changed for code alone reruns code's chain and what reads it, the crawl and the others' stay.
     changed = cfg.model_copy(
         update={

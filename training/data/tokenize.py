@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -145,9 +144,12 @@ def load_prepared(out_dir: str | Path | Store) -> Prepared | None:
     """The tokenizer pass of an interrupted run, if it completed and its tokenizer is intact."""
     out = Store(out_dir)
     try:
-        prepared = Prepared.from_result(json.loads(out.read_bytes(PREPARED)))
+        result = out.read_object(PREPARED)
+        if result is None:
+            return None
+        prepared = Prepared.from_result(result)
         tokenizer = out.read_bytes(prepared.path)
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):  # its tokenizer gone, or a damaged marker: the pass runs again
         return None
     return prepared if hashlib.sha256(tokenizer).hexdigest() == prepared.id else None
 
@@ -330,6 +332,22 @@ def write_token_index(
         inputs=inputs,
         counters=counters,
         extra=extra,
+    )
+
+
+#: Fewer held-out documents than this make the validation loss noise: the console and the report say so.
+MIN_VAL_DOCUMENTS = 10
+
+
+def validation_warning(index: dict[str, Any]) -> str | None:
+    """Why a token dataset's validation split is too small to measure a model on, or None."""
+    counters = index.get("counters", {})
+    documents = counters.get("val_documents")
+    if documents is None or documents >= MIN_VAL_DOCUMENTS:
+        return None
+    return (
+        f"the validation split holds {documents} document(s) ({counters.get('val_tokens', 0):,} tokens), fewer "
+        f"than {MIN_VAL_DOCUMENTS}: its loss is noise; raise tokenize.val_fraction or add documents"
     )
 
 
