@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from core.storage import Store
+from orchestration.instances import instance_name
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -149,23 +150,6 @@ class StageInstance:
     @property
     def produces(self) -> str:
         return self.component.produces
-
-
-def instance_name(stage: str, source: str | None) -> str:
-    return stage if source is None else f"{stage}[{source}]"
-
-
-def output_path(name: str) -> str:
-    """Where a stage instance writes in the work dir: ``clean`` for the one corpus's, ``sources/web/clean``
-    for ``clean[web]`` (a source's chain in a directory of its own)."""
-    stage, source = split_instance(name)
-    return stage if source is None else f"sources/{source}/{stage}"
-
-
-def split_instance(name: str) -> tuple[str, str | None]:
-    """``clean[web]`` -> (``clean``, ``web``); ``tokenize`` -> (``tokenize``, None)."""
-    stage, _, rest = name.partition("[")
-    return (stage, rest[:-1]) if rest.endswith("]") else (name, None)
 
 
 def last(before: list[StageInstance], kind: str) -> tuple[str, ...]:

@@ -25,9 +25,10 @@ from core.manifest import IntegrityError, index_digest, read_index, verify_files
 from core.redact import redact
 from core.storage import Store
 from orchestration import report
-from orchestration.component import PipelineResult, RunContext, StageInstance, StageOutcome, output_path
+from orchestration.component import PipelineResult, RunContext, StageInstance, StageOutcome
 from orchestration.config import ConfigError, PipelineConfig
 from orchestration.executors import REJECTED_DIR, ensure_ray
+from orchestration.instances import output_path
 from orchestration.plan import PARTS_FILE, PlanEntry, Selection, code_digests, decide, key_of
 from orchestration.preflight import preflight
 from orchestration.stage_files import KEY_FILE, key_of_output, tree_digest

@@ -26,7 +26,7 @@ from typing import Any
 from core.files import file_sha256
 from core.manifest import read_index
 from core.storage import Store
-from orchestration.component import split_instance
+from orchestration.instances import split_instance
 from orchestration.stage_files import key_of_output
 
 #: The lmforge packages whose source is part of a stage's code version.

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from core.manifest import index_digest, read_index, read_table
 from core.storage import Store, node_dir, open_input_file
-from orchestration.component import output_path, split_instance
+from orchestration.instances import output_path, split_instance
 from orchestration.stage_files import MODEL_RECORD
 from training.data.tokenize import validation_warning
 
@@ -148,6 +148,8 @@ def build_report(workdir: str | Path | Store, last: str | list[str] | None = Non
     if "finetune" in stages:
         finetune = rep["stages"]["finetune"]
         checks["fine-tuning loss fell"] = finetune["final_loss"] < finetune["first_loss"]
+    for name, index in stages.items():  # a registered stage the report has no section for: its counters
+        rep["stages"].setdefault(name, index.get("counters", {}))
     model = workdir.read_json(f"train/{MODEL_RECORD}")
     rep["model"] = {"model_id": model.get("model_id"), "registered_version": model.get("version")}
     rep["checks"] = checks

@@ -28,8 +28,8 @@ from core.manifest import dataset_files, index_digest
 from core.redact import redact
 from core.storage import Store, open_input_file, uri_scheme
 from ingestion.readers import ReadConfig, corpus_format, decode_html, find_htmls
-from orchestration.component import output_path
 from orchestration.config import CleanConfig
+from orchestration.instances import output_path
 from orchestration.report import (
     MODEL_RECORD,
     RUN_RECORD,

@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from core.storage import Store
-from orchestration.component import RunContext, StageComponent, StageInstance, last, split_instance
+from orchestration.component import RunContext, StageComponent, StageInstance, last
+from orchestration.instances import split_instance
 
 if TYPE_CHECKING:
     from orchestration.config import PipelineConfig

@@ -21,8 +21,9 @@ from core.schema import REJECTED_SCHEMA
 from core.stage import StageContext
 from core.storage import Store, open_input_file
 from core.tasks import DONE_DIR, TaskId
-from orchestration.component import RunContext, StageComponent, StageInstance, last, split_instance
+from orchestration.component import RunContext, StageComponent, StageInstance, last
 from orchestration.executors import REJECTED_DIR, count, run_tasks
+from orchestration.instances import split_instance
 from training.data.tokenize import (
     Prepared,
     TokenizeConfig,
