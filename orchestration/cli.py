@@ -19,7 +19,6 @@ from rich.text import Text
 
 from core.redact import redact, redact_console
 from orchestration.config import ConfigError, PipelineConfig, dotted_overrides, load_config, parse_config
-from orchestration.report import stage_line
 
 app = typer.Typer(
     help="lmforge: crawl, clean, deduplicate and tokenize web text, train with DeepSpeed on Ray, track with MLflow.",
@@ -165,8 +164,11 @@ def _print_summary(cfg: PipelineConfig, result, seconds: float) -> None:
     table.add_column("cached")
     table.add_column("seconds", justify="right")
     table.add_column("result")
+    from orchestration.stages import component_of
+
     for name, stage in result.stages.items():
-        line = stage_line(stage.index or {}).strip("()")
+        component = component_of(name)
+        line = component.summary(stage.index) if component is not None and stage.index else ""
         cells = (name, str(stage.out_dir), "yes" if stage.cached else "", f"{stage.seconds:.1f}", line)
         table.add_row(*map(Text, cells))  # clean[web] is a name, not console markup
     console.print(table)

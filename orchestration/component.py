@@ -129,6 +129,19 @@ class StageComponent:
         ``inputs``: the digest of each stage it reads; their outcomes are ``ctx.outcome(name)``."""
         raise NotImplementedError
 
+    def summary(self, index: dict[str, Any]) -> str:
+        """Its one-line result for the console and the run's summary table (default: documents in, kept
+        and rejected, for a stage that counts all three)."""
+        c = index.get("counters", {})
+        if {"documents_in", "kept", "rejected"} <= c.keys():
+            return f"{c['documents_in']} in, {c['kept']} kept, {c['rejected']} rejected"
+        return ""
+
+    def figures(self, index: dict[str, Any], out: Store) -> dict[str, Any]:
+        """Its section of the data-quality report (report.json, report.md): by default its counters. The
+        checks across stages (in = kept + rejected, the ids each passes on) are the report's."""
+        return dict(index.get("counters", {}))
+
     def track(self, ctx: RunContext, index: dict[str, Any], selected: bool) -> None:
         """Log what the output adds to MLflow (models, metrics, lineage) once it exists, built or cached
         (``index['out_dir']`` is its Store); ``selected``: the run selected it (not only read it)."""

@@ -215,8 +215,9 @@ class Pipeline:
             )
             node.component.track(ctx, {**index, "out_dir": out}, selected)
         if not cached:
+            line = node.component.summary(index)
             self.console.print(
-                f"  [green]✓ {shown}[/green] in {outcome.seconds:.1f}s {report.stage_line(index)}"
+                f"  [green]✓ {shown}[/green] in {outcome.seconds:.1f}s" + (f" ({line})" if line else "")
             )
         return outcome
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
-from core.manifest import index_digest, read_index, read_table
+from core.manifest import index_digest, read_index
 from core.storage import Store, node_dir, open_input_file
 from orchestration.instances import output_path, split_instance
 from orchestration.stage_files import MODEL_RECORD
@@ -22,49 +21,6 @@ CHAIN_STAGES = ("crawl", "clean", "dedup")
 RUN_RECORD = "run.json"
 #: Each stage's config as its cache key hashed it, written beside its output (the report's thresholds).
 STAGE_CONFIG = "stage_config.json"
-
-
-def stage_line(index: dict[str, Any]) -> str:
-    """One-line summary of a stage's counters for the console."""
-    c = index.get("counters", {})
-    if {"documents_in", "kept", "rejected"} <= c.keys():
-        return f"({c['documents_in']} in, {c['kept']} kept, {c['rejected']} rejected)"
-    if "pages_fetched" in c:
-        deeper = c.get("urls_not_fetched_max_depth", 0)
-        beyond = f", {deeper} URLs beyond crawl.max_depth not fetched" if deeper else ""
-        return f"({c['pages_fetched']} pages, {c.get('fetch_failures', 0)} failed/refused URLs{beyond})"
-    if "tokens" in c and "vocab_size" in c:
-        return f"({c['tokens']} tokens, {c['documents']} documents, vocab {c['vocab_size']})"
-    if "final_loss" in c:
-        return f"(loss {c['first_loss']:.3f} -> {c['final_loss']:.3f})"
-    if "perplexity" in c:
-        return f"(val loss {c['loss']:.3f}, perplexity {c['perplexity']:.1f})"
-    return ""
-
-
-def _document_stage(out_dir: Store, index: dict[str, Any]) -> dict[str, Any]:
-    c = index["counters"]
-    rejected_dir = out_dir / "rejected"
-    by_reason: Counter = Counter()
-    examples: dict[str, list[dict[str, Any]]] = {}
-    if read_index(rejected_dir) is not None:
-        table = read_table(rejected_dir)
-        if table.num_rows:
-            rows = table.select(["url", "filter", "signal", "value", "threshold", "duplicate_of"]).to_pylist()
-            for row in rows:
-                reason = f"{row['filter']}:{row['signal']}"
-                by_reason[reason] += 1
-                if len(examples.setdefault(reason, [])) < 3:
-                    examples[reason].append(row)
-    return {
-        "documents_in": c["documents_in"],
-        "kept": c["kept"],
-        "rejected": c["rejected"],
-        "quarantined": c.get("quarantined", 0),
-        "conserved": c["documents_in"] == c["kept"] + c["rejected"],
-        "rejected_by_reason": dict(by_reason.most_common()),
-        "examples": examples,
-    }
 
 
 def run_stages(workdir: str | Path | Store, last: str | list[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -113,7 +69,8 @@ def build_report(workdir: str | Path | Store, last: str | list[str] | None = Non
     if not stages:
         raise FileNotFoundError(f"{workdir}: no stage has committed an index.json; run the pipeline first")
     run = workdir.read_json(RUN_RECORD)
-    rep: dict[str, Any] = {"workdir": str(workdir), "mlflow_run_id": run.get("mlflow_run_id"), "stages": {}}
+    rep: dict[str, Any] = {"workdir": str(workdir), "mlflow_run_id": run.get("mlflow_run_id")}
+    rep["stages"] = {name: _figures(workdir, name, index) for name, index in stages.items()}
     checks: dict[str, bool] = {}
     for name, index in stages.items():
         for source, digest in index.get("inputs", {}).items():
@@ -128,7 +85,6 @@ def build_report(workdir: str | Path | Store, last: str | list[str] | None = Non
         checks.update(_across_report(workdir, stages, sources, rep["stages"]))
     warnings = []
     if "tokenize" in stages:
-        rep["stages"]["tokenize"] = stages["tokenize"]["counters"]
         if (warning := validation_warning(stages["tokenize"])) is not None:
             warnings.append(f"tokenize: {warning}")
         last_docs = [rep["stages"][name] for name in _last_documents(sources, stages)]
@@ -139,23 +95,29 @@ def build_report(workdir: str | Path | Store, last: str | list[str] | None = Non
                 d["kept"] for d in last_docs
             )
     checks.update(_tokenized_id_checks(workdir, stages, sources))
-    for name in ("train", "evaluate", "labeled", "finetune"):
-        if name in stages:
-            rep["stages"][name] = stages[name]["counters"]
     if "train" in stages:
         train = rep["stages"]["train"]
         checks["training loss fell"] = train["final_loss"] < train["first_loss"]
     if "finetune" in stages:
         finetune = rep["stages"]["finetune"]
         checks["fine-tuning loss fell"] = finetune["final_loss"] < finetune["first_loss"]
-    for name, index in stages.items():  # a registered stage the report has no section for: its counters
-        rep["stages"].setdefault(name, index.get("counters", {}))
     model = workdir.read_json(f"train/{MODEL_RECORD}")
     rep["model"] = {"model_id": model.get("model_id"), "registered_version": model.get("version")}
     rep["checks"] = checks
     rep["warnings"] = warnings  # not failures: the run is consistent, but a figure is not to be trusted
     rep["ok"] = all(checks.values())
     return rep
+
+
+def _figures(workdir: Store, name: str, index: dict[str, Any]) -> dict[str, Any]:
+    """A stage's section of the report, as its component writes it (the counters of one no longer
+    registered)."""
+    from orchestration.stages import component_of
+
+    component = component_of(name)
+    if component is None:
+        return dict(index.get("counters", {}))
+    return component.figures(index, workdir / output_path(name))
 
 
 def _last_documents(sources: dict[str | None, dict[str, str]], stages: dict[str, Any]) -> list[str]:
@@ -174,7 +136,6 @@ def _across_report(
     """Dedup across sources: its figures and checks, the ids in being those the sources' chains kept."""
     out = workdir / "dedup_across"
     index = stages["dedup_across"]
-    figures["dedup_across"] = _document_stage(out, index)
     checks = {"dedup_across: documents in = kept + rejected": figures["dedup_across"]["conserved"]}
     checks.update(_cluster_checks("dedup_across", out, index, figures["dedup_across"]))
     chains_kept = [_ids(stages[chain.get("dedup", chain["clean"])]) for chain in sources.values()]
@@ -193,14 +154,13 @@ def _chain_report(
     checks: dict[str, bool] = {}
     crawl, clean, dedup = (chain.get(n) for n in ("crawl", "clean", "dedup"))
     if crawl is not None:
-        counters = figures[crawl] = stages[crawl]["counters"]
+        counters = stages[crawl]["counters"]
         if "demo_pages_served" in counters:
             checks[f"{crawl} pages fetched = pages the demo site served"] = (
                 counters["pages_fetched"] == counters["demo_pages_served"]
             )
     for name in (clean, dedup):
         if name is not None:
-            figures[name] = _document_stage(workdir / output_path(name), stages[name])
             checks[f"{name}: documents in = kept + rejected"] = figures[name]["conserved"]
     if clean is not None:
         checks.update(_source_checks(clean, stages[clean]["counters"], crawl, stages.get(crawl or "")))

@@ -7,10 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from core.files import file_entry, file_sha256, resolve_path
+from core.manifest import read_index, read_table
 from core.storage import Store, local_copy, node_dir
 
 #: The key of the run that last prepared a stage output, finished or not.
@@ -102,3 +104,30 @@ def init_from_problems(model_dir: Path, seq_len: int, section: str = "train") ->
             f"set {section}.seq_len <= {positions}"
         )
     return problems
+
+
+def document_figures(out_dir: Store, index: dict[str, Any]) -> dict[str, Any]:
+    """A document stage's report section: in, kept, rejected (and whether they add up), the rejections by
+    filter and signal, three examples of each."""
+    c = index["counters"]
+    rejected_dir = out_dir / REJECTED_DIR
+    by_reason: Counter = Counter()
+    examples: dict[str, list[dict[str, Any]]] = {}
+    if read_index(rejected_dir) is not None:
+        table = read_table(rejected_dir)
+        if table.num_rows:
+            rows = table.select(["url", "filter", "signal", "value", "threshold", "duplicate_of"]).to_pylist()
+            for row in rows:
+                reason = f"{row['filter']}:{row['signal']}"
+                by_reason[reason] += 1
+                if len(examples.setdefault(reason, [])) < 3:
+                    examples[reason].append(row)
+    return {
+        "documents_in": c["documents_in"],
+        "kept": c["kept"],
+        "rejected": c["rejected"],
+        "quarantined": c.get("quarantined", 0),
+        "conserved": c["documents_in"] == c["kept"] + c["rejected"],
+        "rejected_by_reason": dict(by_reason.most_common()),
+        "examples": examples,
+    }

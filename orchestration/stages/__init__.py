@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from orchestration.component import StageComponent, StageInstance
+from orchestration.instances import split_instance
 from orchestration.stages.clean import Clean
 from orchestration.stages.crawl import Crawl
 from orchestration.stages.dedup import Dedup
@@ -48,6 +49,12 @@ def register(component: StageComponent, after: str) -> None:
 def unregister(name: str) -> None:
     """Remove the stage named ``name`` (one added by :func:`register`)."""
     STAGES[:] = [c for c in STAGES if c.name != name]
+
+
+def component_of(name: str) -> StageComponent | None:
+    """The registered component of a stage instance (``clean[web]``: clean's), None for an unknown one."""
+    stage = split_instance(name)[0]
+    return next((c for c in STAGES if c.name == stage), None)
 
 
 def stage_names() -> tuple[str, ...]:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from core.stage import Stage
 from core.storage import Store
 from orchestration.component import RunContext, StageComponent, StageInstance, last
+from orchestration.stage_files import document_figures
 
 if TYPE_CHECKING:
     from cleaning.decontaminate import DecontaminateConfig, NgramIndex
@@ -70,6 +71,9 @@ class Clean(StageComponent):
             return _parquet_column_problems(cfg.read, cfg.read.inputs())
         except (FileNotFoundError, ValueError) as e:  # its message names read.paths and the pattern
             return [str(e)]
+
+    def figures(self, index: dict[str, Any], out: Store) -> dict[str, Any]:
+        return document_figures(out, index)
 
     def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         from cleaning.decontaminate import Decontaminator

@@ -40,6 +40,12 @@ class Crawl(StageComponent):
             else []
         )
 
+    def summary(self, index: dict[str, Any]) -> str:
+        c = index.get("counters", {})
+        deeper = c.get("urls_not_fetched_max_depth", 0)
+        beyond = f", {deeper} URLs beyond crawl.max_depth not fetched" if deeper else ""
+        return f"{c.get('pages_fetched', 0)} pages, {c.get('fetch_failures', 0)} failed/refused URLs{beyond}"
+
     def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         """The crawl runs on this machine's disk (its frontiers are SQLite files): in the work dir, or for
         a remote one in a directory of the node cache, uploaded when the crawl ends."""

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.storage import Store
 from orchestration.component import RunContext, StageComponent, StageInstance, last
+from orchestration.stage_files import document_figures
 
 if TYPE_CHECKING:
     from orchestration.config import PipelineConfig
@@ -25,6 +26,9 @@ class Dedup(StageComponent):
 
     def key_config(self, cfg: PipelineConfig) -> Any:
         return cfg.dedup
+
+    def figures(self, index: dict[str, Any], out: Store) -> dict[str, Any]:
+        return document_figures(out, index)
 
     def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         from orchestration.dedup import run_dedup_stage

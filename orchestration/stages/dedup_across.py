@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from core.storage import Store
 from orchestration.component import RunContext, StageComponent, StageInstance, last
 from orchestration.instances import split_instance
+from orchestration.stage_files import document_figures
 
 if TYPE_CHECKING:
     from orchestration.config import PipelineConfig
@@ -27,6 +28,9 @@ class DedupAcross(StageComponent):
 
     def key_config(self, cfg: PipelineConfig) -> Any:
         return {"dedup": cfg.dedup, "order": cfg.source_order()}
+
+    def figures(self, index: dict[str, Any], out: Store) -> dict[str, Any]:
+        return document_figures(out, index)
 
     def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         from orchestration.dedup import run_dedup_stage

@@ -38,6 +38,16 @@ class Evaluate(StageComponent):
             }
         return {"evaluate": cfg.evaluate, "seq_len": train.seq_len, **objective}
 
+    def summary(self, index: dict[str, Any]) -> str:
+        c = index.get("counters", {})
+        if "perplexity" in c:
+            return f"val loss {c['loss']:.3f}, perplexity {c['perplexity']:.1f}"
+        return (
+            f"val loss {c['loss']:.3f}, pseudo-perplexity {c['pseudo_perplexity']:.1f}"
+            if "pseudo_perplexity" in c
+            else ""
+        )
+
     def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         import ray
 

@@ -57,6 +57,15 @@ class Finetune(StageComponent):
             ]
         return []
 
+    def summary(self, index: dict[str, Any]) -> str:
+        c = index.get("counters", {})
+        scores = [
+            f"test {k} {c[f'test_{k}']:.3f}"
+            for k in ("accuracy", "f1_macro", "exact_match")
+            if f"test_{k}" in c
+        ]
+        return ", ".join([f"loss {c['first_loss']:.3f} -> {c['final_loss']:.3f}", *scores[:2]])
+
     def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         import ray
 

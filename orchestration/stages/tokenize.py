@@ -68,6 +68,10 @@ class Tokenize(StageComponent):
             "holding one; point it at an existing tokenizer or remove it to train one"
         ]
 
+    def summary(self, index: dict[str, Any]) -> str:
+        c = index.get("counters", {})
+        return f"{c['tokens']} tokens, {c['documents']} documents, vocab {c['vocab_size']}"
+
     def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         """One tokenizer for every source's documents; each source's shards apart (``web-p00000``...)."""
         from orchestration.progress import StageProgress

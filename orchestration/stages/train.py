@@ -39,6 +39,10 @@ class Train(StageComponent):
     def preflight(self, cfg: PipelineConfig) -> list[str]:
         return init_from_problems(Path(cfg.train.init_from), cfg.train.seq_len) if cfg.train.init_from else []
 
+    def summary(self, index: dict[str, Any]) -> str:
+        c = index.get("counters", {})
+        return f"loss {c['first_loss']:.3f} -> {c['final_loss']:.3f}"
+
     def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
         from orchestration.run_metrics import RunMetricsLogger
         from orchestration.training_launch import launch_training

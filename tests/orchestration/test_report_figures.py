@@ -28,3 +28,24 @@ def test_the_lineage_table_counts_what_each_output_holds_once():
     assert _records({"kind": "documents", "files": parts[:1]}) == "5 documents"
     assert _records({"kind": "warc", "rows": 21, "files": []}) == "21 WARC records"
     assert _records({"kind": "model", "rows": 0, "files": []}) == "—"
+
+
+def test_each_component_writes_its_one_line_result_and_a_stage_it_does_not_know_gets_none():
+    from orchestration.stages import component_of
+
+    def line(name: str, **counters) -> str:
+        return component_of(name).summary({"counters": counters})
+
+    assert line("crawl[web]", pages_fetched=21, fetch_failures=41) == "21 pages, 41 failed/refused URLs"
+    assert line("clean[docs]", documents_in=13, kept=12, rejected=1) == "13 in, 12 kept, 1 rejected"
+    assert line("dedup_across", documents_in=40, kept=39, rejected=1) == "40 in, 39 kept, 1 rejected"
+    assert (
+        line("tokenize", tokens=90435, documents=39, vocab_size=4096)
+        == "90435 tokens, 39 documents, vocab 4096"
+    )
+    assert line("train", first_loss=8.30575, final_loss=5.90157) == "loss 8.306 -> 5.902"
+    assert line("evaluate", loss=6.9191, perplexity=1011.38) == "val loss 6.919, perplexity 1011.4"
+    assert line(
+        "finetune", first_loss=0.6933, final_loss=0.0383, test_accuracy=0.9583, test_f1_macro=0.9564
+    ) == ("loss 0.693 -> 0.038, test accuracy 0.958, test f1_macro 0.956")
+    assert line("clean", documents_in=5) == "" and component_of("count") is None
