@@ -518,9 +518,12 @@ def _duplicates(workdir: Store, index: dict[str, Any] | None, stage: str = "dedu
     fig.update_yaxes(title="clusters")
     out = [_div(_layout(fig, f"{clusters.num_rows:,} duplicate clusters by size", 280))]
     top = clusters.slice(0, 3).to_pylist()  # largest first
-    out.append(
-        f"<p>The {len(top)} largest of {clusters.num_rows:,} clusters, the kept document beside one removed copy:</p>"
+    shown = (
+        f"The {len(top)} largest of {clusters.num_rows:,} clusters"
+        if clusters.num_rows > len(top)
+        else f"Every cluster ({clusters.num_rows})"
     )
+    out.append(f"<p>{shown}, the kept document beside one removed copy:</p>")
     kept = _texts_by_id(workdir / stage, [c["representative"] for c in top])
     removed = _texts_by_id(workdir / stage / "rejected", [c["members"][0] for c in top if c["members"]])
     differ = difflib.HtmlDiff(wrapcolumn=70)
