@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -62,7 +63,7 @@ def _load(config: Path, overrides: list[str] | None) -> PipelineConfig:
     try:
         return load_config(config, dotted_overrides(overrides or []))
     except ConfigError as e:
-        console.print(f"[bold red]invalid config[/bold red] {e}")
+        console.print(f"[bold red]invalid config[/bold red] {escape(str(e))}")
         raise typer.Exit(2) from None
 
 
@@ -70,7 +71,7 @@ def _load_env(name: str, overrides: list[str]) -> PipelineConfig:
     try:
         return parse_config(yaml.safe_load(os.environ[name]), f"${name}", dotted_overrides(overrides))
     except (ConfigError, KeyError) as e:
-        console.print(f"[bold red]invalid config[/bold red] {e}")
+        console.print(f"[bold red]invalid config[/bold red] {escape(str(e))}")
         raise typer.Exit(2) from None
 
 
@@ -125,13 +126,13 @@ def run(
             missing = [e.stage for e in plan if e.action == "missing"]
             if missing:
                 console.print(
-                    f"[bold red]cannot run:[/bold red] {', '.join(missing)} never ran in {redact(str(cfg.workdir))}"
+                    f"[bold red]cannot run:[/bold red] {escape(', '.join(missing))} never ran in {redact(str(cfg.workdir))}"
                 )
                 raise typer.Exit(2)
             return
         result = Pipeline(cfg, console).run(selection=selection)
     except ConfigError as e:  # pre-flight: nothing ran
-        console.print(f"[bold red]cannot run[/bold red] {e}")
+        console.print(f"[bold red]cannot run[/bold red] {escape(str(e))}")
         raise typer.Exit(2) from None
     _print_summary(cfg, result, time.perf_counter() - start)
 
@@ -209,7 +210,7 @@ def validate(config: ConfigArg, set_: SetOpt = None) -> None:
         if cfg.ray.address is None:
             preflight(cfg, embedded_resources(cfg))
     except ConfigError as e:
-        console.print(f"[bold red]{config}:[/bold red] {e}")
+        console.print(f"[bold red]{config}:[/bold red] {escape(str(e))}")
         raise typer.Exit(2) from None
     console.print(f"[green]{config}: valid[/green]")
 
@@ -374,7 +375,7 @@ def _client(address: str):
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        console.print(f"[bold red]cannot reach the Ray cluster at {address}[/bold red]: {e}")
+        console.print(f"[bold red]cannot reach the Ray cluster at {address}[/bold red]: {escape(str(e))}")
         raise typer.Exit(2) from None
 
 
@@ -483,7 +484,7 @@ def report(
         with console.status("writing report.html"):
             page, _ = write_html_report(workdir)
     except FileNotFoundError as e:
-        console.print(f"[bold red]{e}[/bold red]")
+        console.print(f"[bold red]{escape(str(e))}[/bold red]")
         raise typer.Exit(2) from None
     rep = json.loads(path.read_text())
     for name, ok in rep["checks"].items():
@@ -573,7 +574,7 @@ def eval_(
                     progress=lambda done, total: status.update(f"evaluating: {done}/{total} requests"),
                 )
         except (FileNotFoundError, ValueError, LookupError) as e:
-            console.print(f"[bold red]{e}[/bold red]")
+            console.print(f"[bold red]{escape(str(e))}[/bold red]")
             raise typer.Exit(2) from None
     if logged is not None and log:
         run_id = log_evaluation(tracking_uri or "", logged, results, {"model": model, "limit": limit})
@@ -616,7 +617,7 @@ def lineage(
     try:
         found = walk(model, _tracking_uri(tracking_uri, config))
     except LineageError as e:
-        console.print(f"[bold red]{e}[/bold red]")
+        console.print(f"[bold red]{escape(str(e))}[/bold red]")
         raise typer.Exit(2) from None
     if as_json:
         typer.echo(json.dumps(found, indent=1))
@@ -655,7 +656,7 @@ def ui(
         sys.stdout.flush()
         server.wait()
     except (RuntimeError, TimeoutError) as e:
-        console.print(f"[bold red]{e}[/bold red]")
+        console.print(f"[bold red]{escape(str(e))}[/bold red]")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         pass

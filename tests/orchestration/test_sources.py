@@ -325,3 +325,32 @@ def test_the_sources_config_crawls_reads_trains_and_evaluates_with_each_source_i
         "evaluate",
     ]
     assert {a for s, a in plan.items() if s in names and s != "dedup[code]"} == {"cached"}
+
+
+@pytest.mark.unit
+def test_the_command_line_plans_an_instance_and_names_instances_as_text(tmp_path):
+    """``--only clean[code]`` on the command line, and an error naming instances, printed with their
+    brackets (rich would take ``[code]`` for a style and drop it)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from orchestration.cli import app
+
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"id": "d0", "text": "some text"}) + "\n")
+    pq.write_table(pa.table({"id": ["c0"], "content": ["x = 1"]}), tmp_path / "code.parquet")
+    config = tmp_path / "multi.yaml"
+    config.write_text(yaml.safe_dump(_raw(tmp_path), sort_keys=False))
+    runner = CliRunner()
+    done = runner.invoke(
+        app, ["run", str(config), "--dry-run", "--only", "clean[code]"], env={"COLUMNS": "200"}
+    )
+    assert done.exit_code == 0, done.output
+    assert "1 stage(s) would run: clean[code]" in done.stdout and "│ clean[code] │ run" in done.stdout
+    done = runner.invoke(
+        app, ["run", str(config), "--dry-run", "--only", "clean[web]"], env={"COLUMNS": "300"}
+    )
+    assert done.exit_code != 0
+    assert (
+        "--only clean[web]: this config has no clean[web] stage (its stages: clean[docs], dedup[docs],"
+        in " ".join(done.output.split())
+    )
