@@ -53,6 +53,10 @@ SYSTEM_SCRIPTS = [
     ("train_cpu", ["train_cpu.py"]),
 ]
 TIMEOUT_S = 420  # a loaded 2-core machine runs the two pipelines of ablation.py in minutes
+#: Ray's own limit: a new node's raylet must register within 30 s (ray/_private/node.py, not configurable);
+#: with the other xdist worker's training on both cores it sometimes does not (seen in bash .ci/run, the
+#: tokenize script's ray.init).
+RAY_START_TIMEOUT = "The current node timed out during startup"
 
 
 def run_smoke(args: list[str]) -> tuple[int, str, str]:
@@ -93,6 +97,8 @@ def assert_keys(line: dict, keys: set[str]) -> None:
 )
 def test_smoke_run_ends_with_its_result_line(args):
     code, out, err = run_smoke(args)
+    if code != 0 and RAY_START_TIMEOUT in err:  # the machine, not the script: once more
+        code, out, err = run_smoke(args)
     assert code == 0, tail(out, err)
     lines = [x for x in out.splitlines() if x.strip()]
     assert lines, tail(out, err)
