@@ -76,10 +76,9 @@ class RunContext:
     tracker: Tracker | None = None
     code: dict[str, str] = field(default_factory=dict)
     config_hash: str = ""
-    #: The stage instance being built (``clean[web]``) and its source (None: the one corpus, or a pooled
-    #: stage); ``cfg`` is then that source's view of the config (PipelineConfig.source_views).
+    #: The stage instance being built (``clean[web]``); ``cfg`` is then its source's view of the config
+    #: (PipelineConfig.view).
     stage: str = ""
-    source: str | None = None
 
     def outcome(self, stage: str) -> StageOutcome:
         return self.result.stages[stage]

@@ -355,10 +355,7 @@ class PipelineConfig(_Section):
         place of the top-level ones (a single-corpus config: itself, as the one source ``None``)."""
         if not self.sources:
             return {None: self}
-        return {
-            name: self.model_copy(update={**{f: getattr(s, f) for f in SOURCE_SECTIONS}, "sources": {}})
-            for name, s in self.sources.items()
-        }
+        return {name: self.view(name) for name in self.sources}
 
     def source_order(self) -> list[str]:
         """The sources by precedence across them: dedup_across.order, then the others in config order."""
@@ -367,7 +364,10 @@ class PipelineConfig(_Section):
 
     def view(self, source: str | None) -> PipelineConfig:
         """The config a stage instance of ``source`` sees (None: a pooled stage, or the one corpus)."""
-        return self if source is None else self.source_views()[source]
+        if source is None:
+            return self
+        own = self.sources[source]
+        return self.model_copy(update={**{f: getattr(own, f) for f in SOURCE_SECTIONS}, "sources": {}})
 
     @field_validator("workdir", mode="before")
     @classmethod

@@ -498,8 +498,9 @@ def run_dedup_stage(
     results = [applied[TaskId("apply", part=n)] for n in names]
     docs_in = sum(m["documents"] for m in maps.values())
     by_source = None
-    if None not in sources:
-        by_source = {s: [r for r, p in zip(results, parts) if p.name.startswith(f"{s}-p")] for s in sources}
+    if None not in sources:  # each partition's source by its rank, not by its name's prefix
+        names_of = list(sources)
+        by_source = {s: [r for r, rank in zip(results, priority) if names_of[rank] == s] for s in sources}
     return _commit(out, results, docs_in, counters, cfg, cache_key, inputs, by_source)
 
 

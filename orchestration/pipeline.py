@@ -146,7 +146,7 @@ class Pipeline:
         self._train_selected = any(n.produces == "model" for n in nodes if n.name in selected)
         for node in nodes:
             if node.name in needed:
-                here = replace(ctx, cfg=self.cfg.view(node.source), stage=node.name, source=node.source)
+                here = replace(ctx, cfg=self.cfg.view(node.source), stage=node.name)
                 ctx.result.stages[node.name] = self._stage(
                     here, node, node.name in selected, selection.forces(node.name)
                 )

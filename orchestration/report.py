@@ -120,11 +120,14 @@ def _figures(workdir: Store, name: str, index: dict[str, Any]) -> dict[str, Any]
     return component.figures(index, workdir / output_path(name))
 
 
+def _chain_documents(sources: dict[str | None, dict[str, str]]) -> list[str]:
+    """Each source's last document stage: its dedup, else its clean."""
+    return [chain.get("dedup") or chain["clean"] for chain in sources.values() if "clean" in chain]
+
+
 def _last_documents(sources: dict[str | None, dict[str, str]], stages: dict[str, Any]) -> list[str]:
-    """The document stages tokenize read: dedup_across, or each source's dedup (or clean)."""
-    if "dedup_across" in stages:
-        return ["dedup_across"]
-    return [chain.get("dedup", chain["clean"]) for chain in sources.values() if "clean" in chain]
+    """The document stages tokenize read: dedup_across, or each source's last."""
+    return ["dedup_across"] if "dedup_across" in stages else _chain_documents(sources)
 
 
 def _across_report(
@@ -138,7 +141,7 @@ def _across_report(
     index = stages["dedup_across"]
     checks = {"dedup_across: documents in = kept + rejected": figures["dedup_across"]["conserved"]}
     checks.update(_cluster_checks("dedup_across", out, index, figures["dedup_across"]))
-    chains_kept = [_ids(stages[chain.get("dedup", chain["clean"])]) for chain in sources.values()]
+    chains_kept = [_ids(stages[name]) for name in _chain_documents(sources)]
     kept, rejected = _ids(index), _ids(read_index(out / "rejected"))
     if None not in (*chains_kept, kept, rejected):
         checks["dedup_across: every document id the sources kept leaves as kept or rejected"] = (
