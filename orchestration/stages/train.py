@@ -11,6 +11,7 @@ from core.manifest import index_digest, write_index
 from core.redact import redact
 from core.storage import Store, local_copy
 from orchestration.component import RunContext, StageComponent, StageInstance, last
+from orchestration.errors import ConfigError
 from orchestration.stage_files import MODEL_RECORD, init_from_problems, model_files
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class Train(StageComponent):
 
         cfg = ctx.cfg.train
         (tokens,) = inputs
+        _check_validation_split(ctx.outcome(tokens).index or {}, cfg.seq_len, ctx.cfg.tokenize.val_fraction)
         logger = RunMetricsLogger(ctx.tracker.tracking_uri, ctx.tracker.active_run_id())
         ctx.console.print(
             f"  {cfg.num_workers} worker(s), ZeRO-{cfg.zero_stage}, {cfg.precision}, {cfg.steps} steps, "
@@ -131,3 +133,15 @@ def _checkpoints(out: Store) -> list[tuple[int, Path | str]]:
         if part.startswith("step") and part[4:].isdigit()
     }
     return sorted((int(d.rsplit("/", 1)[-1][4:]), out.uri_of(d)) for d in dirs)
+
+
+def _check_validation_split(tokens_index: dict[str, Any], seq_len: int, val_fraction: float) -> None:
+    """Refuse to train a model the evaluate stage after it cannot measure: its validation split must hold
+    one sequence (seq_len+1 tokens). Said before training, not after it."""
+    held_out = tokens_index.get("counters", {}).get("val_tokens")
+    if held_out is not None and held_out < seq_len + 1:
+        raise ConfigError(
+            f"tokenize's validation split holds {held_out} tokens, fewer than train.seq_len+1={seq_len + 1} "
+            f"that evaluate needs for one sequence: raise tokenize.val_fraction (now {val_fraction}), add "
+            "documents, or lower train.seq_len"
+        )

@@ -17,8 +17,9 @@ import pytest
 from core.files import file_sha256
 from core.manifest import read_table
 from orchestration.config import parse_config
+from orchestration.errors import ConfigError
 from orchestration.pipeline import Pipeline
-from tests.fixtures import prose
+from tests.fixtures import copy_of, prose
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +38,19 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fast_run(ray_session, corpus, tmp_path_factory):
     path, _ = corpus
-    cfg = parse_config(
-        {
-            "name": "fast",
-            "workdir": str(tmp_path_factory.mktemp("work")),
-            "read": {"paths": [str(path)]},
-            "clean": {"gopher_repetition": None},
-            "dedup": {"shards": 2},
-            "tokenize": {"tokenizer": {"vocab_size": 300, "min_frequency": 1}, "val_fraction": 0.2},
-        },
-        "test",
-    )
+    cfg = parse_config(_fast_config(path, tmp_path_factory.mktemp("work")), "test")
     return cfg, Pipeline(cfg).run(until="tokenize")
+
+
+def _fast_config(corpus: Path, workdir: Path) -> dict:
+    return {
+        "name": "fast",
+        "workdir": str(workdir),
+        "read": {"paths": [str(corpus)]},
+        "clean": {"gopher_repetition": None},
+        "dedup": {"shards": 2},
+        "tokenize": {"tokenizer": {"vocab_size": 300, "min_frequency": 1}, "val_fraction": 0.2},
+    }
 
 
 @pytest.mark.integration
@@ -135,6 +137,24 @@ def test_each_stage_is_a_nested_mlflow_run_of_the_pipeline_run(fast_run, tmp_pat
         )
 
 
+@pytest.mark.integration
+def test_training_is_refused_before_it_starts_when_evaluate_could_not_measure_the_model(
+    fast_run, corpus, tmp_path
+):
+    """A validation split shorter than one sequence: the train stage says so (and what to change) before
+    training, instead of the evaluate stage failing after it."""
+    cfg, result = fast_run
+    held_out = result.stages["tokenize"].index["splits"]["val"]["tokens"]
+    raw = _fast_config(corpus[0], copy_of(cfg.workdir, tmp_path / "work"))
+    too_long = parse_config({**raw, "train": {"seq_len": held_out}}, "test")
+    with pytest.raises(ConfigError) as refused:
+        Pipeline(too_long).run(until="train")
+    assert f"holds {held_out} tokens, fewer than train.seq_len+1={held_out + 1}" in str(refused.value)
+    assert "raise tokenize.val_fraction (now 0.2)" in str(refused.value)
+    assert not list((too_long.workdir / "train").rglob("*.safetensors"))
+    assert not (too_long.workdir / "train" / "index.json").exists()
+
+
 def _cli(*args: str):
     """The lmforge command line in this process (a fresh interpreter imports torch again: ~10 s a call)."""
     from typer.testing import CliRunner
@@ -200,6 +220,7 @@ def test_an_output_that_no_longer_matches_its_manifest_is_rebuilt(fast_run):
 RUN_IN_A_FRESH_PROCESS = """
 import json, sys
 from orchestration.config import parse_config
+from orchestration.errors import ConfigError
 from orchestration.pipeline import Pipeline
 cfg = parse_config(json.loads(sys.argv[1]), "test")
 Pipeline(cfg).run(until="tokenize")
