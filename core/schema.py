@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pyarrow as pa
 
 #: Numeric quality signals attached to a document (word counts, ratios, scores).
@@ -80,3 +81,29 @@ def document_table(
         },
         schema=DOCUMENT_SCHEMA,
     )
+
+
+def append_meta(batch: pa.RecordBatch, columns: dict[str, np.ndarray]) -> pa.RecordBatch:
+    """The batch with ``columns`` (name -> one value per document) appended to each document's ``meta``,
+    built from the map's offsets (no per-document Python objects)."""
+    n, k = batch.num_rows, len(columns)
+    if not k:
+        return batch
+    at = batch.schema.get_field_index("meta")
+    meta = batch.column(at)
+    raw = np.asarray(meta.offsets)  # a slice's offsets point into the whole of meta.keys / meta.items
+    offsets = raw - raw[0]
+    old, stored = int(offsets[-1]), len(meta.keys)
+    new_offsets = offsets + np.arange(n + 1) * k
+    fresh = np.zeros(old + n * k, bool)
+    for j in range(k):
+        fresh[new_offsets[1:] - k + j] = True
+    order = np.empty(old + n * k, np.int64)
+    order[~fresh] = raw[0] + np.arange(old)
+    order[fresh] = stored + np.arange(n * k)
+    names = list(columns)
+    keys = pa.concat_arrays([meta.keys, pa.array(np.tile(np.array(names, object), n), pa.string())])
+    values = np.column_stack([np.asarray(columns[name], np.float64) for name in names]).ravel()
+    items = pa.concat_arrays([meta.items.cast(pa.float64()), pa.array(values, pa.float64())])
+    merged = pa.MapArray.from_arrays(pa.array(new_offsets, pa.int32()), keys.take(order), items.take(order))
+    return batch.set_column(at, "meta", merged.cast(batch.schema.field("meta").type))

@@ -24,6 +24,7 @@ from cleaning.filters import (
 from cleaning.langid import LanguageFilterConfig
 from cleaning.normalize import TextNormalizerConfig
 from cleaning.pii import PiiConfig
+from cleaning.quality import QualityConfig
 from core.manifest import Verify
 from core.mappings import deep_merge
 from core.stage import StageConfig
@@ -44,7 +45,7 @@ class _Section(BaseModel):
 
 #: The stages whose Ray tasks ``ray.resources`` can size (training sizes its workers in ``train``; crawl
 #: actors hold no CPU, they wait on the network).
-TASK_STAGES = ("clean", "dedup", "tokenize", "evaluate", "finetune")
+TASK_STAGES = ("clean", "dedup", "quality", "tokenize", "evaluate", "finetune")
 
 
 class TaskResources(_Section):
@@ -252,6 +253,12 @@ class PipelineConfig(_Section):
         "dedup_across), the earlier source's copy surviving.",
     )
 
+    quality: QualityConfig | None = Field(
+        None,
+        description="Score every document with a learned quality classifier (stages quality_classifier, "
+        "quality) and keep by threshold, top fraction or tiers.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _default_to_evaluated_tasks(cls, data: Any) -> Any:
@@ -300,6 +307,8 @@ class PipelineConfig(_Section):
                 raise ValueError(
                     f"dedup_across.order: no source {', '.join(unknown)} (sources: {', '.join(self.sources)})"
                 )
+        if self.quality is not None:
+            _check_quality_sources(self.quality, list(self.sources))
         ports = [s.demo_site.port for s in self.sources.values() if s.demo_site and s.demo_site.port]
         if len(ports) != len(set(ports)):
             raise ValueError("sources: two demo sites on one demo_site.port; give each its own (or 0: any)")
@@ -396,6 +405,19 @@ class PipelineConfig(_Section):
     @property
     def tracking_uri(self) -> str:
         return self.tracking.uri or f"sqlite:///{self.local_dir / 'mlflow.db'}"
+
+
+def _check_quality_sources(quality: QualityConfig, sources: list[str]) -> None:
+    """The sources the quality classifier learns from and scores are sources of the config."""
+    named = {
+        "quality.classifier (positive, negative)": quality.classifier.sources(),
+        "quality.sources": quality.sources or [],
+    }
+    for field, names in named.items():
+        unknown = [n for n in names if n not in sources]
+        if unknown:
+            have = f"sources: {', '.join(sources)}" if sources else "the config has no sources: name files"
+            raise ValueError(f"{field}: no source {', '.join(unknown)} ({have})")
 
 
 def _sources_over_defaults(data: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 
 from core.files import write_parquet
@@ -24,7 +25,7 @@ from core.manifest import ManifestError, write_index
 from core.quarantine import FAULT_RETRIES, InfrastructureFault, Quarantine
 from core.schema import DOCUMENT_SCHEMA, REJECTED_SCHEMA, document_id, document_table
 from core.stage import Stage, StageContext, run_chain
-from core.storage import Store
+from core.storage import Store, open_input_file
 from core.tasks import DONE_DIR, STAGING_DIR, TaskFn, TaskId, read_marker, run_task
 from ingestion.readers import (
     CorruptInputError,
@@ -150,6 +151,8 @@ class Source:
     read: ReadConfig | None = None
 
     def batches(self, ctx: StageContext) -> Iterable[pa.RecordBatch]:
+        if self.origin == "dataset":
+            return _dataset_batches(self.uri)
         report = ReadReport(counters=ctx.counters, sink=partial(reject_malformed, ctx))
         if self.read is None:
             return read_warc(self.uri, report=report)
@@ -175,6 +178,17 @@ def warc_source(path: str) -> Source:
 def corpus_source(uri: str, read: ReadConfig) -> Source:
     """A stored corpus as a stage source."""
     return Source("read", uri, read)
+
+
+def dataset_source(uri: str) -> Source:
+    """A Parquet file of a committed documents dataset (another stage's output) as a stage source."""
+    return Source("dataset", uri)
+
+
+def _dataset_batches(uri: str, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+    with open_input_file(uri) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
+            yield batch.cast(DOCUMENT_SCHEMA) if batch.schema != DOCUMENT_SCHEMA else batch
 
 
 #: Errors a task raises about a user's input (they name the file or field and the fix), re-raised as
@@ -427,7 +441,7 @@ def _counted(
 
 def run_document_stage(
     stage_name: str,
-    stages: list[Stage],
+    stages: list[Stage] | Callable[[str], list[Stage]],
     partitions: list[tuple[str, Source]],
     out_dir: str | Path,
     *,
@@ -437,25 +451,29 @@ def run_document_stage(
     options: dict[str, Any] | None = None,
     max_in_flight: int | None = None,
     on_counts: Callable[[dict[str, int]], None] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Map a chain of stages over partitions as Ray tasks; skip partitions already completed. With
-    ``on_counts``, the documents read so far are reported as the tasks run.
+    """Map a chain of stages (or each partition's, ``stages(part)``, all starting with the same stage)
+    over partitions as Ray tasks; skip partitions already completed. With ``on_counts``, the documents
+    read so far are reported as the tasks run; ``extra`` goes to the index.
 
     Writes the kept dataset's index (with the rejected dataset's index beside it under ``rejected/``)
     after checking that every input document is either kept or rejected.
     """
     out = Store(out_dir)
     sources = dict(partitions)
+    chain = stages if callable(stages) else (lambda part: stages)
     results = run_tasks(
         out,
         [TaskId(part=part) for part in sources],
-        lambda task: (document_task, (stages, sources[task.part], task.part, stage_name)),
+        lambda task: (document_task, (chain(task.part), sources[task.part], task.part, stage_name)),
         on_progress,
         max_in_flight,
         options=options,
         on_counts=on_counts,
     )
-    counters = _document_counters(stage_name, stages[0].name, results, {p: s.origin for p, s in partitions})
+    first = chain(partitions[0][0])[0].name if partitions else ""
+    counters = _document_counters(stage_name, first, results, {p: s.origin for p, s in partitions})
     write_index(
         out / REJECTED_DIR,
         stage=stage_name,
@@ -472,6 +490,7 @@ def run_document_stage(
         schema=DOCUMENT_SCHEMA,
         inputs=inputs,
         counters=counters,
+        extra=extra,
     )
 
 

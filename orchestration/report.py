@@ -14,7 +14,19 @@ from orchestration.instances import output_path, split_instance
 from orchestration.stage_files import MODEL_RECORD
 from training.data.tokenize import validation_warning
 
-STAGES = ("crawl", "clean", "dedup", "dedup_across", "tokenize", "train", "evaluate", "labeled", "finetune")
+STAGES = (
+    "crawl",
+    "clean",
+    "dedup",
+    "dedup_across",
+    "quality_classifier",
+    "quality",
+    "tokenize",
+    "train",
+    "evaluate",
+    "labeled",
+    "finetune",
+)
 #: The stages of a source's chain: one corpus's, or each source's (``clean[web]``).
 CHAIN_STAGES = ("crawl", "clean", "dedup")
 #: The pipeline run's MLflow identity, written in the work dir beside the stage outputs.
@@ -81,13 +93,13 @@ def build_report(workdir: str | Path | Store, last: str | list[str] | None = Non
     sources = chains(stages)
     for chain in sources.values():
         checks.update(_chain_report(workdir, stages, chain, rep["stages"]))
-    if "dedup_across" in stages:
-        checks.update(_across_report(workdir, stages, sources, rep["stages"]))
+    for name in _pooled_documents(stages):
+        checks.update(_pooled_report(workdir, stages, name, rep["stages"]))
     warnings = []
     if "tokenize" in stages:
         if (warning := validation_warning(stages["tokenize"])) is not None:
             warnings.append(f"tokenize: {warning}")
-        last_docs = [rep["stages"][name] for name in _last_documents(sources, stages)]
+        last_docs = [rep["stages"][name] for name in _last_documents(sources, stages) if name in stages]
         if last_docs:
             tokenized = stages["tokenize"]["counters"]
             out = tokenized["documents"] + tokenized.get("quarantined", 0)
@@ -126,26 +138,36 @@ def _chain_documents(sources: dict[str | None, dict[str, str]]) -> list[str]:
 
 
 def _last_documents(sources: dict[str | None, dict[str, str]], stages: dict[str, Any]) -> list[str]:
-    """The document stages tokenize read: dedup_across, or each source's last."""
-    return ["dedup_across"] if "dedup_across" in stages else _chain_documents(sources)
+    """The document stages tokenize read (as its manifest names them), else each source's last."""
+    if "tokenize" in stages:
+        return [n for n in stages["tokenize"]["inputs"] if stages.get(n, {}).get("kind") == "documents"]
+    return _chain_documents(sources)
 
 
-def _across_report(
-    workdir: Store,
-    stages: dict[str, dict[str, Any]],
-    sources: dict[str | None, dict[str, str]],
-    figures: dict[str, Any],
+def _pooled_documents(stages: dict[str, dict[str, Any]]) -> list[str]:
+    """The document stages over every source's documents (dedup_across, quality), in run order."""
+    return [
+        name
+        for name, index in stages.items()
+        if index.get("kind") == "documents" and split_instance(name)[1] is None and name not in CHAIN_STAGES
+    ]
+
+
+def _pooled_report(
+    workdir: Store, stages: dict[str, dict[str, Any]], name: str, figures: dict[str, Any]
 ) -> dict[str, bool]:
-    """Dedup across sources: its figures and checks, the ids in being those the sources' chains kept."""
-    out = workdir / "dedup_across"
-    index = stages["dedup_across"]
-    checks = {"dedup_across: documents in = kept + rejected": figures["dedup_across"]["conserved"]}
-    checks.update(_cluster_checks("dedup_across", out, index, figures["dedup_across"]))
-    chains_kept = [_ids(stages[name]) for name in _chain_documents(sources)]
+    """A pooled document stage's checks: documents in = kept + rejected, its clusters (if it has any),
+    and the ids in being those the document stages it read kept."""
+    out, index = workdir / output_path(name), stages[name]
+    checks = {f"{name}: documents in = kept + rejected": figures[name]["conserved"]}
+    checks.update(_cluster_checks(name, out, index, figures[name]))
+    read = [n for n in index.get("inputs", {}) if stages.get(n, {}).get("kind") == "documents"]
+    ins = [_ids(stages[n]) for n in read]
     kept, rejected = _ids(index), _ids(read_index(out / "rejected"))
-    if None not in (*chains_kept, kept, rejected):
-        checks["dedup_across: every document id the sources kept leaves as kept or rejected"] = (
-            sum(chains_kept) % 2**64 == (kept + rejected) % 2**64
+    if read and None not in (*ins, kept, rejected):
+        named = read[0] if len(read) == 1 else " and ".join(read)
+        checks[f"{name}: every document id {named} kept leaves as kept or rejected"] = (
+            sum(ins) % 2**64 == (kept + rejected) % 2**64
         )
     return checks
 

@@ -283,6 +283,8 @@ def _funnel(
                 None,
             )
         )
+    if "quality" in stages:
+        steps.append(("after quality selection", int(stages["quality"]["counters"]["kept"]), None, None))
     if "tokenize" in stages:
         c = stages["tokenize"]["counters"]
         steps.append(("tokenized", int(c["documents"]), None, int(c["tokens"])))
@@ -536,6 +538,42 @@ def _duplicates(workdir: Store, index: dict[str, Any] | None, stage: str = "dedu
     return "".join(out)
 
 
+def _quality(classifier: dict[str, Any] | None, quality: dict[str, Any] | None) -> str:
+    """The classifier's held-out figures, and each scored source's score histogram with the cut (or the
+    tier boundaries)."""
+    if quality is None:
+        return ""
+    figures = quality.get("quality", {})
+    html_ = ""
+    if classifier is not None:
+        c = classifier["counters"]
+        html_ += _table(
+            ["classifier", "trained on", "held out", "precision", "recall", "F1", "accuracy"],
+            [
+                [
+                    _e(figures.get("classifier_digest", "")[:12]),
+                    f"{_num(c['train_documents'])} ({_num(c['positives'])} positive, {_num(c['negatives'])} negative)",
+                    _num(c["test_documents"]),
+                    *(f"{c[k]:.3f}" for k in ("precision", "recall", "f1", "accuracy")),
+                ]
+            ],
+        )
+    select = figures.get("select", {})
+    cuts = select.get("tiers") or ([figures["cut"]] if figures.get("cut") is not None else [])
+    for source, sides in figures.get("histograms", {}).items():
+        edges = np.linspace(0, 1, len(sides["kept"]) + 1)
+        fig = go.Figure()
+        for side, color in (("kept", KEPT), ("rejected", REJECTED)):
+            fig.add_bar(x=(edges[:-1] + edges[1:]) / 2, y=sides[side], marker_color=color, opacity=0.75,
+                        name=f"{side} ({_num(sum(sides[side]))})")  # fmt: skip
+        for t in cuts:
+            fig.add_vline(x=t, line_dash="dash", line_color="#333",
+                          annotation_text=f"cut {t:.4g}", annotation_position="top")  # fmt: skip
+        title = f"{source}: quality score ({_num(sum(map(sum, sides.values())))} documents)"
+        html_ += _div(_layout(fig, title, 260, barmode="overlay", bargap=0.02))
+    return html_
+
+
 def _lines(text: str) -> list[str]:
     return [line[:300] for line in (text or "").splitlines()[:120]]
 
@@ -775,6 +813,7 @@ _SECTIONS = [
     ("signals", "Quality signals", "The distribution of every signal the filters computed, kept vs rejected, with the filter's cut."),
     ("languages", "Languages and domains", "Before cleaning (every extracted document) and after cleaning and deduplication."),
     ("duplicates", "Duplicates", "Cluster sizes, and the largest clusters: the kept document beside one removed copy."),
+    ("quality", "Quality scores", "The quality classifier's held-out precision, recall and F1, and each scored source's score distribution with the cut."),
     ("tokens", "Tokens", "Shards, the train/validation split and the tokenizer."),
     ("training", "Training", "Loss, learning rate and periodic evaluation at each step."),
     ("evaluation", "Evaluation", "The trained model on the held-out split and the benchmark tasks."),
@@ -795,6 +834,7 @@ def build_html(
     tables: dict[str, list[dict[str, Any]]] = defaultdict(list)
     body, key_figures = _source_sections(workdir, stages, tables)
     body |= {
+        "quality": _quality(stages.get("quality_classifier"), stages.get("quality")),
         "tokens": _tokens(stages.get("tokenize")),
         "training": _training(workdir) if "train" in stages else "",
         "evaluation": _evaluation(workdir) if "evaluate" in stages else "",
@@ -846,6 +886,8 @@ def _source_sections(
             view["dedup_across"] = {
                 "counters": {"kept": stages["dedup_across"]["counters"].get(f"kept.{source}", 0)}
             }
+        if "quality" in stages and source is not None:  # what of it the quality selection kept
+            view["quality"] = {"counters": {"kept": stages["quality"]["counters"].get(f"kept.{source}", 0)}}
         if "tokenize" in stages:  # a source's share of the shards
             tokens = stages["tokenize"]
             view["tokenize"] = (

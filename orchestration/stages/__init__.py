@@ -17,6 +17,8 @@ from orchestration.stages.dedup_across import DedupAcross
 from orchestration.stages.evaluate import Evaluate
 from orchestration.stages.finetune import Finetune
 from orchestration.stages.labeled import Labeled
+from orchestration.stages.quality import Quality
+from orchestration.stages.quality_classifier import QualityClassifier
 from orchestration.stages.tokenize import Tokenize
 from orchestration.stages.train import Train
 
@@ -28,6 +30,8 @@ STAGES: list[StageComponent] = [
     Clean(),
     Dedup(),
     DedupAcross(),
+    QualityClassifier(),
+    Quality(),
     Tokenize(),
     Train(),
     Evaluate(),

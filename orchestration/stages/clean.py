@@ -12,7 +12,6 @@ from orchestration.component import RunContext, StageComponent, StageInstance, l
 from orchestration.stage_files import document_figures
 
 if TYPE_CHECKING:
-    from cleaning.decontaminate import DecontaminateConfig, NgramIndex
     from ingestion.readers import ReadConfig
     from orchestration.config import CleanConfig, PipelineConfig
 
@@ -79,11 +78,12 @@ class Clean(StageComponent):
         from cleaning.decontaminate import Decontaminator
         from orchestration.executors import corpus_source, run_document_stage, warc_source
         from orchestration.progress import StageProgress
+        from orchestration.task_ngrams import task_ngrams
 
         c = ctx.cfg.clean
         stages = clean_stages(c)
         if c.decontaminate is not None:
-            stages.insert(2, Decontaminator(c.decontaminate, _task_ngrams(ctx, c.decontaminate)))
+            stages.insert(2, Decontaminator(c.decontaminate, task_ngrams(ctx.console, c.decontaminate)))
         parts = [
             (Path(f["path"]).name.split(".")[0], warc_source(crawl.store.uri_of(f["path"])))
             for name in inputs
@@ -105,20 +105,6 @@ class Clean(StageComponent):
                 on_counts=progress.count,
                 **ctx.task_resources("clean"),
             )
-
-
-def _task_ngrams(ctx: RunContext, cfg: DecontaminateConfig) -> NgramIndex:
-    """The n-grams of every request (context + continuation) of the tasks to decontaminate against."""
-    from cleaning.decontaminate import NgramIndex
-    from evaluation.tasks import resolve_task
-
-    names = cfg.tasks or []  # the config filled them from evaluate.tasks when unset
-    index = NgramIndex(cfg.n)
-    for name in names:
-        task = resolve_task(name)
-        index.add(task.name, (c + x for e in task.load() for c, x in e.requests()))
-    ctx.console.print(f"  decontaminating against {len(index)} {cfg.n}-grams of {', '.join(names)}")
-    return index
 
 
 #: How many Parquet inputs the pre-flight opens to check their columns.

@@ -201,7 +201,7 @@ def test_the_report_and_mlflow_show_each_sources_chain_and_a_change_to_one_sourc
     assert rep["stages"]["dedup_across"]["rejected"] == 1
     for check in (
         "clean[code]: documents in = kept + rejected",
-        "dedup_across: every document id the sources kept leaves as kept or rejected",
+        "dedup_across: every document id dedup[docs] and dedup[code] kept leaves as kept or rejected",
         "tokenize: the document ids tokenized (and quarantined) are the ids dedup_across kept",
     ):
         assert rep["checks"][check]

@@ -1,0 +1,195 @@
+"""The quality stages in a pipeline (orchestration/stages/quality_classifier.py, quality.py): a fastText
+classifier trained DCLM's way (reference text against the crawl), every document of a source scored on Ray
+tasks, the exact corpus-wide top fraction kept, the classifier in MLflow, and the cache."""
+
+import json
+import random
+from pathlib import Path
+
+import mlflow
+import pyarrow.parquet as pq
+import pytest
+
+from cleaning.quality import SCORE
+from core.manifest import read_index, read_table
+from orchestration.config import ConfigError, parse_config
+from orchestration.pipeline import Pipeline
+from orchestration.plan import Selection
+from orchestration.report import build_report
+from orchestration.stages import dag
+from tests.fixtures import prose
+
+SPAM = [
+    "buy",
+    "cheap",
+    "deals",
+    "now",
+    "click",
+    "here",
+    "free",
+    "login",
+    "win",
+    "prize",
+    "offer",
+    "cookie",
+    "accept",
+    "subscribe",
+]
+
+
+def spam(rng: random.Random) -> str:
+    lines = [" ".join(rng.choice(SPAM) for _ in range(rng.randint(8, 14))) + "." for _ in range(8)]
+    return "\n".join(lines)
+
+
+def _raw(root: Path, **quality) -> dict:
+    return {
+        "name": "quality",
+        "workdir": str(root / "work"),
+        "clean": {"gopher_repetition": None, "gopher": None, "c4": None, "fineweb": None, "language": None},
+        "dedup": {"shards": 1},
+        "sources": {
+            "docs": {"read": {"paths": [str(root / "docs.jsonl")]}},
+            "web": {"read": {"paths": [str(root / "web.jsonl")]}},
+        },
+        "quality": {
+            "classifier": {
+                "positive": [{"paths": [str(root / "reference.jsonl")]}],
+                "negative": [{"source": "web"}],
+                "test_fraction": 0.2,
+                "fasttext": {"dim": 16, "bucket": 20000, "epoch": 10},
+            },
+            "select": {"top_fraction": 0.5},
+            "sources": ["web"],
+            **quality,
+        },
+        "tokenize": {"tokenizer": {"vocab_size": 300, "min_frequency": 1}, "val_fraction": 0.1},
+    }
+
+
+def _write(path: Path, texts: dict[str, str]) -> None:
+    path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in texts.items()))
+
+
+@pytest.fixture(scope="module")
+def quality_run(ray_session, tmp_path_factory):
+    """docs: 30 prose documents (passed on unscored); web: 60 prose and 60 spam pages; the reference: 80
+    prose documents (the text wanted)."""
+    root = tmp_path_factory.mktemp("quality")
+    rng = random.Random(11)
+    _write(root / "docs.jsonl", {f"doc{i}": prose(rng) for i in range(30)})
+    web = {f"good{i}": prose(rng) for i in range(60)} | {f"spam{i}": spam(rng) for i in range(60)}
+    _write(root / "web.jsonl", web)
+    _write(root / "reference.jsonl", {f"ref{i}": prose(rng) for i in range(80)})
+    cfg = parse_config(_raw(root), "test")
+    return root, cfg, Pipeline(cfg).run(until="tokenize")
+
+
+@pytest.mark.unit
+def test_the_quality_stages_come_after_dedup_and_before_tokenize_and_name_known_sources(tmp_path):
+    cfg = parse_config(_raw(tmp_path), "test")
+    names = [i.name for i in dag(cfg)]
+    assert names[-5:] == ["quality_classifier", "quality", "tokenize", "train", "evaluate"]
+    reads = {i.name: i.reads for i in dag(cfg)}
+    assert reads["quality"] == ("quality_classifier", "dedup[docs]", "dedup[web]")
+    assert reads["tokenize"] == ("quality",)
+    with pytest.raises(ConfigError, match=r"quality.classifier \(positive, negative\): no source news"):
+        parse_config(
+            _raw(tmp_path, classifier={"positive": [{"source": "news"}], "negative": [{"source": "web"}]}),
+            "t",
+        )
+    with pytest.raises(ConfigError, match="quality.sources: no source news"):
+        parse_config(_raw(tmp_path, sources=["news"]), "t")
+
+
+@pytest.mark.integration
+def test_the_top_half_of_the_scored_source_is_kept_exactly_and_the_rest_passes_through(quality_run):
+    root, cfg, result = quality_run
+    out = result.stages["quality"]
+    index = out.index
+    kept, rejected = read_table(out.store), read_table(out.store / "rejected")
+    web_kept = [r for r in kept.to_pylist() if not r["id"].startswith("doc")]
+    # docs is not scored: all 30 pass on, with no score
+    docs = [r for r in kept.to_pylist() if r["id"].startswith("doc")]
+    assert len(docs) == 30 and all(SCORE not in dict(r["meta"]) for r in docs)
+    # web: exactly half of its 120 documents, the best by (score, id) of every web document scored
+    scored = read_table(out.store / "scored").to_pylist()
+    web_scored = sorted(
+        ((dict(r["meta"])[SCORE], r["id"]) for r in scored if not r["id"].startswith("doc")),
+        key=lambda e: (-e[0], e[1]),
+    )
+    assert len(web_scored) == 120
+    assert {r["id"] for r in web_kept} == {i for _, i in web_scored[:60]}
+    assert sorted(rejected.column("id").to_pylist()) == sorted(i for _, i in web_scored[60:])
+    # the classifier learned the reference's prose: the kept half is the web's prose
+    assert sum(r["id"].startswith("good") for r in web_kept) >= 57
+    digest = index["quality"]["classifier_digest"]
+    assert set(rejected.column("signal").to_pylist()) == {f"{SCORE}@{digest[:12]}"}
+    assert set(rejected.column("threshold").to_pylist()) == {index["quality"]["cut"]}
+    assert index["counters"]["documents_in"] == 150 and index["counters"]["kept"] == 90
+    # each source's files apart, so tokenize writes each source's shards
+    assert set(index["sources"]) == {"docs", "web"}
+    tokens = result.stages["tokenize"].index
+    assert {s["source"] for s in tokens["splits"]["train"]["shards"]} == {"docs", "web"}
+    hist = index["quality"]["histograms"]
+    assert list(hist) == ["web"] and sum(hist["web"]["kept"]) == sum(hist["web"]["rejected"]) == 60
+    rep = build_report(cfg.workdir)
+    assert rep["ok"], rep["checks"]
+    for check in (
+        "quality: documents in = kept + rejected",
+        "quality: every document id dedup[docs] and dedup[web] kept leaves as kept or rejected",
+        "tokenize: the document ids tokenized (and quarantined) are the ids quality kept",
+    ):
+        assert rep["checks"][check]
+
+
+@pytest.mark.integration
+def test_the_classifier_is_measured_on_held_out_documents_and_logged_with_its_training_data(quality_run):
+    root, cfg, result = quality_run
+    index = result.stages["quality_classifier"].index
+    c = index["counters"]
+    assert c["positives"] == 80 and c["negatives"] == 120
+    assert c["train_documents"] + c["test_documents"] == 200 and c["test_documents"] > 20
+    # reference prose against a crawl half prose (DCLM's labels): the positives are found, and the crawl's
+    # own prose, labeled negative, is taken for positive
+    assert c["recall"] > 0.9 and c["precision"] < c["recall"]
+    client = mlflow.MlflowClient(cfg.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    models = client.search_logged_models([experiment.experiment_id])
+    (classifier,) = [m for m in models if m.model_type == "quality-classifier"]
+    metrics = {m.key: m.value for m in classifier.metrics}
+    assert metrics["heldout_f1"] == pytest.approx(c["f1"])
+    assert metrics["heldout_precision"] == pytest.approx(c["precision"])
+    tags = classifier.tags
+    assert tags["lmforge.trained_on.dedup[web]"] == index["inputs"]["dedup[web]"]
+    assert (
+        str(root / "reference.jsonl") in tags["lmforge.trained_on_files.quality.classifier.positive[0].paths"]
+    )
+    assert pq.read_metadata(result.stages["quality"].store.local / "scored" / "web-p00000.parquet").num_rows
+
+
+@pytest.mark.integration
+def test_a_rerun_is_cached_and_a_new_classifier_reruns_scoring_and_what_follows(quality_run):
+    root, cfg, _ = quality_run
+    plan = {e.stage: e.action for e in Pipeline(cfg).plan(Selection(until="tokenize"))}
+    assert set(plan.values()) == {"cached"}
+    changed = parse_config(
+        _raw(
+            root, classifier={**_raw(root)["quality"]["classifier"], "fasttext": {"dim": 16, "bucket": 20000}}
+        ),
+        "test",
+    )
+    plan = {e.stage: e.action for e in Pipeline(changed).plan(Selection(until="tokenize"))}
+    assert plan == {
+        "clean[docs]": "cached",
+        "dedup[docs]": "cached",
+        "clean[web]": "cached",
+        "dedup[web]": "cached",
+        "quality_classifier": "run",
+        "quality": "run",
+        "tokenize": "run",
+    }
+    threshold = parse_config(_raw(root, select={"threshold": 0.5}), "test")
+    plan = {e.stage: e.action for e in Pipeline(threshold).plan(Selection(until="tokenize"))}
+    assert plan["quality_classifier"] == "cached" and plan["quality"] == "run"
+    assert read_index(Path(cfg.workdir) / "quality") is not None
