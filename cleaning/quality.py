@@ -4,8 +4,7 @@ with it, and the selection by score (a threshold, the corpus-wide top fraction, 
 
 The classifier is fastText's own (``fasttext-community``: fastText's C++ behind the original Python API, a
 maintained fork with wheels for current Python and numpy). A document's text is one fastText line: its
-whitespace runs (newlines included: fastText reads one line per example) become single spaces, the same
-for training and for scoring.
+newlines become spaces (fastText reads one line per example), the same for training and for scoring.
 
 Scores go to each document's ``meta``: ``quality.score`` (the classifier's probability of the positive
 label), ``quality.label`` (1 where the positive label is the likelier) and, with tiers, ``quality.tier``. A
@@ -17,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -31,12 +29,12 @@ from core.stage import Stage, StageConfig, StageContext
 
 POSITIVE, NEGATIVE = "__label__hq", "__label__lq"
 SCORE, LABEL, TIER = "quality.score", "quality.label", "quality.tier"
-_SPACE = re.compile(r"\s+")
 
 
 def fasttext_line(text: str) -> str:
-    """A document as the one line fastText reads (training and scoring alike)."""
-    return _SPACE.sub(" ", text).strip()
+    """A document as the one line fastText reads (training and scoring alike): its line breaks spaces
+    (fastText splits words at any ASCII whitespace, and reads a newline as the end of the example)."""
+    return text.replace("\n", " ")
 
 
 class FastTextConfig(BaseModel):

@@ -39,6 +39,7 @@ SCRIPTS = [
     ("finetune", ["finetune.py"]),
     ("langid", ["langid.py"]),
     ("loader", ["loader.py"]),
+    ("quality", ["quality.py"]),
     ("reference_rules", ["reference_rules.py"]),
     ("report", ["report.py"]),
 ]

