@@ -20,7 +20,7 @@ from orchestration.instances import split_instance
 from orchestration.stage_files import REJECTED_DIR, document_figures
 
 if TYPE_CHECKING:
-    from cleaning.quality import Cut, QualityConfig
+    from cleaning.quality import Cut
     from orchestration.config import PipelineConfig
 
 #: The first pass's output (scored documents) under a top-fraction selection's output.
