@@ -39,6 +39,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import functools  # noqa: E402
 import gzip  # noqa: E402
 import html  # noqa: E402
@@ -77,6 +78,9 @@ parser.add_argument(
     "demo: the generated pydoc site (implies --filters docs)",
 )
 parser.add_argument("--keep", action="store_true", help="keep the work directory")
+parser.add_argument(
+    "--serve", action="store_true", help="only serve the site on --port until Ctrl-C (configs/quality.yaml crawls it)"
+)
 parser.add_argument("--port", type=int, default=8791, help="fixed, so a rerun's crawl (and ids) is the same")
 parser.add_argument("--work", type=Path, help="work directory (stages already there are reused)")
 parser.add_argument(
@@ -341,6 +345,11 @@ def main() -> None:
         seeds = [f"{base}/{lang}/index.html" for lang in languages]
     else:
         seeds = [f"{base}/index.html"]
+    if args.serve:
+        print(f"serving the {args.site} site at {', '.join(seeds)} (Ctrl-C stops)", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+        return
     try:
         texts = held_out_texts(english, held_out)
         heldout = work / "heldout.jsonl"
