@@ -79,7 +79,9 @@ parser.add_argument(
 )
 parser.add_argument("--keep", action="store_true", help="keep the work directory")
 parser.add_argument(
-    "--serve", action="store_true", help="only serve the site on --port until Ctrl-C (configs/quality.yaml crawls it)"
+    "--serve",
+    action="store_true",
+    help="only serve the site on --port until Ctrl-C (configs/quality.yaml crawls it)",
 )
 parser.add_argument("--port", type=int, default=8791, help="fixed, so a rerun's crawl (and ids) is the same")
 parser.add_argument("--work", type=Path, help="work directory (stages already there are reused)")

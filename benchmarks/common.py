@@ -226,3 +226,40 @@ class PeakRss:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def encoder_classifier(
+    root: Path, texts: list[str], layers: int = 2, hidden: int = 64, positions: int = 512
+) -> Path:
+    """A Hugging Face sequence-classifier directory made offline: a BERT (``layers`` x ``hidden``, random
+    weights, seed 0) with labels negative/positive, and a BPE tokenizer fitted on ``texts`` whose
+    post-processor adds [CLS] and [SEP] as BERT's does, so that the plain transformers route (tokenizer,
+    model) and lmforge's encoding give the same ids."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=2000, special_tokens=specials))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=positions, unk_token="[UNK]", pad_token="[PAD]",
+        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=4 * hidden, max_position_embeddings=positions, pad_token_id=0, num_labels=2,
+        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
+    )  # fmt: skip
+    root.mkdir(parents=True, exist_ok=True)
+    BertForSequenceClassification(config).eval().save_pretrained(root)
+    fast.save_pretrained(root)
+    return root

@@ -1,6 +1,6 @@
 """Quality scoring speed (issue 37): documents per second through lmforge's quality stage against the
-classifier package's own ``predict`` in a loop, on the same model and texts, one core; and that both give
-the same labels and probabilities.
+classifier package's own ``predict`` in a loop (fastText) or a plain transformers loop (an encoder), on the
+same model and texts, one core; and that both give the same labels and probabilities (scores).
 
 Data that ships on every Debian machine: the plain-text pydoc of the installed Python modules (technical
 prose: the positive class) against the packages' copyright files under /usr/share/doc (licence boilerplate:
@@ -11,6 +11,7 @@ a sample of each; the corpus scored is both, mixed, cut into documents of ~2,000
 runs) over Arrow batches of 1,024 documents: the one-line form of each text, fastText's batch predict, the
 scores into ``meta``, the threshold applied. ``peer``: fastText's ``model.predict(line, k=2)`` per document,
 on lines prepared beforehand (not timed). Goal: ratio >= 0.9, identical labels and probabilities.
+Encoder: see ``encoder_scoring``; goal >= 1.5x from length bucketing, scores equal to 1e-5.
 
     .venv/bin/python benchmarks/quality.py [--quick | --smoke] [--documents 200000]
 """
@@ -118,7 +119,7 @@ def main() -> None:
         )
         assert {ls[0] for ls, _ in peer_out} <= {POSITIVE, NEGATIVE}
     n = args.documents
-    line = result(
+    fasttext_line_ = result(
         "quality.fasttext_scoring",
         "docs/s",
         n / t_ours,
@@ -131,7 +132,89 @@ def main() -> None:
         identical_probabilities=same_scores,
         kept=len(kept_ids),
     )
-    summary("quality", [line])
+    summary("quality", [fasttext_line_, encoder_scoring(good, bad)])
+
+
+def encoder_scoring(good: list[str], bad: list[str]) -> dict:
+    """An encoder classifier (BERT 4 x 256, 512 positions) scoring documents of web-like lengths
+    (log-uniform 100 to 8,000 characters) through the quality stage's scorer (batches of 1,024 documents,
+    each sorted by length into forward passes of 64) against the plain transformers loop: the documents in
+    corpus order, 64 at a time, tokenizer(padding=True, truncation=True), forward, softmax. One thread
+    each."""
+    import functools
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from benchmarks.common import encoder_classifier
+    from cleaning.quality import QualityScoreConfig, QualityScorer
+    from core.stage import StageContext, run_chain
+    from evaluation.quality_encoder import encoder_scorer
+
+    torch.set_num_threads(1)
+    n = {True: 64, False: 4000}[args.smoke] if not args.quick else 1000
+    layers, hidden, positions, batch = (1, 32, 128, 16) if args.smoke else (4, 256, 512, 64)
+    rng = random.Random(1)
+    pool = good + bad
+    texts = []
+    for i in range(n):
+        text = pool[i % len(pool)] * 4
+        texts.append(text[: int(np.exp(rng.uniform(np.log(100), np.log(8000))))])
+    with tempfile.TemporaryDirectory(prefix="lmf-bench-encoder-") as tmp:
+        model_dir = encoder_classifier(Path(tmp) / "clf", pool[:500], layers, hidden, positions)
+        load = functools.partial(encoder_scorer, seq_len=positions, batch_size=batch)
+        cfg = QualityScoreConfig(digest="0" * 16, model_dir=str(model_dir), threshold=0.5)
+        scorer = QualityScorer(cfg, load)
+        batches = documents_table(texts).to_batches(max_chunksize=1024)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        ours_scores: list[float] = []
+        peer_scores: list[float] = []
+
+        def ours() -> None:
+            ctx = StageContext("quality")
+            kept = list(run_chain([scorer], batches, ctx))
+            scored = {
+                i: dict(m)["quality.score"]
+                for b in kept
+                for i, m in zip(b.column("id").to_pylist(), b.column("meta").to_pylist())
+            }
+            scored |= {
+                i: v
+                for b in ctx.rejected
+                for i, v in zip(b.column("id").to_pylist(), b.column("value").to_pylist())
+            }
+            ours_scores[:] = [scored[f"doc-{i:08d}"] for i in range(n)]
+
+        def peer() -> None:
+            out = []
+            with torch.inference_mode():
+                for start in range(0, n, batch):
+                    enc = tokenizer(texts[start : start + batch], padding=True, truncation=True,
+                                    max_length=positions, return_tensors="pt")  # fmt: skip
+                    out += model(**enc).logits.softmax(-1)[:, 1].tolist()
+            peer_scores[:] = out
+
+        t_ours, t_peer = median_times([ours, peer], repeats=1 if args.smoke else 3)
+    difference = float(np.max(np.abs(np.array(ours_scores) - np.array(peer_scores))))
+    return result(
+        "quality.encoder_scoring",
+        "docs/s",
+        n / t_ours,
+        f"transformers {transformers_version()} loop: tokenizer(padding=True), forward, softmax; batch {batch}",
+        n / t_peer,
+        1.5,
+        other_goals_met=difference <= 1e-5,
+        size=n,
+        model=f"BERT {layers} x {hidden}, {positions} positions",
+        max_score_difference=difference,
+    )
+
+
+def transformers_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
 
 
 def fasttext_version() -> str:

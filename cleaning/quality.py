@@ -111,7 +111,10 @@ class ClassifierConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["fasttext"] = "fasttext"
+    kind: Literal["fasttext", "encoder"] = Field(
+        "fasttext",
+        description="fasttext: DCLM's bigram classifier; encoder: a fine-tuned sequence classifier.",
+    )
     positive: list[Side] = Field(default_factory=list, description="Text wanted: sources or files.")
     negative: list[Side] = Field(default_factory=list, description="Text not wanted (a crawl's sample).")
     labeled: LabeledFile | None = Field(None, description="Annotated documents instead of two sides.")
@@ -122,9 +125,21 @@ class ClassifierConfig(BaseModel):
         0.1, gt=0, lt=1, description="Share of the documents (by id hash) held out to measure the classifier."
     )
     fasttext: FastTextConfig = Field(default_factory=FastTextConfig)
+    encoder: dict[str, Any] | None = Field(
+        None,
+        description="kind encoder: lmforge's fine-tuning settings for the classifier (the finetune section's "
+        "fields: init_from, an encoder's Hugging Face directory, is required; seq_len, steps, lr, ...)",
+    )
+    scoring_batch_size: int = Field(
+        64, ge=1, description="kind encoder: texts per forward pass when scoring."
+    )
 
     @model_validator(mode="after")
     def _data(self) -> ClassifierConfig:
+        if self.kind == "encoder" and not (self.encoder or {}).get("init_from"):
+            raise ValueError("kind encoder fine-tunes a model: set encoder.init_from to its directory")
+        if self.kind == "fasttext" and self.encoder is not None:
+            raise ValueError("encoder is for kind encoder (kind is fasttext)")
         sides = bool(self.positive) and bool(self.negative)
         if self.labeled is None and not sides:
             raise ValueError("name positive and negative documents, or a labeled file")
@@ -256,11 +271,25 @@ class FastTextScorer:
             )
 
     def scores(self, texts: list[str]) -> np.ndarray:
-        labels, probs = self.model.predict([fasttext_line(t) for t in texts], k=2)
+        # what model.predict(list, k=2) calls, each line built once (predict copies every line again to
+        # check it has no newline and to append one)
+        lines = [fasttext_line(t) + "\n" for t in texts]
+        labels, probs = self.model.f.multilinePredict(lines, 2, 0.0, "strict")
         # each row: both labels, likelier first; the positive one's probability (fastText's float32)
         return np.array(
             [p[0] if ls[0] == POSITIVE else p[1] for ls, p in zip(labels, probs)], dtype=np.float32
         )
+
+
+#: A classifier as the quality stage uses it: texts -> their scores (float32).
+Scorer = Callable[[list[str]], np.ndarray]
+
+
+def fasttext_scorer(model_dir: str) -> Scorer:
+    """A fastText classifier directory's scoring function (a node-local copy of a remote one)."""
+    from core.storage import local_copy
+
+    return FastTextScorer(local_copy(model_dir) / MODEL_FILE).scores
 
 
 class Cut(BaseModel):
@@ -295,17 +324,21 @@ class QualityScorer(Stage):
     name = "quality"
     config: QualityScoreConfig
 
-    def __init__(self, config: QualityScoreConfig, scorer: Callable[[list[str]], np.ndarray] | None = None):
+    def __init__(self, config: QualityScoreConfig, load: Callable[[str], Scorer] | None = None):
+        """``load``: the classifier directory's scoring function (default: a fastText classifier's); a
+        module-level function (or a partial of one), as the stage is sent to Ray tasks."""
         super().__init__(config)
-        self._scorer = scorer
+        self._load = load or fasttext_scorer
+        self._scorer: Scorer | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_scorer": None}  # a loaded classifier stays in its process
 
     def _score(self, batch: pa.RecordBatch) -> np.ndarray:
         if not self.config.model_dir:
             return scores_of(batch)
         if self._scorer is None:
-            from core.storage import local_copy
-
-            self._scorer = FastTextScorer(local_copy(self.config.model_dir) / MODEL_FILE).scores
+            self._scorer = self._load(self.config.model_dir)
         return self._scorer(batch.column("text").to_pylist())
 
     def run(self, batches: Iterable[pa.RecordBatch], ctx: StageContext) -> Iterator[pa.RecordBatch]:

@@ -309,6 +309,8 @@ class PipelineConfig(_Section):
                 )
         if self.quality is not None:
             _check_quality_sources(self.quality, list(self.sources))
+            if self.quality.classifier.kind == "encoder":
+                quality_finetune_config(self.quality, {"train": "train.parquet"})
         ports = [s.demo_site.port for s in self.sources.values() if s.demo_site and s.demo_site.port]
         if len(ports) != len(set(ports)):
             raise ValueError("sources: two demo sites on one demo_site.port; give each its own (or 0: any)")
@@ -405,6 +407,20 @@ class PipelineConfig(_Section):
     @property
     def tracking_uri(self) -> str:
         return self.tracking.uri or f"sqlite:///{self.local_dir / 'mlflow.db'}"
+
+
+def quality_finetune_config(quality: QualityConfig, splits: dict[str, str]) -> FinetuneConfig:
+    """The fine-tuning of an encoder quality classifier: ``quality.classifier.encoder``'s settings on the
+    classifier's training examples (``splits``: files with text and label columns, labels negative and
+    positive)."""
+    from training.labeled import LabeledDataConfig
+
+    data = LabeledDataConfig(splits=splits, label_names=["negative", "positive"])
+    fields = {"task": "classification", **(quality.classifier.encoder or {}), "data": data}
+    try:
+        return FinetuneConfig(**fields)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "quality.classifier.encoder")) from None
 
 
 def _check_quality_sources(quality: QualityConfig, sources: list[str]) -> None:

@@ -190,12 +190,30 @@ def encode_inputs(
     ids_b = (
         tokenizer(pairs, add_special_tokens=False)["input_ids"] if pairs is not None else [None] * len(texts)
     )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
-    encoder = (
+    rows, types = input_rows(tokenizer, ids_a, ids_b, seq_len, config)
+    return pad_rows(rows, types, seq_len, tokenizer, config, pairs is not None)
+
+
+def _is_encoder(
+    tokenizer: transformers.PreTrainedTokenizerBase, config: transformers.PretrainedConfig
+) -> bool:
+    """An encoder's inputs: ``[CLS] a [SEP]`` (a tokenizer with both, a model without a decoder)."""
+    return (
         tokenizer.cls_token_id is not None
         and tokenizer.sep_token_id is not None
         and not config.is_encoder_decoder
     )
+
+
+def input_rows(
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    ids_a: list[list[int]],
+    ids_b: list[list[int] | None],
+    seq_len: int,
+    config: transformers.PretrainedConfig,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Each example's token ids with the model's special tokens, at most ``seq_len``, and token types."""
+    encoder = _is_encoder(tokenizer, config)
     eos = tokenizer.eos_token_id
     rows, types = [], []
     for a, b in zip(ids_a, ids_b):
@@ -216,13 +234,27 @@ def encode_inputs(
             type_row = [0] * len(row)
         rows.append(row)
         types.append(type_row)
+    return rows, types
+
+
+def pad_rows(
+    rows: list[list[int]],
+    types: list[list[int]],
+    seq_len: int,
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    config: transformers.PretrainedConfig,
+    pairs: bool = False,
+) -> dict[str, np.ndarray]:
+    """Rows padded to ``seq_len``: token ids, attention mask (and token types for BERT pairs)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
+    encoder = _is_encoder(tokenizer, config)
     input_ids = np.full((len(rows), seq_len), pad, dtype=np.int64)
     mask = np.zeros((len(rows), seq_len), dtype=np.int64)
     token_types = np.zeros((len(rows), seq_len), dtype=np.int64)
     for i, (row, type_row) in enumerate(zip(rows, types)):
         input_ids[i, : len(row)], mask[i, : len(row)], token_types[i, : len(row)] = row, 1, type_row
     out = {"input_ids": input_ids, "attention_mask": mask}
-    if encoder and pairs is not None and getattr(config, "type_vocab_size", 1) > 1:
+    if encoder and pairs and getattr(config, "type_vocab_size", 1) > 1:
         out["token_type_ids"] = token_types
     return out
 

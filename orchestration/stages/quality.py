@@ -71,9 +71,11 @@ class Quality(StageComponent):
             by_source.setdefault(source or "", []).append(f"{part}.parquet")
         extra: dict[str, Any] = {"sources": by_source} if any(by_source) else {}
 
+        load = _loader(found.index["classifier"], q.classifier.scoring_batch_size)
+
         def chain(select: dict[str, Any], model: str) -> Any:
             scoring = QualityScorer(
-                QualityScoreConfig(digest=digest, model_dir=model, batch_size=q.batch_size, **select)
+                QualityScoreConfig(digest=digest, model_dir=model, batch_size=q.batch_size, **select), load
             )
             passing = QualityScorer(QualityScoreConfig(digest=digest, passthrough=True))
             return lambda part: [scoring if part in scored_parts else passing]
@@ -126,6 +128,20 @@ class Quality(StageComponent):
             if source:  # each source's share of what was kept (the report's per-source funnel)
                 index["counters"][f"kept.{source}"] = sum(rows.get(n, 0) for n in names)
         return _rewrite(out, index)
+
+
+def _loader(classifier: dict[str, Any], batch_size: int) -> Any:
+    """How a task loads the classifier it scores with (a function Ray can send): fastText's, or a
+    fine-tuned encoder's at the sequence length it was trained with."""
+    import functools
+
+    if classifier["kind"] == "encoder":
+        from evaluation.quality_encoder import encoder_scorer
+
+        return functools.partial(encoder_scorer, seq_len=classifier["seq_len"], batch_size=batch_size)
+    from cleaning.quality import fasttext_scorer
+
+    return fasttext_scorer
 
 
 def _partitions(ctx: RunContext, documents: list[str]) -> list[tuple[str | None, str, str]]:

@@ -14,7 +14,7 @@ from core.manifest import index_digest, source_files, write_index
 from core.storage import Store, local_copy, open_input_file
 from orchestration.component import RunContext, StageComponent, StageInstance, last
 from orchestration.instances import split_instance
-from orchestration.stage_files import MODEL_RECORD
+from orchestration.stage_files import MODEL_RECORD, init_from_problems
 
 if TYPE_CHECKING:
     from cleaning.quality import ClassifierConfig, FileSide, LabeledFile, Side
@@ -60,6 +60,12 @@ class QualityClassifier(StageComponent):
                 ReadConfig(paths=paths).inputs()
             except (FileNotFoundError, ValueError) as e:
                 problems.append(f"{field}: {e}")
+        if cfg.quality.classifier.kind == "encoder":
+            from orchestration.config import quality_finetune_config
+
+            ft = quality_finetune_config(cfg.quality, {"train": "train.parquet"})
+            assert ft.init_from is not None
+            problems += init_from_problems(Path(ft.init_from), ft.seq_len, "quality.classifier.encoder")
         return problems
 
     def summary(self, index: dict[str, Any]) -> str:
@@ -70,38 +76,30 @@ class QualityClassifier(StageComponent):
         )
 
     def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
-        from cleaning.quality import (
-            MODEL_FILE,
-            binary_metrics,
-            is_held_out,
-            train_fasttext,
-            write_training_file,
-        )
+        from cleaning.quality import binary_metrics, is_held_out
 
         assert ctx.cfg.quality is not None
         c = ctx.cfg.quality.classifier
         examples = _examples(ctx, c, inputs)
-        train = [
-            (doc_id, text, y) for doc_id, text, y in examples if not is_held_out(doc_id, c.test_fraction)
-        ]
-        test = [(doc_id, text, y) for doc_id, text, y in examples if is_held_out(doc_id, c.test_fraction)]
+        held_out = [is_held_out(doc_id, c.test_fraction) for doc_id, _, _ in examples]
+        train = [(t, y) for (_, t, y), h in zip(examples, held_out) if not h]
+        test = [(t, y) for (_, t, y), h in zip(examples, held_out) if h]
         for split, rows in (("training", train), ("held-out", test)):
-            if not any(y for *_, y in rows) or all(y for *_, y in rows):
+            if not any(y for _, y in rows) or all(y for _, y in rows):
                 raise ValueError(
-                    f"quality.classifier: the {split} split holds {sum(y for *_, y in rows)} positive and "
-                    f"{sum(not y for *_, y in rows)} negative documents; it needs both (add documents or "
+                    f"quality.classifier: the {split} split holds {sum(y for _, y in rows)} positive and "
+                    f"{sum(not y for _, y in rows)} negative documents; it needs both (add documents or "
                     "change quality.classifier.test_fraction)"
                 )
+        ctx.console.print(f"  training a {c.kind} classifier on {len(train):,} documents")
         with tempfile.TemporaryDirectory(prefix="lmf-quality-") as tmp:
             work = Path(tmp)
-            write_training_file(work / "train.txt", [(t, y) for _, t, y in train], c.fasttext.seed)
-            model_dir = work / CLASSIFIER_DIR
-            model_dir.mkdir()
-            ctx.console.print(f"  training fastText on {len(train):,} documents")
-            train_fasttext(work / "train.txt", model_dir / MODEL_FILE, c.fasttext)
-            scorer = _scorer(model_dir / MODEL_FILE)
-            scores = scorer([t for _, t, _ in test])
-            metrics = binary_metrics([y for *_, y in test], [bool(s > 0.5) for s in scores])
+            if c.kind == "fasttext":
+                where, scorer = _fasttext(c, train, work, out)
+            else:
+                where, scorer = _encoder(ctx, train, test, out, key)
+            scores = scorer([t for t, _ in test])
+            metrics = binary_metrics([y for _, y in test], [bool(s > 0.5) for s in scores])
             data = {
                 "positives": sum(y for *_, y in examples),
                 "negatives": sum(not y for *_, y in examples),
@@ -109,13 +107,11 @@ class QualityClassifier(StageComponent):
                 "files": _file_fields(c),
                 "held_out": {"method": "sha256(id)[:8] / 2**64 < test_fraction", "documents": len(test)},
             }
-            (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            (model_dir / "training_data.json").write_text(json.dumps(data, indent=2))
-            files = [
-                {"path": f"{CLASSIFIER_DIR}/{name}", "rows": 0, **_entry(model_dir / name)}
-                for name in sorted(p.name for p in model_dir.iterdir())
-            ]
-            out.upload(model_dir, CLASSIFIER_DIR)
+            report = work / "report"
+            report.mkdir()
+            (report / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            (report / "training_data.json").write_text(json.dumps(data, indent=2))
+            out.upload(report, where)
         counters = {
             "train_documents": len(train),
             "test_documents": len(test),
@@ -128,10 +124,10 @@ class QualityClassifier(StageComponent):
             stage=self.name,
             kind="classifier",
             cache_key=key,
-            files=files,
+            files=_files(out, where),
             inputs=inputs,
             counters=counters,
-            extra={"classifier": {"kind": c.kind, "dir": CLASSIFIER_DIR, "file": MODEL_FILE}},
+            extra={"classifier": {"kind": c.kind, "dir": where, "seq_len": _seq_len(ctx)}},
         )
 
     def track(self, ctx: RunContext, index: dict[str, Any], selected: bool) -> None:
@@ -156,7 +152,7 @@ class QualityClassifier(StageComponent):
             **ctx.code,
         }
         model_id, _ = tracker.log_model(
-            local_copy(out, CLASSIFIER_DIR),
+            local_copy(out, index["classifier"]["dir"]),
             f"{ctx.cfg.name}-quality-classifier",
             {"quality.classifier": c.model_dump(mode="json")},
             tags,
@@ -170,16 +166,65 @@ class QualityClassifier(StageComponent):
         out.write_bytes(MODEL_RECORD, json.dumps({"model_id": model_id}).encode())
 
 
-def _entry(path: Path) -> dict[str, Any]:
-    from core.files import file_sha256
+def _fasttext(c: ClassifierConfig, train: list[tuple[str, bool]], work: Path, out: Store) -> tuple[str, Any]:
+    """Train fastText on ``train``; the classifier's directory in ``out`` and its scoring function."""
+    from cleaning.quality import MODEL_FILE, FastTextScorer, train_fasttext, write_training_file
 
-    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    write_training_file(work / "train.txt", train, c.fasttext.seed)
+    model_dir = work / CLASSIFIER_DIR
+    model_dir.mkdir()
+    train_fasttext(work / "train.txt", model_dir / MODEL_FILE, c.fasttext)
+    out.upload(model_dir, CLASSIFIER_DIR)
+    return CLASSIFIER_DIR, FastTextScorer(model_dir / MODEL_FILE).scores
 
 
-def _scorer(model_file: Path):
-    from cleaning.quality import FastTextScorer
+def _encoder(
+    ctx: RunContext, train: list[tuple[str, bool]], test: list[tuple[str, bool]], out: Store, key: str
+) -> tuple[str, Any]:
+    """Fine-tune ``quality.classifier.encoder.init_from`` as a sequence classifier (lmforge's fine-tuning,
+    on Ray Train) on the training examples; its directory in ``out`` and its scoring function."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    return FastTextScorer(model_file).scores
+    from evaluation.quality_encoder import encoder_scorer
+    from orchestration.config import quality_finetune_config
+    from orchestration.training_launch import launch_finetuning
+
+    assert ctx.cfg.quality is not None
+    splits = {}
+    for split, rows in (("train", train), ("test", test)):
+        table = pa.table(
+            {"text": [t for t, _ in rows], "label": ["positive" if y else "negative" for _, y in rows]}
+        )
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        out.write_bytes(f"data/{split}.parquet", sink.getvalue().to_pybytes())
+        splits[split] = out.uri_of(f"data/{split}.parquet")
+    ft = quality_finetune_config(ctx.cfg.quality, splits)
+    init_from = (
+        ft.init_from if ft.init_from is None or "://" in ft.init_from else str(Path(ft.init_from).resolve())
+    )
+    ft = ft.model_copy(update={"init_from": init_from})
+    launch_finetuning(ft, out / "finetune", run_name=f"{ctx.cfg.name}-quality-{key}", console=ctx.console)
+    where = "finetune/model"
+    return where, encoder_scorer(out.uri_of(where), ft.seq_len, ctx.cfg.quality.classifier.scoring_batch_size)
+
+
+def _seq_len(ctx: RunContext) -> int | None:
+    from orchestration.config import quality_finetune_config
+
+    assert ctx.cfg.quality is not None
+    if ctx.cfg.quality.classifier.kind != "encoder":
+        return None
+    return quality_finetune_config(ctx.cfg.quality, {"train": "train.parquet"}).seq_len
+
+
+def _files(out: Store, where: str) -> list[dict[str, Any]]:
+    """The manifest entries of the classifier's directory."""
+    from core.files import file_entry
+
+    local = local_copy(out, where)
+    return [{**file_entry(p, 0), "path": f"{where}/{p.name}"} for p in sorted(local.iterdir()) if p.is_file()]
 
 
 def _file_fields(c: ClassifierConfig) -> dict[str, list[str]]:

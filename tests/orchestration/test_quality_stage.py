@@ -193,3 +193,73 @@ def test_a_rerun_is_cached_and_a_new_classifier_reruns_scoring_and_what_follows(
     plan = {e.stage: e.action for e in Pipeline(threshold).plan(Selection(until="tokenize"))}
     assert plan["quality_classifier"] == "cached" and plan["quality"] == "run"
     assert read_index(Path(cfg.workdir) / "quality") is not None
+
+
+@pytest.mark.system  # one fine-tuning launch on Ray Train
+@pytest.mark.parametrize("objective", ["masked_lm"])
+def test_an_encoder_lmforge_pretrained_is_fine_tuned_into_the_classifier_that_scores_the_corpus(
+    trained, objective, tmp_path
+):
+    """The whole loop in lmforge: the shared BERT lmforge pretrained, fine-tuned by lmforge's fine-tuning on
+    reference prose (positive) against spam (negative), scores a web of both on Ray tasks."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import f1_score, precision_score
+    from transformers import AutoModelForSequenceClassification
+
+    from training.finetune import encode_inputs, load_tokenizer_of
+
+    base = trained(objective).model_dir
+    rng = random.Random(5)
+    _write(tmp_path / "docs.jsonl", {f"doc{i}": prose(rng) for i in range(10)})
+    web = {f"good{i}": prose(rng) for i in range(30)} | {f"spam{i}": spam(rng) for i in range(30)}
+    _write(tmp_path / "web.jsonl", web)
+    _write(tmp_path / "reference.jsonl", {f"ref{i}": prose(rng) for i in range(60)})
+    _write(tmp_path / "junk.jsonl", {f"junk{i}": spam(rng) for i in range(60)})
+    classifier = {
+        "kind": "encoder",
+        "positive": [{"paths": [str(tmp_path / "reference.jsonl")]}],
+        "negative": [{"paths": [str(tmp_path / "junk.jsonl")]}],
+        "test_fraction": 0.25,
+        "encoder": {"init_from": str(base), "seq_len": 64, "steps": 24, "lr": 1e-3, "micro_batch_size": 8},
+        "scoring_batch_size": 16,
+    }
+    too_long = parse_config(_raw(tmp_path, classifier=classifier, select={"threshold": 0.5}), "test")
+    with pytest.raises(
+        ConfigError, match="quality.classifier.encoder.seq_len: 64 is longer than the 32 positions"
+    ):
+        Pipeline(too_long).run(until="quality")  # refused before any stage runs
+    classifier["encoder"]["seq_len"] = 32
+    cfg = parse_config(_raw(tmp_path, classifier=classifier, select={"threshold": 0.5}), "test")
+    result = Pipeline(cfg).run(until="quality")
+    index = result.stages["quality_classifier"].index
+    assert index["classifier"] == {"kind": "encoder", "dir": "finetune/model", "seq_len": 32}
+    out = result.stages["quality"]
+    rows = read_table(out.store).to_pylist() + read_table(out.store / "rejected").to_pylist()
+    scored = {r["id"]: dict(r["meta"])[SCORE] for r in rows if not r["id"].startswith("doc")}
+    assert len(scored) == 60
+    kept = {r["id"] for r in read_table(out.store).to_pylist() if not r["id"].startswith("doc")}
+    assert kept == {i for i, v in scored.items() if np.float32(v) >= np.float32(0.5)}
+    # the scores are the fine-tuned model's as lmforge's fine-tuning evaluation computes them (every
+    # example padded to seq_len, in file order): length-sorted batches change nothing
+    model_dir = Path(cfg.workdir) / "quality_classifier" / "finetune" / "model"
+    tokenizer = load_tokenizer_of(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    positive = model.config.label2id["positive"]
+
+    def probabilities(texts: list[str]) -> np.ndarray:
+        inputs = encode_inputs(tokenizer, texts, None, 32, model.config)
+        with torch.inference_mode():
+            logits = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).logits
+        return logits.softmax(-1)[:, positive].numpy()
+
+    ids = sorted(scored)
+    np.testing.assert_allclose(
+        [scored[i] for i in ids], probabilities([web[i] for i in ids]), atol=1e-5, rtol=0
+    )
+    # the classifier's held-out figures are scikit-learn's on its held-out split
+    test = pq.read_table(Path(cfg.workdir) / "quality_classifier" / "data" / "test.parquet").to_pylist()
+    truth = [r["label"] == "positive" for r in test]
+    predicted = list(probabilities([r["text"] for r in test]) > 0.5)
+    assert index["counters"]["f1"] == pytest.approx(f1_score(truth, predicted), abs=1e-9)
+    assert index["counters"]["precision"] == pytest.approx(precision_score(truth, predicted, zero_division=0))
