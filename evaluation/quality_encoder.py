@@ -39,7 +39,8 @@ class EncoderScorer:
 
         from training.finetune import input_rows, pad_rows
 
-        ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # cut to seq_len below
+        # unpadded, and cut to seq_len by input_rows (verbose=False: no warning about the longer ones)
+        ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         rows, types = input_rows(self.tokenizer, ids, [None] * len(ids), self.seq_len, self.model.config)
         order = np.argsort([len(r) for r in rows], kind="stable")
         out = np.empty(len(texts), np.float32)
