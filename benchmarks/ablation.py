@@ -79,6 +79,14 @@ parser.add_argument(
 )
 parser.add_argument("--keep", action="store_true", help="keep the work directory")
 parser.add_argument(
+    "--quality",
+    type=float,
+    default=0.5,
+    metavar="FRACTION",
+    help="a third arm: the cleaned corpus's top FRACTION by a fastText quality classifier (positives: the "
+    "Python documentation, else configs/data/docs.jsonl; negatives: the crawl itself, DCLM's recipe); 0: none",
+)
+parser.add_argument(
     "--serve",
     action="store_true",
     help="only serve the site on --port until Ctrl-C (configs/quality.yaml crawls it)",
@@ -197,6 +205,30 @@ def serve(held_out: list[str], languages: list[str], root: Path) -> ThreadingHTT
     return server
 
 
+#: The quality classifier's positive documents: documentation not on the crawled site.
+POSITIVES = [Path("/usr/share/doc/python3.11/html"), REPO / "configs" / "data" / "docs.jsonl"]
+
+
+def positives() -> Path:
+    """The Python documentation when installed (the smoke run: the shipped plain-text pydoc, seconds)."""
+    return POSITIVES[-1] if args.smoke else next(p for p in POSITIVES if p.exists())
+
+
+def quality_section() -> dict:
+    positive = positives()
+    small = args.smoke or args.site == "demo"
+    return {
+        "classifier": {
+            "positive": [{"paths": [str(positive)]}],
+            "negative": [{"source": "corpus"}],
+            "max_documents": 300 if small else 20_000,
+            "test_fraction": 0.3 if small else 0.1,  # the demo's 13 pages: a few held out of each class
+            "fasttext": {"bucket": 20_000 if small else 200_000},
+        },
+        "select": {"top_fraction": args.quality},
+    }
+
+
 def clean_section() -> dict:
     if args.filters == "docs":
         return {"gopher": {"min_alpha_words_ratio": 0.5}, "gopher_repetition": None}
@@ -249,19 +281,20 @@ def config(name: str, work: Path, seeds: list[str], cleaned: bool, tokenizer: st
     }
 
 
-def run(cfg: dict, work: Path, crawl_from: Path | None = None) -> dict:
+def run(cfg: dict, work: Path, crawl_from: Path | None = None, reused: tuple[str, ...] = ("crawl",)) -> dict:
     """One arm: the pipeline in this process (the arms share one embedded Ray), its config kept beside its
-    work dir. ``crawl_from``: a work dir whose crawl this arm's equals (same config and code): its files are
-    linked in, so the pipeline finds the crawl cached instead of fetching the site again."""
+    work dir. ``crawl_from``: a work dir whose ``reused`` stages (the crawl) this arm's equal (same config
+    and code): their files are linked in, so the pipeline finds them cached instead of running them again."""
     from orchestration.config import load_config
     from orchestration.pipeline import Pipeline
 
     path = work / f"{cfg['name']}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     workdir = Path(cfg["workdir"])
-    if crawl_from is not None and not (workdir / "crawl").exists():
-        workdir.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(crawl_from / "crawl", workdir / "crawl", copy_function=os.link)
+    for stage in reused if crawl_from is not None else ():
+        if not (workdir / stage).exists():
+            workdir.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(crawl_from / stage, workdir / stage, copy_function=os.link)
     start = time.perf_counter()
     Pipeline(load_config(path)).run()
 
@@ -381,12 +414,26 @@ def main() -> None:
             f"clean: {clean['documents']} documents, {clean['train_tokens']:,} tokens ({clean['seconds']:.0f}s)",
             flush=True,
         )
+        arms = [("raw", raw), ("clean", clean)]
+        if args.quality:
+            cfg = config("quality", work, seeds, cleaned=True, tokenizer=raw["tokenizer"])
+            cfg["quality"] = quality_section()
+            clean_dir = Path(clean["model_dir"]).parents[1]
+            quality = run(cfg, work, crawl_from=clean_dir, reused=("crawl", "clean", "dedup"))
+            classifier = json.loads((Path(cfg["workdir"]) / "quality_classifier" / "index.json").read_text())
+            quality["classifier"] = classifier["counters"]
+            print(
+                f"quality: {quality['documents']} documents, {quality['train_tokens']:,} tokens "
+                f"({quality['seconds']:.0f}s); classifier held-out F1 {classifier['counters']['f1']:.3f}",
+                flush=True,
+            )
+            arms.append(("quality", quality))
         import ray
 
         ray.shutdown()  # before the result line: no worker log line printed after it
         tasks = [t for t in args.tasks.split(",") if t]
         scores = {}
-        for name, run_ in (("raw", raw), ("clean", clean)):
+        for name, run_ in arms:
             evals = evaluate(run_["model_dir"], tasks=tasks, data=[str(heldout)], limit=args.task_limit)
             scores[name] = {ev.name: ev.metrics for ev in evals.values()}
             print(
@@ -425,7 +472,30 @@ def main() -> None:
             heldout_pages=len(texts),
             **extra,
         )
-        summary("ablation", [line])
+        lines = [line]
+        if args.quality:
+            c = quality["classifier"]
+            lines.append(
+                result(
+                    "ablation.quality_heldout_bits_per_byte",
+                    "clean bpb / quality bpb",
+                    bpb["clean"],
+                    f"the same model on the cleaned corpus's top {args.quality:.0%} by the quality classifier",
+                    bpb["quality"],
+                    1.0,
+                    clean_bpb=round(bpb["clean"], 4),
+                    quality_bpb=round(bpb["quality"], 4),
+                    quality_documents=quality["documents"],
+                    quality_train_tokens=quality["train_tokens"],
+                    trained_tokens=quality["trained_tokens"],
+                    classifier_f1=round(c["f1"], 4),
+                    classifier_precision=round(c["precision"], 4),
+                    classifier_recall=round(c["recall"], 4),
+                    classifier_documents=c["train_documents"] + c["test_documents"],
+                    positives=str(positives()),
+                )
+            )
+        summary("ablation", lines)
     finally:
         server.shutdown()
         import ray

@@ -28,6 +28,8 @@ from core.schema import append_meta
 from core.stage import Stage, StageConfig, StageContext
 
 POSITIVE, NEGATIVE = "__label__hq", "__label__lq"
+#: How the classifier's sides and ``quality.sources`` name the one corpus of a config without sources.
+ONE_CORPUS = "corpus"
 SCORE, LABEL, TIER = "quality.score", "quality.label", "quality.tier"
 
 
@@ -74,7 +76,7 @@ class SourceSide(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    source: str = Field(min_length=1, description="A name in ``sources``.")
+    source: str = Field(min_length=1, description="A name in ``sources`` (without sources: corpus).")
 
 
 Side = SourceSide | FileSide

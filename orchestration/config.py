@@ -24,7 +24,7 @@ from cleaning.filters import (
 from cleaning.langid import LanguageFilterConfig
 from cleaning.normalize import TextNormalizerConfig
 from cleaning.pii import PiiConfig
-from cleaning.quality import QualityConfig
+from cleaning.quality import ONE_CORPUS, QualityConfig
 from core.manifest import Verify
 from core.mappings import deep_merge
 from core.stage import StageConfig
@@ -429,10 +429,11 @@ def _check_quality_sources(quality: QualityConfig, sources: list[str]) -> None:
         "quality.classifier (positive, negative)": quality.classifier.sources(),
         "quality.sources": quality.sources or [],
     }
+    known = sources or [ONE_CORPUS]
     for field, names in named.items():
-        unknown = [n for n in names if n not in sources]
+        unknown = [n for n in names if n not in known]
         if unknown:
-            have = f"sources: {', '.join(sources)}" if sources else "the config has no sources: name files"
+            have = f"sources: {', '.join(sources)}" if sources else f"one corpus, named {ONE_CORPUS}"
             raise ValueError(f"{field}: no source {', '.join(unknown)} ({have})")
 
 

@@ -53,7 +53,7 @@ class Quality(StageComponent):
         return {**document_figures(out, index), "quality": index.get("quality", {})}
 
     def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
-        from cleaning.quality import QualityScoreConfig, QualityScorer, top_cut
+        from cleaning.quality import ONE_CORPUS, QualityScoreConfig, QualityScorer, top_cut
         from orchestration.executors import dataset_source, run_document_stage
         from orchestration.progress import StageProgress
 
@@ -64,7 +64,9 @@ class Quality(StageComponent):
         model_dir = found.store.uri_of(found.index["classifier"]["dir"])
         digest = index_digest(found.index)
         parts = _partitions(ctx, documents)
-        scored_sources = set(q.sources) if q.sources is not None else {s for s, _, _ in parts}
+        # the one corpus of a config without sources is source None (named corpus in quality.sources)
+        named = {None if s == ONE_CORPUS and not ctx.cfg.sources else s for s in q.sources or []}
+        scored_sources = named if q.sources is not None else {s for s, _, _ in parts}
         scored_parts = {part for source, part, _ in parts if source in scored_sources}
         by_source: dict[str, list[str]] = {}
         for source, part, _ in parts:

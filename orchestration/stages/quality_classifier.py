@@ -270,10 +270,17 @@ def _source_documents(ctx: RunContext, source: str, inputs: dict[str, str]) -> I
     dataset that holds several sources')."""
     import pyarrow.parquet as pq
 
+    from cleaning.quality import ONE_CORPUS
+
     for name in inputs:
         of = split_instance(name)[1]
         _, by_source = source_files(ctx.outcome(name).store)
-        paths = by_source.get(None, []) if of == source else by_source.get(source, []) if of is None else []
+        if not ctx.cfg.sources and source == ONE_CORPUS:  # the one corpus: everything read
+            paths = [p for files in by_source.values() for p in files]
+        elif of is None:  # a dataset of several sources' (dedup across sources)
+            paths = by_source.get(source, [])
+        else:
+            paths = by_source.get(None, []) if of == source else []
         for path in paths:
             with open_input_file(path) as f:
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=1024, columns=["id", "text"]):

@@ -7,10 +7,11 @@ import random
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cleaning.quality import SCORE
+from cleaning.quality import SCORE, TIER
 from core.manifest import read_index, read_table
 from orchestration.config import ConfigError, parse_config
 from orchestration.pipeline import Pipeline
@@ -263,3 +264,32 @@ def test_an_encoder_lmforge_pretrained_is_fine_tuned_into_the_classifier_that_sc
     predicted = list(probabilities([r["text"] for r in test]) > 0.5)
     assert index["counters"]["f1"] == pytest.approx(f1_score(truth, predicted), abs=1e-9)
     assert index["counters"]["precision"] == pytest.approx(precision_score(truth, predicted, zero_division=0))
+
+
+@pytest.mark.integration
+def test_one_corpus_is_the_negative_side_and_tiers_keep_everything(ray_session, tmp_path):
+    """Without sources the corpus is named ``corpus``: the classifier learns the reference against it,
+    and tiers keep every document with its tier in meta."""
+    rng = random.Random(2)
+    web = {f"good{i}": prose(rng) for i in range(25)} | {f"spam{i}": spam(rng) for i in range(25)}
+    _write(tmp_path / "web.jsonl", web)
+    _write(tmp_path / "reference.jsonl", {f"ref{i}": prose(rng) for i in range(40)})
+    raw = _raw(tmp_path)
+    del raw["sources"]
+    raw["read"] = {"paths": [str(tmp_path / "web.jsonl")]}
+    raw["quality"] = {
+        "classifier": {**raw["quality"]["classifier"], "negative": [{"source": "corpus"}]},
+        "select": {"tiers": [0.3, 0.6]},
+    }
+    with pytest.raises(ConfigError, match="quality.sources: no source web \\(one corpus, named corpus\\)"):
+        parse_config({**raw, "quality": {**raw["quality"], "sources": ["web"]}}, "test")
+    cfg = parse_config(raw, "test")
+    result = Pipeline(cfg).run(until="quality")
+    assert result.stages["quality_classifier"].index["counters"]["negatives"] == 50
+    out = result.stages["quality"].index
+    assert out["counters"]["kept"] == 50 and out["counters"]["rejected"] == 0 and "sources" not in out
+    for row in read_table(result.stages["quality"].store).to_pylist():
+        meta = dict(row["meta"])
+        score = np.float32(meta[SCORE])
+        assert meta[TIER] == int(score >= np.float32(0.3)) + int(score >= np.float32(0.6))
+    assert list(out["quality"]["histograms"]) == ["corpus"]
