@@ -93,6 +93,17 @@ def prose(rng: random.Random, sentences: int = 8) -> str:
     )
 
 
+#: Spam words: pages of them are what a quality classifier learns to reject.
+SPAM = "buy cheap deals now click here free login win prize offer cookie accept subscribe".split()  # noqa: SIM905
+
+
+def spam(rng: random.Random, lines: int = 8) -> str:
+    """A page of spam: ``lines`` lines of 8-14 of the SPAM words."""
+    return "\n".join(
+        " ".join(rng.choice(SPAM) for _ in range(rng.randint(8, 14))) + "." for _ in range(lines)
+    )
+
+
 def batches(texts: dict[str, str]) -> list[pa.RecordBatch]:
     """One document batch (core/schema.py) of ``texts``."""
     from core.schema import DOCUMENT_SCHEMA

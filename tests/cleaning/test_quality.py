@@ -30,32 +30,12 @@ from cleaning.quality import (
 )
 from core.schema import append_meta, document_table
 from core.stage import StageContext, run_chain
-from tests.fixtures import prose
+from tests.fixtures import prose, spam
 
 pytestmark = pytest.mark.unit
 
 #: A small model: 20,000 buckets x 16 dimensions (1.3 MB) instead of fastText's 800 MB default.
 SMALL = FastTextConfig(dim=16, bucket=20_000, epoch=10)
-SPAM = [
-    "buy",
-    "cheap",
-    "deals",
-    "now",
-    "click",
-    "here",
-    "free",
-    "login",
-    "win",
-    "prize",
-    "offer",
-    "cookie",
-    "accept",
-    "subscribe",
-]
-
-
-def spam(rng: random.Random) -> str:
-    return "\n".join(" ".join(rng.choice(SPAM) for _ in range(rng.randint(5, 12))) for _ in range(6))
 
 
 @pytest.fixture(scope="module")

@@ -18,29 +18,7 @@ from orchestration.pipeline import Pipeline
 from orchestration.plan import Selection
 from orchestration.report import build_report
 from orchestration.stages import dag
-from tests.fixtures import prose
-
-SPAM = [
-    "buy",
-    "cheap",
-    "deals",
-    "now",
-    "click",
-    "here",
-    "free",
-    "login",
-    "win",
-    "prize",
-    "offer",
-    "cookie",
-    "accept",
-    "subscribe",
-]
-
-
-def spam(rng: random.Random) -> str:
-    lines = [" ".join(rng.choice(SPAM) for _ in range(rng.randint(8, 14))) + "." for _ in range(8)]
-    return "\n".join(lines)
+from tests.fixtures import prose, spam
 
 
 def _raw(root: Path, **quality) -> dict:
