@@ -246,7 +246,7 @@ def _examples(ctx: RunContext, c: ClassifierConfig, inputs: dict[str, str]) -> l
     from cleaning.quality import sample
 
     if c.labeled is not None:
-        return _labeled(c.labeled, c.max_documents)
+        return _labeled(ctx, c.labeled, c.max_documents)
     out = []
     for label, sides in ((True, c.positive), (False, c.negative)):
         docs = (doc for side in sides for doc in _side_documents(ctx, side, inputs))
@@ -312,13 +312,16 @@ def _file_documents(ctx: RunContext, side: FileSide) -> Iterator[tuple[str, str]
             yield from zip(batch.column("id").to_pylist(), batch.column("text").to_pylist())
 
 
-def _labeled(labeled: LabeledFile, n: int) -> list[tuple[str, str, bool]]:
-    """An annotated file's documents (id: the file and row), ``n`` of lowest id hash per class."""
+def _labeled(ctx: RunContext, labeled: LabeledFile, n: int) -> list[tuple[str, str, bool]]:
+    """An annotated file's documents (id: the file and row), decontaminated as the clean stage is, ``n`` of
+    lowest id hash per class."""
     import pyarrow.json as pj
     import pyarrow.parquet as pq
 
     from cleaning.quality import sample
     from ingestion.readers import ReadConfig
+
+    clean = _decontaminated(ctx)
 
     positive: list[tuple[str, str]] = []
     negative: list[tuple[str, str]] = []
@@ -331,10 +334,31 @@ def _labeled(labeled: LabeledFile, n: int) -> list[tuple[str, str, bool]]:
                     f"quality.classifier.labeled: {uri} has no column {field!r} (its columns: "
                     f"{', '.join(table.column_names)})"
                 )
-        texts = table.column(labeled.text_field).to_pylist()
+        texts = [t or "" for t in table.column(labeled.text_field).to_pylist()]
         labels = table.column(labeled.label_field).to_pylist()
-        for row, (text, label) in enumerate(zip(texts, labels)):
-            (positive if labeled.is_positive(label) else negative).append(
-                (f"{Path(uri).name}#{row}", text or "")
-            )
+        ids = [f"{Path(uri).name}#{row}" for row in range(len(texts))]
+        kept = clean(ids, texts)
+        for doc_id, text, label in zip(ids, texts, labels):
+            if doc_id in kept:
+                (positive if labeled.is_positive(label) else negative).append((doc_id, text))
     return [(i, t, True) for i, t in sample(positive, n)] + [(i, t, False) for i, t in sample(negative, n)]
+
+
+def _decontaminated(ctx: RunContext):
+    """ids, texts -> the ids of those the clean stage's decontamination keeps (all, without it)."""
+    decontaminate = ctx.cfg.clean.decontaminate
+    if decontaminate is None:
+        return lambda ids, texts: set(ids)
+    from cleaning.decontaminate import Decontaminator
+    from core.schema import document_table
+    from core.stage import StageContext, run_chain
+    from orchestration.task_ngrams import task_ngrams
+
+    stage = Decontaminator(decontaminate, task_ngrams(ctx.console, decontaminate))
+
+    def kept(ids: list[str], texts: list[str]) -> set[str]:
+        batches = document_table(texts, ids=ids).to_batches()
+        out = run_chain([stage], batches, StageContext("quality_classifier"))
+        return {i for batch in out for i in batch.column("id").to_pylist()}
+
+    return kept

@@ -271,3 +271,34 @@ def test_one_corpus_is_the_negative_side_and_tiers_keep_everything(ray_session, 
         score = np.float32(meta[SCORE])
         assert meta[TIER] == int(score >= np.float32(0.3)) + int(score >= np.float32(0.6))
     assert list(out["quality"]["histograms"]) == ["corpus"]
+
+
+@pytest.mark.integration
+def test_an_annotated_file_trains_the_classifier_decontaminated_as_the_clean_stage_is(ray_session, tmp_path):
+    """FineWeb-Edu's recipe: scores 0-5 on a sample, positive from 3; a row holding an ARC-Easy question
+    is left out of the classifier's training data, as clean.decontaminate leaves it out of the corpus."""
+    from evaluation.tasks import resolve_task
+
+    requests = (r for e in resolve_task("arc_easy").load() for r in e.requests())
+    context, continuation = next(r for r in requests if len((r[0] + r[1]).split()) >= 20)  # 13-grams
+    rng = random.Random(8)
+    rows = [{"text": prose(rng), "score": rng.choice([3, 4, 5])} for _ in range(30)]
+    rows += [{"text": spam(rng), "score": rng.choice([0, 1, 2])} for _ in range(30)]
+    rows.append({"text": f"{prose(rng)} {context}{continuation}", "score": 5})
+    (tmp_path / "annotated.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _write(tmp_path / "web.jsonl", {f"good{i}": prose(rng) for i in range(20)})
+    raw = _raw(tmp_path)
+    del raw["sources"]
+    raw["read"] = {"paths": [str(tmp_path / "web.jsonl")]}
+    raw["clean"] = {**raw["clean"], "decontaminate": {"tasks": ["arc_easy"]}}
+    labeled = {"paths": [str(tmp_path / "annotated.jsonl")], "label_field": "score", "min_score": 3}
+    raw["quality"] = {
+        "classifier": {"labeled": labeled, "test_fraction": 0.2, "fasttext": {"dim": 16, "bucket": 20000}},
+        "select": {"threshold": 0.5},
+    }
+    with pytest.raises(ConfigError, match="set one of positive \\(labels\\) or min_score"):
+        parse_config({**raw, "quality": {"classifier": {"labeled": {"paths": ["x.jsonl"]}}}}, "test")
+    result = Pipeline(parse_config(raw, "test")).run(until="quality")
+    counters = result.stages["quality_classifier"].index["counters"]
+    assert counters["positives"] == 30 and counters["negatives"] == 30  # the contaminated row left out
+    assert counters["f1"] > 0.9  # prose against spam
