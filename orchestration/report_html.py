@@ -886,8 +886,13 @@ def _source_sections(
             view["dedup_across"] = {
                 "counters": {"kept": stages["dedup_across"]["counters"].get(f"kept.{source}", 0)}
             }
-        if "quality" in stages and source is not None:  # what of it the quality selection kept
-            view["quality"] = {"counters": {"kept": stages["quality"]["counters"].get(f"kept.{source}", 0)}}
+        if "quality" in stages:  # what of it the quality selection kept
+            quality = stages["quality"]
+            view["quality"] = (
+                quality
+                if source is None
+                else {"counters": {"kept": quality["counters"].get(f"kept.{source}", 0)}}
+            )
         if "tokenize" in stages:  # a source's share of the shards
             tokens = stages["tokenize"]
             view["tokenize"] = (

@@ -17,6 +17,7 @@ from orchestration.config import ConfigError, parse_config
 from orchestration.pipeline import Pipeline
 from orchestration.plan import Selection
 from orchestration.report import build_report
+from orchestration.report_html import build_html
 from orchestration.stages import dag
 from tests.fixtures import prose, spam
 
@@ -271,6 +272,9 @@ def test_one_corpus_is_the_negative_side_and_tiers_keep_everything(ray_session, 
         score = np.float32(meta[SCORE])
         assert meta[TIER] == int(score >= np.float32(0.3)) + int(score >= np.float32(0.6))
     assert list(out["quality"]["histograms"]) == ["corpus"]
+    assert build_report(cfg.workdir)["ok"]
+    page, _ = build_html(cfg.workdir)
+    assert "after quality selection" in page and "corpus: quality score (50 documents)" in page
 
 
 @pytest.mark.integration
