@@ -3,8 +3,9 @@ threshold, by the corpus-wide top fraction, or all with quality tiers (cleaning/
 each source's documents apart (``index["sources"]``), as tokenize reads them.
 
 The top fraction is exact and never gathers the scores: a first pass writes the scored documents
-(``scored/``, a dataset of its own, kept for the report and reruns), the cut is found from their scores one
-partition at a time (``top_cut``), and a second pass applies it."""
+(``scored/``, a dataset of its own: resumable, and its ``rejected/`` holds any document the first pass
+quarantined, so it stays beside the output), the cut is found from their scores one partition at a time
+(``top_cut``), and a second pass applies it."""
 
 from __future__ import annotations
 
