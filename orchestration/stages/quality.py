@@ -21,7 +21,7 @@ from orchestration.instances import split_instance
 from orchestration.stage_files import REJECTED_DIR, document_figures
 
 if TYPE_CHECKING:
-    from cleaning.quality import Cut
+    from cleaning.quality import Cut, QualityConfig
     from orchestration.config import PipelineConfig
 
 #: The first pass's output (scored documents) under a top-fraction selection's output.
@@ -54,7 +54,7 @@ class Quality(StageComponent):
         return {**document_figures(out, index), "quality": index.get("quality", {})}
 
     def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
-        from cleaning.quality import ONE_CORPUS, QualityScoreConfig, QualityScorer, top_cut
+        from cleaning.quality import ONE_CORPUS
         from orchestration.executors import dataset_source, run_document_stage
         from orchestration.progress import StageProgress
 
@@ -62,7 +62,6 @@ class Quality(StageComponent):
         assert q is not None
         classifier, *documents = inputs
         found = ctx.outcome(classifier)
-        model_dir = found.store.uri_of(found.index["classifier"]["dir"])
         digest = index_digest(found.index)
         parts = _partitions(ctx, documents)
         # the one corpus of a config without sources is source None (named corpus in quality.sources)
@@ -72,65 +71,90 @@ class Quality(StageComponent):
         by_source: dict[str, list[str]] = {}
         for source, part, _ in parts:
             by_source.setdefault(source or "", []).append(f"{part}.parquet")
-        extra: dict[str, Any] = {"sources": by_source} if any(by_source) else {}
-
-        load = _loader(found.index["classifier"], q.classifier.scoring_batch_size)
-
-        def chain(select: dict[str, Any], model: str) -> Any:
-            scoring = QualityScorer(
-                QualityScoreConfig(digest=digest, model_dir=model, batch_size=q.batch_size, **select), load
-            )
-            passing = QualityScorer(QualityScoreConfig(digest=digest, passthrough=True))
-            return lambda part: [scoring if part in scored_parts else passing]
-
-        s = q.select
-        run = {"cache_key": key, "inputs": inputs, **ctx.task_resources("quality")}
+        run = {
+            "cache_key": key,
+            "inputs": inputs,
+            "extra": {"sources": by_source} if any(by_source) else None,
+            **ctx.task_resources("quality"),
+        }
+        chain = _Chain(
+            q, digest, found.store.uri_of(found.index["classifier"]["dir"]), found.index, scored_parts
+        )
         sources = [(part, dataset_source(uri)) for _, part, uri in parts]
+        s = q.select
         if s.top_fraction is None:
             select = {"threshold": s.threshold} if s.threshold is not None else {"tiers": s.tiers}
             with StageProgress(ctx.console, ctx.stage, "partitions", total=len(parts)) as progress:
                 index = run_document_stage(
-                    self.name, chain(select, model_dir), sources, out, on_progress=progress.update, **run
+                    self.name, chain(select), sources, out, on_progress=progress.update, **run
                 )
             cut = s.threshold
         else:
-            scored = out / SCORED_DIR
-            with StageProgress(ctx.console, ctx.stage, "partitions scored", total=len(parts)) as progress:
-                run_document_stage(
-                    self.name, chain({}, model_dir), sources, scored, on_progress=progress.update, **run
-                )
-            ranked = [scored.uri_of(f"{part}.parquet") for part in sorted(scored_parts)]
-            total = sum(_rows(uri) for uri in ranked)
-            k = max(1, round(s.top_fraction * total))
-            found_cut: Cut = top_cut(lambda with_ids: _scores(ranked, with_ids), k)
-            ctx.console.print(
-                f"  top {s.top_fraction:.1%} of {total:,} scored documents: {k:,}, score >= {found_cut.score:.6f}"
-                + (f" (ties at it: ids up to {found_cut.last_id})" if found_cut.last_id else "")
-            )
-            again = [(part, dataset_source(scored.uri_of(f"{part}.parquet"))) for _, part, _ in parts]
-            with StageProgress(ctx.console, ctx.stage, "partitions cut", total=len(parts)) as progress:
-                index = run_document_stage(
-                    self.name,
-                    chain({"cut": found_cut}, ""),
-                    again,
-                    out,
-                    on_progress=progress.update,
-                    **run,
-                )
-            cut = found_cut.score
-        figures = {
+            index, cut = _top_fraction(ctx, self.name, chain, sources, out, run)
+        index["quality"] = {
             "classifier_digest": digest,
             "select": s.model_dump(mode="json"),
             "cut": cut,
             "histograms": _histograms(out, by_source, scored_parts),
         }
-        index.update(extra)
-        index["quality"] = figures
         rows = {f["path"]: f["rows"] for f in index["files"]}
         for source, names in by_source.items():
             if source:  # each source's share of what was kept (the report's per-source funnel)
                 index["counters"][f"kept.{source}"] = sum(rows.get(n, 0) for n in names)
         return _rewrite(out, index)
+
+
+class _Chain:
+    """Each partition's chain: the scorer (with a selection) for a scored source's, a pass-through for the
+    others' (every chain starts with the quality stage, as run_document_stage counts documents in)."""
+
+    def __init__(
+        self, q: QualityConfig, digest: str, model_dir: str, classifier: dict[str, Any], scored: set[str]
+    ):
+        self.q, self.digest, self.model_dir, self.scored = q, digest, model_dir, scored
+        self.load = _loader(classifier["classifier"], q.classifier.scoring_batch_size)
+
+    def __call__(self, select: dict[str, Any], scored: bool = False) -> Any:
+        """``scored``: the documents come scored (the top fraction's second pass) and are only cut."""
+        from cleaning.quality import QualityScoreConfig, QualityScorer
+
+        model = "" if scored else self.model_dir
+        config = QualityScoreConfig(
+            digest=self.digest, model_dir=model, batch_size=self.q.batch_size, **select
+        )
+        scoring = QualityScorer(config, self.load)
+        passing = QualityScorer(QualityScoreConfig(digest=self.digest, passthrough=True))
+        return lambda part: [scoring if part in self.scored else passing]
+
+
+def _top_fraction(
+    ctx: RunContext, name: str, chain: _Chain, sources: list[tuple[str, Any]], out: Store, run: dict[str, Any]
+) -> tuple[dict[str, Any], float]:
+    """Score every partition into ``scored/``, find the cut keeping the top fraction of the scored sources'
+    documents (one partition's scores in memory at a time), then cut: the output's index and the score."""
+    from cleaning.quality import top_cut
+    from orchestration.executors import dataset_source, run_document_stage
+    from orchestration.progress import StageProgress
+
+    fraction = chain.q.select.top_fraction
+    assert fraction is not None
+    scored = out / SCORED_DIR
+    with StageProgress(ctx.console, ctx.stage, "partitions scored", total=len(sources)) as progress:
+        run_document_stage(name, chain({}), sources, scored, on_progress=progress.update, **run)
+    ranked = [scored.uri_of(f"{part}.parquet") for part in sorted(chain.scored)]
+    total = sum(_rows(uri) for uri in ranked)
+    k = max(1, round(fraction * total))
+    cut: Cut = top_cut(lambda with_ids: _scores(ranked, with_ids), k)
+    ties = f" (ties at it: ids up to {cut.last_id})" if cut.last_id else ""
+    ctx.console.print(
+        f"  top {fraction:.1%} of {total:,} scored documents: {k:,}, score >= {cut.score:.6f}{ties}"
+    )
+    again = [(part, dataset_source(scored.uri_of(f"{part}.parquet"))) for part, _ in sources]
+    with StageProgress(ctx.console, ctx.stage, "partitions cut", total=len(sources)) as progress:
+        index = run_document_stage(
+            name, chain({"cut": cut}, scored=True), again, out, on_progress=progress.update, **run
+        )
+    return index, cut.score
 
 
 def _loader(classifier: dict[str, Any], batch_size: int) -> Any:
