@@ -111,7 +111,7 @@ def main() -> None:
         def peer() -> None:
             peer_out[:] = [model.predict(line, k=2) for line in lines]
 
-        t_ours, t_peer = median_times([ours, peer], repeats=1 if args.smoke else 3)
+        t_ours, t_peer = median_times([ours, peer], repeats=1 if args.smoke else 3 if args.quick else 5)
         scores = np.concatenate(
             [np.array([dict(m)["quality.score"] for m in b.column("meta").to_pylist()]) for b in kept]
         )
@@ -207,7 +207,7 @@ def encoder_scoring(good: list[str], bad: list[str]) -> dict:
                     out += model(**enc).logits.softmax(-1)[:, 1].tolist()
             peer_scores[:] = out
 
-        t_ours, t_peer = median_times([ours, peer], repeats=1 if args.smoke else 3)
+        t_ours, t_peer = median_times([ours, peer], repeats=1 if args.smoke else 3 if args.quick else 5)
     difference = float(np.max(np.abs(np.array(ours_scores) - np.array(peer_scores))))
     return result(
         "quality.encoder_scoring",
