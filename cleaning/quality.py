@@ -14,7 +14,6 @@ document removed by the selection is rejected with filter ``quality``, the signa
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -454,7 +453,3 @@ def top_cut(partitions: Callable[[bool], Iterator[tuple[np.ndarray, list[str] | 
                 yield ids[at]
 
     return Cut(score=_score_of(key), last_id=heapq.nsmallest(need, tied())[-1])
-
-
-def tier_of(score: float, tiers: list[float]) -> int:
-    return bisect.bisect_right(tiers, score)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.manifest import index_digest, source_files, write_index
-from core.storage import Store, local_copy, open_input_file
+from core.storage import Store, local_copy, open_input_file, uri_scheme
 from orchestration.component import RunContext, StageComponent, StageInstance, last
 from orchestration.instances import split_instance
 from orchestration.stage_files import MODEL_RECORD, init_from_problems
@@ -201,9 +201,8 @@ def _encoder(
         out.write_bytes(f"data/{split}.parquet", sink.getvalue().to_pybytes())
         splits[split] = out.uri_of(f"data/{split}.parquet")
     ft = quality_finetune_config(ctx.cfg.quality, splits)
-    init_from = (
-        ft.init_from if ft.init_from is None or "://" in ft.init_from else str(Path(ft.init_from).resolve())
-    )
+    assert ft.init_from is not None  # the config requires it for kind encoder
+    init_from = ft.init_from if uri_scheme(ft.init_from) else str(Path(ft.init_from).resolve())
     ft = ft.model_copy(update={"init_from": init_from})
     launch_finetuning(ft, out / "finetune", run_name=f"{ctx.cfg.name}-quality-{key}", console=ctx.console)
     where = "finetune/model"
