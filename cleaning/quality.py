@@ -123,7 +123,10 @@ class ClassifierConfig(BaseModel):
         100_000, ge=2, description="At most this many documents per class (those of the lowest id hash)."
     )
     test_fraction: float = Field(
-        0.1, gt=0, lt=1, description="Share of the documents (by id hash) held out to measure the classifier."
+        0.1,
+        gt=0,
+        lt=1,
+        description="Share of each class (lowest id hash) held out to measure the classifier.",
     )
     fasttext: FastTextConfig = Field(default_factory=FastTextConfig)
     encoder: dict[str, Any] | None = Field(
@@ -197,8 +200,19 @@ def id_hash(doc_id: str) -> int:
     return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
 
 
-def is_held_out(doc_id: str, fraction: float) -> bool:
-    return id_hash(doc_id) / 2**64 < fraction
+def held_out(examples: list[tuple[str, bool]], fraction: float) -> list[bool]:
+    """Which (id, label) examples are held out: per class, the ``round(fraction * n)`` of lowest id hash,
+    at least one and never all of a class of two or more. Stratified so that a small class (a dozen
+    pages of a demo site) cannot miss from either split by chance; the same whatever order the examples
+    come in."""
+    out = [False] * len(examples)
+    for label in (True, False):
+        members = sorted((id_hash(i), i, k) for k, (i, y) in enumerate(examples) if y == label)
+        n = len(members)
+        count = min(max(round(fraction * n), 1), n - 1) if n > 1 else 0
+        for _, _, k in members[:count]:
+            out[k] = True
+    return out
 
 
 def sample(docs: Iterable[tuple[str, str]], n: int) -> list[tuple[str, str]]:

@@ -1,6 +1,6 @@
 """quality_classifier: train the quality classifier the quality stage scores with (cleaning/quality.py), from
 positive and negative documents (sources of the run, or files) or an annotated file; measure it on a held-out
-split by id hash; log it to MLflow as a LoggedModel whose tags name its training data."""
+split by id hash within each class; log it to MLflow as a LoggedModel whose tags name its training data."""
 
 from __future__ import annotations
 
@@ -76,21 +76,20 @@ class QualityClassifier(StageComponent):
         )
 
     def build(self, ctx: RunContext, out: Store, key: str, inputs: dict[str, str]) -> dict[str, Any]:
-        from cleaning.quality import binary_metrics, is_held_out
+        from cleaning.quality import binary_metrics, held_out
 
         assert ctx.cfg.quality is not None
         c = ctx.cfg.quality.classifier
         examples = _examples(ctx, c, inputs)
-        held_out = [is_held_out(doc_id, c.test_fraction) for doc_id, _, _ in examples]
-        train = [(t, y) for (_, t, y), h in zip(examples, held_out) if not h]
-        test = [(t, y) for (_, t, y), h in zip(examples, held_out) if h]
-        for split, rows in (("training", train), ("held-out", test)):
-            if not any(y for _, y in rows) or all(y for _, y in rows):
+        for name, label in (("positive", True), ("negative", False)):
+            if (n := sum(y == label for *_, y in examples)) < 2:
                 raise ValueError(
-                    f"quality.classifier: the {split} split holds {sum(y for _, y in rows)} positive and "
-                    f"{sum(not y for _, y in rows)} negative documents; it needs both (add documents or "
-                    "change quality.classifier.test_fraction)"
+                    f"quality.classifier: the {name} class holds {n} document(s); it needs at least 2, one "
+                    "to train on and one held out (add documents to its side)"
                 )
+        held = held_out([(doc_id, y) for doc_id, _, y in examples], c.test_fraction)
+        train = [(t, y) for (_, t, y), h in zip(examples, held) if not h]
+        test = [(t, y) for (_, t, y), h in zip(examples, held) if h]
         ctx.console.print(f"  training a {c.kind} classifier on {len(train):,} documents")
         with tempfile.TemporaryDirectory(prefix="lmf-quality-") as tmp:
             work = Path(tmp)
@@ -105,7 +104,10 @@ class QualityClassifier(StageComponent):
                 "negatives": sum(not y for *_, y in examples),
                 "inputs": inputs,
                 "files": _file_fields(c),
-                "held_out": {"method": "sha256(id)[:8] / 2**64 < test_fraction", "documents": len(test)},
+                "held_out": {
+                    "method": "per class, the round(test_fraction * n) of lowest sha256(id)[:8] (1 to n-1)",
+                    "documents": len(test),
+                },
             }
             report = work / "report"
             report.mkdir()

@@ -1,6 +1,7 @@
 """The quality classifier (cleaning/quality.py): fastText trained on two separable sources, its scores
 against fastText's own predictions, and the exact top-fraction cut across partitions."""
 
+import hashlib
 import random
 
 import fasttext
@@ -22,7 +23,7 @@ from cleaning.quality import (
     SelectConfig,
     binary_metrics,
     fasttext_line,
-    is_held_out,
+    held_out,
     sample,
     top_cut,
     train_fasttext,
@@ -140,8 +141,15 @@ def test_sampling_and_the_held_out_split_depend_on_ids_only():
     docs = [(f"id{i}", f"text {i}") for i in range(100)]
     assert sample(docs, 10) == sample(list(reversed(docs)), 10)
     assert len(sample(docs, 10)) == 10 and sample(docs, 500) == sample(docs[::-1], 500)
-    held = {d for d, _ in docs if is_held_out(d, 0.2)}
-    assert 5 < len(held) < 40 and held == {d for d, _ in docs[::-1] if is_held_out(d, 0.2)}
+    labeled = [(d, i % 10 != 0) for i, (d, _) in enumerate(docs)]  # 90 positive, 10 negative
+    held = {d for (d, _), h in zip(labeled, held_out(labeled, 0.2)) if h}
+    assert held == {d for (d, _), h in zip(labeled[::-1], held_out(labeled[::-1], 0.2)) if h}
+    by_hash = sorted(labeled, key=lambda e: hashlib.sha256(e[0].encode()).digest())
+    positives, negatives = [d for d, y in by_hash if y], [d for d, y in by_hash if not y]
+    assert held == set(positives[:18]) | set(negatives[:2])
+    # a class of 3 at a 10% split keeps one out and two in; a class of one cannot be split
+    assert sum(held_out([("a", True), ("b", True), ("c", True), ("d", False), ("e", False)], 0.1)) == 2
+    assert held_out([("a", True), ("b", False)], 0.5) == [False, False]
     assert fasttext_line("a\n\nb\tc") == "a  b\tc"
 
 
