@@ -60,7 +60,7 @@ def build(work: Path) -> tuple[np.ndarray, Path]:
     path, tok_id = save_tokenizer(
         train_bpe(["lmforge benchmark text"] * 10, TokenizerConfig(vocab_size=300)), work / "shards"
     )
-    prepared = Prepared(path.name, tok_id, VOCAB, 50_256, "<|endoftext|>", None)
+    prepared = Prepared(path.name, tok_id, VOCAB, 50_256, "<|endoftext|>")
     part = {"shards": {"train": shards, "val": shards[:1]}, "documents": len(lengths)}
     write_token_index(work / "shards", prepared, TokenizeConfig(), [part])
     tokens.tofile(work / "tokens.bin")

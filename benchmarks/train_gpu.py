@@ -100,7 +100,7 @@ def random_tokens(work: Path, tokens: int) -> Path:
     train_bpe(["lmforge benchmark text"] * 10, TokenizerConfig(vocab_size=300)).save(
         str(out / "tokenizer.json")
     )
-    prepared = Prepared("tokenizer.json", "random", VOCAB, VOCAB - 1, "<|endoftext|>", None)
+    prepared = Prepared("tokenizer.json", "random", VOCAB, VOCAB - 1, "<|endoftext|>")
     write_token_index(out, prepared, TokenizeConfig(), [{"shards": {"train": shards, "val": shards[:1]}}])
     return out
 

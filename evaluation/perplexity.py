@@ -5,6 +5,7 @@ get their objective's held-out loss and pseudo-perplexity, evaluation/masked.py)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +95,13 @@ def evaluate_model_dir(
     model, tokenizer = load_model(model_dir)
     tokenizer_file = Path(model_dir) / "tokenizer.json"
     expected = tokenizer_id(tokenizer_file) if tokenizer_file.exists() else None
-    sequences = TokenSequences(data_dir, config.split, seq_len, tokenizer_id=expected)
     sizes = token_bytes(tokenizer_file) if tokenizer_file.exists() else None
-    out: dict[str, Any] = evaluate_perplexity(model, sequences, config.batch_size, config.max_batches, sizes)
+
+    def score(source: str | None) -> dict[str, Any]:
+        sequences = TokenSequences(data_dir, config.split, seq_len, tokenizer_id=expected, source=source)
+        return evaluate_perplexity(model, sequences, config.batch_size, config.max_batches, sizes)
+
+    out: dict[str, Any] = score(None) | per_source(data_dir, config.split, seq_len, score)
     if config.tasks:
         scorer = CausalScorer(model, tokenizer, batch_tokens=config.batch_tokens)
         out["tasks"] = {}
@@ -130,7 +135,29 @@ def _evaluate_pretrained_dir(
     )
     masking = (masking or MaskingConfig()).model_copy(update={"next_sentence_prediction": False})
     batches = ObjectiveBatches(objective, seq_len, ids, masking, span)
-    sequences = TokenSequences(data_dir, config.split, batches.sample_length, tokenizer_id=tokenizer_id(path))
-    return evaluate_pretrained(
-        model, sequences, batches, config.batch_size, config.max_batches, config.pseudo_perplexity_sequences
-    )
+
+    def score(source: str | None) -> dict[str, Any]:
+        sequences = TokenSequences(
+            data_dir, config.split, batches.sample_length, tokenizer_id=tokenizer_id(path), source=source
+        )
+        return evaluate_pretrained(
+            model,
+            sequences,
+            batches,
+            config.batch_size,
+            config.max_batches,
+            config.pseudo_perplexity_sequences,
+        )
+
+    return score(None) | per_source(data_dir, config.split, batches.sample_length, score)
+
+
+def per_source(
+    data_dir: str | Path, split: str, length: int, score: Callable[[str], dict[str, Any]]
+) -> dict[str, Any]:
+    """``{"sources": {name: metrics}}``: each source's own held-out split scored apart (tokenize tags
+    every source's shards), so a mixture's effect on each domain shows; a source whose split holds less
+    than one sequence (``length`` + 1 tokens) is left out. Nothing for a corpus without sources."""
+    sources = read_token_index(data_dir).get("sources", {})
+    scored = {s: score(s) for s, t in sources.items() if t.get(f"{split}_tokens", 0) >= length + 1}
+    return {"sources": scored} if scored else {}

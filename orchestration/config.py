@@ -307,6 +307,8 @@ class PipelineConfig(_Section):
                 raise ValueError(
                     f"dedup_across.order: no source {', '.join(unknown)} (sources: {', '.join(self.sources)})"
                 )
+        if self.train.mixture is not None:
+            _check_mixture_sources(self.train.mixture.sources, list(self.sources))
         if self.quality is not None:
             _check_quality_sources(self.quality, list(self.sources))
             if self.quality.classifier.kind == "encoder":
@@ -421,6 +423,18 @@ def quality_finetune_config(quality: QualityConfig, splits: dict[str, str]) -> F
         return FinetuneConfig(**fields)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, "quality.classifier.encoder")) from None
+
+
+def _check_mixture_sources(named: list[str], sources: list[str]) -> None:
+    """A mixture weighs sources of the config (the tokens stage tags each one's shards)."""
+    if not sources:
+        raise ValueError(
+            "train.mixture weighs sources: name them in sources ({NAME: {read: {paths: [...]}}, ...}); "
+            "a config without sources trains on its one corpus"
+        )
+    unknown = [n for n in named if n not in sources]
+    if unknown:
+        raise ValueError(f"train.mixture: no source {', '.join(unknown)} (sources: {', '.join(sources)})")
 
 
 def _check_quality_sources(quality: QualityConfig, sources: list[str]) -> None:

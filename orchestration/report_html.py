@@ -23,6 +23,7 @@ import plotly.offline
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from plotly.colors import qualitative
 
 from core.manifest import dataset_files, index_digest
 from core.redact import redact
@@ -41,6 +42,7 @@ from orchestration.report import (
 )
 
 KEPT, REJECTED = "#2f7ed8", "#e4572e"
+PALETTE = qualitative.Plotly
 _FUNNEL_COLORS = ["#c9d6df", "#b3c6d3", "#9db4c0", "#7aa6c2", KEPT, "#2968b8", "#1f5fa8", "#174a84"]
 _BATCH = 65_536
 _EXAMPLES = 3  # per rejection reason
@@ -622,7 +624,7 @@ def _training_history(workdir: Store) -> dict[str, dict[int, float]]:
             keys = [
                 k
                 for k in client.get_run(run_id).data.metrics
-                if k in ("loss", "lr", "grad_norm") or k.startswith("eval/")
+                if k in ("loss", "lr", "grad_norm") or k.startswith(("eval/", "mixture/"))
             ]
             for key in keys:
                 history[key] = {m.step: m.value for m in client.get_metric_history(run_id, key)}
@@ -635,10 +637,14 @@ def _training_history(workdir: Store) -> dict[str, dict[int, float]]:
     return history
 
 
-def _training(workdir: Store) -> str:
+def _training(workdir: Store, index: dict[str, Any]) -> str:
     history = _training_history(workdir)
     if not history:
         return ""
+    return _curves(history) + _mixture(index, history)
+
+
+def _curves(history: dict[str, dict[int, float]]) -> str:
 
     def curve(fig: go.Figure, key: str, name: str | None = None) -> None:
         points = sorted(history[key].items())
@@ -666,13 +672,65 @@ def _training(workdir: Store) -> str:
     return '<div class="grid">' + "".join(f'<div class="cell">{_div(f)}</div>' for f in figs) + "</div>"
 
 
+def _mixture(index: dict[str, Any], history: dict[str, dict[int, float]]) -> str:
+    """A mixture's target against what the run saw: each source's weight per phase and its share of the
+    run, the tokens seen and how often they repeat; the target and realised share at each step."""
+    mixture = index.get("mixture")
+    if not mixture:
+        return ""
+    figures, phases, c = mixture["sources"], mixture["phases"], index["counters"]
+    steps = c["steps"]
+    header = ["source", "training tokens", "target share", "tokens seen", "realised share", "repetition"]
+    header[2:2] = [f"weight from step {p['start_step']}" for p in phases]
+    rows = [
+        [
+            _e(source),
+            _num(f["tokens"]),
+            *(_num(p["weights"].get(source, 0.0)) for p in phases),
+            _num(f["share"]),
+            _num(c.get(f"tokens_seen.{source}")),
+            _num(c.get(f"tokens_seen.{source}", 0) / c["tokens_seen"]),
+            f"{c.get(f'repetition.{source}', 0):.2f}x",
+        ]
+        for source, f in figures.items()
+    ]
+    fig = go.Figure()
+    per_step = c["tokens_seen"] / steps
+    for n, source in enumerate(figures):
+        color = PALETTE[n % len(PALETTE)]
+        ends = [p["start_step"] for p in phases[1:]] + [steps]
+        xs = [x for p, end in zip(phases, ends) for x in (p["start_step"], end)]
+        ys = [p["weights"].get(source, 0.0) for p in phases for _ in (0, 1)]
+        fig.add_scatter(
+            x=xs, y=ys, name=f"{source} target", mode="lines", line={"dash": "dash", "color": color}
+        )
+        seen = sorted(history.get(f"mixture/tokens.{source}", {}).items())
+        if seen:  # step k's share: the tokens it added (steps are 1-based in MLflow: step k ends at k)
+            shares = np.diff([0.0] + [v for _, v in seen]) / per_step
+            fig.add_scatter(x=[k - 1 for k, _ in seen], y=shares, name=f"{source} realised",
+                            mode="lines", line={"shape": "hv", "color": color})  # fmt: skip
+    fig.update_yaxes(range=[0, 1])
+    return (
+        "<h3>Mixture</h3>"
+        + _table(header, rows, "facts")
+        + _div(
+            _layout(fig, "share of each global batch per step: target and realised", 300, xaxis_title="step")
+        )
+    )
+
+
 def _evaluation(workdir: Store) -> str:
     metrics = workdir.read_json("evaluate/metrics.json")
     if not metrics:
         return ""
     tasks = metrics.pop("tasks", {})
+    sources = metrics.pop("sources", {})
     rows = [[_e(k), _num(v)] for k, v in metrics.items()]
     out = _table(["held-out split", "value"], rows, "facts")
+    if sources:
+        keys = [k for k in metrics if k not in ("tokens", "bytes") and all(k in m for m in sources.values())]
+        rows = [[_e(s), *(_num(m[k]) for k in keys)] for s, m in sources.items()]
+        out += _table(["held-out split of source", *keys], rows, "facts")
     if tasks:
         fig = go.Figure()
         for metric, color in (("acc", KEPT), ("acc_norm", "#1f5fa8")):
@@ -836,7 +894,7 @@ def build_html(
     body |= {
         "quality": _quality(stages.get("quality_classifier"), stages.get("quality")),
         "tokens": _tokens(stages.get("tokenize")),
-        "training": _training(workdir) if "train" in stages else "",
+        "training": _training(workdir, stages["train"]) if "train" in stages else "",
         "evaluation": _evaluation(workdir) if "evaluate" in stages else "",
         "finetuning": _finetuning(workdir, stages.get("finetune")),
         "lineage": _lineage(workdir, stages),

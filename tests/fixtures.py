@@ -166,6 +166,45 @@ def token_shards(tmp_path_factory) -> Path:
     return _tokenize(tmp_path_factory.mktemp("tokens"), TokenizerConfig(vocab_size=320, min_frequency=1))
 
 
+#: The sources of ``mixture_shards``: name -> corpus(n, seed) (sizes far apart, as a web crawl's and a
+#: reference corpus's are).
+MIXTURE_SOURCES = {"web": (240, 11), "docs": (60, 12), "code": (24, 13)}
+
+
+@pytest.fixture(scope="session")
+def mixture_shards(tmp_path_factory) -> Path:
+    """Token shards of three sources (one tokenizer, each source's shards tagged with it, as the tokenize
+    stage writes them from a sources config), without Ray."""
+    from training.data.tokenize import (
+        TokenizeConfig,
+        prepare_tokenizer,
+        tokenize_partition,
+        write_token_index,
+    )
+    from training.data.tokenizer import TokenizerConfig
+
+    out = tmp_path_factory.mktemp("mixture-tokens")
+    config = TokenizeConfig(tokenizer=TokenizerConfig(vocab_size=320, min_frequency=1), val_fraction=0.1)
+    texts = {
+        name: {f"{name}-{i}": t for i, t in corpus(n, seed).items()}
+        for name, (n, seed) in MIXTURE_SOURCES.items()
+    }
+    everything = {i: t for by_id in texts.values() for i, t in by_id.items()}
+    ids = {name: (lambda by_id=by_id: iter(by_id)) for name, by_id in texts.items()}
+    prepared = prepare_tokenizer(
+        lambda: everything.values(), lambda: everything.keys(), out, config, source_ids=ids
+    )
+    parts = []
+    for name, by_id in texts.items():
+        part = tokenize_partition(batches(by_id), out, prepared, config, part=f"{name}-p00000")
+        for split in part["shards"].values():
+            for shard in split:
+                shard["source"] = name
+        parts.append(part)
+    write_token_index(out, prepared, config, parts)
+    return out
+
+
 @pytest.fixture(scope="session")
 def special_token_shards(tmp_path_factory) -> Path:
     """The same corpus with a tokenizer that has the masked-LM and span-corruption special tokens."""

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from core.stage import StageConfig
+from training.data.mixture import MixtureConfig
 from training.labeled import LabeledDataConfig, Task
 from training.model import OBJECTIVE_OF, ModelConfig
 from training.objectives import MaskingConfig, Objective, SpanCorruptionConfig
@@ -192,6 +193,11 @@ class TrainConfig(EngineConfig):
     eval_limit: int = Field(
         100, ge=1, description="Examples per task, and held-out sequences, of each periodic evaluation."
     )
+    mixture: MixtureConfig | None = Field(
+        None,
+        description="Train on the sources by token share, on a schedule (training/data/mixture.py); null: "
+        "every shard of the tokens stage in one shuffled pool.",
+    )
 
     @model_validator(mode="after")
     def _objective_fits(self) -> TrainConfig:
@@ -210,6 +216,8 @@ class TrainConfig(EngineConfig):
                 f"objective=causal_lm and span_documents=true (got objective={self.objective}, "
                 f"span_documents={str(self.span_documents).lower()})"
             )
+        if self.mixture is not None:
+            self.mixture.phases(self.steps)  # phase starts inside the run, in order
         if self.objective != "causal_lm" and self.eval_every:
             raise ValueError(
                 f"train.eval_every scores causal-LM tasks; train.objective={self.objective} has none (set it to 0)"

@@ -26,7 +26,15 @@ import transformers
 from core.files import atomic_write_bytes
 from training import engine as ds_engine
 from training.config import PROGRESS_FILE, EngineConfig, TrainConfig
-from training.data.shards import DistributedBatchSampler, ShardError, TokenSequences, read_token_index
+from training.data.mixture import MixturePlan, MixtureSampler
+from training.data.shards import (
+    BatchSampler,
+    DistributedBatchSampler,
+    MixedSequences,
+    ShardError,
+    TokenSequences,
+    read_token_index,
+)
 from training.data.tokenizer import EOS_TOKEN, load_tokenizer, tokenizer_id
 from training.flops import device_peak_tflops, flops_per_token
 from training.model import (
@@ -243,6 +251,44 @@ def _objective_batches(cfg: TrainConfig, data_dir: str | Path) -> tuple[Objectiv
     ), special
 
 
+def _data(
+    cfg: TrainConfig, data_dir: str | Path, length: int, span: bool, rank: int, world: int
+) -> tuple[TokenSequences | MixedSequences, BatchSampler]:
+    """The training sequences and this rank's sampler: one shuffled pool, or the mixture's sources."""
+    if cfg.mixture is None:
+        data = TokenSequences(data_dir, "train", length, span_documents=span, verify=cfg.verify_shards)
+        return data, DistributedBatchSampler(len(data), cfg.micro_batch_size, rank, world, seed=cfg.seed)
+    plan = MixturePlan(cfg.mixture, cfg.steps, cfg.tokens_per_step // cfg.seq_len)
+    mixed = MixedSequences(
+        [
+            TokenSequences(data_dir, "train", length, span_documents=span, verify=cfg.verify_shards, source=s)
+            for s in plan.sources
+        ]
+    )
+    return mixed, MixtureSampler(plan, mixed.sizes, cfg.micro_batch_size, rank, world, seed=cfg.seed)
+
+
+def mixture_metrics(sampler: BatchSampler, seq_len: int) -> dict[str, float]:
+    """Tokens seen so far from each source of a mixture, over all workers (``seq_len`` per sequence, as
+    ``tokens_per_step`` counts them; none without a mixture)."""
+    if not isinstance(sampler, MixtureSampler):
+        return {}
+    return {f"mixture/tokens.{s}": float(n * seq_len) for s, n in zip(sampler.plan.sources, sampler.counts)}
+
+
+def _mixture_summary(sampler: BatchSampler, seq_len: int) -> dict[str, Any]:
+    if not isinstance(sampler, MixtureSampler):
+        return {}
+    return {
+        "mixture": {
+            "sources": sampler.plan.sources,
+            "sequences": dict(zip(sampler.plan.sources, sampler.counts.tolist())),
+            "tokens": {s: n * seq_len for s, n in zip(sampler.plan.sources, sampler.counts.tolist())},
+            "source_sequences": dict(zip(sampler.plan.sources, sampler.sizes)),
+        }
+    }
+
+
 def setup(cfg: EngineConfig, out_dir: str | Path) -> tuple[int, int, torch.device, Path]:
     """This process's rank, the world size (checked against the config), its device and the output dir."""
     rank, world = rank_world()
@@ -257,7 +303,7 @@ def setup(cfg: EngineConfig, out_dir: str | Path) -> tuple[int, int, torch.devic
 def run_steps(
     engine,
     cfg: EngineConfig,
-    sampler: DistributedBatchSampler,
+    sampler: BatchSampler,
     next_batch: Callable[[int, int], dict[str, torch.Tensor]],
     out_dir: Path,
     fpt: float,
@@ -300,6 +346,7 @@ def run_steps(
         if not math.isfinite(loss_value):
             raise FloatingPointError(_nan_advice(loss_value, step + 1, resumed))
         metrics = _step_metrics(engine, cfg, loss_value, seconds, fpt, world, device, peak)
+        metrics |= mixture_metrics(sampler, cfg.seq_len)
         done = step + 1
         if on_eval is not None and getattr(cfg, "eval_every", 0) and done % cfg.eval_every == 0:
             metrics |= _evaluate(engine, on_eval, done)
@@ -337,10 +384,7 @@ def train(
     rank, world, device, out_dir = setup(cfg, out_dir)
     batches, special = _objective_batches(cfg, data_dir)
     span = cfg.span_documents if batches.span_documents is None else batches.span_documents
-    data = TokenSequences(
-        data_dir, "train", batches.sample_length, span_documents=span, verify=cfg.verify_shards
-    )
-    sampler = DistributedBatchSampler(len(data), cfg.micro_batch_size, rank, world, seed=cfg.seed)
+    data, sampler = _data(cfg, data_dir, batches.sample_length, span, rank, world)
     model = _model(cfg, data, data_dir, rank, special)
     fpt = flops_per_token(
         count_parameters(model), model.config.num_hidden_layers, model.config.hidden_size, cfg.seq_len
@@ -368,6 +412,7 @@ def train(
         "steps": cfg.steps,
         "resumed_from": start_step,
         "tokens_seen": cfg.steps * cfg.tokens_per_step,
+        **_mixture_summary(sampler, cfg.seq_len),
         "flops_per_token": fpt,
         "model_dir": str(model_dir),
         "tokenizer_id": data.index["tokenizer"]["id"],

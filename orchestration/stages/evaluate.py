@@ -68,7 +68,9 @@ class Evaluate(StageComponent):
             )
         )
         files = [write_file(out, "metrics.json", json.dumps(metrics, indent=2).encode())]
-        counters = {k: v for k, v in metrics.items() if k != "tasks"}
+        counters = {k: v for k, v in metrics.items() if k not in ("tasks", "sources")}
+        for source, scores in metrics.get("sources", {}).items():
+            counters |= {f"{k}.{source}": v for k, v in scores.items()}
         for name, scores in metrics.get("tasks", {}).items():
             counters |= task_metric_names(name, scores["metrics"])
         return write_index(
@@ -93,6 +95,8 @@ class Evaluate(StageComponent):
         tokens_dataset = tracker.dataset("tokens", tokens.out_dir, index_digest(tokens.index), tokens.index)
         metrics = index["out_dir"].read_json("metrics.json")
         tasks = metrics.pop("tasks", {})
+        for source, scores in metrics.pop("sources", {}).items():  # val_bits_per_byte.web, ...
+            metrics |= {f"{k}.{source}": v for k, v in scores.items() if k not in ("tokens", "bytes")}
         # A rerun served from the cache has logged these against this model already: log only what
         # the model lacks (all of it after a fresh evaluation, the rest after an interrupted one).
         logged = tracker.model_metric_keys(result.model_id)

@@ -103,9 +103,15 @@ def _column_reader(files: list[str], column: str) -> Callable[[], Iterable[str]]
     return read
 
 
-def _prepare_tokenizer_task(staging: Path, files: list[str], config: TokenizeConfig) -> dict[str, Any]:
+def _prepare_tokenizer_task(
+    staging: Path, by_source: dict[str | None, list[str]], config: TokenizeConfig
+) -> dict[str, Any]:
+    files = [f for fs in by_source.values() for f in fs]
     texts, ids = _column_reader(files, "text"), _column_reader(files, "id")
-    return prepare_tokenizer(texts, ids, staging, config, _column_bytes(files, "text")).__dict__
+    groups = {s: _column_reader(fs, "id") for s, fs in by_source.items() if s is not None}
+    return prepare_tokenizer(
+        texts, ids, staging, config, _column_bytes(files, "text"), groups or None
+    ).__dict__
 
 
 def _column_bytes(files: list[str], column: str) -> int:
@@ -199,12 +205,13 @@ def run_tokenize_stage(
     shards are the same whatever the number of workers.
     """
     documents_in, by_source = _inputs(docs_dir if isinstance(docs_dir, dict) else {None: docs_dir})
-    files = [f for fs in by_source.values() for f in fs]
     out = Store(out_dir)
     if load_prepared(out) is None:
         out.rmtree(DONE_DIR)  # partitions of another tokenizer are void
     pass_ = TaskId("tokenizer")
-    result = run_tasks(out, [pass_], lambda _: (_prepare_tokenizer_task, (files, config)), options=options)
+    result = run_tasks(
+        out, [pass_], lambda _: (_prepare_tokenizer_task, (by_source, config)), options=options
+    )
     prepared = Prepared.from_result(result[pass_])
     parts, source_of = _partitions(by_source, config.partition_mb)
     results = run_tasks(

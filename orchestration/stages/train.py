@@ -3,6 +3,7 @@ its checkpoints and its lineage to MLflow and register it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from orchestration.stage_files import MODEL_RECORD, init_from_problems, model_fi
 
 if TYPE_CHECKING:
     from orchestration.config import PipelineConfig
+    from training.config import TrainConfig
 
 #: The MLflow LoggedModel type of each pretraining objective's model.
 MODEL_TYPES = {"causal_lm": "causal-lm", "masked_lm": "masked-lm", "span_corruption": "seq2seq-lm"}
@@ -50,7 +52,9 @@ class Train(StageComponent):
 
         cfg = ctx.cfg.train
         (tokens,) = inputs
-        _check_validation_split(ctx.outcome(tokens).index or {}, cfg.seq_len, ctx.cfg.tokenize.val_fraction)
+        tokens_index = ctx.outcome(tokens).index or {}
+        _check_validation_split(tokens_index, cfg.seq_len, ctx.cfg.tokenize.val_fraction)
+        mixture = _check_mixture(ctx, tokens_index)
         logger = RunMetricsLogger(ctx.tracker.tracking_uri, ctx.tracker.active_run_id())
         ctx.console.print(
             f"  {cfg.num_workers} worker(s), ZeRO-{cfg.zero_stage}, {cfg.precision}, {cfg.steps} steps, "
@@ -72,6 +76,9 @@ class Train(StageComponent):
             "first_loss": losses[0],
             "final_loss": losses[-1],
         }
+        for source, n in summary.get("mixture", {}).get("tokens", {}).items():
+            counters[f"tokens_seen.{source}"] = n
+            counters[f"repetition.{source}"] = n / max(mixture[source]["tokens"], 1)
         return write_index(
             out,
             stage="train",
@@ -80,7 +87,7 @@ class Train(StageComponent):
             files=model_files(out),
             inputs=inputs,
             counters=counters,
-            extra={"summary": summary},
+            extra={"summary": summary} | _mixture_record(cfg, mixture),
         )
 
     def track(self, ctx: RunContext, index: dict[str, Any], selected: bool) -> None:
@@ -100,6 +107,7 @@ class Train(StageComponent):
             "lmforge.config_hash": ctx.config_hash,
             **ctx.code,
             "lmforge.train_cache_key": index["cache_key"],
+            **_mixture_tags(index, tokens_index),
         }
         for step, where in _checkpoints(out):
             tracker.log_checkpoint(f"{cfg.name}-checkpoint", step, where, model_tags)
@@ -145,3 +153,51 @@ def _check_validation_split(tokens_index: dict[str, Any], seq_len: int, val_frac
             f"that evaluate needs for one sequence: raise tokenize.val_fraction (now {val_fraction}), add "
             "documents, or lower train.seq_len"
         )
+
+
+def _check_mixture(ctx: RunContext, tokens_index: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The mixture's figures per source (tokens, share, tokens needed, repetition), its notes printed;
+    refused before training where a source would repeat past its ``max_repetition``."""
+    cfg = ctx.cfg.train
+    if cfg.mixture is None:
+        return {}
+    from training.data.mixture import repetition, repetition_problems
+
+    for note in cfg.mixture.notes():
+        ctx.console.print(f"  note: {note}", highlight=False)
+    train_tokens = {s: t.get("train_tokens", 0) for s, t in tokens_index.get("sources", {}).items()}
+    figures = repetition(
+        cfg.mixture, cfg.steps, cfg.tokens_per_step // cfg.seq_len, cfg.seq_len, train_tokens
+    )
+    if problems := repetition_problems(cfg.mixture, figures):
+        raise ConfigError("; ".join(problems))
+    return figures
+
+
+def _mixture_record(cfg: TrainConfig, figures: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The index's record of a mixture: each source's figures and the phases (first step, weights)."""
+    if cfg.mixture is None:
+        return {}
+    phases = [
+        {"start_step": start, "weights": dict(zip(cfg.mixture.sources, weights.tolist()))}
+        for start, weights in cfg.mixture.phases(cfg.steps)
+    ]
+    return {"mixture": {"sources": figures, "phases": phases}}
+
+
+def _mixture_tags(index: dict[str, Any], tokens_index: dict[str, Any]) -> dict[str, str]:
+    """Per source of a mixture: the digest of its training shards, the tokens the model saw from it and
+    its repetition (the weights and schedule are the model's ``train`` params)."""
+    sources = index.get("mixture", {}).get("sources", {})
+    shards = tokens_index["splits"]["train"]["shards"]
+    tags = {}
+    for source in sources:
+        mine = sorted(s["sha256"] for s in shards if s.get("source") == source)
+        tags |= {
+            f"lmforge.mixture.{source}.shards_digest": hashlib.sha256("".join(mine).encode()).hexdigest()[
+                :16
+            ],
+            f"lmforge.mixture.{source}.tokens_seen": str(index["counters"][f"tokens_seen.{source}"]),
+            f"lmforge.mixture.{source}.repetition": f"{index['counters'][f'repetition.{source}']:.4f}",
+        }
+    return tags

@@ -137,8 +137,23 @@ def test_tiny_corpus_still_gets_a_validation_document(tmp_path):
     cfg = TokenizeConfig(tokenizer=TokenizerConfig(vocab_size=300, min_frequency=1), val_fraction=fraction)
     index = tokenize_documents(lambda: batches(texts), tmp_path, cfg)
     lowest = min(texts, key=split_hash)
-    assert index["split_rule"]["forced_val_document"] == lowest
+    assert index["split_rule"]["forced_val_documents"] == [lowest]
     assert (index["splits"]["val"]["documents"], index["splits"]["train"]["documents"]) == (1, 2)
+
+
+def test_each_source_gets_a_validation_document_unless_it_has_one_document(tmp_path):
+    from training.data.shards import split_hash
+    from training.data.tokenize import prepare_tokenizer
+
+    groups = {"web": corpus(6, seed=1), "docs": corpus(4, seed=2), "one": {"solo": "a single document"}}
+    groups["docs"] = {f"docs-{k}": t for k, t in groups["docs"].items()}
+    fraction = min(split_hash(k) for g in groups.values() for k in g) / 2  # no document falls under it
+    cfg = TokenizeConfig(tokenizer=TokenizerConfig(vocab_size=300, min_frequency=1), val_fraction=fraction)
+    every = {k: t for g in groups.values() for k, t in g.items()}
+    ids = {name: (lambda g=g: iter(g)) for name, g in groups.items()}
+    prepared = prepare_tokenizer(lambda: every.values(), lambda: every.keys(), tmp_path, cfg, source_ids=ids)
+    # web's and docs' lowest-hash document each; the one-document source keeps its document to train on.
+    assert prepared.forced_val == (min(groups["web"], key=split_hash), min(groups["docs"], key=split_hash))
 
 
 def test_shards_rotate_at_the_token_limit_on_document_boundaries(tmp_path):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -152,6 +152,8 @@ class TokenSequences:
     document (``[d + k*L, d + k*L + L + 1)`` for each document starting at ``d``); a document's tail
     shorter than a window is not trained on (``dropped_tokens`` counts it).
 
+    ``source``: only the shards of that source (tokenize tags each source's shards).
+
     ``verify``: ``always`` hashes every shard against index.json at open; ``first_open`` does so once and
     records each verified shard's size, mtime and ctime in ``.verified.json`` beside the index, re-hashing
     only shards whose stamp changed since (core.manifest.verify_files); ``never`` checks sizes, types and
@@ -167,6 +169,7 @@ class TokenSequences:
         tokenizer_id: str | None = None,
         span_documents: bool = True,
         verify: Verify = "never",
+        source: str | None = None,
     ):
         self.data_dir = Path(data_dir)
         self.index = read_token_index(data_dir)
@@ -180,6 +183,14 @@ class TokenSequences:
         self.split, self.seq_len, self.span_documents = split, seq_len, span_documents
         self.dtype = np.dtype(self.index["dtype"])
         shards = self.index["splits"][split]["shards"]
+        if source is not None:
+            shards = [shard for shard in shards if shard.get("source") == source]
+            if not shards:
+                known = sorted({str(s.get("source")) for s in self.index["splits"][split]["shards"]})
+                raise ShardError(
+                    f"{data_dir} split {split!r}: no shards of source {source!r} (sources: {known})"
+                )
+        self.source = source
         if verify != "never":
             self._verify(shards, verify)
         self._arrays = [self._map(self.data_dir / shard["path"], shard["tokens"]) for shard in shards]
@@ -187,7 +198,7 @@ class TokenSequences:
         self.total_tokens = int(self._starts[-1])
         if self.total_tokens < seq_len + 1:
             raise ShardError(
-                f"{data_dir} split {split!r} has {self.total_tokens} tokens, fewer than seq_len+1={seq_len + 1}"
+                f"{data_dir} split {split!r}{f' of source {source!r}' if source else ''} has {self.total_tokens} tokens, fewer than seq_len+1={seq_len + 1}"
             )
         self._sample_starts: np.ndarray | None = None
         #: Without span_documents: the document (index in the split) each sample lies in.
@@ -292,6 +303,50 @@ class TokenSequences:
             else:  # the window runs into the next shard
                 out[row] = self.tokens(int(starts[row]), int(starts[row]) + window)
         return out
+
+
+class MixedSequences:
+    """Several sources' :class:`TokenSequences` laid end to end: sample ``offsets[s] + i`` is source
+    ``s``'s ``i``-th (what :class:`training.data.mixture.MixtureSampler` indexes)."""
+
+    def __init__(self, parts: list[TokenSequences]):
+        self.parts = parts
+        self.index = parts[0].index
+        self.sizes = [len(p) for p in parts]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.dropped_tokens = sum(p.dropped_tokens for p in parts)
+        self.sample_documents: np.ndarray | None = None
+        if all(p.sample_documents is not None for p in parts):
+            first, docs = 0, []
+            for p in parts:
+                assert p.sample_documents is not None
+                docs.append(p.sample_documents + first)
+                first += int(p.sample_documents.max()) + 1 if p.sample_documents.size else 0
+            self.sample_documents = np.concatenate(docs)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def batch(self, indices: np.ndarray | list[int]) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"sample indices must lie in [0, {len(self)})")
+        part = np.searchsorted(self.offsets, indices, side="right") - 1
+        out = np.empty((indices.size, self.parts[0].seq_len + 1), dtype=self.parts[0].dtype)
+        for p in np.unique(part).tolist():
+            rows = np.flatnonzero(part == p)
+            out[rows] = self.parts[p].batch(indices[rows] - self.offsets[p])
+        return out
+
+
+class BatchSampler(Protocol):
+    """What the training loop draws micro-batches from (a plain shuffle or a mixture), resumable."""
+
+    def next_indices(self) -> np.ndarray: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass

@@ -70,7 +70,9 @@ class Prepared:
     vocab_size: int
     eos_id: int
     eos_token: str
-    forced_val: str | None
+    #: Documents held out whatever their hash: the lowest-hash one of the corpus, or of each source,
+    #: where none falls in the validation split (so each has one to measure on).
+    forced_val: tuple[str, ...] = ()
 
     @property
     def dtype(self) -> np.dtype:
@@ -79,7 +81,8 @@ class Prepared:
     @classmethod
     def from_result(cls, result: dict) -> Prepared:
         """From the tokenizer task's result (its marker), which carries the runner's fields as well."""
-        return cls(**{f.name: result[f.name] for f in dataclasses.fields(cls)})
+        fields = {f.name: result[f.name] for f in dataclasses.fields(cls)}
+        return cls(**fields | {"forced_val": tuple(fields["forced_val"])})
 
 
 def prepare_tokenizer(
@@ -88,13 +91,15 @@ def prepare_tokenizer(
     out_dir: str | Path,
     config: TokenizeConfig,
     text_bytes: int | None = None,
+    source_ids: dict[str, Callable[[], Iterable[str]]] | None = None,
 ) -> Prepared:
     """Train (or load) the tokenizer, save it as ``out_dir/tokenizer.json``, find the forced val document.
 
     ``texts`` streams every document's text, ``ids`` every document id, in the same order (each called
     once, or twice when the tokenizer trains on a sample). ``text_bytes``: the corpus's text size if known
     (Parquet metadata), else it is counted in a pass. As a stage task its result is the marker
-    ``_done/tokenizer.json`` (see :func:`load_prepared`).
+    ``_done/tokenizer.json`` (see :func:`load_prepared`). ``source_ids``: each source's ids, when the
+    documents come from several, to force one validation document per source.
     """
     out_dir = Path(out_dir)
     tcfg = config.tokenizer
@@ -103,8 +108,15 @@ def prepare_tokenizer(
         if tcfg.path
         else train_bpe(_training_texts(texts, ids, tcfg, text_bytes), tcfg)
     )
-    lowest: tuple[float, str] | None = min(((split_hash(i), i) for i in ids()), default=None)
-    if lowest is None:
+    forced, documents = [], 0
+    for group in source_ids.values() if source_ids else [ids]:
+        hashes = [(split_hash(i), i) for i in group()]
+        documents += len(hashes)
+        lowest = min(hashes, default=None)
+        # A source of one document keeps it for training; the corpus's one document is held out.
+        if lowest is not None and lowest[0] >= config.val_fraction and (len(hashes) > 1 or not source_ids):
+            forced.append(lowest[1])
+    if not documents:
         raise ValueError("no documents to tokenize: every document was filtered or deduplicated away")
     path, tok_id = save_tokenizer(tokenizer, out_dir)
     prepared = Prepared(
@@ -113,7 +125,7 @@ def prepare_tokenizer(
         vocab_size=tokenizer.get_vocab_size(),
         eos_id=eos_id(tokenizer, tcfg.special_tokens[0]),
         eos_token=tcfg.special_tokens[0],
-        forced_val=lowest[1] if lowest[0] >= config.val_fraction else None,
+        forced_val=tuple(forced),
     )
     return prepared
 
@@ -216,7 +228,7 @@ def tokenize_partition(
                     again = partial(encode_documents, tokenizer, chunk[:1], prepared.eos_id, prepared.dtype)
                     quarantine.passed(len(chunk_ids), retry=again)
             is_val = np.array(
-                [d == prepared.forced_val or split_of(d, config.val_fraction) == "val" for d in chunk_ids]
+                [d in prepared.forced_val or split_of(d, config.val_fraction) == "val" for d in chunk_ids]
             )
             if not is_val.any():
                 writers["train"].add_many(chunk_ids, flat, lengths)
@@ -318,9 +330,10 @@ def write_token_index(
         "documents": documents,
         "splits": splits,
         "split_rule": {
-            "method": "sha256(doc_id)[:8] as uint64 / 2**64 < val_fraction -> val; if none, the lowest -> val",
+            "method": "sha256(doc_id)[:8] as uint64 / 2**64 < val_fraction -> val; where none (of the corpus, "
+            "or of a source), its lowest -> val",
             "val_fraction": config.val_fraction,
-            "forced_val_document": prepared.forced_val,
+            "forced_val_documents": list(prepared.forced_val),
         },
     } | ({"sources": sources} if sources else {})
     return write_index(

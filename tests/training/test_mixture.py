@@ -1,0 +1,116 @@
+"""Weighted mixtures (training/data/mixture.py): the realised shares against hand-computed targets, the
+schedule's switch, the same global samples at any worker layout and after a resume, and the repetition
+cap refused with its figures."""
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from training.data.mixture import (
+    MixtureConfig,
+    MixturePlan,
+    MixtureSampler,
+    repetition,
+    repetition_problems,
+)
+from training.data.shards import MixedSequences, TokenSequences
+
+pytestmark = pytest.mark.unit
+
+SHARES = {"web": 0.6, "docs": 0.3, "code": 0.1}
+
+
+def _sources(plan: MixturePlan, samples: int) -> np.ndarray:
+    return plan.assign(0, samples, np.zeros(len(plan.sources), dtype=np.int64))
+
+
+def test_every_source_stays_within_one_sequence_of_its_share_over_10k_samples():
+    plan = MixturePlan(MixtureConfig(weights=SHARES), steps=1250, global_batch=8)
+    sources = _sources(plan, 10_000)
+    share = np.array(list(SHARES.values()))
+    counts = np.cumsum(np.eye(3, dtype=np.int64)[sources], axis=0)  # counts after 1, 2, ... samples
+    expected = np.arange(1, 10_001)[:, None] * share  # the hand computation: share x samples
+    assert np.abs(counts - expected).max() < 1
+    # Per 1,000 sequences: 600, 300 and 100 of them, within one.
+    for block in np.split(sources, 10):
+        assert np.abs(np.bincount(block, minlength=3) - 1000 * share).max() <= 1
+
+
+def test_the_schedule_switches_at_its_step_and_uneven_weights_are_normalised_with_a_note():
+    # 90/10 web/docs for 80 of 100 steps, then an anneal: 50% docs, 50% code (a source new in the phase).
+    cfg = MixtureConfig(
+        weights={"web": 9, "docs": 1},
+        schedule=[{"at_fraction": 0.8, "weights": {"docs": 0.5, "code": 0.5}}],
+    )
+    assert cfg.notes() == ["train.mixture.weights sum to 10; normalised to web 0.9, docs 0.1"]
+    plan = MixturePlan(cfg, steps=100, global_batch=10)
+    assert plan.sources == ["web", "docs", "code"]
+    steps = _sources(plan, 1000).reshape(100, 10)  # one row per optimizer step
+    web, docs, code = (np.flatnonzero((steps == s).any(axis=1)) for s in range(3))
+    assert web.max() == 79 and code.min() == 80  # the switch, at step 80 exactly
+    assert (np.bincount(steps[:80].ravel(), minlength=3) == [720, 80, 0]).all()
+    assert (np.bincount(steps[80:].ravel(), minlength=3) == [0, 100, 100]).all()
+    assert len(docs) == 100
+    with pytest.raises(ValidationError, match="at_step or at_fraction"):
+        MixtureConfig(weights=SHARES, schedule=[{"weights": SHARES}])
+    with pytest.raises(ValueError, match="must increase"):
+        MixtureConfig(weights=SHARES, schedule=[{"at_step": 5, "weights": SHARES}] * 2).phases(10)
+
+
+def _global_samples(
+    data: MixedSequences, plan: MixturePlan, micro: int, world: int, steps: int
+) -> np.ndarray:
+    """The token ids of each global sample, in global order, as ``world`` ranks of ``micro`` draw them."""
+    samplers = [MixtureSampler(plan, data.sizes, micro, rank, world, seed=3) for rank in range(world)]
+    rows = [data.batch(s.next_indices()) for _ in range(steps) for s in samplers]
+    return np.concatenate(rows)
+
+
+def test_the_same_tokens_for_each_global_sample_at_one_and_two_workers_and_after_a_resume(mixture_shards):
+    parts = [TokenSequences(mixture_shards, "train", 32, source=s) for s in SHARES]
+    data = MixedSequences(parts)
+    assert data.sizes == [len(p) for p in parts] and data.sizes[0] > 3 * data.sizes[2]
+    # 24 sequences per optimizer step, 40 steps: the small sources repeat.
+    plan = MixturePlan(MixtureConfig(weights=SHARES), steps=40, global_batch=24)
+    one = _global_samples(data, plan, micro=24, world=1, steps=40)
+    two = _global_samples(data, plan, micro=12, world=2, steps=40)
+    accumulated = _global_samples(data, plan, micro=6, world=2, steps=80)  # two micro-batches per step
+    assert one.shape == (960, 33) and (one == two).all() and (one == accumulated).all()
+
+    # Each sample is the source's own sequence: a row of the source's TokenSequences.
+    sampler = MixtureSampler(plan, data.sizes, 24, seed=3)
+    indices = np.concatenate([sampler.next_indices() for _ in range(40)])
+    for s, part in enumerate(parts):
+        mine = indices[(indices >= data.offsets[s]) & (indices < data.offsets[s + 1])] - data.offsets[s]
+        assert (data.batch(mine + data.offsets[s]) == part.batch(mine)).all()
+        # A source seen k times over holds each of its sequences once in each pass.
+        passes = len(mine) // len(part)
+        assert passes >= (2 if s == 2 else 0)  # code: 96 samples of its 35 sequences
+        for p in range(passes):
+            assert sorted(mine[p * len(part) : (p + 1) * len(part)]) == list(range(len(part)))
+
+    # A resume from the state at step 17 continues with the same samples.
+    first = MixtureSampler(plan, data.sizes, 12, 1, 2, seed=3)
+    for _ in range(17):
+        first.next_indices()
+    resumed = MixtureSampler(plan, data.sizes, 12, 1, 2, seed=3)
+    resumed.load_state_dict(first.state_dict())
+    assert all((first.next_indices() == resumed.next_indices()).all() for _ in range(23))
+    with pytest.raises(ValueError, match="world_size=2, this run has 1"):
+        MixtureSampler(plan, data.sizes, 24, seed=3).load_state_dict(first.state_dict())
+
+
+def test_a_source_past_its_repetition_cap_is_refused_with_its_tokens_share_and_repetition():
+    cfg = MixtureConfig(weights={"web": 0.75, "docs": 0.25}, max_repetition={"docs": 2})
+    # 100 steps of 8 sequences of 32 tokens: docs' share is 200 sequences, 6,400 tokens.
+    figures = repetition(cfg, 100, 8, 32, {"web": 100_000, "docs": 2_000})
+    assert figures["docs"] == {"tokens": 2000, "share": 0.25, "tokens_needed": 6400, "repetition": 3.2}
+    assert figures["web"]["repetition"] == 600 * 32 / 100_000
+    (problem,) = repetition_problems(cfg, figures)
+    assert problem.startswith(
+        "train.mixture: source docs holds 2,000 training tokens; its share 25.0% of the run is 6,400 tokens, "
+        "a repetition of 3.20x past its max_repetition 2"
+    )
+    assert repetition_problems(cfg, repetition(cfg, 100, 8, 32, {"web": 100_000, "docs": 3_200})) == []
+    with pytest.raises(ValidationError, match="max_repetition: cod has no weight in the mixture"):
+        MixtureConfig(weights=SHARES, max_repetition={"cod": 2, "code": 1})
