@@ -6,6 +6,10 @@ shards (memory-mapped, zero-copy, split across several shards). Peer: ``np.stack
 ``np.memmap`` over a flat ``.bin`` file holding the same token stream (the nanoGPT loader).
 Goal (issue 7): >= 0.9x of the peer's batches/s.
 
+Mixture case (issue 38): the same shards as three sources (50/30/20% of the documents) drawn 60/30/10 by
+``MixtureSampler`` and read by ``MixedSequences``, against ``DistributedBatchSampler`` and
+``TokenSequences`` over the one pool: >= 0.9x of its batches/s.
+
     .venv/bin/python benchmarks/loader.py [--quick | --smoke] [--tokens 200000000]
 """
 
@@ -22,7 +26,7 @@ import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import median_time, result, summary  # noqa: E402
+from benchmarks.common import median_time, median_times, result, summary  # noqa: E402
 from training.data.shards import TokenSequences, TokenShardWriter  # noqa: E402
 from training.data.tokenize import Prepared, TokenizeConfig, write_token_index  # noqa: E402
 from training.data.tokenizer import TokenizerConfig, save_tokenizer, train_bpe  # noqa: E402
@@ -41,6 +45,7 @@ if args.smoke:
     args.tokens, args.batches = 200_000, 20
 
 VOCAB = 50_257  # GPT-2's: uint16 tokens
+SOURCES = {"web": 0.6, "docs": 0.3, "code": 0.1}  # the mixture case's weights
 
 
 def build(work: Path) -> tuple[np.ndarray, Path]:
@@ -49,13 +54,17 @@ def build(work: Path) -> tuple[np.ndarray, Path]:
     lengths = rng.integers(200, 4000, size=args.tokens // 1000)
     lengths = lengths[: np.searchsorted(np.cumsum(lengths), args.tokens)]
     lengths = np.append(lengths, args.tokens - lengths.sum())
-    writer = TokenShardWriter(work / "shards", "train", VOCAB, max_tokens_per_shard=2**25)
     chunk = 100_000  # documents per add_many call
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    for i in range(0, len(lengths), chunk):
-        ids = [f"d{j}" for j in range(i, min(i + chunk, len(lengths)))]
-        writer.add_many(ids, tokens[offsets[i] : offsets[i + len(ids)]], lengths[i : i + len(ids)])
-    shards = writer.close()
+    # Three sources of 50%, 30% and 20% of the documents, in stream order, each in shards of its own.
+    bounds = [0, len(lengths) // 2, len(lengths) * 4 // 5, len(lengths)]
+    shards = []
+    for source, lo, hi in zip(SOURCES, bounds, bounds[1:]):
+        writer = TokenShardWriter(work / "shards", "train", VOCAB, 2**25, prefix=f"train-{source}")
+        for i in range(lo, hi, chunk):
+            ids = [f"d{j}" for j in range(i, min(i + chunk, hi))]
+            writer.add_many(ids, tokens[offsets[i] : offsets[i + len(ids)]], lengths[i : i + len(ids)])
+        shards += [shard | {"source": source} for shard in writer.close()]
     # The index lists the tokenizer among its files (size, sha256): a small real one stands in for GPT-2's.
     path, tok_id = save_tokenizer(
         train_bpe(["lmforge benchmark text"] * 10, TokenizerConfig(vocab_size=300)), work / "shards"
@@ -105,9 +114,45 @@ def main() -> None:
             tokens=args.tokens,
             shards=n_shards,
         )
-        summary("loader", [line])
+        summary("loader", [line, mixture(work / "shards", len(seqs))])
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def mixture(shards: Path, sequences: int) -> dict:
+    """Batches drawn by a three-source mixture (its sampler and reader) against the one-pool sampler and
+    reader over the same shards: the cost of mixing."""
+    from training.data.mixture import MixtureConfig, MixturePlan, MixtureSampler
+    from training.data.shards import DistributedBatchSampler, MixedSequences
+
+    pool = TokenSequences(shards, "train", args.seq_len)
+    mixed = MixedSequences([TokenSequences(shards, "train", args.seq_len, source=s) for s in sorted(SOURCES)])
+    assert len(mixed) == sequences or len(mixed) >= sequences - len(SOURCES)
+    plan = MixturePlan(MixtureConfig(weights=SOURCES, max_repetition=100.0), args.batches, args.batch_size)
+
+    def peer() -> None:
+        sampler = DistributedBatchSampler(len(pool), args.batch_size, seed=1)
+        for _ in range(args.batches):
+            pool.batch(sampler.next_indices())
+
+    def ours() -> None:
+        sampler = MixtureSampler(plan, mixed.sizes, args.batch_size, seed=1)
+        for _ in range(args.batches):
+            mixed.batch(sampler.next_indices())
+
+    # Interleaved runs (a slow spell of the shared machine falls on both); the warm-up run compiles the
+    # sampler's kernel (numba, cached on disk after).
+    t_peer, t_ours = median_times([peer, ours], repeats=5)
+    return result(
+        "loader.mixture_batches",
+        "batches/s",
+        args.batches / t_ours,
+        "one-pool sampler and reader over the same shards",
+        args.batches / t_peer,
+        0.9,
+        batch=f"{args.batch_size}x{args.seq_len}",
+        sources="web 0.6, docs 0.3, code 0.1",
+    )
 
 
 if __name__ == "__main__":

@@ -84,17 +84,30 @@ def walk(model_uri: str, tracking_uri: str) -> dict[str, Any]:
         chain.append(step)
     parent = client.get_run(parent_id)
     sources = _data_params(parent.data.params)
+    tags = {k: v for k, v in logged.tags.items() if k.startswith("lmforge.")}
     return {
         "model_version": version,
         "model": {
             "model_id": logged.model_id,
             "name": logged.name,
-            "tags": {k: v for k, v in logged.tags.items() if k.startswith("lmforge.")},
+            "tags": tags,
             "metrics": {m.key: m.value for m in (logged.metrics or [])},
+            "mixture": _mixture(tags),
         },
         "pipeline_run": {"run_id": parent_id, "name": parent.info.run_name, "sources": sources},
         "chain": chain,
     }
+
+
+def _mixture(tags: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Per source of a mixture (``lmforge.mixture.<source>.<field>`` tags): the tokens the model saw
+    from it, their repetition and the digest of its training shards."""
+    out: dict[str, dict[str, str]] = {}
+    for key, value in tags.items():
+        if key.startswith("lmforge.mixture."):
+            source, field = key.removeprefix("lmforge.mixture.").rsplit(".", 1)
+            out.setdefault(source, {})[field] = value
+    return out
 
 
 def _data_params(params: dict[str, str]) -> dict[str, str]:
@@ -127,6 +140,11 @@ def render(lineage: dict[str, Any]) -> list[str]:
         f"  logged model {m['model_id']} ({m['name']}): code {tags.get('lmforge.code_version', '?')}, "
         f"config {tags.get('lmforge.config_hash', '?')[:12]}, tokenizer {tags.get('lmforge.tokenizer_id', '?')[:12]}"
     )
+    for source, f in m.get("mixture", {}).items():
+        lines.append(
+            f"    mixture source {source}: {int(f['tokens_seen']):,} tokens seen, repeated "
+            f"{float(f['repetition']):.2f}x, shards {f['shards_digest']}"
+        )
     for step in lineage["chain"]:
         counts = ", ".join(f"{k}={v:g}" for k, v in list(step["metrics"].items())[:6])
         lines.append(f"  <- {step['stage']} run {step['run_id']}" + (f": {counts}" if counts else ""))

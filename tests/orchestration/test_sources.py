@@ -182,6 +182,29 @@ def test_each_source_is_cleaned_and_deduplicated_apart_then_across_and_tokenized
         assert tokens["sources"][source]["tokens"] == sum(s["tokens"] for s in mine)
         assert tokens["counters"][f"tokens.{source}"] == tokens["sources"][source]["tokens"]
     assert sum(s["tokens"] for s in shards) == tokens["total_tokens"]
+    # Each source holds documents out to measure it on (its lowest-hash one where none fell in the split).
+    assert all(tokens["sources"][s]["val_documents"] >= 1 for s in ("docs", "code"))
+
+
+@pytest.mark.integration
+def test_a_mixture_past_a_sources_repetition_cap_is_refused_before_training_and_unknown_sources_at_load(
+    two_sources,
+):
+    raw, _, _, result = two_sources
+    tokens = result.stages["tokenize"].index["sources"]
+    # 40 steps of 8 sequences of 32 tokens: code's half is 160 sequences, 5,120 tokens.
+    mixture = {"weights": {"docs": 1, "code": 1}, "max_repetition": {"code": 1.5}}
+    train = {"model": {"n_embd": 32, "n_head": 2}, "seq_len": 32, "micro_batch_size": 8, "steps": 40}
+    cfg = parse_config(raw | {"train": train | {"mixture": mixture}}, "test")
+    assert cfg.train.mixture.notes() == ["train.mixture.weights sum to 2; normalised to docs 0.5, code 0.5"]
+    code = tokens["code"]["train_tokens"]
+    assert 5120 / code > 1.5  # the fixture's code is smaller than its share
+    with pytest.raises(ConfigError) as refused:
+        Pipeline(cfg).run()
+    assert f"source code holds {code:,} training tokens; its share 50.0% of the run is 5,120 tokens, a repetition of {5120 / code:.2f}x past its max_repetition 1.5" in str(refused.value)  # fmt: skip
+    assert not (Path(raw["workdir"]) / "train" / "model").exists()
+    with pytest.raises(ValueError, match=r"train.mixture: no source web \(sources: docs, code\)"):
+        parse_config(raw | {"train": train | {"mixture": {"weights": {"web": 1, "docs": 1}}}}, "test")
 
 
 @pytest.mark.integration
@@ -248,11 +271,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.system
-def test_the_sources_config_crawls_reads_trains_and_evaluates_with_each_source_in_lineage_and_report(
+def test_the_mixture_config_crawls_reads_and_trains_on_each_source_by_its_share_in_lineage_and_report(
     ray_session, tmp_path
 ):
+    """configs/mixture.yaml (configs/sources.yaml's three sources, mixed 60/30/10 then annealed): each
+    source's chain, the tokens seen from each within one sequence of the hand-computed share, logged at
+    every step, held-out metrics per source, the mixture in the lineage and the report."""
+    from mlflow.tracking import MlflowClient
+
     from orchestration.config import load_config
-    from orchestration.lineage import walk
+    from orchestration.lineage import render, walk
     from tests.conftest import lasting_port
 
     data = REPO / "configs" / "data"
@@ -267,7 +295,7 @@ def test_the_sources_config_crawls_reads_trains_and_evaluates_with_each_source_i
         "tokenize": {"tokenizer": {"vocab_size": 1024}},
         "train": {"model": {"n_embd": 32, "n_head": 2}, "seq_len": 64, "steps": 8, "warmup_steps": 2},
     }
-    cfg = load_config(REPO / "configs" / "sources.yaml", overrides)
+    cfg = load_config(REPO / "configs" / "mixture.yaml", overrides)
     result = Pipeline(cfg).run()
     names = [
         "crawl[web]",
@@ -295,9 +323,32 @@ def test_the_sources_config_crawls_reads_trains_and_evaluates_with_each_source_i
     assert all(tokens["sources"][s]["documents"] == kept[f"kept.{s}"] > 0 for s in tokens["sources"])
     summary = result.stages["train"].index["summary"]
     assert summary["losses"][-1] < summary["losses"][0] and "val_loss" in result.metrics
+    # 8 steps of 16 sequences of 64 tokens; the anneal starts at round(0.8 * 8) = step 6: 96 samples at
+    # 0.6/0.3/0.1, then 32 at 0.3/0.6/0.1 (the weights of configs/mixture.yaml).
+    train = result.stages["train"].index["counters"]
+    target = {"web": 96 * 0.6 + 32 * 0.3, "docs": 96 * 0.3 + 32 * 0.6, "code": 96 * 0.1 + 32 * 0.1}
+    for source, samples in target.items():
+        assert abs(train[f"tokens_seen.{source}"] / 64 - samples) < 1, source
+        assert (
+            train[f"repetition.{source}"]
+            == train[f"tokens_seen.{source}"] / tokens["sources"][source]["train_tokens"]
+        )
+        assert f"val_bits_per_byte.{source}" in result.metrics  # each source's own held-out split
+    assert sum(train[f"tokens_seen.{s}"] for s in target) == train["tokens_seen"] == 8 * 16 * 64
+    client = MlflowClient(cfg.tracking_uri)
+    run_id = client.get_logged_model(result.model_id).source_run_id
+    web = client.get_metric_history(run_id, "mixture/tokens.web")
+    assert (
+        sorted(m.step for m in web) == list(range(1, 9))
+        and max(m.value for m in web) == train["tokens_seen.web"]
+    )
     # The model's lineage walks back through every source's chain to the crawl and the read files.
-    found = walk(f"models:/lmforge-sources/{result.model_version}", cfg.tracking_uri)
+    found = walk(f"models:/lmforge-mixture/{result.model_version}", cfg.tracking_uri)
     assert {step["stage"] for step in found["chain"]} == set(result.stages) - {"evaluate"}
+    assert {s: int(f["tokens_seen"]) for s, f in found["model"]["mixture"].items()} == {
+        s: train[f"tokens_seen.{s}"] for s in target
+    }
+    assert any(line.startswith("    mixture source docs: ") for line in render(found))
     assert found["pipeline_run"]["sources"]["sources.docs.read.paths"] == str([str(data / "docs.jsonl")])
     assert "sources.docs.crawl.max_pages" not in found["pipeline_run"]["sources"]
     # The report: every check passes, and each source has its funnel.
@@ -305,6 +356,7 @@ def test_the_sources_config_crawls_reads_trains_and_evaluates_with_each_source_i
     assert rep["ok"], [k for k, ok in rep["checks"].items() if not ok]
     page = (tmp_path / "work" / "report.html").read_text()
     assert re.findall(r"<h3>source (\w+)</h3>", page)[:3] == ["web", "docs", "code"]
+    assert "<h3>Mixture</h3>" in page and "web realised" in page and "held-out split of source" in page
     # The funnel names the URLs that gave no page (the site's robots.txt refuses its private pages), and
     # the lineage table counts a token dataset's documents once.
     refused = crawl["failed.robots_disallowed"]

@@ -27,13 +27,16 @@ def _sources(plan: MixturePlan, samples: int) -> np.ndarray:
 def test_every_source_stays_within_one_sequence_of_its_share_over_10k_samples():
     plan = MixturePlan(MixtureConfig(weights=SHARES), steps=1250, global_batch=8)
     sources = _sources(plan, 10_000)
-    share = np.array(list(SHARES.values()))
+    share = np.array([SHARES[s] for s in plan.sources])
     counts = np.cumsum(np.eye(3, dtype=np.int64)[sources], axis=0)  # counts after 1, 2, ... samples
     expected = np.arange(1, 10_001)[:, None] * share  # the hand computation: share x samples
     assert np.abs(counts - expected).max() < 1
     # Per 1,000 sequences: 600, 300 and 100 of them, within one.
     for block in np.split(sources, 10):
         assert np.abs(np.bincount(block, minlength=3) - 1000 * share).max() <= 1
+    # The order a config lists the sources in changes nothing (a YAML round trip sorts them).
+    reordered = MixturePlan(MixtureConfig(weights=dict(reversed(SHARES.items()))), steps=1250, global_batch=8)
+    assert (_sources(reordered, 10_000) == sources).all()
 
 
 def test_the_schedule_switches_at_its_step_and_uneven_weights_are_normalised_with_a_note():
@@ -44,12 +47,12 @@ def test_the_schedule_switches_at_its_step_and_uneven_weights_are_normalised_wit
     )
     assert cfg.notes() == ["train.mixture.weights sum to 10; normalised to web 0.9, docs 0.1"]
     plan = MixturePlan(cfg, steps=100, global_batch=10)
-    assert plan.sources == ["web", "docs", "code"]
+    assert plan.sources == ["code", "docs", "web"]  # by name, whatever order the config lists them in
     steps = _sources(plan, 1000).reshape(100, 10)  # one row per optimizer step
-    web, docs, code = (np.flatnonzero((steps == s).any(axis=1)) for s in range(3))
+    code, docs, web = (np.flatnonzero((steps == s).any(axis=1)) for s in range(3))
     assert web.max() == 79 and code.min() == 80  # the switch, at step 80 exactly
-    assert (np.bincount(steps[:80].ravel(), minlength=3) == [720, 80, 0]).all()
-    assert (np.bincount(steps[80:].ravel(), minlength=3) == [0, 100, 100]).all()
+    assert (np.bincount(steps[:80].ravel(), minlength=3) == [0, 80, 720]).all()
+    assert (np.bincount(steps[80:].ravel(), minlength=3) == [100, 100, 0]).all()
     assert len(docs) == 100
     with pytest.raises(ValidationError, match="at_step or at_fraction"):
         MixtureConfig(weights=SHARES, schedule=[{"weights": SHARES}])
@@ -67,11 +70,11 @@ def _global_samples(
 
 
 def test_the_same_tokens_for_each_global_sample_at_one_and_two_workers_and_after_a_resume(mixture_shards):
-    parts = [TokenSequences(mixture_shards, "train", 32, source=s) for s in SHARES]
-    data = MixedSequences(parts)
-    assert data.sizes == [len(p) for p in parts] and data.sizes[0] > 3 * data.sizes[2]
-    # 24 sequences per optimizer step, 40 steps: the small sources repeat.
     plan = MixturePlan(MixtureConfig(weights=SHARES), steps=40, global_batch=24)
+    parts = [TokenSequences(mixture_shards, "train", 32, source=s) for s in plan.sources]
+    data = MixedSequences(parts)
+    assert data.sizes == [len(p) for p in parts] and data.sizes[2] > 3 * data.sizes[0]  # web, code
+    # 24 sequences per optimizer step, 40 steps: the small sources repeat.
     one = _global_samples(data, plan, micro=24, world=1, steps=40)
     two = _global_samples(data, plan, micro=12, world=2, steps=40)
     accumulated = _global_samples(data, plan, micro=6, world=2, steps=80)  # two micro-batches per step
@@ -85,7 +88,7 @@ def test_the_same_tokens_for_each_global_sample_at_one_and_two_workers_and_after
         assert (data.batch(mine + data.offsets[s]) == part.batch(mine)).all()
         # A source seen k times over holds each of its sequences once in each pass.
         passes = len(mine) // len(part)
-        assert passes >= (2 if s == 2 else 0)  # code: 96 samples of its 35 sequences
+        assert passes >= (2 if plan.sources[s] == "code" else 0)  # code: 96 samples of its 35 sequences
         for p in range(passes):
             assert sorted(mine[p * len(part) : (p + 1) * len(part)]) == list(range(len(part)))
 

@@ -110,13 +110,28 @@ def _torchrun(config: Path, tokens: Path, out: Path, nproc: int = 2) -> subproce
     )  # fmt: skip
 
 
+#: The causal resume runs train on three sources by share, annealed at step 15 (after the step-10
+#: checkpoint the kills resume from): the mixture's state resumes with the model's. Code's 52 sequences
+#: repeat its 35.
+MIXTURE = {
+    "weights": {"web": 0.6, "docs": 0.3, "code": 0.1},
+    "schedule": [{"at_step": 15, "weights": {"docs": 0.5, "code": 0.5}}],
+    "max_repetition": {"code": 2},
+}
+
+
 def _resume_config(objective: str):
     """Wide enough that 15 steps after the step-10 checkpoint outlast the 10 ms poll of the kill tests."""
     model = {"arch": ARCH[objective], "preset": "debug", "n_embd": 128, "n_head": 4}
+    mixture = {"mixture": MIXTURE} if objective == "causal_lm" else {}
     return train_config(
         model=model, seq_len=64, steps=25, zero_stage=2, checkpoint_every=5, keep_checkpoints=2, max_failures=1,
-        **OBJECTIVES[objective],
+        **OBJECTIVES[objective], **mixture,
     )  # fmt: skip
+
+
+def _resume_shards(objective: str) -> str:
+    return "mixture_shards" if objective == "causal_lm" else shards_fixture(objective)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +142,7 @@ def uninterrupted(ray_session, request, tmp_path_factory):
 
     def get(objective: str) -> dict:
         if objective not in done:
-            shards = request.getfixturevalue(shards_fixture(objective))
+            shards = request.getfixturevalue(_resume_shards(objective))
             out = tmp_path_factory.mktemp(f"straight-{objective}")
             done[objective] = launch(_resume_config(objective), shards, out)
         return done[objective]
@@ -146,7 +161,7 @@ def _checkpointed(out: Path, alive, deadline: float) -> None:
 def test_resume_after_a_kill_reproduces_the_uninterrupted_losses(objective, request, uninterrupted, tmp_path):
     """Masks, spans and NSP partners are drawn from (seed, step, rank, micro-batch): resume stays exact, and
     torchrun's ranks reproduce Ray Train's uninterrupted run of the same config bit for bit."""
-    tokens = request.getfixturevalue(shards_fixture(objective))
+    tokens = request.getfixturevalue(_resume_shards(objective))
     config = tmp_path / "train.yaml"
     cfg = _resume_config(objective)
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -174,6 +189,9 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_losses(objective, requ
     summary = json.loads((out / "summary.json").read_text())
     assert 10 <= summary["resumed_from"] < cfg.steps
     assert summary["losses"] == expected  # bit-identical on CPU
+    if objective == "causal_lm":  # the mixture resumed: each source's sequences are the straight run's
+        assert summary["mixture"] == uninterrupted(objective)["mixture"]
+        assert summary["mixture"]["sequences"] == {"web": 72, "docs": 76, "code": 52}  # by hand, see MIXTURE
     if objective != "causal_lm":
         return
 
@@ -198,13 +216,13 @@ def _ray_train_workers() -> list[psutil.Process]:
     return found
 
 
-def test_ray_train_restarts_a_killed_worker_and_resumes_from_storage(uninterrupted, token_shards, tmp_path):
+def test_ray_train_restarts_a_killed_worker_and_resumes_from_storage(uninterrupted, mixture_shards, tmp_path):
     cfg = _resume_config("causal_lm")
     expected = uninterrupted("causal_lm")["losses"]
 
     out = tmp_path / "killed"
     outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(summary=launch(cfg, token_shards, out)))
+    thread = threading.Thread(target=lambda: outcome.update(summary=launch(cfg, mixture_shards, out)))
     thread.start()
     _checkpointed(out, thread.is_alive, time.monotonic() + 600)
     victim = _ray_train_workers()[-1]
@@ -224,7 +242,7 @@ def test_ray_train_restarts_a_killed_worker_and_resumes_from_storage(uninterrupt
     # A node that lost its local disk resumes from storage: the run is found complete at its last step.
     shutil.rmtree(out / "checkpoints")
     (out / "summary.json").unlink()
-    again = launch(cfg, token_shards, out)
+    again = launch(cfg, mixture_shards, out)
     assert again["resumed_from"] == cfg.steps and again["losses"] == expected
 
 

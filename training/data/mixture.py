@@ -6,7 +6,7 @@ batch x gradient accumulation x workers), whatever the workers' layout. Sample `
 furthest behind its target: the target of source ``s`` after ``n`` samples is ``D_s(n)``, the sum of its
 weight over those samples (the weight of the schedule phase of each sample's step), and sample ``n``
 goes to the ``s`` maximizing ``D_s(n + 1) - C_s(n)`` (``C_s(n)``: samples already given to ``s``; ties
-to the first source listed). Every source's count stays within one sequence of its target at every
+to the first source by name). Every source's count stays within one sequence of its target at every
 sample, in every phase, and the assignment depends on nothing but ``g`` and the schedule (the counts are
 the sampler's resumable state). The ``k``-th sample of a source is its ``perm[k % n]`` sequence, ``perm``
 a permutation seeded by (seed, source, ``k // n``): a source smaller than its share repeats, each pass in
@@ -18,6 +18,7 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+import numba
 import numpy as np
 from pydantic import Field, model_validator
 
@@ -86,8 +87,9 @@ class MixtureConfig(StageConfig):
 
     @property
     def sources(self) -> list[str]:
-        """Every source any phase weighs, in the order first named."""
-        return list(dict.fromkeys(s for _, weights in self._phase_weights() for s in weights))
+        """Every source any phase weighs, by name: the samples do not depend on the order a config file
+        lists them in (YAML writers sort keys; the cache key does too)."""
+        return sorted({s for _, weights in self._phase_weights() for s in weights})
 
     def repetition_limit(self, source: str) -> float:
         if isinstance(self.max_repetition, dict):
@@ -144,19 +146,74 @@ class MixturePlan:
     def assign(self, start: int, count: int, counts: np.ndarray) -> np.ndarray:
         """The source index of samples ``[start, start + count)``, given ``counts`` (``C(start)``), which
         it advances in place."""
-        targets = self.targets(np.arange(start + 1, start + count + 1)).tolist()
-        c = counts.tolist()
-        out = np.empty(count, dtype=np.int64)
-        for i, d in enumerate(targets):
-            s = max(range(len(c)), key=lambda k: d[k] - c[k])
-            out[i] = s
-            c[s] += 1
-        counts[:] = c
-        return out
+        return self.assign_counted(start, count, counts)[0]
+
+    def assign_counted(self, start: int, count: int, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`assign`, and for each sample how many of its source came before it in the run."""
+        sources, before, none = (
+            np.empty(count, dtype=np.int64),
+            np.empty(count, dtype=np.int64),
+            np.empty(0, dtype=np.int64),
+        )
+        _largest_deficit(
+            start, 0, *self.phase_arrays, counts, sources, before, 0, 0, none, none, none, none, none
+        )
+        return sources, before
+
+    @property
+    def phase_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each phase's first sample, the targets there and the weights (the kernel's view of the plan)."""
+        return self._starts, self._base, self._weights
 
     def samples_needed(self) -> np.ndarray:
         """Each source's samples over the whole run (its target at the end, rounded up)."""
         return np.ceil(self.targets(self.steps * self.global_batch) - 1e-9).astype(np.int64)
+
+
+@numba.njit(cache=True, nogil=True)
+def _largest_deficit(
+    start,
+    first,
+    phase_starts,
+    base,
+    weights,
+    counts,
+    sources,
+    before,
+    lo,
+    hi,
+    sizes,
+    offsets,
+    epochs,
+    perms,
+    out,
+):  # pragma: no cover
+    """Give samples ``start + first, start + first + 1, ...`` (to ``start + len(sources)``) each to the
+    source furthest behind its target ``D(n + 1)`` (ties to the lowest index), advancing ``counts``;
+    ``sources`` and ``before`` (the source's count before it) are written for each. The samples
+    ``lo <= i < hi`` are also placed: ``out[i - lo]`` is the sample's sequence, from ``perms`` (each
+    source's current pass, ``epochs``). Returns ``len(sources)``, or the ``i`` whose source needs another
+    pass loaded first (``sources[i]`` names it; nothing of ``i`` is counted yet). Compiled: a global batch
+    costs microseconds, not a Python loop per sample."""
+    phase = 0
+    for i in range(first, sources.size):
+        n = start + i + 1
+        while phase + 1 < phase_starts.size and phase_starts[phase + 1] <= n:
+            phase += 1
+        best, best_deficit = 0, -np.inf
+        for s in range(counts.size):
+            deficit = base[phase, s] + (n - phase_starts[phase]) * weights[phase, s] - counts[s]
+            if deficit > best_deficit:
+                best, best_deficit = s, deficit
+        sources[i] = best
+        before[i] = counts[best]
+        if lo <= i < hi:
+            size = sizes[best]
+            if before[i] // size != epochs[best]:
+                return i
+            out[i - lo] = perms[offsets[best] + before[i] % size]
+        counts[best] += 1
+    return sources.size
 
 
 class MixtureSampler:
@@ -182,41 +239,36 @@ class MixtureSampler:
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.step = 0  # micro-steps taken
         self.counts = np.zeros(len(sizes), dtype=np.int64)
-        self._orders: dict[tuple[int, int], np.ndarray] = {}
-        #: Source index of each of this rank's last micro-batch's samples (for accounting).
-        self.last_sources = np.empty(0, dtype=np.int64)
+        # Each source's current pass: its order at offsets[s]:offsets[s] + sizes[s], as global indices.
+        self._sizes = np.array(sizes, dtype=np.int64)
+        self._epochs = np.full(len(sizes), -1, dtype=np.int64)
+        self._perms = np.empty(sum(sizes), dtype=np.int64)
+        per_step = batch_size * world_size
+        self._sources, self._before = np.empty(per_step, dtype=np.int64), np.empty(per_step, dtype=np.int64)
 
-    def _order(self, source: int, epoch: int) -> np.ndarray:
-        key = (source, epoch)
-        if key not in self._orders:
-            if len(self._orders) > 2 * len(self.sizes):
-                self._orders.clear()
-            name = zlib.crc32(self.plan.sources[source].encode())
-            self._orders[key] = np.random.default_rng([self.seed, name, epoch]).permutation(
-                self.sizes[source]
-            )
-        return self._orders[key]
+    def _load_pass(self, source: int, epoch: int) -> None:
+        """Source ``source``'s order for its pass ``epoch``: a permutation seeded by (seed, name, epoch)."""
+        name = zlib.crc32(self.plan.sources[source].encode())
+        order = np.random.default_rng([self.seed, name, epoch]).permutation(self.sizes[source])
+        lo = self.offsets[source]
+        self._perms[lo : lo + self.sizes[source]] = lo + order
+        self._epochs[source] = epoch
 
     def next_indices(self) -> np.ndarray:
         """Indices of this rank's next micro-batch; advances the state."""
         per_step = self.batch_size * self.world_size
-        start = self.step * per_step
-        before = self.counts.copy()
-        sources = self.plan.assign(start, per_step, self.counts)
-        # k: how many samples of the same source came before each one.
-        k = np.empty(per_step, dtype=np.int64)
-        for s in np.unique(sources):
-            where = np.flatnonzero(sources == s)
-            k[where] = before[s] + np.arange(where.size)
-        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        out = np.array(
-            [
-                self.offsets[s] + self._order(s, kk // self.sizes[s])[kk % self.sizes[s]]
-                for s, kk in zip(sources[mine].tolist(), k[mine].tolist())
-            ],
-            dtype=np.int64,
-        )
-        self.last_sources = sources[mine]
+        lo = self.rank * self.batch_size
+        out = np.empty(self.batch_size, dtype=np.int64)
+        i = 0
+        while True:
+            i = _largest_deficit(
+                self.step * per_step, i, *self.plan.phase_arrays, self.counts, self._sources, self._before,
+                lo, lo + self.batch_size, self._sizes, self.offsets, self._epochs, self._perms, out,
+            )  # fmt: skip
+            if i == per_step:
+                break
+            source = int(self._sources[i])  # its next sample starts a pass (once per pass)
+            self._load_pass(source, int(self.counts[source]) // self.sizes[source])
         self.step += 1
         return out
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numba
 import numpy as np
 import pyarrow as pa
 
@@ -291,18 +292,40 @@ class TokenSequences:
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"sample indices must lie in [0, {len(self)})")
-        window = self.seq_len + 1
-        starts = self._start_of(indices)
-        shard = np.searchsorted(self._starts, starts, side="right") - 1
-        local = starts - self._starts[shard]
-        out = np.empty((indices.size, window), dtype=self.dtype)
-        for row, (s, lo) in enumerate(zip(shard.tolist(), local.tolist())):
-            array = self._arrays[s]
-            if lo + window <= array.size:
-                out[row] = array[lo : lo + window]
-            else:  # the window runs into the next shard
-                out[row] = self.tokens(int(starts[row]), int(starts[row]) + window)
-        return out
+        return gather(self._arrays, self._starts, self._start_of(indices), self.seq_len + 1, self.dtype)
+
+
+def gather(
+    arrays: list[np.ndarray], array_starts: np.ndarray, starts: np.ndarray, window: int, dtype: np.dtype
+) -> np.ndarray:
+    """Windows ``[start, start + window)`` of the stream that ``arrays`` (beginning at ``array_starts``)
+    make end to end, as one ``(len(starts), window)`` array: one copy per row, joined across arrays."""
+    shard = np.searchsorted(array_starts, starts, side="right") - 1
+    local = starts - array_starts[shard]
+    out = np.empty((starts.size, window), dtype=dtype)
+    for row, (s, lo) in enumerate(zip(shard.tolist(), local.tolist())):
+        array = arrays[s]
+        if lo + window <= array.size:
+            out[row] = array[lo : lo + window]
+        else:  # the window runs into the next array
+            first, got = s, 0
+            while got < window:
+                take = min(window - got, arrays[first].size - lo)
+                out[row, got : got + take] = arrays[first][lo : lo + take]
+                got, first, lo = got + take, first + 1, 0
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _packed_starts(indices, offsets, stream, seq_len, out):  # pragma: no cover
+    """``out[j]``: where sample ``indices[j]`` starts in the parts' joined stream (part ``p``'s samples
+    are ``offsets[p]...``, its stream begins at ``stream[p]``). Compiled: numpy's searchsorted and fancy
+    indexing cost more than the batch's copy at 32 rows."""
+    for j in range(indices.size):
+        p = 0
+        while offsets[p + 1] <= indices[j]:
+            p += 1
+        out[j] = stream[p] + (indices[j] - offsets[p]) * seq_len
 
 
 class MixedSequences:
@@ -314,6 +337,11 @@ class MixedSequences:
         self.index = parts[0].index
         self.sizes = [len(p) for p in parts]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        # Every part's arrays as one stream (a part's windows stay inside it): one gather per batch.
+        self._arrays = [a for p in parts for a in p._arrays]
+        self._starts = np.cumsum([0] + [a.size for a in self._arrays])
+        self._stream = np.concatenate([[0], np.cumsum([p.total_tokens for p in parts])]).astype(np.int64)
+        self._packed = all(p._sample_starts is None for p in parts)
         self.dropped_tokens = sum(p.dropped_tokens for p in parts)
         self.sample_documents: np.ndarray | None = None
         if all(p.sample_documents is not None for p in parts):
@@ -331,12 +359,16 @@ class MixedSequences:
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"sample indices must lie in [0, {len(self)})")
-        part = np.searchsorted(self.offsets, indices, side="right") - 1
-        out = np.empty((indices.size, self.parts[0].seq_len + 1), dtype=self.parts[0].dtype)
-        for p in np.unique(part).tolist():
-            rows = np.flatnonzero(part == p)
-            out[rows] = self.parts[p].batch(indices[rows] - self.offsets[p])
-        return out
+        if self._packed:  # sample i of a part starts at i * seq_len of its stream
+            starts = np.empty(indices.size, dtype=np.int64)
+            _packed_starts(indices, self.offsets, self._stream, self.parts[0].seq_len, starts)
+        else:
+            part = np.searchsorted(self.offsets, indices, side="right") - 1
+            starts = np.empty(indices.size, dtype=np.int64)
+            for p in np.unique(part).tolist():
+                rows = np.flatnonzero(part == p)
+                starts[rows] = self.parts[p]._start_of(indices[rows] - self.offsets[p]) + self._stream[p]
+        return gather(self._arrays, self._starts, starts, self.parts[0].seq_len + 1, self.parts[0].dtype)
 
 
 class BatchSampler(Protocol):
