@@ -23,13 +23,13 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.schema import append_meta
+from core.schema import QUALITY_TIER, append_meta
 from core.stage import Stage, StageConfig, StageContext
 
 POSITIVE, NEGATIVE = "__label__hq", "__label__lq"
 #: How the classifier's sides and ``quality.sources`` name the one corpus of a config without sources.
 ONE_CORPUS = "corpus"
-SCORE, LABEL, TIER = "quality.score", "quality.label", "quality.tier"
+SCORE, LABEL, TIER = "quality.score", "quality.label", QUALITY_TIER
 
 
 def fasttext_line(text: str) -> str:

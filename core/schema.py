@@ -14,6 +14,9 @@ import pyarrow as pa
 #: Numeric quality signals attached to a document (word counts, ratios, scores).
 META_TYPE = pa.map_(pa.string(), pa.float64())
 
+#: The ``meta`` key of a document's quality tier (quality scoring's tiers; tokenize shards by it).
+QUALITY_TIER = "quality.tier"
+
 _COMMON = [
     pa.field("id", pa.string(), nullable=False),
     pa.field("url", pa.string()),

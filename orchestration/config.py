@@ -34,6 +34,7 @@ from ingestion.crawler import CrawlConfig
 from ingestion.readers import ReadConfig
 from orchestration.errors import ConfigError
 from training.config import FinetuneConfig, TrainConfig
+from training.data.mixture import MixtureConfig, entry_of
 from training.data.tokenize import TokenizeConfig
 from training.data.tokenizer import EOS_TOKEN
 from training.objectives import special_tokens_for
@@ -308,7 +309,7 @@ class PipelineConfig(_Section):
                     f"dedup_across.order: no source {', '.join(unknown)} (sources: {', '.join(self.sources)})"
                 )
         if self.train.mixture is not None:
-            _check_mixture_sources(self.train.mixture.sources, list(self.sources))
+            _check_mixture_sources(self.train.mixture, list(self.sources), self.quality)
         if self.quality is not None:
             _check_quality_sources(self.quality, list(self.sources))
             if self.quality.classifier.kind == "encoder":
@@ -425,16 +426,32 @@ def quality_finetune_config(quality: QualityConfig, splits: dict[str, str]) -> F
         raise ConfigError(format_validation_error(e, "quality.classifier.encoder")) from None
 
 
-def _check_mixture_sources(named: list[str], sources: list[str]) -> None:
-    """A mixture weighs sources of the config (the tokens stage tags each one's shards)."""
+def _check_mixture_sources(mixture: MixtureConfig, sources: list[str], quality: QualityConfig | None) -> None:
+    """A mixture weighs sources of the config (the tokens stage tags each one's shards), and tiers only
+    of sources that quality scoring buckets into tiers."""
     if not sources:
         raise ValueError(
             "train.mixture weighs sources: name them in sources ({NAME: {read: {paths: [...]}}, ...}); "
             "a config without sources trains on its one corpus"
         )
-    unknown = [n for n in named if n not in sources]
+    named = {entry_of(e)[0] for e in mixture.sources}
+    unknown = [n for n in sorted(named) if n not in sources]
     if unknown:
         raise ValueError(f"train.mixture: no source {', '.join(unknown)} (sources: {', '.join(sources)})")
+    for source, tiers in mixture.tiers_of().items():
+        bounds = quality.select.tiers if quality is not None else None
+        if bounds is None or (
+            quality is not None and quality.sources is not None and source not in quality.sources
+        ):
+            raise ValueError(
+                f"train.mixture weighs tiers of {source}: quality scoring must bucket it into tiers "
+                "(quality.select.tiers, with the source among quality.sources)"
+            )
+        if max(tiers) > len(bounds):
+            raise ValueError(
+                f"train.mixture: {source} has tiers 0 to {len(bounds)} (quality.select.tiers {list(bounds)}), "
+                f"not {max(tiers)}"
+            )
 
 
 def _check_quality_sources(quality: QualityConfig, sources: list[str]) -> None:

@@ -26,7 +26,7 @@ import transformers
 from core.files import atomic_write_bytes
 from training import engine as ds_engine
 from training.config import PROGRESS_FILE, EngineConfig, TrainConfig
-from training.data.mixture import MixturePlan, MixtureSampler
+from training.data.mixture import MixturePlan, MixtureSampler, entry_of
 from training.data.shards import (
     BatchSampler,
     DistributedBatchSampler,
@@ -261,8 +261,10 @@ def _data(
     plan = MixturePlan(cfg.mixture, cfg.steps, cfg.tokens_per_step // cfg.seq_len)
     mixed = MixedSequences(
         [
-            TokenSequences(data_dir, "train", length, span_documents=span, verify=cfg.verify_shards, source=s)
-            for s in plan.sources
+            TokenSequences(
+                data_dir, "train", length, span_documents=span, verify=cfg.verify_shards, source=s, tier=t
+            )
+            for s, t in map(entry_of, plan.sources)
         ]
     )
     return mixed, MixtureSampler(plan, mixed.sizes, cfg.micro_batch_size, rank, world, seed=cfg.seed)

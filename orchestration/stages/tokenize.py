@@ -134,7 +134,7 @@ def _tokenize_task(
     tokenizer = Tokenizer.from_str(Store(out_dir).read_text(prepared.path))
     quarantine = Quarantine("tokenize", part.name)
     result = tokenize_partition(
-        part.batches(["id", "text"]),
+        part.batches(["id", "text", "meta"]),
         staging,
         prepared,
         config,

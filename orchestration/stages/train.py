@@ -165,7 +165,10 @@ def _check_mixture(ctx: RunContext, tokens_index: dict[str, Any]) -> dict[str, d
 
     for note in cfg.mixture.notes():
         ctx.console.print(f"  note: {note}", highlight=False)
-    train_tokens = {s: t.get("train_tokens", 0) for s, t in tokens_index.get("sources", {}).items()}
+    train_tokens = {}
+    for source, t in tokens_index.get("sources", {}).items():
+        train_tokens[source] = t.get("train_tokens", 0)
+        train_tokens |= {f"{source}.tier{k}": v.get("train_tokens", 0) for k, v in t.get("tiers", {}).items()}
     figures = repetition(
         cfg.mixture, cfg.steps, cfg.tokens_per_step // cfg.seq_len, cfg.seq_len, train_tokens
     )

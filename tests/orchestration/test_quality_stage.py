@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -248,7 +249,8 @@ def test_an_encoder_lmforge_pretrained_is_fine_tuned_into_the_classifier_that_sc
 @pytest.mark.integration
 def test_one_corpus_is_the_negative_side_and_tiers_keep_everything(ray_session, tmp_path):
     """Without sources the corpus is named ``corpus``: the classifier learns the reference against it,
-    and tiers keep every document with its tier in meta."""
+    and tiers keep every document with its tier in meta; tokenize writes each tier's shards apart (what a
+    mixture weighs by tier)."""
     rng = random.Random(2)
     web = {f"good{i}": prose(rng) for i in range(25)} | {f"spam{i}": spam(rng) for i in range(25)}
     _write(tmp_path / "web.jsonl", web)
@@ -258,19 +260,28 @@ def test_one_corpus_is_the_negative_side_and_tiers_keep_everything(ray_session, 
     raw["read"] = {"paths": [str(tmp_path / "web.jsonl")]}
     raw["quality"] = {
         "classifier": {**raw["quality"]["classifier"], "negative": [{"source": "corpus"}]},
-        "select": {"tiers": [0.3, 0.6]},
+        "select": {"tiers": [0.3, 0.5]},  # this classifier scores 25 documents each side of 0.5
     }
     with pytest.raises(ConfigError, match="quality.sources: no source web \\(one corpus, named corpus\\)"):
         parse_config({**raw, "quality": {**raw["quality"], "sources": ["web"]}}, "test")
     cfg = parse_config(raw, "test")
-    result = Pipeline(cfg).run(until="quality")
+    result = Pipeline(cfg).run(until="tokenize")
     assert result.stages["quality_classifier"].index["counters"]["negatives"] == 50
     out = result.stages["quality"].index
     assert out["counters"]["kept"] == 50 and out["counters"]["rejected"] == 0 and "sources" not in out
+    tier_of = {}
     for row in read_table(result.stages["quality"].store).to_pylist():
         meta = dict(row["meta"])
         score = np.float32(meta[SCORE])
-        assert meta[TIER] == int(score >= np.float32(0.3)) + int(score >= np.float32(0.6))
+        assert meta[TIER] == int(score >= np.float32(0.3)) + int(score >= np.float32(0.5))
+        tier_of[row["id"]] = meta[TIER]
+    tokens = result.stages["tokenize"]
+    shards = [s for split in tokens.index["splits"].values() for s in split["shards"]]
+    assert {s["tier"] for s in shards} == set(tier_of.values()) and len(set(tier_of.values())) > 1
+    for shard in shards:
+        ids = pa.ipc.open_file(tokens.out_dir / shard["docs_path"]).read_all().column("doc_id").to_pylist()
+        assert all(tier_of[d] == shard["tier"] for d in ids)
+    assert sum(s["documents"] for s in shards) == 50
     assert list(out["quality"]["histograms"]) == ["corpus"]
     assert build_report(cfg.workdir)["ok"]
     page, _ = build_html(cfg.workdir)

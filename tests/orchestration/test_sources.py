@@ -46,6 +46,27 @@ def _raw(root: Path, **extra) -> dict:
 
 # -- config and DAG (no Ray) ---------------------------------------------------------------------------
 @pytest.mark.unit
+def test_a_mixture_weighs_tiers_only_of_sources_that_quality_scoring_buckets(tmp_path):
+    by_tier = {"train": {"mixture": {"weights": {"docs": {2: 0.5, 1: 0.3}, "code": 0.2}}}}
+    with pytest.raises(ValueError, match=r"weighs tiers of docs: quality scoring must bucket it into tiers"):
+        parse_config(_raw(tmp_path, **by_tier), "test")
+    quality = {
+        "classifier": {"positive": [{"source": "docs"}], "negative": [{"source": "code"}]},
+        "select": {"tiers": [0.3, 0.7]},
+    }
+    cfg = parse_config(_raw(tmp_path, quality=quality, **by_tier), "test")
+    assert cfg.train.mixture.sources == ["code", "docs.tier1", "docs.tier2"]
+    too_high = {"train": {"mixture": {"weights": {"docs": {3: 1.0}}}}}
+    with pytest.raises(
+        ValueError, match=r"docs has tiers 0 to 2 \(quality.select.tiers \[0.3, 0.7\]\), not 3"
+    ):
+        parse_config(_raw(tmp_path, quality=quality, **too_high), "test")
+    scored = quality | {"sources": ["code"]}
+    with pytest.raises(ValueError, match="weighs tiers of docs"):
+        parse_config(_raw(tmp_path, quality=scored, **by_tier), "test")
+
+
+@pytest.mark.unit
 def test_a_source_inherits_the_top_level_sections_and_overrides_what_it_names(tmp_path):
     cfg = parse_config(_raw(tmp_path, crawl={"max_pages": 7}), "test")
     docs, code = cfg.view("docs"), cfg.view("code")

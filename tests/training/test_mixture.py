@@ -3,6 +3,7 @@ schedule's switch, the same global samples at any worker layout and after a resu
 cap refused with its figures."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
@@ -117,3 +118,49 @@ def test_a_source_past_its_repetition_cap_is_refused_with_its_tokens_share_and_r
     assert repetition_problems(cfg, repetition(cfg, 100, 8, 32, {"web": 100_000, "docs": 3_200})) == []
     with pytest.raises(ValidationError, match="max_repetition: cod has no weight in the mixture"):
         MixtureConfig(weights=SHARES, max_repetition={"cod": 2, "code": 1})
+
+
+def test_a_source_is_drawn_by_quality_tier_from_the_shards_tokenize_writes_per_tier(tmp_path):
+    from core.schema import QUALITY_TIER, document_table
+    from tests.fixtures import corpus
+    from training.data.tokenize import (
+        TokenizeConfig,
+        prepare_tokenizer,
+        tokenize_partition,
+        write_token_index,
+    )
+    from training.data.tokenizer import TokenizerConfig
+
+    texts = corpus(90, seed=4)
+    tier = {doc_id: i % 3 for i, doc_id in enumerate(texts)}  # as quality scoring's tiers [a, b] write them
+    table = document_table(
+        list(texts.values()), ids=list(texts), meta=[[(QUALITY_TIER, float(t))] for t in tier.values()]
+    )
+    config = TokenizeConfig(tokenizer=TokenizerConfig(vocab_size=300, min_frequency=1), val_fraction=0.1)
+    prepared = prepare_tokenizer(lambda: texts.values(), lambda: texts.keys(), tmp_path, config)
+    part = tokenize_partition(
+        table.to_batches(max_chunksize=25), tmp_path, prepared, config, part="web-p00000"
+    )
+    for split in part["shards"].values():
+        for shard in split:
+            shard["source"] = "web"
+    index = write_token_index(tmp_path, prepared, config, [part])
+    # One set of shards per split and tier, each holding exactly that tier's documents.
+    for t in range(3):
+        (shard,) = [s for s in index["splits"]["train"]["shards"] if s["tier"] == t]
+        assert shard["path"] == f"train-web-p00000-tier{t}-0000.arrow"
+        ids = pa.ipc.open_file(tmp_path / shard["docs_path"]).read_all().column("doc_id").to_pylist()
+        assert ids and all(tier[d] == t for d in ids)
+        assert index["sources"]["web"]["tiers"][str(t)]["train_documents"] == len(ids)
+        assert len(TokenSequences(tmp_path, "train", 16, source="web", tier=t)) > 0
+    assert sum(index["sources"]["web"]["tiers"][str(t)]["documents"] for t in range(3)) == 90
+
+    # The mixture weighs the top two tiers 2:1 (the lowest left out, as Nemotron-CC's buckets allow).
+    cfg = MixtureConfig(weights={"web": {2: 0.5, 1: 0.25}, "docs": 0.25}, max_repetition={"web": 3})
+    assert cfg.sources == ["docs", "web.tier1", "web.tier2"] and cfg.tiers_of() == {"web": [1, 2]}
+    assert cfg.repetition_limit("web.tier2") == 3 and cfg.repetition_limit("docs") == 1
+    parts = [TokenSequences(tmp_path, "train", 16, source="web", tier=t) for t in (1, 2)]
+    plan = MixturePlan(cfg.model_copy(update={"weights": {"web": {2: 2, 1: 1}}}), steps=10, global_batch=12)
+    sampler = MixtureSampler(plan, [len(p) for p in parts], 12, seed=0)
+    drawn = np.concatenate([sampler.next_indices() for _ in range(10)])
+    assert (drawn < len(parts[0])).sum() == 40 and (drawn >= len(parts[0])).sum() == 80

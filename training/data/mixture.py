@@ -15,6 +15,7 @@ a new order.
 
 from __future__ import annotations
 
+import re
 import zlib
 from typing import Any
 
@@ -23,6 +24,28 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from core.stage import StageConfig
+
+#: A phase's weights: a share per source, or per quality tier of a source ({web: {2: 0.4, 1: 0.2}}).
+Weights = dict[str, float | dict[int, float]]
+
+_TIER = re.compile(r"(.+)\.tier(\d+)")
+
+
+def _entries(weights: Weights) -> dict[str, float]:
+    """Weights by entry: ``web`` for a source, ``web.tier2`` for a tier of one."""
+    out: dict[str, float] = {}
+    for source, w in weights.items():
+        if isinstance(w, dict):
+            out |= {f"{source}.tier{t}": v for t, v in w.items()}
+        else:
+            out[source] = w
+    return out
+
+
+def entry_of(name: str) -> tuple[str, int | None]:
+    """(source, tier or None) of a mixture entry."""
+    m = _TIER.fullmatch(name)
+    return (m.group(1), int(m.group(2))) if m else (name, None)
 
 
 class MixturePhase(StageConfig):
@@ -34,7 +57,9 @@ class MixturePhase(StageConfig):
     at_fraction: float | None = Field(
         None, gt=0, lt=1, description="Or: the first step as a fraction of train.steps (0.8: the last 20%)."
     )
-    weights: dict[str, float] = Field(description="Token share of each source in the phase (others: 0).")
+    weights: Weights = Field(
+        description="Token share of each source (or its tiers) in the phase (others: 0)."
+    )
 
     @model_validator(mode="after")
     def _one_start(self) -> MixturePhase:
@@ -51,8 +76,9 @@ class MixturePhase(StageConfig):
 class MixtureConfig(StageConfig):
     """Sources by token share of each global batch, changing on a schedule (OLMo's mid-training anneal)."""
 
-    weights: dict[str, float] = Field(
-        description="Token share of each source from the first step (normalised when they do not sum to 1)."
+    weights: Weights = Field(
+        description="Token share of each source from the first step (normalised when they do not sum to 1); "
+        "a source given as {tier: share} is drawn by the quality tiers of its documents (quality.select.tiers)."
     )
     schedule: list[MixturePhase] = Field(
         default_factory=list, description="Later phases, each with its start and its weights, in order."
@@ -60,7 +86,8 @@ class MixtureConfig(StageConfig):
     max_repetition: float | dict[str, float] = Field(
         1.0,
         description="How often a source's training tokens may be seen (1: once, OLMo's default); per source "
-        "as {name: factor}, the others 1. A mixture needing more is refused before training.",
+        "(or tier, web.tier2) as {name: factor}, the others 1. A mixture needing more is refused before "
+        "training.",
     )
 
     @model_validator(mode="after")
@@ -74,26 +101,37 @@ class MixtureConfig(StageConfig):
         )
         if any(not v > 0 for v in limits):
             raise ValueError(f"train.mixture.max_repetition must be > 0 (got {self.max_repetition})")
-        if isinstance(self.max_repetition, dict) and (extra := set(self.max_repetition) - set(self.sources)):
+        named = set(self.sources) | {entry_of(e)[0] for e in self.sources}
+        if isinstance(self.max_repetition, dict) and (extra := set(self.max_repetition) - named):
             raise ValueError(
                 f"train.mixture.max_repetition: {', '.join(sorted(extra))} has no weight in the mixture"
             )
         return self
 
     def _phase_weights(self) -> list[tuple[str, dict[str, float]]]:
-        return [("train.mixture.weights", self.weights)] + [
-            (f"train.mixture.schedule[{i}].weights", p.weights) for i, p in enumerate(self.schedule)
+        """Each phase's weights by entry: a source (``web``) or a tier of one (``web.tier2``)."""
+        return [("train.mixture.weights", _entries(self.weights))] + [
+            (f"train.mixture.schedule[{i}].weights", _entries(p.weights)) for i, p in enumerate(self.schedule)
         ]
 
     @property
     def sources(self) -> list[str]:
-        """Every source any phase weighs, by name: the samples do not depend on the order a config file
-        lists them in (YAML writers sort keys; the cache key does too)."""
+        """Every entry any phase weighs (a source, or a tier of one: ``web.tier2``), by name: the samples do
+        not depend on the order a config file lists them in (YAML writers sort keys; the cache key too)."""
         return sorted({s for _, weights in self._phase_weights() for s in weights})
 
-    def repetition_limit(self, source: str) -> float:
+    def tiers_of(self) -> dict[str, list[int]]:
+        """The sources drawn by quality tier, and the tiers weighed."""
+        out: dict[str, list[int]] = {}
+        for entry in self.sources:
+            source, tier = entry_of(entry)
+            if tier is not None:
+                out.setdefault(source, []).append(tier)
+        return out
+
+    def repetition_limit(self, entry: str) -> float:
         if isinstance(self.max_repetition, dict):
-            return self.max_repetition.get(source, 1.0)
+            return self.max_repetition.get(entry, self.max_repetition.get(entry_of(entry)[0], 1.0))
         return self.max_repetition
 
     def notes(self) -> list[str]:

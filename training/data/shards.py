@@ -153,7 +153,8 @@ class TokenSequences:
     document (``[d + k*L, d + k*L + L + 1)`` for each document starting at ``d``); a document's tail
     shorter than a window is not trained on (``dropped_tokens`` counts it).
 
-    ``source``: only the shards of that source (tokenize tags each source's shards).
+    ``source``, ``tier``: only the shards of that source (tokenize tags each source's shards), of that
+    quality tier (and each tier's, where quality scoring bucketed the documents into tiers).
 
     ``verify``: ``always`` hashes every shard against index.json at open; ``first_open`` does so once and
     records each verified shard's size, mtime and ctime in ``.verified.json`` beside the index, re-hashing
@@ -171,6 +172,7 @@ class TokenSequences:
         span_documents: bool = True,
         verify: Verify = "never",
         source: str | None = None,
+        tier: int | None = None,
     ):
         self.data_dir = Path(data_dir)
         self.index = read_token_index(data_dir)
@@ -184,14 +186,20 @@ class TokenSequences:
         self.split, self.seq_len, self.span_documents = split, seq_len, span_documents
         self.dtype = np.dtype(self.index["dtype"])
         shards = self.index["splits"][split]["shards"]
-        if source is not None:
-            shards = [shard for shard in shards if shard.get("source") == source]
+        if source is not None or tier is not None:
+            shards = [
+                s for s in shards if s.get("source") == source and (tier is None or s.get("tier") == tier)
+            ]
             if not shards:
-                known = sorted({str(s.get("source")) for s in self.index["splits"][split]["shards"]})
-                raise ShardError(
-                    f"{data_dir} split {split!r}: no shards of source {source!r} (sources: {known})"
+                every = self.index["splits"][split]["shards"]
+                known = sorted(
+                    {f"{s.get('source')}" + (f" tier {s['tier']}" if "tier" in s else "") for s in every}
                 )
-        self.source = source
+                what = f"source {source!r}" + (f" tier {tier}" if tier is not None else "")
+                raise ShardError(
+                    f"{data_dir} split {split!r}: no shards of {what} (there are: {', '.join(known)})"
+                )
+        self.source, self.tier = source, tier
         if verify != "never":
             self._verify(shards, verify)
         self._arrays = [self._map(self.data_dir / shard["path"], shard["tokens"]) for shard in shards]

@@ -27,11 +27,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 from tokenizers import Tokenizer
 
 from core.manifest import write_index
 from core.quarantine import Quarantine
+from core.schema import QUALITY_TIER
 from core.stage import StageConfig
 from core.storage import Store
 from training.data.shards import SPLITS, TokenShardWriter, split_hash, split_of, token_dtype
@@ -202,25 +204,37 @@ def tokenize_partition(
     """
     out_dir = Path(out_dir)
     tokenizer = tokenizer or load_tokenizer(out_dir / prepared.path)
-    writers = {
-        s: TokenShardWriter(
-            out_dir, s, prepared.vocab_size, config.max_tokens_per_shard, prefix=f"{s}-{part}"
-        )
-        for s in SPLITS
-    }
+    writers: dict[tuple[str, int | None], TokenShardWriter] = {}
+
+    def writer(split: str, tier: int | None) -> TokenShardWriter:
+        if (split, tier) not in writers:
+            prefix = f"{split}-{part}" + (f"-tier{tier}" if tier is not None else "")
+            writers[split, tier] = TokenShardWriter(
+                out_dir, split, prepared.vocab_size, config.max_tokens_per_shard, prefix=prefix
+            )
+        return writers[split, tier]
+
+    for split in SPLITS:
+        writer(split, None)
     documents = 0
     for batch in batches:
         ids = batch.column("id").to_pylist()
         texts = batch.column("text").to_pylist()
+        tiers = quality_tiers(batch)
         for start in range(0, len(ids), config.batch_size):
             chunk_ids = ids[start : start + config.batch_size]
             chunk = texts[start : start + config.batch_size]
+            chunk_tiers = tiers[start : start + config.batch_size] if tiers is not None else None
             try:
                 flat, lengths = encode_documents(tokenizer, chunk, prepared.eos_id, prepared.dtype)
             except Exception:
                 if quarantine is None:
                     raise
-                chunk_ids, flat, lengths = _encode_each(tokenizer, chunk_ids, chunk, prepared, quarantine)
+                encoded, flat, lengths = _encode_each(tokenizer, chunk_ids, chunk, prepared, quarantine)
+                if chunk_tiers is not None:  # the tiers of the documents that encoded
+                    kept = set(encoded)
+                    chunk_tiers = [t for d, t in zip(chunk_ids, chunk_tiers) if d in kept]
+                chunk_ids = encoded
                 if not chunk_ids:
                     continue
             else:
@@ -230,21 +244,38 @@ def tokenize_partition(
             is_val = np.array(
                 [d in prepared.forced_val or split_of(d, config.val_fraction) == "val" for d in chunk_ids]
             )
-            if not is_val.any():
-                writers["train"].add_many(chunk_ids, flat, lengths)
+            if chunk_tiers is None and not is_val.any():
+                writers["train", None].add_many(chunk_ids, flat, lengths)
             else:
-                doc_of_token = np.repeat(is_val, lengths)
-                for split, mask in (("train", ~is_val), ("val", is_val)):
-                    if mask.any():
-                        selected = [d for d, m in zip(chunk_ids, mask) if m]
-                        token_mask = doc_of_token if split == "val" else ~doc_of_token
-                        writers[split].add_many(selected, flat[token_mask], lengths[mask])
+                keys = list(
+                    zip(np.where(is_val, "val", "train").tolist(), chunk_tiers or [None] * len(chunk_ids))
+                )
+                for key in dict.fromkeys(keys):
+                    mask = np.array([k == key for k in keys])
+                    selected = [d for d, m in zip(chunk_ids, mask) if m]
+                    writer(*key).add_many(selected, flat[np.repeat(mask, lengths)], lengths[mask])
             documents += len(chunk_ids)
             if on_chunk is not None:
                 on_chunk(len(chunk_ids), int(lengths.sum()))
     if quarantine is not None:
         quarantine.finish()
-    return {"part": part, "documents": documents, "shards": {s: w.close() for s, w in writers.items()}}
+    shards: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
+    for (split, tier), w in sorted(
+        writers.items(), key=lambda kv: (kv[0][0], -1 if kv[0][1] is None else kv[0][1])
+    ):
+        shards[split] += [shard | ({"tier": tier} if tier is not None else {}) for shard in w.close()]
+    return {"part": part, "documents": documents, "shards": shards}
+
+
+def quality_tiers(batch: pa.RecordBatch) -> list[int | None] | None:
+    """Each document's quality tier (``quality.tier`` in ``meta``, where quality scoring bucketed the
+    corpus into tiers), or None where no document of the batch has one."""
+    if "meta" not in batch.schema.names:
+        return None
+    tiers = pc.map_lookup(batch.column("meta"), pa.scalar(QUALITY_TIER), "first")
+    if tiers.null_count == len(tiers):
+        return None
+    return [None if t is None else int(t) for t in tiers.to_pylist()]
 
 
 def _encode_each(
@@ -364,17 +395,23 @@ def validation_warning(index: dict[str, Any]) -> str | None:
     )
 
 
-def _source_totals(splits: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """Documents and tokens of each source (shards tagged with one), overall and per split."""
-    totals: dict[str, dict[str, int]] = {}
+def _source_totals(splits: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Documents and tokens of each source (shards tagged with one), overall and per split; with quality
+    tiers, each tier's as well (``tiers: {"2": {...}}``)."""
+    totals: dict[str, dict[str, Any]] = {}
     for split, data in splits.items():
         for shard in data["shards"]:
             if shard.get("source") is None:
                 continue
             t = totals.setdefault(shard["source"], {"documents": 0, "tokens": 0})
-            for k in ("documents", "tokens"):
-                t[k] += shard[k]
-                t[f"{split}_{k}"] = t.get(f"{split}_{k}", 0) + shard[k]
+            groups = [t]
+            if "tier" in shard:  # a tier's own totals, under the source's
+                tiers = t.setdefault("tiers", {})
+                groups.append(tiers.setdefault(str(shard["tier"]), {"documents": 0, "tokens": 0}))
+            for group in groups:
+                for k in ("documents", "tokens"):
+                    group[k] += shard[k]
+                    group[f"{split}_{k}"] = group.get(f"{split}_{k}", 0) + shard[k]
     return totals
 
 
