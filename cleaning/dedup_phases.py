@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,7 @@ from cleaning.dedup import (
     text_hash,
 )
 from cleaning.minhash import MinHasher
+from core.schema import DEDUP_COPIES, append_meta
 from core.stage import StageConfig, StageContext
 
 EXACT_BAND = -1
@@ -359,6 +360,7 @@ class Clusters:
     decisions: dict[int, pa.Table]  # partition index -> (row, duplicate_of, value, filter), by row
     table: pa.Table  # representative, size, members: one row per cluster
     removed: int
+    copies: dict[int, pa.Table] = field(default_factory=dict)  # partition -> (row, copies) of survivors
 
 
 def decide_clusters(
@@ -373,6 +375,7 @@ def decide_clusters(
     best = labels.column("best").to_numpy()
     keep = cfg.keep_rule()[0]
     decisions: dict[int, list[tuple[int, str, float, str]]] = {}
+    survivors: dict[int, list[tuple[int, int]]] = {}
     clusters: list[tuple[str, int, list[str]]] = []
     starts = run_starts(root)
     for start, end in zip(starts.tolist(), np.r_[starts[1:], root.size].tolist()):
@@ -393,6 +396,7 @@ def decide_clusters(
                     (member & 0xFFFFFFFF, kept_id, float(best[start + i]), name)
                 )
         clusters.append((kept_id, len(members), sorted(r["id"] for i, r in enumerate(rows) if i != kept)))
+        survivors.setdefault(members[kept] >> 32, []).append((members[kept] & 0xFFFFFFFF, len(members)))
     tables = {}
     for part, rows in decisions.items():
         rows.sort()
@@ -406,8 +410,15 @@ def decide_clusters(
         )
     columns = zip(*clusters) if clusters else ([], [], [])
     table = pa.table(dict(zip(CLUSTER_SCHEMA.names, columns)), schema=CLUSTER_SCHEMA)
-    return Clusters(tables, table, int(node.size) - len(clusters))
+    copies = {
+        part: pa.table({"row": pa.array([r for r, _ in sorted(rows)], pa.int64()),
+                        "copies": pa.array([n for _, n in sorted(rows)], pa.int64())})
+        for part, rows in survivors.items()
+    }  # fmt: skip
+    return Clusters(tables, table, int(node.size) - len(clusters), copies)
 
+
+EMPTY_COPIES = pa.schema([("row", pa.int64()), ("copies", pa.int64())])
 
 EMPTY_DECISIONS = pa.schema(
     [("row", pa.int64()), ("duplicate_of", pa.string()), ("value", pa.float64()), ("filter", pa.string())]
@@ -436,9 +447,12 @@ def apply_decisions(
     cuts: dict[int, list[int]],
     cfg: DedupConfig,
     ctx: StageContext,
+    copies: dict[int, int] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Phase 6 over one partition's documents: the kept ones (with repeated line spans cut); the removed
-    rows (partition row -> duplicate_of, similarity, filter) go to ``ctx.reject`` with the reason."""
+    rows (partition row -> duplicate_of, similarity, filter) go to ``ctx.reject`` with the reason.
+    ``copies`` (partition row -> cluster size) of the survivors: in their ``meta`` as ``dedup.copies``
+    (1 for the batch's other documents; a batch without a survivor gets none)."""
     row = 0
     for batch in batches:
         drop = np.array([row + i in removed for i in range(batch.num_rows)], dtype=bool)
@@ -458,6 +472,11 @@ def apply_decisions(
                     duplicate_of=[removed[r][0] for r in rows],
                 )
         batch = batch.filter(pa.array(~drop))
+        kept = (row + np.flatnonzero(~drop)).tolist()
+        if copies and any(r in copies for r in kept):
+            batch = append_meta(
+                batch, {DEDUP_COPIES: np.array([copies.get(r, 1) for r in kept], dtype=np.float64)}
+            )
         if cuts:
             batch = _cut_lines(batch, [row + i for i in np.flatnonzero(~drop)], cuts, cfg.lines, ctx)
         yield batch

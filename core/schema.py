@@ -17,6 +17,10 @@ META_TYPE = pa.map_(pa.string(), pa.float64())
 #: The ``meta`` key of a document's quality tier (quality scoring's tiers; tokenize shards by it).
 QUALITY_TIER = "quality.tier"
 
+#: The ``meta`` key of a dedup survivor's cluster size (the copies of it the corpus held, itself
+#: included): what FineWeb-2's rehydration upsamples by (``train.mixture.rehydrate``).
+DEDUP_COPIES = "dedup.copies"
+
 _COMMON = [
     pa.field("id", pa.string(), nullable=False),
     pa.field("url", pa.string()),

@@ -45,6 +45,7 @@ import pyarrow as pa
 
 from cleaning.dedup_phases import (
     CLUSTER_SCHEMA,
+    EMPTY_COPIES,
     EMPTY_DECISIONS,
     DedupConfig,
     apply_decisions,
@@ -334,6 +335,8 @@ def _decide_task(
     for index, name in enumerate(names):
         table = clusters.decisions.get(index, EMPTY_DECISIONS.empty_table())
         write_ipc(staging / WORK / "decisions" / f"{name}-{shard:04d}.arrow", table)
+        table = clusters.copies.get(index, EMPTY_COPIES.empty_table())
+        write_ipc(staging / WORK / "copies" / f"{name}-{shard:04d}.arrow", table)
     write_ipc(staging / WORK / "clusters" / f"{shard:04d}.arrow", clusters.table)
     return {"part": f"decide-{shard:04d}", "clusters": clusters.table.num_rows, "removed": clusters.removed}
 
@@ -381,7 +384,11 @@ def _apply_task(
     cuts = _line_cuts(work, part.name, cfg.shards) if cfg.lines else {}
     ctx = StageContext("dedup")
     batches = _without(part.batches(), {int(row): trace for row, trace in quarantined.items()}, ctx)
-    kept_batches = apply_decisions(batches, removed, cuts, cfg, ctx)
+    copies = pa.concat_tables(
+        [read_arrow(work / "copies" / f"{part.name}-{shard:04d}.arrow") for shard in range(cfg.shards)]
+    )
+    sizes = dict(zip(copies.column("row").to_pylist(), copies.column("copies").to_pylist()))
+    kept_batches = apply_decisions(batches, removed, cuts, cfg, ctx, sizes)
     kept = write_parquet(staging / f"{part.name}.parquet", kept_batches, DOCUMENT_SCHEMA)
     rejected = write_parquet(staging / REJECTED_DIR / f"{part.name}.parquet", ctx.rejected, REJECTED_SCHEMA)
     return {"part": part.name, "kept": kept, "rejected": rejected, "counters": dict(ctx.counters)}

@@ -259,13 +259,15 @@ def _data(
         data = TokenSequences(data_dir, "train", length, span_documents=span, verify=cfg.verify_shards)
         return data, DistributedBatchSampler(len(data), cfg.micro_batch_size, rank, world, seed=cfg.seed)
     plan = MixturePlan(cfg.mixture, cfg.steps, cfg.tokens_per_step // cfg.seq_len)
+    parts = [
+        TokenSequences(
+            data_dir, "train", length, span_documents=span, verify=cfg.verify_shards, source=s, tier=t
+        )
+        for s, t in map(entry_of, plan.sources)
+    ]
+    caps = cfg.mixture.rehydrate
     mixed = MixedSequences(
-        [
-            TokenSequences(
-                data_dir, "train", length, span_documents=span, verify=cfg.verify_shards, source=s, tier=t
-            )
-            for s, t in map(entry_of, plan.sources)
-        ]
+        parts, [p.multiplicity(caps[p.source]) if p.source in caps else None for p in parts]
     )
     return mixed, MixtureSampler(plan, mixed.sizes, cfg.micro_batch_size, rank, world, seed=cfg.seed)
 

@@ -71,6 +71,10 @@ def test_ray_stage_matches_one_process_and_any_partitioning(ray_session, tmp_pat
         for c in clusters
     )
     assert [c["size"] for c in clusters] == sorted((c["size"] for c in clusters), reverse=True)
+    # Each survivor carries its cluster's size in meta (what rehydration upsamples by); others none or 1.
+    sizes = {c["representative"]: c["size"] for c in clusters}
+    for row in read_table(tmp_path / "many").to_pylist():
+        assert dict(row["meta"]).get("dedup.copies", 1) == sizes.get(row["id"], 1), row["id"]
     for copy_id, (_, reason) in ((k, v) for k, v in removed.items() if k.startswith("zz-copy")):
         assert reason == "exact_dedup", copy_id
     pos = {d: i for i, d in enumerate(corpus.ids)}

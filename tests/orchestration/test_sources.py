@@ -22,6 +22,7 @@ from orchestration.report import build_report
 from orchestration.report_html import build_html
 from orchestration.stages import dag
 from tests.fixtures import prose
+from training.data.shards import TokenSequences
 
 
 def _raw(root: Path, **extra) -> dict:
@@ -203,6 +204,15 @@ def test_each_source_is_cleaned_and_deduplicated_apart_then_across_and_tokenized
         assert tokens["sources"][source]["tokens"] == sum(s["tokens"] for s in mine)
         assert tokens["counters"][f"tokens.{source}"] == tokens["sources"][source]["tokens"]
     assert sum(s["tokens"] for s in shards) == tokens["total_tokens"]
+    # Code's c11, kept of the two copies across sources, carries its cluster's size to its shard's docs
+    # table (what train.mixture.rehydrate upsamples by); the others had no copy.
+    work_tokens = result.stages["tokenize"].out_dir
+    found = {}
+    for shard in shards:
+        docs = pa.ipc.open_file(work_tokens / shard["docs_path"]).read_all()
+        if "copies" in docs.column_names:
+            found |= dict(zip(docs.column("doc_id").to_pylist(), docs.column("copies").to_pylist()))
+    assert {d: n for d, n in found.items() if n != 1} == {"c11": 2}
     # Each source holds documents out to measure it on (its lowest-hash one where none fell in the split).
     assert all(tokens["sources"][s]["val_documents"] >= 1 for s in ("docs", "code"))
 
@@ -356,6 +366,10 @@ def test_the_mixture_config_crawls_reads_and_trains_on_each_source_by_its_share_
         )
         assert f"val_bits_per_byte.{source}" in result.metrics  # each source's own held-out split
     assert sum(train[f"tokens_seen.{s}"] for s in target) == train["tokens_seen"] == 8 * 16 * 64
+    # web is rehydrated: the demo site's duplicated pages count as often as their copies (cap 3).
+    sequences = result.stages["train"].index["summary"]["mixture"]["source_sequences"]
+    web = TokenSequences(result.stages["tokenize"].out_dir, "train", 64, source="web")
+    assert sequences["web"] == web.multiplicity(3).sum() > len(web)
     client = MlflowClient(cfg.tracking_uri)
     run_id = client.get_logged_model(result.model_id).source_run_id
     web = client.get_metric_history(run_id, "mixture/tokens.web")

@@ -164,3 +164,59 @@ def test_a_source_is_drawn_by_quality_tier_from_the_shards_tokenize_writes_per_t
     sampler = MixtureSampler(plan, [len(p) for p in parts], 12, seed=0)
     drawn = np.concatenate([sampler.next_indices() for _ in range(10)])
     assert (drawn < len(parts[0])).sum() == 40 and (drawn >= len(parts[0])).sum() == 80
+
+
+def test_rehydration_draws_each_dedup_survivor_as_often_as_its_copies_up_to_the_cap(tmp_path):
+    from core.schema import DEDUP_COPIES, document_table
+    from tests.fixtures import corpus
+    from training.data.tokenize import (
+        TokenizeConfig,
+        prepare_tokenizer,
+        tokenize_partition,
+        write_token_index,
+    )
+    from training.data.tokenizer import TokenizerConfig
+
+    texts = corpus(40, seed=6)
+    copies = {
+        doc_id: 1 + i % 5 for i, doc_id in enumerate(texts)
+    }  # cluster sizes 1 to 5, as dedup writes them
+    meta = [[(DEDUP_COPIES, float(n))] if n > 1 else [] for n in copies.values()]
+    table = document_table(list(texts.values()), ids=list(texts), meta=meta)
+    config = TokenizeConfig(tokenizer=TokenizerConfig(vocab_size=300, min_frequency=1), val_fraction=0.1)
+    prepared = prepare_tokenizer(lambda: texts.values(), lambda: texts.keys(), tmp_path, config)
+    part = tokenize_partition(
+        table.to_batches(max_chunksize=16), tmp_path, prepared, config, part="web-p00000"
+    )
+    for split in part["shards"].values():
+        for shard in split:
+            shard["source"] = "web"
+    write_token_index(tmp_path, prepared, config, [part])
+    (shard,) = part["shards"]["train"]
+    docs = pa.ipc.open_file(tmp_path / shard["docs_path"]).read_all()
+    assert docs.column("copies").to_pylist() == [copies[d] for d in docs.column("doc_id").to_pylist()]
+
+    # Windows inside documents: each window counts its document's copies, capped at 3.
+    windows = TokenSequences(tmp_path, "train", 8, span_documents=False, source="web")
+    by_doc = np.minimum([copies[d] for d in docs.column("doc_id").to_pylist()], 3)
+    assert (windows.multiplicity(3) == by_doc[windows.sample_documents]).all()
+    # Packed sequences: the document under each one's middle token.
+    packed = TokenSequences(tmp_path, "train", 16, source="web")
+    ends = np.cumsum(docs.column("length").to_numpy())
+    middle = np.arange(len(packed)) * 16 + 8
+    assert (packed.multiplicity(3) == by_doc[np.searchsorted(ends, middle, side="right")]).all()
+
+    # One pass of the rehydrated source holds each sequence as often as its multiplicity.
+    repeats = packed.multiplicity(3)
+    mixed = MixedSequences([packed], [repeats])
+    assert mixed.sizes == [int(repeats.sum())]
+    plan = MixturePlan(
+        MixtureConfig(weights={"web": 1}, rehydrate={"web": 3}), steps=1, global_batch=mixed.sizes[0]
+    )
+    rows = mixed.batch(MixtureSampler(plan, mixed.sizes, mixed.sizes[0]).next_indices())
+    seen = {tuple(r): 0 for r in packed.batch(np.arange(len(packed)))}
+    for r in rows:
+        seen[tuple(r)] += 1
+    assert list(seen.values()) == repeats.tolist()
+    with pytest.raises(ValidationError, match="rehydrate: code has no weight"):
+        MixtureConfig(weights={"web": 1}, rehydrate={"code": 2})

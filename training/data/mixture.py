@@ -90,6 +90,12 @@ class MixtureConfig(StageConfig):
         "training.",
     )
 
+    rehydrate: dict[str, int] = Field(
+        default_factory=dict,
+        description="FineWeb-2's rehydration, per source: {name: cap}: a dedup survivor whose cluster held n "
+        "copies is drawn min(n, cap) times as often as a document that had none (dedup.copies in meta).",
+    )
+
     @model_validator(mode="after")
     def _weights(self) -> MixtureConfig:
         for where, weights in self._phase_weights():
@@ -102,6 +108,10 @@ class MixtureConfig(StageConfig):
         if any(not v > 0 for v in limits):
             raise ValueError(f"train.mixture.max_repetition must be > 0 (got {self.max_repetition})")
         named = set(self.sources) | {entry_of(e)[0] for e in self.sources}
+        if unknown := sorted(set(self.rehydrate) - named):
+            raise ValueError(f"train.mixture.rehydrate: {', '.join(unknown)} has no weight in the mixture")
+        if bad := {k: v for k, v in self.rehydrate.items() if v < 1}:
+            raise ValueError(f"train.mixture.rehydrate caps must be >= 1 (got {bad})")
         if isinstance(self.max_repetition, dict) and (extra := set(self.max_repetition) - named):
             raise ValueError(
                 f"train.mixture.max_repetition: {', '.join(sorted(extra))} has no weight in the mixture"

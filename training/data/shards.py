@@ -65,14 +65,18 @@ class TokenShardWriter:
         self._tokens: list[np.ndarray] = []
         self._ids: list[str] = []
         self._lengths: list[np.ndarray] = []
+        self._copies: list[np.ndarray] = []
         self._count = 0
 
     def add(self, doc_id: str, tokens: np.ndarray) -> None:
         """Add one document's tokens (EOS already appended)."""
         self.add_many([doc_id], np.asarray(tokens), np.array([len(tokens)], dtype=np.int64))
 
-    def add_many(self, doc_ids: list[str], tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Add documents given as one flat token array and their lengths (EOS already appended)."""
+    def add_many(
+        self, doc_ids: list[str], tokens: np.ndarray, lengths: np.ndarray, copies: np.ndarray | None = None
+    ) -> None:
+        """Add documents given as one flat token array and their lengths (EOS already appended);
+        ``copies``: how many copies of each the corpus held before dedup (the docs table keeps them)."""
         if len(doc_ids) != len(lengths) or int(lengths.sum()) != tokens.size:
             raise ValueError(
                 f"{len(doc_ids)} ids, {len(lengths)} lengths summing to {lengths.sum()}, {tokens.size} tokens"
@@ -96,6 +100,11 @@ class TokenShardWriter:
                 self._tokens.append(tokens[base : ends[stop - 1]])
                 self._ids.extend(doc_ids[first:stop])
                 self._lengths.append(lengths[first:stop])
+                self._copies.append(
+                    np.ones(stop - first, np.int32)
+                    if copies is None
+                    else np.asarray(copies[first:stop], np.int32)
+                )
                 self._count += int(ends[stop - 1] - base)
                 first = stop
             if self._count >= self.max_tokens or first < len(doc_ids):
@@ -110,6 +119,9 @@ class TokenShardWriter:
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         write_ipc(self.out_dir / f"{name}.arrow", pa.table({"tokens": tokens}))
         docs = pa.table({"doc_id": pa.array(self._ids, pa.string()), "offset": offsets, "length": lengths})
+        copies = np.concatenate(self._copies)
+        if (copies != 1).any():  # dedup survivors with their cluster sizes (rehydration reads them)
+            docs = docs.append_column("copies", pa.array(copies, pa.int32()))
         write_ipc(self.out_dir / f"{name}.docs.arrow", docs)
         self.shards.append(
             {
@@ -200,6 +212,7 @@ class TokenSequences:
                     f"{data_dir} split {split!r}: no shards of {what} (there are: {', '.join(known)})"
                 )
         self.source, self.tier = source, tier
+        self._shards = shards
         if verify != "never":
             self._verify(shards, verify)
         self._arrays = [self._map(self.data_dir / shard["path"], shard["tokens"]) for shard in shards]
@@ -266,6 +279,23 @@ class TokenSequences:
             first_doc += len(offsets)
         self.sample_documents = np.concatenate(documents).astype(np.int64)
         return np.concatenate(starts).astype(np.int64)
+
+    def multiplicity(self, cap: int) -> np.ndarray:
+        """How many times each sample counts under FineWeb-2's rehydration: the copies its document had
+        before dedup (the docs tables' ``copies``; 1 where none), at most ``cap``. A packed sample is its
+        middle token's document's."""
+        starts, copies = [], []
+        for base, shard in zip(self._starts, self._shards):
+            path = self.data_dir / shard["docs_path"]
+            docs = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+            starts.append(docs.column("offset").to_numpy() + base)
+            have = "copies" in docs.column_names
+            copies.append(docs.column("copies").to_numpy() if have else np.ones(docs.num_rows, np.int32))
+        doc_starts, doc_copies = np.concatenate(starts), np.minimum(np.concatenate(copies), cap)
+        if self.sample_documents is not None:
+            return doc_copies[self.sample_documents].astype(np.int64)
+        middle = np.arange(len(self), dtype=np.int64) * self.seq_len + self.seq_len // 2
+        return doc_copies[np.searchsorted(doc_starts, middle, side="right") - 1].astype(np.int64)
 
     def __len__(self) -> int:
         if self._sample_starts is not None:
@@ -340,10 +370,22 @@ class MixedSequences:
     """Several sources' :class:`TokenSequences` laid end to end: sample ``offsets[s] + i`` is source
     ``s``'s ``i``-th (what :class:`training.data.mixture.MixtureSampler` indexes)."""
 
-    def __init__(self, parts: list[TokenSequences]):
+    def __init__(self, parts: list[TokenSequences], repeats: list[np.ndarray | None] | None = None):
         self.parts = parts
         self.index = parts[0].index
-        self.sizes = [len(p) for p in parts]
+        counts = [len(p) for p in parts]
+        self._sample_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        # With repeats (rehydration), part p's sample i appears repeats[p][i] times in the index space.
+        self._to_sample: np.ndarray | None = None
+        if repeats is not None and any(r is not None for r in repeats):
+            self._to_sample = np.concatenate(
+                [
+                    self._sample_offsets[p] + (np.arange(n) if r is None else np.repeat(np.arange(n), r))
+                    for p, (n, r) in enumerate(zip(counts, repeats))
+                ]
+            ).astype(np.int64)
+            counts = [n if r is None else int(r.sum()) for n, r in zip(counts, repeats)]
+        self.sizes = counts
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         # Every part's arrays as one stream (a part's windows stay inside it): one gather per batch.
         self._arrays = [a for p in parts for a in p._arrays]
@@ -359,6 +401,8 @@ class MixedSequences:
                 docs.append(p.sample_documents + first)
                 first += int(p.sample_documents.max()) + 1 if p.sample_documents.size else 0
             self.sample_documents = np.concatenate(docs)
+            if self._to_sample is not None:  # by index of the (repeated) sample space
+                self.sample_documents = self.sample_documents[self._to_sample]
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -367,15 +411,18 @@ class MixedSequences:
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"sample indices must lie in [0, {len(self)})")
+        if self._to_sample is not None:
+            indices = self._to_sample[indices]
+        offsets = self._sample_offsets
         if self._packed:  # sample i of a part starts at i * seq_len of its stream
             starts = np.empty(indices.size, dtype=np.int64)
-            _packed_starts(indices, self.offsets, self._stream, self.parts[0].seq_len, starts)
+            _packed_starts(indices, offsets, self._stream, self.parts[0].seq_len, starts)
         else:
-            part = np.searchsorted(self.offsets, indices, side="right") - 1
+            part = np.searchsorted(offsets, indices, side="right") - 1
             starts = np.empty(indices.size, dtype=np.int64)
             for p in np.unique(part).tolist():
                 rows = np.flatnonzero(part == p)
-                starts[rows] = self.parts[p]._start_of(indices[rows] - self.offsets[p]) + self._stream[p]
+                starts[rows] = self.parts[p]._start_of(indices[rows] - offsets[p]) + self._stream[p]
         return gather(self._arrays, self._starts, starts, self.parts[0].seq_len + 1, self.parts[0].dtype)
 
 

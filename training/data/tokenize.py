@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 
 from core.manifest import write_index
 from core.quarantine import Quarantine
-from core.schema import QUALITY_TIER
+from core.schema import DEDUP_COPIES, QUALITY_TIER
 from core.stage import StageConfig
 from core.storage import Store
 from training.data.shards import SPLITS, TokenShardWriter, split_hash, split_of, token_dtype
@@ -220,20 +220,22 @@ def tokenize_partition(
     for batch in batches:
         ids = batch.column("id").to_pylist()
         texts = batch.column("text").to_pylist()
-        tiers = quality_tiers(batch)
+        tiers, copies = meta_column(batch, QUALITY_TIER), meta_column(batch, DEDUP_COPIES)
         for start in range(0, len(ids), config.batch_size):
-            chunk_ids = ids[start : start + config.batch_size]
-            chunk = texts[start : start + config.batch_size]
-            chunk_tiers = tiers[start : start + config.batch_size] if tiers is not None else None
+            window = slice(start, start + config.batch_size)
+            chunk_ids, chunk = ids[window], texts[window]
+            chunk_tiers = tiers[window] if tiers is not None else None
+            chunk_copies = copies[window] if copies is not None else None
             try:
                 flat, lengths = encode_documents(tokenizer, chunk, prepared.eos_id, prepared.dtype)
             except Exception:
                 if quarantine is None:
                     raise
                 encoded, flat, lengths = _encode_each(tokenizer, chunk_ids, chunk, prepared, quarantine)
-                if chunk_tiers is not None:  # the tiers of the documents that encoded
-                    kept = set(encoded)
-                    chunk_tiers = [t for d, t in zip(chunk_ids, chunk_tiers) if d in kept]
+                done = set(encoded)  # the tiers and copies of the documents that encoded
+                kept = [d in done for d in chunk_ids]
+                chunk_tiers = [t for t, k in zip(chunk_tiers, kept) if k] if chunk_tiers is not None else None
+                chunk_copies = chunk_copies[np.array(kept)] if chunk_copies is not None else None
                 chunk_ids = encoded
                 if not chunk_ids:
                     continue
@@ -245,7 +247,7 @@ def tokenize_partition(
                 [d in prepared.forced_val or split_of(d, config.val_fraction) == "val" for d in chunk_ids]
             )
             if chunk_tiers is None and not is_val.any():
-                writers["train", None].add_many(chunk_ids, flat, lengths)
+                writers["train", None].add_many(chunk_ids, flat, lengths, chunk_copies)
             else:
                 keys = list(
                     zip(np.where(is_val, "val", "train").tolist(), chunk_tiers or [None] * len(chunk_ids))
@@ -253,7 +255,8 @@ def tokenize_partition(
                 for key in dict.fromkeys(keys):
                     mask = np.array([k == key for k in keys])
                     selected = [d for d, m in zip(chunk_ids, mask) if m]
-                    writer(*key).add_many(selected, flat[np.repeat(mask, lengths)], lengths[mask])
+                    mine = chunk_copies[mask] if chunk_copies is not None else None
+                    writer(*key).add_many(selected, flat[np.repeat(mask, lengths)], lengths[mask], mine)
             documents += len(chunk_ids)
             if on_chunk is not None:
                 on_chunk(len(chunk_ids), int(lengths.sum()))
@@ -267,15 +270,17 @@ def tokenize_partition(
     return {"part": part, "documents": documents, "shards": shards}
 
 
-def quality_tiers(batch: pa.RecordBatch) -> list[int | None] | None:
-    """Each document's quality tier (``quality.tier`` in ``meta``, where quality scoring bucketed the
-    corpus into tiers), or None where no document of the batch has one."""
+def meta_column(batch: pa.RecordBatch, key: str) -> Any:
+    """Each document's ``meta`` value of ``key``, or None where no document of the batch has one: quality
+    tiers as a list (None where a document has no tier), dedup's copies as an array (1 where none)."""
     if "meta" not in batch.schema.names:
         return None
-    tiers = pc.map_lookup(batch.column("meta"), pa.scalar(QUALITY_TIER), "first")
-    if tiers.null_count == len(tiers):
+    values = pc.map_lookup(batch.column("meta"), pa.scalar(key), "first")
+    if values.null_count == len(values):
         return None
-    return [None if t is None else int(t) for t in tiers.to_pylist()]
+    if key == DEDUP_COPIES:
+        return values.fill_null(1.0).to_numpy().astype(np.int32)
+    return [None if v is None else int(v) for v in values.to_pylist()]
 
 
 def _encode_each(
