@@ -7,6 +7,8 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
+from core.schema import DEDUP_COPIES, QUALITY_TIER, document_table
+from tests.fixtures import corpus
 from training.data.mixture import (
     MixtureConfig,
     MixturePlan,
@@ -15,6 +17,8 @@ from training.data.mixture import (
     repetition_problems,
 )
 from training.data.shards import MixedSequences, TokenSequences
+from training.data.tokenize import TokenizeConfig, prepare_tokenizer, tokenize_partition, write_token_index
+from training.data.tokenizer import TokenizerConfig
 
 pytestmark = pytest.mark.unit
 
@@ -120,31 +124,23 @@ def test_a_source_past_its_repetition_cap_is_refused_with_its_tokens_share_and_r
         MixtureConfig(weights=SHARES, max_repetition={"cod": 2, "code": 1})
 
 
-def test_a_source_is_drawn_by_quality_tier_from_the_shards_tokenize_writes_per_tier(tmp_path):
-    from core.schema import QUALITY_TIER, document_table
-    from tests.fixtures import corpus
-    from training.data.tokenize import (
-        TokenizeConfig,
-        prepare_tokenizer,
-        tokenize_partition,
-        write_token_index,
-    )
-    from training.data.tokenizer import TokenizerConfig
-
-    texts = corpus(90, seed=4)
-    tier = {doc_id: i % 3 for i, doc_id in enumerate(texts)}  # as quality scoring's tiers [a, b] write them
-    table = document_table(
-        list(texts.values()), ids=list(texts), meta=[[(QUALITY_TIER, float(t))] for t in tier.values()]
-    )
+def _web_shards(out, texts: dict[str, str], meta: list) -> tuple[dict, dict]:
+    """``texts`` (with their ``meta``) tokenized as the tokenize stage does one source's partition, in
+    batches of 16: the partition's result and the token index."""
     config = TokenizeConfig(tokenizer=TokenizerConfig(vocab_size=300, min_frequency=1), val_fraction=0.1)
-    prepared = prepare_tokenizer(lambda: texts.values(), lambda: texts.keys(), tmp_path, config)
-    part = tokenize_partition(
-        table.to_batches(max_chunksize=25), tmp_path, prepared, config, part="web-p00000"
-    )
+    prepared = prepare_tokenizer(lambda: texts.values(), lambda: texts.keys(), out, config)
+    table = document_table(list(texts.values()), ids=list(texts), meta=meta)
+    part = tokenize_partition(table.to_batches(max_chunksize=16), out, prepared, config, part="web-p00000")
     for split in part["shards"].values():
         for shard in split:
             shard["source"] = "web"
-    index = write_token_index(tmp_path, prepared, config, [part])
+    return part, write_token_index(out, prepared, config, [part])
+
+
+def test_a_source_is_drawn_by_quality_tier_from_the_shards_tokenize_writes_per_tier(tmp_path):
+    texts = corpus(90, seed=4)
+    tier = {doc_id: i % 3 for i, doc_id in enumerate(texts)}  # as quality scoring's tiers [a, b] write them
+    _, index = _web_shards(tmp_path, texts, [[(QUALITY_TIER, float(t))] for t in tier.values()])
     # One set of shards per split and tier, each holding exactly that tier's documents.
     for t in range(3):
         (shard,) = [s for s in index["splits"]["train"]["shards"] if s["tier"] == t]
@@ -167,31 +163,12 @@ def test_a_source_is_drawn_by_quality_tier_from_the_shards_tokenize_writes_per_t
 
 
 def test_rehydration_draws_each_dedup_survivor_as_often_as_its_copies_up_to_the_cap(tmp_path):
-    from core.schema import DEDUP_COPIES, document_table
-    from tests.fixtures import corpus
-    from training.data.tokenize import (
-        TokenizeConfig,
-        prepare_tokenizer,
-        tokenize_partition,
-        write_token_index,
-    )
-    from training.data.tokenizer import TokenizerConfig
-
     texts = corpus(40, seed=6)
     copies = {
         doc_id: 1 + i % 5 for i, doc_id in enumerate(texts)
     }  # cluster sizes 1 to 5, as dedup writes them
     meta = [[(DEDUP_COPIES, float(n))] if n > 1 else [] for n in copies.values()]
-    table = document_table(list(texts.values()), ids=list(texts), meta=meta)
-    config = TokenizeConfig(tokenizer=TokenizerConfig(vocab_size=300, min_frequency=1), val_fraction=0.1)
-    prepared = prepare_tokenizer(lambda: texts.values(), lambda: texts.keys(), tmp_path, config)
-    part = tokenize_partition(
-        table.to_batches(max_chunksize=16), tmp_path, prepared, config, part="web-p00000"
-    )
-    for split in part["shards"].values():
-        for shard in split:
-            shard["source"] = "web"
-    write_token_index(tmp_path, prepared, config, [part])
+    part, _ = _web_shards(tmp_path, texts, meta)
     (shard,) = part["shards"]["train"]
     docs = pa.ipc.open_file(tmp_path / shard["docs_path"]).read_all()
     assert docs.column("copies").to_pylist() == [copies[d] for d in docs.column("doc_id").to_pylist()]
