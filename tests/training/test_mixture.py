@@ -63,6 +63,8 @@ def test_the_schedule_switches_at_its_step_and_uneven_weights_are_normalised_wit
         MixtureConfig(weights=SHARES, schedule=[{"weights": SHARES}])
     with pytest.raises(ValueError, match="must increase"):
         MixtureConfig(weights=SHARES, schedule=[{"at_step": 5, "weights": SHARES}] * 2).phases(10)
+    with pytest.raises(ValueError, match=r"inside the run's steps 1..9 \(train.steps=10\)"):
+        MixtureConfig(weights=SHARES, schedule=[{"at_step": 10, "weights": SHARES}]).phases(10)
 
 
 def _global_samples(

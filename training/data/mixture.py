@@ -154,18 +154,19 @@ class MixtureConfig(StageConfig):
         ]
 
     def phases(self, steps: int) -> list[tuple[int, np.ndarray]]:
-        """(first step, normalised weights over :attr:`sources`) of each phase that has steps, in order."""
+        """(first step, normalised weights over :attr:`sources`) of each phase, in order; every phase
+        starts after the one before and before the run ends (ValueError naming the starts)."""
         names = self.sources
         starts = [0] + [p.start(steps) for p in self.schedule]
-        if any(b <= a for a, b in zip(starts, starts[1:])):
+        if any(b <= a for a, b in zip(starts, starts[1:])) or starts[-1] >= steps:
             raise ValueError(
-                f"train.mixture.schedule: phase starts {starts[1:]} must increase (steps={steps})"
+                f"train.mixture.schedule: phase starts {starts[1:]} must increase and lie inside the run's "
+                f"steps 1..{steps - 1} (train.steps={steps})"
             )
         out = []
         for start, (_, weights) in zip(starts, self._phase_weights()):
-            if start < steps:
-                w = np.array([weights.get(s, 0.0) for s in names], dtype=np.float64)
-                out.append((start, w / w.sum()))
+            w = np.array([weights.get(s, 0.0) for s in names], dtype=np.float64)
+            out.append((start, w / w.sum()))  # summed in name order: the same floats however listed
         return out
 
 
