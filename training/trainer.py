@@ -12,7 +12,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import time
 from collections.abc import Callable
 from functools import cache, partial
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import transformers
+from tokenizers import Tokenizer
 
 from core.files import atomic_write_bytes
 from training import engine as ds_engine
@@ -74,39 +74,90 @@ def _write_progress(out_dir: Path, step: int, steps: int, metrics: dict[str, flo
 
 
 def hf_tokenizer(
-    tokenizer_json: Path, info: dict[str, Any], objective: str = "causal_lm"
+    tokenizer_json: Path,
+    info: dict[str, Any],
+    objective: str = "causal_lm",
+    max_length: int | None = None,
+    token_types: bool = False,
 ) -> transformers.PreTrainedTokenizerFast:
     """The shards' tokenizer as the exported model will have it.
 
     Decoders: EOS is also BOS and padding. Masked LMs: <cls>/<sep>/<mask>/<pad> as BERT names them;
-    T5: <pad> and the <extra_id_k> sentinels, EOS ends inputs and targets.
+    T5: <pad> and the <extra_id_k> sentinels, EOS ends inputs and targets. ``max_length``: the model's
+    positions (``model_max_length``); padding on the right, as lmforge's own batches pad. ``token_types``:
+    the model takes token type ids (BERT); others are given none (GPT-2, Llama, RoBERTa, T5).
     """
     eos = info.get("eos_token", EOS_TOKEN)
-    path = str(tokenizer_json)
+    inputs = (
+        ["input_ids", "token_type_ids", "attention_mask"] if token_types else ["input_ids", "attention_mask"]
+    )
+    common: dict[str, Any] = {
+        "tokenizer_file": str(tokenizer_json),
+        "padding_side": "right",
+        "model_input_names": inputs,
+    }
+    if max_length is not None:
+        common["model_max_length"] = max_length
     if objective == "masked_lm":
         return transformers.PreTrainedTokenizerFast(
-            tokenizer_file=path, cls_token="<cls>", sep_token="<sep>", mask_token=MASK_TOKEN,
-            pad_token=PAD_TOKEN, eos_token=eos, bos_token="<cls>",
+            **common, cls_token="<cls>", sep_token="<sep>", mask_token=MASK_TOKEN, pad_token=PAD_TOKEN,
+            eos_token=eos, bos_token="<cls>",
         )  # fmt: skip
     if objective == "span_corruption":
         return transformers.PreTrainedTokenizerFast(
-            tokenizer_file=path, eos_token=eos, pad_token=PAD_TOKEN,
+            **common, eos_token=eos, pad_token=PAD_TOKEN,
             additional_special_tokens=[sentinel_token(k) for k in range(SENTINELS)],
         )  # fmt: skip
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_file=path, bos_token=eos, eos_token=eos, pad_token=eos
-    )
+    return transformers.PreTrainedTokenizerFast(**common, bos_token=eos, eos_token=eos, pad_token=eos)
+
+
+def _post_processor(tokenizer: Tokenizer, objective: str, eos: str, pair_type: int) -> dict[str, Any] | None:
+    """The family's special tokens around a text (and a pair), as lmforge's own fine-tuning and scoring
+    build inputs (training/finetune.py ``input_rows``): BERT/RoBERTa ``<cls> A <sep> (B <sep>)``, the pair's
+    second text of token type ``pair_type`` (1 for BERT); T5 ``A (B) </s>``; decoders nothing
+    (lm-evaluation-harness scores raw text)."""
+    from tokenizers import processors
+
+    def special(*names: str) -> list[tuple[str, int]]:
+        return [(n, tokenizer.token_to_id(n)) for n in names]
+
+    if objective == "masked_lm":
+        template = processors.TemplateProcessing(
+            single="<cls> $A <sep>",
+            pair=f"<cls> $A <sep> $B:{pair_type} <sep>:{pair_type}",
+            special_tokens=special("<cls>", "<sep>"),
+        )
+    elif objective == "span_corruption":
+        template = processors.TemplateProcessing(
+            single=f"$A {eos}", pair=f"$A $B {eos}", special_tokens=special(eos)
+        )
+    else:
+        return None
+    tokenizer.post_processor = template
+    return json.loads(tokenizer.to_str())["post_processor"]
 
 
 def export_tokenizer(
-    tokenizer_json: Path, info: dict[str, Any], model_dir: Path, objective: str = "causal_lm"
+    tokenizer_json: Path,
+    info: dict[str, Any],
+    model_dir: Path,
+    objective: str = "causal_lm",
+    max_length: int | None = None,
+    token_types: bool = False,
 ) -> None:
-    """Save the tokenizer as a Hugging Face tokenizer directory (AutoTokenizer loads it).
+    """Save the tokenizer as a complete Hugging Face tokenizer directory: ``AutoTokenizer`` and
+    ``pipeline`` encode as lmforge does (the family's special tokens, ``model_max_length``, padding side).
 
-    tokenizer.json keeps its exact bytes, so its sha256 (the tokenizer id) is unchanged.
+    tokenizer.json is the shards' own with the family's post-processor set in it (nothing else changed), so
+    its :func:`tokenizer_id` is the shards' tokenizer's.
     """
-    hf_tokenizer(tokenizer_json, info, objective).save_pretrained(model_dir)
-    shutil.copy(tokenizer_json, model_dir / "tokenizer.json")
+    hf_tokenizer(tokenizer_json, info, objective, max_length, token_types).save_pretrained(model_dir)
+    data = json.loads(Path(tokenizer_json).read_bytes())
+    eos = info.get("eos_token", EOS_TOKEN)
+    post = _post_processor(Tokenizer.from_file(str(tokenizer_json)), objective, eos, int(token_types))
+    if post is not None:
+        data["post_processor"] = post
+    atomic_write_bytes(model_dir / "tokenizer.json", json.dumps(data, ensure_ascii=False, indent=2).encode())
 
 
 def _model(
@@ -223,8 +274,16 @@ def _evaluate(engine, on_eval: EvalCallback, step: int) -> dict[str, float]:
         engine.train()
 
 
-def _export(engine, data: TokenSequences, data_dir: str | Path, out_dir: Path, objective: str) -> Path | None:
-    """The fp32 model and its tokenizer as a Hugging Face directory (rank 0; collective gather first)."""
+def _export(
+    engine,
+    data: TokenSequences | MixedSequences,
+    data_dir: str | Path,
+    out_dir: Path,
+    objective: str,
+    seq_len: int,
+) -> Path | None:
+    """The fp32 model and its tokenizer as a Hugging Face directory (rank 0; collective gather first); the
+    tokenizer's ``model_max_length`` is the model's positions, or ``seq_len`` (T5's are relative)."""
     state_dict = ds_engine.consolidated_state_dict(engine)
     if state_dict is None:
         return None
@@ -232,9 +291,21 @@ def _export(engine, data: TokenSequences, data_dir: str | Path, out_dir: Path, o
     transformers.logging.disable_progress_bar()
     engine.module.save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
     export_tokenizer(
-        Path(data_dir) / data.index["tokenizer"]["path"], data.index["tokenizer"], model_dir, objective
-    )
+        Path(data_dir) / data.index["tokenizer"]["path"], data.index["tokenizer"], model_dir, objective,
+        max_length=_positions(engine.module.config) or seq_len,
+        token_types=getattr(engine.module.config, "type_vocab_size", 1) > 1,
+    )  # fmt: skip
     return model_dir
+
+
+def _positions(config: transformers.PretrainedConfig) -> int | None:
+    """The longest input the model takes: its position table (GPT-2 ``n_positions``, BERT
+    ``max_position_embeddings``); None for relative positions (T5)."""
+    for name in ("n_positions", "max_position_embeddings"):
+        if isinstance(getattr(config, name, None), int):
+            # RoBERTa's table starts after the padding index (roberta-base: 514 positions, 512 tokens).
+            return getattr(config, name) - (2 if config.model_type == "roberta" else 0)
+    return None
 
 
 def _objective_batches(cfg: TrainConfig, data_dir: str | Path) -> tuple[ObjectiveBatches, SpecialIds]:
@@ -408,7 +479,7 @@ def train(
         engine, cfg, sampler, next_batch, out_dir, fpt,
         on_metrics=on_metrics, on_checkpoint=on_checkpoint, print_progress=print_progress, on_eval=on_eval,
     )  # fmt: skip
-    model_dir = _export(engine, data, data_dir, out_dir, cfg.objective)
+    model_dir = _export(engine, data, data_dir, out_dir, cfg.objective, cfg.seq_len)
     if model_dir is None:
         return {}
     summary = {

@@ -61,6 +61,21 @@ def test_finetuned_classifier_beats_majority_and_its_lineage_walks_to_base_and_d
         predicted = model(**{k: torch.from_numpy(v) for k, v in encoded.items()}).logits.argmax(-1).numpy()
     m = metrics["test"]
     assert m["accuracy"] == pytest.approx(accuracy_score(labels, predicted))
+    # The standard Hugging Face routes give the same predictions: pipeline() and AutoTokenizer with
+    # padding (the export's tokenizer adds <cls>/<sep> as lmforge's inputs have them, knows its length).
+    from transformers import AutoTokenizer, pipeline
+
+    texts = tables["test"].column("sentence").to_pylist()
+    classify = pipeline("text-classification", model=str(model_dir), device="cpu")
+    names = [model.config.label2id[p["label"]] for p in classify(texts, batch_size=8)]
+    assert names == predicted.tolist()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert tokenizer.model_max_length == model.config.max_position_embeddings == cfg.train.seq_len
+    batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        assert model(**batch).logits.argmax(-1).tolist() == predicted.tolist()
+    first = tokenizer(texts[0])["input_ids"]
+    assert first[0] == tokenizer.cls_token_id and first[-1] == tokenizer.sep_token_id
     assert m["f1_macro"] == pytest.approx(f1_score(labels, predicted, average="macro"))
     majority = np.bincount(labels).max() / labels.size
     assert m["accuracy"] >= majority + 0.25, (m["accuracy"], majority)
@@ -91,7 +106,7 @@ def test_finetuned_classifier_beats_majority_and_its_lineage_walks_to_base_and_d
 
     # Nothing changed: every stage, fine-tuning included, comes from the cache.
     again = Pipeline(cfg).run()
-    assert all(s.cached for s in again.stages.values())
+    assert all(s.cached for s in again.stages.values()), [n for n, s in again.stages.items() if not s.cached]
     assert again.finetuned_model_id == result.finetuned_model_id
 
 

@@ -62,6 +62,10 @@ def test_exported_model_loads_and_generates_with_transformers(trained):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == model.config.eos_token_id
+    # Its length is the model's positions; a decoder adds nothing around a text and takes no token types.
+    assert tok.model_max_length == model.config.n_positions and tok.padding_side == "right"
+    assert tok("river stone") == tok("river stone", add_special_tokens=False)
+    assert set(tok("river stone")) == {"input_ids", "attention_mask"}
     # The exported weights are the ZeRO-3 partitions gathered, in fp32.
     weights = load_file(model_dir / "model.safetensors")
     assert all(t.dtype == torch.float32 for t in weights.values())
@@ -256,6 +260,7 @@ def test_masked_and_span_corruption_pretraining_learn_and_export(trained, tmp_pa
     )
 
     from training.data.shards import TokenSequences
+    from training.data.tokenizer import tokenizer_id
 
     run = trained(objective)  # tests/test_fixtures.py checks that its loss fell
     losses = run.summary["losses"]
@@ -264,6 +269,18 @@ def test_masked_and_span_corruption_pretraining_learn_and_export(trained, tmp_pa
     tok = AutoTokenizer.from_pretrained(model_dir)
     vocab = len(tok)
     stream = TokenSequences(run.tokens, "val", 40).batch(np.arange(8)).astype(np.int64)
+    # A complete Hugging Face tokenizer: the family's special tokens around a text (and a pair) as
+    # lmforge's fine-tuning builds inputs, the model's length; its id is still the shards' tokenizer's.
+    text = tok("river stone", add_special_tokens=False)["input_ids"]
+    pair = tok("river", "stone")
+    if objective == "masked_lm":
+        assert tok("river stone")["input_ids"] == [tok.cls_token_id, *text, tok.sep_token_id]
+        river = len(tok("river")["input_ids"])
+        assert pair["token_type_ids"] == [0] * river + [1] * (len(pair["input_ids"]) - river)
+    else:
+        assert tok("river stone")["input_ids"] == [*text, tok.eos_token_id] and "token_type_ids" not in pair
+    assert tok.model_max_length == run.config.seq_len and tok.padding_side == "right"  # BERT's positions
+    assert tokenizer_id(model_dir / "tokenizer.json") == run.summary["tokenizer_id"]
     if objective == "masked_lm":
         assert tok.mask_token == "<mask>" and tok.cls_token == "<cls>"
         assert type(AutoModelForPreTraining.from_pretrained(model_dir)).__name__ == "BertForPreTraining"

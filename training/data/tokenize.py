@@ -39,6 +39,7 @@ from core.storage import Store
 from training.data.shards import SPLITS, TokenShardWriter, split_hash, split_of, token_dtype
 from training.data.tokenizer import (
     TokenizerConfig,
+    canonical_id,
     eos_id,
     load_tokenizer,
     save_tokenizer,
@@ -165,7 +166,7 @@ def load_prepared(out_dir: str | Path | Store) -> Prepared | None:
         tokenizer = out.read_bytes(prepared.path)
     except (FileNotFoundError, ValueError):  # its tokenizer gone, or a damaged marker: the pass runs again
         return None
-    return prepared if hashlib.sha256(tokenizer).hexdigest() == prepared.id else None
+    return prepared if canonical_id(tokenizer) == prepared.id else None
 
 
 def encode_documents(
@@ -337,8 +338,14 @@ def write_token_index(
         for s in split["shards"]
         for key, sha, ids in (("path", "sha256", False), ("docs_path", "docs_sha256", True))
     ]
-    files.append({"path": prepared.path, "rows": 0, "sha256": prepared.id})
     out = Store(out_dir)
+    files.append(
+        {
+            "path": prepared.path,
+            "rows": 0,
+            "sha256": hashlib.sha256(out.read_bytes(prepared.path)).hexdigest(),
+        }
+    )
     for entry in files:
         entry["bytes"] = out.size(entry["path"])
     total_tokens = sum(s["tokens"] for s in splits.values())

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import Field
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from core.files import file_sha256
 from core.stage import StageConfig
 
 EOS_TOKEN = "<|endoftext|>"
@@ -49,16 +50,32 @@ def train_bpe(texts: Iterable[str], config: TokenizerConfig) -> Tokenizer:
 
 
 def save_tokenizer(tokenizer: Tokenizer, out_dir: str | Path) -> tuple[Path, str]:
-    """Write tokenizer.json; return its path and id (sha256 of the file)."""
+    """Write tokenizer.json; return its path and id (:func:`tokenizer_id`)."""
     path = Path(out_dir) / "tokenizer.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(path))
     return path, tokenizer_id(path)
 
 
+#: tokenizer.json fields that say how an encoding is finished (the special tokens a model family adds
+#: around a text, padding, truncation), not how text becomes tokens.
+FINISHING = ("post_processor", "padding", "truncation")
+
+
 def tokenizer_id(path: str | Path) -> str:
-    """The identity of a tokenizer: sha256 of its tokenizer.json bytes."""
-    return file_sha256(path)
+    """The identity of a tokenizer: sha256 of its tokenizer.json without the :data:`FINISHING` fields,
+    keys sorted. An exported model's tokenizer, which adds its family's post-processor, keeps the id of
+    the shards' tokenizer it was trained on."""
+    return canonical_id(Path(path).read_bytes())
+
+
+def canonical_id(raw: bytes) -> str:
+    """:func:`tokenizer_id` of a tokenizer.json's bytes."""
+    data = json.loads(raw)
+    for field in FINISHING:
+        data.pop(field, None)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
