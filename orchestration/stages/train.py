@@ -172,7 +172,7 @@ def _check_mixture(ctx: RunContext, tokens_index: dict[str, Any]) -> dict[str, d
     figures = repetition(
         cfg.mixture, cfg.steps, cfg.tokens_per_step // cfg.seq_len, cfg.seq_len, train_tokens
     )
-    if problems := repetition_problems(cfg.mixture, figures):
+    if problems := repetition_problems(cfg.mixture, figures, cfg.seq_len):
         raise ConfigError("; ".join(problems))
     return figures
 

@@ -122,6 +122,8 @@ def test_a_source_past_its_repetition_cap_is_refused_with_its_tokens_share_and_r
         "a repetition of 3.20x past its max_repetition 2"
     )
     assert repetition_problems(cfg, repetition(cfg, 100, 8, 32, {"web": 100_000, "docs": 3_200})) == []
+    (short,) = repetition_problems(cfg, repetition(cfg, 100, 8, 32, {"web": 100_000, "docs": 20}), 32)
+    assert short.startswith("train.mixture: source docs holds 20 training tokens, fewer than one sequence")
     with pytest.raises(ValidationError, match="max_repetition: cod has no weight in the mixture"):
         MixtureConfig(weights=SHARES, max_repetition={"cod": 2, "code": 1})
 

@@ -359,12 +359,20 @@ def repetition(
     return out
 
 
-def repetition_problems(cfg: MixtureConfig, figures: dict[str, dict[str, float]]) -> list[str]:
-    """A sentence for each source the run would repeat more than its ``max_repetition``."""
+def repetition_problems(
+    cfg: MixtureConfig, figures: dict[str, dict[str, float]], seq_len: int = 0
+) -> list[str]:
+    """A sentence for each source the run would repeat more than its ``max_repetition``, or that cannot
+    fill one training sequence (``seq_len`` + 1 tokens)."""
     problems = []
     for source, f in figures.items():
         limit = cfg.repetition_limit(source)
-        if f["repetition"] > limit:
+        if f["tokens"] < seq_len + 1:
+            problems.append(
+                f"train.mixture: source {source} holds {f['tokens']:,} training tokens, fewer than one "
+                f"sequence (train.seq_len+1={seq_len + 1}): add data or leave it out of the mixture"
+            )
+        elif f["repetition"] > limit:
             problems.append(
                 f"train.mixture: source {source} holds {f['tokens']:,} training tokens; its share "
                 f"{f['share']:.1%} of the run is {f['tokens_needed']:,} tokens, a repetition of "
