@@ -187,10 +187,12 @@ def _print_summary(cfg: PipelineConfig, result, seconds: float) -> None:
             for k in ("test_accuracy", "test_f1_macro", "test_exact_match", "test_bleu", "test_chrf")
             if k in counters
         ]
+        version = result.finetuned_model_version
         console.print(
             f"  fine-tuned model: {result.finetuned_model_id} ("
             + ", ".join(f"{k} {counters[k]:.4f}" for k in shown)
             + ")"
+            + (f", registered version {version} of {cfg.tracking.finetuned_name()}" if version else "")
         )
     console.print(f"  report: {result.report_path.with_suffix('.md')}")
     console.print("  browse runs and models in the MLflow UI (it prints the links to open):")

@@ -59,6 +59,7 @@ class PipelineResult:
     metrics: dict[str, float] = field(default_factory=dict)
     report_path: Path | None = None
     finetuned_model_id: str | None = None
+    finetuned_model_version: str | None = None
     plan: list[PlanEntry] = field(default_factory=list)
 
 

@@ -128,11 +128,22 @@ class TrackingConfig(_Section):
     uri: str | None = Field(None, description="Any MLflow tracking URI; null: sqlite file in the work dir.")
     experiment: str = Field("lmforge", min_length=1, description="MLflow experiment name.")
     registered_model: str | None = Field(None, description="Register the trained model under this name.")
+    finetuned_model: str | None = Field(
+        None,
+        description="Register the fine-tuned model under this name (default: registered_model + '-finetuned', "
+        "when registered_model is set).",
+    )
     alias: str | None = Field("candidate", description="Alias the new registered version gets (null: none).")
     promote: list[PromoteRule] = Field(
         default_factory=list,
         description="Rules that move an alias to the new version when an evaluation metric passes.",
     )
+
+    def finetuned_name(self) -> str | None:
+        """The registered model name of fine-tuned models, or None (not registered)."""
+        if self.finetuned_model is not None:
+            return self.finetuned_model
+        return f"{self.registered_model}-finetuned" if self.registered_model else None
 
 
 class DemoSiteConfig(_Section):

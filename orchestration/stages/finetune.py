@@ -104,7 +104,10 @@ class Finetune(StageComponent):
         out, ft, tracker, result = index["out_dir"], ctx.cfg.finetune, ctx.tracker, ctx.result
         record = out.read_json(MODEL_RECORD)
         if record.get("model_id") and tracker.find_model(record["model_id"]):
-            result.finetuned_model_id = record["model_id"]
+            result.finetuned_model_id, result.finetuned_model_version = (
+                record["model_id"],
+                record.get("version"),
+            )
             return
         labeled = ctx.outcome(next(iter(index["inputs"])))
         labeled_digest = index_digest(labeled.index)
@@ -123,11 +126,14 @@ class Finetune(StageComponent):
                     f"{ctx.cfg.tracking.registered_model}/{result.model_version}"
                 )
         model_type = "seq2seq-lm" if ft.task == "seq2seq" else "sequence-classification"
-        model_id, _ = tracker.log_model(
+        name = ctx.cfg.tracking.finetuned_name()
+        model_id, version = tracker.log_model(
             local_copy(out, "model"), f"{ctx.cfg.name}-finetuned", {"finetune": ft.model_dump(mode="json")},
-            tags, step=ft.steps, register_as=None, model_type=model_type,
+            tags, step=ft.steps, register_as=name, model_type=model_type,
         )  # fmt: skip
-        result.finetuned_model_id = model_id
+        if name and version and ctx.cfg.tracking.alias:
+            tracker.set_alias(name, ctx.cfg.tracking.alias, version)
+        result.finetuned_model_id, result.finetuned_model_version = model_id, version
         dataset = tracker.dataset("labeled", labeled.out_dir, labeled_digest, labeled.index)
         metrics = out.read_json("metrics.json")
         for split, m in metrics.items():
@@ -136,7 +142,7 @@ class Finetune(StageComponent):
                 tracker.log_confusion_matrix(
                     m["confusion_matrix"], m.get("label_names", []), f"finetune/{split}_confusion"
                 )
-        record = {"tracking_uri": redact(tracker.tracking_uri), "model_id": model_id}
+        record = {"tracking_uri": redact(tracker.tracking_uri), "model_id": model_id, "version": version}
         out.write_bytes(MODEL_RECORD, json.dumps(record).encode())
 
 

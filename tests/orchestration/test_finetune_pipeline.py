@@ -95,6 +95,11 @@ def test_finetuned_classifier_beats_majority_and_its_lineage_walks_to_base_and_d
     assert logged.tags["lmforge.labeled_digest"] == index_digest(labeled.index)
     keys = {x.key: x for x in logged.metrics}
     assert keys["test_accuracy"].value == pytest.approx(m["accuracy"])
+    # Registered under its own name (registered_model + "-finetuned"), the new version aliased @candidate.
+    version = MlflowClient().get_model_version_by_alias("ft-encoder-finetuned", "candidate")
+    assert (
+        version.version == result.finetuned_model_version and version.source == f"models:/{logged.model_id}"
+    )
     assert keys["test_accuracy"].dataset_digest == index_digest(labeled.index)
     # The confusion matrix: a table and a heatmap in the fine-tune stage's run.
     run_id = next(
