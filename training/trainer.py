@@ -152,9 +152,10 @@ def export_tokenizer(
     its :func:`tokenizer_id` is the shards' tokenizer's.
     """
     hf_tokenizer(tokenizer_json, info, objective, max_length, token_types).save_pretrained(model_dir)
-    data = json.loads(Path(tokenizer_json).read_bytes())
+    raw = Path(tokenizer_json).read_text(encoding="utf-8")
+    data = json.loads(raw)
     eos = info.get("eos_token", EOS_TOKEN)
-    post = _post_processor(Tokenizer.from_file(str(tokenizer_json)), objective, eos, int(token_types))
+    post = _post_processor(Tokenizer.from_str(raw), objective, eos, int(token_types))
     if post is not None:
         data["post_processor"] = post
     atomic_write_bytes(model_dir / "tokenizer.json", json.dumps(data, ensure_ascii=False, indent=2).encode())

@@ -191,11 +191,16 @@ def _mixture_record(cfg: TrainConfig, figures: dict[str, dict[str, float]]) -> d
 def _mixture_tags(index: dict[str, Any], tokens_index: dict[str, Any]) -> dict[str, str]:
     """Per source of a mixture: the digest of its training shards, the tokens the model saw from it and
     its repetition (the weights and schedule are the model's ``train`` params)."""
+    from training.data.mixture import entry_of
+
     sources = index.get("mixture", {}).get("sources", {})
     shards = tokens_index["splits"]["train"]["shards"]
     tags = {}
-    for source in sources:
-        mine = sorted(s["sha256"] for s in shards if s.get("source") == source)
+    for source in sources:  # an entry: a source, or a tier of one (web.tier2)
+        name, tier = entry_of(source)
+        mine = sorted(
+            s["sha256"] for s in shards if s.get("source") == name and (tier is None or s.get("tier") == tier)
+        )
         tags |= {
             f"lmforge.mixture.{source}.shards_digest": hashlib.sha256("".join(mine).encode()).hexdigest()[
                 :16

@@ -441,3 +441,26 @@ def test_the_command_line_plans_an_instance_and_names_instances_as_text(tmp_path
         "--only clean[web]: this config has no clean[web] stage (its stages: clean[docs], dedup[docs],"
         in " ".join(done.output.split())
     )
+
+
+@pytest.mark.unit
+def test_the_model_tags_digest_each_mixture_entrys_own_training_shards():
+    import hashlib
+
+    from orchestration.stages.train import _mixture_tags
+
+    shards = [
+        {"source": "web", "tier": 2, "sha256": "a"},
+        {"source": "web", "tier": 1, "sha256": "b"},
+        {"source": "docs", "sha256": "c"},
+        {"source": "docs", "sha256": "d"},
+    ]
+    index = {
+        "mixture": {"sources": {"web.tier2": {}, "docs": {}}},
+        "counters": {"tokens_seen.web.tier2": 64, "repetition.web.tier2": 0.5, "tokens_seen.docs": 32,
+                     "repetition.docs": 2.0},
+    }  # fmt: skip
+    tags = _mixture_tags(index, {"splits": {"train": {"shards": shards}}})
+    assert tags["lmforge.mixture.web.tier2.shards_digest"] == hashlib.sha256(b"a").hexdigest()[:16]
+    assert tags["lmforge.mixture.docs.shards_digest"] == hashlib.sha256(b"cd").hexdigest()[:16]
+    assert tags["lmforge.mixture.web.tier2.tokens_seen"] == "64"

@@ -263,11 +263,7 @@ class TokenSequences:
         window = self.seq_len + 1
         starts, documents, first_doc = [], [], 0
         for base, shard in zip(self._starts, shards):
-            path = self.data_dir / shard["docs_path"]
-            try:
-                docs = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-            except (pa.ArrowInvalid, OSError) as e:
-                raise ShardError(f"{path}: not a readable Arrow IPC document table ({e})") from e
+            docs = self._docs_table(shard)
             offsets = docs.column("offset").to_numpy() + base
             lengths = docs.column("length").to_numpy()
             counts = np.where(lengths >= window, (lengths - 1) // self.seq_len, 0)
@@ -280,14 +276,21 @@ class TokenSequences:
         self.sample_documents = np.concatenate(documents).astype(np.int64)
         return np.concatenate(starts).astype(np.int64)
 
+    def _docs_table(self, shard: dict[str, Any]) -> pa.Table:
+        """A shard's document table (doc_id, offset, length, and copies where dedup found any)."""
+        path = self.data_dir / shard["docs_path"]
+        try:
+            return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ShardError(f"{path}: not a readable Arrow IPC document table ({e})") from e
+
     def multiplicity(self, cap: int) -> np.ndarray:
         """How many times each sample counts under FineWeb-2's rehydration: the copies its document had
         before dedup (the docs tables' ``copies``; 1 where none), at most ``cap``. A packed sample is its
         middle token's document's."""
         starts, copies = [], []
         for base, shard in zip(self._starts, self._shards):
-            path = self.data_dir / shard["docs_path"]
-            docs = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+            docs = self._docs_table(shard)
             starts.append(docs.column("offset").to_numpy() + base)
             have = "copies" in docs.column_names
             copies.append(docs.column("copies").to_numpy() if have else np.ones(docs.num_rows, np.int32))

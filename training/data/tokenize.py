@@ -16,7 +16,6 @@ The output depends only on the documents and the config, never on how many worke
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -221,7 +220,11 @@ def tokenize_partition(
     for batch in batches:
         ids = batch.column("id").to_pylist()
         texts = batch.column("text").to_pylist()
-        tiers, copies = meta_column(batch, QUALITY_TIER), meta_column(batch, DEDUP_COPIES)
+        tiers, copies = meta_values(batch, QUALITY_TIER), meta_values(batch, DEDUP_COPIES)
+        if tiers is not None:  # None where a document has no tier
+            tiers = [None if t is None else int(t) for t in tiers.to_pylist()]
+        if copies is not None:  # 1 where a document had no copy
+            copies = copies.fill_null(1.0).to_numpy().astype(np.int32)
         for start in range(0, len(ids), config.batch_size):
             window = slice(start, start + config.batch_size)
             chunk_ids, chunk = ids[window], texts[window]
@@ -271,17 +274,13 @@ def tokenize_partition(
     return {"part": part, "documents": documents, "shards": shards}
 
 
-def meta_column(batch: pa.RecordBatch, key: str) -> Any:
-    """Each document's ``meta`` value of ``key``, or None where no document of the batch has one: quality
-    tiers as a list (None where a document has no tier), dedup's copies as an array (1 where none)."""
+def meta_values(batch: pa.RecordBatch, key: str) -> pa.Array | None:
+    """Each document's ``meta`` value of ``key`` (null where it has none), or None where no document of
+    the batch has one."""
     if "meta" not in batch.schema.names:
         return None
     values = pc.map_lookup(batch.column("meta"), pa.scalar(key), "first")
-    if values.null_count == len(values):
-        return None
-    if key == DEDUP_COPIES:
-        return values.fill_null(1.0).to_numpy().astype(np.int32)
-    return [None if v is None else int(v) for v in values.to_pylist()]
+    return None if values.null_count == len(values) else values
 
 
 def _encode_each(
@@ -339,13 +338,7 @@ def write_token_index(
         for key, sha, ids in (("path", "sha256", False), ("docs_path", "docs_sha256", True))
     ]
     out = Store(out_dir)
-    files.append(
-        {
-            "path": prepared.path,
-            "rows": 0,
-            "sha256": hashlib.sha256(out.read_bytes(prepared.path)).hexdigest(),
-        }
-    )
+    files.append({"path": prepared.path, "rows": 0, "sha256": out.sha256(prepared.path)})
     for entry in files:
         entry["bytes"] = out.size(entry["path"])
     total_tokens = sum(s["tokens"] for s in splits.values())
